@@ -1,0 +1,276 @@
+"""One typed configuration for the whole pipeline.
+
+The same pydantic models are the YAML file (`cogpipe run CONFIG`), the Prefect flow
+parameters (the UI renders them as a form) and the input of every stage's key. A wrong
+value fails at load time with the field name and the reason.
+
+Fields marked `keyed=False` (see `_unkeyed`) change how a stage runs, never what it
+writes, so they are left out of the stage key: raising the batch size of a finished
+captioning run does not recompute it.
+
+    from cogpipe.config import load_config
+    cfg = load_config("configs/demo.yaml")
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("ingest", "check", "caption", "filter", "precompute", "train", "evaluate")
+Stage = Literal["ingest", "check", "caption", "filter", "precompute", "train", "evaluate"]
+Precision = Literal["auto", "no", "fp16", "bf16"]
+
+
+def _unkeyed(**kwargs: Any) -> Any:
+    """A field that does not change a stage's output (batching, devices, progress)."""
+    return Field(json_schema_extra={"keyed": False}, **kwargs)
+
+
+def default_caption_prompt() -> str:
+    return files("cogpipe").joinpath("prompts/power_slap.txt").read_text().strip()
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that decide this section's output, as JSON-ready values."""
+        data = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("keyed") is False:
+                data.pop(name, None)
+        return data
+
+
+class IngestConfig(Section):
+    source: Path = Field(
+        Path("videos"), description="Folder scanned recursively; every file becomes a row."
+    )
+    extensions: list[str] = Field(
+        [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"],
+        description="Suffixes probed as video; other files are rejected rows, not dropped.",
+    )
+
+
+class CheckConfig(Section):
+    sample_frames: int = Field(8, ge=2, le=64, description="Frames sampled per clip for the checks.")
+    black_luma: float = Field(
+        16.0, ge=0, le=255, description="A frame whose mean luma (0-255) is below this is black."
+    )
+    max_black_ratio: float = Field(
+        0.5, ge=0, le=1, description="Reject a clip when more of its sampled frames are black."
+    )
+    frozen_diff: float = Field(
+        0.5, ge=0, description="Mean abs difference (0-255) under which two frames count as equal."
+    )
+    max_frozen_ratio: float = Field(
+        0.8, ge=0, le=1, description="Reject a clip when more of its frame pairs are frozen."
+    )
+    min_duration: float = Field(1.0, ge=0, description="Shortest accepted clip, in seconds.")
+    min_size: int = Field(64, ge=1, description="Smallest accepted width and height, in pixels.")
+    phash_bits: int = Field(
+        10,
+        ge=0,
+        le=64,
+        description="Near duplicates: mean Hamming distance of 64-bit frame hashes at most this.",
+    )
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of clips held out for evaluation, stable by clip_id."
+    )
+
+
+class CaptionConfig(Section):
+    model: str = Field(
+        "llava-hf/LLaVA-NeXT-Video-7B-hf", description="Captioner: hub id or local folder."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    prompt: str = Field(
+        default_factory=default_caption_prompt, description="Instruction given with the frames."
+    )
+    num_frames: int = Field(8, ge=1, le=64, description="Frames sampled evenly from each clip.")
+    max_new_tokens: int = Field(160, ge=1, le=2048, description="Generation budget per caption.")
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="Forbid repeating n-grams of this size (0 turns it off)."
+    )
+    batch_size: int = Field(8, ge=1, description="Clips per generate call and per committed part.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = _unkeyed(
+        default="auto", description="auto: bfloat16 on GPU, float32 on CPU."
+    )
+    device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+    @model_validator(mode="after")
+    def _prompt_not_empty(self) -> CaptionConfig:
+        if not self.prompt.strip():
+            raise ValueError("prompt is empty")
+        return self
+
+
+class FilterConfig(Section):
+    min_words: int = Field(40, ge=0, description="Fewer words than this rejects a caption.")
+    max_words: int = Field(120, ge=1, description="More words than this rejects a caption.")
+    max_repetition: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Reject when this share of word trigrams repeats an earlier trigram.",
+    )
+    refusal_phrases: list[str] = Field(
+        ["i'm sorry", "i am sorry", "as an ai", "i cannot", "i can't", "unable to"],
+        description="Case-insensitive phrases that mark a refusal.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FilterConfig:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
+        return self
+
+
+class PrecomputeConfig(Section):
+    frames: int = Field(49, ge=1, description="Frames per sample; CogVideoX wants 4k+1.")
+    fps: float = Field(8.0, gt=0, description="Clips are resampled to this frame rate.")
+    height: int = Field(480, ge=8, description="Bucket height in pixels (multiple of 8).")
+    width: int = Field(720, ge=8, description="Bucket width in pixels (multiple of 8).")
+    shard_size: int = Field(16, ge=1, description="Samples per committed safetensors shard.")
+    splits: list[Literal["train", "heldout"]] = Field(
+        ["train"], description="Which check splits are encoded for training."
+    )
+    device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> PrecomputeConfig:
+        if (self.frames - 1) % 4:
+            raise ValueError(f"frames must be 4k+1 (CogVideoX VAE), got {self.frames}")
+        if self.height % 8 or self.width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {self.height}x{self.width}")
+        return self
+
+
+class TrainConfig(Section):
+    rank: int = Field(128, ge=1, description="LoRA rank.")
+    alpha: float = Field(64, gt=0, description="LoRA alpha; the scale is alpha / rank.")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], description="Transformer modules given adapters."
+    )
+    optimizer: Literal["adam", "adamw"] = Field("adamw", description="adam or adamw.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (1e-4..1e-3).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay (adamw).")
+    epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"
+    ] = Field("cosine_with_restarts", description="A diffusers learning-rate schedule.")
+    lr_warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    lr_num_cycles: int = Field(1, ge=1, description="Cycles for cosine_with_restarts.")
+    max_steps: int = Field(4000, ge=1, description="Optimizer steps in the run.")
+    batch_size: int = Field(1, ge=1, description="Samples per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    mixed_precision: Precision = Field(
+        "auto", description="auto: fp16 for 2B-type, bf16 for 5B-type models on GPU; no on CPU."
+    )
+    gradient_checkpointing: bool = _unkeyed(default=True, description="Recompute activations.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
+    keep_states: int = Field(
+        2, ge=1, description="Full training states kept (LoRA weights of every checkpoint are kept)."
+    )
+    device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+
+class EvaluateConfig(Section):
+    prompts: list[str] = Field(
+        [
+            "A bald fighter in black shorts delivers an open-hand slap to his opponent's cheek, "
+            "the opponent's head snaps sideways as the referee watches.",
+            "Two men face each other across a podium, one winds up and strikes, the crowd "
+            "erupts in the background under bright arena lights.",
+        ],
+        min_length=1,
+        description="Prompt suite generated for every checkpoint.",
+    )
+    seeds: list[int] = Field([42], min_length=1, description="Seeds per prompt.")
+    steps: int = Field(50, ge=1, description="Sampler steps.")
+    guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
+    frames: int = Field(49, ge=1, description="Frames per generated video (4k+1).")
+    height: int = Field(480, ge=8, description="Generated height.")
+    width: int = Field(720, ge=8, description="Generated width.")
+    fps: int = Field(8, ge=1, description="Frame rate of the written mp4.")
+    clip_model: str = Field(
+        "openai/clip-vit-base-patch32", description="CLIP for frame-text similarity."
+    )
+    device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+
+class PipelineConfig(BaseModel):
+    """The whole pipeline; one section per stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workspace: Path = Field(Path("workspace"), description="Where every stage writes.")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]+$", description="Training run name; defaults to its key."
+    )
+    seed: int = Field(42, description="Seed for splits, noise and data order.")
+    model: str = Field(
+        "THUDM/CogVideoX-2b", description="Base CogVideoX: hub id or local diffusers folder."
+    )
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    check: CheckConfig = Field(default_factory=CheckConfig)
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate."""
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML file into a PipelineConfig.
+
+    Relative `workspace` and `ingest.source` paths are taken relative to the file, so a
+    config works from any current directory.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or a field is wrong (the message
+            names the file, the field and why).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in e.errors()
+        ]
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    """Make the workspace and source absolute, relative to `base`."""
+    ws = cfg.workspace if cfg.workspace.is_absolute() else (base / cfg.workspace)
+    src = cfg.ingest.source if cfg.ingest.source.is_absolute() else (base / cfg.ingest.source)
+    ingest = cfg.ingest.model_copy(update={"source": src.resolve()})
+    return cfg.model_copy(update={"workspace": ws.resolve(), "ingest": ingest})
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    """The config as YAML, every default spelt out."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, width=100)

@@ -1,0 +1,1 @@
+"""Model-family seams: one module per family (load, encode, rotary embeddings, save LoRA)."""

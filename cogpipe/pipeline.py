@@ -1,0 +1,126 @@
+"""The stage graph: which stage reads which, every stage's key, and running one stage.
+
+Keys are computed front to back without running anything (ingest lists the source
+folder, the rest hash configs and upstream keys), so `status` and the Prefect cache can
+ask "is this stage done for this config?" in milliseconds.
+
+    from cogpipe.pipeline import plan, run_stage, run_all
+    keys = plan(cfg)                 # {"ingest": "3f2a...", "check": ...}
+    result = run_stage(cfg, "check") # reads ingest's finished output from disk
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from cogpipe import caption, check, evaluate, filter, ingest, precompute, train
+from cogpipe.config import STAGES, PipelineConfig
+from cogpipe.workspace import Progress, StageNotReady, StageResult, Workspace, no_progress
+
+MODULES: dict[str, ModuleType] = {
+    "ingest": ingest,
+    "check": check,
+    "caption": caption,
+    "filter": filter,
+    "precompute": precompute,
+    "train": train,
+    "evaluate": evaluate,
+}
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "check": ("ingest",),
+    "caption": ("check",),
+    "filter": ("caption",),
+    "precompute": ("filter", "check"),
+    "train": ("precompute",),
+    "evaluate": ("train", "check"),
+}
+RUNNERS = {name: getattr(mod, f"run_{name}") for name, mod in MODULES.items()}
+
+
+def plan(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
+    """Every stage's key up to `until`, computed without running anything."""
+    keys: dict[str, str] = {}
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        inputs = {up: keys[up] for up in UPSTREAM[stage]}
+        keys[stage] = MODULES[stage].key_of(cfg, inputs)
+    return keys
+
+
+def stage_path(ws: Workspace, cfg: PipelineConfig, stage: str, key: str) -> Path:
+    """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
+    fn = getattr(MODULES[stage], "output_dir", None)
+    return fn(ws, cfg, key) if fn else ws.stage_dir(stage, key)
+
+
+def finished(ws: Workspace, cfg: PipelineConfig, stage: str, key: str) -> StageResult | None:
+    """The recorded result of a stage done for exactly this key, else None."""
+    path = stage_path(ws, cfg, stage, key)
+    record = ws.read_success(path)
+    if record is None or record.get("key") != key:
+        return None
+    return ws.result(stage, path)
+
+
+def upstream_results(cfg: PipelineConfig, stage: str, keys: dict[str, str] | None = None) -> dict[str, StageResult]:
+    """The finished outputs a stage reads.
+
+    Raises:
+        StageNotReady: an upstream stage has not finished for this config.
+    """
+    ws = Workspace(cfg.workspace)
+    keys = keys or plan(cfg, stage)
+    out = {}
+    for up in UPSTREAM[stage]:
+        res = finished(ws, cfg, up, keys[up])
+        if res is None:
+            raise StageNotReady(f"stage {stage!r} needs {up!r} to be finished for this config; run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first")
+        out[up] = res
+    return out
+
+
+def run_stage(
+    cfg: PipelineConfig,
+    stage: str,
+    upstream: dict[str, StageResult] | None = None,
+    progress: Progress = no_progress,
+) -> StageResult:
+    """Run one stage (or return its finished result), reading its inputs from disk."""
+    ws = Workspace(cfg.workspace)
+    upstream = upstream if upstream is not None else upstream_results(cfg, stage)
+    return RUNNERS[stage](ws, cfg, upstream, progress)
+
+
+def run_all(cfg: PipelineConfig, until: str = "evaluate", progress: Progress = no_progress) -> list[StageResult]:
+    """The whole pipeline in-process, without Prefect (scripts, notebooks, tests)."""
+    results: dict[str, StageResult] = {}
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        ups = {up: results[up] for up in UPSTREAM[stage]}
+        results[stage] = run_stage(cfg, stage, ups, progress)
+    return list(results.values())
+
+
+def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """Per stage: key, output path, done, counts, rejections and when it finished."""
+    ws = Workspace(cfg.workspace)
+    try:
+        keys = plan(cfg)
+    except FileNotFoundError as e:
+        return {"error": {"message": str(e)}}
+    out: dict[str, dict[str, Any]] = {}
+    for stage, key in keys.items():
+        path = stage_path(ws, cfg, stage, key)
+        record = ws.read_success(path) or {}
+        done = record.get("key") == key
+        out[stage] = {
+            "key": key,
+            "path": str(path),
+            "done": done,
+            "counts": record.get("counts", {}) if done else {},
+            "rejections": record.get("stats", {}).get("rejections", {}) if done else {},
+            "finished_at": record.get("finished_at") if done else None,
+            "seconds": record.get("seconds") if done else None,
+        }
+    return out

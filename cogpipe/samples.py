@@ -1,0 +1,404 @@
+"""Tiny sample data and tiny random models, so the whole pipeline runs offline on a CPU.
+
+Nothing here downloads anything: the videos are drawn with numpy and encoded with PyAV,
+and the models are randomly initialised (seeded) from small configs that keep the real
+classes and folder layouts, so every stage loads them exactly as it would load a hub id.
+
+    from pathlib import Path
+    from cogpipe.samples import write_sample_videos, write_tiny_models
+
+    videos = write_sample_videos(Path("demo/videos"))   # {"shapes_00.mp4": Path, ...}
+    models = write_tiny_models(Path("demo/models"))     # {"cogvideox": Path, "llava": Path, "clip": Path}
+
+Both functions are idempotent: a file or model folder that is already complete is left
+untouched (same bytes, same mtime), and every write goes to a temporary name first and is
+renamed into place, so an interrupted run never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+WIDTH, HEIGHT, FPS, NUM_FRAMES = 128, 96, 8, 24  # pixels, pixels, frames/s, frames (3 s)
+
+# Fight-video vocabulary (plus the colour and shape words of the sample clips) the tiny
+# word-level tokenizers are trained on; any other word becomes <unk>.
+VOCAB_SENTENCES = [
+    "Two fighters face each other across a podium in a bright arena.",
+    "The fighter winds up and delivers an open-hand slap to his opponent's cheek.",
+    "The opponent's head snaps sideways on impact and he staggers back.",
+    "A bald fighter in black shorts stands square with his hands behind his back.",
+    "The referee watches closely and steps in after the strike.",
+    "The crowd erupts in the background under bright lights.",
+    "The camera frames both competitors from the side in a medium shot.",
+    "The camera slowly zooms in on the receiver's face after the impact.",
+    "He plants his feet, sets his stance and measures the distance with his palm.",
+    "The wind-up is long and the swing is fast, with the right hand.",
+    "The strike lands flush with a loud crack and the receiver blinks hard.",
+    "The receiver's reaction is delayed: his knees buckle and he drops to the floor.",
+    "Officials rush in while the referee waves off the round.",
+    "A tall fighter with a beard wears a red shirt and a white towel.",
+    "The left hand swings in a wide arc and connects with the jaw.",
+    "The striker steps forward, rotates his hips and follows through.",
+    "Spectators stand up, cheer and point at the stage.",
+    "The announcer calls the round while the judges take notes.",
+    "A slow motion replay shows the cheek ripple on impact.",
+    "The camera pans from the striker to the receiver and back.",
+    "Both men wear shorts and stand on a blue mat behind a table.",
+    "The receiver holds the edge of the table and keeps his chin level.",
+    "The striker chalks his hand before the slap.",
+    "The crowd goes quiet as the fighter raises his arm.",
+    "He shakes off the hit, nods and gets ready to strike back.",
+    "The referee checks the receiver's eyes and signals the next turn.",
+    "The arena is dark except for spotlights on the stage.",
+    "A handheld camera moves around the fighters at eye level.",
+    "The shot is steady and wide, showing the whole stage and the crowd.",
+    "The video shows a quick, powerful slap and a dazed opponent.",
+    "A red circle moves left across a green background.",
+    "A blue rectangle slides up and a yellow square drifts down.",
+    "An orange circle and a purple rectangle bounce on a grey background.",
+    "Small white shapes move fast while a large black shape moves slowly.",
+    "A pink ball rolls right over a cyan and brown gradient.",
+    "The shapes change direction, speed and size over time.",
+    "A fighter slaps, the crowd cheers and the camera shakes.",
+    "The competitor in the red corner wins by knockout.",
+    "The match ends with a handshake and a hug between the two fighters.",
+    "The scene is lit from above and the colours are bright and vivid.",
+]
+
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}SYSTEM: "
+    "{% elif message['role'] == 'user' %}USER: "
+    "{% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def write_frames_mp4(path: Path, frames: np.ndarray, fps: int, bitrate: int | None = None) -> Path:
+    """Encode RGB frames as an H.264 (or MPEG-4 Part 2) yuv420p mp4.
+
+    Args:
+        path: Output file; overwritten if it exists.
+        frames: [F, H, W, 3] uint8 RGB. H and W must be even (yuv420p).
+        fps: Frame rate (frames per second).
+        bitrate: Target bitrate in bits/s; None keeps the encoder's default quality
+            (crf 18 for libx264).
+
+    Returns:
+        `path`.
+    """
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    n, h, w, _ = frames.shape
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if bitrate is not None:
+            stream.bit_rate = bitrate
+        elif codec == "libx264":
+            stream.options = {"crf": "18"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder
+            container.mux(packet)
+    return path
+
+
+def _shapes_clip(index: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
+    """Moving coloured shapes over a bright gradient, different for every `index`.
+
+    Returns:
+        [num_frames, HEIGHT, WIDTH, 3] uint8 RGB.
+    """
+    rng = np.random.default_rng(1000 + index)
+    ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)  # [H, W] pixel coordinates
+    # A gradient whose direction changes per clip decides most of the perceptual hash,
+    # so clips differ structurally, not only in colour. Kept bright (luma >> 16).
+    angle = index * np.pi / 3 + rng.uniform(-0.2, 0.2)
+    ramp = np.cos(angle) * (xs / WIDTH - 0.5) + np.sin(angle) * (ys / HEIGHT - 0.5)  # ~[-0.7, 0.7]
+    c0, c1 = rng.uniform(110, 240, 3), rng.uniform(40, 140, 3)
+    background = c0 + (ramp[..., None] + 0.7) / 1.4 * (c1 - c0)  # [H, W, 3] float
+
+    shapes = []
+    for _ in range(rng.integers(2, 5)):
+        shapes.append(
+            dict(
+                kind=rng.choice(["circle", "rect"]),
+                colour=rng.uniform(0, 255, 3),
+                size=rng.uniform(8, 26),  # radius or half-side, pixels
+                pos=rng.uniform([10, 10], [WIDTH - 10, HEIGHT - 10]),  # (x, y), pixels
+                vel=rng.uniform(-4, 4, 2) * rng.uniform(0.5, 1.5),  # pixels/frame
+            )
+        )
+    frames = np.empty((num_frames, HEIGHT, WIDTH, 3), np.uint8)
+    for t in range(num_frames):
+        img = background.copy()
+        for s in shapes:
+            # Bounce off the borders: reflect the unbounded trajectory into the frame.
+            x, y = (np.abs((s["pos"] + s["vel"] * t) % (2 * np.array([WIDTH, HEIGHT])) - [WIDTH, HEIGHT]))
+            x, y = WIDTH - x, HEIGHT - y
+            if s["kind"] == "circle":
+                mask = (xs - x) ** 2 + (ys - y) ** 2 <= s["size"] ** 2
+            else:
+                mask = (np.abs(xs - x) <= s["size"]) & (np.abs(ys - y) <= 0.6 * s["size"])
+            img[mask] = s["colour"]
+        frames[t] = img.clip(0, 255).astype(np.uint8)
+    return frames
+
+
+def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """[F, H, W, 3] uint8 -> [F, height, width, 3] uint8, bilinear."""
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in frames])
+
+
+def write_sample_videos(folder: Path) -> dict[str, Path]:
+    """Write the sample clips used by tests and the demo config.
+
+    Six good clips (`shapes_00.mp4`..`shapes_05.mp4`) and one of each kind the check
+    stage must reject: `black.mp4`, `frozen.mp4`, `shapes_00_reencoded.mp4` (near
+    duplicate of shapes_00 at 160x120 and low bitrate), `corrupt.mp4` (a truncated mp4)
+    and `notes.txt` (not a video). Clips are 128x96 at 8 fps, 24 frames, deterministic.
+    A file that already exists with non-zero size is not rewritten.
+
+    Args:
+        folder: Created if missing.
+
+    Returns:
+        File name -> path, for every file above.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+
+    def emit(name: str, write) -> None:
+        path = folder / name
+        out[name] = path
+        if path.is_file() and path.stat().st_size > 0:
+            return
+        tmp = folder / f".{name}.partial{path.suffix}"  # suffix kept: PyAV picks the muxer by it
+        write(tmp)
+        tmp.replace(path)
+
+    for i in range(6):
+        emit(f"shapes_{i:02d}.mp4", lambda p, i=i: write_frames_mp4(p, _shapes_clip(i), FPS))
+    emit("black.mp4", lambda p: write_frames_mp4(p, np.zeros((NUM_FRAMES, HEIGHT, WIDTH, 3), np.uint8), FPS))
+    still = _shapes_clip(7, num_frames=1)  # [1, H, W, 3]
+    emit("frozen.mp4", lambda p: write_frames_mp4(p, np.repeat(still, NUM_FRAMES, axis=0), FPS))
+    emit(
+        "shapes_00_reencoded.mp4",
+        lambda p: write_frames_mp4(p, _resize(_shapes_clip(0), 160, 120), FPS, bitrate=8_000),
+    )
+
+    def corrupt(p: Path) -> None:
+        write_frames_mp4(p, _shapes_clip(0), FPS)
+        p.write_bytes(p.read_bytes()[:300])  # ftyp + the start of mdat; no moov box
+
+    emit("corrupt.mp4", corrupt)
+    emit("notes.txt", lambda p: p.write_text("Sample folder for cogpipe. This file is not a video.\n"))
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_word_tokenizer(sentences: list[str], specials: dict[str, str], max_length: int, *,
+                         add_bos: bool = False, add_eos: bool = False):
+    """A word-level fast tokenizer trained on `sentences`.
+
+    Lower-cases, splits on whitespace and punctuation, and maps every unseen word to the
+    unknown token. Special tokens get the first ids, in the order of `specials`.
+
+    Args:
+        sentences: Training text.
+        specials: Tokenizer attribute -> token, e.g. {"pad_token": "<pad>", "eos_token":
+            "</s>", "unk_token": "<unk>"}. Must include "unk_token". Non-standard names
+            ("image_token") become named extra special tokens (`tokenizer.image_token`).
+        max_length: `model_max_length`.
+        add_bos: Prepend `bos_token` to every encoded sequence.
+        add_eos: Append `eos_token` to every encoded sequence.
+
+    Returns:
+        A `transformers.PreTrainedTokenizerFast`.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=specials["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+
+    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=list(specials.values())))
+    if add_bos or add_eos:
+        bos, eos = specials.get("bos_token"), specials.get("eos_token")
+        single = " ".join(([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else []))
+        pair = " ".join(([bos] if add_bos else []) + ["$A", "$B"] + ([eos] if add_eos else []))
+        used = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=[(t, tok.token_to_id(t)) for t in used]
+        )
+    standard = set(PreTrainedTokenizerFast.SPECIAL_TOKENS_ATTRIBUTES)
+    named = {k: v for k, v in specials.items() if k in standard}
+    extra = {k: v for k, v in specials.items() if k not in standard}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=max_length, extra_special_tokens=extra or None, **named
+    )
+
+
+def _write_atomically(target: Path, marker: str, write) -> Path:
+    """Run `write(tmp_folder)` and rename it to `target`, unless `target/marker` exists."""
+    if (target / marker).is_file():
+        return target
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted run
+    write(tmp)
+    shutil.rmtree(target, ignore_errors=True)  # incomplete folder without the marker
+    tmp.rename(target)
+    return target
+
+
+def _write_cogvideox(folder: Path) -> None:
+    """A CogVideoX-2b-shaped pipeline: 8x spatial / 4x temporal VAE, 2-layer transformer."""
+    from diffusers import (
+        AutoencoderKLCogVideoX,
+        CogVideoXDPMScheduler,
+        CogVideoXPipeline,
+        CogVideoXTransformer3DModel,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    # T5 convention: pad 0, eos 1, unk 2; every prompt ends with </s>.
+    tokenizer = build_word_tokenizer(
+        VOCAB_SENTENCES, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}, 16, add_eos=True
+    )
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=len(tokenizer))
+    )
+    # latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1; sample_* are in latent units.
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, num_layers=2, in_channels=4, out_channels=4,
+        time_embed_dim=2, text_embed_dim=32, sample_width=8, sample_height=8, sample_frames=9,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+    )
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDPMScheduler(  # THUDM/CogVideoX-2b scheduler_config.json
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+        set_alpha_to_one=True, clip_sample=False, snr_shift_scale=3.0,
+    )
+    pipe = CogVideoXPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.save_pretrained(folder)
+
+
+def _write_llava(folder: Path) -> None:
+    """A LLaVA-1.5-shaped captioner: CLIP vision tower (32 px, 16 patches) + 2-layer Llama."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>",
+                "image_token": "<image>"}
+    tokenizer = build_word_tokenizer(VOCAB_SENTENCES, specials, 4096, add_bos=True)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in specials.items()}
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=len(tokenizer), pad_token_id=ids["pad_token"],
+            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+        ),
+        image_token_index=ids["image_token"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"]
+    )
+    model.save_pretrained(folder)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped again by "default"
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+
+
+def _write_clip(folder: Path) -> None:
+    """A CLIP with 32 px images and a word-level text tower, for frame-text similarity."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
+    tokenizer = build_word_tokenizer(VOCAB_SENTENCES, specials, 77, add_bos=True, add_eos=True)
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in specials.items()}
+    config = CLIPConfig(
+        text_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            max_position_embeddings=77, vocab_size=len(tokenizer), pad_token_id=ids["pad_token"],
+            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],  # pooled at the first </s>
+        ),
+        vision_config=dict(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+            image_size=32, patch_size=8,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+
+
+def write_tiny_models(folder: Path) -> dict[str, Path]:
+    """Write tiny random CogVideoX, LLaVA and CLIP folders that load like hub checkpoints.
+
+    Args:
+        folder: Parent folder; created if missing.
+
+    Returns:
+        {"cogvideox": folder/"cogvideox", "llava": folder/"llava", "clip": folder/"clip"}.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {
+        "cogvideox": _write_atomically(folder / "cogvideox", "model_index.json", _write_cogvideox),
+        "llava": _write_atomically(folder / "llava", "config.json", _write_llava),
+        "clip": _write_atomically(folder / "clip", "config.json", _write_clip),
+    }
