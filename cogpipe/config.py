@@ -75,7 +75,7 @@ class CheckConfig(Section):
     min_duration: float = Field(1.0, ge=0, description="Shortest accepted clip, in seconds.")
     min_size: int = Field(64, ge=1, description="Smallest accepted width and height, in pixels.")
     phash_bits: int = Field(
-        10,
+        6,
         ge=0,
         le=64,
         description="Near duplicates: mean Hamming distance of 64-bit frame hashes at most this.",
@@ -263,12 +263,28 @@ def load_config(path: str | Path) -> PipelineConfig:
     return resolve_paths(cfg, path.parent)
 
 
+def _local(value: str, base: Path) -> str:
+    """A model given as ./x, ../x or ~/x is a folder relative to the config file."""
+    if value.startswith(("./", "../", "~")):
+        return str((base / Path(value).expanduser()).resolve())
+    return value
+
+
 def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
-    """Make the workspace and source absolute, relative to `base`."""
+    """Make the workspace, source and local model folders absolute, relative to `base`."""
     ws = cfg.workspace if cfg.workspace.is_absolute() else (base / cfg.workspace)
     src = cfg.ingest.source if cfg.ingest.source.is_absolute() else (base / cfg.ingest.source)
-    ingest = cfg.ingest.model_copy(update={"source": src.resolve()})
-    return cfg.model_copy(update={"workspace": ws.resolve(), "ingest": ingest})
+    return cfg.model_copy(
+        update={
+            "workspace": ws.resolve(),
+            "model": _local(cfg.model, base),
+            "ingest": cfg.ingest.model_copy(update={"source": src.resolve()}),
+            "caption": cfg.caption.model_copy(update={"model": _local(cfg.caption.model, base)}),
+            "evaluate": cfg.evaluate.model_copy(
+                update={"clip_model": _local(cfg.evaluate.clip_model, base)}
+            ),
+        }
+    )
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -11,23 +11,14 @@ ask "is this stage done for this config?" in milliseconds.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from cogpipe import caption, check, evaluate, filter, ingest, precompute, train
 from cogpipe.config import STAGES, PipelineConfig
 from cogpipe.workspace import Progress, StageNotReady, StageResult, Workspace, no_progress
 
-MODULES: dict[str, ModuleType] = {
-    "ingest": ingest,
-    "check": check,
-    "caption": caption,
-    "filter": filter,
-    "precompute": precompute,
-    "train": train,
-    "evaluate": evaluate,
-}
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "check": ("ingest",),
@@ -37,7 +28,13 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "train": ("precompute",),
     "evaluate": ("train", "check"),
 }
-RUNNERS = {name: getattr(mod, f"run_{name}") for name, mod in MODULES.items()}
+
+
+def module(stage: str) -> ModuleType:
+    """The stage's library module (`cogpipe.<stage>`), imported on first use."""
+    if stage not in UPSTREAM:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    return importlib.import_module(f"cogpipe.{stage}")
 
 
 def plan(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
@@ -45,13 +42,13 @@ def plan(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
     keys: dict[str, str] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:
         inputs = {up: keys[up] for up in UPSTREAM[stage]}
-        keys[stage] = MODULES[stage].key_of(cfg, inputs)
+        keys[stage] = module(stage).key_of(cfg, inputs)
     return keys
 
 
 def stage_path(ws: Workspace, cfg: PipelineConfig, stage: str, key: str) -> Path:
     """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
-    fn = getattr(MODULES[stage], "output_dir", None)
+    fn = getattr(module(stage), "output_dir", None)
     return fn(ws, cfg, key) if fn else ws.stage_dir(stage, key)
 
 
@@ -90,7 +87,7 @@ def run_stage(
     """Run one stage (or return its finished result), reading its inputs from disk."""
     ws = Workspace(cfg.workspace)
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)
-    return RUNNERS[stage](ws, cfg, upstream, progress)
+    return getattr(module(stage), f"run_{stage}")(ws, cfg, upstream, progress)
 
 
 def run_all(cfg: PipelineConfig, until: str = "evaluate", progress: Progress = no_progress) -> list[StageResult]:

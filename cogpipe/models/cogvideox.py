@@ -3,12 +3,27 @@ embeddings and LoRA export. Every stage that touches CogVideoX goes through here
 second model family is a second module, not a flag.
 
 Components load from a hub id (`THUDM/CogVideoX-2b`) or a local folder in diffusers
-layout, through the same `from_pretrained` calls.
+layout, through the same `from_pretrained(model, subfolder=...)` calls.
+
+Layouts follow the diffusers CogVideoX LoRA example: pixels are uint8 `[B, F, H, W, 3]`,
+latents are stored and fed to the transformer as `[B, F', C, H/8, W/8]` with
+F' = (F - 1) / 4 + 1, already multiplied by the VAE's `scaling_factor`.
+
+LoRA files carry their adapter config (rank, alpha, targets) as safetensors metadata,
+so `CogVideoXPipeline.load_lora_weights(folder)` applies scale alpha / rank by itself.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+
+from cogpipe.workspace import model_fingerprint
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+VAE_SCALE_SPATIAL = 8  # every CogVideoX VAE: 8x spatial, 4x temporal compression
 
 
 def is_5b_type(transformer_config) -> bool:
@@ -23,3 +38,212 @@ def weight_dtype(mixed_precision: str, transformer_config, device: str) -> torch
             return torch.float32
         return torch.bfloat16 if is_5b_type(transformer_config) else torch.float16
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def component_fingerprint(model: str, *subfolders: str) -> dict[str, Any]:
+    """What identifies some components of a model: their folders' listings, or the hub id.
+
+    Caches of latents key on the VAE alone and text embeddings on the tokenizer and text
+    encoder alone, so swapping the transformer keeps them.
+    """
+    root = Path(model).expanduser()
+    if not root.is_dir():
+        return {"id": model, "components": list(subfolders)}
+    return {name: model_fingerprint(str(root / name)) for name in subfolders}
+
+
+def transformer_config(model: str) -> dict[str, Any]:
+    """The transformer's config (max_text_seq_length, patch sizes, ...) without its weights."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    return dict(CogVideoXTransformer3DModel.load_config(model, subfolder="transformer"))
+
+
+def vae_config(model: str) -> dict[str, Any]:
+    from diffusers import AutoencoderKLCogVideoX
+
+    return dict(AutoencoderKLCogVideoX.load_config(model, subfolder="vae"))
+
+
+def load_vae(model: str, device: str, dtype: torch.dtype):
+    """The frozen VAE in eval mode on `device`."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder(model: str, device: str, dtype: torch.dtype):
+    """(tokenizer, frozen T5 encoder on `device`)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+    encoder = T5EncoderModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+def load_transformer(model: str, device: str, dtype: torch.dtype):
+    """The transformer with every base weight frozen, cast to `dtype`, on `device`."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(
+        model, subfolder="transformer", torch_dtype=dtype
+    )
+    return transformer.requires_grad_(False).to(device)
+
+
+def load_scheduler(model: str):
+    """The training noise schedule (CogVideoXDPMScheduler, v-prediction)."""
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@torch.no_grad()
+def encode_video(vae, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled VAE latents of uint8 videos.
+
+    Args:
+        vae: an AutoencoderKLCogVideoX.
+        frames: uint8 [B, F, H, W, 3], F = 4k + 1, H and W multiples of 8.
+        generator: seeds the sample from the latent distribution (a CPU generator gives
+            the same noise on every device).
+
+    Returns:
+        [B, F', C, H/8, W/8] in the VAE's dtype, F' = (F - 1) / 4 + 1.
+    """
+    x = frames.to(vae.device).float() / 255.0 * 2.0 - 1.0  # [0, 255] -> [-1, 1]
+    x = x.permute(0, 4, 1, 2, 3).to(vae.dtype)  # [B, F, H, W, C] -> [B, C, F, H, W]
+    latents = vae.encode(x).latent_dist.sample(generator) * vae.config.scaling_factor
+    return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F', h, w] -> [B, F', C, h, w]
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
+    """T5 embeddings exactly as CogVideoXPipeline computes them (padded, no attention mask).
+
+    Args:
+        captions: B strings.
+        max_len: the transformer's `max_text_seq_length` (226 for CogVideoX).
+
+    Returns:
+        [B, max_len, D] in the encoder's dtype.
+    """
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=max_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def rotary_embeddings(
+    transformer_config, height: int, width: int, frames: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """3D rotary embeddings (cos, sin) for 5B-type models, None for 2B-type.
+
+    Same numbers as `CogVideoXPipeline._prepare_rotary_positional_embeddings` and the
+    diffusers LoRA example (whose base grid 720x480 px is `sample_width x sample_height`).
+
+    Args:
+        transformer_config: the transformer's config (object or dict).
+        height, width: pixel size of the video (the latent is 8x smaller).
+        frames: latent frames F'.
+    """
+    cfg = transformer_config
+    get = cfg.get if isinstance(cfg, dict) else lambda name, default=None: getattr(cfg, name, default)
+    if not get("use_rotary_positional_embeddings", False):
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p, p_t = get("patch_size"), get("patch_size_t")
+    grid_h, grid_w = height // (VAE_SCALE_SPATIAL * p), width // (VAE_SCALE_SPATIAL * p)
+    base_w, base_h = get("sample_width") // p, get("sample_height") // p
+    if p_t is None:  # CogVideoX 1.0
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(
+            embed_dim=get("attention_head_dim"), crops_coords=crops, grid_size=(grid_h, grid_w),
+            temporal_size=frames, device=device,
+        )  # fmt: skip
+    return get_3d_rotary_pos_embed(  # CogVideoX 1.5
+        embed_dim=get("attention_head_dim"), crops_coords=None, grid_size=(grid_h, grid_w),
+        temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w),
+        device=device,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_metadata(rank: int, alpha: float, target_modules: list[str]) -> dict[str, Any]:
+    """The LoraConfig fields diffusers rebuilds the adapter from when loading a file.
+
+    Only fields every peft release knows, so a file loads with an older or newer peft.
+    """
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+    }
+
+
+def add_lora(transformer, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
+    """Give the transformer a LoRA adapter ("default"); return its parameters, cast to fp32.
+
+    B starts at zero, so the adapted model equals the base model until the first step.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(**lora_metadata(rank, alpha, target_modules))
+    transformer.add_adapter(config)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trainable weights in fp32, frozen ones stay in weight_dtype
+    return params
+
+
+def save_lora(path: Path, transformer, rank: int, alpha: float, target_modules: list[str]) -> Path:
+    """Write `path/pytorch_lora_weights.safetensors` with rank and alpha in its metadata."""
+    from diffusers import CogVideoXPipeline
+    from peft import get_peft_model_state_dict
+
+    CogVideoXPipeline.save_lora_weights(
+        str(path),
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=lora_metadata(rank, alpha, target_modules),
+    )
+    return Path(path) / LORA_FILE
+
+
+def load_lora(transformer, path: Path) -> None:
+    """Load the weights of a saved LoRA (a folder or the file) into the "default" adapter.
+
+    Raises:
+        ValueError: the file does not match the adapter (other rank or targets).
+    """
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / LORA_FILE if path.is_dir() else path
+    state = {k.removeprefix("transformer."): v for k, v in load_file(file).items()}
+    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"{file} does not match the adapter: unexpected {list(result.unexpected_keys)[:3]}, "
+            f"missing {missing[:3]}"
+        )

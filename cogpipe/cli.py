@@ -1,0 +1,157 @@
+"""The `cogpipe` command.
+
+    cogpipe demo [--workspace DIR]         sample videos + tiny models, then the whole pipeline
+    cogpipe run CONFIG [--until STAGE]     the full pipeline as a Prefect flow
+    cogpipe <stage> CONFIG                 one stage: ingest check caption filter precompute train evaluate
+    cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
+
+Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
+lazily and run it on Prefect's embedded default (a local server on SQLite) unless
+PREFECT_API_URL points at a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
+from cogpipe.workspace import StageNotReady, StageResult
+
+
+def _prefect_env() -> None:
+    """Defaults for running offline on a small machine; explicit settings win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_UI_ENABLED", "true")
+
+
+class _ProgressLine:
+    """A one-line progress display on stderr for stage commands."""
+
+    def __init__(self, stage: str):
+        self.stage, self.last, self.started = stage, 0.0, time.time()
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        now = time.time()
+        if done < total and now - self.last < 0.5:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-6)
+        eta = (total - done) / rate if rate else 0
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{self.stage}: {done}/{total} ({rate:.2f}/s, ETA {eta:.0f}s) {note[-40:]:<40}{end}")
+        sys.stderr.flush()
+
+
+def run_pipeline(cfg: PipelineConfig, until: str = "evaluate") -> tuple[list[StageResult], float]:
+    """Run the Prefect flow; returns the stage results and the flow's wall time in seconds."""
+    _prefect_env()
+    from cogpipe_flows.pipeline import pipeline
+
+    started = time.time()
+    records = pipeline(cfg, until=until)
+    elapsed = time.time() - started
+    return [StageResult.from_dict(r) for r in records.values()], elapsed
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cogpipe.summary import table
+
+    cfg = load_config(args.config)
+    results, elapsed = run_pipeline(cfg, args.until)
+    print(table(results))
+    print(f"pipeline: {elapsed:.1f}s")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from cogpipe.pipeline import run_stage
+    from cogpipe.summary import table
+
+    cfg = load_config(args.config)
+    result = run_stage(cfg, args.command, progress=_ProgressLine(args.command))
+    print(table([result]))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cogpipe.pipeline import status
+
+    report = status(load_config(args.config))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for stage, s in report.items():
+        if stage == "error":
+            print(f"error: {s['message']}")
+            continue
+        state = "done" if s["done"] else "not done"
+        counts = ", ".join(f"{k}={v}" for k, v in s["counts"].items())
+        print(f"{stage:<11} {s['key']:<12} {state:<9} {counts}")
+        print(f"{'':<11} {s['path']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cogpipe.demo import prepare_demo
+    from cogpipe.pipeline import status
+    from cogpipe.summary import table
+
+    root = Path(args.workspace).resolve()
+    print(f"demo: writing sample videos and tiny models under {root}")
+    config_path = prepare_demo(root)
+    cfg = load_config(config_path)
+    results, elapsed = run_pipeline(cfg)
+    print(table(results))
+    computed = [r.stage for r in results if not r.reused]
+    print(f"pipeline: {elapsed:.1f}s; computed: {', '.join(computed) or 'none (all reused)'}")
+    done = {stage: s["done"] for stage, s in status(cfg).items()}
+    missing = [stage for stage, ok in done.items() if not ok]
+    if missing:
+        print(f"demo: stages without a done marker: {missing}", file=sys.stderr)
+        return 1
+    print(f"config: {config_path}\nstatus: cogpipe status {config_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="sample videos + tiny models, then the whole pipeline")
+    p.add_argument("--workspace", default="demo", help="folder for videos, models, config, workspace")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("run", help="the full pipeline as a Prefect flow")
+    p.add_argument("config")
+    p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
+    p.set_defaults(fn=cmd_run)
+
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage alone (its inputs must be done)")
+        p.add_argument("config")
+        p.set_defaults(fn=cmd_stage)
+
+    p = sub.add_parser("status", help="per stage: key, output path, done or not, counts")
+    p.add_argument("config")
+    p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
+    p.set_defaults(fn=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, StageNotReady, FileNotFoundError) as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Evaluate: every checkpoint of a training run, and the base model, on one prompt suite.
+
+A unit of work is one checkpoint: each prompt x seed is generated with that LoRA loaded
+on the base pipeline (loaded once per call), written as an mp4, scored with CLIP against
+its prompt, and summarised in `metrics.parquet` and a contact sheet. The unit's folder is
+written under a temporary name and renamed into place, then appended to
+`evaluate/index.parquet`; the checkpoints listed there are never generated again. The base
+model is evaluated as checkpoint `base` with the same seeds, so every LoRA has an A/B
+reference.
+
+Two keys. `eval_key(cfg)` hashes the eval settings and the base model only, so one
+`<ekey>` folder collects every run and checkpoint evaluated the same way:
+
+    evaluate/index.parquet               ekey, run, checkpoint, step, clip_score, videos, evaluated_at
+    evaluate/<ekey>/<run>/report.md      CLIP score per checkpoint vs base
+    evaluate/<ekey>/<run>/_SUCCESS.json  key_of(...) and the checkpoints it covers
+    evaluate/<ekey>/<run>/<checkpoint>/  p00-s42.mp4 ..., contact_sheet.png, metrics.parquet
+
+`key_of(cfg, inputs)` adds the train and check keys: it is this pipeline's evaluate step.
+A training run keeps adding checkpoints under the same train key, so the done marker
+alone cannot say "done": it also records the checkpoints it covers, and a call that
+finds new ones on disk evaluates just those and rewrites the marker.
+
+    cogpipe evaluate configs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from cogpipe.config import EvaluateConfig, PipelineConfig
+from cogpipe.models.cogvideox import weight_dtype
+from cogpipe.video import even_indices, write_mp4
+from cogpipe.workspace import (
+    SUCCESS,
+    Progress,
+    StageResult,
+    Workspace,
+    atomic_path,
+    clean_stale_tmp,
+    model_fingerprint,
+    no_progress,
+    read_table,
+    resolve_device,
+    stage_key,
+    write_table,
+)
+
+VERSION = 1
+BASE = "base"  # the checkpoint name of the base model (step 0: an untrained LoRA is the base)
+CHECKPOINT = re.compile(r"^checkpoint-(\d{6})$")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+INDEX_COLUMNS = ["ekey", "run", "checkpoint", "step", "clip_score", "videos", "evaluated_at"]
+SHEET_FRAMES = 8  # frames across each contact-sheet row
+THUMB_WIDTH = 160  # pixels per contact-sheet frame (never upscaled)
+
+
+def eval_key(cfg: PipelineConfig) -> str:
+    """The eval settings and base model only: one `<ekey>` covers every run and checkpoint."""
+    config = cfg.evaluate.key_fields() | {"model_fp": model_fingerprint(cfg.model)}
+    return stage_key("evaluate", VERSION, config, {})
+
+
+def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
+    """This pipeline's evaluate step: the eval key plus the train and check keys."""
+    return stage_key("evaluate", VERSION, {"ekey": eval_key(cfg)}, inputs)
+
+
+def output_dir(ws: Workspace, cfg: PipelineConfig, key: str) -> Path:
+    """`evaluate/<ekey>/<run>/` of the evaluation recorded with `key`.
+
+    `<run>` is the name of the train run folder, which only the train result knows (the
+    key cannot be inverted), so the run folder whose done marker records `key` is looked
+    up. Before the first evaluation it is `<cfg.name or 'unknown'>`.
+    """
+    root = ws.root / "evaluate" / eval_key(cfg)
+    for marker in sorted(root.glob(f"*/{SUCCESS}")):
+        if (ws.read_success(marker.parent) or {}).get("key") == key:
+            return marker.parent
+    return root / (cfg.name or "unknown")
+
+
+def list_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """Committed LoRA checkpoints of a run, by step: {"checkpoint-000500": folder}.
+
+    Only folders named exactly `checkpoint-{step:06d}` that hold the LoRA weights count,
+    so a checkpoint still being written (`.tmp-checkpoint-...`) is never picked up.
+    """
+    found = [
+        p for p in Path(run_dir).iterdir() if CHECKPOINT.match(p.name) and (p / LORA_FILE).is_file()
+    ] if Path(run_dir).is_dir() else []  # fmt: skip
+    return {p.name: p for p in sorted(found, key=lambda p: p.name)}
+
+
+def step_of(checkpoint: str) -> int:
+    m = CHECKPOINT.match(checkpoint)
+    return int(m.group(1)) if m else 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Clip(NamedTuple):
+    model: Any  # transformers.CLIPModel
+    tokenizer: Any
+    processor: Any  # image processor
+    device: str
+
+
+def load_clip(name: str, device: str) -> Clip:
+    """CLIP model, tokenizer and image processor from a hub id or a local folder (fp32)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(name).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(name)
+    return Clip(model, AutoTokenizer.from_pretrained(name), processor, device)
+
+
+def clip_score(clip: Clip, frames: np.ndarray, text: str) -> float:
+    """CLIPScore of a video: per frame max(100 * cos(image, text), 0), averaged over frames.
+
+    Args:
+        clip: from `load_clip`.
+        frames: [F, H, W, 3] uint8 RGB.
+        text: the prompt.
+
+    Returns:
+        A float in [0, 100].
+    """
+    import torch
+
+    # CLIP reads at most 77 tokens; longer CogVideoX prompts are cut here (issue 6 will
+    # split them into 77-token chunks and average the embeddings).
+    tok = clip.tokenizer
+    max_len = min(tok.model_max_length, clip.model.config.text_config.max_position_embeddings)
+    tokens = tok([text], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    pixels = clip.processor(images=list(frames), return_tensors="pt").pixel_values  # [F, 3, S, S]
+    with torch.inference_mode():
+        out = clip.model(
+            input_ids=tokens["input_ids"].to(clip.device),
+            attention_mask=tokens["attention_mask"].to(clip.device),
+            pixel_values=pixels.to(clip.device),
+        )
+    cos = (out.image_embeds @ out.text_embeds.T)[:, 0]  # [F]; both embeddings are unit-norm
+    return float((100 * cos).clamp(min=0).mean())
+
+
+def load_pipeline(model: str, device: str):
+    """The base CogVideoXPipeline at its weight dtype (fp16 2B / bf16 5B on GPU, fp32 on CPU)."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    config = CogVideoXTransformer3DModel.load_config(model, subfolder="transformer")
+    dtype = weight_dtype("auto", SimpleNamespace(**config), device)
+    # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
+    pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.enable_tiling()  # 49x480x720 decodes in tiles; a no-op below the tile size
+    return pipe
+
+
+def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> np.ndarray:
+    """One video for (prompt, seed) with whatever adapter is loaded. Returns [F, H, W, 3] uint8."""
+    import torch
+
+    video = pipe(
+        prompt=prompt,
+        num_frames=ec.frames,
+        height=ec.height,
+        width=ec.width,
+        num_inference_steps=ec.steps,
+        guidance_scale=ec.guidance,
+        generator=torch.Generator(device).manual_seed(seed),
+        max_sequence_length=pipe.transformer.config.max_text_seq_length,
+        output_type="np",
+    ).frames[0]  # [F, H, W, 3] float in [0, 1]
+    return (video * 255).round().clip(0, 255).astype(np.uint8)
+
+
+@contextmanager
+def lora(pipe, checkpoint: Path | None, adapter_name: str):
+    """Load a checkpoint's LoRA for the block, then unload it; None is the base model."""
+    if checkpoint is not None:
+        pipe.load_lora_weights(str(checkpoint), weight_name=LORA_FILE, adapter_name=adapter_name)
+    try:
+        yield pipe
+    finally:
+        if checkpoint is not None:
+            pipe.unload_lora_weights()  # restores the original modules, not just disables
+            left = [n for n, _ in pipe.transformer.named_modules() if "lora_" in n]
+            if left:
+                raise RuntimeError(f"LoRA layers left after unloading {checkpoint}: {left[:3]}")
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def sheet_row(frames: np.ndarray, label: str) -> np.ndarray:
+    """[F, H, W, 3] -> one contact-sheet row [h, n * w, 3]: n frames spread over the video."""
+    from PIL import Image, ImageDraw
+
+    f, h, w, _ = frames.shape
+    tw = min(THUMB_WIDTH, w)
+    th = max(round(h * tw / w), 1)
+    indices = even_indices(0, f, min(SHEET_FRAMES, f))
+    picks = [Image.fromarray(frames[i]).resize((tw, th)) for i in indices]
+    row = Image.fromarray(np.concatenate([np.asarray(x) for x in picks], axis=1))  # [th, n * tw, 3]
+    ImageDraw.Draw(row).text((2, 2), label, fill=(255, 255, 255))
+    return np.asarray(row)
+
+
+def _evaluate_unit(pipe, clip: Clip, cfg: PipelineConfig, device: str, name: str,
+                   checkpoint: Path | None, folder: Path, tick) -> pd.DataFrame:  # fmt: skip
+    """Generate, write and score every prompt x seed of one checkpoint into `folder`."""
+    ec, rows, sheet = cfg.evaluate, [], []
+    with atomic_path(folder) as tmp, lora(pipe, checkpoint, f"step_{step_of(name):06d}"):
+        tmp.mkdir()
+        for p, prompt in enumerate(ec.prompts):
+            for seed in ec.seeds:
+                t0 = time.time()
+                frames = generate(pipe, ec, prompt, seed, device)  # [F, H, W, 3] uint8
+                seconds = round(time.time() - t0, 3)
+                video = f"p{p:02d}-s{seed}.mp4"
+                write_mp4(tmp / video, frames, ec.fps)
+                rows.append({"checkpoint": name, "prompt_index": p, "prompt": prompt, "seed": seed,
+                             "video": video, "clip_score": clip_score(clip, frames, prompt),
+                             "seconds": seconds})  # fmt: skip
+                sheet.append(sheet_row(frames, f"{name} {video[:-4]}"))
+                tick(f"{name} {video}")
+        from PIL import Image
+
+        Image.fromarray(np.concatenate(sheet, 0)).save(tmp / "contact_sheet.png")
+        metrics = pd.DataFrame(rows)
+        write_table(tmp / "metrics.parquet", metrics)
+    return metrics
+
+
+def index_path(ws: Workspace) -> Path:
+    return ws.root / "evaluate" / "index.parquet"
+
+
+def read_index(ws: Workspace) -> pd.DataFrame:
+    """Every evaluated (ekey, run, checkpoint); empty with the right columns before the first."""
+    path = index_path(ws)
+    return read_table(path) if path.is_file() else pd.DataFrame(columns=INDEX_COLUMNS)
+
+
+@contextmanager
+def _index_lock(ws: Workspace):
+    """Serialise read-append-write of the shared index between evaluations of other runs."""
+    path = ws.root / "evaluate" / ".index.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _append_index(ws: Workspace, ekey: str, run: str, name: str, metrics: pd.DataFrame) -> None:
+    row = {"ekey": ekey, "run": run, "checkpoint": name, "step": step_of(name),
+           "clip_score": float(metrics.clip_score.mean()), "videos": len(metrics),
+           "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    with _index_lock(ws):
+        index = read_index(ws)
+        rows = pd.DataFrame([row], columns=INDEX_COLUMNS)
+        index = pd.concat([index, rows], ignore_index=True) if len(index) else rows
+        write_table(index_path(ws), index)
+
+
+def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd.DataFrame) -> None:
+    """`report.md`: CLIP score per checkpoint and its difference from the base model."""
+    ec = cfg.evaluate
+    base = scores.clip_score[scores.checkpoint == BASE]
+    ref = float(base.iloc[0]) if len(base) else None
+    lines = [
+        f"# Evaluation of run `{run}`", "",
+        f"Eval key `{ekey}`, model `{cfg.model}`, CLIP `{ec.clip_model}`: {len(ec.prompts)} prompts "
+        f"x {len(ec.seeds)} seeds, {ec.frames} frames {ec.height}x{ec.width}, {ec.steps} steps, "
+        f"guidance {ec.guidance}.", "",
+        "| checkpoint | step | CLIP score | vs base | videos | contact sheet |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]  # fmt: skip
+    for r in scores.itertuples(index=False):
+        delta = "" if ref is None or r.checkpoint == BASE else f"{r.clip_score - ref:+.2f}"
+        sheet = f"[png]({r.checkpoint}/contact_sheet.png)"
+        cells = [r.checkpoint, r.step, f"{r.clip_score:.2f}", delta, r.videos, sheet]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "Prompts:", ""] + [f"{i}. {p}" for i, p in enumerate(ec.prompts)]
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _evaluate_pending(ws: Workspace, cfg: PipelineConfig, ekey: str, out: Path,
+                      pending: dict[str, Path | None], progress: Progress) -> int:  # fmt: skip
+    """Evaluate each pending checkpoint as one committed unit. Returns videos written."""
+    device = resolve_device(cfg.evaluate.device)
+    pipe = load_pipeline(cfg.model, device)  # once; each LoRA is loaded and unloaded on it
+    clip = load_clip(cfg.evaluate.clip_model, device)
+    total = len(pending) * len(cfg.evaluate.prompts) * len(cfg.evaluate.seeds)
+    done = 0
+
+    def tick(note: str) -> None:
+        nonlocal done
+        done += 1
+        progress(done, total, note)
+
+    for name, checkpoint in pending.items():
+        metrics = _evaluate_unit(pipe, clip, cfg, device, name, checkpoint, out / name, tick)
+        _append_index(ws, ekey, out.name, name, metrics)
+    return done
+
+
+def run_evaluate(
+    ws: Workspace,
+    cfg: PipelineConfig,
+    upstream: dict[str, StageResult],
+    progress: Progress = no_progress,
+) -> StageResult:
+    """Evaluate the base model and every checkpoint of the run not yet in the index.
+
+    Args:
+        ws: the workspace.
+        cfg: the pipeline config (uses `model` and `evaluate`).
+        upstream: {"train": StageResult whose path is the run folder, "check": StageResult}.
+            Check is part of the key for the held-out comparison; it is not read yet.
+        progress: called as (videos done, videos to generate, checkpoint and video).
+
+    Returns:
+        The stage result. counts: checkpoints_evaluated (LoRA checkpoints generated by the
+        call that wrote the marker), checkpoints_total (LoRA checkpoints in the run),
+        videos (written by that call, base included). stats: clip_score per checkpoint,
+        base included, and the checkpoints the marker covers.
+    """
+    started = time.time()
+    ec = cfg.evaluate
+    if (ec.frames - 1) % 4 or ec.height % 16 or ec.width % 16:
+        raise ValueError(f"evaluate needs 4k+1 frames and sizes divisible by 16, got "
+                         f"{ec.frames} frames {ec.height}x{ec.width}")  # fmt: skip
+    train, check = upstream["train"], upstream["check"]
+    key = key_of(cfg, {"train": train.key, "check": check.key})
+    ekey, run_dir = eval_key(cfg), Path(train.path)
+    out = ws.root / "evaluate" / ekey / run_dir.name
+    checkpoints = list_checkpoints(run_dir)
+    wanted = [BASE, *checkpoints]
+    record = ws.read_success(out) or {}
+    if record.get("key") == key and record.get("stats", {}).get("checkpoints") == wanted:
+        return ws.result("evaluate", out)
+
+    clean_stale_tmp(out)
+    index = read_index(ws)
+    mine = index[(index.ekey == ekey) & (index.run == run_dir.name)]
+    for name in [n for n in wanted if n not in set(mine.checkpoint)]:
+        # A unit committed just before a crash, whose index row was never appended.
+        if (out / name / "metrics.parquet").is_file():
+            _append_index(ws, ekey, run_dir.name, name, read_table(out / name / "metrics.parquet"))
+    index = read_index(ws)
+    mine = index[(index.ekey == ekey) & (index.run == run_dir.name)]
+    pending = {n: checkpoints.get(n) for n in wanted if n not in set(mine.checkpoint)}
+    videos = 0
+    if pending:
+        try:
+            videos = _evaluate_pending(ws, cfg, ekey, out, pending, progress)
+        finally:
+            _release(resolve_device(ec.device))
+
+    index = read_index(ws)
+    scores = (
+        index[(index.ekey == ekey) & (index.run == run_dir.name) & index.checkpoint.isin(wanted)]
+        .drop_duplicates("checkpoint", keep="last")
+        .assign(order=lambda d: d.checkpoint.map(wanted.index))
+        .sort_values("order")
+    )
+    write_report(out, cfg, ekey, run_dir.name, scores)
+    counts = {
+        "checkpoints_evaluated": len([n for n in pending if n != BASE]),
+        "checkpoints_total": len(checkpoints),
+        "videos": videos,
+    }
+    pairs = zip(scores.checkpoint, scores.clip_score, strict=True)
+    stats = {"clip_score": {c: round(float(s), 4) for c, s in pairs}, "checkpoints": wanted}
+    return ws.finish(StageResult("evaluate", key, str(out), counts, stats=stats), started)

@@ -1,0 +1,87 @@
+"""What every stage task shares: the cache key, progress artifacts, the result artifact.
+
+The disk is the source of truth: a task's Prefect cache key is its stage key only once
+the stage's done marker is on disk for this workspace; before that it is None (no
+caching), so a deleted workspace can never be answered from a stale Prefect cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import TaskRunContext
+
+from cogpipe.config import PipelineConfig
+from cogpipe.pipeline import UPSTREAM, finished, module, run_stage
+from cogpipe.summary import stage_markdown, stage_rows
+from cogpipe.workspace import StageResult, Workspace
+
+PROGRESS_EVERY_S = 2.0  # at most one progress update (one API call) per this many seconds
+
+
+def stage_key_of(stage: str, params: dict[str, Any]) -> str:
+    cfg: PipelineConfig = params["config"]
+    inputs = {up: params[up]["key"] for up in UPSTREAM[stage]}
+    return module(stage).key_of(cfg, inputs)
+
+
+def cache_key(stage: str):
+    """A `cache_key_fn` for a stage: '<stage>-<key>-<workspace hash>' once done on disk."""
+
+    def fn(context: TaskRunContext, params: dict[str, Any]) -> str | None:
+        cfg: PipelineConfig = params["config"]
+        key = stage_key_of(stage, params)
+        if finished(Workspace(cfg.workspace), cfg, stage, key) is None:
+            return None
+        ws_hash = hashlib.sha256(str(cfg.workspace).encode()).hexdigest()[:8]
+        return f"{stage}-{key}-{ws_hash}"
+
+    return fn
+
+
+class ProgressArtifact:
+    """Turns the library's progress callback into a Prefect progress artifact with rate and ETA."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.started = time.time()
+        self.last = 0.0
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=f"{stage}-progress", description=f"{stage}: starting"
+        )
+
+    def __call__(self, done: int, total: int, note: str = "") -> None:
+        now = time.time()
+        if done < total and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        text = f"{self.stage}: {done}/{total}, {rate * 3600:.0f}/hour, ETA {eta:.0f}s"
+        update_progress_artifact(
+            self.artifact_id, progress=100.0 * done / max(total, 1), description=text
+        )
+
+
+def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
+    """Run one stage through the library and publish its summary; returns a small record."""
+    logger = get_run_logger()
+    ups = {name: StageResult.from_dict(record) for name, record in upstream.items()}
+    result = run_stage(config, stage, ups, progress=ProgressArtifact(stage))
+    verb = "reused" if result.reused else f"computed in {result.seconds:.1f}s"
+    logger.info("%s %s: %s %s", stage, result.key, verb, result.counts)
+    create_table_artifact(
+        table=stage_rows(result), key=f"{stage}-summary", description=f"{stage} {result.key}: {verb}"
+    )
+    create_markdown_artifact(markdown=stage_markdown(result), key=f"{stage}-report")
+    return result.to_dict()

@@ -1,0 +1,20 @@
+"""Evaluate task: generate the prompt suite for every checkpoint not yet evaluated."""
+
+from prefect import task
+
+from cogpipe.config import PipelineConfig
+from cogpipe_tasks.common import cache_key, run
+
+
+@task(
+    name="evaluate",
+    cache_key_fn=cache_key("evaluate"),
+    persist_result=True,
+    result_serializer="json",
+    retries=1,
+    retry_delay_seconds=30,
+    tags=["gpu"],
+)
+def evaluate(config: PipelineConfig, train: dict, check: dict) -> dict:
+    """Videos, contact sheets and CLIP scores per checkpoint (and the base model)."""
+    return run("evaluate", config, train=train, check=check)

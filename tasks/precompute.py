@@ -1,0 +1,20 @@
+"""Precompute task: VAE latents and T5 embeddings into safetensors shards."""
+
+from prefect import task
+
+from cogpipe.config import PipelineConfig
+from cogpipe_tasks.common import cache_key, run
+
+
+@task(
+    name="precompute",
+    cache_key_fn=cache_key("precompute"),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=10,
+    tags=["gpu"],
+)
+def precompute(config: PipelineConfig, filter: dict, check: dict) -> dict:
+    """Encode the selected clips and captions; committed shards are skipped on retry."""
+    return run("precompute", config, filter=filter, check=check)

@@ -1,0 +1,73 @@
+"""Shared fixtures: sample videos and tiny models built once per session, Prefect offline.
+
+Prefect reads its settings at import time, so the environment is set here, before any
+test module imports it: a temporary PREFECT_HOME (its SQLite database and result store),
+no analytics (there is no network), a generous ephemeral-server start-up timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = tempfile.mkdtemp(prefix="cogpipe-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is present (the device machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sample_videos(tmp_path_factory) -> dict[str, Path]:
+    """The demo's sample videos (good clips, black, frozen, near duplicate, corrupt, text)."""
+    from cogpipe.samples import write_sample_videos
+
+    return write_sample_videos(tmp_path_factory.mktemp("videos"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random CogVideoX, LLaVA and CLIP saved in their real on-disk layouts."""
+    from cogpipe.samples import write_tiny_models
+
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def demo_config(tmp_path, sample_videos, tiny_models):
+    """A factory for the demo config on a fresh workspace; keyword overrides per section."""
+    from cogpipe.config import PipelineConfig
+    from cogpipe.demo import DEMO_CONFIG
+
+    def make(workspace: Path | None = None, **sections) -> PipelineConfig:
+        raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_CONFIG.items()}
+        raw |= {
+            "workspace": str(workspace or tmp_path / "workspace"),
+            "model": str(tiny_models["cogvideox"]),
+            "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+        }
+        raw["caption"]["model"] = str(tiny_models["llava"])
+        raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
+        for section, values in sections.items():
+            raw[section] = raw[section] | values if isinstance(values, dict) else values
+        return PipelineConfig.model_validate(raw)
+
+    return make

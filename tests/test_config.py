@@ -1,0 +1,86 @@
+"""Config loading: defaults, validation messages, path resolution, shipped files."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cogpipe.config import ConfigError, PipelineConfig, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_follow_published_cogvideox_guidance():
+    cfg = PipelineConfig()
+    assert (cfg.train.rank, cfg.train.alpha) == (128, 64)
+    assert cfg.train.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
+    assert cfg.train.betas == (0.9, 0.95)
+    assert cfg.train.lr_scheduler == "cosine_with_restarts"
+    assert cfg.train.max_grad_norm == 1.0
+    assert (cfg.precompute.frames, cfg.precompute.fps) == (49, 8)
+    assert (cfg.precompute.height, cfg.precompute.width) == (480, 720)
+    assert "slap" in cfg.caption.prompt
+
+
+def test_wrong_value_names_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  rank: -3\nprecompute:\n  frames: 48\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    message = str(e.value)
+    assert str(path) in message
+    assert "train.rank" in message
+    assert "precompute" in message and "4k+1" in message
+
+
+def test_unknown_field_is_rejected(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("caption:\n  promt: hello\n")
+    with pytest.raises(ConfigError, match="caption.promt"):
+        load_config(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.yaml"
+    path.write_text("workspace: ws\nmodel: ./m\ningest:\n  source: ../videos\ncaption:\n  model: org/name\n")
+    cfg = load_config(path)
+    assert cfg.workspace == tmp_path / "sub" / "ws"
+    assert cfg.ingest.source == tmp_path / "videos"
+    assert cfg.model == str(tmp_path / "sub" / "m")
+    assert cfg.caption.model == "org/name"  # a hub id stays a hub id
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = PipelineConfig()
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    again = load_config(path)
+    assert again.train == cfg.train and again.caption == cfg.caption
+
+
+def test_unkeyed_fields_do_not_enter_the_key():
+    a = PipelineConfig().caption
+    b = a.model_copy(update={"device": "cuda:1", "dtype": "float16"})
+    assert a.key_fields() == b.key_fields()
+    assert "device" not in a.key_fields()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.model
+
+
+def test_deployment_parameters_validate_against_the_flow():
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    for deployment in spec["deployments"]:
+        module, _, fn = deployment["entrypoint"].partition(":")
+        assert (ROOT / module).is_file(), module
+        params = deployment.get("parameters", {})
+        PipelineConfig.model_validate(params["config"])
