@@ -20,12 +20,21 @@ from __future__ import annotations
 import shutil
 from fractions import Fraction
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
 WIDTH, HEIGHT, FPS, NUM_FRAMES = 128, 96, 8, 24  # pixels, pixels, frames/s, frames (3 s)
+
+# One transformer size for every tiny tower (CLIP text and vision, LLaVA's Llama and vision).
+TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+TINY_VISION = dict(TINY_TOWER, image_size=32, patch_size=8)  # 4x4 = 16 patches + CLS
+TINY_IMAGE_PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 # Fight-video vocabulary (plus the colour and shape words of the sample clips) the tiny
 # word-level tokenizers are trained on; any other word becomes <unk>.
@@ -70,6 +79,7 @@ VOCAB_SENTENCES = [
     "The competitor in the red corner wins by knockout.",
     "The match ends with a handshake and a hug between the two fighters.",
     "The scene is lit from above and the colours are bright and vivid.",
+    "The user asks the assistant to describe the system of the video.",
 ]
 
 LLAVA_CHAT_TEMPLATE = (
@@ -82,8 +92,8 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if item['type'] == 'image' %}<image>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
-    "{% if message['role'] == 'assistant' %}</s>{% endif %}\n"
-    "{% endfor %}"
+    "{% if message['role'] == 'assistant' %}</s>{% endif %}"
+    "{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 
@@ -147,13 +157,14 @@ def _shapes_clip(index: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
                 vel=rng.uniform(-4, 4, 2) * rng.uniform(0.5, 1.5),  # pixels/frame
             )
         )
+    frame_size = np.array([WIDTH, HEIGHT], np.float64)  # (x, y) extent, pixels
     frames = np.empty((num_frames, HEIGHT, WIDTH, 3), np.uint8)
     for t in range(num_frames):
         img = background.copy()
         for s in shapes:
-            # Bounce off the borders: reflect the unbounded trajectory into the frame.
-            x, y = (np.abs((s["pos"] + s["vel"] * t) % (2 * np.array([WIDTH, HEIGHT])) - [WIDTH, HEIGHT]))
-            x, y = WIDTH - x, HEIGHT - y
+            # Bounce off the borders: fold the straight-line path back into [0, size].
+            free = (s["pos"] + s["vel"] * t) % (2 * frame_size)  # (x, y), in [0, 2 * size)
+            x, y = frame_size - np.abs(free - frame_size)
             if s["kind"] == "circle":
                 mask = (xs - x) ** 2 + (ys - y) ** 2 <= s["size"] ** 2
             else:
@@ -167,7 +178,9 @@ def _resize(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     """[F, H, W, 3] uint8 -> [F, height, width, 3] uint8, bilinear."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in frames])
+    return np.stack(
+        [np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in frames]
+    )
 
 
 def write_sample_videos(folder: Path) -> dict[str, Path]:
@@ -200,7 +213,10 @@ def write_sample_videos(folder: Path) -> dict[str, Path]:
 
     for i in range(6):
         emit(f"shapes_{i:02d}.mp4", lambda p, i=i: write_frames_mp4(p, _shapes_clip(i), FPS))
-    emit("black.mp4", lambda p: write_frames_mp4(p, np.zeros((NUM_FRAMES, HEIGHT, WIDTH, 3), np.uint8), FPS))
+    emit(
+        "black.mp4",
+        lambda p: write_frames_mp4(p, np.zeros((NUM_FRAMES, HEIGHT, WIDTH, 3), np.uint8), FPS),
+    )
     still = _shapes_clip(7, num_frames=1)  # [1, H, W, 3]
     emit("frozen.mp4", lambda p: write_frames_mp4(p, np.repeat(still, NUM_FRAMES, axis=0), FPS))
     emit(
@@ -213,15 +229,24 @@ def write_sample_videos(folder: Path) -> dict[str, Path]:
         p.write_bytes(p.read_bytes()[:300])  # ftyp + the start of mdat; no moov box
 
     emit("corrupt.mp4", corrupt)
-    emit("notes.txt", lambda p: p.write_text("Sample folder for cogpipe. This file is not a video.\n"))
+    emit(
+        "notes.txt",
+        lambda p: p.write_text("Sample folder for cogpipe. This file is not a video.\n"),
+    )
     return out
 
 
 # --------------------------------------------------------------------------- models
 
 
-def build_word_tokenizer(sentences: list[str], specials: dict[str, str], max_length: int, *,
-                         add_bos: bool = False, add_eos: bool = False):
+def build_word_tokenizer(
+    sentences: list[str],
+    specials: dict[str, str],
+    max_length: int,
+    *,
+    add_bos: bool = False,
+    add_eos: bool = False,
+) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer trained on `sentences`.
 
     Lower-cases, splits on whitespace and punctuation, and maps every unseen word to the
@@ -245,7 +270,9 @@ def build_word_tokenizer(sentences: list[str], specials: dict[str, str], max_len
     tok = Tokenizer(models.WordLevel(unk_token=specials["unk_token"]))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+
-    tok.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=list(specials.values())))
+    tok.train_from_iterator(
+        sentences, trainers.WordLevelTrainer(special_tokens=list(specials.values()))
+    )
     if add_bos or add_eos:
         bos, eos = specials.get("bos_token"), specials.get("eos_token")
         single = " ".join(([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else []))
@@ -258,7 +285,10 @@ def build_word_tokenizer(sentences: list[str], specials: dict[str, str], max_len
     named = {k: v for k, v in specials.items() if k in standard}
     extra = {k: v for k, v in specials.items() if k not in standard}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=max_length, extra_special_tokens=extra or None, **named
+        tokenizer_object=tok,
+        model_max_length=max_length,
+        extra_special_tokens=extra or None,
+        **named,
     )
 
 
@@ -285,33 +315,51 @@ def _write_cogvideox(folder: Path) -> None:
     from transformers import T5Config, T5EncoderModel
 
     # T5 convention: pad 0, eos 1, unk 2; every prompt ends with </s>.
-    tokenizer = build_word_tokenizer(
-        VOCAB_SENTENCES, {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}, 16, add_eos=True
-    )
+    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tokenizer = build_word_tokenizer(VOCAB_SENTENCES, specials, 16, add_eos=True)
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(
         T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=len(tokenizer))
     )
     # latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1; sample_* are in latent units.
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=4, attention_head_dim=8, num_layers=2, in_channels=4, out_channels=4,
-        time_embed_dim=2, text_embed_dim=32, sample_width=8, sample_height=8, sample_frames=9,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=2,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
     )
     vae = AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 4, up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
         temporal_compression_ratio=4,
     )
     scheduler = CogVideoXDPMScheduler(  # THUDM/CogVideoX-2b scheduler_config.json
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
-        set_alpha_to_one=True, clip_sample=False, snr_shift_scale=3.0,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        clip_sample=False,
+        snr_shift_scale=3.0,
     )
-    pipe = CogVideoXPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-    )
-    pipe.save_pretrained(folder)
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
+    CogVideoXPipeline(transformer=transformer, **components).save_pretrained(folder)
 
 
 def _write_llava(folder: Path) -> None:
@@ -326,19 +374,17 @@ def _write_llava(folder: Path) -> None:
         LlavaProcessor,
     )
 
-    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>",
-                "image_token": "<image>"}
+    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
+    specials["image_token"] = "<image>"  # tokenizer.image_token, read by LlavaProcessor
     tokenizer = build_word_tokenizer(VOCAB_SENTENCES, specials, 4096, add_bos=True)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in specials.items()}
+    token_ids = dict(
+        pad_token_id=ids["pad_token"], bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"]
+    )
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            image_size=32, patch_size=8,
-        ),
+        vision_config=CLIPVisionConfig(**TINY_VISION),
         text_config=LlamaConfig(
-            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=len(tokenizer), pad_token_id=ids["pad_token"],
-            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+            **TINY_TOWER, num_key_value_heads=4, vocab_size=len(tokenizer), **token_ids
         ),
         image_token_index=ids["image_token"],
         vision_feature_select_strategy="default",
@@ -346,12 +392,26 @@ def _write_llava(folder: Path) -> None:
     )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"]
-    )
+    # With the default init (std 0.02) the Llama barely looks past the last token, so greedy
+    # decoding is a map token -> next token and falls into a loop of 1-5 words within a
+    # few steps. Std 0.4 on the text model and projector makes attention and the image
+    # features matter: every sample clip gets a different 40-word caption with almost no
+    # repeated trigrams. Zero lm_head rows give the special tokens logit 0, which never
+    # wins the argmax over ~200 random logits: no <unk>/<image> in captions, and no
+    # </s> either, so a caption always runs to max_new_tokens.
+    with torch.no_grad():
+        for module in [
+            *model.model.language_model.modules(),
+            *model.model.multi_modal_projector.modules(),
+        ]:
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.weight.normal_(0.0, 0.4)
+        model.lm_head.weight.normal_(0.0, 0.4)
+        model.lm_head.weight[list(ids.values())] = 0.0
+    model.generation_config = GenerationConfig(**token_ids)
     model.save_pretrained(folder)
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_processor=CLIPImageProcessor(**TINY_IMAGE_PROCESSOR),
         tokenizer=tokenizer,
         patch_size=8,
         vision_feature_select_strategy="default",
@@ -368,26 +428,31 @@ def _write_clip(folder: Path) -> None:
     specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
     tokenizer = build_word_tokenizer(VOCAB_SENTENCES, specials, 77, add_bos=True, add_eos=True)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in specials.items()}
-    config = CLIPConfig(
-        text_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=77, vocab_size=len(tokenizer), pad_token_id=ids["pad_token"],
-            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],  # pooled at the first </s>
-        ),
-        vision_config=dict(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            image_size=32, patch_size=8,
-        ),
-        projection_dim=16,
+    # The text tower pools at the first eos_token_id, so it must be our </s>.
+    text_config = dict(TINY_TOWER, max_position_embeddings=77, vocab_size=len(tokenizer))
+    text_config.update(
+        {f"{name}_id": ids[name] for name in ("pad_token", "bos_token", "eos_token")}
     )
+    config = CLIPConfig(text_config=text_config, vision_config=TINY_VISION, projection_dim=16)
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    CLIPImageProcessor(**TINY_IMAGE_PROCESSOR).save_pretrained(folder)
 
 
 def write_tiny_models(folder: Path) -> dict[str, Path]:
     """Write tiny random CogVideoX, LLaVA and CLIP folders that load like hub checkpoints.
+
+    - cogvideox: diffusers layout for `CogVideoXPipeline.from_pretrained`; a 2-step
+      9x64x64 generation takes about a second on a CPU.
+    - llava: `AutoProcessor` / `AutoModelForImageTextToText` (LlavaProcessor +
+      LlavaForConditionalGeneration) with a USER/ASSISTANT chat template. Greedy decoding
+      gives a different, varied caption per clip from the tiny vocabulary and never emits
+      </s>, so captions are always `max_new_tokens` words long (see `_write_llava`).
+    - clip: `CLIPModel`, `AutoTokenizer`, `AutoImageProcessor` (and `AutoProcessor`).
+
+    Weights are seeded, so the same transformers/diffusers versions write the same bytes.
+    A folder is written under a temporary name and renamed, and skipped when complete.
 
     Args:
         folder: Parent folder; created if missing.

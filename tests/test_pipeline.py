@@ -1,0 +1,110 @@
+"""The whole pipeline end to end, as a newcomer runs it: `cogpipe demo`, twice.
+
+One demo run is shared by the module (it takes a few minutes on two CPU cores): the
+tests then read its workspace, rerun it, load its LoRA with diffusers, and change the
+caption prompt to see which stages recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cogpipe.config import STAGES, load_config
+from cogpipe.workspace import read_table
+
+pytestmark = pytest.mark.prefect
+
+
+def cogpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cogpipe.cli", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"cogpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def pipeline_seconds(stdout: str) -> float:
+    return float(re.search(r"^pipeline: ([\d.]+)s", stdout, re.M).group(1))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    first = cogpipe("demo", "--workspace", str(root / "demo"), cwd=root)
+    return root / "demo", first
+
+
+def test_every_stage_has_its_done_marker(demo):
+    folder, _ = demo
+    status = json.loads(cogpipe("status", str(folder / "demo.yaml"), "--json", cwd=folder).stdout)
+    assert list(status) == list(STAGES)
+    for stage, s in status.items():
+        assert s["done"], stage
+        assert (Path(s["path"]) / "_SUCCESS.json").is_file(), stage
+        assert s["key"] and s["counts"], stage
+
+
+def test_bad_files_are_rejected_rows_and_the_pipeline_goes_on(demo):
+    folder, first = demo
+    cfg = load_config(folder / "demo.yaml")
+    status = json.loads(cogpipe("status", str(folder / "demo.yaml"), "--json", cwd=folder).stdout)
+    videos = read_table(Path(status["ingest"]["path"]) / "videos.parquet").set_index("path")
+    corrupt = videos.loc[str(cfg.ingest.source / "corrupt.mp4")]
+    text = videos.loc[str(cfg.ingest.source / "notes.txt")]
+    assert corrupt.status == "rejected" and corrupt.reason.startswith("cannot decode video")
+    assert text.status == "rejected" and "not a video" in text.reason
+    assert "rejected 1: cannot decode video" in first.stdout  # the CLI summary names the reason
+    assert status["evaluate"]["counts"]["checkpoints_evaluated"] >= 1
+
+
+def test_second_demo_reuses_every_stage_in_a_quarter_of_the_time(demo):
+    folder, first = demo
+    second = cogpipe("demo", "--workspace", str(folder), cwd=folder.parent)
+    assert "computed: none (all reused)" in second.stdout, second.stdout
+    assert pipeline_seconds(second.stdout) <= pipeline_seconds(first.stdout) / 4
+
+
+def test_trained_lora_loads_into_the_pipeline_and_changes_the_output(demo):
+    import numpy as np
+    import torch
+    from diffusers import CogVideoXPipeline
+
+    folder, _ = demo
+    cfg = load_config(folder / "demo.yaml")
+    status = json.loads(cogpipe("status", str(folder / "demo.yaml"), "--json", cwd=folder).stdout)
+    checkpoints = sorted(Path(status["train"]["path"]).glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-000003", "checkpoint-000006"]
+
+    pipe = CogVideoXPipeline.from_pretrained(cfg.model)
+    kwargs = dict(prompt="a fighter slaps", num_frames=9, height=64, width=64,
+                  num_inference_steps=2, max_sequence_length=16, output_type="np")  # fmt: skip
+    base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    pipe.load_lora_weights(checkpoints[-1])
+    tuned = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert base.shape == tuned.shape == (1, 9, 64, 64, 3)
+    assert np.abs(base - tuned).max() > 1e-4
+
+
+def test_changing_the_caption_prompt_recomputes_caption_and_after(demo, tmp_path):
+    import yaml
+
+    from cogpipe.cli import run_pipeline
+
+    folder, _ = demo
+    raw = yaml.safe_load((folder / "demo.yaml").read_text())
+    raw["caption"]["prompt"] = "Describe the strike and the reaction in one paragraph."
+    changed = folder / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    results, _ = run_pipeline(load_config(changed))
+    reused = {r.stage: r.reused for r in results}
+    assert reused == {"ingest": True, "check": True, "caption": False, "filter": False,
+                      "precompute": False, "train": False, "evaluate": False}  # fmt: skip
