@@ -206,6 +206,14 @@ class EvaluateConfig(Section):
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
+    @model_validator(mode="after")
+    def _shape(self) -> EvaluateConfig:
+        if (self.frames - 1) % 4:
+            raise ValueError(f"frames must be 4k+1 (CogVideoX VAE), got {self.frames}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+        return self
+
 
 class PipelineConfig(BaseModel):
     """The whole pipeline; one section per stage."""

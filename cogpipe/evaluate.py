@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from cogpipe.config import EvaluateConfig, PipelineConfig
-from cogpipe.models.cogvideox import weight_dtype
+from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
 from cogpipe.video import even_indices, write_mp4
 from cogpipe.workspace import (
     SUCCESS,
@@ -59,7 +59,6 @@ from cogpipe.workspace import (
 VERSION = 1
 BASE = "base"  # the checkpoint name of the base model (step 0: an untrained LoRA is the base)
 CHECKPOINT = re.compile(r"^checkpoint-(\d{6})$")
-LORA_FILE = "pytorch_lora_weights.safetensors"
 INDEX_COLUMNS = ["ekey", "run", "checkpoint", "step", "clip_score", "videos", "evaluated_at"]
 SHEET_FRAMES = 8  # frames across each contact-sheet row
 THUMB_WIDTH = 160  # pixels per contact-sheet frame (never upscaled)
@@ -76,18 +75,9 @@ def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
     return stage_key("evaluate", VERSION, {"ekey": eval_key(cfg)}, inputs)
 
 
-def output_dir(ws: Workspace, cfg: PipelineConfig, key: str) -> Path:
-    """`evaluate/<ekey>/<run>/` of the evaluation recorded with `key`.
-
-    `<run>` is the name of the train run folder, which only the train result knows (the
-    key cannot be inverted), so the run folder whose done marker records `key` is looked
-    up. Before the first evaluation it is `<cfg.name or 'unknown'>`.
-    """
-    root = ws.root / "evaluate" / eval_key(cfg)
-    for marker in sorted(root.glob(f"*/{SUCCESS}")):
-        if (ws.read_success(marker.parent) or {}).get("key") == key:
-            return marker.parent
-    return root / (cfg.name or "unknown")
+def output_dir(ws: Workspace, cfg: PipelineConfig, key: str, inputs: dict[str, str]) -> Path:
+    """`evaluate/<ekey>/<run>/`, where `<run>` is the train run's folder name."""
+    return ws.root / "evaluate" / eval_key(cfg) / (cfg.name or inputs["train"])
 
 
 def list_checkpoints(run_dir: Path) -> dict[str, Path]:
@@ -96,15 +86,28 @@ def list_checkpoints(run_dir: Path) -> dict[str, Path]:
     Only folders named exactly `checkpoint-{step:06d}` that hold the LoRA weights count,
     so a checkpoint still being written (`.tmp-checkpoint-...`) is never picked up.
     """
-    found = [
-        p for p in Path(run_dir).iterdir() if CHECKPOINT.match(p.name) and (p / LORA_FILE).is_file()
-    ] if Path(run_dir).is_dir() else []  # fmt: skip
-    return {p.name: p for p in sorted(found, key=lambda p: p.name)}
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return {}
+    found = [p for p in run_dir.iterdir() if CHECKPOINT.match(p.name) and (p / LORA_FILE).is_file()]
+    return {p.name: p for p in sorted(found)}  # zero-padded: name order is step order
 
 
 def step_of(checkpoint: str) -> int:
     m = CHECKPOINT.match(checkpoint)
-    return int(m.group(1)) if m else 0
+    return int(m.group(1)) if m else 0  # base: step 0
+
+
+def is_current(ws: Workspace, cfg: PipelineConfig, record: dict[str, Any]) -> bool:
+    """Whether a done marker still covers every checkpoint in its run folder.
+
+    The key stays the same while a run adds checkpoints, so "done for this key" needs
+    this too (for `pipeline.finished` and the Prefect cache key).
+    """
+    stats = record.get("stats", {})
+    if "run_dir" not in stats:
+        return False
+    return stats.get("checkpoints") == [BASE, *list_checkpoints(Path(stats["run_dir"]))]
 
 
 # --------------------------------------------------------------------------- models
@@ -157,10 +160,10 @@ def clip_score(clip: Clip, frames: np.ndarray, text: str) -> float:
 
 def load_pipeline(model: str, device: str):
     """The base CogVideoXPipeline at its weight dtype (fp16 2B / bf16 5B on GPU, fp32 on CPU)."""
-    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import CogVideoXPipeline
 
-    config = CogVideoXTransformer3DModel.load_config(model, subfolder="transformer")
-    dtype = weight_dtype("auto", SimpleNamespace(**config), device)
+    # weight_dtype reads attributes: a plain dict would make every model 2B-type (fp16).
+    dtype = weight_dtype("auto", SimpleNamespace(**transformer_config(model)), device)
     # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
     pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -169,7 +172,11 @@ def load_pipeline(model: str, device: str):
 
 
 def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> np.ndarray:
-    """One video for (prompt, seed) with whatever adapter is loaded. Returns [F, H, W, 3] uint8."""
+    """One video for (prompt, seed) with whatever adapter is loaded. Returns [F, H, W, 3] uint8.
+
+    Raises:
+        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+    """
     import torch
 
     video = pipe(
@@ -183,6 +190,10 @@ def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> n
         max_sequence_length=pipe.transformer.config.max_text_seq_length,
         output_type="np",
     ).frames[0]  # [F, H, W, 3] float in [0, 1]
+    if not np.isfinite(video).all():  # would be written as black frames and scored
+        raise FloatingPointError(
+            f"non-finite pixels for prompt {prompt[:40]!r}, seed {seed}: precision overflow?"
+        )
     return (video * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -252,6 +263,12 @@ def read_index(ws: Workspace) -> pd.DataFrame:
     """Every evaluated (ekey, run, checkpoint); empty with the right columns before the first."""
     path = index_path(ws)
     return read_table(path) if path.is_file() else pd.DataFrame(columns=INDEX_COLUMNS)
+
+
+def _evaluated(ws: Workspace, ekey: str, run: str) -> pd.DataFrame:
+    """The index rows of one run under one eval key."""
+    index = read_index(ws)
+    return index[(index.ekey == ekey) & (index.run == run)]
 
 
 @contextmanager
@@ -349,29 +366,24 @@ def run_evaluate(
     """
     started = time.time()
     ec = cfg.evaluate
-    if (ec.frames - 1) % 4 or ec.height % 16 or ec.width % 16:
-        raise ValueError(f"evaluate needs 4k+1 frames and sizes divisible by 16, got "
-                         f"{ec.frames} frames {ec.height}x{ec.width}")  # fmt: skip
     train, check = upstream["train"], upstream["check"]
-    key = key_of(cfg, {"train": train.key, "check": check.key})
+    inputs = {"train": train.key, "check": check.key}
+    key = key_of(cfg, inputs)
     ekey, run_dir = eval_key(cfg), Path(train.path)
-    out = ws.root / "evaluate" / ekey / run_dir.name
+    out = output_dir(ws, cfg, key, inputs)
     checkpoints = list_checkpoints(run_dir)
     wanted = [BASE, *checkpoints]
     record = ws.read_success(out) or {}
-    if record.get("key") == key and record.get("stats", {}).get("checkpoints") == wanted:
+    if record.get("key") == key and is_current(ws, cfg, record):
         return ws.result("evaluate", out)
 
     clean_stale_tmp(out)
-    index = read_index(ws)
-    mine = index[(index.ekey == ekey) & (index.run == run_dir.name)]
-    for name in [n for n in wanted if n not in set(mine.checkpoint)]:
+    for name in set(wanted) - set(_evaluated(ws, ekey, out.name).checkpoint):
         # A unit committed just before a crash, whose index row was never appended.
         if (out / name / "metrics.parquet").is_file():
-            _append_index(ws, ekey, run_dir.name, name, read_table(out / name / "metrics.parquet"))
-    index = read_index(ws)
-    mine = index[(index.ekey == ekey) & (index.run == run_dir.name)]
-    pending = {n: checkpoints.get(n) for n in wanted if n not in set(mine.checkpoint)}
+            _append_index(ws, ekey, out.name, name, read_table(out / name / "metrics.parquet"))
+    done = set(_evaluated(ws, ekey, out.name).checkpoint)
+    pending = {n: checkpoints.get(n) for n in wanted if n not in done}
     videos = 0
     if pending:
         try:
@@ -379,19 +391,23 @@ def run_evaluate(
         finally:
             _release(resolve_device(ec.device))
 
-    index = read_index(ws)
     scores = (
-        index[(index.ekey == ekey) & (index.run == run_dir.name) & index.checkpoint.isin(wanted)]
+        _evaluated(ws, ekey, out.name)
+        .query("checkpoint in @wanted")
         .drop_duplicates("checkpoint", keep="last")
         .assign(order=lambda d: d.checkpoint.map(wanted.index))
         .sort_values("order")
     )
-    write_report(out, cfg, ekey, run_dir.name, scores)
+    write_report(out, cfg, ekey, out.name, scores)
     counts = {
         "checkpoints_evaluated": len([n for n in pending if n != BASE]),
         "checkpoints_total": len(checkpoints),
         "videos": videos,
     }
     pairs = zip(scores.checkpoint, scores.clip_score, strict=True)
-    stats = {"clip_score": {c: round(float(s), 4) for c, s in pairs}, "checkpoints": wanted}
+    stats = {
+        "clip_score": {c: round(float(s), 4) for c, s in pairs},
+        "checkpoints": wanted,
+        "run_dir": str(run_dir),
+    }
     return ws.finish(StageResult("evaluate", key, str(out), counts, stats=stats), started)

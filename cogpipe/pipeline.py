@@ -46,17 +46,26 @@ def plan(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
     return keys
 
 
-def stage_path(ws: Workspace, cfg: PipelineConfig, stage: str, key: str) -> Path:
+def stage_path(ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]) -> Path:
     """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
     fn = getattr(module(stage), "output_dir", None)
-    return fn(ws, cfg, key) if fn else ws.stage_dir(stage, key)
+    return fn(ws, cfg, key, inputs) if fn else ws.stage_dir(stage, key)
 
 
-def finished(ws: Workspace, cfg: PipelineConfig, stage: str, key: str) -> StageResult | None:
-    """The recorded result of a stage done for exactly this key, else None."""
-    path = stage_path(ws, cfg, stage, key)
+def finished(
+    ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
+) -> StageResult | None:
+    """The recorded result of a stage done for exactly this key (and still current), else None.
+
+    A stage whose output can go stale under the same key (evaluate, while its run gains
+    checkpoints) says so through its module's `is_current(ws, cfg, record)`.
+    """
+    path = stage_path(ws, cfg, stage, key, inputs)
     record = ws.read_success(path)
     if record is None or record.get("key") != key:
+        return None
+    is_current = getattr(module(stage), "is_current", None)
+    if is_current is not None and not is_current(ws, cfg, record):
         return None
     return ws.result(stage, path)
 
@@ -71,7 +80,7 @@ def upstream_results(cfg: PipelineConfig, stage: str, keys: dict[str, str] | Non
     keys = keys or plan(cfg, stage)
     out = {}
     for up in UPSTREAM[stage]:
-        res = finished(ws, cfg, up, keys[up])
+        res = finished(ws, cfg, up, keys[up], {u: keys[u] for u in UPSTREAM[up]})
         if res is None:
             raise StageNotReady(f"stage {stage!r} needs {up!r} to be finished for this config; run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first")
         out[up] = res
@@ -108,9 +117,10 @@ def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         return {"error": {"message": str(e)}}
     out: dict[str, dict[str, Any]] = {}
     for stage, key in keys.items():
-        path = stage_path(ws, cfg, stage, key)
+        inputs = {up: keys[up] for up in UPSTREAM[stage]}
+        path = stage_path(ws, cfg, stage, key, inputs)
         record = ws.read_success(path) or {}
-        done = record.get("key") == key
+        done = finished(ws, cfg, stage, key, inputs) is not None
         out[stage] = {
             "key": key,
             "path": str(path),

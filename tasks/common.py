@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
@@ -28,10 +29,8 @@ from cogpipe.workspace import StageResult, Workspace
 PROGRESS_EVERY_S = 2.0  # at most one progress update (one API call) per this many seconds
 
 
-def stage_key_of(stage: str, params: dict[str, Any]) -> str:
-    cfg: PipelineConfig = params["config"]
-    inputs = {up: params[up]["key"] for up in UPSTREAM[stage]}
-    return module(stage).key_of(cfg, inputs)
+def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
+    return {up: params[up]["key"] for up in UPSTREAM[stage]}
 
 
 def cache_key(stage: str):
@@ -39,8 +38,9 @@ def cache_key(stage: str):
 
     def fn(context: TaskRunContext, params: dict[str, Any]) -> str | None:
         cfg: PipelineConfig = params["config"]
-        key = stage_key_of(stage, params)
-        if finished(Workspace(cfg.workspace), cfg, stage, key) is None:
+        inputs = stage_inputs(stage, params)
+        key = module(stage).key_of(cfg, inputs)
+        if finished(Workspace(cfg.workspace), cfg, stage, key, inputs) is None:
             return None
         ws_hash = hashlib.sha256(str(cfg.workspace).encode()).hexdigest()[:8]
         return f"{stage}-{key}-{ws_hash}"
@@ -83,5 +83,8 @@ def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     create_table_artifact(
         table=stage_rows(result), key=f"{stage}-summary", description=f"{stage} {result.key}: {verb}"
     )
-    create_markdown_artifact(markdown=stage_markdown(result), key=f"{stage}-report")
+    # A stage that writes its own report (evaluate: scores per checkpoint) publishes it.
+    report = Path(result.path) / "report.md"
+    markdown = report.read_text() if report.is_file() else stage_markdown(result)
+    create_markdown_artifact(markdown=markdown, key=f"{stage}-report")
     return result.to_dict()

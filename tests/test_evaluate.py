@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cogpipe import evaluate
+from cogpipe import evaluate, pipeline
 from cogpipe.config import EvaluateConfig, PipelineConfig
 from cogpipe.samples import write_tiny_models
 from cogpipe.workspace import StageResult, Workspace, read_table
@@ -69,7 +70,7 @@ def add_checkpoint(run_dir: Path, name: str, lora_file: Path) -> None:
 def upstream_for(run_dir: Path) -> dict[str, StageResult]:
     """A fresh train result per call, as the task layer would pass it."""
     return {
-        "train": StageResult("train", "trainkey0001", str(run_dir)),
+        "train": StageResult("train", run_dir.name, str(run_dir)),  # folder = cfg.name or key
         "check": StageResult("check", "checkkey0001", str(run_dir.parent.parent / "check")),
     }
 
@@ -107,6 +108,20 @@ def test_lora_changes_video_and_unload_restores_base(models, loras):
     assert np.abs(tuned.astype(int) - base).mean() > 1.0  # pixels, 0-255
     assert not [n for n, _ in pipe.transformer.named_modules() if "lora_" in n]
     np.testing.assert_array_equal(evaluate.generate(pipe, ec, PROMPT, 42, "cpu"), base)
+
+
+class NanPipe:
+    """Stands in for a pipeline whose fp16 activations overflowed."""
+
+    transformer = SimpleNamespace(config=SimpleNamespace(max_text_seq_length=16))
+
+    def __call__(self, **kwargs):
+        return SimpleNamespace(frames=np.full((1, 9, 8, 8, 3), np.nan, dtype=np.float32))
+
+
+def test_generate_fails_loudly_on_non_finite_pixels():
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        evaluate.generate(NanPipe(), EvaluateConfig(), PROMPT, 42, "cpu")
 
 
 def test_evaluate_incremental_runs(tmp_path, models, loras):
@@ -153,9 +168,11 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     assert (
         marker["key"]
         == r1.key
-        == evaluate.key_of(cfg, {"train": "trainkey0001", "check": "checkkey0001"})
+        == evaluate.key_of(cfg, {"train": "run-a", "check": "checkkey0001"})
     )
-    assert evaluate.output_dir(ws, cfg, r1.key) == out
+    inputs = {"train": "run-a", "check": "checkkey0001"}
+    assert evaluate.output_dir(ws, cfg, r1.key, inputs) == out
+    assert pipeline.finished(ws, cfg, "evaluate", r1.key, inputs).counts == r1.counts
     index = evaluate.read_index(ws)
     assert list(index.columns) == evaluate.INDEX_COLUMNS
     assert index[["ekey", "run", "checkpoint", "step", "videos"]].values.tolist() == [
@@ -168,10 +185,12 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     r2 = evaluate.run_evaluate(ws, cfg, upstream_for(run_dir))
     assert r2.reused and r2.key == r1.key and r2.counts == r1.counts
     assert evaluate.read_index(ws).equals(index)
+    assert evaluate.is_current(ws, cfg, ws.read_success(out))
 
     # 3: a new checkpoint arrives; only it is generated, the base is not redone.
     base_mtime = (out / "base" / "p00-s42.mp4").stat().st_mtime_ns
     add_checkpoint(run_dir, "checkpoint-000006", loras[2])
+    assert not evaluate.is_current(ws, cfg, ws.read_success(out))  # the marker is stale now
     r3 = evaluate.run_evaluate(ws, cfg, upstream_for(run_dir))
     assert r3.counts == {"checkpoints_evaluated": 1, "checkpoints_total": 3, "videos": 1}
     assert not r3.reused and r3.key == r1.key
@@ -203,10 +222,35 @@ def test_eval_key_follows_eval_settings_only(tmp_path, models):
     # One eval key covers every run: the train key changes key_of only.
     k1 = evaluate.key_of(cfg, {"train": "a", "check": "c"})
     assert k1 != evaluate.key_of(cfg, {"train": "b", "check": "c"})
-    assert evaluate.output_dir(Workspace(tmp_path), cfg, k1).name == "unknown"
+    assert evaluate.output_dir(Workspace(tmp_path), cfg, k1, {"train": "a", "check": "c"}).name == "a"
 
 
 def test_rejects_shapes_the_model_cannot_generate(tmp_path, models):
-    cfg = make_cfg(tmp_path, models, frames=10)
-    with pytest.raises(ValueError, match="4k\\+1 frames"):
-        evaluate.run_evaluate(Workspace(tmp_path), cfg, upstream_for(tmp_path / "train" / "run"))
+    with pytest.raises(ValueError, match="4k\\+1"):
+        make_cfg(tmp_path, models, frames=10)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        make_cfg(tmp_path, models, height=72)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_evaluate_on_gpu_in_half_precision_and_releases_memory(tmp_path, models, loras):
+    ec = make_cfg(tmp_path, models, device="cuda").evaluate
+    pipe = evaluate.load_pipeline(str(models["cogvideox"]), "cuda")
+    assert pipe.transformer.dtype == torch.float16  # 2B-type on GPU
+    base = evaluate.generate(pipe, ec, PROMPT, 42, "cuda")
+    with evaluate.lora(pipe, loras[0].parent, "step_000002"):
+        tuned = evaluate.generate(pipe, ec, PROMPT, 42, "cuda")
+    assert np.abs(tuned.astype(int) - base).mean() > 1.0
+    np.testing.assert_array_equal(evaluate.generate(pipe, ec, PROMPT, 42, "cuda"), base)
+    del pipe
+    torch.cuda.empty_cache()
+
+    cfg = make_cfg(tmp_path / "ws", models, device="cuda")
+    ws = Workspace(cfg.workspace)
+    run_dir = ws.root / "train" / "run-gpu"
+    add_checkpoint(run_dir, "checkpoint-000002", loras[0])
+    before = torch.cuda.memory_allocated()
+    result = evaluate.run_evaluate(ws, cfg, upstream_for(run_dir))
+    assert result.counts == {"checkpoints_evaluated": 1, "checkpoints_total": 1, "videos": 2}
+    assert torch.cuda.memory_allocated() <= before  # pipeline and CLIP released
