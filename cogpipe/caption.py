@@ -120,6 +120,15 @@ def load_captioner(cc: CaptionConfig) -> Captioner:
     return Captioner(processor, model, device, video, eos_ids)
 
 
+def release(cap: Captioner) -> None:
+    """Free the model's GPU memory for the stages that run next in the same process."""
+    import torch
+
+    cap.model = None
+    if cap.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------- frames
 
 
@@ -303,7 +312,7 @@ def run_caption(
             write_table(part_path(out, i), caption_batch(cap, batch, decoded, cc))
             done += len(batch)
             progress(done, len(clips), f"part {i + 1}/{len(batches)}")
-        del cap
+        release(cap)
     reused = len(batches) - len(todo)
     return _merge(ws, out, key, clips, parts=len(batches), reused=reused, started=started)
 

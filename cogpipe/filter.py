@@ -42,7 +42,7 @@ def repetition(words: list[str], n: int = 3) -> float:
 
 def judge(caption: str | None, fc: FilterConfig) -> tuple[float, list[str]]:
     """Score one caption and list why it is rejected (empty list: accepted)."""
-    if caption is None or not caption.strip():
+    if not isinstance(caption, str) or not caption.strip():  # None, or NaN read back by pandas
         return 0.0, ["empty caption"]
     words = [w.lower() for w in WORD.findall(caption)]
     reasons = []
@@ -86,6 +86,12 @@ def run_filter(
 
     captions = read_table(Path(caption.path) / "captions.parquet")
     judged = [judge(c, cfg.filter) for c in captions.caption]
+    # A clip the captioner could not read carries the caption stage's own reason.
+    errors = captions["error"] if "error" in captions else [None] * len(captions)
+    judged = [
+        (0.0, [f"caption failed: {err}"]) if isinstance(err, str) and err else j
+        for j, err in zip(judged, errors, strict=True)
+    ]
     table = pd.DataFrame(
         {
             "clip_id": captions.clip_id,

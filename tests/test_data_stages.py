@@ -123,3 +123,24 @@ def test_stage_tables_have_the_documented_columns(checked):
     assert {"clip_id", "video_id", "path", "start", "end", "split", "keep", "reasons",
             "dup_group", "dup_of"} <= set(clips.columns)  # fmt: skip
     assert isinstance(clips, pd.DataFrame)
+
+
+def test_filter_carries_caption_failures_and_missing_captions(tmp_path):
+    from cogpipe.config import PipelineConfig
+    from cogpipe.filter import run_filter
+    from cogpipe.workspace import StageResult, Workspace, write_table
+
+    ws = Workspace(tmp_path)
+    cap = tmp_path / "caption" / "k"
+    write_table(cap / "captions.parquet", pd.DataFrame({
+        "clip_id": ["a", "b", "c"],
+        "caption": ["A fighter winds up and slaps his opponent hard.", None, None],
+        "error": [None, "cannot decode frames: truncated", None],
+    }))  # fmt: skip
+    cfg = PipelineConfig(workspace=tmp_path, filter={"min_words": 3})
+    result = run_filter(ws, cfg, {"caption": StageResult("caption", "k", str(cap))})
+    table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
+    assert table.selected.tolist() == [True, False, False]
+    assert table.loc["b", "reasons"] == "caption failed: cannot decode frames: truncated"
+    assert table.loc["c", "reasons"] == "empty caption"
+    assert result.counts == {"captions": 3, "selected": 1, "rejected": 2}
