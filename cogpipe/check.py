@@ -69,7 +69,9 @@ def frame_scores(frames: np.ndarray, cfg: PipelineConfig) -> dict:
 
 def hamming(a: list[str], b: list[str]) -> float:
     """Mean Hamming distance between two equally long lists of hex frame hashes."""
-    return float(np.mean([bin(int(x, 16) ^ int(y, 16)).count("1") for x, y in zip(a, b)]))
+    return float(
+        np.mean([bin(int(x, 16) ^ int(y, 16)).count("1") for x, y in zip(a, b, strict=True)])
+    )
 
 
 class _UnionFind:
@@ -94,7 +96,10 @@ def _dedup(clips: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
     for a_pos, a in enumerate(idx):
         for b in idx[a_pos + 1 :]:
             same = clips.at[a, "video_id"] == clips.at[b, "video_id"]
-            if same or hamming(clips.at[a, "hashes"], clips.at[b, "hashes"]) <= cfg.check.phash_bits:
+            if (
+                same
+                or hamming(clips.at[a, "hashes"], clips.at[b, "hashes"]) <= cfg.check.phash_bits
+            ):
                 uf.union(a, b)
     groups: dict[int, list[int]] = {}
     for i in idx:
@@ -121,7 +126,10 @@ def _split(clip_id: str, fraction: float) -> str:
 
 
 def run_check(
-    ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult], progress: Progress = no_progress
+    ws: Workspace,
+    cfg: PipelineConfig,
+    upstream: dict[str, StageResult],
+    progress: Progress = no_progress,
 ) -> StageResult:
     """Score every accepted video as a clip and write `check/<key>/clips.parquet`.
 
@@ -154,7 +162,9 @@ def run_check(
         }  # fmt: skip
         try:
             count = min(c.sample_frames, end_f)
-            frames = read_frames(v.path, even_indices(start_f, end_f, count), PROBE_SIZE, PROBE_SIZE)
+            frames = read_frames(
+                v.path, even_indices(start_f, end_f, count), PROBE_SIZE, PROBE_SIZE
+            )
             row |= frame_scores(frames, cfg)
         except Exception as e:  # decodable at probe time, broken further in
             row |= {"luma_mean": np.nan, "black_ratio": np.nan, "frozen_ratio": np.nan,

@@ -44,7 +44,9 @@ class _ProgressLine:
         rate = done / max(now - self.started, 1e-6)
         eta = (total - done) / rate if rate else 0
         end = "\n" if done >= total else ""
-        sys.stderr.write(f"\r{self.stage}: {done}/{total} ({rate:.2f}/s, ETA {eta:.0f}s) {note[-40:]:<40}{end}")
+        sys.stderr.write(
+            f"\r{self.stage}: {done}/{total} ({rate:.2f}/s, ETA {eta:.0f}s) {note[-40:]:<40}{end}"
+        )
         sys.stderr.flush()
 
 
@@ -131,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="sample videos + tiny models, then the whole pipeline")
-    p.add_argument("--workspace", default="demo", help="folder for videos, models, config, workspace")
+    p.add_argument(
+        "--workspace", default="demo", help="folder for videos, models, config, workspace"
+    )
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("run", help="the full pipeline as a Prefect flow")

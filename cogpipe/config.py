@@ -59,7 +59,9 @@ class IngestConfig(Section):
 
 
 class CheckConfig(Section):
-    sample_frames: int = Field(8, ge=2, le=64, description="Frames sampled per clip for the checks.")
+    sample_frames: int = Field(
+        8, ge=2, le=64, description="Frames sampled per clip for the checks."
+    )
     black_luma: float = Field(
         16.0, ge=0, le=255, description="A frame whose mean luma (0-255) is below this is black."
     )
@@ -148,7 +150,9 @@ class PrecomputeConfig(Section):
         if (self.frames - 1) % 4:
             raise ValueError(f"frames must be 4k+1 (CogVideoX VAE), got {self.frames}")
         if self.height % 8 or self.width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {self.height}x{self.width}")
+            raise ValueError(
+                f"height and width must be multiples of 8, got {self.height}x{self.width}"
+            )
         return self
 
 
@@ -178,7 +182,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = _unkeyed(default=True, description="Recompute activations.")
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     keep_states: int = Field(
-        2, ge=1, description="Full training states kept (LoRA weights of every checkpoint are kept)."
+        2,
+        ge=1,
+        description="Full training states kept (LoRA weights of every checkpoint are kept).",
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
@@ -211,7 +217,9 @@ class EvaluateConfig(Section):
         if (self.frames - 1) % 4:
             raise ValueError(f"frames must be 4k+1 (CogVideoX VAE), got {self.frames}")
         if self.height % 16 or self.width % 16:
-            raise ValueError(f"height and width must be multiples of 16, got {self.height}x{self.width}")
+            raise ValueError(
+                f"height and width must be multiples of 16, got {self.height}x{self.width}"
+            )
         return self
 
 

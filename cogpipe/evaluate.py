@@ -42,7 +42,6 @@ from cogpipe.config import EvaluateConfig, PipelineConfig
 from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
 from cogpipe.video import even_indices, write_mp4
 from cogpipe.workspace import (
-    SUCCESS,
     Progress,
     StageResult,
     Workspace,

@@ -64,7 +64,10 @@ def judge(caption: str | None, fc: FilterConfig) -> tuple[float, list[str]]:
 
 
 def run_filter(
-    ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult], progress: Progress = no_progress
+    ws: Workspace,
+    cfg: PipelineConfig,
+    upstream: dict[str, StageResult],
+    progress: Progress = no_progress,
 ) -> StageResult:
     """Judge every caption and write `filter/<key>/curated.parquet`.
 
@@ -108,5 +111,7 @@ def run_filter(
     counts = {"captions": len(table), "selected": n_sel, "rejected": len(table) - n_sel}
     # Group reasons by kind (the text before the first parenthesis) for the summary.
     kinds = table.loc[~table.selected, "reasons"].str.split("; ").explode().str.split(" \\(").str[0]
-    result = StageResult("filter", key, str(out), counts, stats={"rejections": kinds.value_counts().to_dict()})
+    result = StageResult(
+        "filter", key, str(out), counts, stats={"rejections": kinds.value_counts().to_dict()}
+    )
     return ws.finish(result, started)

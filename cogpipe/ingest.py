@@ -59,7 +59,9 @@ def list_source(source: Path) -> list[tuple[str, int, int]]:
 
 
 def key_of(
-    cfg: PipelineConfig, inputs: dict | None = None, listing: list[tuple[str, int, int]] | None = None
+    cfg: PipelineConfig,
+    inputs: dict | None = None,
+    listing: list[tuple[str, int, int]] | None = None,
 ) -> str:
     """The ingest key covers the config and the source listing (path, size, mtime)."""
     listing = list_source(cfg.ingest.source) if listing is None else listing
@@ -93,7 +95,10 @@ def _probe_row(path: str, size: int, mtime_ns: int, extensions: set[str]) -> dic
 
 
 def run_ingest(
-    ws: Workspace, cfg: PipelineConfig, upstream: dict | None = None, progress: Progress = no_progress
+    ws: Workspace,
+    cfg: PipelineConfig,
+    upstream: dict | None = None,
+    progress: Progress = no_progress,
 ) -> StageResult:
     """Scan the source folder and write `ingest/<key>/videos.parquet`.
 
@@ -128,7 +133,9 @@ def run_ingest(
         progress(i + 1, len(listing), path)
     table = pd.DataFrame(rows, columns=COLUMNS)
     if probed:
-        merged = pd.concat([cache, table]).drop_duplicates(["path", "size", "mtime_ns"], keep="last")
+        merged = pd.concat([cache, table]).drop_duplicates(
+            ["path", "size", "mtime_ns"], keep="last"
+        )
         write_table(cache_path, merged.reset_index(drop=True))
     write_table(out / "videos.parquet", table)
 

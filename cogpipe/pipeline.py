@@ -46,7 +46,9 @@ def plan(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
     return keys
 
 
-def stage_path(ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]) -> Path:
+def stage_path(
+    ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
+) -> Path:
     """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
     fn = getattr(module(stage), "output_dir", None)
     return fn(ws, cfg, key, inputs) if fn else ws.stage_dir(stage, key)
@@ -70,7 +72,9 @@ def finished(
     return ws.result(stage, path)
 
 
-def upstream_results(cfg: PipelineConfig, stage: str, keys: dict[str, str] | None = None) -> dict[str, StageResult]:
+def upstream_results(
+    cfg: PipelineConfig, stage: str, keys: dict[str, str] | None = None
+) -> dict[str, StageResult]:
     """The finished outputs a stage reads.
 
     Raises:
@@ -82,7 +86,9 @@ def upstream_results(cfg: PipelineConfig, stage: str, keys: dict[str, str] | Non
     for up in UPSTREAM[stage]:
         res = finished(ws, cfg, up, keys[up], {u: keys[u] for u in UPSTREAM[up]})
         if res is None:
-            raise StageNotReady(f"stage {stage!r} needs {up!r} to be finished for this config; run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first")
+            raise StageNotReady(
+                f"stage {stage!r} needs {up!r} to be finished for this config; run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first"
+            )
         out[up] = res
     return out
 
@@ -99,7 +105,9 @@ def run_stage(
     return getattr(module(stage), f"run_{stage}")(ws, cfg, upstream, progress)
 
 
-def run_all(cfg: PipelineConfig, until: str = "evaluate", progress: Progress = no_progress) -> list[StageResult]:
+def run_all(
+    cfg: PipelineConfig, until: str = "evaluate", progress: Progress = no_progress
+) -> list[StageResult]:
     """The whole pipeline in-process, without Prefect (scripts, notebooks, tests)."""
     results: dict[str, StageResult] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:

@@ -64,7 +64,9 @@ def window_indices(
     if start + span > end + 1e-6:
         return None
     last = max(int(math.floor(end * src_fps + 1e-6)) - 1, 0)
-    return [min(int(math.floor((start + k / target_fps) * src_fps + 1e-6)), last) for k in range(count)]
+    return [
+        min(int(math.floor((start + k / target_fps) * src_fps + 1e-6)), last) for k in range(count)
+    ]
 
 
 def read_frames(
@@ -105,7 +107,9 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
         stream.options = {"crf": str(crf)}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -130,7 +130,9 @@ class Workspace:
                 f"{stage} output {path} is not finished; run `cogpipe {stage} CONFIG` first"
             )
         res = StageResult.from_dict(record)
-        res.path = str(path)  # where it was read: the workspace may have moved or be mounted elsewhere
+        res.path = str(
+            path
+        )  # where it was read: the workspace may have moved or be mounted elsewhere
         res.reused = True
         return res
 

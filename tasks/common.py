@@ -81,7 +81,9 @@ def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     verb = "reused" if result.reused else f"computed in {result.seconds:.1f}s"
     logger.info("%s %s: %s %s", stage, result.key, verb, result.counts)
     create_table_artifact(
-        table=stage_rows(result), key=f"{stage}-summary", description=f"{stage} {result.key}: {verb}"
+        table=stage_rows(result),
+        key=f"{stage}-summary",
+        description=f"{stage} {result.key}: {verb}",
     )
     # A stage that writes its own report (evaluate: scores per checkpoint) publishes it.
     report = Path(result.path) / "report.md"

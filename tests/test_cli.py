@@ -19,7 +19,15 @@ def test_status_before_anything_ran(tmp_path, sample_videos, capsys):
     path = write_config(tmp_path, sample_videos)
     assert main(["status", str(path), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert list(status) == ["ingest", "check", "caption", "filter", "precompute", "train", "evaluate"]
+    assert list(status) == [
+        "ingest",
+        "check",
+        "caption",
+        "filter",
+        "precompute",
+        "train",
+        "evaluate",
+    ]
     assert not any(s["done"] for s in status.values())
     assert status["ingest"]["path"].startswith(str(tmp_path / "workspace" / "ingest"))
 

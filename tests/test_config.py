@@ -48,7 +48,9 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "c.yaml"
-    path.write_text("workspace: ws\nmodel: ./m\ningest:\n  source: ../videos\ncaption:\n  model: org/name\n")
+    path.write_text(
+        "workspace: ws\nmodel: ./m\ningest:\n  source: ../videos\ncaption:\n  model: org/name\n"
+    )
     cfg = load_config(path)
     assert cfg.workspace == tmp_path / "sub" / "ws"
     assert cfg.ingest.source == tmp_path / "videos"

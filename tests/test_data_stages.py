@@ -27,7 +27,10 @@ def test_every_file_is_a_row_and_bad_files_have_reasons(checked, sample_videos):
     assert sorted(videos.index) == sorted(str(p) for p in sample_videos.values())
     assert videos.loc[str(sample_videos["corrupt.mp4"]), "status"] == "rejected"
     assert "cannot decode video" in videos.loc[str(sample_videos["corrupt.mp4"]), "reason"]
-    assert videos.loc[str(sample_videos["notes.txt"]), "reason"] == "not a video file (extension '.txt')"
+    assert (
+        videos.loc[str(sample_videos["notes.txt"]), "reason"]
+        == "not a video file (extension '.txt')"
+    )
     ok = videos[videos.status == "ok"]
     assert (ok.frames == 24).all() or set(ok.frames) >= {24}
     assert ingest.counts["files"] == len(sample_videos)
@@ -40,7 +43,10 @@ def test_black_frozen_and_duplicates_are_rejected_with_reasons(checked, sample_v
     assert reason("black").startswith("black frames")
     assert reason("frozen").startswith("frozen")
     # The larger re-encode is kept; the original becomes its near duplicate.
-    original, reencoded = str(sample_videos["shapes_00.mp4"]), str(sample_videos["shapes_00_reencoded.mp4"])
+    original, reencoded = (
+        str(sample_videos["shapes_00.mp4"]),
+        str(sample_videos["shapes_00_reencoded.mp4"]),
+    )
     kept, dropped = (reencoded, original) if clips.loc[reencoded, "keep"] else (original, reencoded)
     assert clips.loc[kept, "keep"] and not clips.loc[dropped, "keep"]
     assert clips.loc[dropped, "dup_of"] == clips.loc[kept, "clip_id"]
@@ -64,7 +70,9 @@ def test_exact_copy_shares_video_id_and_one_is_kept(demo_config, sample_videos, 
     assert pair[~pair.keep].reasons.iloc[0].startswith("exact duplicate of")
 
 
-def test_second_ingest_probes_nothing_and_new_file_gives_new_key(demo_config, sample_videos, tmp_path):
+def test_second_ingest_probes_nothing_and_new_file_gives_new_key(
+    demo_config, sample_videos, tmp_path
+):
     src = tmp_path / "src"
     shutil.copytree(sample_videos["shapes_01.mp4"].parent, src)
     cfg = demo_config(ingest={"source": str(src)})

@@ -166,9 +166,7 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     assert "| checkpoint-000004 | 4 |" in report and "| base | 0 |" in report
     marker = json.loads((out / "_SUCCESS.json").read_text())
     assert (
-        marker["key"]
-        == r1.key
-        == evaluate.key_of(cfg, {"train": "run-a", "check": "checkkey0001"})
+        marker["key"] == r1.key == evaluate.key_of(cfg, {"train": "run-a", "check": "checkkey0001"})
     )
     inputs = {"train": "run-a", "check": "checkkey0001"}
     assert evaluate.output_dir(ws, cfg, r1.key, inputs) == out
@@ -222,7 +220,9 @@ def test_eval_key_follows_eval_settings_only(tmp_path, models):
     # One eval key covers every run: the train key changes key_of only.
     k1 = evaluate.key_of(cfg, {"train": "a", "check": "c"})
     assert k1 != evaluate.key_of(cfg, {"train": "b", "check": "c"})
-    assert evaluate.output_dir(Workspace(tmp_path), cfg, k1, {"train": "a", "check": "c"}).name == "a"
+    assert (
+        evaluate.output_dir(Workspace(tmp_path), cfg, k1, {"train": "a", "check": "c"}).name == "a"
+    )
 
 
 def test_rejects_shapes_the_model_cannot_generate(tmp_path, models):
