@@ -106,22 +106,27 @@ def load_scheduler(model: str):
 
 
 @torch.no_grad()
-def encode_video(vae, frames: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def encode_video(
+    vae, frames: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Scaled VAE latents of uint8 videos.
 
     Args:
         vae: an AutoencoderKLCogVideoX.
         frames: uint8 [B, F, H, W, 3], F = 4k + 1, H and W multiples of 8.
-        generator: seeds the sample from the latent distribution (a CPU generator gives
-            the same noise on every device).
+        generator: a CPU generator seeding the sample from the latent distribution.
 
     Returns:
         [B, F', C, H/8, W/8] in the VAE's dtype, F' = (F - 1) / 4 + 1.
     """
     x = frames.to(vae.device).float() / 255.0 * 2.0 - 1.0  # [0, 255] -> [-1, 1]
     x = x.permute(0, 4, 1, 2, 3).to(vae.dtype)  # [B, F, H, W, C] -> [B, C, F, H, W]
-    latents = vae.encode(x).latent_dist.sample(generator) * vae.config.scaling_factor
-    return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F', h, w] -> [B, F', C, h, w]
+    dist = vae.encode(x).latent_dist
+    # latent_dist.sample(generator), with the noise drawn in fp32 on the CPU: fp16 draws are
+    # another sequence, so this keeps a clip's sample the same on every device and dtype.
+    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+    latents = (dist.mean + dist.std * noise) * vae.config.scaling_factor  # [B, C, F', h, w]
+    return latents.permute(0, 2, 1, 3, 4).contiguous()  # -> [B, F', C, h, w]
 
 
 @torch.no_grad()
@@ -160,7 +165,9 @@ def rotary_embeddings(
         frames: latent frames F'.
     """
     cfg = transformer_config
-    get = cfg.get if isinstance(cfg, dict) else lambda name, default=None: getattr(cfg, name, default)
+    get = (
+        cfg.get if isinstance(cfg, dict) else lambda name, default=None: getattr(cfg, name, default)
+    )
     if not get("use_rotary_positional_embeddings", False):
         return None
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -200,30 +207,44 @@ def lora_metadata(rank: int, alpha: float, target_modules: list[str]) -> dict[st
     }
 
 
-def add_lora(transformer, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
+def add_lora(
+    transformer, rank: int, alpha: float, target_modules: list[str], seed: int = 0
+) -> list[torch.nn.Parameter]:
     """Give the transformer a LoRA adapter ("default"); return its parameters, cast to fp32.
 
-    B starts at zero, so the adapted model equals the base model until the first step.
+    A is drawn from a generator seeded with `seed` (the global RNG is left as it was); B
+    starts at zero, so the adapted model equals the base model until the first step.
     """
     from peft import LoraConfig
 
     config = LoraConfig(**lora_metadata(rank, alpha, target_modules))
-    transformer.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # trainable weights in fp32, frozen ones stay in weight_dtype
     return params
 
 
-def save_lora(path: Path, transformer, rank: int, alpha: float, target_modules: list[str]) -> Path:
-    """Write `path/pytorch_lora_weights.safetensors` with rank and alpha in its metadata."""
+def save_lora(path: Path, transformer, rank: int, alpha: float) -> Path:
+    """Write `path/pytorch_lora_weights.safetensors` with rank, alpha and targets in its metadata.
+
+    Raises:
+        ValueError: `rank` or `alpha` is not what the transformer's adapter was built with.
+    """
     from diffusers import CogVideoXPipeline
     from peft import get_peft_model_state_dict
 
+    config = transformer.peft_config["default"]
+    if (config.r, config.lora_alpha) != (rank, alpha):
+        raise ValueError(
+            f"adapter has r={config.r}, alpha={config.lora_alpha}; asked to save {rank}, {alpha}"
+        )
     CogVideoXPipeline.save_lora_weights(
         str(path),
         transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=lora_metadata(rank, alpha, target_modules),
+        transformer_lora_adapter_metadata=lora_metadata(rank, alpha, list(config.target_modules)),
     )
     return Path(path) / LORA_FILE
 

@@ -1,0 +1,200 @@
+"""Precompute on the tiny CogVideoX: shards, index, rejections, resume and per-item caches.
+
+The upstream tables (check's clips.parquet, filter's curated.parquet) are written by the
+test from the sample videos, so only precompute runs here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogpipe import precompute
+from cogpipe.config import PipelineConfig, PrecomputeConfig
+from cogpipe.video import probe_video
+from cogpipe.workspace import StageResult, Workspace, read_table, write_table
+
+CAPTIONS = [
+    "A red circle moves left across a green background.",
+    "A blue rectangle slides up and a yellow square drifts down.",
+    "An orange circle and a purple rectangle bounce on a grey background.",
+    "A pink ball rolls right over a cyan and brown gradient.",
+    "The shapes change direction, speed and size over time.",
+]
+
+
+def _upstream(root: Path, videos: dict[str, Path], captions: list[str], name: str = "f1") -> dict:
+    """check/ and filter/ outputs: clip1..4 whole shapes_01..04, clip5 0.5 s of shapes_05,
+    clip6 a heldout copy of clip1; clip4's caption is not selected."""
+    rows = []
+    for i in range(1, 6):
+        path = videos[f"shapes_{i:02d}.mp4"]
+        info, _ = probe_video(path)
+        end = 0.5 if i == 5 else info["duration"]  # a 9-frame window at 8 fps needs 1 s
+        rows.append({"clip_id": f"clip{i}", "video_id": f"video{i}", "path": str(path),
+                     "start": 0.0, "end": end, "fps": info["fps"], "width": info["width"],
+                     "height": info["height"], "split": "train", "keep": True, "reasons": ""})  # fmt: skip
+    rows.append(rows[0] | {"clip_id": "clip6", "split": "heldout"})
+    check, filt = root / "check" / "c1", root / "filter" / name
+    write_table(check / "clips.parquet", pd.DataFrame(rows))
+    curated = pd.DataFrame({"clip_id": [f"clip{i}" for i in range(1, 7)],
+                            "caption": captions + captions[:1], "score": 1.0,
+                            "selected": [True, True, True, False, True, True],
+                            "reasons": ["", "", "", "too few words (3 < 5)", "", ""]})  # fmt: skip
+    write_table(filt / "curated.parquet", curated)
+    return {
+        "check": StageResult("check", "c1", str(check)),
+        "filter": StageResult("filter", name, str(filt)),
+    }
+
+
+@pytest.fixture
+def setup(tmp_path, sample_videos, tiny_models):
+    def make(**overrides) -> PipelineConfig:
+        p = dict(frames=9, fps=8, height=64, width=64, shard_size=2, device="cpu") | overrides
+        return PipelineConfig(workspace=tmp_path / "ws", model=str(tiny_models["cogvideox"]),
+                              precompute=PrecomputeConfig(**p))  # fmt: skip
+
+    ws = Workspace(tmp_path / "ws")
+    return ws, make, _upstream(ws.root, sample_videos, CAPTIONS)
+
+
+def _shard(result, i: int) -> dict[str, torch.Tensor]:
+    return load_file(Path(result.path) / precompute.shard_name(i))
+
+
+def test_shards_index_and_rejections(setup):
+    ws, make, upstream = setup
+    res = precompute.run_precompute(ws, make(), upstream)
+    out = Path(res.path)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "_SUCCESS.json", "index.parquet", "shard-00000.safetensors", "shard-00001.safetensors"
+    ]  # fmt: skip
+    index = read_table(out / "index.parquet")
+    # clip4 is not selected by the filter and clip6 is heldout: neither is a sample.
+    assert list(index.clip_id) == ["clip1", "clip2", "clip3", "clip5"]
+    assert list(index.status) == ["ok", "ok", "ok", "rejected"]
+    assert index.reason[3] == "too short for 9 frames at 8 fps: 0.50 s (needs 1.00 s)"
+    assert list(index.shard.fillna("-")) == [precompute.shard_name(0)] * 2 + [
+        precompute.shard_name(1), "-"
+    ]  # fmt: skip
+    assert list(index.latents_key.fillna("-")) == [
+        "clip1.latents", "clip2.latents", "clip3.latents", "-"
+    ]  # fmt: skip
+    buckets = index[["frames", "height", "width", "latent_frames"]].drop_duplicates()
+    assert buckets.values.tolist() == [[9, 64, 64, 3]]
+    shard = _shard(res, 0)
+    assert sorted(shard) == [
+        "clip1.latents", "clip1.prompt_embeds", "clip2.latents", "clip2.prompt_embeds"
+    ]  # fmt: skip
+    assert shard["clip1.latents"].shape == (3, 4, 8, 8)  # [F', C, H/8, W/8] for 9 x 64 x 64
+    assert shard["clip1.prompt_embeds"].shape == (16, 32)  # [max_text_seq_length, d_model]
+    assert shard["clip1.latents"].dtype == torch.float32  # CPU keeps fp32
+    assert res.counts == {
+        "samples": 4, "ok": 3, "rejected": 1, "shards": 2, "encoded_videos": 3,
+        "encoded_texts": 3, "latents_cache_hits": 0, "text_cache_hits": 0,
+    }  # fmt: skip
+    assert res.stats["rejections"] == {"too short for 9 frames at 8 fps": 1}
+    # Seeded sample from the latent distribution: a number, not only a shape.
+    assert shard["clip1.latents"].double().mean().item() == pytest.approx(0.07352, abs=1e-4)
+
+
+def test_new_key_reuses_caches_and_an_edited_caption_re_encodes_only_itself(
+    setup, sample_videos, monkeypatch
+):
+    from cogpipe.models import cogvideox
+
+    ws, make, upstream = setup
+    first = precompute.run_precompute(ws, make(), upstream)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("no encoder may load when everything is cached")
+
+    monkeypatch.setattr(cogvideox, "load_vae", must_not_load)
+    monkeypatch.setattr(cogvideox, "load_text_encoder", must_not_load)
+    second = precompute.run_precompute(ws, make(shard_size=3), upstream)
+    assert second.key != first.key
+    assert second.counts["encoded_videos"] == 0 and second.counts["encoded_texts"] == 0
+    assert second.counts["latents_cache_hits"] == 3 and second.counts["text_cache_hits"] == 3
+    assert torch.equal(_shard(first, 1)["clip3.latents"], _shard(second, 0)["clip3.latents"])
+
+    monkeypatch.undo()
+    edited = list(CAPTIONS)
+    edited[1] = "The referee watches closely and steps in after the strike."  # clip2's caption
+    third = precompute.run_precompute(ws, make(), _upstream(ws.root, sample_videos, edited, "f2"))
+    assert third.counts["encoded_videos"] == 0 and third.counts["encoded_texts"] == 1
+    old, new = _shard(first, 0), _shard(third, 0)
+    assert torch.equal(old["clip1.prompt_embeds"], new["clip1.prompt_embeds"])
+    assert not torch.equal(old["clip2.prompt_embeds"], new["clip2.prompt_embeds"])
+
+
+def test_restart_skips_committed_shards(setup):
+    ws, make, upstream = setup
+    cfg = make(shard_size=1)
+
+    def crash(done, total, note):
+        if done == 2:
+            raise KeyboardInterrupt("killed after two shards")
+
+    with pytest.raises(KeyboardInterrupt):
+        precompute.run_precompute(ws, cfg, upstream, crash)
+    out = ws.stage_dir("precompute", precompute.key_of(cfg, {"filter": "f1", "check": "c1"}))
+    committed = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert sorted(committed) == [precompute.shard_name(0), precompute.shard_name(1)]
+    assert not (out / "_SUCCESS.json").exists()
+
+    res = precompute.run_precompute(ws, cfg, upstream)
+    assert {name: (out / name).stat().st_mtime_ns for name in committed} == committed
+    assert res.counts["shards"] == 3 and res.counts["ok"] == 3
+    assert res.counts["latents_cache_hits"] == 0 and res.counts["encoded_videos"] == 1
+    assert precompute.run_precompute(ws, cfg, upstream).reused
+
+
+def test_undecodable_clip_is_a_rejected_row(setup, tmp_path):
+    ws, make, upstream = setup
+    clips_path = Path(upstream["check"].path) / "clips.parquet"
+    clips = read_table(clips_path)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(Path(clips.path[1]).read_bytes()[:2000])  # the header, no frames
+    clips.loc[1, "path"], clips.loc[1, "video_id"] = str(broken), "broken"
+    write_table(clips_path, clips)
+    res = precompute.run_precompute(ws, make(), upstream)
+    index = read_table(Path(res.path) / "index.parquet").set_index("clip_id")
+    assert index.loc["clip2", "status"] == "rejected"
+    assert index.loc["clip2", "reason"].startswith("decode failed: ")
+    assert index.loc["clip1", "status"] == "ok" and pd.isna(index.loc["clip2", "shard"])
+    assert sorted(_shard(res, 0)) == ["clip1.latents", "clip1.prompt_embeds"]
+
+
+def test_train_reads_what_precompute_writes(setup):
+    from cogpipe import train
+    from cogpipe.config import TrainConfig
+
+    ws, make, upstream = setup
+    pre = precompute.run_precompute(ws, make(), upstream)
+    train_cfg = TrainConfig(rank=4, alpha=4, max_steps=2, checkpoint_every=2, batch_size=2,
+                            lr_warmup_steps=0, mixed_precision="no", device="cpu")  # fmt: skip
+    res = train.run_train(ws, make().model_copy(update={"train": train_cfg}), {"precompute": pre})
+    assert res.counts == {"steps": 2, "checkpoints": 1, "samples": 3}
+    assert (Path(res.path) / "checkpoint-000002" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_gpu_encodes_in_the_weight_dtype(setup, tmp_path, sample_videos):
+    ws, make, upstream = setup
+    cpu = _shard(precompute.run_precompute(ws, make(), upstream), 0)
+    ws_gpu = Workspace(tmp_path / "ws-gpu")  # fresh caches: everything is encoded on the GPU
+    upstream_gpu = _upstream(ws_gpu.root, sample_videos, CAPTIONS)
+    res = precompute.run_precompute(ws_gpu, make(device="cuda"), upstream_gpu)
+    gpu = _shard(res, 0)
+    assert res.counts["encoded_videos"] == 3
+    assert gpu["clip1.latents"].dtype == torch.float16  # the tiny model is 2B-type: fp16 on GPU
+    assert gpu["clip1.latents"].shape == (3, 4, 8, 8)
+    # The same sample noise on every device: only fp16 rounding differs.
+    torch.testing.assert_close(
+        gpu["clip1.latents"].float(), cpu["clip1.latents"], atol=0.05, rtol=0.05
+    )

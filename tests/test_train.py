@@ -1,0 +1,235 @@
+"""Training on the tiny CogVideoX: exact resume, LoRA export at the right scale, NaN stops.
+
+The precompute output is written by the test (seeded random latents and embeddings in
+the real shard and index format), so pinned losses do not depend on video decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from cogpipe import train
+from cogpipe.config import PipelineConfig, TrainConfig
+from cogpipe.precompute import shard_name, write_shard
+from cogpipe.workspace import StageResult, Workspace, write_table
+
+TRAIN = dict(rank=4, alpha=8, learning_rate=1e-3, lr_warmup_steps=0, max_steps=6, checkpoint_every=3,
+             batch_size=2, mixed_precision="no", gradient_checkpointing=False, device="cpu")  # fmt: skip
+
+
+def _fake_precompute(folder: Path, n: int = 5, shard_size: int = 2) -> StageResult:
+    """n samples of 9 x 64 x 64 (latent [3, 4, 8, 8]) with [16, 32] embeddings, and one rejected row."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(0, n, shard_size):
+        tensors = {}
+        for j in range(i, min(i + shard_size, n)):
+            tensors[f"clip{j}.latents"] = torch.randn(3, 4, 8, 8, generator=g)
+            tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
+            rows.append({"clip_id": f"clip{j}", "caption": f"caption {j}", "shard": shard_name(i // shard_size),
+                         "latents_key": f"clip{j}.latents", "embeds_key": f"clip{j}.prompt_embeds",
+                         "status": "ok", "reason": ""})  # fmt: skip
+        write_shard(folder / shard_name(i // shard_size), tensors, {})
+    rows.append({"clip_id": "short", "caption": "c", "shard": None, "latents_key": None, "embeds_key": None,
+                 "status": "rejected", "reason": "too short"})  # fmt: skip
+    index = pd.DataFrame(rows).assign(frames=9, height=64, width=64, latent_frames=3)
+    write_table(folder / "index.parquet", index)
+    return StageResult("precompute", "p1", str(folder))
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_models):
+    ws = Workspace(tmp_path / "ws")
+    upstream = {"precompute": _fake_precompute(tmp_path / "ws" / "precompute" / "p1")}
+
+    def make(name: str | None = None, **overrides) -> PipelineConfig:
+        return PipelineConfig(workspace=ws.root, name=name, model=str(tiny_models["cogvideox"]),
+                              train=TrainConfig(**TRAIN | overrides))  # fmt: skip
+
+    return ws, make, upstream
+
+
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+
+
+def _stop_at(step_to_stop: int):
+    def progress(step, total, note):
+        if step == step_to_stop:
+            raise KeyboardInterrupt(f"killed at step {step}")
+
+    return progress
+
+
+def test_resumed_run_matches_an_uninterrupted_one(setup):
+    ws, make, upstream = setup
+    full = train.run_train(ws, make("full"), upstream)
+    run = Path(full.path)
+    assert sorted(p.name for p in run.iterdir()) == [
+        "_SUCCESS.json", "checkpoint-000003", "checkpoint-000006", "logs", "losses.jsonl", "run.json"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (run / "checkpoint-000006").iterdir()) == [
+        "pytorch_lora_weights.safetensors", "state.json", "training_state.pt"
+    ]  # fmt: skip
+    assert full.counts == {"steps": 6, "checkpoints": 2, "samples": 5}
+    expected = _losses(run)
+    assert [e["step"] for e in expected] == [1, 2, 3, 4, 5, 6]
+    # Seeded tiny run: a change in noise schedule, loss weighting, data order, LoRA init
+    # or optimizer moves these numbers.
+    assert expected[0]["loss"] == pytest.approx(1.436415, rel=1e-5)
+    assert expected[0]["grad_norm"] == pytest.approx(0.151725, rel=1e-4)
+    assert expected[5]["loss"] == pytest.approx(1.466864, rel=1e-5)
+
+    # Killed after step 5: checkpoint-000003 is the resume point, steps 4-5 are redone.
+    cfg = make("resumed")
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(ws, cfg, upstream, _stop_at(5))
+    resumed_dir = train.output_dir(ws, cfg, train.key_of(cfg, {"precompute": "p1"}))
+    assert len(_losses(resumed_dir)) == 5 and not (resumed_dir / "checkpoint-000006").exists()
+    resumed = train.run_train(ws, cfg, upstream)
+    assert resumed.stats["resumed_from_step"] == 3
+    got = _losses(Path(resumed.path))
+    assert [g["step"] for g in got] == [1, 2, 3, 4, 5, 6]
+    assert [g["loss"] for g in got] == [e["loss"] for e in expected]
+    a = load_file(run / "checkpoint-000006" / "pytorch_lora_weights.safetensors")
+    b = load_file(Path(resumed.path) / "checkpoint-000006" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # keep_states=2 keeps both states here; the LoRA of every checkpoint is kept regardless.
+    assert train.run_train(ws, cfg, upstream).reused
+
+
+def test_batches_are_one_bucket_and_a_pure_function_of_seed_and_epoch():
+    buckets = [(64, 64, 3)] * 5 + [(48, 80, 3)] * 3
+    batches = train.epoch_batches(buckets, 2, seed=42, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(8))  # each sample once per epoch
+    assert all(len({buckets[i] for i in b}) == 1 for b in batches)
+    assert sorted(map(len, batches)) == [1, 1, 2, 2, 2]  # each bucket's last batch may be short
+    assert batches == train.epoch_batches(buckets, 2, seed=42, epoch=0)
+    assert batches != train.epoch_batches(buckets, 2, seed=42, epoch=1)
+    assert train.micro_batch(buckets, 2, seed=42, m=6) == train.epoch_batches(buckets, 2, 42, 1)[1]
+
+
+def test_rotary_embeddings_match_the_pipeline():
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
+    from cogpipe.models import cogvideox
+
+    # A 5B-type config at a small size (the tiny model is 2B-type: no rotary embeddings).
+    config = SimpleNamespace(use_rotary_positional_embeddings=True, patch_size=2, patch_size_t=None,
+                             attention_head_dim=16, sample_width=12, sample_height=8)  # fmt: skip
+    pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=SimpleNamespace(config=config))
+    expected = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, 64, 96, 3, "cpu")
+    got = cogvideox.rotary_embeddings(config, 64, 96, 3, "cpu")
+    assert got[0].shape == (3 * 4 * 6, 16)  # [F' * h/2 * w/2, head dim]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    no_rope = SimpleNamespace(use_rotary_positional_embeddings=False)
+    assert cogvideox.rotary_embeddings(no_rope, 64, 96, 3, "cpu") is None
+
+
+def test_stage_modules_import_without_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, cogpipe.train, cogpipe.precompute; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout == "False\n"  # pipeline.py imports every stage: that must stay cheap
+
+
+def test_only_the_last_states_are_kept(setup):
+    ws, make, upstream = setup
+    other = dict(
+        optimizer="adam", lr_scheduler="constant", batch_size=1, gradient_accumulation_steps=2
+    )
+    res = train.run_train(ws, make(checkpoint_every=2, keep_states=1, **other), upstream)
+    run = Path(res.path)
+    ckpts = train.checkpoints(run)
+    assert [c.name for c in ckpts] == [f"checkpoint-00000{i}" for i in (2, 4, 6)]
+    assert [(c / train.STATE_FILE).exists() for c in ckpts] == [False, False, True]
+    assert all((c / "pytorch_lora_weights.safetensors").exists() for c in ckpts)
+
+
+def test_exported_lora_loads_in_the_pipeline_at_the_right_scale(setup, tiny_models):
+    from diffusers import CogVideoXPipeline
+
+    from cogpipe.models import cogvideox
+
+    ws, make, upstream = setup
+    res = train.run_train(ws, make(), upstream)
+    ckpt = Path(res.path) / "checkpoint-000006"
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+                  timestep=torch.tensor([500]), return_dict=False)  # fmt: skip
+
+    # The adapted transformer as training sees it: rank 4, alpha 8 (scale 2) from the config.
+    trained = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
+    cogvideox.add_lora(trained, 4, 8, TrainConfig().target_modules)
+    cogvideox.load_lora(trained, ckpt)
+    pipe = CogVideoXPipeline.from_pretrained(str(tiny_models["cogvideox"]))
+    with torch.no_grad():
+        base = pipe.transformer(**inputs)[0]
+        pipe.load_lora_weights(str(ckpt))  # no scale given: alpha comes from the file
+        loaded = pipe.transformer(**inputs)[0]
+        expected = trained(**inputs)[0]
+    torch.testing.assert_close(loaded, expected, rtol=1e-6, atol=1e-6)
+    assert (loaded - base).abs().max() > 1e-4
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(setup):
+    ws, make, upstream = setup
+    cfg = make()
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(ws, cfg, upstream, _stop_at(3))
+    run = train.output_dir(ws, cfg, train.key_of(cfg, {"precompute": "p1"}))
+    ckpt = run / "checkpoint-000003"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+
+    for shard in Path(upstream["precompute"].path).glob("shard-*.safetensors"):
+        tensors = load_file(shard)
+        for name in tensors:
+            if name.endswith(".latents"):
+                tensors[name].fill_(float("nan"))
+        save_file(tensors, str(shard))
+
+    error = r"loss is nan at step 4 .*last checkpoint: checkpoint-000003"
+    with pytest.raises(train.TrainingDiverged, match=error):
+        train.run_train(ws, cfg, upstream)
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    assert [c.name for c in train.checkpoints(run)] == ["checkpoint-000003"]
+    assert not (run / "_SUCCESS.json").exists()
+
+
+def test_a_named_run_folder_of_another_key_is_refused(setup):
+    ws, make, upstream = setup
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(ws, make("mine"), upstream, _stop_at(1))
+    error = r"train/mine holds training run \w+ \(run.json\).*pick another `name`"
+    with pytest.raises(train.RunFolderTaken, match=error):
+        train.run_train(ws, make("mine", learning_rate=2e-3), upstream)
+
+
+@pytest.mark.gpu
+def test_fp16_training_on_gpu_resumes(setup):
+    ws, make, upstream = setup
+    # auto: fp16 for the 2B-type tiny model, with a grad scaler
+    gpu = dict(device="cuda", mixed_precision="auto", gradient_checkpointing=True)
+    full = train.run_train(ws, make("gpu-full", **gpu), upstream)
+    assert full.stats["weight_dtype"] == "float16" and full.stats["peak_memory_gb"] > 0
+    state = torch.load(Path(full.path) / "checkpoint-000006" / train.STATE_FILE, weights_only=True)
+    assert state["scaler"] is not None
+    cfg = make("gpu-resumed", **gpu)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(ws, cfg, upstream, _stop_at(5))
+    resumed = train.run_train(ws, cfg, upstream)
+    expected = [e["loss"] for e in _losses(Path(full.path))]
+    assert all(map(math.isfinite, expected))
+    assert [g["loss"] for g in _losses(Path(resumed.path))] == pytest.approx(expected, rel=1e-4)
