@@ -32,7 +32,6 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -161,8 +160,7 @@ def load_pipeline(model: str, device: str):
     """The base CogVideoXPipeline at its weight dtype (fp16 2B / bf16 5B on GPU, fp32 on CPU)."""
     from diffusers import CogVideoXPipeline
 
-    # weight_dtype reads attributes: a plain dict would make every model 2B-type (fp16).
-    dtype = weight_dtype("auto", SimpleNamespace(**transformer_config(model)), device)
+    dtype = weight_dtype("auto", transformer_config(model), device)
     # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
     pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)

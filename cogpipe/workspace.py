@@ -61,8 +61,9 @@ def stage_key(stage: str, version: int, config: Any, inputs: dict[str, str]) -> 
 def model_fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
     """What identifies model weights: a hub id + revision, or a local folder's file listing.
 
-    A local folder is fingerprinted by relative path, size and mtime of every file, so
-    replacing weights in place gives a new key without reading gigabytes.
+    A local folder is fingerprinted by relative path, size and mtime of every file (not
+    by where it lives), so replacing weights in place gives a new key without reading
+    gigabytes, and moving the folder keeps every key.
     """
     path = Path(model).expanduser()
     if not path.is_dir():
@@ -72,7 +73,7 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict[str, Any]
         for p in path.rglob("*")
         if p.is_file()
     )
-    return {"folder": str(path.resolve()), "files": sha256_json(listing)[:16]}
+    return {"files": sha256_json(listing)[:16]}
 
 
 @dataclass

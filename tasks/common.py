@@ -49,28 +49,31 @@ def cache_key(stage: str):
 
 
 class ProgressArtifact:
-    """Turns the library's progress callback into a Prefect progress artifact with rate and ETA."""
+    """Turns the library's progress callback into a Prefect progress artifact with rate and ETA.
+
+    The artifact is created at the first report, so a reused stage makes no API call.
+    """
 
     def __init__(self, stage: str):
         self.stage = stage
         self.started = time.time()
         self.last = 0.0
-        self.artifact_id = create_progress_artifact(
-            progress=0.0, key=f"{stage}-progress", description=f"{stage}: starting"
-        )
+        self.artifact_id = None
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
         now = time.time()
-        if done < total and now - self.last < PROGRESS_EVERY_S:
+        if self.artifact_id is not None and done < total and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = done / elapsed
+        rate = done / max(now - self.started, 1e-6)
         eta = (total - done) / rate if rate > 0 else float("nan")
         text = f"{self.stage}: {done}/{total}, {rate * 3600:.0f}/hour, ETA {eta:.0f}s"
-        update_progress_artifact(
-            self.artifact_id, progress=100.0 * done / max(total, 1), description=text
-        )
+        percent = 100.0 * done / max(total, 1)
+        if self.artifact_id is None:
+            key = f"{self.stage}-progress"
+            self.artifact_id = create_progress_artifact(percent, key=key, description=text)
+        else:
+            update_progress_artifact(self.artifact_id, progress=percent, description=text)
 
 
 def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
@@ -78,13 +81,12 @@ def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     logger = get_run_logger()
     ups = {name: StageResult.from_dict(record) for name, record in upstream.items()}
     result = run_stage(config, stage, ups, progress=ProgressArtifact(stage))
-    verb = "reused" if result.reused else f"computed in {result.seconds:.1f}s"
-    logger.info("%s %s: %s %s", stage, result.key, verb, result.counts)
-    create_table_artifact(
-        table=stage_rows(result),
-        key=f"{stage}-summary",
-        description=f"{stage} {result.key}: {verb}",
-    )
+    if result.reused:  # its artifacts' latest versions are those of the run that computed it
+        logger.info("%s %s: reused %s", stage, result.key, result.counts)
+        return result.to_dict()
+    logger.info("%s %s: computed in %.1fs %s", stage, result.key, result.seconds, result.counts)
+    description = f"{stage} {result.key}: computed in {result.seconds:.1f}s"
+    create_table_artifact(table=stage_rows(result), key=f"{stage}-summary", description=description)
     # A stage that writes its own report (evaluate: scores per checkpoint) publishes it.
     report = Path(result.path) / "report.md"
     markdown = report.read_text() if report.is_file() else stage_markdown(result)

@@ -86,3 +86,31 @@ def test_deployment_parameters_validate_against_the_flow():
         assert (ROOT / module).is_file(), module
         params = deployment.get("parameters", {})
         PipelineConfig.model_validate(params["config"])
+
+
+def test_precision_follows_the_model_type_whatever_the_config_form():
+    from types import SimpleNamespace
+
+    import torch
+
+    from cogpipe.models.cogvideox import weight_dtype
+
+    five_b = {"use_rotary_positional_embeddings": True}
+    assert weight_dtype("auto", five_b, "cuda") == torch.bfloat16
+    assert weight_dtype("auto", SimpleNamespace(**five_b), "cuda") == torch.bfloat16
+    assert weight_dtype("auto", {}, "cuda") == torch.float16
+    assert weight_dtype("auto", five_b, "cpu") == torch.float32
+    assert weight_dtype("bf16", {}, "cpu") == torch.bfloat16
+
+
+def test_moving_a_model_folder_keeps_its_fingerprint(tmp_path):
+    import shutil
+
+    from cogpipe.workspace import model_fingerprint
+
+    (tmp_path / "a" / "vae").mkdir(parents=True)
+    (tmp_path / "a" / "vae" / "config.json").write_text("{}")
+    before = model_fingerprint(str(tmp_path / "a"))
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert model_fingerprint(str(tmp_path / "b")) == before
+    assert model_fingerprint("THUDM/CogVideoX-2b") == {"id": "THUDM/CogVideoX-2b", "revision": None}

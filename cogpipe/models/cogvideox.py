@@ -15,10 +15,12 @@ so `CogVideoXPipeline.load_lora_weights(folder)` applies scale alpha / rank by i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: computing keys must not pay for it
+    import torch
 
 from cogpipe.workspace import model_fingerprint
 
@@ -27,12 +29,20 @@ VAE_SCALE_SPATIAL = 8  # every CogVideoX VAE: 8x spatial, 4x temporal compressio
 
 
 def is_5b_type(transformer_config) -> bool:
-    """5B-type models use rotary positional embeddings (and bf16); 2B-type do not (fp16)."""
-    return bool(getattr(transformer_config, "use_rotary_positional_embeddings", False))
+    """5B-type models use rotary positional embeddings (and bf16); 2B-type do not (fp16).
+
+    Takes a loaded model's config object or the plain dict `transformer_config()` reads.
+    """
+    key = "use_rotary_positional_embeddings"
+    if isinstance(transformer_config, Mapping):
+        return bool(transformer_config.get(key, False))
+    return bool(getattr(transformer_config, key, False))
 
 
 def weight_dtype(mixed_precision: str, transformer_config, device: str) -> torch.dtype:
     """The dtype of frozen weights: auto gives fp16 for 2B-type, bf16 for 5B-type on GPU, fp32 on CPU."""
+    import torch
+
     if mixed_precision == "auto":
         if not str(device).startswith("cuda"):
             return torch.float32
@@ -105,7 +115,6 @@ def load_scheduler(model: str):
 # --------------------------------------------------------------------------- encoding
 
 
-@torch.no_grad()
 def encode_video(
     vae, frames: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -119,9 +128,12 @@ def encode_video(
     Returns:
         [B, F', C, H/8, W/8] in the VAE's dtype, F' = (F - 1) / 4 + 1.
     """
+    import torch
+
     x = frames.to(vae.device).float() / 255.0 * 2.0 - 1.0  # [0, 255] -> [-1, 1]
     x = x.permute(0, 4, 1, 2, 3).to(vae.dtype)  # [B, F, H, W, C] -> [B, C, F, H, W]
-    dist = vae.encode(x).latent_dist
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
     # latent_dist.sample(generator), with the noise drawn in fp32 on the CPU: fp16 draws are
     # another sequence, so this keeps a clip's sample the same on every device and dtype.
     noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
@@ -129,7 +141,6 @@ def encode_video(
     return latents.permute(0, 2, 1, 3, 4).contiguous()  # -> [B, F', C, h, w]
 
 
-@torch.no_grad()
 def encode_prompt(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
     """T5 embeddings exactly as CogVideoXPipeline computes them (padded, no attention mask).
 
@@ -148,7 +159,10 @@ def encode_prompt(tokenizer, text_encoder, captions: list[str], max_len: int) ->
         add_special_tokens=True,
         return_tensors="pt",
     ).input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    import torch
+
+    with torch.no_grad():
+        return text_encoder(ids.to(text_encoder.device))[0]
 
 
 def rotary_embeddings(
@@ -215,6 +229,7 @@ def add_lora(
     A is drawn from a generator seeded with `seed` (the global RNG is left as it was); B
     starts at zero, so the adapted model equals the base model until the first step.
     """
+    import torch
     from peft import LoraConfig
 
     config = LoraConfig(**lora_metadata(rank, alpha, target_modules))
