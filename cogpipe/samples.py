@@ -18,13 +18,13 @@ renamed into place, so an interrupted run never leaves something that looks comp
 from __future__ import annotations
 
 import shutil
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
+
+from cogpipe.video import write_mp4
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -99,36 +99,6 @@ LLAVA_CHAT_TEMPLATE = (
 
 
 # --------------------------------------------------------------------------- videos
-
-
-def write_frames_mp4(path: Path, frames: np.ndarray, fps: int, bitrate: int | None = None) -> Path:
-    """Encode RGB frames as an H.264 (or MPEG-4 Part 2) yuv420p mp4.
-
-    Args:
-        path: Output file; overwritten if it exists.
-        frames: [F, H, W, 3] uint8 RGB. H and W must be even (yuv420p).
-        fps: Frame rate (frames per second).
-        bitrate: Target bitrate in bits/s; None keeps the encoder's default quality
-            (crf 18 for libx264).
-
-    Returns:
-        `path`.
-    """
-    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-    n, h, w, _ = frames.shape
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream(codec, rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        if bitrate is not None:
-            stream.bit_rate = bitrate
-        elif codec == "libx264":
-            stream.options = {"crf": "18"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():  # flush the encoder
-            container.mux(packet)
-    return path
 
 
 def _shapes_clip(index: int, num_frames: int = NUM_FRAMES) -> np.ndarray:
@@ -212,20 +182,20 @@ def write_sample_videos(folder: Path) -> dict[str, Path]:
         tmp.replace(path)
 
     for i in range(6):
-        emit(f"shapes_{i:02d}.mp4", lambda p, i=i: write_frames_mp4(p, _shapes_clip(i), FPS))
+        emit(f"shapes_{i:02d}.mp4", lambda p, i=i: write_mp4(p, _shapes_clip(i), FPS))
     emit(
         "black.mp4",
-        lambda p: write_frames_mp4(p, np.zeros((NUM_FRAMES, HEIGHT, WIDTH, 3), np.uint8), FPS),
+        lambda p: write_mp4(p, np.zeros((NUM_FRAMES, HEIGHT, WIDTH, 3), np.uint8), FPS),
     )
     still = _shapes_clip(7, num_frames=1)  # [1, H, W, 3]
-    emit("frozen.mp4", lambda p: write_frames_mp4(p, np.repeat(still, NUM_FRAMES, axis=0), FPS))
+    emit("frozen.mp4", lambda p: write_mp4(p, np.repeat(still, NUM_FRAMES, axis=0), FPS))
     emit(
         "shapes_00_reencoded.mp4",
-        lambda p: write_frames_mp4(p, _resize(_shapes_clip(0), 160, 120), FPS, bitrate=8_000),
+        lambda p: write_mp4(p, _resize(_shapes_clip(0), 160, 120), FPS, bitrate=8_000),
     )
 
     def corrupt(p: Path) -> None:
-        write_frames_mp4(p, _shapes_clip(0), FPS)
+        write_mp4(p, _shapes_clip(0), FPS)
         p.write_bytes(p.read_bytes()[:300])  # ftyp + the start of mdat; no moov box
 
     emit("corrupt.mp4", corrupt)

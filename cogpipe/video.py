@@ -7,6 +7,7 @@ Decoding goes through decord (random access by frame index); writing goes throug
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -92,8 +93,22 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
-    """Encode [F, H, W, 3] uint8 frames as H.264 (yuv420p). Odd sizes are padded by one pixel."""
+def write_mp4(
+    path: str | Path, frames: np.ndarray, fps: float, crf: int = 18, bitrate: int | None = None
+) -> Path:
+    """Encode [F, H, W, 3] uint8 RGB frames as an H.264 yuv420p mp4 (MPEG-4 Part 2 where
+    the FFmpeg build has no libx264). Odd sizes are padded by one edge pixel.
+
+    Args:
+        path: output file, overwritten; its folder is created.
+        frames: [F, H, W, 3] uint8 RGB.
+        fps: frame rate.
+        crf: constant quality (libx264), used when `bitrate` is None.
+        bitrate: target bits per second instead of constant quality.
+
+    Returns:
+        `path`.
+    """
     import av
 
     path = Path(path)
@@ -102,16 +117,19 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -
     ph, pw = h + h % 2, w + w % 2
     if (ph, pw) != (h, w):
         frames = np.pad(frames, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = pw, ph, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        if bitrate is not None:
+            stream.bit_rate = bitrate
+        elif codec == "libx264":
+            stream.options = {"crf": str(crf)}
         for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
+            image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            for packet in stream.encode(image):
                 container.mux(packet)
-        for packet in stream.encode():
+        for packet in stream.encode():  # flush the encoder
             container.mux(packet)
     return path
 
