@@ -108,3 +108,19 @@ def test_changing_the_caption_prompt_recomputes_caption_and_after(demo, tmp_path
     reused = {r.stage: r.reused for r in results}
     assert reused == {"ingest": True, "check": True, "caption": False, "filter": False,
                       "precompute": False, "train": False, "evaluate": False}  # fmt: skip
+
+
+def test_stage_summaries_are_prefect_artifacts(demo):
+    """Every stage that computed published its counts table; evaluate its markdown report."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    wanted = [f"{stage}-summary" for stage in STAGES] + ["evaluate-report", "caption-progress"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted))
+        )
+    by_key = {a.key: a for a in found}
+    assert set(wanted) <= set(by_key), set(wanted) - set(by_key)
+    assert any(row["what"] == "rejected" for row in json.loads(by_key["ingest-summary"].data))
+    assert "checkpoint-000006" in by_key["evaluate-report"].data
