@@ -8,7 +8,7 @@ What is notable:
   captions as an uninterrupted one (with left padding a caption can depend on its batch,
   which is why `batch_size` is part of the key).
 - Frames are decoded one batch ahead in background threads, so the GPU does not wait on
-  decord; the processor and `generate` run on the main thread.
+  PyAV; the processor and `generate` run on the main thread.
 - Video-native models (LLaVA-NeXT-Video, LLaVA-OneVision) get the frames as one video;
   image models (LLaVA, LLaVA-NeXT) get them as a sequence of images.
 - A clip whose frames cannot be decoded is a row with `error` and no caption, and so is
@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from cogpipe.config import CaptionConfig, PipelineConfig
-from cogpipe.video import even_indices, read_frames
+from cogpipe.video import even_times, read_frames
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -144,9 +144,7 @@ def decode_clip(clip: Any, num_frames: int) -> list:
     """
     from PIL import Image
 
-    first = int(round(clip.start * clip.fps))
-    last = max(int(round(clip.end * clip.fps)), first + 1)
-    frames = read_frames(clip.path, even_indices(first, last, num_frames))  # [F, H, W, 3] uint8
+    frames = read_frames(clip.path, even_times(clip.start, clip.end, num_frames))  # [F, H, W, 3]
     return [Image.fromarray(f) for f in frames]
 
 
@@ -156,7 +154,7 @@ def decode_batch(batch: pd.DataFrame, num_frames: int) -> list[tuple[list | None
     for clip in batch.itertuples(index=False):
         try:
             out.append((decode_clip(clip, num_frames), None))
-        except Exception as e:  # decord's DECORDError, RuntimeError, OSError...
+        except Exception as e:  # VideoError, OSError...
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             out.append((None, f"cannot decode frames: {first}"))
     return out

@@ -1,24 +1,46 @@
-"""Check: accepted videos become clips, each scored, deduplicated, split and kept or not.
+"""Check: accepted videos become clips (spans of their source), each scored and kept or not.
 
-One clip per video here (scene splitting and black-run trimming make several later).
-A clip is a span of its source: `clip_id` = video_id + span, `start`/`end` in seconds.
-Scores are columns, thresholds live in `CheckConfig`, and every rejected clip keeps its
-row with the reasons. Near duplicates are found by a 64-bit difference hash of each
-sampled frame; the best member of each group (largest, then longest) is kept.
+Per video, in a worker process under `check.timeout`:
+
+1. **Sample, keyframe-aware.** Frame pairs (a frame and the next) at the keyframes, at
+   four evenly spread times, then at more spread times only while the decoding stays
+   under `max_decode_fraction` of the video's frames. A keyframe costs one frame to
+   decode; a time between keyframes costs the frames from the keyframe before it. With
+   keyframes every few seconds (web video) the whole check decodes a small fraction.
+2. **Trim black leaders and trailers.** The edge between the last black and the first
+   bright sample is found by decoding only that gap.
+3. **Split at shots** with PySceneDetect's ContentDetector. `scenes: auto` decodes fully
+   only the gaps between samples whose content changed (encoders put keyframes at cuts,
+   so cuts land there); `always` decodes everything. Shots longer than `max_duration`
+   are cut into equal clips.
+4. **Score each clip** from its samples: black ratio, frozen ratio and a motion score
+   that is the mean *magnitude* of frame differences (opposite motions never cancel),
+   plus perceptual hashes (pHash) at four fixed points of the span.
+
+Then, over all clips: exact duplicates (same video bytes and span) and near duplicates
+(mean pHash Hamming distance, union-find clusters) keep their best member (resolution,
+then bitrate, then length) and record it in `dup_of`; the held-out split is drawn per
+group of clips that share a source video or are near duplicates, so no held-out clip has
+a near duplicate in training. Every clip keeps its row, with its reasons.
 
     cogpipe check configs/demo.yaml
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
+import os
 import time
 
 import numpy as np
 import pandas as pd
 
-from cogpipe.config import PipelineConfig
-from cogpipe.video import even_indices, luma, read_frames
+from cogpipe.config import CheckConfig, PipelineConfig
+from cogpipe.pool import map_files
+from cogpipe.report import reason_kind, write_check_report
+from cogpipe.video import VideoReader, luma
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -29,51 +51,202 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 1
-HASH_SIZE = 8  # dHash: 8x8 bits per frame
-PROBE_SIZE = 64  # frames are decoded at 64x64 for the checks
+VERSION = 2
+PROBE_SIZE = (64, 64)  # frames are decoded straight to 64x64 for the checks
+HASH_POINTS = (0.125, 0.375, 0.625, 0.875)  # where in a clip's span the pHashes are taken
+MIN_SCENE_S = 0.25  # PySceneDetect's min_scene_len, in seconds
+MIN_SPREAD = 4  # evenly spread samples every video gets, whatever the decoding costs
+SCORE_COLUMNS = ["luma_mean", "black_ratio", "frozen_ratio", "motion", "samples"]
+COLUMNS = [
+    "clip_id", "video_id", "path", "start", "end", "duration", "fps", "width", "height",
+    "rotation", "bitrate", "source_caption", *SCORE_COLUMNS, "hashes", "trimmed", "shot",
+    "keep", "reasons", "dup_group", "dup_of", "split",
+]  # fmt: skip
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
     return stage_key("check", VERSION, cfg.check.key_fields(), inputs)
 
 
-def clip_id_of(video_id: str, start_frame: int, end_frame: int) -> str:
-    return f"{video_id[:16]}-{start_frame:06d}-{end_frame:06d}"
+def clip_id_of(video_id: str, start: float, end: float) -> str:
+    """`<first 16 hex of video_id>-<start ms>-<end ms>`: stable for a span of a video."""
+    return f"{video_id[:16]}-{round(start * 1000):08d}-{round(end * 1000):08d}"
 
 
-def dhash(gray: np.ndarray) -> int:
-    """64-bit difference hash of one [H, W] grayscale frame."""
-    import torch
-    import torch.nn.functional as F
+# -- sampling ----------------------------------------------------------------------------
+def decode_cost(times: list[float], keyframes: list[float], fps: float) -> float:
+    """Frames `VideoReader.at(times, following=1)` decodes (it seeks to keyframes)."""
+    cost, pos = 0.0, None
+    for t in sorted(times):
+        k = keyframes[max(bisect.bisect_right(keyframes, t + 1e-6) - 1, 0)] if keyframes else 0.0
+        if pos is None or t < pos or k > pos:
+            cost += (t - k) * fps + 2
+        else:
+            cost += (t - pos) * fps + 1
+        pos = t + 1 / fps
+    return cost
 
-    x = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[None, None]
-    small = F.interpolate(x, size=(HASH_SIZE, HASH_SIZE + 1), mode="area")[0, 0].numpy()
-    bits = (small[:, 1:] > small[:, :-1]).flatten()
-    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+def plan_samples(
+    keyframes: list[float], duration: float, fps: float, count: int, budget: float
+) -> list[float]:
+    """Sample times for a video.
+
+    Up to `count` keyframes spread over the video (a frame each to decode); then
+    `MIN_SPREAD` evenly spread times whatever they cost, so that a video with one
+    keyframe is still seen from start to end; then more evenly spread times, cheapest
+    first, while `decode_cost` stays within `budget` frames.
+    """
+    keys = [k for k in keyframes if 0 <= k < duration] or [0.0]
+    if len(keys) > count:
+        keys = [keys[i] for i in np.linspace(0, len(keys) - 1, count).round().astype(int)]
+    chosen = sorted(set(keys))
+
+    def spread(n: int) -> list[float]:
+        step = duration / n
+        fills = [(i + 0.5) * step for i in range(n)]
+        return [t for t in fills if min(abs(t - k) for k in chosen) > step / 2]
+
+    chosen = sorted({*chosen, *spread(MIN_SPREAD)})
+    if len(chosen) >= count:
+        return chosen
+    for t in sorted(spread(count), key=lambda t: decode_cost([t], keyframes, fps)):
+        if decode_cost([*chosen, t], keyframes, fps) <= budget:
+            chosen = sorted([*chosen, t])
+    return chosen
 
 
-def frame_scores(frames: np.ndarray, cfg: PipelineConfig) -> dict:
-    """Luma, black and frozen statistics and frame hashes of [F, H, W, 3] sampled frames."""
-    y = luma(frames)  # [F, H, W] float
+def _is_black(frame: np.ndarray, c: CheckConfig) -> bool:
+    return float(luma(frame[None]).mean()) < c.black_luma
+
+
+def _first(reader: VideoReader, a: float, b: float, test) -> float:
+    """Time of the first frame in [a, b] passing `test`, or b."""
+    for t, frame in reader.scan(a, b + 1e-3):
+        if test(frame):
+            return t
+    return b
+
+
+def _cuts(reader: VideoReader, a: float, b: float, fps: float, threshold: float) -> list[float]:
+    """Shot cuts in [a, b) found by PySceneDetect's ContentDetector on every frame."""
+    from scenedetect.common import FrameTimecode
+    from scenedetect.detectors import ContentDetector
+
+    detector = ContentDetector(threshold=threshold, min_scene_len=max(1, round(MIN_SCENE_S * fps)))
+    cuts, t = [], a
+    for t, frame in reader.scan(a, b):
+        found = detector.process_frame(FrameTimecode(t, fps), frame[..., ::-1].copy())
+        cuts += [c.seconds for c in found]
+    cuts += [c.seconds for c in detector.post_process(FrameTimecode(t, fps))]
+    return [c for c in cuts if a < c < b]
+
+
+def _changed(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+    """Whether two frames differ like a cut would (ContentDetector's score on the pair)."""
+    from scenedetect.common import FrameTimecode
+    from scenedetect.detectors import ContentDetector
+
+    detector = ContentDetector(threshold=threshold, min_scene_len=1)
+    detector.process_frame(FrameTimecode(0, 1.0), a[..., ::-1].copy())
+    return bool(detector.process_frame(FrameTimecode(1, 1.0), b[..., ::-1].copy()))
+
+
+def phash(frame: np.ndarray) -> str:
+    """64-bit DCT perceptual hash (imagehash.phash) of an RGB frame, as 16 hex digits."""
+    import imagehash
+    from PIL import Image
+
+    return str(imagehash.phash(Image.fromarray(frame).convert("L"), hash_size=8))
+
+
+def _score(samples: list[tuple[float, np.ndarray, np.ndarray]], start: float, end: float,
+           c: CheckConfig) -> dict:  # fmt: skip
+    """Scores of a clip from its (time, frame, next frame) samples."""
+    frames = np.stack([s[1] for s in samples])
+    nexts = np.stack([s[2] for s in samples])
+    y, y_next = luma(frames), luma(nexts)
     means = y.mean(axis=(1, 2))
-    diffs = np.abs(np.diff(y, axis=0)).mean(axis=(1, 2)) if len(y) > 1 else np.zeros(1)
+    diffs = np.abs(y_next - y).mean(axis=(1, 2))  # magnitude: opposite motions add up
+    times = np.array([s[0] for s in samples])
+    span = max(end - start, 1e-6)
+    picks = [int(np.abs(times - (start + p * span)).argmin()) for p in HASH_POINTS]
     return {
         "luma_mean": float(means.mean()),
-        "black_ratio": float((means < cfg.check.black_luma).mean()),
-        "frozen_ratio": float((diffs < cfg.check.frozen_diff).mean()),
-        "motion": float(diffs.mean()),  # mean |frame difference|, 0-255: never cancels out
-        "hashes": [f"{dhash(f):016x}" for f in y],
+        "black_ratio": float((means < c.black_luma).mean()),
+        "frozen_ratio": float((diffs < c.frozen_diff).mean()),
+        "motion": float(diffs.mean()),
+        "samples": len(samples),
+        "hashes": [phash(frames[i]) for i in picks],
     }
 
 
-def hamming(a: list[str], b: list[str]) -> float:
-    """Mean Hamming distance between two equally long lists of hex frame hashes."""
-    return float(
-        np.mean([bin(int(x, 16) ^ int(y, 16)).count("1") for x, y in zip(a, b, strict=True)])
-    )
+def inspect_video(path: str, info: dict, c: CheckConfig) -> dict:
+    """Sample, trim, split and score one video (runs in a worker process).
+
+    Returns:
+        {"clips": [span, trimmed, shot and scores per clip], "decoded": frames decoded,
+         "frames": the video's frames}.
+    """
+    fps, duration = float(info["fps"]), float(info["duration"])
+    keyframes = sorted(float(k) for k in info["keyframes"])
+    budget = c.max_decode_fraction * info["frames"]
+    count = c.sample_frames * max(1, math.ceil(duration / c.max_duration))
+    with VideoReader(path, size=PROBE_SIZE, keyframes=keyframes) as r:
+        times = plan_samples(keyframes, duration, fps, count, budget)
+        got, frames = r.at(times, following=1)
+        samples = [(t, frames[2 * i], frames[2 * i + 1]) for i, t in enumerate(got)]
+        samples = sorted({s[0]: s for s in samples}.values(), key=lambda s: s[0])
+
+        # In time order, so the decoder mostly runs forward: leader, shots, trailer.
+        start, end = 0.0, duration
+        bright = [i for i, s in enumerate(samples) if not _is_black(s[1], c)]
+        first, last = (bright[0], bright[-1]) if bright else (0, len(samples) - 1)
+        if c.trim_black and bright and first > 0:  # the edge lies between two samples
+            a, b = samples[first - 1][0], samples[first][0]
+            start = _first(r, a, b, lambda f: not _is_black(f, c))
+        inside = samples[first : last + 1]
+        cuts: list[float] = []
+        if c.scenes == "always":
+            cuts = _cuts(r, start, samples[last][0], fps, c.scene_threshold)
+        elif c.scenes == "auto":  # full-decode only the gaps whose ends differ, merged
+            spans: list[list[float]] = []
+            for s, nxt in zip(inside, inside[1:], strict=False):
+                if _changed(s[2], nxt[1], c.scene_threshold):
+                    if spans and spans[-1][1] >= s[0]:
+                        spans[-1][1] = nxt[0]
+                    else:
+                        spans.append([s[0], nxt[0]])
+            for a, b in spans:
+                cuts += _cuts(r, a, b + 1.5 / fps, fps, c.scene_threshold)
+        if c.trim_black and bright and last < len(samples) - 1:  # black trailer
+            a, b = samples[last][0], samples[last + 1][0]
+            end = _first(r, a + 0.5 / fps, b, lambda f: _is_black(f, c))
+        if c.scenes == "always" and end > samples[last][0]:
+            cuts += _cuts(r, samples[last][0], end, fps, c.scene_threshold)
+        cuts = [t for t in cuts if start < t < end]
+        trimmed = start > 0 or end < duration
+        edges = [start, *sorted(set(cuts)), end]
+
+        clips = []
+        for shot, (a, b) in enumerate(zip(edges, edges[1:], strict=False)):
+            pieces = max(1, math.ceil((b - a) / c.max_duration - 1e-9))
+            for p in range(pieces):
+                s0, s1 = a + (b - a) * p / pieces, a + (b - a) * (p + 1) / pieces
+                mine = [s for s in samples if s0 <= s[0] < s1]
+                if len(mine) < 2 and s1 - s0 >= 1.5 / fps:  # too few: a short decode here
+                    extra = [s0 + (s1 - s0) * q for q in (0.25, 0.5, 0.75)]
+                    got, fr = r.at(extra, following=1)
+                    mine += [(t, fr[2 * i], fr[2 * i + 1]) for i, t in enumerate(got)]
+                    mine = sorted({s[0]: s for s in mine}.values(), key=lambda s: s[0])
+                    mine = [s for s in mine if s0 - 0.5 / fps <= s[0] < s1]
+                clip = {"start": s0, "end": s1, "trimmed": trimmed, "shot": shot}
+                clip |= _score(mine, s0, s1, c) if mine else {"samples": 0, "hashes": []}
+                clips.append(clip)
+        return {"clips": clips, "decoded": r.decoded, "frames": int(info["frames"])}
 
 
+# -- over all clips ----------------------------------------------------------------------
 class _UnionFind:
     def __init__(self, n: int):
         self.parent = list(range(n))
@@ -88,41 +261,97 @@ class _UnionFind:
         self.parent[self.find(i)] = self.find(j)
 
 
-def _dedup(clips: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
-    """Group exact (same video_id) and near (frame hashes) duplicates among passing clips."""
+def near_pairs(hashes: np.ndarray, durations: np.ndarray, max_bits: float) -> list[tuple]:
+    """Index pairs (i < j) whose mean pHash Hamming distance is at most `max_bits` and whose
+    lengths agree within 10%. `hashes` is [N, P] uint64."""
+    pairs = []
+    n = len(hashes)
+    for lo in range(0, n, 512):  # [512, N, P] popcounts at a time
+        block = hashes[lo : lo + 512]
+        dist = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :]).mean(axis=-1)
+        d_a, d_b = durations[lo : lo + 512, None], durations[None, :]
+        close = (dist <= max_bits) & (np.abs(d_a - d_b) <= 0.1 * np.maximum(d_a, d_b) + 0.1)
+        for a, b in zip(*np.nonzero(close), strict=True):
+            if lo + a < b:
+                pairs.append((lo + int(a), int(b)))
+    return pairs
+
+
+def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
+    """Group exact and near duplicates among passing clips; keep each group's best."""
     clips["dup_group"], clips["dup_of"] = None, None
-    idx = [i for i in clips.index if not clips.at[i, "reasons"]]
-    uf = _UnionFind(len(clips))
-    for a_pos, a in enumerate(idx):
-        for b in idx[a_pos + 1 :]:
-            same = clips.at[a, "video_id"] == clips.at[b, "video_id"]
-            if (
-                same
-                or hamming(clips.at[a, "hashes"], clips.at[b, "hashes"]) <= cfg.check.phash_bits
-            ):
-                uf.union(a, b)
+    live = [i for i in clips.index if not clips.at[i, "reasons"] and len(clips.at[i, "hashes"])]
+    if not live:
+        return clips
+    hashes = np.array([[int(h, 16) for h in clips.at[i, "hashes"]] for i in live], dtype=np.uint64)
+    durations = clips.loc[live, "duration"].to_numpy(dtype=float)
+    uf = _UnionFind(len(live))
+    exact: dict[tuple, int] = {}
+    for pos, i in enumerate(live):
+        span = (
+            clips.at[i, "video_id"],
+            round(clips.at[i, "start"], 3),
+            round(clips.at[i, "end"], 3),
+        )
+        if span in exact:
+            uf.union(pos, exact[span])
+        exact.setdefault(span, pos)
+    for a, b in near_pairs(hashes, durations, c.phash_bits):
+        uf.union(a, b)
     groups: dict[int, list[int]] = {}
-    for i in idx:
-        groups.setdefault(uf.find(i), []).append(i)
+    for pos, i in enumerate(live):
+        groups.setdefault(uf.find(pos), []).append(i)
     for members in groups.values():
-        # Keep the largest, then the longest, then the first by path.
-        best = max(members, key=lambda i: (clips.at[i, "width"] * clips.at[i, "height"],
-                                           clips.at[i, "end"] - clips.at[i, "start"], -i))  # fmt: skip
         if len(members) == 1:
             continue
+        best = max(members, key=lambda i: (clips.at[i, "width"] * clips.at[i, "height"],
+                                           clips.at[i, "bitrate"], clips.at[i, "duration"],
+                                           -i))  # fmt: skip
         for i in members:
             clips.at[i, "dup_group"] = clips.at[best, "clip_id"]
             if i != best:
                 clips.at[i, "dup_of"] = clips.at[best, "clip_id"]
-                kind = "exact" if clips.at[i, "video_id"] == clips.at[best, "video_id"] else "near"
-                clips.at[i, "reasons"] = [f"{kind} duplicate of {clips.at[best, 'path']}"]
+                same = clips.at[i, "video_id"] == clips.at[best, "video_id"]
+                kind = "exact" if same else "near"
+                clips.at[i, "reasons"] = [f"{kind} duplicate of {clips.at[best, 'clip_id']} "
+                                          f"({clips.at[best, 'path']})"]  # fmt: skip
     return clips
 
 
-def _split(clip_id: str, fraction: float) -> str:
-    """'heldout' for a stable `fraction` of clip ids, 'train' otherwise."""
-    u = int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
-    return "heldout" if u < fraction else "train"
+def _split(clips: pd.DataFrame, fraction: float) -> list[str]:
+    """'heldout' or 'train' per clip, drawn per group of clips that share a source video or
+    a duplicate group, stable by the group's smallest clip_id."""
+    uf = _UnionFind(len(clips))
+    first: dict[str, int] = {}
+    for pos, (video, group) in enumerate(zip(clips.video_id, clips.dup_group, strict=True)):
+        for label in (f"v:{video}", f"g:{group}" if group else None):
+            if label is not None:
+                uf.union(pos, first.setdefault(label, pos))
+    names: dict[int, str] = {}
+    for pos, cid in enumerate(clips.clip_id):
+        root = uf.find(pos)
+        names[root] = min(names.get(root, cid), cid)
+    out = []
+    for pos in range(len(clips)):
+        u = int(hashlib.sha256(names[uf.find(pos)].encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+        out.append("heldout" if u < fraction else "train")
+    return out
+
+
+def _reasons(clip: dict, c: CheckConfig) -> list[str]:
+    out = list(clip.get("reasons", []))
+    length = clip["end"] - clip["start"]
+    if length < c.min_duration:
+        out.append(f"too short ({length:.2f}s < {c.min_duration:g}s)")
+    if clip.get("samples", 0) == 0:
+        return out
+    if clip["black_ratio"] > c.max_black_ratio:
+        out.append(f"black frames ({clip['black_ratio']:.0%} > {c.max_black_ratio:.0%})")
+    if clip["frozen_ratio"] > c.max_frozen_ratio:
+        out.append(f"frozen ({clip['frozen_ratio']:.0%} of frame pairs unchanged)")
+    elif clip["motion"] < c.min_motion:
+        out.append(f"static (motion {clip['motion']:.2f} < {c.min_motion:g})")
+    return out
 
 
 def run_check(
@@ -131,7 +360,7 @@ def run_check(
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
 ) -> StageResult:
-    """Score every accepted video as a clip and write `check/<key>/clips.parquet`.
+    """Turn every accepted video into scored clips and write `check/<key>/clips.parquet`.
 
     Args:
         ws: the workspace.
@@ -140,7 +369,8 @@ def run_check(
         progress: called as (videos done, videos total, path).
 
     Returns:
-        The stage result; counts hold clips, kept and each rejection kind.
+        The stage result; counts hold clips, kept, rejected, train and heldout; stats hold
+        the rejection reasons and the fraction of frames decoded.
     """
     started = time.time()
     ingest = upstream["ingest"]
@@ -149,57 +379,74 @@ def run_check(
     if ws.done(out):
         return ws.result("check", out)
 
-    videos = read_table(ws.root / "ingest" / ingest.key / "videos.parquet")
-    videos = videos[videos.status == "ok"].reset_index(drop=True)
+    manifest = read_table(ws.root / "ingest" / ingest.key / "videos.parquet")
+    videos = manifest[manifest.status == "ok"].reset_index(drop=True)
     c = cfg.check
+    per_video: list[list[dict]] = [[] for _ in range(len(videos))]
+    jobs, where = [], []
+    for i, v in enumerate(videos.itertuples(index=False)):
+        whole = {"start": 0.0, "end": float(v.duration), "trimmed": False, "shot": 0, "samples": 0}
+        size = f"{int(v.width)}x{int(v.height)}"
+        if min(v.width, v.height) < c.min_size:
+            per_video[i] = [whole | {"reasons": [f"too small ({size} < {c.min_size}px)"]}]
+        elif max(v.width, v.height) > c.max_size:
+            per_video[i] = [whole | {"reasons": [f"too large ({size} > {c.max_size}px)"]}]
+        else:
+            info = {"fps": v.fps, "duration": v.duration, "frames": v.frames,
+                    "keyframes": list(v.keyframes)}  # fmt: skip
+            jobs.append((v.path, info, c))
+            where.append(i)
+    decoded = total = 0
+    done = len(videos) - len(jobs)
+    workers = c.workers or os.cpu_count() or 1
+    for j, value, error in map_files(inspect_video, jobs, workers, c.timeout):
+        i = where[j]
+        if error:
+            reason = f"check failed: {error}"
+            whole = {"start": 0.0, "end": float(videos.at[i, "duration"]), "trimmed": False,
+                     "shot": 0, "samples": 0, "reasons": [reason]}  # fmt: skip
+            per_video[i] = [whole]
+        else:
+            per_video[i] = value["clips"]
+            decoded, total = decoded + value["decoded"], total + value["frames"]
+        done += 1
+        progress(done, len(videos), videos.at[i, "path"])
+
     rows = []
     for i, v in enumerate(videos.itertuples(index=False)):
-        start_f, end_f = 0, int(v.frames)
-        row = {
-            "clip_id": clip_id_of(v.video_id, start_f, end_f),
-            "video_id": v.video_id, "path": v.path, "start": 0.0, "end": end_f / v.fps,
-            "fps": v.fps, "width": v.width, "height": v.height, "reasons": [],
-        }  # fmt: skip
-        try:
-            count = min(c.sample_frames, end_f)
-            frames = read_frames(
-                v.path, even_indices(start_f, end_f, count), PROBE_SIZE, PROBE_SIZE
-            )
-            row |= frame_scores(frames, cfg)
-        except Exception as e:  # decodable at probe time, broken further in
-            row |= {"luma_mean": np.nan, "black_ratio": np.nan, "frozen_ratio": np.nan,
-                    "motion": np.nan, "hashes": []}  # fmt: skip
-            row["reasons"] = [f"decode failed while sampling: {str(e).splitlines()[0][:200]}"]
-        reasons = row["reasons"]
-        if row["end"] - row["start"] < c.min_duration:
-            reasons.append(f"too short ({row['end'] - row['start']:.2f}s < {c.min_duration}s)")
-        if min(v.width, v.height) < c.min_size:
-            reasons.append(f"too small ({v.width}x{v.height} < {c.min_size}px)")
-        if row["black_ratio"] > c.max_black_ratio:
-            reasons.append(f"black frames ({row['black_ratio']:.0%} > {c.max_black_ratio:.0%})")
-        if row["frozen_ratio"] > c.max_frozen_ratio:
-            reasons.append(f"frozen ({row['frozen_ratio']:.0%} of frame pairs unchanged)")
-        rows.append(row)
-        progress(i + 1, len(videos), v.path)
-
-    clips = _dedup(pd.DataFrame(rows), cfg) if rows else pd.DataFrame(rows)
+        for clip in per_video[i]:
+            row = {
+                "clip_id": clip_id_of(v.video_id, clip["start"], clip["end"]),
+                "video_id": v.video_id, "path": v.path, "duration": clip["end"] - clip["start"],
+                "fps": v.fps, "width": v.width, "height": v.height, "rotation": v.rotation,
+                "bitrate": v.bitrate, "source_caption": v.source_caption,
+                "hashes": [], **clip,
+            }  # fmt: skip
+            row["reasons"] = _reasons(row, c)
+            rows.append(row)
+    clips = pd.DataFrame(rows, columns=COLUMNS)
     if len(clips):
+        clips = _dedup(clips, c)
         clips["keep"] = clips.reasons.map(len) == 0
-        clips["split"] = [_split(cid, c.heldout_fraction) for cid in clips.clip_id]
+        clips["split"] = _split(clips, c.heldout_fraction)
         clips["reasons"] = clips.reasons.map("; ".join)
-    else:
-        clips = pd.DataFrame(columns=["clip_id", "video_id", "path", "start", "end", "split",
-                                      "keep", "reasons", "dup_group", "dup_of"])  # fmt: skip
     write_table(out / "clips.parquet", clips)
 
-    kept = clips[clips.keep] if len(clips) else clips
+    kept = clips[clips.keep.astype(bool)] if len(clips) else clips
     counts = {
+        "videos": len(videos),
         "clips": len(clips),
         "kept": len(kept),
         "rejected": len(clips) - len(kept),
-        "train": int((kept.split == "train").sum()) if len(kept) else 0,
-        "heldout": int((kept.split == "heldout").sum()) if len(kept) else 0,
+        "train": int((kept.split == "train").sum()),
+        "heldout": int((kept.split == "heldout").sum()),
+        "trimmed": int(clips.trimmed.astype(bool).sum()) if len(clips) else 0,
     }
-    reasons = clips.loc[~clips.keep, "reasons"].value_counts().to_dict() if len(clips) else {}
-    result = StageResult("check", key, str(out), counts, stats={"rejections": reasons})
+    reasons = clips.loc[~clips.keep.astype(bool), "reasons"].map(reason_kind).value_counts()
+    stats = {
+        "rejections": reasons.to_dict(),
+        "decoded_fraction": round(decoded / total, 4) if total else 0.0,
+    }
+    write_check_report(out, manifest, clips)
+    result = StageResult("check", key, str(out), counts, stats=stats)
     return ws.finish(result, started)

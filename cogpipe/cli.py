@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
+from cogpipe.ingest import SourceError
 from cogpipe.workspace import StageNotReady, StageResult
 
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, StageNotReady, FileNotFoundError) as e:
+    except (ConfigError, StageNotReady, FileNotFoundError, SourceError) as e:
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
 

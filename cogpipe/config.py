@@ -50,17 +50,35 @@ class Section(BaseModel):
 
 class IngestConfig(Section):
     source: Path = Field(
-        Path("videos"), description="Folder scanned recursively; every file becomes a row."
+        Path("videos"),
+        description=(
+            "A folder (scanned recursively, links followed), a list file (.csv / .jsonl / .txt"
+            " of paths with an optional caption), or a dataset folder: diffusers / CogVideo"
+            " (prompts.txt + videos.txt) or finetrainers / HF (metadata.csv or .jsonl)."
+        ),
+    )
+    layout: Literal["auto", "folder", "list", "diffusers", "metadata"] = Field(
+        "auto", description="How to read `source`; auto tells by what is there."
     )
     extensions: list[str] = Field(
         [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"],
         description="Suffixes probed as video; other files are rejected rows, not dropped.",
     )
+    workers: int = _unkeyed(default=0, ge=0, description="Probe processes; 0: one per CPU core.")
+    timeout: float = _unkeyed(
+        default=120.0, gt=0, description="Seconds one file may take to hash and probe."
+    )
 
 
 class CheckConfig(Section):
     sample_frames: int = Field(
-        8, ge=2, le=64, description="Frames sampled per clip for the checks."
+        8, ge=2, le=64, description="Frame pairs sampled per clip (keyframes first)."
+    )
+    max_decode_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Decoding budget of the sampling, as a fraction of a video's frames.",
     )
     black_luma: float = Field(
         16.0, ge=0, le=255, description="A frame whose mean luma (0-255) is below this is black."
@@ -68,22 +86,46 @@ class CheckConfig(Section):
     max_black_ratio: float = Field(
         0.5, ge=0, le=1, description="Reject a clip when more of its sampled frames are black."
     )
+    trim_black: bool = Field(True, description="Cut black leaders and trailers off the clip span.")
     frozen_diff: float = Field(
         0.5, ge=0, description="Mean abs difference (0-255) under which two frames count as equal."
     )
     max_frozen_ratio: float = Field(
         0.8, ge=0, le=1, description="Reject a clip when more of its frame pairs are frozen."
     )
+    min_motion: float = Field(
+        0.0, ge=0, description="Reject a clip whose motion score (mean |frame diff|) is below."
+    )
     min_duration: float = Field(1.0, ge=0, description="Shortest accepted clip, in seconds.")
+    max_duration: float = Field(
+        30.0, gt=0, description="Longer shots are cut into equal clips no longer than this."
+    )
     min_size: int = Field(64, ge=1, description="Smallest accepted width and height, in pixels.")
+    max_size: int = Field(
+        4096, ge=1, description="Largest accepted width or height; larger videos are rejected."
+    )
+    scenes: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description=(
+            "Shot detection (PySceneDetect ContentDetector). auto: full-decode only the gaps"
+            " between sampled frames whose content changed; always: every frame."
+        ),
+    )
+    scene_threshold: float = Field(
+        27.0, gt=0, description="ContentDetector threshold (HSV change, 0-255) for a cut."
+    )
     phash_bits: int = Field(
-        6,
+        8,
         ge=0,
         le=64,
-        description="Near duplicates: mean Hamming distance of 64-bit frame hashes at most this.",
+        description="Near duplicates: mean Hamming distance of 64-bit frame pHashes at most this.",
     )
     heldout_fraction: float = Field(
         0.1, ge=0, lt=1, description="Fraction of clips held out for evaluation, stable by clip_id."
+    )
+    workers: int = _unkeyed(default=0, ge=0, description="Check processes; 0: one per CPU core.")
+    timeout: float = _unkeyed(
+        default=300.0, gt=0, description="Seconds one video may take to check."
     )
 
 

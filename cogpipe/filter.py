@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cogpipe.config import FilterConfig, PipelineConfig
+from cogpipe.report import write_caption_report
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -105,6 +106,7 @@ def run_filter(
         }
     )
     write_table(out / "curated.parquet", table)
+    write_caption_report(out, table)
     progress(len(table), len(table), "judged")
 
     n_sel = int(table.selected.sum())

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cogpipe.config import PipelineConfig
-from cogpipe.video import read_frames, resize_center_crop, window_indices
+from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -90,9 +90,9 @@ def _plan(
     plan = curated.loc[curated.selected, ["clip_id", "caption"]].merge(clips[cols], on="clip_id")
     plan = plan.sort_values("clip_id", ignore_index=True)
 
-    plan["indices"] = [window_indices(r.fps, r.start, r.end, p.fps, p.frames) for r in plan.itertuples()]  # fmt: skip
+    plan["times"] = [window_times(r.start, r.end, p.fps, p.frames) for r in plan.itertuples()]
     plan["status"], plan["reason"], plan["shard"] = "ok", "", None
-    short = plan.indices.isna()
+    short = plan.times.isna()
     plan.loc[short, "status"] = "rejected"
     plan.loc[short, "reason"] = [
         f"too short for {p.frames} frames at {p.fps:g} fps: {e - s:.2f} s (needs {(p.frames - 1) / p.fps:.2f} s)"
@@ -184,7 +184,7 @@ def _seed(row):
 def _decode(row, p) -> tuple[str, np.ndarray | None, str]:
     """(latents cache key, [F, height, width, 3] uint8 frames or None, failure reason)."""
     try:
-        frames = read_frames(row.path, row.indices)
+        frames = read_frames(row.path, row.times)
         return row.latents_cache, resize_center_crop(frames, p.height, p.width), ""
     except Exception as e:  # a video decodable at probe time can still break further in
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

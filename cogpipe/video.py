@@ -1,81 +1,331 @@
-"""Video primitives shared by every stage: probe, frame sampling, decode, resize, write.
+"""Video primitives shared by every stage: probe, timed reads, keyframes, resize, write.
 
-Decoding goes through decord (random access by frame index); writing goes through PyAV
-(H.264, yuv420p). Frames are `uint8` arrays `[F, H, W, 3]` in RGB.
+Everything goes through PyAV (FFmpeg). Reads are by time in seconds from the first
+frame, never by frame index, so every source is normalised the same way on read:
+the frame shown at time t (constant frame rate from variable-rate sources), the
+display rotation applied, 8-bit RGB whatever the bit depth. Frames are `uint8` arrays
+`[F, H, W, 3]`.
+
+Sampling is keyframe-aware: `VideoReader.keyframes` decodes keyframes only
+(`skip_frame="NONKEY"`, tens of times cheaper than a full decode), and `VideoReader.at`
+seeks to the keyframe before each time and decodes forward only as far as it must.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 
-def _reader(path: str | Path, width: int = -1, height: int = -1):
-    import decord
+class VideoError(RuntimeError):
+    """A file that cannot be used as video; the message is the manifest's reason."""
 
-    return decord.VideoReader(str(path), ctx=decord.cpu(0), width=width, height=height)
+
+def _first_line(e: BaseException) -> str:
+    text = (getattr(e, "strerror", None) or str(e)).strip()  # FFmpeg: no errno, no path
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _rotation_steps(degrees: float) -> int:
+    """Quarter turns counter-clockwise (np.rot90's k) that display a frame upright."""
+    return int(round(degrees / 90.0)) % 4
+
+
+class VideoReader:
+    """Timed, normalised access to one video stream.
+
+    Args:
+        path: the file.
+        size: (width, height) of returned frames after rotation, or None for full size.
+        threads: decoder threads (1 in worker processes: parallelism comes from files).
+        keyframes: keyframe times if known (from the probe); else read from the packets.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        size: tuple[int, int] | None = None,
+        threads: int = 1,
+        keyframes: Sequence[float] | None = None,
+    ):
+        import av
+
+        self.path = str(path)
+        try:
+            self.container = av.open(self.path, metadata_errors="ignore")
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+            raise VideoError(f"cannot open as video: {_first_line(e)}") from e
+        if not self.container.streams.video:
+            kinds = sorted({s.type for s in self.container.streams})
+            self.container.close()
+            has = f" (only {', '.join(kinds)})" if kinds else ""
+            raise VideoError(f"no video stream{has}")
+        self.stream = self.container.streams.video[0]
+        self.stream.codec_context.thread_count = threads
+        self.time_base = float(self.stream.time_base)
+        self.t0 = (self.stream.start_time or 0) * self.time_base
+        self.size = size
+        self.rotation = 0  # quarter turns, known after the first decoded frame
+        self._frames = None  # the running decode generator
+        self._last = None  # (time, frame): the decoder's position
+        self._peeked = None  # (time, frame) decoded past the position
+        self._keys = list(keyframes) if keyframes is not None else None
+        self.decoded = 0  # frames decoded so far (what sampling costs)
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> VideoReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- decoding ----------------------------------------------------------------------
+    def _time(self, frame) -> float:
+        pts = frame.pts if frame.pts is not None else 0
+        return pts * self.time_base - self.t0
+
+    def _array(self, frame) -> np.ndarray:
+        self.rotation = _rotation_steps(frame.rotation or 0)
+        kwargs = {}
+        if self.size is not None:
+            w, h = self.size
+            if self.rotation % 2:
+                w, h = h, w
+            kwargs = {"width": w, "height": h}
+        rgb = frame.to_ndarray(format="rgb24", **kwargs)  # any bit depth -> 8-bit RGB
+        return np.ascontiguousarray(np.rot90(rgb, self.rotation)) if self.rotation else rgb
+
+    def _seek(self, t: float) -> None:
+        """Position the decoder at the keyframe at or before `t`."""
+        target = int((t + self.t0) / self.time_base)
+        self.container.seek(max(target, 0), stream=self.stream, backward=True, any_frame=False)
+        self._frames = self.container.decode(self.stream)
+        self._last, self._peeked = None, None
+
+    def _next(self) -> tuple[float, object] | None:
+        """The next decoded (time, frame), or None at the end."""
+        if self._peeked is not None:
+            item, self._peeked = self._peeked, None
+            return item
+        try:
+            frame = next(self._frames)
+        except StopIteration:
+            return None
+        self.decoded += 1
+        return self._time(frame), frame
+
+    def keyframe_times(self) -> list[float]:
+        """Keyframe times from the packet headers (demuxing only; cached)."""
+        if self._keys is None:
+            pos = self._last
+            self._keys = [
+                p.pts * self.time_base - self.t0
+                for p in self.container.demux(self.stream)
+                if p.is_keyframe and p.pts is not None
+            ]
+            self._frames, self._last, self._peeked = None, None, None
+            if pos is not None:
+                self._seek(pos[0])
+        return self._keys
+
+    def _keyframe_between(self, a: float, b: float) -> bool:
+        """Whether seeking from a decoder at `a` to `b` lands past `a` (saves decoding)."""
+        return any(a + 1e-6 < k <= b + 1e-6 for k in self.keyframe_times())
+
+    def _goto(self, t: float) -> None:
+        """Make the frame shown at `t` the decoder's position (seeking only if it pays)."""
+        last = self._last
+        if last is None or t < last[0] - 1e-6 or self._keyframe_between(last[0], t):
+            self._seek(t)
+            self._last = self._next()
+            if self._last is None:
+                raise VideoError(f"no frame decodes at {t:.2f}s")
+        while (nxt := self._next()) is not None:
+            if nxt[0] > t + 1e-6:
+                self._peeked = nxt
+                return
+            self._last = nxt
+
+    def at(self, times: Sequence[float], following: int = 0) -> tuple[list[float], np.ndarray]:
+        """The frames shown at `times` (seconds), each followed by `following` next frames.
+
+        Seeks only when a time is behind the decoder or a keyframe lies between them;
+        otherwise decodes forward. Returns (the shown frames' times, [N * (1 + following),
+        H, W, 3]); past the end the last frame repeats.
+
+        Raises:
+            VideoError: nothing decodes at or before a requested time.
+        """
+        import av
+
+        out_t, out = [], []
+        t = 0.0
+        try:
+            for t in sorted(times):
+                self._goto(t)
+                out_t.append(self._last[0])
+                out.append(self._array(self._last[1]))
+                for _ in range(following):
+                    self._last = self._next() or self._last
+                    out.append(self._array(self._last[1]))
+        except av.FFmpegError as e:
+            raise VideoError(f"decode failed near {t:.2f}s: {_first_line(e)}") from e
+        return out_t, np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+    def keyframes(self) -> tuple[list[float], np.ndarray]:
+        """Every keyframe, decoding nothing else. Returns (times, [K, H, W, 3])."""
+        import av
+
+        cc = self.stream.codec_context
+        self._seek(0.0)
+        cc.skip_frame = "NONKEY"
+        times, frames = [], []
+        try:
+            for frame in self.container.decode(self.stream):
+                self.decoded += 1
+                times.append(self._time(frame))
+                frames.append(self._array(frame))
+        except av.FFmpegError as e:
+            if not frames:
+                raise VideoError(f"no keyframe decodes: {_first_line(e)}") from e
+        finally:
+            cc.skip_frame = "DEFAULT"
+            self._frames, self._last, self._peeked = None, None, None
+        return times, np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
+
+    def scan(self, start: float, end: float) -> Iterator[tuple[float, np.ndarray]]:
+        """Every frame shown in [start, end), in order: a full decode of that span, which
+        continues from the decoder's position when no keyframe is nearer."""
+        import av
+
+        try:
+            self._goto(start)
+            item = self._last
+            while item is not None and item[0] < end:
+                self._last = item
+                yield item[0], self._array(item[1])
+                item = self._next()
+            if item is not None:
+                self._peeked = item
+        except av.FFmpegError as e:
+            raise VideoError(f"decode failed after {start:.2f}s: {_first_line(e)}") from e
 
 
 def probe_video(path: str | Path) -> tuple[dict, str]:
-    """Width, height, fps, frame count and duration of a video, or an error.
+    """Stream facts of a video from its packets plus one decoded frame, or a reason.
+
+    Demuxing reads every packet header (no decoding): the true frame count, keyframe
+    times, bitrate, variable frame rate and truncation. One decoded frame proves the
+    codec works and gives the display rotation.
 
     Returns:
-        (info, "") on success, ({}, reason) when the file cannot be decoded.
+        (info, "") on success, ({}, reason) when the file is not usable video.
     """
+    import av
+
     try:
-        vr = _reader(path)
-        frames = len(vr)
-        fps = float(vr.get_avg_fps())
-        if frames < 1:
-            return {}, "no decodable frames"
-        height, width = vr[0].shape[:2]
-    except Exception as e:  # decord raises its own DECORDError, or RuntimeError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return {}, f"cannot decode video: {first[:200]}"
-    if not math.isfinite(fps) or fps <= 0:
-        return {}, f"invalid frame rate {fps}"
+        with VideoReader(path) as r:
+            s = r.stream
+            pts, keys, nbytes = [], [], 0
+            try:
+                for packet in r.container.demux(s):
+                    if packet.size == 0 or packet.pts is None:
+                        continue
+                    t = packet.pts * r.time_base - r.t0
+                    pts.append(t)
+                    nbytes += packet.size
+                    if packet.is_keyframe:
+                        keys.append(t)
+            except av.FFmpegError as e:
+                if not pts:
+                    return {}, f"no readable packets: {_first_line(e)}"
+                return {}, f"corrupt or truncated after {len(pts)} frames: {_first_line(e)}"
+            if not pts:
+                return {}, "no video frames"
+            declared = s.frames or 0
+            if declared > 1 and len(pts) < 0.98 * declared:
+                return {}, f"truncated: {len(pts)} of {declared} declared frames present"
+            times = np.sort(np.asarray(pts))
+            steps = np.diff(times)
+            step = float(np.median(steps)) if len(steps) else 0.0
+            fps = 1.0 / step if step > 0 else float(s.average_rate or s.guessed_rate or 0)
+            if not math.isfinite(fps) or fps <= 0:
+                return {}, f"invalid frame rate {fps}"
+            duration = float(times[-1] - times[0]) + 1.0 / fps
+            # A frame decodes: the codec works, and the frame carries the rotation.
+            r._seek(0.0)
+            decoded = r._next()
+            if decoded is None:
+                return {}, "no frame decodes"
+            first = r._array(decoded[1])
+            fmt = s.codec_context.format
+    except VideoError as e:
+        return {}, str(e)
+    except av.FFmpegError as e:
+        return {}, f"cannot decode video: {_first_line(e)}"
+    height, width = first.shape[:2]
+    vfr = bool(len(steps) > 1 and (steps.max() - steps.min()) > 0.25 * step)
     info = {
         "width": int(width),
         "height": int(height),
-        "fps": fps,
-        "frames": int(frames),
-        "duration": frames / fps,
+        "fps": float(fps),
+        "frames": len(pts),
+        "duration": duration,
+        "keyframes": [float(k) for k in sorted(keys)],
+        "rotation": int(r.rotation * 90),
+        "vfr": vfr,
+        "codec": s.codec_context.name,
+        "pix_fmt": fmt.name if fmt is not None else "",
+        "bit_depth": int(fmt.components[0].bits) if fmt is not None else 8,
+        "bitrate": int(nbytes * 8 / duration),
     }
     return info, ""
 
 
 def even_indices(start: int, end: int, count: int) -> list[int]:
-    """`count` frame indices spread evenly over [start, end), centre of each segment."""
+    """`count` indices spread evenly over [start, end), centre of each segment."""
     n = max(end - start, 1)
     return [start + min(int((i + 0.5) * n / count), n - 1) for i in range(count)]
 
 
-def window_indices(
-    src_fps: float, start: float, end: float, target_fps: float, count: int
-) -> list[int] | None:
-    """Contiguous window of `count` frames resampled to `target_fps`, from `start` seconds.
+def even_times(start: float, end: float, count: int) -> list[float]:
+    """`count` times spread evenly over [start, end), at the centre of each segment."""
+    span = max(end - start, 0.0)
+    return [start + (i + 0.5) * span / count for i in range(count)]
 
-    Keeps real motion speed: frame k is the source frame shown at start + k / target_fps.
+
+def window_times(start: float, end: float, target_fps: float, count: int) -> list[float] | None:
+    """A contiguous window of `count` frame times at `target_fps`, from `start` seconds.
+
+    Keeps real motion speed: frame k is the one shown at start + k / target_fps.
     Returns None when the clip [start, end) is too short for the window.
     """
     span = (count - 1) / target_fps
     if start + span > end + 1e-6:
         return None
-    last = max(int(math.floor(end * src_fps + 1e-6)) - 1, 0)
-    return [
-        min(int(math.floor((start + k / target_fps) * src_fps + 1e-6)), last) for k in range(count)
-    ]
+    return [start + k / target_fps for k in range(count)]
 
 
 def read_frames(
-    path: str | Path, indices: list[int], width: int = -1, height: int = -1
+    path: str | Path, times: Sequence[float], size: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """Decode the given frames, optionally resized by the decoder. Returns [N, H, W, 3] uint8."""
-    vr = _reader(path, width=width, height=height)
-    return vr.get_batch(list(indices)).asnumpy()
+    """The frames shown at `times` (seconds), normalised. Returns [N, H, W, 3] uint8.
+
+    Raises:
+        VideoError: the file cannot be opened or decoded there.
+    """
+    with VideoReader(path, size=size) as r:
+        order = np.argsort(times, kind="stable")
+        _, frames = r.at([times[i] for i in order])
+        out = np.empty_like(frames)
+        out[order] = frames
+        return out
 
 
 def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -36,7 +36,7 @@ def test_stage_commands_run_in_order_and_report(tmp_path, sample_videos, capsys)
     path = write_config(tmp_path, sample_videos)
     assert main(["ingest", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "ingest" in out and "computed" in out and "rejected 1: cannot decode video" in out
+    assert "ingest" in out and "computed" in out and "rejected 1: cannot open as video" in out
     assert main(["check", str(path)]) == 0
     assert main(["ingest", str(path)]) == 0
     assert "reused" in capsys.readouterr().out
@@ -59,4 +59,4 @@ def test_bad_config_and_missing_source_are_clear_errors(tmp_path, sample_videos,
     assert "train.rank" in capsys.readouterr().err
     missing = write_config(tmp_path, sample_videos, ingest={"source": str(tmp_path / "nope")})
     assert main(["ingest", str(missing)]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from cogpipe.check import dhash, hamming
+from cogpipe.check import near_pairs, phash
 from cogpipe.config import FilterConfig
 from cogpipe.filter import judge, repetition
 from cogpipe.pipeline import plan, run_stage
@@ -26,7 +26,7 @@ def test_every_file_is_a_row_and_bad_files_have_reasons(checked, sample_videos):
     videos = read_table(ws_file(ingest, "videos.parquet")).set_index("path")
     assert sorted(videos.index) == sorted(str(p) for p in sample_videos.values())
     assert videos.loc[str(sample_videos["corrupt.mp4"]), "status"] == "rejected"
-    assert "cannot decode video" in videos.loc[str(sample_videos["corrupt.mp4"]), "reason"]
+    assert "cannot open as video" in videos.loc[str(sample_videos["corrupt.mp4"]), "reason"]
     assert (
         videos.loc[str(sample_videos["notes.txt"]), "reason"]
         == "not a video file (extension '.txt')"
@@ -50,7 +50,8 @@ def test_black_frozen_and_duplicates_are_rejected_with_reasons(checked, sample_v
     kept, dropped = (reencoded, original) if clips.loc[reencoded, "keep"] else (original, reencoded)
     assert clips.loc[kept, "keep"] and not clips.loc[dropped, "keep"]
     assert clips.loc[dropped, "dup_of"] == clips.loc[kept, "clip_id"]
-    assert clips.loc[dropped, "reasons"] == f"near duplicate of {kept}"
+    kept_id = clips.loc[kept, "clip_id"]
+    assert clips.loc[dropped, "reasons"] == f"near duplicate of {kept_id} ({kept})"
     good = [f"shapes_{i:02d}" for i in range(1, 6)]
     assert all(clips.loc[str(sample_videos[g + ".mp4"]), "keep"] for g in good)
     assert set(clips.split) <= {"train", "heldout"}
@@ -108,13 +109,17 @@ def test_filter_rules():
     assert repetition("a b c a b c a b c".split()) == pytest.approx(4 / 7)
 
 
-def test_dhash_is_stable_under_rescale():
+def test_phash_matches_a_rescaled_frame_and_not_another_picture():
     import numpy as np
 
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 255, (8, 9)).astype(np.float32).repeat(12, 0).repeat(12, 1)
+    img = rng.integers(0, 255, (8, 12, 3)).astype(np.uint8).repeat(16, 0).repeat(16, 1)
     small = img[::2, ::2]
-    assert hamming([f"{dhash(img):016x}"], [f"{dhash(small):016x}"]) <= 4
+    other = rng.integers(0, 255, img.shape).astype(np.uint8)
+    as_int = lambda frame: int(phash(frame), 16)  # noqa: E731
+    hashes = np.array([[as_int(img)], [as_int(small)], [as_int(other)]], dtype=np.uint64)
+    pairs = near_pairs(hashes, np.array([3.0, 3.0, 3.0]), max_bits=8)
+    assert pairs == [(0, 1)]
 
 
 def ws_file(result, name):

@@ -60,9 +60,9 @@ def test_bad_files_are_rejected_rows_and_the_pipeline_goes_on(demo):
     videos = read_table(Path(status["ingest"]["path"]) / "videos.parquet").set_index("path")
     corrupt = videos.loc[str(cfg.ingest.source / "corrupt.mp4")]
     text = videos.loc[str(cfg.ingest.source / "notes.txt")]
-    assert corrupt.status == "rejected" and corrupt.reason.startswith("cannot decode video")
+    assert corrupt.status == "rejected" and corrupt.reason.startswith("cannot open as video")
     assert text.status == "rejected" and "not a video" in text.reason
-    assert "rejected 1: cannot decode video" in first.stdout  # the CLI summary names the reason
+    assert "rejected 1: cannot open as video" in first.stdout  # the CLI summary names the reason
     assert status["evaluate"]["counts"]["checkpoints_evaluated"] >= 1
 
 

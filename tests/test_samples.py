@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import decord
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from cogpipe.samples import write_sample_videos, write_tiny_models
+from cogpipe.video import VideoError, VideoReader, probe_video, read_frames
 
 GOOD = [f"shapes_{i:02d}.mp4" for i in range(6)]
 ALL_FILES = [
@@ -29,9 +29,9 @@ def built(tmp_path_factory) -> tuple[Path, dict[str, Path], dict[str, Path]]:
     return root, write_sample_videos(root / "videos"), write_tiny_models(root / "models")
 
 
-def _frames(path: Path, indices: list[int]) -> np.ndarray:
+def _frames(path: Path, indices: list[int], fps: float = 8.0) -> np.ndarray:
     """[len(indices), H, W, 3] uint8."""
-    return decord.VideoReader(str(path)).get_batch(indices).asnumpy()
+    return read_frames(path, [i / fps for i in indices])
 
 
 def test_every_video_file_is_written(built):
@@ -44,10 +44,11 @@ def test_every_video_file_is_written(built):
 @pytest.mark.parametrize("name", GOOD)
 def test_good_clips_decode(built, name):
     _, videos, _ = built
-    reader = decord.VideoReader(str(videos[name]))
-    assert len(reader) == 24
-    assert reader.get_avg_fps() == pytest.approx(8.0)
-    frames = reader.get_batch(list(range(24))).asnumpy()
+    info, error = probe_video(videos[name])
+    assert error == "" and info["frames"] == 24
+    assert info["fps"] == pytest.approx(8.0)
+    with VideoReader(videos[name]) as reader:
+        frames = np.stack([f for _, f in reader.scan(0.0, 3.0)])
     assert frames.shape == (24, 96, 128, 3)
     assert frames.mean() > 40  # not dark
     assert np.abs(np.diff(frames.astype(np.float32), axis=0)).mean() > 0.5  # moving
@@ -68,10 +69,17 @@ def test_reject_clips_look_as_named(built):
 @pytest.mark.parametrize("name", ["corrupt.mp4", "notes.txt"])
 def test_unreadable_files_fail_to_read(built, name):
     _, videos, _ = built
-    # decord opens notes.txt (FFmpeg's "tty" demuxer claims *.txt: one frame at 25 fps)
-    # and only fails on decoding; corrupt.mp4 already fails to open (no moov box).
-    with pytest.raises((RuntimeError, decord.DECORDError)):
-        decord.VideoReader(str(videos[name]))[0]
+    # FFmpeg's "tty" demuxer claims *.txt (text rendered as frames), so notes.txt is
+    # refused by ingest's extension and signature checks before any decoder sees it;
+    # corrupt.mp4 fails to open (no moov box).
+    if name == "corrupt.mp4":
+        with pytest.raises(VideoError):
+            VideoReader(videos[name])
+    else:
+        assert (
+            "not a video"
+            in __import__("cogpipe.ingest").ingest.probe_file(str(videos[name]), [".mp4"])["reason"]
+        )
 
 
 def test_cogvideox_loads_and_generates(built):
