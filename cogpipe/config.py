@@ -115,7 +115,7 @@ class CheckConfig(Section):
         27.0, gt=0, description="ContentDetector threshold (HSV change, 0-255) for a cut."
     )
     phash_bits: int = Field(
-        8,
+        4,
         ge=0,
         le=64,
         description="Near duplicates: mean Hamming distance of 64-bit frame pHashes at most this.",

@@ -2,8 +2,8 @@
 
 Video files are hostile input: a crafted or broken file can hang a demuxer or crash a
 decoder. Every per-file call of ingest and check goes through `map_files`, so a hang
-costs one time limit and a crash costs one worker, never the stage. Workers come from
-a forkserver (safe to start from a threaded Prefect task) and are replaced after a kill.
+costs one time limit and a crash costs one worker, never the stage. Workers are fresh
+interpreters (safe to start from a threaded Prefect task), replaced after a kill.
 
     for index, value, error in map_files(probe, [(p,) for p in paths], workers=2, timeout=60):
         ...
@@ -11,7 +11,10 @@ a forkserver (safe to start from a threaded Prefect task) and are replaced after
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import importlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
@@ -25,32 +28,56 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
 
 
-def _serve(conn: Connection, fn: Callable) -> None:
+def _serve(inbox: Connection, outbox: Connection, fn: Callable) -> None:
     """Worker loop: call `fn(*args)` for each (index, args) received until None arrives."""
     while True:
-        job = conn.recv()
+        job = inbox.recv()
         if job is None:
             return
         index, args = job
         try:
-            conn.send((index, fn(*args), ""))
+            outbox.send((index, fn(*args), ""))
         except Exception as e:
-            conn.send((index, None, _error_text(e)))
+            outbox.send((index, None, _error_text(e)))
+
+
+def _child() -> None:
+    """Entry point of a worker interpreter: argv = module, function, in fd, out fd."""
+    module, name, rfd, wfd = sys.argv[1:5]
+    fn = getattr(importlib.import_module(module), name)
+    _serve(Connection(int(rfd)), Connection(int(wfd)), fn)
 
 
 class _Worker:
-    def __init__(self, ctx, fn: Callable):
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, fn), daemon=True)
-        self.process.start()
-        child.close()
+    """A fresh Python interpreter serving `fn` over two pipes.
+
+    Not multiprocessing's spawn or forkserver: those re-import the caller's main script
+    (a notebook cell or a script without a main guard would run again in every worker),
+    and fork is unsafe from a threaded process such as a Prefect task runner.
+    """
+
+    def __init__(self, fn: Callable):
+        to_child_r, to_child_w = os.pipe()
+        from_child_r, from_child_w = os.pipe()
+        code = "from cogpipe.pool import _child; _child()"
+        argv = [sys.executable, "-c", code, fn.__module__, fn.__qualname__,
+                str(to_child_r), str(from_child_w)]  # fmt: skip
+        self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w))
+        os.close(to_child_r)
+        os.close(from_child_w)
+        self.inbox = Connection(from_child_r)  # what the worker sends back
+        self.outbox = Connection(to_child_w)
         self.job: int | None = None
         self.deadline = 0.0
 
     def kill(self) -> None:
         self.process.kill()
-        self.process.join()
-        self.conn.close()
+        self.process.wait()
+        self.close()
+
+    def close(self) -> None:
+        self.inbox.close()
+        self.outbox.close()
 
 
 def map_files(
@@ -74,45 +101,46 @@ def map_files(
                 yield i, None, _error_text(e)
         return
 
-    ctx = mp.get_context("forkserver")
     pending = list(range(len(items)))[::-1]  # popped from the end: first item first
-    pool = [_Worker(ctx, fn) for _ in range(min(workers, len(items)))]
+    pool = [_Worker(fn) for _ in range(min(workers, len(items)))]
     try:
         while pending or any(w.job is not None for w in pool):
             for w in pool:
                 if w.job is None and pending:
                     w.job = pending.pop()
                     w.deadline = time.monotonic() + timeout
-                    w.conn.send((w.job, items[w.job]))
+                    w.outbox.send((w.job, items[w.job]))
             busy = [w for w in pool if w.job is not None]
             left = min(w.deadline for w in busy) - time.monotonic()
-            ready = wait([w.conn for w in busy], timeout=max(left, 0.0))
+            ready = wait([w.inbox for w in busy], timeout=max(left, 0.0))
             for i, w in enumerate(pool):
                 if w.job is None:
                     continue
-                if w.conn in ready:
+                if w.inbox in ready:
                     try:
-                        index, value, error = w.conn.recv()
+                        index, value, error = w.inbox.recv()
                     except (EOFError, OSError):
-                        w.process.join()
-                        code = w.process.exitcode
+                        code = w.process.wait()
                         yield w.job, None, f"worker crashed (exit code {code}) reading this file"
-                        w.kill()
-                        pool[i] = _Worker(ctx, fn)
+                        w.close()
+                        pool[i] = _Worker(fn)
                         continue
                     w.job = None
                     yield index, value, error
                 elif time.monotonic() >= w.deadline:
                     yield w.job, None, f"timed out after {timeout:g}s"
                     w.kill()
-                    pool[i] = _Worker(ctx, fn)
+                    pool[i] = _Worker(fn)
     finally:
         for w in pool:
-            if w.process.is_alive():
-                try:
-                    w.conn.send(None)
-                except OSError:
-                    pass
-            w.process.join(timeout=1)
-            if w.process.is_alive():
-                w.kill()
+            try:
+                w.outbox.send(None)
+            except OSError:
+                pass
+        for w in pool:
+            try:
+                w.process.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+            w.close()

@@ -344,7 +344,12 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
 
 
 def write_mp4(
-    path: str | Path, frames: np.ndarray, fps: float, crf: int = 18, bitrate: int | None = None
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float,
+    crf: int = 18,
+    bitrate: int | None = None,
+    options: dict[str, str] | None = None,
 ) -> Path:
     """Encode [F, H, W, 3] uint8 RGB frames as an H.264 yuv420p mp4 (MPEG-4 Part 2 where
     the FFmpeg build has no libx264). Odd sizes are padded by one edge pixel.
@@ -355,6 +360,7 @@ def write_mp4(
         fps: frame rate.
         crf: constant quality (libx264), used when `bitrate` is None.
         bitrate: target bits per second instead of constant quality.
+        options: more encoder options (libx264), e.g. {"g": "50"} for a keyframe every 50.
 
     Returns:
         `path`.
@@ -375,6 +381,8 @@ def write_mp4(
             stream.bit_rate = bitrate
         elif codec == "libx264":
             stream.options = {"crf": str(crf)}
+        if options and codec == "libx264":
+            stream.options = {**stream.options, **options}
         for frame in frames:
             image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             for packet in stream.encode(image):
