@@ -75,7 +75,7 @@ class CheckConfig(Section):
         8, ge=2, le=64, description="Frame pairs sampled per clip (keyframes first)."
     )
     max_decode_fraction: float = Field(
-        0.25,
+        0.1,
         gt=0,
         le=1,
         description="Decoding budget of the sampling, as a fraction of a video's frames.",
