@@ -109,7 +109,10 @@ def main() -> None:
         frames = sum(full_decode(p) for p in paths)
         t_ref = time.perf_counter() - started
 
-        # Sampled decoding alone (in this process, one core).
+        # Sampled decoding alone (in this process, one core), after one untimed call that
+        # imports the detectors (as a worker does once, before its first file).
+        info, _ = probe_video(paths[0])
+        inspect_video(str(paths[0]), info, CheckConfig())
         sampled = {}
         for scenes in ("auto", "always"):
             c = CheckConfig(scenes=scenes)

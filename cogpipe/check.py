@@ -102,12 +102,12 @@ def plan_samples(
         keys = [keys[i] for i in np.linspace(0, len(keys) - 1, count).round().astype(int)]
     chosen = sorted(set(keys))
 
-    def spread(n: int) -> list[float]:
+    def spread(n: int, near: float = 0.5) -> list[float]:
         step = duration / n
         fills = [(i + 0.5) * step for i in range(n)]
-        return [t for t in fills if min(abs(t - k) for k in chosen) > step / 2]
+        return [t for t in fills if min(abs(t - k) for k in chosen) > step * near]
 
-    chosen = sorted({*chosen, *spread(MIN_SPREAD)})
+    chosen = sorted({*chosen, *spread(MIN_SPREAD, 1.0)})
     if len(chosen) >= count:
         return chosen
     for t in sorted(spread(count), key=lambda t: decode_cost([t], keyframes, fps)):

@@ -97,8 +97,9 @@ class VideoReader:
             w, h = self.size
             if self.rotation % 2:
                 w, h = h, w
-            kwargs = {"width": w, "height": h}
-        rgb = frame.to_ndarray(format="rgb24", **kwargs)  # any bit depth -> 8-bit RGB
+            # AREA: anti-aliased and ~6x faster than swscale's default bicubic at 720p->64.
+            kwargs = {"width": w, "height": h, "interpolation": "AREA"}
+        rgb = frame.reformat(format="rgb24", **kwargs).to_ndarray()  # any depth -> 8-bit RGB
         return np.ascontiguousarray(np.rot90(rgb, self.rotation)) if self.rotation else rgb
 
     def _seek(self, t: float) -> None:

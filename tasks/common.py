@@ -7,7 +7,9 @@ caching), so a deleted workspace can never be answered from a stale Prefect cach
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,20 @@ class ProgressArtifact:
             update_progress_artifact(self.artifact_id, progress=percent, description=text)
 
 
+def inline_images(report: Path) -> str:
+    """The report's markdown with its PNGs (linked by file name) inlined as data URIs,
+    so the artifact shows the plots without access to the workspace."""
+
+    def inline(match: re.Match) -> str:
+        png = report.parent / match.group(2)
+        if not png.is_file():
+            return match.group(0)
+        data = base64.b64encode(png.read_bytes()).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", inline, report.read_text())
+
+
 def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     """Run one stage through the library and publish its summary; returns a small record."""
     logger = get_run_logger()
@@ -89,6 +105,6 @@ def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     create_table_artifact(table=stage_rows(result), key=f"{stage}-summary", description=description)
     # A stage that writes its own report (evaluate: scores per checkpoint) publishes it.
     report = Path(result.path) / "report.md"
-    markdown = report.read_text() if report.is_file() else stage_markdown(result)
+    markdown = inline_images(report) if report.is_file() else stage_markdown(result)
     create_markdown_artifact(markdown=markdown, key=f"{stage}-report")
     return result.to_dict()

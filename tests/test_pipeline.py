@@ -111,11 +111,13 @@ def test_changing_the_caption_prompt_recomputes_caption_and_after(demo, tmp_path
 
 
 def test_stage_summaries_are_prefect_artifacts(demo):
-    """Every stage that computed published its counts table; evaluate its markdown report."""
+    """Every stage that computed published its counts table; check, filter and evaluate
+    their markdown reports."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    wanted = [f"{stage}-summary" for stage in STAGES] + ["evaluate-report", "caption-progress"]
+    reports = ["check-report", "filter-report", "evaluate-report"]
+    wanted = [f"{stage}-summary" for stage in STAGES] + [*reports, "caption-progress"]
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=wanted))
@@ -124,3 +126,6 @@ def test_stage_summaries_are_prefect_artifacts(demo):
     assert set(wanted) <= set(by_key), set(wanted) - set(by_key)
     assert any(row["what"] == "rejected" for row in json.loads(by_key["ingest-summary"].data))
     assert "checkpoint-000006" in by_key["evaluate-report"].data
+    # The dataset report's plots travel inside the artifact, not as workspace paths.
+    assert "![durations](data:image/png;base64," in by_key["check-report"].data
+    assert "![caption length](data:image/png;base64," in by_key["filter-report"].data
