@@ -22,7 +22,7 @@ truncated_faststart    truncated_faststart.mp4         faststart mp4 cut to 50%:
                                                        InvalidDataError after ~9 frames; reject
                                                        or flag (decoded << declared frames)
 not_video_text         notes.mp4                       reject: text with a video extension
-not_video_ext          readme.txt                      skip/reject: not a video by name or bytes
+not_video_ext          readme.txt                      reject: not a video by extension
 random_bytes           noise.mkv                       reject: 20 KB of random bytes
 audio_only             audio.mp4                       reject: no video stream (2 s AAC sine)
 single_frame           single_frame.mp4                valid but degenerate: exactly 1 frame
@@ -40,8 +40,8 @@ ten_bit                ten_bit.mp4                     valid: H.264 High 10, yuv
 unicode_name           sub dir/fight — día 1 ü.mp4     valid: spaces/unicode in folder and name
 symlink_file           link.mp4 -> ok.mp4              same file as ``ok`` (dedupe by realpath
                                                        or content)
-dangling_link          gone.mp4 -> missing.mp4         reject/skip: target does not exist
-loop_a, loop_b         loop_a.mp4 <-> loop_b.mp4       reject/skip: symlink loop (ELOOP)
+dangling_link          gone.mp4 -> missing.mp4         reject: dangling symlink
+loop_a, loop_b         loop_a.mp4 <-> loop_b.mp4       reject: symlink loop (ELOOP)
 dir_loop               nested/back -> ..               a walk following links must not recurse
                                                        forever (root/nested/back == root)
 unreadable             unreadable.mp4 (mode 000)       valid video, but unreadable to non-root
