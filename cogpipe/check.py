@@ -128,16 +128,31 @@ def _first(reader: VideoReader, a: float, b: float, test) -> float:
     return b
 
 
-def _cuts(reader: VideoReader, a: float, b: float, fps: float, threshold: float) -> list[float]:
-    """Shot cuts in [a, b) found by PySceneDetect's ContentDetector on every frame."""
+def _cuts(
+    reader: VideoReader,
+    a: float,
+    b: float,
+    fps: float,
+    threshold: float,
+    until: np.ndarray | None = None,
+) -> list[float]:
+    """Shot cuts in [a, b) found by PySceneDetect's ContentDetector on every frame.
+
+    With `until` (the frame at b), the scan stops once a cut has been found and the
+    frames since look like `until`: the rest of the gap is the shot b is in.
+    """
     from scenedetect.common import FrameTimecode
     from scenedetect.detectors import ContentDetector
 
-    detector = ContentDetector(threshold=threshold, min_scene_len=max(1, round(MIN_SCENE_S * fps)))
-    cuts, t = [], a
+    min_len = max(1, round(MIN_SCENE_S * fps))
+    detector = ContentDetector(threshold=threshold, min_scene_len=min_len)
+    cuts, t, since = [], a, 0
     for t, frame in reader.scan(a, b):
         found = detector.process_frame(FrameTimecode(t, fps), frame[..., ::-1].copy())
         cuts += [c.seconds for c in found]
+        since = since + 1 if cuts else 0
+        if until is not None and since > min_len and not _changed(frame, until, threshold):
+            break
     cuts += [c.seconds for c in detector.post_process(FrameTimecode(t, fps))]
     return [c for c in cuts if a < c < b]
 
@@ -210,15 +225,15 @@ def inspect_video(path: str, info: dict, c: CheckConfig) -> dict:
         if c.scenes == "always":
             cuts = _cuts(r, start, samples[last][0], fps, c.scene_threshold)
         elif c.scenes == "auto":  # full-decode only the gaps whose ends differ, merged
-            spans: list[list[float]] = []
+            spans: list[list] = []  # [start, end, the frame at end]
             for s, nxt in zip(inside, inside[1:], strict=False):
                 if _changed(s[2], nxt[1], c.scene_threshold):
                     if spans and spans[-1][1] >= s[0]:
-                        spans[-1][1] = nxt[0]
+                        spans[-1][1:] = nxt[0], nxt[1]
                     else:
-                        spans.append([s[0], nxt[0]])
-            for a, b in spans:
-                cuts += _cuts(r, a, b + 1.5 / fps, fps, c.scene_threshold)
+                        spans.append([s[0], nxt[0], nxt[1]])
+            for a, b, frame in spans:
+                cuts += _cuts(r, a, b + 1.5 / fps, fps, c.scene_threshold, until=frame)
         if c.trim_black and bright and last < len(samples) - 1:  # black trailer
             a, b = samples[last][0], samples[last + 1][0]
             end = _first(r, a + 0.5 / fps, b, lambda f: _is_black(f, c))

@@ -14,6 +14,7 @@ seeks to the keyframe before each time and decodes forward only as far as it mus
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -53,6 +54,7 @@ class VideoReader:
         keyframes: Sequence[float] | None = None,
     ):
         import av
+        from av.video.reformatter import VideoReformatter
 
         self.path = str(path)
         try:
@@ -70,11 +72,19 @@ class VideoReader:
         self.t0 = (self.stream.start_time or 0) * self.time_base
         self.size = size
         self.rotation = 0  # quarter turns, known after the first decoded frame
-        self._frames = None  # the running decode generator
+        self._packets = None  # the demuxer from the last seek on; None before any seek
+        self._queue: deque = deque()  # frames the decoder has handed over, not yet read
+        self._fed: set[int] = set()  # frame numbers (from the seek) of packets decoded
+        self._first_pts, self._step = None, 0  # the first packet's pts and duration
+        self._drained = self._eof = False
+        self._horizon: tuple[float, int] | None = None  # (t, n): drain once `_fed_until`
         self._last = None  # (time, frame): the decoder's position
         self._peeked = None  # (time, frame) decoded past the position
         self._keys = list(keyframes) if keyframes is not None else None
-        self.decoded = 0  # frames decoded so far (what sampling costs)
+        self.decoded = 0  # packets decoded so far (what sampling costs)
+        # One reformatter for every frame: it keeps its swscale context, whose setup
+        # (filter coefficients) costs ~10x the scaling itself at 720p -> 64x64.
+        self._reformatter = VideoReformatter()
 
     def close(self) -> None:
         self.container.close()
@@ -97,29 +107,81 @@ class VideoReader:
             w, h = self.size
             if self.rotation % 2:
                 w, h = h, w
-            # AREA: anti-aliased and ~6x faster than swscale's default bicubic at 720p->64.
-            kwargs = {"width": w, "height": h, "interpolation": "AREA"}
-        rgb = frame.reformat(format="rgb24", **kwargs).to_ndarray()  # any depth -> 8-bit RGB
+            kwargs = {"width": w, "height": h, "interpolation": "AREA"}  # anti-aliased
+        rgb = self._reformatter.reformat(frame, format="rgb24", **kwargs).to_ndarray()  # 8-bit
         return np.ascontiguousarray(np.rot90(rgb, self.rotation)) if self.rotation else rgb
 
     def _seek(self, t: float) -> None:
-        """Position the decoder at the keyframe at or before `t`."""
+        """Position the decoder at the keyframe at or before `t` (seeking flushes it)."""
         target = int((t + self.t0) / self.time_base)
         self.container.seek(max(target, 0), stream=self.stream, backward=True, any_frame=False)
-        self._frames = self.container.decode(self.stream)
+        self._packets = self.container.demux(self.stream)
+        self._queue.clear()
+        self._fed.clear()
+        self._first_pts = None
+        self._drained = False  # the decoder was drained before the file's end
+        self._eof = False
         self._last, self._peeked = None, None
+
+    def _feed(self) -> None:
+        """Decode the next packet into the queue (at the end of the file, drain)."""
+        packet = next(self._packets, None)
+        if packet is None or packet.size == 0:  # end of file: flush the decoder
+            self._queue.extend(self.stream.codec_context.decode(None))
+            self._eof = True
+            return
+        if packet.pts is not None:
+            if self._first_pts is None:
+                self._first_pts, self._step = packet.pts, packet.duration or 0
+            if self._step:
+                self._fed.add(round((packet.pts - self._first_pts) / self._step))
+        self.decoded += 1
+        self._queue.extend(self.stream.codec_context.decode(packet))
+
+    def _fed_until(self, t: float, after: int) -> bool:
+        """Whether the packets of the frame shown at `t`, the `after` frames following it
+        and every frame before them (from the seek) have been decoded.
+
+        Decoders hold frames back (B-frame reordering delay) until later packets arrive;
+        when all frames needed are in, draining hands them over without decoding those
+        later packets. Known only for frame times on the first packet's grid (constant
+        frame rate); otherwise False and decoding goes on as usual.
+        """
+        if self._first_pts is None or not self._step:
+            return False
+        shown = ((t + self.t0) / self.time_base - self._first_pts) / self._step
+        last = math.floor(shown + 1e-3) + after
+        return last < 4096 and all(i in self._fed for i in range(last + 1))
 
     def _next(self) -> tuple[float, object] | None:
         """The next decoded (time, frame), or None at the end."""
         if self._peeked is not None:
             item, self._peeked = self._peeked, None
             return item
-        try:
-            frame = next(self._frames)
-        except StopIteration:
-            return None
-        self.decoded += 1
+        if self._packets is None:  # never positioned
+            self._seek(0.0)
+        while not self._queue:
+            if self._drained:
+                return self._resume()
+            if self._eof:
+                return None
+            if self._horizon is not None and self._fed_until(*self._horizon):
+                self._queue.extend(self.stream.codec_context.decode(None))
+                self._drained = True
+            else:
+                self._feed()
+        frame = self._queue.popleft()
         return self._time(frame), frame
+
+    def _resume(self) -> tuple[float, object] | None:
+        """After an early drain the decoder cannot go on: decode again from the keyframe
+        and return the frame after the position."""
+        last, self._horizon = self._last, None
+        self._seek(last[0] if last else 0.0)
+        while (item := self._next()) is not None and last and item[0] <= last[0] + 1e-6:
+            pass
+        self._last = last
+        return item
 
     def keyframe_times(self) -> list[float]:
         """Keyframe times from the packet headers (demuxing only; cached)."""
@@ -130,7 +192,7 @@ class VideoReader:
                 for p in self.container.demux(self.stream)
                 if p.is_keyframe and p.pts is not None
             ]
-            self._frames, self._last, self._peeked = None, None, None
+            self._packets, self._last, self._peeked = None, None, None
             if pos is not None:
                 self._seek(pos[0])
         return self._keys
@@ -157,8 +219,11 @@ class VideoReader:
         """The frames shown at `times` (seconds), each followed by `following` next frames.
 
         Seeks only when a time is behind the decoder or a keyframe lies between them;
-        otherwise decodes forward. Returns (the shown frames' times, [N * (1 + following),
-        H, W, 3]); past the end the last frame repeats.
+        otherwise decodes forward. Before a seek (and after the last time) the decoder is
+        drained as soon as the frames needed are in, instead of decoding the packets its
+        reorder delay waits for (2 per seek in x264 streams coded without B-frames).
+        Returns (the shown frames' times, [N * (1 + following), H, W, 3]); past the end
+        the last frame repeats.
 
         Raises:
             VideoError: nothing decodes at or before a requested time.
@@ -166,9 +231,12 @@ class VideoReader:
         import av
 
         out_t, out = [], []
+        times = sorted(times)
         t = 0.0
         try:
-            for t in sorted(times):
+            for i, t in enumerate(times):
+                seeks_next = i + 1 == len(times) or self._keyframe_between(t, times[i + 1])
+                self._horizon = (t, max(following, 1)) if seeks_next else None
                 self._goto(t)
                 out_t.append(self._last[0])
                 out.append(self._array(self._last[1]))
@@ -177,6 +245,8 @@ class VideoReader:
                     out.append(self._array(self._last[1]))
         except av.FFmpegError as e:
             raise VideoError(f"decode failed near {t:.2f}s: {_first_line(e)}") from e
+        finally:
+            self._horizon = None
         return out_t, np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
     def keyframes(self) -> tuple[list[float], np.ndarray]:
@@ -197,7 +267,7 @@ class VideoReader:
                 raise VideoError(f"no keyframe decodes: {_first_line(e)}") from e
         finally:
             cc.skip_frame = "DEFAULT"
-            self._frames, self._last, self._peeked = None, None, None
+            self._packets, self._last, self._peeked = None, None, None
         return times, np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
 
     def scan(self, start: float, end: float) -> Iterator[tuple[float, np.ndarray]]:
@@ -261,6 +331,7 @@ def probe_video(path: str | Path) -> tuple[dict, str]:
             duration = float(times[-1] - times[0]) + 1.0 / fps
             # A frame decodes: the codec works, and the frame carries the rotation.
             r._seek(0.0)
+            r._horizon = (0.0, 0)  # drain once the first packet is in: decode one frame
             decoded = r._next()
             if decoded is None:
                 return {}, "no frame decodes"
