@@ -9,10 +9,11 @@ Per video, in a worker process under `check.timeout`:
    keyframes every few seconds (web video) the whole check decodes a small fraction.
 2. **Trim black leaders and trailers.** The edge between the last black and the first
    bright sample is found by decoding only that gap.
-3. **Split at shots** with PySceneDetect's ContentDetector. `scenes: auto` decodes fully
-   only the gaps between samples whose content changed (encoders put keyframes at cuts,
-   so cuts land there); `always` decodes everything. Shots longer than `max_duration`
-   are cut into equal clips.
+3. **Split at shots** with PySceneDetect's ContentDetector. `scenes: auto` decodes only
+   the gaps between samples whose content changed, from the keyframe before the gap up
+   to the cut, comparing every 8th frame and running ContentDetector only between two
+   that differ; `always` runs it on every frame. Shots longer than `max_duration` are
+   cut into equal clips.
 4. **Score each clip** from its samples: black ratio, frozen ratio and a motion score
    that is the mean *magnitude* of frame differences (opposite motions never cancel),
    plus perceptual hashes (pHash) at four fixed points of the span.
@@ -56,6 +57,7 @@ PROBE_SIZE = (64, 64)  # frames are decoded straight to 64x64 for the checks
 HASH_POINTS = (0.125, 0.375, 0.625, 0.875)  # where in a clip's span the pHashes are taken
 MIN_SCENE_S = 0.25  # PySceneDetect's min_scene_len, in seconds
 MIN_SPREAD = 4  # evenly spread samples every video gets, whatever the decoding costs
+CUT_STRIDE = 8  # frames decoded between two compared while looking for a cut in a gap
 SCORE_COLUMNS = ["luma_mean", "black_ratio", "frozen_ratio", "motion", "samples"]
 COLUMNS = [
     "clip_id", "video_id", "path", "start", "end", "duration", "fps", "width", "height",
@@ -128,33 +130,70 @@ def _first(reader: VideoReader, a: float, b: float, test) -> float:
     return b
 
 
-def _cuts(
-    reader: VideoReader,
-    a: float,
-    b: float,
-    fps: float,
-    threshold: float,
-    until: np.ndarray | None = None,
-) -> list[float]:
-    """Shot cuts in [a, b) found by PySceneDetect's ContentDetector on every frame.
+def _cuts(reader: VideoReader, a: float, b: float, fps: float, threshold: float) -> list[float]:
+    """Shot cuts in [a, b) found by PySceneDetect's ContentDetector on every frame."""
+    from scenedetect.common import FrameTimecode
+    from scenedetect.detectors import ContentDetector
 
-    With `until` (the frame at b), the scan stops once a cut has been found and the
-    frames since look like `until`: the rest of the gap is the shot b is in.
+    detector = ContentDetector(threshold=threshold, min_scene_len=max(1, round(MIN_SCENE_S * fps)))
+    cuts, t = [], a
+    for t, frame in reader.scan(a, b):
+        found = detector.process_frame(FrameTimecode(t, fps), frame[..., ::-1].copy())
+        cuts += [c.seconds for c in found]
+    cuts += [c.seconds for c in detector.post_process(FrameTimecode(t, fps))]
+    return [c for c in cuts if a < c < b]
+
+
+def _cuts_in_gap(
+    reader: VideoReader, a: float, b: float, until: np.ndarray, fps: float, threshold: float
+) -> list[float]:
+    """Shot cuts in the gap [a, b) between two samples that differ; `until` is the frame at b.
+
+    Every frame is decoded (the codec needs them), but only every `CUT_STRIDE`-th is
+    converted and compared with the one before; where two differ, ContentDetector runs
+    over the frames between them, kept unconverted since. The scan stops once the frames
+    look like `until`: the rest of the gap is the shot b is in. A shot shorter than the
+    stride could hide between two alike frames; ContentDetector's own flash filter
+    (`min_scene_len`) drops shots that short anyway.
     """
     from scenedetect.common import FrameTimecode
     from scenedetect.detectors import ContentDetector
 
     min_len = max(1, round(MIN_SCENE_S * fps))
-    detector = ContentDetector(threshold=threshold, min_scene_len=min_len)
-    cuts, t, since = [], a, 0
-    for t, frame in reader.scan(a, b):
-        found = detector.process_frame(FrameTimecode(t, fps), frame[..., ::-1].copy())
-        cuts += [c.seconds for c in found]
-        since = since + 1 if cuts else 0
-        if until is not None and since > min_len and not _changed(frame, until, threshold):
+    cuts: list[float] = []
+    held: list[tuple[float, object]] = []  # frames decoded since the last compared one
+    mark = None  # (time, converted frame) last compared
+
+    def bracket(frames: list[tuple[float, np.ndarray]]) -> list[float]:
+        detector = ContentDetector(threshold=threshold, min_scene_len=1)
+        found = []
+        for t, f in frames:
+            found += detector.process_frame(FrameTimecode(t, fps), f[..., ::-1].copy())
+        found += detector.post_process(FrameTimecode(frames[-1][0], fps))
+        return [c.seconds for c in found]
+
+    def compare(t: float, raw) -> bool:
+        """Compare the newest frame with the mark; True once past every cut."""
+        nonlocal mark, held
+        frame = reader.array(raw)
+        if mark is not None and _changed(mark[1], frame, threshold):
+            inner = [(s, reader.array(f)) for s, f in held[:-1]]
+            cuts.extend(bracket([mark, *inner, (t, frame)]))
+        mark, held = (t, frame), []
+        return bool(cuts) and not _changed(frame, until, threshold)
+
+    for t, raw in reader.scan(a, b, convert=False):
+        held.append((t, raw))
+        if (mark is None or len(held) == CUT_STRIDE) and compare(t, raw):
             break
-    cuts += [c.seconds for c in detector.post_process(FrameTimecode(t, fps))]
-    return [c for c in cuts if a < c < b]
+    else:
+        if held:
+            compare(*held[-1])
+    merged: list[float] = []
+    for c in sorted(cuts):  # one cut per shot change, as min_scene_len would leave them
+        if a < c < b and (not merged or c - merged[-1] >= min_len / fps):
+            merged.append(c)
+    return merged
 
 
 def _changed(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
@@ -233,7 +272,7 @@ def inspect_video(path: str, info: dict, c: CheckConfig) -> dict:
                     else:
                         spans.append([s[0], nxt[0], nxt[1]])
             for a, b, frame in spans:
-                cuts += _cuts(r, a, b + 1.5 / fps, fps, c.scene_threshold, until=frame)
+                cuts += _cuts_in_gap(r, a, b + 1.5 / fps, frame, fps, c.scene_threshold)
         if c.trim_black and bright and last < len(samples) - 1:  # black trailer
             a, b = samples[last][0], samples[last + 1][0]
             end = _first(r, a + 0.5 / fps, b, lambda f: _is_black(f, c))

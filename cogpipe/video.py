@@ -100,6 +100,10 @@ class VideoReader:
         pts = frame.pts if frame.pts is not None else 0
         return pts * self.time_base - self.t0
 
+    def array(self, frame) -> np.ndarray:
+        """A decoded frame (from `scan(convert=False)`) as this reader's normalised RGB."""
+        return self._array(frame)
+
     def _array(self, frame) -> np.ndarray:
         self.rotation = _rotation_steps(frame.rotation or 0)
         kwargs = {}
@@ -270,9 +274,12 @@ class VideoReader:
             self._packets, self._last, self._peeked = None, None, None
         return times, np.stack(frames) if frames else np.zeros((0, 1, 1, 3), np.uint8)
 
-    def scan(self, start: float, end: float) -> Iterator[tuple[float, np.ndarray]]:
+    def scan(
+        self, start: float, end: float, convert: bool = True
+    ) -> Iterator[tuple[float, object]]:
         """Every frame shown in [start, end), in order: a full decode of that span, which
-        continues from the decoder's position when no keyframe is nearer."""
+        continues from the decoder's position when no keyframe is nearer. With `convert`
+        False the frames are the decoder's, for `array` to convert only those needed."""
         import av
 
         try:
@@ -280,7 +287,7 @@ class VideoReader:
             item = self._last
             while item is not None and item[0] < end:
                 self._last = item
-                yield item[0], self._array(item[1])
+                yield item[0], self._array(item[1]) if convert else item[1]
                 item = self._next()
             if item is not None:
                 self._peeked = item

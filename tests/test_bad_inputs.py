@@ -187,6 +187,33 @@ def test_sampling_decodes_a_fraction_when_keyframes_allow(tmp_path):
     assert len(out["clips"]) == 1 and out["clips"][0]["samples"] >= 8
 
 
+def test_auto_scene_split_finds_the_cuts_a_full_scan_finds(tmp_path):
+    """Cuts between keyframes, two of them 7 frames apart: `scenes: auto` (strided
+    comparisons, ContentDetector only where frames differ) places every cut on the same
+    frame as ContentDetector on every frame, and decodes less."""
+    from cogpipe.check import inspect_video
+    from cogpipe.config import CheckConfig
+    from cogpipe.video import probe_video, write_mp4
+
+    rng = np.random.default_rng(1)
+    cuts = [23, 40, 47]
+    looks = [rng.integers(0, 255, (1, 72, 128, 3), dtype=np.uint8) for _ in range(4)]
+    frames = np.concatenate([looks[sum(i >= c for c in cuts)] for i in range(100)])
+    for i in range(100):  # a square moving over each shot
+        frames[i, 20:40, i : i + 20] = 255
+    path = write_mp4(
+        tmp_path / "shots.mp4", frames, fps=10, options={"g": "100", "sc_threshold": "0"}
+    )
+    info, error = probe_video(path)
+    assert error == "" and info["keyframes"] == [0.0]
+    edges = {}
+    for scenes in ("auto", "always"):
+        out = inspect_video(str(path), info, CheckConfig(scenes=scenes, min_duration=0.1))
+        edges[scenes] = [round(clip["start"] * 10) for clip in out["clips"]], out["decoded"]
+    assert edges["auto"][0] == edges["always"][0] == [0, *cuts]
+    assert edges["auto"][1] < edges["always"][1]
+
+
 def test_a_hanging_or_crashing_file_costs_one_row_not_the_stage():
     started = time.monotonic()
     out = sorted(map_files(time.sleep, [(0.01,), (60,), (0.01,)], workers=2, timeout=2))
