@@ -164,15 +164,57 @@ class FilterConfig(Section):
         le=1,
         description="Reject when this share of word trigrams repeats an earlier trigram.",
     )
+    ideal_words: tuple[int, int] = Field(
+        (50, 100), description="Word counts that score highest (CogVideoX's 50-100 words)."
+    )
     refusal_phrases: list[str] = Field(
-        ["i'm sorry", "i am sorry", "as an ai", "i cannot", "i can't", "unable to"],
+        ["i'm sorry", "i am sorry", "as an ai", "as a language model", "i cannot", "i can't",
+         "unable to", "i apologize", "i'm not able"],
         description="Case-insensitive phrases that mark a refusal.",
+    )  # fmt: skip
+    assistant_phrases: list[str] = Field(
+        ["certainly!", "sure, here", "sure! here", "here is a description", "here's a description",
+         "i hope this helps", "let me know if", "feel free to"],
+        description="Case-insensitive phrases of a chat assistant, not a description.",
+    )  # fmt: skip
+    still_image_phrases: list[str] = Field(
+        ["the image shows", "the image depicts", "in this image", "in the image", "this image",
+         "in this picture", "the picture shows", "in this photo", "the photo shows",
+         "this photograph", "the still"],
+        description="Case-insensitive phrases describing a still image instead of motion.",
+    )  # fmt: skip
+    reject_truncated: bool = Field(
+        True, description="Reject captions that hit the token limit or end mid-sentence."
+    )
+    min_english: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="Reject when fewer than this share of words are common English words "
+        "(or under 90% of letters are ASCII); 0 turns the check off.",
+    )
+    domain_terms: list[str] = Field(
+        ["slap", "strike", "hit", "hand", "palm", "arm", "swing", "wind", "face", "cheek",
+         "head", "jaw", "opponent", "fighter", "stance", "impact", "react", "stagger", "fall",
+         "knock", "block", "flinch", "referee", "camera", "crowd", "stage", "table"],
+        description="The domain's vocabulary; a term matches words that start with it.",
+    )  # fmt: skip
+    min_domain_terms: int = Field(
+        2, ge=0, description="Reject when fewer distinct domain terms appear; 0 turns it off."
+    )
+    max_tokens: int = Field(
+        226,
+        ge=0,
+        description="Reject above this many T5 tokens (the model's tokenizer; CogVideoX "
+        "reads 226); 0 turns it off.",
     )
 
     @model_validator(mode="after")
     def _bounds(self) -> FilterConfig:
         if self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
+        if self.ideal_words[0] > self.ideal_words[1]:
+            raise ValueError(f"ideal_words {list(self.ideal_words)} is not a low, high pair")
         return self
 
 

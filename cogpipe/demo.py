@@ -33,7 +33,20 @@ DEMO_CONFIG = {
         "batch_size": 2,
         "no_repeat_ngram_size": 3,
     },
-    "filter": {"min_words": 5, "max_words": 80, "max_repetition": 0.5},
+    # The tiny random LLaVA writes random words to its token limit: the demo's gate
+    # keeps only the length and repetition rules.
+    "filter": {
+        "min_words": 5,
+        "max_words": 80,
+        "max_repetition": 0.5,
+        "ideal_words": [10, 40],
+        "reject_truncated": False,
+        "min_english": 0,
+        "min_domain_terms": 0,
+        "refusal_phrases": [],
+        "assistant_phrases": [],
+        "still_image_phrases": [],
+    },
     "precompute": {"frames": 9, "fps": 8, "height": 64, "width": 64, "shard_size": 2},
     "train": {
         "rank": 8,

@@ -1,8 +1,11 @@
 """Filter: a quality gate on captions — every clip scored, reasons recorded, some selected.
 
-Rules: word-count bounds, repeated word trigrams (a looping VLM), refusal phrases. A
-caption with no reasons is selected. The score (0..1) ranks selected captions for later
-curation: 1 is an ideal-length caption with no repetition.
+Rules, each with its own reason: word-count bounds; truncation (the captioner hit its
+token limit, or the text stops mid-sentence); repeated word trigrams (a looping VLM);
+refusal and chat-assistant phrases; still-image language ("the image shows"); text that
+is not English; too few of the domain's terms; more T5 tokens than the video model
+reads (226 for CogVideoX). A caption with no reasons is selected. The score (0..1) ranks
+captions for curation: 1 is a caption of ideal length with no repetition.
 
     cogpipe filter configs/demo.yaml
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -27,12 +31,21 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 1
+VERSION = 2
 WORD = re.compile(r"[\w'-]+")
+CLOSING = tuple(".!?\"')\u201d")  # what a finished sentence ends with
+# Common English function words: about half of the words of English prose.
+ENGLISH = frozenset(
+    "a an the and or but of to in on at by for from with into onto over under as is are was "
+    "were be been being has have had he she it they his her their its him them this that "
+    "these those who which while then than when where after before up down back out off "
+    "not no one two both each other again".split()
+)
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
-    return stage_key("filter", VERSION, cfg.filter.key_fields(), inputs)
+    # The model is the tokenizer the token limit is counted with.
+    return stage_key("filter", VERSION, cfg.filter.key_fields(), {**inputs, "model": cfg.model})
 
 
 def repetition(words: list[str], n: int = 3) -> float:
@@ -41,27 +54,76 @@ def repetition(words: list[str], n: int = 3) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def judge(caption: str | None, fc: FilterConfig) -> tuple[float, list[str]]:
-    """Score one caption and list why it is rejected (empty list: accepted)."""
+def english_share(caption: str, words: list[str]) -> float:
+    """Share of words that are common English words; 0 when under 90% of letters are ASCII."""
+    letters = [ch for ch in caption if ch.isalpha()]
+    if not words or sum(ch.isascii() for ch in letters) < 0.9 * len(letters):
+        return 0.0
+    return sum(w in ENGLISH for w in words) / len(words)
+
+
+def judge(
+    caption: str | None,
+    fc: FilterConfig,
+    truncated: bool = False,
+    count_tokens: Callable[[str], int] | None = None,
+) -> tuple[float, list[str]]:
+    """Score one caption and list why it is rejected (empty list: accepted).
+
+    Args:
+        caption: the text.
+        fc: the gate's thresholds.
+        truncated: the captioner stopped at its token limit.
+        count_tokens: the video model's tokenizer as a counter (None: not checked).
+    """
     if not isinstance(caption, str) or not caption.strip():  # None, or NaN read back by pandas
         return 0.0, ["empty caption"]
     words = [w.lower() for w in WORD.findall(caption)]
+    low = " ".join(caption.lower().split())
     reasons = []
     if len(words) < fc.min_words:
         reasons.append(f"too few words ({len(words)} < {fc.min_words})")
     if len(words) > fc.max_words:
         reasons.append(f"too many words ({len(words)} > {fc.max_words})")
+    if fc.reject_truncated and truncated:
+        reasons.append("truncated (hit the token limit)")
+    elif fc.reject_truncated and not caption.rstrip().endswith(CLOSING):
+        reasons.append("truncated (no closing punctuation)")
     rep = repetition(words)
     if rep > fc.max_repetition:
         reasons.append(f"repetitive ({rep:.0%} of trigrams repeat)")
-    low = caption.lower()
-    refusals = [p for p in fc.refusal_phrases if p in low]
-    if refusals:
-        reasons.append(f"refusal phrase {refusals[0]!r}")
-    mid = (fc.min_words + fc.max_words) / 2
-    length_score = max(0.0, 1 - abs(len(words) - mid) / max(mid, 1))
-    score = round(length_score * (1 - rep) * (0.0 if refusals else 1.0), 4)
+    for kind, phrases in (("refusal", fc.refusal_phrases), ("assistant", fc.assistant_phrases),
+                          ("still-image", fc.still_image_phrases)):  # fmt: skip
+        found = [p for p in phrases if p in low]
+        if found:
+            reasons.append(f'{kind} phrase ("{found[0]}")')
+    share = english_share(caption, words)
+    if fc.min_english and share < fc.min_english:
+        reasons.append(f"not English ({share:.0%} common English words)")
+    terms = {t for t in fc.domain_terms if any(w.startswith(t) for w in words)}
+    if len(terms) < fc.min_domain_terms:
+        reasons.append(f"off-domain ({len(terms)} of {fc.min_domain_terms} domain terms)")
+    if count_tokens is not None and fc.max_tokens:
+        n = count_tokens(caption)
+        if n > fc.max_tokens:
+            reasons.append(f"too many tokens ({n} > {fc.max_tokens})")
+    lo, hi = fc.ideal_words
+    off = max(lo - len(words), len(words) - hi, 0)
+    room = max(lo - fc.min_words, fc.max_words - hi, 1)
+    length_score = max(0.0, 1 - off / room)
+    blocked = any(r.startswith(("refusal", "assistant")) for r in reasons)
+    score = round(length_score * (1 - rep) * (0.0 if blocked else 1.0), 4)
     return score, reasons
+
+
+def token_counter(cfg: PipelineConfig) -> Callable[[str], int] | None:
+    """The video model's T5 tokenizer as a counter (hub id or folder; `tokenizer/`)."""
+    if not cfg.filter.max_tokens:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, subfolder="tokenizer")
+    return lambda text: len(tokenizer(text, add_special_tokens=True).input_ids)
 
 
 def run_filter(
@@ -89,7 +151,12 @@ def run_filter(
         return ws.result("filter", out)
 
     captions = read_table(Path(caption.path) / "captions.parquet")
-    judged = [judge(c, cfg.filter) for c in captions.caption]
+    count = token_counter(cfg)
+    truncated = captions["truncated"] if "truncated" in captions else [False] * len(captions)
+    judged = [
+        judge(c, cfg.filter, bool(t), count)
+        for c, t in zip(captions.caption, truncated, strict=True)
+    ]
     # A clip the captioner could not read carries the caption stage's own reason.
     errors = captions["error"] if "error" in captions else [None] * len(captions)
     judged = [

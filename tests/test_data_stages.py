@@ -95,17 +95,61 @@ def test_config_change_downstream_keeps_upstream_keys(demo_config):
         assert a[stage] != b[stage], stage
 
 
-def test_filter_rules():
-    fc = FilterConfig(min_words=5, max_words=20)
-    assert judge("", fc) == (0.0, ["empty caption"])
-    assert judge("a man slaps", fc)[1] == ["too few words (3 < 5)"]
-    assert "too many words" in judge(" ".join(["word"] * 30), fc)[1][0]
-    loop = "he slaps him hard " * 5
-    assert any(r.startswith("repetitive") for r in judge(loop, fc)[1])
-    refusal = judge("I'm sorry, I cannot describe this video for you today.", fc)
-    assert refusal[0] == 0 and any("refusal" in r for r in refusal[1])
-    score, reasons = judge("A tall fighter winds up and slaps his opponent, who staggers back.", fc)
-    assert reasons == [] and 0 < score <= 1
+GOOD = (
+    "A tall fighter in black shorts plants his feet in a wide stance at the table, winds up "
+    "with a long swing of his right arm and slaps his opponent flush on the cheek. The "
+    "impact snaps the opponent's head sideways; he staggers back two steps, flinches, and "
+    "the referee steps in while the crowd behind the stage rises. The camera holds a wide "
+    "shot from the side."
+)
+
+
+def test_filter_accepts_a_good_caption_and_scores_it_high():
+    score, reasons = judge(GOOD, FilterConfig(max_tokens=0))
+    assert reasons == [] and score > 0.9
+
+
+@pytest.mark.parametrize(
+    ("caption", "truncated", "reason"),
+    [
+        ("", False, "empty caption"),
+        ("A fighter slaps his opponent on the cheek at the table.", False, "too few words (11 < 40)"),
+        (GOOD + " He then" + " slaps again" * 40 + ".", False, "too many words"),
+        (GOOD, True, "truncated (hit the token limit)"),
+        (GOOD[:-1] + " and then the", False, "truncated (no closing punctuation)"),
+        (GOOD + " He slaps him hard and" * 12 + " done.", False, "repetitive"),
+        ("I'm sorry, but I cannot help with that. " + GOOD, False, "refusal phrase (\"i'm sorry\")"),
+        ("As an AI, I watched it: " + GOOD, False, "refusal phrase (\"as an ai\")"),
+        ("Certainly! Here is what happens. " + GOOD, False, "assistant phrase (\"certainly!\")"),
+        (GOOD + " I hope this helps.", False, "assistant phrase (\"i hope this helps\")"),
+        ("The image shows two men at a table. " + GOOD, False, "still-image phrase (\"the image shows\")"),
+        ("In this picture, " + GOOD, False, "still-image phrase (\"in this picture\")"),
+        ("Un luchador alto con pantalones negros se coloca frente a la mesa, levanta el brazo "
+         "derecho y abofetea a su rival en la mejilla; el golpe le gira la cabeza, retrocede dos "
+         "pasos, el juez interviene y el publico se levanta mientras la camara mantiene un plano "
+         "general desde un lado de la sala llena.", False, "not English"),
+        ("\u4e00\u540d\u9ad8\u5927\u7684\u62f3\u624b " * 12 + GOOD, False, "not English"),
+        ("A woman in a red coat walks along a quiet beach at sunset while gulls circle above "
+         "the water and small waves roll in over the sand; she stops, looks out at the horizon, "
+         "smiles, and keeps walking as the sky turns orange and the light slowly fades into a "
+         "soft purple evening over the sea.", False, "off-domain (0 of 2 domain terms)"),
+    ],
+)  # fmt: skip
+def test_filter_rejects_each_kind_with_its_reason(caption, truncated, reason):
+    score, reasons = judge(caption, FilterConfig(max_tokens=0), truncated=truncated)
+    assert any(r.startswith(reason) for r in reasons), reasons
+
+
+def test_filter_counts_tokens_with_the_video_models_tokenizer():
+    fc = FilterConfig(max_tokens=60)
+    words = lambda text: len(text.split()) + 1  # noqa: E731  (a counter like T5's: + </s>)
+    assert judge(GOOD, fc, count_tokens=words)[1] == [f"too many tokens ({words(GOOD)} > 60)"]
+    assert judge(GOOD, fc.model_copy(update={"max_tokens": 226}), count_tokens=words)[1] == []
+
+
+def test_filter_blocks_refusals_and_repetition_in_the_score():
+    fc = FilterConfig(max_tokens=0)
+    assert judge("I'm sorry, I cannot describe this. " + GOOD, fc)[0] == 0
     assert repetition("a b c a b c a b c".split()) == pytest.approx(4 / 7)
 
 
@@ -150,7 +194,7 @@ def test_filter_carries_caption_failures_and_missing_captions(tmp_path):
         "caption": ["A fighter winds up and slaps his opponent hard.", None, None],
         "error": [None, "cannot decode frames: truncated", None],
     }))  # fmt: skip
-    cfg = PipelineConfig(workspace=tmp_path, filter={"min_words": 3})
+    cfg = PipelineConfig(workspace=tmp_path, filter={"min_words": 3, "max_tokens": 0})
     result = run_filter(ws, cfg, {"caption": StageResult("caption", "k", str(cap))})
     table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
     assert table.selected.tolist() == [True, False, False]
