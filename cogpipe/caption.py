@@ -1,21 +1,27 @@
 """Caption: every kept clip gets a caption from a vision-language model, in resumable batches.
 
 What is notable:
-- Batches are a pure function of the kept clips sorted by `clip_id` and `batch_size`:
-  batch i is clips[i*bs:(i+1)*bs], committed as `part-{i:05d}.parquet`. A restart skips
-  committed parts (a crash loses at most the batch in flight) and never loads the model
-  when none is left. Greedy decoding over the same batches gives a resumed run the same
-  captions as an uninterrupted one (with left padding a caption can depend on its batch,
-  which is why `batch_size` is part of the key).
-- Frames are decoded one batch ahead in background threads, so the GPU does not wait on
-  PyAV; the processor and `generate` run on the main thread.
+- Clips split into `shards` by a hash of `clip_id` (stable whatever else is in the set).
+  Each shard is its own run: `cogpipe caption CONFIG --shard K` on N GPU workers captions
+  N shards at once; the stage merges once every shard's parts are committed.
+- Inside a shard, clips are ordered by frame size, then `clip_id`, and cut into batches
+  of `batch_size`: clips of one size get the same number of image tokens (LLaVA-NeXT's
+  "anyres" tiles depend on it), so a batch pads little. Batch i of shard s is committed
+  as `part-{s:03d}-{i:05d}.parquet`. The batches are a pure function of the kept clips,
+  so a restart skips committed parts (a crash loses at most the batch in flight), never
+  loads the model when none is left, and gives the same captions as an uninterrupted run
+  (with left padding a caption can depend on its batch: `batch_size` and `shards` are
+  part of the key).
+- Frames are decoded in background threads a few batches ahead (PyAV releases the GIL),
+  so the GPU does not wait on the CPU; the processor and `generate` run on the main thread.
 - Video-native models (LLaVA-NeXT-Video, LLaVA-OneVision) get the frames as one video;
-  image models (LLaVA, LLaVA-NeXT) get them as a sequence of images.
+  image models (LLaVA, LLaVA-NeXT) get them as a sequence of images (see cogpipe.vlm).
 - A clip whose frames cannot be decoded is a row with `error` and no caption, and so is
   an empty caption; the stage goes on. A failure of `generate` itself (out of memory)
   stops the stage and leaves every committed part intact.
 
-    cogpipe caption configs/demo.yaml
+    cogpipe caption configs/demo.yaml             # every shard, then the merge
+    cogpipe caption configs/demo.yaml --shard 3   # one shard (one GPU worker)
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cogpipe.config import CaptionConfig, PipelineConfig
 from cogpipe.video import even_times, read_frames
+from cogpipe.vlm import Captioner, chat_text, release
+from cogpipe.vlm import load_captioner as _load
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -47,10 +54,10 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 1
-VIDEO_MODEL_TYPES = {"llava_next_video", "llava_onevision"}  # take frames as one video
+VERSION = 2
 COLUMNS = ["clip_id", "caption", "error", "model", "prompt_hash", "tokens", "truncated", "seconds"]
-DECODE_WORKERS = 2  # batches decoded ahead of the one generating
+DECODE_WORKERS = 2  # threads decoding frames
+DECODE_AHEAD = 3  # batches decoded ahead of the one generating
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
@@ -64,91 +71,49 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def part_path(out: Path, index: int) -> Path:
-    return out / f"part-{index:05d}.parquet"
+def shard_of(clip_id: str, shards: int) -> int:
+    """The shard a clip belongs to: a hash of its id, so adding clips moves no other clip."""
+    return int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) % shards
+
+
+def part_path(out: Path, shard: int, index: int) -> Path:
+    return out / f"part-{shard:03d}-{index:05d}.parquet"
 
 
 def make_batches(clips: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
-    """Split clips, sorted by clip_id, into consecutive batches: batch i = clips[i*bs:(i+1)*bs]."""
-    clips = clips.sort_values("clip_id", kind="stable").reset_index(drop=True)
+    """Clips ordered by frame size (when known), then clip_id, cut into consecutive batches."""
+    order = [c for c in ("width", "height") if c in clips] + ["clip_id"]
+    clips = clips.sort_values(order, kind="stable").reset_index(drop=True)
     return [clips.iloc[i : i + batch_size] for i in range(0, len(clips), batch_size)]
+
+
+def shard_batches(clips: pd.DataFrame, cc: CaptionConfig, shard: int) -> list[pd.DataFrame]:
+    """Shard `shard`'s batches (see make_batches)."""
+    mine = [shard_of(c, cc.shards) == shard for c in clips.clip_id]
+    return make_batches(clips[mine] if len(clips) else clips, cc.batch_size)
 
 
 # --------------------------------------------------------------------------- model
 
 
-@dataclass
-class Captioner:
-    """A loaded vision-language model and what generation needs to know about it."""
-
-    processor: Any
-    model: Any
-    device: str
-    video: bool  # frames go in as one video, not as separate images
-    eos_ids: set[int]
-
-
-def _dtype(name: str, device: str):
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def load_captioner(cc: CaptionConfig) -> Captioner:
-    """Load the processor and model from a hub id or local folder, ready for batched generation.
-
-    Args:
-        cc: the caption config (model, revision, dtype, device).
-
-    Returns:
-        The Captioner, in eval mode on its device, with left padding.
-    """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    device = resolve_device(cc.device)
-    processor = AutoProcessor.from_pretrained(cc.model, revision=cc.revision)
-    processor.tokenizer.padding_side = "left"  # generation appends on the right
-    model = AutoModelForImageTextToText.from_pretrained(
-        cc.model, revision=cc.revision, dtype=_dtype(cc.dtype, device), attn_implementation="sdpa"
-    )
-    model = model.to(device).eval()
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-    video = model.config.model_type in VIDEO_MODEL_TYPES
-    return Captioner(processor, model, device, video, eos_ids)
-
-
-def release(cap: Captioner) -> None:
-    """Free the model's GPU memory for the stages that run next in the same process."""
-    import torch
-
-    cap.model = None
-    if cap.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+def load_captioner(cc: CaptionConfig, device: str | None = None) -> Captioner:
+    """The config's captioner (hub id or folder) on `device` (default: the config's)."""
+    return _load(cc.model, cc.revision, device or resolve_device(cc.device), cc.dtype)
 
 
 # --------------------------------------------------------------------------- frames
 
 
-def decode_clip(clip: Any, num_frames: int) -> list:
-    """`num_frames` PIL frames spread evenly over the clip's span [start, end).
-
-    Args:
-        clip: a clips.parquet row (path, start, end, fps).
-        num_frames: frames to sample.
+def decode_clip(clip, num_frames: int) -> np.ndarray:
+    """`num_frames` RGB frames [F, H, W, 3] spread evenly over the clip's span [start, end).
 
     Raises:
         Exception: whatever the decoder raises for an unreadable file.
     """
-    from PIL import Image
-
-    frames = read_frames(clip.path, even_times(clip.start, clip.end, num_frames))  # [F, H, W, 3]
-    return [Image.fromarray(f) for f in frames]
+    return read_frames(clip.path, even_times(clip.start, clip.end, num_frames))
 
 
-def decode_batch(batch: pd.DataFrame, num_frames: int) -> list[tuple[list | None, str | None]]:
+def decode_batch(batch: pd.DataFrame, num_frames: int) -> list[tuple[np.ndarray | None, str | None]]:
     """(frames, None) for every clip that decodes, (None, reason) for every clip that does not."""
     out = []
     for clip in batch.itertuples(index=False):
@@ -161,19 +126,32 @@ def decode_batch(batch: pd.DataFrame, num_frames: int) -> list[tuple[list | None
 
 
 def prefetch(
-    batches: list[tuple[int, pd.DataFrame]], num_frames: int, workers: int = DECODE_WORKERS
+    batches: list[tuple[int, pd.DataFrame]],
+    num_frames: int,
+    workers: int = DECODE_WORKERS,
+    ahead: int = DECODE_AHEAD,
 ) -> Iterator[tuple[int, pd.DataFrame, list]]:
-    """Yield (index, batch, decoded) in order, decoding up to `workers` batches ahead."""
+    """Yield (index, batch, decoded) in order, decoding up to `ahead` batches ahead.
+
+    Clips, not batches, are the unit of work, so `workers` threads share every batch.
+    """
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-decode") as pool:
-        pending: deque[tuple[int, pd.DataFrame, Future]] = deque()
+        pending: deque[tuple[int, pd.DataFrame, list[Future]]] = deque()
+
+        def submit(index: int, batch: pd.DataFrame) -> None:
+            futures = [pool.submit(decode_batch, batch.iloc[[j]], num_frames) for j in range(len(batch))]
+            pending.append((index, batch, futures))
+
+        def take() -> tuple[int, pd.DataFrame, list]:
+            i, b, futures = pending.popleft()
+            return i, b, [f.result()[0] for f in futures]
+
         for index, batch in batches:
-            pending.append((index, batch, pool.submit(decode_batch, batch, num_frames)))
-            if len(pending) > workers:
-                i, b, fut = pending.popleft()
-                yield i, b, fut.result()
+            submit(index, batch)
+            if len(pending) > ahead:
+                yield take()
         while pending:
-            i, b, fut = pending.popleft()
-            yield i, b, fut.result()
+            yield take()
 
 
 # --------------------------------------------------------------------------- generation
@@ -187,23 +165,24 @@ def chat_text(cap: Captioner, num_frames: int, prompt: str) -> str:
 
 
 def generate(
-    cap: Captioner, clips_frames: list[list], cc: CaptionConfig
+    cap: Captioner, clips_frames: list[np.ndarray], cc: CaptionConfig, prompt: str | None = None
 ) -> list[tuple[str, int, bool]]:
     """Greedy captions for a batch of clips.
 
     Args:
         cap: the loaded captioner.
-        clips_frames: per clip, its list of PIL frames.
+        clips_frames: per clip, its frames [F, H, W, 3] uint8.
         cc: the caption config (prompt, max_new_tokens, no_repeat_ngram_size).
+        prompt: the instruction, when not `cc.prompt` (a re-caption pass).
 
     Returns:
         Per clip: (caption, new tokens up to and including EOS, truncated without EOS).
     """
     import torch
 
-    texts = [chat_text(cap, len(clips_frames[0]), cc.prompt)] * len(clips_frames)
-    media = {"videos" if cap.video else "images": clips_frames}
-    inputs = cap.processor(text=texts, return_tensors="pt", padding=True, **media)
+    text = chat_text(cap, len(clips_frames[0]), prompt or cc.prompt)
+    media = {"videos": clips_frames} if cap.video else {"images": [list(f) for f in clips_frames]}
+    inputs = cap.processor(text=[text] * len(clips_frames), return_tensors="pt", padding=True, **media)
     inputs = inputs.to(cap.device, cap.model.dtype)  # casts only floating tensors
     with torch.inference_mode():
         out = cap.model.generate(
@@ -223,7 +202,7 @@ def generate(
 
 
 def caption_batch(
-    cap: Captioner, batch: pd.DataFrame, decoded: list, cc: CaptionConfig
+    cap: Captioner, batch: pd.DataFrame, decoded: list, cc: CaptionConfig, prompt: str | None = None
 ) -> pd.DataFrame:
     """One part's rows: a caption for every decoded clip, an error for every other.
 
@@ -232,16 +211,18 @@ def caption_batch(
         batch: clips.parquet rows of the batch.
         decoded: `decode_batch(batch, ...)`, aligned with `batch`.
         cc: the caption config.
+        prompt: the instruction, when not `cc.prompt`.
 
     Returns:
         A table with COLUMNS, one row per clip of the batch, in batch order.
     """
     started = time.time()
+    prompt = prompt or cc.prompt
     ok = [i for i, (frames, _) in enumerate(decoded) if frames is not None]
-    results = generate(cap, [decoded[i][0] for i in ok], cc) if ok else []
+    results = generate(cap, [decoded[i][0] for i in ok], cc, prompt) if ok else []
     generated = dict(zip(ok, results, strict=True))  # position in batch -> result
     per_clip = round((time.time() - started) / max(len(ok), 1), 4)  # s, share of the batch
-    rows, phash = [], prompt_hash(cc.prompt)
+    rows, phash = [], prompt_hash(prompt)
     for i, clip_id in enumerate(batch.clip_id):
         row = {"clip_id": clip_id, "model": cc.model, "prompt_hash": phash}
         if i in generated:
@@ -256,16 +237,90 @@ def caption_batch(
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def caption_clips(cap: Captioner, clips: pd.DataFrame, cc: CaptionConfig) -> pd.DataFrame:
-    """Caption clips in memory (no workspace, no parts), batched exactly as the stage does."""
+def caption_clips(
+    cap: Captioner, clips: pd.DataFrame, cc: CaptionConfig, prompt: str | None = None
+) -> pd.DataFrame:
+    """Caption clips in memory (no workspace, no parts), batched exactly as one shard is;
+    rows sorted by clip_id."""
     parts = [
-        caption_batch(cap, b, decode_batch(b, cc.num_frames), cc)
+        caption_batch(cap, b, decode_batch(b, cc.num_frames), cc, prompt)
         for b in make_batches(clips, cc.batch_size)
     ]
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+    if not parts:
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.concat(parts, ignore_index=True).sort_values("clip_id", ignore_index=True)
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def caption_pass(
+    out: Path,
+    clips: pd.DataFrame,
+    cc: CaptionConfig,
+    shards: list[int],
+    prompt: str | None = None,
+    progress: Progress = no_progress,
+) -> tuple[int, int]:
+    """Commit every missing part of the given shards of `clips` into `out`.
+
+    The model is loaded only if a part is missing, once for all the shards given.
+
+    Returns:
+        (parts in those shards, parts that were already committed).
+    """
+    batches = [(s, i, b) for s in shards for i, b in enumerate(shard_batches(clips, cc, s))]
+    todo = [(s, i, b) for s, i, b in batches if not part_path(out, s, i).is_file()]
+    for s in shards:  # temporaries of a killed run of these shards; other shards may be live
+        clean_stale_tmp(out, f".tmp-part-{s:03d}-*")
+    total = sum(len(b) for *_, b in batches)
+    done = total - sum(len(b) for *_, b in todo)
+    progress(done, total, f"{len(batches) - len(todo)} of {len(batches)} parts committed")
+    if todo:
+        device = resolve_device(cc.device)
+        if device == "cuda" and len(shards) == 1:  # one shard per GPU on a multi-GPU host
+            device = _shard_device(shards[0])
+        cap = load_captioner(cc, device)
+        where = {i: s for i, (s, _, _) in enumerate(todo)}
+        keyed = [(n, b) for n, (_, _, b) in enumerate(todo)]
+        for n, batch, decoded in prefetch(keyed, cc.num_frames):
+            s, i = where[n], todo[n][1]
+            write_table(part_path(out, s, i), caption_batch(cap, batch, decoded, cc, prompt))
+            done += len(batch)
+            progress(done, total, f"shard {s} part {i + 1}")
+        release(cap)
+    return len(batches), len(batches) - len(todo)
+
+
+def _shard_device(shard: int) -> str:
+    import torch
+
+    return f"cuda:{shard % max(torch.cuda.device_count(), 1)}"
+
+
+def merge_parts(out: Path, clips: pd.DataFrame) -> pd.DataFrame:
+    """Every committed part of `out`, one row per clip sorted by clip_id.
+
+    Raises:
+        RuntimeError: the parts do not cover `clips` exactly once.
+    """
+    table = read_parts(out)
+    table = table if len(table) else pd.DataFrame(columns=COLUMNS)
+    expected = set(clips.clip_id) if len(clips) else set()
+    if table.clip_id.duplicated().any() or set(table.clip_id) != expected:
+        raise RuntimeError(
+            f"caption parts in {out} do not cover the {len(expected)} clips exactly once "
+            f"({len(table)} rows); remove the folder and run again"
+        )
+    return table.sort_values("clip_id").reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- stage
+
+
+def kept_clips(check: StageResult) -> pd.DataFrame:
+    clips = read_table(Path(check.path) / "clips.parquet")
+    return clips[clips.keep.astype(bool)] if len(clips) else clips
 
 
 def run_caption(
@@ -273,7 +328,8 @@ def run_caption(
     cfg: PipelineConfig,
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
-) -> StageResult:
+    shard: int | None = None,
+) -> StageResult | None:
     """Caption every kept clip and write `caption/<key>/captions.parquet`.
 
     Args:
@@ -281,55 +337,34 @@ def run_caption(
         cfg: the pipeline config (uses `caption`).
         upstream: {"check": StageResult}.
         progress: called as (clips done, clips total, note) after every committed part.
+        shard: caption only this shard and return None (a GPU worker's run); by default
+            every shard not yet committed is captioned here, then the parts are merged.
 
     Returns:
-        The stage result; counts hold clips, captioned, failed, parts and parts_reused.
+        The stage result (None for a single shard); counts hold clips, captioned, failed,
+        parts and parts_reused.
 
     Raises:
+        ValueError: `shard` is not in [0, shards).
         RuntimeError: the committed parts do not cover the kept clips exactly once.
     """
     started = time.time()
+    cc = cfg.caption
+    if shard is not None and not 0 <= shard < cc.shards:
+        raise ValueError(f"shard {shard} is not in [0, {cc.shards}) (caption.shards)")
     check = upstream["check"]
     key = key_of(cfg, {"check": check.key})
     out = ws.stage_dir("caption", key)
     if ws.done(out):
-        return ws.result("caption", out)
-    clean_stale_tmp(out)
+        return None if shard is not None else ws.result("caption", out)
 
-    cc = cfg.caption
-    clips = read_table(Path(check.path) / "clips.parquet")
-    clips = clips[clips.keep.astype(bool)] if len(clips) else clips
-    batches = make_batches(clips, cc.batch_size)
-    todo = [(i, b) for i, b in enumerate(batches) if not part_path(out, i).is_file()]
-    done = sum(len(b) for i, b in enumerate(batches) if part_path(out, i).is_file())
-    progress(done, len(clips), f"{len(batches) - len(todo)} of {len(batches)} parts committed")
-
-    if todo:
-        cap = load_captioner(cc)
-        for i, batch, decoded in prefetch(todo, cc.num_frames):
-            write_table(part_path(out, i), caption_batch(cap, batch, decoded, cc))
-            done += len(batch)
-            progress(done, len(clips), f"part {i + 1}/{len(batches)}")
-        release(cap)
-    reused = len(batches) - len(todo)
-    return _merge(ws, out, key, clips, parts=len(batches), reused=reused, started=started)
-
-
-def _merge(
-    ws: Workspace, out: Path, key: str, clips: pd.DataFrame, parts: int, reused: int, started: float
-) -> StageResult:
-    """Merge committed parts into captions.parquet and write the done marker."""
-    table = read_parts(out)
-    table = table if len(table) else pd.DataFrame(columns=COLUMNS)
-    expected = set(clips.clip_id) if len(clips) else set()
-    if table.clip_id.duplicated().any() or set(table.clip_id) != expected:
-        raise RuntimeError(
-            f"caption parts in {out} do not cover the {len(expected)} kept clips exactly once "
-            f"({len(table)} rows); remove the folder and run again"
-        )
-    table = table.sort_values("clip_id").reset_index(drop=True)
+    clips = kept_clips(check)
+    shards = [shard] if shard is not None else list(range(cc.shards))
+    parts, reused = caption_pass(out, clips, cc, shards, progress=progress)
+    if shard is not None:
+        return None
+    table = merge_parts(out, clips)
     write_table(out / "captions.parquet", table)
-
     failed = table.error.notna()
     counts = {
         "clips": len(table),

@@ -143,6 +143,9 @@ class CaptionConfig(Section):
         0, ge=0, description="Forbid repeating n-grams of this size (0 turns it off)."
     )
     batch_size: int = Field(8, ge=1, description="Clips per generate call and per committed part.")
+    shards: int = Field(
+        1, ge=1, description="Clips split by a hash of clip_id; each shard is its own run."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _unkeyed(
         default="auto", description="auto: bfloat16 on GPU, float32 on CPU."
     )

@@ -98,11 +98,15 @@ def run_stage(
     stage: str,
     upstream: dict[str, StageResult] | None = None,
     progress: Progress = no_progress,
+    **options: Any,
 ) -> StageResult:
-    """Run one stage (or return its finished result), reading its inputs from disk."""
+    """Run one stage (or return its finished result), reading its inputs from disk.
+
+    `options` go to the stage's run function (caption: `shard=K` runs one shard only).
+    """
     ws = Workspace(cfg.workspace)
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)
-    return getattr(module(stage), f"run_{stage}")(ws, cfg, upstream, progress)
+    return getattr(module(stage), f"run_{stage}")(ws, cfg, upstream, progress, **options)
 
 
 def run_all(

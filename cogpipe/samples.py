@@ -35,6 +35,8 @@ WIDTH, HEIGHT, FPS, NUM_FRAMES = 128, 96, 8, 24  # pixels, pixels, frames/s, fra
 TINY_TOWER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
 TINY_VISION = dict(TINY_TOWER, image_size=32, patch_size=8)  # 4x4 = 16 patches + CLS
 TINY_IMAGE_PROCESSOR = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+# LLaVA-NeXT "anyres": an image is resized to the best of these and cut into 32-px tiles.
+TINY_GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 
 # Fight-video vocabulary (plus the colour and shape words of the sample clips) the tiny
 # word-level tokenizers are trained on; any other word becomes <unk>.
@@ -90,6 +92,7 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<image>"
+    "{% elif item['type'] == 'video' %}<video>"
     "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}</s>{% endif %}"
@@ -332,63 +335,131 @@ def _write_cogvideox(folder: Path) -> None:
     CogVideoXPipeline(transformer=transformer, **components).save_pretrained(folder)
 
 
-def _write_llava(folder: Path) -> None:
-    """A LLaVA-1.5-shaped captioner: CLIP vision tower (32 px, 16 patches) + 2-layer Llama."""
+def _vision(arch: str):
+    """The tiny vision tower: CLIP for the LLaVA family, SigLIP for OneVision (as on the hub)."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    return SiglipVisionConfig(**TINY_VISION) if arch == "llava_onevision" else CLIPVisionConfig(**TINY_VISION)
+
+
+def _text(arch: str, vocab_size: int, token_ids: dict[str, int]):
+    """The tiny language model: Qwen2 for OneVision, Llama for the others (Vicuna, Yi)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls = Qwen2Config if arch == "llava_onevision" else LlamaConfig
+    return cls(**TINY_TOWER, num_key_value_heads=4, vocab_size=vocab_size, **token_ids)
+
+
+def _captioner_config(arch: str, vision, text, ids: dict[str, int]):
+    """The model config of one of the four architectures, with hub-like settings at tiny size."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaNextVideoConfig, LlavaOnevisionConfig
+
+    common = dict(vision_config=vision, text_config=text, image_token_index=ids["image_token"])
+    grid = dict(image_grid_pinpoints=TINY_GRID_PINPOINTS)
+    if arch == "llava":
+        return LlavaConfig(**common, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    if arch == "llava_next":
+        return LlavaNextConfig(
+            **common, **grid, vision_feature_select_strategy="default", vision_feature_layer=-1
+        )
+    if arch == "llava_next_video":  # frames pooled 2x2: 4 tokens per 32-px frame
+        return LlavaNextVideoConfig(
+            **common, **grid, video_token_index=ids["video_token"],
+            vision_feature_select_strategy="default", vision_feature_layer=-1,
+            spatial_pool_mode="average", spatial_pool_stride=2,
+        )  # fmt: skip
+    return LlavaOnevisionConfig(
+        **common, **grid, video_token_index=ids["video_token"],
+        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        vision_aspect_ratio="anyres_max_9",
+    )  # fmt: skip
+
+
+def _captioner_processor(arch: str, tokenizer):
+    """The processor the hub ships for `arch`, at 32 pixels, with a USER/ASSISTANT template."""
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        LlavaNextVideoProcessor,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
         LlavaProcessor,
     )
+    from transformers.models.llava_next_video.video_processing_llava_next_video import (
+        LlavaNextVideoVideoProcessor,
+    )
+    from transformers.models.llava_onevision.video_processing_llava_onevision import (
+        LlavaOnevisionVideoProcessor,
+    )
+
+    from transformers.utils import is_torchvision_available
+
+    from cogpipe.vlm import numpy_video_class, without_torchvision
+
+    if not is_torchvision_available():  # the same classes, running on numpy (see cogpipe.vlm)
+        LlavaNextVideoVideoProcessor = numpy_video_class(LlavaNextVideoVideoProcessor)  # noqa: N806
+        LlavaOnevisionVideoProcessor = numpy_video_class(LlavaOnevisionVideoProcessor)  # noqa: N806
+        LlavaNextVideoProcessor = without_torchvision(LlavaNextVideoProcessor)  # noqa: N806
+        LlavaOnevisionProcessor = without_torchvision(LlavaOnevisionProcessor)  # noqa: N806
+    clip_like = dict(patch_size=8, vision_feature_select_strategy="default",
+                     num_additional_image_tokens=1)  # the CLS token, dropped by "default"  # fmt: skip
+    template = dict(chat_template=LLAVA_CHAT_TEMPLATE)
+    if arch == "llava":
+        image = CLIPImageProcessor(**TINY_IMAGE_PROCESSOR)
+        return LlavaProcessor(image_processor=image, tokenizer=tokenizer, **clip_like, **template)
+    if arch in ("llava_next", "llava_next_video"):
+        image = LlavaNextImageProcessor(
+            **TINY_IMAGE_PROCESSOR, image_grid_pinpoints=TINY_GRID_PINPOINTS
+        )
+        if arch == "llava_next":
+            return LlavaNextProcessor(
+                image_processor=image, tokenizer=tokenizer, **clip_like, **template
+            )
+        video = LlavaNextVideoVideoProcessor(**TINY_IMAGE_PROCESSOR)
+        return LlavaNextVideoProcessor(
+            video_processor=video, image_processor=image, tokenizer=tokenizer,
+            **clip_like, **template,
+        )  # fmt: skip
+    square = {"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]}
+    image = LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=TINY_GRID_PINPOINTS)
+    return LlavaOnevisionProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(size=square),
+        num_image_tokens=(TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2,
+        vision_feature_select_strategy="full", **template,
+    )  # fmt: skip
+
+
+def _write_captioner(folder: Path, arch: str) -> None:
+    """A tiny captioner of architecture `arch` (model_type): vision tower + 2-layer LM."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
     specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>"}
-    specials["image_token"] = "<image>"  # tokenizer.image_token, read by LlavaProcessor
+    specials |= {"image_token": "<image>", "video_token": "<video>"}  # read by the processors
     tokenizer = build_word_tokenizer(VOCAB_SENTENCES, specials, 4096, add_bos=True)
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in specials.items()}
     token_ids = dict(
         pad_token_id=ids["pad_token"], bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"]
     )
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**TINY_VISION),
-        text_config=LlamaConfig(
-            **TINY_TOWER, num_key_value_heads=4, vocab_size=len(tokenizer), **token_ids
-        ),
-        image_token_index=ids["image_token"],
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
+    config = _captioner_config(arch, _vision(arch), _text(arch, len(tokenizer), token_ids), ids)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
-    # With the default init (std 0.02) the Llama barely looks past the last token, so greedy
+    model = AutoModelForImageTextToText.from_config(config)
+    # With the default init (std 0.02) the LM barely looks past the last token, so greedy
     # decoding is a map token -> next token and falls into a loop of 1-5 words within a
     # few steps. Std 0.4 on the text model and projector makes attention and the image
-    # features matter: every sample clip gets a different 40-word caption with almost no
-    # repeated trigrams. Zero lm_head rows give the special tokens logit 0, which never
-    # wins the argmax over ~200 random logits: no <unk>/<image> in captions, and no
-    # </s> either, so a caption always runs to max_new_tokens.
+    # features matter: every sample clip gets a different caption with almost no repeated
+    # trigrams. Zero lm_head rows give the special tokens logit 0, which never wins the
+    # argmax over ~200 random logits: no <unk>/<image> in captions, and no </s> either, so
+    # a caption always runs to max_new_tokens.
     with torch.no_grad():
-        for module in [
-            *model.model.language_model.modules(),
-            *model.model.multi_modal_projector.modules(),
-        ]:
+        for module in [*model.model.language_model.modules(), *model.model.multi_modal_projector.modules()]:
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.normal_(0.0, 0.4)
         model.lm_head.weight.normal_(0.0, 0.4)
         model.lm_head.weight[list(ids.values())] = 0.0
     model.generation_config = GenerationConfig(**token_ids)
     model.save_pretrained(folder)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(**TINY_IMAGE_PROCESSOR),
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, dropped again by "default"
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
-    processor.save_pretrained(folder)
+    _captioner_processor(arch, tokenizer).save_pretrained(folder)
 
 
 def _write_clip(folder: Path) -> None:
@@ -410,6 +481,14 @@ def _write_clip(folder: Path) -> None:
     CLIPImageProcessor(**TINY_IMAGE_PROCESSOR).save_pretrained(folder)
 
 
+def write_tiny_captioner(folder: Path, arch: str) -> Path:
+    """Write a tiny random captioner of `arch` (llava, llava_next, llava_next_video or
+    llava_onevision) to `folder`, loadable by `AutoProcessor` / `AutoModelForImageTextToText`."""
+    if arch not in {"llava", "llava_next", "llava_next_video", "llava_onevision"}:
+        raise ValueError(f"unknown captioner architecture {arch!r}")
+    return _write_atomically(Path(folder), "config.json", lambda f: _write_captioner(f, arch))
+
+
 def write_tiny_models(folder: Path) -> dict[str, Path]:
     """Write tiny random CogVideoX, LLaVA and CLIP folders that load like hub checkpoints.
 
@@ -418,7 +497,7 @@ def write_tiny_models(folder: Path) -> dict[str, Path]:
     - llava: `AutoProcessor` / `AutoModelForImageTextToText` (LlavaProcessor +
       LlavaForConditionalGeneration) with a USER/ASSISTANT chat template. Greedy decoding
       gives a different, varied caption per clip from the tiny vocabulary and never emits
-      </s>, so captions are always `max_new_tokens` words long (see `_write_llava`).
+      </s>, so captions are always `max_new_tokens` words long (see `_write_captioner`).
     - clip: `CLIPModel`, `AutoTokenizer`, `AutoImageProcessor` (and `AutoProcessor`).
 
     Weights are seeded, so the same transformers/diffusers versions write the same bytes.
@@ -434,6 +513,6 @@ def write_tiny_models(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     return {
         "cogvideox": _write_atomically(folder / "cogvideox", "model_index.json", _write_cogvideox),
-        "llava": _write_atomically(folder / "llava", "config.json", _write_llava),
+        "llava": write_tiny_captioner(folder / "llava", "llava"),
         "clip": _write_atomically(folder / "clip", "config.json", _write_clip),
     }

@@ -205,10 +205,10 @@ def read_parts(folder: Path, pattern: str = "part-*.parquet") -> pd.DataFrame:
     return pd.concat([read_table(p) for p in parts], ignore_index=True)
 
 
-def clean_stale_tmp(folder: Path) -> None:
+def clean_stale_tmp(folder: Path, pattern: str = ".tmp-*") -> None:
     """Remove temporaries left by a killed process (they are never committed units)."""
     if folder.is_dir():
-        for p in folder.glob(".tmp-*"):
+        for p in folder.glob(pattern):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 

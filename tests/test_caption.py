@@ -85,9 +85,10 @@ def test_every_kept_clip_gets_one_caption(checked):
     assert set(table.prompt_hash) == {caption.prompt_hash(cfg.caption.prompt)}
 
     n_parts = math.ceil(len(ids) / 2)
-    assert part_names(res.path) == [f"part-{i:05d}.parquet" for i in range(n_parts)]
-    for i, name in enumerate(part_names(res.path)):
-        assert list(read_table(Path(res.path) / name).clip_id) == ids[2 * i : 2 * i + 2]
+    assert part_names(res.path) == [f"part-000-{i:05d}.parquet" for i in range(n_parts)]
+    clips = read_table(cfg.workspace / "check" / plan(cfg, "check")["check"] / "clips.parquet")
+    batches = [list(b.clip_id) for b in caption.make_batches(clips[clips.keep], 2)]
+    assert [list(read_table(Path(res.path) / n).clip_id) for n in part_names(res.path)] == batches
     assert res.counts == {
         "clips": len(ids), "captioned": len(ids), "failed": 0, "parts": n_parts, "parts_reused": 0,
         "tokens": int(table.tokens.sum()), "truncated": int(table.truncated.sum()),
@@ -95,7 +96,6 @@ def test_every_kept_clip_gets_one_caption(checked):
     assert (Path(res.path) / SUCCESS).is_file()
 
     # The in-memory helper batches exactly as the stage does, so it gives the same captions.
-    clips = read_table(cfg.workspace / "check" / plan(cfg, "check")["check"] / "clips.parquet")
     captioner = caption.load_captioner(cfg.caption)
     direct = caption.caption_clips(captioner, clips[clips.keep], cfg.caption)
     assert list(direct.caption) == list(table.caption)
@@ -111,7 +111,7 @@ def test_all_parts_committed_never_loads_the_model(checked, monkeypatch):
     (Path(res.path) / SUCCESS).unlink()
     (Path(res.path) / "captions.parquet").unlink()
 
-    def refuse(cc):
+    def refuse(cc, device=None):
         raise AssertionError("the model was loaded although every part is committed")
 
     monkeypatch.setattr(caption, "load_captioner", refuse)
@@ -153,11 +153,11 @@ def test_killed_run_resumes_with_identical_captions(checked, tmp_path):
     assert 1 <= len(committed) < n
     mtimes = {p: (out / p).stat().st_mtime_ns for p in committed}
     assert not (out / SUCCESS).exists()
-    (out / ".tmp-part-00004.parquet-deadbeef").write_bytes(b"torn write")  # a killed rename
+    (out / ".tmp-part-000-00004.parquet-deadbeef").write_bytes(b"torn write")  # a killed rename
 
     restarted = run_stage(cfg, "caption")  # the restart, as a Prefect retry would do it
     assert {p: (out / p).stat().st_mtime_ns for p in committed} == mtimes  # not redone
-    assert part_names(out) == [f"part-{i:05d}.parquet" for i in range(n)]
+    assert part_names(out) == [f"part-000-{i:05d}.parquet" for i in range(n)]
     assert not list(out.glob(".tmp-*"))
     assert restarted.counts["parts_reused"] == len(committed)
 
@@ -219,5 +219,9 @@ def test_batches_are_a_pure_function_of_the_sorted_clips():
     clips = pd.DataFrame({"clip_id": ["c", "a", "e", "b", "d"]})
     batches = caption.make_batches(clips, 2)
     assert [list(b.clip_id) for b in batches] == [["a", "b"], ["c", "d"], ["e"]]
+    # Clips of one frame size batch together (the same number of image tokens).
+    sized = clips.assign(width=[640, 1280, 640, 1280, 640], height=[360, 720, 360, 720, 360])
+    by_size = [list(b.clip_id) for b in caption.make_batches(sized, 2)]
+    assert by_size == [["c", "d"], ["e", "a"], ["b"]]
     shuffled = caption.make_batches(clips.sample(frac=1, random_state=0), 2)
     assert [list(b.clip_id) for b in shuffled] == [list(b.clip_id) for b in batches]
