@@ -27,6 +27,7 @@ What is notable:
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -56,7 +57,6 @@ from cogpipe.workspace import (
 
 VERSION = 2
 COLUMNS = ["clip_id", "caption", "error", "model", "prompt_hash", "tokens", "truncated", "seconds"]
-DECODE_WORKERS = 2  # threads decoding frames
 DECODE_AHEAD = 3  # batches decoded ahead of the one generating
 
 
@@ -113,7 +113,9 @@ def decode_clip(clip, num_frames: int) -> np.ndarray:
     return read_frames(clip.path, even_times(clip.start, clip.end, num_frames))
 
 
-def decode_batch(batch: pd.DataFrame, num_frames: int) -> list[tuple[np.ndarray | None, str | None]]:
+def decode_batch(
+    batch: pd.DataFrame, num_frames: int
+) -> list[tuple[np.ndarray | None, str | None]]:
     """(frames, None) for every clip that decodes, (None, reason) for every clip that does not."""
     out = []
     for clip in batch.itertuples(index=False):
@@ -125,21 +127,30 @@ def decode_batch(batch: pd.DataFrame, num_frames: int) -> list[tuple[np.ndarray 
     return out
 
 
+def decode_threads(configured: int = 0) -> int:
+    """Threads for frame decoding: the configured count, else one per usable core."""
+    return configured or max(len(os.sched_getaffinity(0)), 1)
+
+
 def prefetch(
     batches: list[tuple[int, pd.DataFrame]],
     num_frames: int,
-    workers: int = DECODE_WORKERS,
+    workers: int = 0,
     ahead: int = DECODE_AHEAD,
 ) -> Iterator[tuple[int, pd.DataFrame, list]]:
     """Yield (index, batch, decoded) in order, decoding up to `ahead` batches ahead.
 
-    Clips, not batches, are the unit of work, so `workers` threads share every batch.
+    Clips, not batches, are the unit of work, so the threads (`workers`, 0: one per core;
+    PyAV decodes without the GIL) share every batch.
     """
+    workers = decode_threads(workers)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-decode") as pool:
         pending: deque[tuple[int, pd.DataFrame, list[Future]]] = deque()
 
         def submit(index: int, batch: pd.DataFrame) -> None:
-            futures = [pool.submit(decode_batch, batch.iloc[[j]], num_frames) for j in range(len(batch))]
+            futures = [
+                pool.submit(decode_batch, batch.iloc[[j]], num_frames) for j in range(len(batch))
+            ]
             pending.append((index, batch, futures))
 
         def take() -> tuple[int, pd.DataFrame, list]:
@@ -155,13 +166,6 @@ def prefetch(
 
 
 # --------------------------------------------------------------------------- generation
-
-
-def chat_text(cap: Captioner, num_frames: int, prompt: str) -> str:
-    """The chat-formatted prompt: the frames (one video or `num_frames` images), then the text."""
-    media = [{"type": "video"}] if cap.video else [{"type": "image"}] * num_frames
-    messages = [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]}]
-    return cap.processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def generate(
@@ -180,15 +184,20 @@ def generate(
     """
     import torch
 
+    if cc.temperature > 0:  # the same batch samples the same captions on a restart
+        torch.manual_seed(cc.seed)
     text = chat_text(cap, len(clips_frames[0]), prompt or cc.prompt)
     media = {"videos": clips_frames} if cap.video else {"images": [list(f) for f in clips_frames]}
-    inputs = cap.processor(text=[text] * len(clips_frames), return_tensors="pt", padding=True, **media)
+    inputs = cap.processor(
+        text=[text] * len(clips_frames), return_tensors="pt", padding=True, **media
+    )
     inputs = inputs.to(cap.device, cap.model.dtype)  # casts only floating tensors
     with torch.inference_mode():
         out = cap.model.generate(
             **inputs,
             max_new_tokens=cc.max_new_tokens,
-            do_sample=False,
+            do_sample=cc.temperature > 0,
+            **({"temperature": cc.temperature, "top_p": 0.95} if cc.temperature > 0 else {}),
             no_repeat_ngram_size=cc.no_repeat_ngram_size or None,
         )
     new = out[:, inputs["input_ids"].shape[1] :].cpu()  # [B, T] only the generated tokens
@@ -283,7 +292,7 @@ def caption_pass(
         cap = load_captioner(cc, device)
         where = {i: s for i, (s, _, _) in enumerate(todo)}
         keyed = [(n, b) for n, (_, _, b) in enumerate(todo)]
-        for n, batch, decoded in prefetch(keyed, cc.num_frames):
+        for n, batch, decoded in prefetch(keyed, cc.num_frames, cc.decode_workers):
             s, i = where[n], todo[n][1]
             write_table(part_path(out, s, i), caption_batch(cap, batch, decoded, cc, prompt))
             done += len(batch)

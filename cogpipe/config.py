@@ -35,6 +35,10 @@ def default_caption_prompt() -> str:
     return files("cogpipe").joinpath("prompts/power_slap.txt").read_text().strip()
 
 
+def default_retry_prompt() -> str:
+    return files("cogpipe").joinpath("prompts/power_slap_strict.txt").read_text().strip()
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -146,10 +150,17 @@ class CaptionConfig(Section):
     shards: int = Field(
         1, ge=1, description="Clips split by a hash of clip_id; each shard is its own run."
     )
+    temperature: float = Field(
+        0.0, ge=0, description="0: greedy decoding; above 0: sampling, seeded per batch."
+    )
+    seed: int = Field(0, ge=0, description="Seed of sampled decoding (with `temperature`).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = _unkeyed(
         default="auto", description="auto: bfloat16 on GPU, float32 on CPU."
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+    decode_workers: int = _unkeyed(
+        default=0, ge=0, description="Threads decoding frames ahead of the GPU; 0: one per core."
+    )
 
     @model_validator(mode="after")
     def _prompt_not_empty(self) -> CaptionConfig:
@@ -211,6 +222,38 @@ class FilterConfig(Section):
         description="Reject above this many T5 tokens (the model's tokenizer; CogVideoX "
         "reads 226); 0 turns it off.",
     )
+    retries: int = Field(
+        1,
+        ge=0,
+        le=3,
+        description="Re-caption rejected clips up to this many times with `retry_prompt` "
+        "(round 1 greedy, later rounds sampled); a clip keeps its first accepted caption.",
+    )
+    retry_prompt: str = Field(
+        default_factory=default_retry_prompt,
+        description="The stricter instruction of a re-caption pass.",
+    )
+    select_top: int = Field(
+        0,
+        ge=0,
+        description="Select at most this many accepted captions, spread over the categories "
+        "(held-out clips count too); 0 selects every accepted caption.",
+    )
+    categories: dict[str, list[str]] = Field(
+        {"knockout": ["knock", "fall", "fell", "collaps", "stagger", "stumbl", "drop", "unconscious",
+                      "crumpl", "slump", "faint", "wobbl", "buckl", "floor"],
+         "block": ["block", "flinch", "brace", "bracing", "duck", "dodg", "guard", "shield"],
+         "strike": ["slap", "strike", "struck", "hit", "swing", "swung", "palm", "smack", "blow",
+                    "impact"],
+         "reaction": ["react", "recoil", "snap", "jerk", "wince", "grimac", "shake", "shook",
+                      "shaking", "rub"],
+         "referee": ["referee", "official", "judge", "umpire", "announc", "commentat", "host"],
+         "scene": ["crowd", "audience", "spectator", "fans", "cheer", "applau", "arena", "camera",
+                   "replay", "close-up", "zoom"]},
+        description="Domain-keyword categories for curation; a term matches words that start "
+        "with it. A caption's category is the one with the most matching terms (ties: the "
+        "earlier one, so specific events come first), 'other' when none matches.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _bounds(self) -> FilterConfig:
@@ -218,7 +261,21 @@ class FilterConfig(Section):
             raise ValueError(f"min_words ({self.min_words}) > max_words ({self.max_words})")
         if self.ideal_words[0] > self.ideal_words[1]:
             raise ValueError(f"ideal_words {list(self.ideal_words)} is not a low, high pair")
+        for name, terms in self.categories.items():
+            if not name.strip() or name == "other":
+                raise ValueError(f"category name {name!r} is empty or 'other' (kept for the rest)")
+            bad = [t for t in terms if not t or t != t.lower() or len(t.split()) != 1]
+            if not terms or bad:
+                raise ValueError(
+                    f"category {name!r}: needs lowercase one-word terms, got {bad or 'none'}"
+                )
         return self
+
+    def key_fields(self) -> dict[str, Any]:
+        """As Section's, with categories as [name, terms] pairs: their order breaks ties."""
+        data = super().key_fields()
+        data["categories"] = [[name, terms] for name, terms in self.categories.items()]
+        return data
 
 
 class PrecomputeConfig(Section):

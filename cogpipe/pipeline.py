@@ -23,7 +23,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "check": ("ingest",),
     "caption": ("check",),
-    "filter": ("caption",),
+    "filter": ("caption", "check"),
     "precompute": ("filter", "check"),
     "train": ("precompute",),
     "evaluate": ("train", "check"),

@@ -1,13 +1,15 @@
 """The dataset report: what each data stage kept and dropped, as PNG plots and markdown.
 
 `check/<key>/report.md` covers ingest and check (counts and reasons, duration and
-resolution distributions); `filter/<key>/report.md` adds the caption-length histogram.
+resolution distributions); `filter/<key>/report.md` adds the caption-length histogram,
+the selected captions per category and a table of every rejected caption with its reasons.
 Images are linked by file name, so the folder reads on its own; the Prefect task layer
 publishes the same markdown as an artifact with the images inlined.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -133,21 +135,65 @@ def write_check_report(out: Path, manifest: pd.DataFrame, clips: pd.DataFrame) -
     return out / "report.md"
 
 
-def write_caption_report(out: Path, table: pd.DataFrame) -> Path:
-    """Write `report.md` with the caption-length histogram into `out` (filter's folder)."""
-    words = table.caption.fillna("").map(lambda c: len(str(c).split()))
-    sel = table.selected.astype(bool)
+def _cell(text: object, limit: int | None = None) -> str:
+    """Text for a markdown table cell: one line, `|` escaped, cut to `limit` characters."""
+    text = " ".join(str(text).split()) if isinstance(text, str) else ""
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1].rstrip() + "\u2026"
+    return text.replace("|", "\\|")
+
+
+def write_caption_report(
+    out: Path, table: pd.DataFrame, categories: Sequence[str] = (), max_rows: int = 200
+) -> Path:
+    """Write `report.md` into `out` (filter's folder): the caption-length histogram, the
+    rejections (counted by kind, then one row per clip) and the selection per category.
+
+    Args:
+        out: the folder.
+        table: the curated table (clip_id, caption, category, accepted, selected, reasons).
+        categories: category names in the order to list them (others follow by name).
+        max_rows: rejected clips listed one per row; the rest are counted.
+    """
+    words = table.caption.map(lambda c: len(c.split()) if isinstance(c, str) else 0)
+    acc, sel = table.accepted.astype(bool), table.selected.astype(bool)
     lines = [
         "# Dataset report: captions",
         "",
-        f"- captions: {len(table)} ({int(sel.sum())} selected, {int((~sel).sum())} rejected)",
+        f"- captions: {len(table)} ({int(acc.sum())} accepted, {int(sel.sum())} selected, "
+        f"{int((~acc).sum())} rejected)",
         f"- words per selected caption: median {words[sel].median() if sel.any() else 0:.0f}",
         "",
     ]
-    groups = {"selected": words[sel].to_numpy(), "rejected": words[~sel].to_numpy()}
+    groups = {
+        "selected": words[sel].to_numpy(),
+        "accepted, not selected": words[acc & ~sel].to_numpy(),
+        "rejected": words[~acc].to_numpy(),
+    }
     name = _hist(out / "caption_words.png", groups, "words", "Caption length")
-    lines += [f"![caption length]({name})", "", "## Caption rejections", ""]
-    kinds = table.loc[~sel, "reasons"].str.split("; ").explode().map(reason_kind)
+    lines += [f"![caption length]({name})", "", "## Selection by category", ""]
+    names = [*categories, *sorted(set(table.category) - set(categories))]
+    by = table.groupby("category")
+    rows = [(c, int(by.accepted.sum().get(c, 0)), int(by.selected.sum().get(c, 0))) for c in names]
+    rows = [r for r in rows if r[1]]
+    if rows:
+        lines += ["| category | accepted | selected |", "|---|---:|---:|"]
+        lines += [f"| {c} | {a} | {s} |" for c, a, s in rows]
+        lines += [""]
+    else:
+        lines += ["No accepted captions.", ""]
+    lines += ["## Caption rejections", ""]
+    rejected = table[~acc]
+    kinds = rejected.reasons.str.split("; ").explode().map(reason_kind)
     lines += _table(kinds.value_counts(), "reason")
+    if len(rejected):
+        lines += ["| clip_id | reasons | caption |", "|---|---|---|"]
+        lines += [
+            f"| {_cell(r.clip_id)} | {_cell(r.reasons)} | {_cell(r.caption, 80)} |"
+            for r in rejected.head(max_rows).itertuples()
+        ]
+        if len(rejected) > max_rows:
+            lines += ["", f"{len(rejected) - max_rows} more rejected clips: see curated.parquet."]
+        lines += [""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"

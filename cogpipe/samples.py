@@ -339,7 +339,11 @@ def _vision(arch: str):
     """The tiny vision tower: CLIP for the LLaVA family, SigLIP for OneVision (as on the hub)."""
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
-    return SiglipVisionConfig(**TINY_VISION) if arch == "llava_onevision" else CLIPVisionConfig(**TINY_VISION)
+    return (
+        SiglipVisionConfig(**TINY_VISION)
+        if arch == "llava_onevision"
+        else CLIPVisionConfig(**TINY_VISION)
+    )
 
 
 def _text(arch: str, vocab_size: int, token_ids: dict[str, int]):
@@ -352,12 +356,19 @@ def _text(arch: str, vocab_size: int, token_ids: dict[str, int]):
 
 def _captioner_config(arch: str, vision, text, ids: dict[str, int]):
     """The model config of one of the four architectures, with hub-like settings at tiny size."""
-    from transformers import LlavaConfig, LlavaNextConfig, LlavaNextVideoConfig, LlavaOnevisionConfig
+    from transformers import (
+        LlavaConfig,
+        LlavaNextConfig,
+        LlavaNextVideoConfig,
+        LlavaOnevisionConfig,
+    )
 
     common = dict(vision_config=vision, text_config=text, image_token_index=ids["image_token"])
     grid = dict(image_grid_pinpoints=TINY_GRID_PINPOINTS)
     if arch == "llava":
-        return LlavaConfig(**common, vision_feature_select_strategy="default", vision_feature_layer=-1)
+        return LlavaConfig(
+            **common, vision_feature_select_strategy="default", vision_feature_layer=-1
+        )
     if arch == "llava_next":
         return LlavaNextConfig(
             **common, **grid, vision_feature_select_strategy="default", vision_feature_layer=-1
@@ -392,7 +403,6 @@ def _captioner_processor(arch: str, tokenizer):
     from transformers.models.llava_onevision.video_processing_llava_onevision import (
         LlavaOnevisionVideoProcessor,
     )
-
     from transformers.utils import is_torchvision_available
 
     from cogpipe.vlm import numpy_video_class, without_torchvision
@@ -452,7 +462,10 @@ def _write_captioner(folder: Path, arch: str) -> None:
     # argmax over ~200 random logits: no <unk>/<image> in captions, and no </s> either, so
     # a caption always runs to max_new_tokens.
     with torch.no_grad():
-        for module in [*model.model.language_model.modules(), *model.model.multi_modal_projector.modules()]:
+        for module in [
+            *model.model.language_model.modules(),
+            *model.model.multi_modal_projector.modules(),
+        ]:
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 module.weight.normal_(0.0, 0.4)
         model.lm_head.weight.normal_(0.0, 0.4)

@@ -104,7 +104,9 @@ def _processor_from_parts(model_id: str, revision: str | None, model_type: str):
     cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
     settings, _ = cls.get_processor_dict(model_id, revision=revision)
     video_settings, _ = BaseVideoProcessor.get_video_processor_dict(model_id, revision=revision)
-    video_cls = numpy_video_class(video_processor_class(video_settings["video_processor_type"], model_type))
+    video_cls = numpy_video_class(
+        video_processor_class(video_settings["video_processor_type"], model_type)
+    )
     parts = {
         "tokenizer": AutoTokenizer.from_pretrained(model_id, revision=revision),
         "image_processor": AutoImageProcessor.from_pretrained(model_id, revision=revision),
@@ -141,14 +143,18 @@ def numpy_video_class(real: type) -> type:
 def video_processor_class(name: str, model_type: str) -> type:
     """A transformers video processor class by name, imported from its model's own module
     (the top-level name is a placeholder that raises when torchvision is missing)."""
-    module = importlib.import_module(f"transformers.models.{model_type}.video_processing_{model_type}")
+    module = importlib.import_module(
+        f"transformers.models.{model_type}.video_processing_{model_type}"
+    )
     return getattr(module, name)
 
 
 class NumpyFrames:
     """Mixin over a transformers video processor: its preprocessing on numpy frames, via PIL."""
 
-    def _prepare_input_videos(self, videos, do_convert_rgb=None, input_data_format=None, device=None):
+    def _prepare_input_videos(
+        self, videos, do_convert_rgb=None, input_data_format=None, device=None
+    ):
         out = []
         for video in videos:  # [F, H, W, C] or [F, C, H, W], numpy or torch
             v = np.asarray(video)

@@ -20,11 +20,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cogpipe import caption
+from cogpipe import caption, vlm
 from cogpipe.pipeline import plan, run_stage
-from cogpipe.workspace import SUCCESS, read_table
+from cogpipe.samples import write_tiny_captioner
+from cogpipe.workspace import SUCCESS, read_parts, read_table
 
 CAPTION = {"num_frames": 4, "max_new_tokens": 24, "batch_size": 2}
+ARCHITECTURES = ["llava", "llava_next", "llava_next_video", "llava_onevision"]
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs the caption stage of a config saved as JSON; after each committed part but the
@@ -32,17 +34,33 @@ REPO = Path(__file__).resolve().parents[1]
 KILLABLE = textwrap.dedent(
     """
     import os, sys, time
+    from pathlib import Path
+    from cogpipe import caption
     from cogpipe.config import PipelineConfig
     from cogpipe.pipeline import run_stage
 
     cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
+    shard = int(sys.argv[2]) if len(sys.argv) > 2 else None
     pause = float(os.environ.get("PAUSE_AFTER_PART", "0"))
+    hang_at = int(os.environ.get("HANG_IN_BATCH", "0"))  # 1-based batch to hang inside
 
     def progress(done, total, note):
         if done and done < total:
             time.sleep(pause)
 
-    run_stage(cfg, "caption", progress=progress)
+    if hang_at:
+        generate, calls = caption.generate, []
+
+        def hanging(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == hang_at:  # mid-batch: frames decoded, generate running
+                Path(os.environ["HANG_MARKER"]).touch()
+                time.sleep(600)
+            return generate(*args, **kwargs)
+
+        caption.generate = hanging
+
+    run_stage(cfg, "caption", progress=progress, shard=shard)
     """
 )
 
@@ -121,19 +139,21 @@ def test_all_parts_committed_never_loads_the_model(checked, monkeypatch):
     pd.testing.assert_frame_equal(read_table(Path(res.path) / "captions.parquet"), before)
 
 
-def _run_until_first_part(cfg_json: Path, folder: Path, log: Path, timeout: float = 180) -> None:
-    """Start the caption stage in a child process and SIGKILL it once a part is committed."""
-    env = os.environ | {"PAUSE_AFTER_PART": "60", "PYTHONPATH": str(REPO)}
+def _run_until(
+    ready, cfg_json: Path, log: Path, *args: str, timeout: float = 180, **env: str
+) -> None:
+    """Start the caption stage in a child process and SIGKILL it once `ready()` holds."""
+    env = os.environ | {"PYTHONPATH": str(REPO)} | env
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg_json)], env=env,
+        proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg_json), *args], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         deadline = time.monotonic() + timeout
-        while not part_names(folder):
+        while not ready():
             if proc.poll() is not None:
                 pytest.fail(f"caption run exited ({proc.returncode}) early:\n{log.read_text()}")
             if time.monotonic() > deadline:
-                pytest.fail(f"no part committed within {timeout}s:\n{log.read_text()}")
+                pytest.fail(f"not ready within {timeout}s:\n{log.read_text()}")
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -148,7 +168,7 @@ def test_killed_run_resumes_with_identical_captions(checked, tmp_path):
     out = cfg.workspace / "caption" / plan(cfg, "caption")["caption"]
 
     # The child sleeps 60 s after each committed part, so the kill lands between parts.
-    _run_until_first_part(cfg_json, out, tmp_path / "caption.log")
+    _run_until(lambda: part_names(out), cfg_json, tmp_path / "caption.log", PAUSE_AFTER_PART="60")
     committed = part_names(out)
     assert 1 <= len(committed) < n
     mtimes = {p: (out / p).stat().st_mtime_ns for p in committed}
@@ -225,3 +245,120 @@ def test_batches_are_a_pure_function_of_the_sorted_clips():
     assert by_size == [["c", "d"], ["e", "a"], ["b"]]
     shuffled = caption.make_batches(clips.sample(frac=1, random_state=0), 2)
     assert [list(b.clip_id) for b in shuffled] == [list(b.clip_id) for b in batches]
+
+
+def test_sharded_run_killed_mid_batch_captions_every_clip_once(checked, tmp_path):
+    cfg = checked("sharded", batch_size=1, shards=2)
+    ids = kept_ids(cfg)
+    by_shard = {s: [c for c in ids if caption.shard_of(c, 2) == s] for s in (0, 1)}
+    shard = max(by_shard, key=lambda s: len(by_shard[s]))  # the kill needs 2+ batches
+    assert len(by_shard[shard]) >= 2 and all(by_shard.values())
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(cfg.model_dump_json())
+    out = cfg.workspace / "caption" / plan(cfg, "caption")["caption"]
+
+    # The child commits its shard's first part, then hangs inside generate of the second.
+    marker = tmp_path / "in-generate"
+    _run_until(marker.exists, cfg_json, tmp_path / "shard.log", str(shard),
+               HANG_IN_BATCH="2", HANG_MARKER=str(marker))  # fmt: skip
+    committed = part_names(out)
+    assert committed == [f"part-{shard:03d}-00000.parquet"]  # the other shard is another run
+    mtime = (out / committed[0]).stat().st_mtime_ns
+
+    assert run_stage(cfg, "caption", shard=shard) is None  # restart of the killed shard
+    assert run_stage(cfg, "caption", shard=1 - shard) is None  # the other worker's shard
+    assert not (out / SUCCESS).exists()  # shards commit parts; the merge marks the stage done
+    merged = run_stage(cfg, "caption")
+    assert merged.counts["parts_reused"] == merged.counts["parts"] == len(ids)
+    assert (out / committed[0]).stat().st_mtime_ns == mtime
+    assert part_names(out) == sorted(
+        f"part-{s:03d}-{i:05d}.parquet" for s in (0, 1) for i in range(len(by_shard[s]))
+    )
+    table = read_table(out / "captions.parquet")
+    assert list(table.clip_id) == ids  # every clip captioned exactly once, none missing
+    for s in (0, 1):
+        in_parts = read_parts(out, f"part-{s:03d}-*.parquet")
+        assert sorted(in_parts.clip_id) == by_shard[s]
+    assert table.error.isna().all() and table.caption.str.len().gt(0).all()
+
+    with pytest.raises(ValueError, match="shard 2 is not in"):
+        run_stage(cfg, "caption", shard=2)
+
+
+@pytest.fixture(scope="module")
+def captioners(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("captioners")
+    return {a: write_tiny_captioner(folder / a, a) for a in ARCHITECTURES}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_each_architecture_captions_real_clips(arch, captioners, checked, monkeypatch):
+    cfg = checked(arch, model=str(captioners[arch]), batch_size=3)
+    seen = []  # what each generate call was given
+
+    def load(*args, **kwargs):
+        cap = vlm.load_captioner(*args, **kwargs)
+        generate = cap.model.generate
+
+        def spy(**inputs):
+            seen.append({k: tuple(v.shape) for k, v in inputs.items() if hasattr(v, "shape")})
+            return generate(**inputs)
+
+        cap.model.generate = spy
+        return cap
+
+    monkeypatch.setattr(caption, "_load", load)
+    res = run_stage(cfg, "caption")
+
+    table = read_table(Path(res.path) / "captions.parquet")
+    assert list(table.clip_id) == kept_ids(cfg)
+    assert table.error.isna().all() and table.caption.str.split().str.len().ge(5).all()
+    assert table.caption.nunique() == len(table)  # the frames matter: no two alike
+    frames = cfg.caption.num_frames
+    for inputs in seen:
+        if arch in vlm.VIDEO_MODEL_TYPES:  # one video of num_frames frames per clip
+            batch, f = inputs["pixel_values_videos"][:2]
+            assert f == frames and "pixel_values" not in inputs
+        else:  # num_frames images per clip (LLaVA-NeXT: each with its anyres tiles)
+            assert inputs["pixel_values"][0] == frames * inputs["input_ids"][0]
+
+
+def test_rejected_captions_are_recaptioned_with_the_stricter_prompt(checked):
+    cfg = checked("retry")
+    first = run_stage(cfg, "caption")
+    captions = read_table(Path(first.path) / "captions.parquet")
+    # A "refusal phrase" that some captions of the tiny model contain and some do not.
+    words = [set(c.split()) for c in captions.caption]
+    marker = next(
+        w for w in sorted(set().union(*words)) if 0 < sum(w in c for c in words) < len(words) / 2
+    )
+    bad = sorted(captions.clip_id[[marker in c for c in words]])
+    gate = {"refusal_phrases": [f" {marker} "], "retries": 1, "select_top": 0}
+    cfg = cfg.model_copy(update={"filter": cfg.filter.model_copy(update=gate)})
+
+    res = run_stage(cfg, "filter")
+    table = read_table(Path(res.path) / "curated.parquet").set_index("clip_id")
+    retried = table[table.attempt == 1]
+    assert res.counts["recaptioned"] == len(retried) >= 1
+    assert set(retried.index) <= set(bad)  # only rejected clips were re-captioned
+    before = captions.set_index("clip_id").caption
+    assert all(retried.caption != before[retried.index]) and retried.accepted.all()
+    assert (table.loc[~table.index.isin(bad), "attempt"] == 0).all()
+
+    # The retry pass is its own caption output, keyed apart and covering exactly `bad`.
+    passes = [p for p in (cfg.workspace / "caption").iterdir() if p.name != first.key]
+    assert len(passes) == 1 and (passes[0] / SUCCESS).is_file()
+    again = read_table(passes[0] / "captions.parquet")
+    assert list(again.clip_id) == bad
+    assert set(again.prompt_hash) == {caption.prompt_hash(cfg.filter.retry_prompt)}
+
+    # Another curation reuses the retry pass: nothing is captioned twice.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in passes[0].iterdir()}
+    other = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"select_top": 2})})
+    assert run_stage(other, "filter").counts["recaptioned"] == len(retried)
+    assert {p.name: p.stat().st_mtime_ns for p in passes[0].iterdir()} == mtimes
+
+    # retries: 0 keeps every first caption.
+    none = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"retries": 0})})
+    plain = run_stage(none, "filter")
+    assert plain.counts["recaptioned"] == 0 and plain.counts["rejected"] == len(bad)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from cogpipe.check import near_pairs, phash
-from cogpipe.config import FilterConfig
-from cogpipe.filter import judge, repetition
+from cogpipe.config import FilterConfig, PipelineConfig
+from cogpipe.filter import category_of, curate, judge, repetition
 from cogpipe.pipeline import plan, run_stage
 from cogpipe.workspace import read_table
 
@@ -200,4 +200,185 @@ def test_filter_carries_caption_failures_and_missing_captions(tmp_path):
     assert table.selected.tolist() == [True, False, False]
     assert table.loc["b", "reasons"] == "caption failed: cannot decode frames: truncated"
     assert table.loc["c", "reasons"] == "empty caption"
-    assert result.counts == {"captions": 3, "selected": 1, "rejected": 2}
+    assert result.counts == {"captions": 3, "accepted": 1, "selected": 1, "rejected": 2,
+                             "recaptioned": 0}  # fmt: skip
+
+
+# Curation: one hand-written caption per category, each accepted by the default gate.
+KNOCKOUT = (
+    "A heavyset fighter in red shorts takes an open-hand slap flush on the jaw at the table. "
+    "His knees buckle, his eyes roll back and he collapses face first onto the floor of the "
+    "stage, unconscious, while medics rush in from the side and his opponent walks back to "
+    "his mark with both arms raised above his head."
+)
+BLOCK = (
+    "The defender stands at the table with his hands at his sides, then braces and flinches "
+    "early as his opponent winds up; he ducks his chin and leans away from the incoming palm, "
+    "so the slap only grazes his ear. The two fighters argue, and both men step back to "
+    "their marks to reset their stance for another attempt."
+)
+REACTION = (
+    "Hit flush on the cheek, the young fighter recoils and his head jerks to the left; he "
+    "winces, grimaces and shakes his head twice, rubbing his jaw with one hand as he tries "
+    "to stay on his mark at the table, blinking hard while his eyes water and his face turns "
+    "red under the bright lights."
+)
+REFEREE = (
+    "Before the round, the referee stands between the two fighters at the table, points at "
+    "the chalk line on the stage and explains the rules to both men, while an official "
+    "checks the hand of the striker for tape and the judges at ringside write on their cards; "
+    "the announcer then calls the name of each fighter in turn."
+)
+SCENE = (
+    "A wide shot of the packed arena shows the crowd on its feet: the audience cheers, fans "
+    "wave signs and phones above their heads, and the lights sweep across the stage. The "
+    "camera zooms in slowly on the table, where one fighter lands a heavy slap on the face "
+    "of his opponent, and the noise of the spectators grows louder."
+)
+# 116 words: still accepted (<= 120) but far from the ideal 50-100, so it scores 0.2.
+LONG = GOOD + (
+    " He wears white tape on both wrists and a black mouthguard, and his short beard is "
+    "trimmed close; behind him a banner with sponsor logos hangs from a metal rig, and a "
+    "bright white light shines down from directly above the two men onto the scuffed wooden top."
+)
+
+
+@pytest.mark.parametrize(
+    ("caption", "category"),
+    [(GOOD, "strike"), (KNOCKOUT, "knockout"), (BLOCK, "block"), (REACTION, "reaction"),
+     (REFEREE, "referee"), (SCENE, "scene"), ("A quiet beach at sunset.", "other"), (None, "other")],
+)  # fmt: skip
+def test_filter_gives_each_caption_its_dominant_category(caption, category):
+    assert category_of(caption, FilterConfig()) == category
+
+
+def test_filter_category_ties_go_to_the_earlier_category_and_terms_match_prefixes():
+    caption = "He slaps the opponent's cheek."
+    a = FilterConfig(categories={"strike": ["slap"], "face": ["cheek"]})
+    b = FilterConfig(categories={"face": ["cheek"], "strike": ["slap"]})
+    assert category_of(caption, a) == "strike" and category_of(caption, b) == "face"
+    assert category_of("Slapping and slapped.", a) == "strike"  # one term, matched twice
+
+
+def test_filter_config_rejects_bad_curation_fields():
+    from pydantic import ValidationError
+
+    for bad in ({"select_top": -1}, {"categories": {"other": ["slap"]}},
+                {"categories": {" ": ["slap"]}}, {"categories": {"strike": []}},
+                {"categories": {"strike": ["Slap"]}}, {"categories": {"strike": ["open hand"]}}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            FilterConfig(**bad)
+
+
+def test_filter_key_covers_select_top_and_the_order_of_categories():
+    from cogpipe.filter import key_of
+
+    base = PipelineConfig()
+    top = PipelineConfig(filter={"select_top": 100})
+    cats = dict(reversed(list(base.filter.categories.items())))
+    reordered = PipelineConfig(filter={"categories": cats})
+    keys = {key_of(c, {"caption": "k"}) for c in (base, top, reordered)}
+    assert len(keys) == 3
+
+
+def judged_table(rows: list[tuple[str, float, str, bool]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["clip_id", "score", "category", "accepted"])
+
+
+def test_curate_selects_every_accepted_caption_without_a_limit():
+    table = judged_table([("a", 0.9, "strike", True), ("b", 1.0, "strike", False),
+                          ("c", 0.1, "referee", True)])  # fmt: skip
+    for n in (0, 2, 3, 50):
+        assert curate(table, n).tolist() == [True, False, True], n
+
+
+def test_curate_keeps_every_category_and_prefers_higher_scores_inside_one():
+    # Strike scores highest everywhere; plain top-4 by score would be four strikes.
+    table = judged_table(
+        [(f"s{i}", 1.0 - i / 100, "strike", True) for i in range(6)]
+        + [("k1", 0.5, "knockout", True), ("k2", 0.6, "knockout", True),
+           ("r1", 0.3, "referee", True), ("o1", 0.2, "other", True),
+           ("x1", 1.0, "referee", False)]  # rejected: never selected, whatever its score
+    )  # fmt: skip
+    chosen = set(table.clip_id[curate(table, 4)])
+    assert chosen == {"s0", "k2", "r1", "o1"}
+    # Fewer slots than categories: the categories whose best scores highest.
+    assert set(table.clip_id[curate(table, 2)]) == {"s0", "k2"}
+    # Deterministic: the row order does not matter.
+    shuffled = table.sample(frac=1, random_state=0)
+    assert set(shuffled.clip_id[curate(shuffled, 4)]) == chosen
+
+
+def test_curate_shares_slots_in_proportion_to_each_category():
+    table = judged_table(
+        [(f"s{i}", 0.9, "strike", True) for i in range(8)]
+        + [("r0", 0.5, "referee", True), ("r1", 0.4, "referee", True)]
+    )
+    chosen = table.clip_id[curate(table, 5)].tolist()
+    assert chosen == ["s0", "s1", "s2", "s3", "r0"]  # 8:2 of 5 slots; ties by clip_id
+
+
+def write_captions(root, captions: dict[str, str | None]):
+    from cogpipe.workspace import StageResult, write_table
+
+    cap = root / "caption" / "k"
+    table = pd.DataFrame({"clip_id": list(captions), "caption": list(captions.values())})
+    write_table(cap / "captions.parquet", table)
+    return {"caption": StageResult("caption", "k", str(cap))}
+
+
+def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
+    from cogpipe.filter import run_filter
+    from cogpipe.workspace import Workspace
+
+    refusal = "I'm sorry, but I cannot help with that | " + GOOD
+    upstream = write_captions(tmp_path, {
+        "a-long": LONG, "b1": BLOCK, "k1": KNOCKOUT, "r1": REFEREE, "s1": GOOD,
+        "s2": "In the second round, " + GOOD, "x1": refusal, "x2": None,
+    })  # fmt: skip
+    cfg = PipelineConfig(workspace=tmp_path, filter={"max_tokens": 0, "select_top": 4})
+    result = run_filter(Workspace(tmp_path), cfg, upstream)
+    table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
+    assert list(table.columns) == ["caption", "score", "category", "accepted", "selected",
+                                   "reasons", "attempt"]  # fmt: skip
+    assert table.category.to_dict() == {"a-long": "strike", "b1": "block", "k1": "knockout",
+        "r1": "referee", "s1": "strike", "s2": "strike", "x1": "strike", "x2": "other"}  # fmt: skip
+    assert table.accepted.tolist() == [True] * 6 + [False] * 2
+    # One per category; the strike with the better score, not the first clip_id.
+    assert sorted(table.index[table.selected]) == ["b1", "k1", "r1", "s1"]
+    assert result.counts == {"captions": 8, "accepted": 6, "selected": 4, "rejected": 2,
+                             "recaptioned": 0}  # fmt: skip
+    assert result.stats["categories"] == {"knockout": 1, "block": 1, "strike": 1, "referee": 1}
+    assert result.stats["rejections"] == {"refusal phrase": 1, "empty caption": 1}
+
+    report = ws_file(result, "report.md").read_text()
+    assert "- captions: 8 (6 accepted, 4 selected, 2 rejected)" in report
+    assert "| category | accepted | selected |\n|---|---:|---:|\n| knockout | 1 | 1 |" in report
+    assert "| strike | 3 | 1 |" in report
+    assert (
+        "| x1 | refusal phrase (\"i'm sorry\") | I'm sorry, but I cannot help with that \\| "
+        "A tall fighter in black shorts plants\u2026 |" in report
+    )
+    assert "| x2 | empty caption |  |" in report
+    assert ws_file(result, "caption_words.png").is_file()
+
+    # select_top 0 (the default): a new key, and every accepted caption selected.
+    every = run_filter(
+        Workspace(tmp_path), cfg.model_copy(update={"filter": FilterConfig(max_tokens=0)}), upstream
+    )
+    table = read_table(ws_file(every, "curated.parquet"))
+    assert every.key != result.key
+    assert table.selected.tolist() == table.accepted.tolist()
+    assert every.counts["selected"] == 6
+
+
+def test_caption_report_caps_the_rejection_table(tmp_path):
+    from cogpipe.report import write_caption_report
+
+    table = pd.DataFrame({"clip_id": [f"c{i}" for i in range(5)], "caption": ["x"] * 5,
+                          "category": "other", "accepted": False, "selected": False,
+                          "reasons": "empty caption"})  # fmt: skip
+    report = write_caption_report(tmp_path, table, max_rows=2).read_text()
+    assert "| c1 | empty caption | x |" in report and "| c2 |" not in report
+    assert "3 more rejected clips: see curated.parquet." in report
+    assert "No accepted captions." in report
