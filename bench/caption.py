@@ -19,7 +19,7 @@ Lines, per model (DESIGN.md's shape; ratio > 1 means better than the reference):
   caption path at the best batch size: frames decoded ahead in background threads
   (`cogpipe.caption.prefetch`), the real LlavaNextVideoProcessor and `generate` on the main
   thread. Reference: the same code one clip at a time, decode then generate (1 untimed,
-  2 timed). Extras: `decode_s_per_clip` (8 frames to PIL alone, one CPU thread, as
+  2 timed). Extras: `decode_s_per_clip` (8 frames to RGB arrays alone, one CPU thread, as
   `decode_batch` does), `wait_decode_s` (main thread waiting for frames),
   `generate_fraction` (share of the wall time spent in cogpipe's `generate`).
 
