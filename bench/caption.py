@@ -382,7 +382,7 @@ def caption_loop(cap, clips: pd.DataFrame, batch_size: int, ahead: bool) -> dict
 
 
 def decode_seconds(clips: pd.DataFrame) -> float:
-    """Seconds per clip to decode its FRAMES frames to PIL, one thread (cogpipe's decoder)."""
+    """Seconds per clip to decode its FRAMES frames to RGB arrays, one thread (cogpipe's decoder)."""
     from cogpipe.caption import decode_batch
 
     started = time.perf_counter()

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cogpipe.config import CaptionConfig, PipelineConfig
+from cogpipe.config import CaptionConfig, ConfigError, PipelineConfig
 from cogpipe.video import even_times, read_frames
 from cogpipe.vlm import Captioner, chat_text, release
 from cogpipe.vlm import load_captioner as _load
@@ -354,13 +354,13 @@ def run_caption(
         parts and parts_reused.
 
     Raises:
-        ValueError: `shard` is not in [0, shards).
+        ConfigError: `shard` is not in [0, shards).
         RuntimeError: the committed parts do not cover the kept clips exactly once.
     """
     started = time.time()
     cc = cfg.caption
     if shard is not None and not 0 <= shard < cc.shards:
-        raise ValueError(f"shard {shard} is not in [0, {cc.shards}) (caption.shards)")
+        raise ConfigError(f"shard {shard} is not in [0, {cc.shards}) (caption.shards)")
     check = upstream["check"]
     key = key_of(cfg, {"check": check.key})
     out = ws.stage_dir("caption", key)

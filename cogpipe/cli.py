@@ -3,6 +3,7 @@
     cogpipe demo [--workspace DIR]         sample videos + tiny models, then the whole pipeline
     cogpipe run CONFIG [--until STAGE]     the full pipeline as a Prefect flow
     cogpipe <stage> CONFIG                 one stage: ingest check caption filter precompute train evaluate
+    cogpipe caption CONFIG --shard K       one caption shard (a GPU worker's share), no merge
     cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
 
 Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
@@ -32,21 +33,33 @@ def _prefect_env() -> None:
 
 
 class _ProgressLine:
-    """A one-line progress display on stderr for stage commands."""
+    """A one-line progress bar on stderr for stage commands, with rate and ETA.
+
+    The rate counts only work done in this run: what a resumed run found committed at its
+    first report is its baseline, not its speed.
+    """
+
+    WIDTH = 24
 
     def __init__(self, stage: str):
-        self.stage, self.last, self.started = stage, 0.0, time.time()
+        self.stage, self.last = stage, 0.0
+        self.started: float | None = None
+        self.baseline = 0
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
         now = time.time()
+        if self.started is None:
+            self.started, self.baseline = now, done
         if done < total and now - self.last < 0.5:
             return
         self.last = now
-        rate = done / max(now - self.started, 1e-6)
-        eta = (total - done) / rate if rate else 0
+        rate = (done - self.baseline) / max(now - self.started, 1e-6)
+        eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA -"
+        filled = round(self.WIDTH * done / max(total, 1))
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
         end = "\n" if done >= total else ""
         sys.stderr.write(
-            f"\r{self.stage}: {done}/{total} ({rate:.2f}/s, ETA {eta:.0f}s) {note[-40:]:<40}{end}"
+            f"\r{self.stage} [{bar}] {done}/{total} {rate * 3600:.0f}/h {eta} {note[-32:]:<32}{end}"
         )
         sys.stderr.flush()
 
@@ -84,7 +97,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
-    result = run_stage(cfg, args.command, progress=_ProgressLine(args.command))
+    shard = getattr(args, "shard", None)
+    options = {"shard": shard} if shard is not None else {}
+    result = run_stage(cfg, args.command, progress=_ProgressLine(args.command), **options)
+    if result is None:  # one shard: its parts are committed; the merge comes later
+        print(f"caption shard {shard} of {cfg.caption.shards}: every part committed")
+        return 0
     print(table([result]))
     return 0
 
@@ -147,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage alone (its inputs must be done)")
         p.add_argument("config")
+        if stage == "caption":
+            p.add_argument(
+                "--shard", type=int, help="caption only this shard (0..caption.shards-1)"
+            )
         p.set_defaults(fn=cmd_stage)
 
     p = sub.add_parser("status", help="per stage: key, output path, done or not, counts")

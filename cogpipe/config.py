@@ -412,6 +412,7 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    _read_prompt_files(raw, path)
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
@@ -421,6 +422,28 @@ def load_config(path: str | Path) -> PipelineConfig:
         ]
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
     return resolve_paths(cfg, path.parent)
+
+
+PROMPT_FILES = {
+    ("caption", "prompt_file"): "prompt",
+    ("filter", "retry_prompt_file"): "retry_prompt",
+}
+
+
+def _read_prompt_files(raw: dict[str, Any], path: Path) -> None:
+    """`caption.prompt_file` / `filter.retry_prompt_file` (relative to the config file)
+    become the prompt text itself, so the stage keys hash what the model reads."""
+    for (section, name), target in PROMPT_FILES.items():
+        values = raw.get(section)
+        if not isinstance(values, dict) or name not in values:
+            continue
+        file = path.parent / Path(str(values.pop(name))).expanduser()
+        if target in values:
+            raise ConfigError(f"{path}: {section}: give {target} or {name}, not both")
+        try:
+            values[target] = file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{path}: {section}.{name}: cannot read {file}: {e.strerror}") from e
 
 
 def _local(value: str, base: Path) -> str:

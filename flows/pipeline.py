@@ -13,7 +13,7 @@ import sys
 from prefect import flow
 
 from cogpipe.config import STAGES, PipelineConfig, Stage, load_config
-from cogpipe_tasks.caption import caption
+from cogpipe_tasks.caption import caption, caption_shard
 from cogpipe_tasks.check import check
 from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.filter import filter
@@ -31,6 +31,8 @@ def pipeline(config: PipelineConfig, until: Stage = "evaluate") -> dict[str, dic
     if last >= 1:
         done["check"] = check(config, done["ingest"])
     if last >= 2:
+        if config.caption.shards > 1:
+            caption_shards(config, done["check"])
         done["caption"] = caption(config, done["check"])
     if last >= 3:
         done["filter"] = filter(config, done["caption"], done["check"])
@@ -41,6 +43,18 @@ def pipeline(config: PipelineConfig, until: Stage = "evaluate") -> dict[str, dic
     if last >= 6:
         done["evaluate"] = evaluate(config, done["train"], done["check"])
     return done
+
+
+def caption_shards(config: PipelineConfig, check: dict) -> None:
+    """Caption the shards as separate task runs, as many at once as this host has GPUs
+    (shard k runs on GPU k mod count); the `caption` task then merges them."""
+    import torch
+
+    lanes = max(torch.cuda.device_count(), 1)
+    shards = list(range(config.caption.shards))
+    for wave in (shards[i : i + lanes] for i in range(0, len(shards), lanes)):
+        for future in [caption_shard.submit(config, check, k) for k in wave]:
+            future.result()  # waits; a shard that failed after its retries fails the flow
 
 
 if __name__ == "__main__":

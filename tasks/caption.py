@@ -1,9 +1,15 @@
-"""Caption task: LLaVA captions, committed batch by batch; a retry resumes where it stopped."""
+"""Caption tasks: LLaVA captions, committed batch by batch; a retry resumes where it stopped.
+
+`caption_shard` captions one shard (a GPU worker's share) and commits its parts; `caption`
+captions whatever shard is still missing, merges the parts and marks the stage done.
+"""
 
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe_tasks.common import cache_key, run
+from cogpipe.pipeline import run_stage
+from cogpipe.workspace import StageResult
+from cogpipe_tasks.common import ProgressArtifact, cache_key, run
 
 
 @task(
@@ -18,3 +24,17 @@ from cogpipe_tasks.common import cache_key, run
 def caption(config: PipelineConfig, check: dict) -> dict:
     """Caption every kept clip; committed parts survive a crash and are skipped on retry."""
     return run("caption", config, check=check)
+
+
+@task(
+    name="caption-shard",
+    task_run_name="caption-shard-{shard}",
+    retries=2,
+    retry_delay_seconds=10,
+    tags=["gpu"],
+)
+def caption_shard(config: PipelineConfig, check: dict, shard: int) -> int:
+    """Commit every part of one shard (no merge); returns the shard."""
+    upstream = {"check": StageResult.from_dict(check)}
+    run_stage(config, "caption", upstream, ProgressArtifact(f"caption-shard-{shard}"), shard=shard)
+    return shard

@@ -58,18 +58,22 @@ class ProgressArtifact:
 
     def __init__(self, stage: str):
         self.stage = stage
-        self.started = time.time()
+        self.started: float | None = None
+        self.baseline = 0  # found committed at the first report (a resumed run)
         self.last = 0.0
         self.artifact_id = None
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
         now = time.time()
+        if self.started is None:
+            self.started, self.baseline = now, done
         if self.artifact_id is not None and done < total and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        rate = done / max(now - self.started, 1e-6)
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        text = f"{self.stage}: {done}/{total}, {rate * 3600:.0f}/hour, ETA {eta:.0f}s"
+        rate = (done - self.baseline) / max(now - self.started, 1e-6)
+        eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA -"
+        text = f"{self.stage}: {done}/{total}, {rate * 3600:.0f}/hour, {eta}"
+        text += f" ({note})" if note else ""
         percent = 100.0 * done / max(total, 1)
         if self.artifact_id is None:
             key = f"{self.stage}-progress"

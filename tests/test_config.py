@@ -114,3 +114,28 @@ def test_moving_a_model_folder_keeps_its_fingerprint(tmp_path):
     shutil.move(tmp_path / "a", tmp_path / "b")
     assert model_fingerprint(str(tmp_path / "b")) == before
     assert model_fingerprint("THUDM/CogVideoX-2b") == {"id": "THUDM/CogVideoX-2b", "revision": None}
+
+
+def test_a_prompt_file_replaces_the_prompt_and_keys_its_text(tmp_path):
+    from cogpipe.caption import key_of
+
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "mine.txt").write_text("Describe the knockout in 60 words.\n")
+    (tmp_path / "prompts" / "strict.txt").write_text("Only the knockout, 60 words.\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "caption:\n  prompt_file: prompts/mine.txt\nfilter:\n  retry_prompt_file: prompts/strict.txt\n"
+    )
+    cfg = load_config(path)
+    assert cfg.caption.prompt == "Describe the knockout in 60 words."
+    assert cfg.filter.retry_prompt == "Only the knockout, 60 words."
+    key = key_of(cfg, {"check": "k"})
+    (tmp_path / "prompts" / "mine.txt").write_text("Describe the slap in 60 words.\n")
+    assert key_of(load_config(path), {"check": "k"}) != key  # the text is keyed, not the path
+
+    path.write_text("caption:\n  prompt_file: prompts/missing.txt\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: caption\.prompt_file: cannot read .*missing"):
+        load_config(path)
+    path.write_text("caption:\n  prompt_file: prompts/mine.txt\n  prompt: Two.\n")
+    with pytest.raises(ConfigError, match="give prompt or prompt_file, not both"):
+        load_config(path)

@@ -129,3 +129,35 @@ def test_stage_summaries_are_prefect_artifacts(demo):
     # The dataset report's plots travel inside the artifact, not as workspace paths.
     assert "![durations](data:image/png;base64," in by_key["check-report"].data
     assert "![caption length](data:image/png;base64," in by_key["filter-report"].data
+
+
+def test_sharded_captioning_runs_each_shard_as_its_own_task_run(demo, tmp_path):
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from cogpipe.cli import run_pipeline
+    from cogpipe.pipeline import run_stage
+
+    folder, _ = demo
+    raw = yaml.safe_load((folder / "demo.yaml").read_text())
+    raw["caption"] |= {"shards": 2, "prompt": "Describe the moving shapes."}
+    sharded = folder / "sharded.yaml"
+    sharded.write_text(yaml.safe_dump(raw))
+    cfg = load_config(sharded)
+    results, _ = run_pipeline(cfg, until="caption")
+    captions = read_table(Path(results[-1].path) / "captions.parquet")
+    check = read_table(Path(results[1].path) / "clips.parquet")
+    assert list(captions.clip_id) == sorted(check.loc[check.keep, "clip_id"])
+
+    # The shards' parts are there; a shard run of a finished stage does nothing.
+    names = sorted(p.name[:8] for p in Path(results[-1].path).glob("part-*.parquet"))
+    assert set(names) == {"part-000", "part-001"}
+    assert run_stage(cfg, "caption", shard=1) is None
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    states = {r.name: r.state_type.value for r in runs}
+    assert states["caption-shard-0"] == states["caption-shard-1"] == "COMPLETED"
