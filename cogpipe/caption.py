@@ -290,10 +290,9 @@ def caption_pass(
         if device == "cuda" and len(shards) == 1:  # one shard per GPU on a multi-GPU host
             device = _shard_device(shards[0])
         cap = load_captioner(cc, device)
-        where = {i: s for i, (s, _, _) in enumerate(todo)}
-        keyed = [(n, b) for n, (_, _, b) in enumerate(todo)]
-        for n, batch, decoded in prefetch(keyed, cc.num_frames, cc.decode_workers):
-            s, i = where[n], todo[n][1]
+        numbered = [(n, b) for n, (_, _, b) in enumerate(todo)]
+        for n, batch, decoded in prefetch(numbered, cc.num_frames, cc.decode_workers):
+            s, i, _ = todo[n]
             write_table(part_path(out, s, i), caption_batch(cap, batch, decoded, cc, prompt))
             done += len(batch)
             progress(done, total, f"shard {s} part {i + 1}")
