@@ -283,9 +283,31 @@ class PrecomputeConfig(Section):
     fps: float = Field(8.0, gt=0, description="Clips are resampled to this frame rate.")
     height: int = Field(480, ge=8, description="Bucket height in pixels (multiple of 8).")
     width: int = Field(720, ge=8, description="Bucket width in pixels (multiple of 8).")
+    buckets: list[tuple[int, int]] = Field(
+        [],
+        description=(
+            "More (height, width) buckets besides height x width; each clip goes to the bucket"
+            " nearest its aspect ratio (multiples of 16)."
+        ),
+    )
     shard_size: int = Field(16, ge=1, description="Samples per committed safetensors shard.")
     splits: list[Literal["train", "heldout"]] = Field(
         ["train"], description="Which check splits are encoded for training."
+    )
+    vae_tiling: bool = Field(
+        False, description="Encode in overlapping spatial tiles (less memory, blended seams)."
+    )
+    min_psnr: float = Field(
+        20.0,
+        ge=0,
+        description=(
+            "Decode-back spot check: one latent per shard is decoded and compared with its"
+            " source frames; a PSNR under this (dB) stops the stage. 0 turns it off."
+        ),
+    )
+    batch_size: int = _unkeyed(default=4, ge=1, description="Clips per VAE encode call.")
+    vae_slicing: bool = _unkeyed(
+        default=False, description="Encode a batch one clip at a time inside the VAE (less memory)."
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
@@ -293,20 +315,35 @@ class PrecomputeConfig(Section):
     def _shape(self) -> PrecomputeConfig:
         if (self.frames - 1) % 4:
             raise ValueError(f"frames must be 4k+1 (CogVideoX VAE), got {self.frames}")
-        if self.height % 8 or self.width % 8:
-            raise ValueError(
-                f"height and width must be multiples of 8, got {self.height}x{self.width}"
-            )
+        for h, w in [(self.height, self.width), *self.buckets]:
+            if h % 16 or w % 16 or h <= 0 or w <= 0:
+                raise ValueError(
+                    f"bucket sizes must be positive multiples of 16 (VAE 8x, patch 2), got {h}x{w}"
+                )
         return self
+
+    def all_buckets(self) -> list[tuple[int, int]]:
+        """(height, width) of every bucket, the default first, without repeats."""
+        return list(dict.fromkeys([(self.height, self.width), *self.buckets]))
 
 
 class TrainConfig(Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpointing_bool(cls, data: Any) -> Any:
+        """`gradient_checkpointing: true/false` (older configs) means full / off."""
+        if isinstance(data, dict) and isinstance(data.get("gradient_checkpointing"), bool):
+            data = {**data, "gradient_checkpointing": "full" if data["gradient_checkpointing"] else "off"}
+        return data
+
     rank: int = Field(128, ge=1, description="LoRA rank.")
     alpha: float = Field(64, gt=0, description="LoRA alpha; the scale is alpha / rank.")
     target_modules: list[str] = Field(
         ["to_q", "to_k", "to_v", "to_out.0"], description="Transformer modules given adapters."
     )
-    optimizer: Literal["adam", "adamw"] = Field("adamw", description="adam or adamw.")
+    optimizer: Literal["adam", "adamw", "adamw8bit"] = Field(
+        "adamw", description="adam, adamw, or adamw8bit (bitsandbytes, GPU only)."
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (1e-4..1e-3).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
     weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay (adamw).")
@@ -323,7 +360,33 @@ class TrainConfig(Section):
     mixed_precision: Precision = Field(
         "auto", description="auto: fp16 for 2B-type, bf16 for 5B-type models on GPU; no on CPU."
     )
-    gradient_checkpointing: bool = _unkeyed(default=True, description="Recompute activations.")
+    gradient_checkpointing: Literal["off", "full", "selective"] = _unkeyed(
+        default="selective",
+        description=(
+            "Activation recomputation in the backward pass: off keeps everything, full recomputes"
+            " each checkpointed block, selective keeps attention outputs and recomputes the rest."
+        ),
+    )
+    checkpointed_blocks: float = _unkeyed(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Fraction of transformer blocks checkpointed (the last ones); the rest keep all activations.",
+    )
+    compile: bool = _unkeyed(
+        default=True, description="torch.compile each transformer block (GPU only)."
+    )
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = _unkeyed(
+        default="auto", description="Scaled-dot-product attention kernel; auto picks cuDNN on Hopper."
+    )
+    validation_every: int = _unkeyed(
+        default=0,
+        ge=0,
+        description=(
+            "Steps between validation videos (evaluate's prompts, seeds and sampler settings),"
+            " written under the run's validation/ folder; 0: never."
+        ),
+    )
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
     keep_states: int = Field(
         2,
