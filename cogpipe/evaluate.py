@@ -168,30 +168,53 @@ def load_pipeline(model: str, device: str):
     return pipe
 
 
-def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> np.ndarray:
-    """One video for (prompt, seed) with whatever adapter is loaded. Returns [F, H, W, 3] uint8.
+def sampler_args(ec: EvaluateConfig, seed: int, device) -> dict[str, Any]:
+    """The pipeline arguments of one video besides its prompt: size, steps, guidance, generator.
 
-    Raises:
-        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+    Shared with `cogpipe.validation`, so videos made during training use the same settings.
     """
     import torch
 
-    video = pipe(
-        prompt=prompt,
+    return dict(
         num_frames=ec.frames,
         height=ec.height,
         width=ec.width,
         num_inference_steps=ec.steps,
         guidance_scale=ec.guidance,
         generator=torch.Generator(device).manual_seed(seed),
-        max_sequence_length=pipe.transformer.config.max_text_seq_length,
-        output_type="np",
-    ).frames[0]  # [F, H, W, 3] float in [0, 1]
+    )
+
+
+def to_uint8(video: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+    """[F, H, W, 3] float pixels in [0, 1] -> uint8.
+
+    Raises:
+        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+    """
     if not np.isfinite(video).all():  # would be written as black frames and scored
         raise FloatingPointError(
             f"non-finite pixels for prompt {prompt[:40]!r}, seed {seed}: precision overflow?"
         )
     return (video * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def video_name(prompt_index: int, seed: int) -> str:
+    return f"p{prompt_index:02d}-s{seed}.mp4"
+
+
+def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> np.ndarray:
+    """One video for (prompt, seed) with whatever adapter is loaded. Returns [F, H, W, 3] uint8.
+
+    Raises:
+        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+    """
+    video = pipe(
+        prompt=prompt,
+        **sampler_args(ec, seed, device),
+        max_sequence_length=pipe.transformer.config.max_text_seq_length,
+        output_type="np",
+    ).frames[0]  # [F, H, W, 3] float in [0, 1]
+    return to_uint8(video, prompt, seed)
 
 
 @contextmanager
@@ -237,7 +260,7 @@ def _evaluate_unit(pipe, clip: Clip, cfg: PipelineConfig, device: str, name: str
                 t0 = time.time()
                 frames = generate(pipe, ec, prompt, seed, device)  # [F, H, W, 3] uint8
                 seconds = round(time.time() - t0, 3)
-                video = f"p{p:02d}-s{seed}.mp4"
+                video = video_name(p, seed)
                 write_mp4(tmp / video, frames, ec.fps)
                 rows.append({"checkpoint": name, "prompt_index": p, "prompt": prompt, "seed": seed,
                              "video": video, "clip_score": clip_score(clip, frames, prompt),
@@ -312,7 +335,8 @@ def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def _release(device: str) -> None:
+def release_memory(device: str) -> None:
+    """Collect garbage and, on a GPU, hand cached blocks back to the driver."""
     gc.collect()
     if device.startswith("cuda"):
         import torch
@@ -386,7 +410,7 @@ def run_evaluate(
         try:
             videos = _evaluate_pending(ws, cfg, ekey, out, pending, progress)
         finally:
-            _release(resolve_device(ec.device))
+            release_memory(resolve_device(ec.device))
 
     scores = (
         _evaluated(ws, ekey, out.name)

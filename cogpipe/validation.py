@@ -1,0 +1,243 @@
+"""Validation during training: evaluate's prompts and seeds, generated with the LoRA in training.
+
+`prepare` runs once before the loop: it encodes the prompts and the empty negative prompt
+with T5 and drops the encoder (T5-XXL is ~9.5 GB and must not stay resident while
+training), and loads the VAE and the sampling scheduler, both kept on the CPU. `run` is
+called every `train.validation_every` steps with the training transformer itself, no
+copy and no text encoder:
+
+    train/<run>/validation/step-{step:06d}/p00-s42.mp4 ...   one per prompt x seed
+
+Each video is made exactly as `cogpipe.evaluate` makes it (the same scheduler, sampler
+settings and seeded generator), so the validation videos of step N match the evaluation
+of `checkpoint-{N:06d}` up to numerics. What keeps training as it was:
+
+- the transformer is sampled under `torch.no_grad` with compiled blocks forced eager
+  (no recompilation), in eval mode, and every module's mode is restored afterwards;
+- denoising and decoding are two phases, the VAE is on the GPU only for the second, and
+  afterwards the pipeline goes, garbage is collected and the CUDA cache emptied (other
+  trainers hold 8-10 GB more after validation);
+- every draw comes from the explicit generators and the global RNG is forked, so a run
+  with validation has exactly the losses of one without.
+
+    v = validation.prepare(cfg, device, dtype)                 # before the loop
+    stats = validation.run(v, transformer, out, step)          # every validation_every steps
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch is imported where it is used, like every stage module
+    import torch
+
+from cogpipe import evaluate
+from cogpipe.config import EvaluateConfig, PipelineConfig
+from cogpipe.models import cogvideox
+from cogpipe.video import write_mp4
+from cogpipe.workspace import atomic_path
+
+FOLDER = "validation"
+
+
+@dataclass
+class Validation:
+    """What validation needs besides the transformer; nothing here is on the GPU between runs."""
+
+    settings: EvaluateConfig  # prompts, seeds, steps, guidance, frames, height, width, fps
+    prompt_embeds: torch.Tensor  # [P, L, D] on the CPU, one row per prompt
+    negative_embeds: torch.Tensor  # [1, L, D] on the CPU: the empty prompt
+    vae: Any  # AutoencoderKLCogVideoX on the CPU, tiling on
+    scheduler: Any  # the sampling scheduler of the model's pipeline
+    device: torch.device  # where the transformer is and the videos are sampled
+    dtype: torch.dtype  # of the embeddings, the latents and the VAE
+
+
+def folder_of(out: Path, step: int) -> Path:
+    """`out/validation/step-{step:06d}/`: the videos of one validation."""
+    return Path(out) / FOLDER / f"step-{step:06d}"
+
+
+def check_shape(ec: EvaluateConfig, transformer_config: dict[str, Any]) -> None:
+    """Fail before training when the model cannot generate `ec`'s videos.
+
+    EvaluateConfig has already checked 4k+1 frames and sizes in multiples of 16; this adds
+    what depends on the model: sizes in whole transformer patches of VAE pixels.
+
+    Raises:
+        ValueError: naming the size and the multiple the model needs.
+    """
+    multiple = cogvideox.VAE_SCALE_SPATIAL * transformer_config["patch_size"]
+    if ec.height % multiple or ec.width % multiple:
+        raise ValueError(
+            f"evaluate height and width must be multiples of {multiple} for this model "
+            f"(VAE 8x, patch {transformer_config['patch_size']}), got {ec.height}x{ec.width}"
+        )
+
+
+def load_sampler(model: str):
+    """The scheduler the model's own pipeline samples with (model_index.json), as in evaluate.
+
+    Training uses CogVideoXDPMScheduler for the noise schedule; sampling uses whatever the
+    model ships (CogVideoXDDIMScheduler for THUDM/CogVideoX-2b), a separate object.
+    """
+    import diffusers
+
+    library, name = diffusers.CogVideoXPipeline.load_config(model)["scheduler"]
+    if library != "diffusers":
+        raise ValueError(f"{model}: scheduler {library}.{name} is not a diffusers class")
+    return getattr(diffusers, name).from_pretrained(model, subfolder="scheduler")
+
+
+def encode_prompts(model: str, prompts: list[str], device, dtype: torch.dtype):
+    """(prompt embeddings [P, L, D], empty-prompt embeddings [1, L, D]), both on the CPU.
+
+    T5 is loaded on `device`, used once and released before this returns.
+    """
+    max_len = cogvideox.transformer_config(model)["max_text_seq_length"]
+    tokenizer, encoder = cogvideox.load_text_encoder(model, str(device), dtype)
+    try:
+        # One prompt at a time, like CogVideoXPipeline: the same numbers as evaluate's.
+        rows = [cogvideox.encode_prompt(tokenizer, encoder, [p], max_len).cpu() for p in prompts]
+        negative = cogvideox.encode_prompt(tokenizer, encoder, [""], max_len).cpu()
+    finally:
+        del encoder
+        evaluate.release_memory(str(device))
+    import torch
+
+    return torch.cat(rows), negative
+
+
+def prepare(cfg: PipelineConfig, device, dtype: torch.dtype) -> Validation:
+    """Everything validation needs, once, before training starts.
+
+    Args:
+        cfg: the pipeline config (uses `model` and `evaluate`).
+        device: where the transformer trains (e.g. `accelerator.device`).
+        dtype: the frozen weights' dtype (fp16 for 2B-type, bf16 for 5B-type models on GPU).
+
+    Returns:
+        A Validation holding CPU tensors and modules only.
+
+    Raises:
+        ValueError: the model cannot generate evaluate's frames, height and width.
+    """
+    import torch
+
+    ec = cfg.evaluate
+    check_shape(ec, cogvideox.transformer_config(cfg.model))
+    embeds, negative = encode_prompts(cfg.model, ec.prompts, device, dtype)
+    vae = cogvideox.load_vae(cfg.model, "cpu", dtype)
+    vae.enable_tiling()  # as evaluate's pipeline: 49x480x720 decodes in tiles
+    scheduler = load_sampler(cfg.model)
+    return Validation(ec, embeds, negative, vae, scheduler, torch.device(device), dtype)
+
+
+@contextmanager
+def sampling(transformer):
+    """Eval mode, no autograd, compiled code run eagerly; every module's mode restored after."""
+    import torch
+
+    modes = {m: m.training for m in transformer.modules()}
+    # force_eager: torch.compile'd blocks neither compile an eval-mode graph now nor
+    # recompile when training resumes (no set_stance before torch 2.6).
+    stance = getattr(torch.compiler, "set_stance", None)
+    transformer.eval()
+    try:
+        with torch.no_grad(), stance("force_eager") if stance else nullcontext():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def pipeline(v: Validation, transformer):
+    """A CogVideoXPipeline over the training transformer, without a text encoder."""
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline(
+        tokenizer=None, text_encoder=None, vae=v.vae, transformer=transformer, scheduler=v.scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoise(pipe, v: Validation, index: int, seed: int) -> torch.Tensor:
+    """Latents of prompt `index` and `seed`: [1, F', C, h, w] on the device, padding dropped."""
+    ec = v.settings
+    latents = pipe(
+        prompt_embeds=v.prompt_embeds[index : index + 1].to(v.device),
+        negative_prompt_embeds=v.negative_embeds.to(v.device),
+        **evaluate.sampler_args(ec, seed, v.device),
+        output_type="latent",
+    ).frames  # [1, F' + padding, C, h, w]
+    # CogVideoX 1.5 pads F' to whole temporal patches in front; the pipeline drops the
+    # padding only when it decodes itself.
+    return latents[:, latents.shape[1] - ((ec.frames - 1) // pipe.vae_scale_factor_temporal + 1) :]
+
+
+def decode(pipe, latents: torch.Tensor, prompt: str, seed: int):
+    """[1, F', C, h, w] latents -> [F, H, W, 3] uint8 frames (the VAE must be on their device)."""
+    video = pipe.decode_latents(latents)  # [1, 3, F, H, W] in [-1, 1]
+    frames = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+    return evaluate.to_uint8(frames, prompt, seed)  # [F, H, W, 3]
+
+
+def gpu_memory_gb(device) -> float | None:
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    return round(torch.cuda.memory_allocated(device) / 2**30, 3)
+
+
+def run(v: Validation, transformer, out: Path, step: int) -> dict[str, Any]:
+    """Generate every prompt x seed with the transformer as it is, and release the memory after.
+
+    Args:
+        v: from `prepare`.
+        transformer: the training transformer with its LoRA (unwrapped from DDP; compiled
+            blocks and activation checkpointing are fine), on `v.device`.
+        out: the run folder; videos go to `out/validation/step-{step:06d}/`, committed
+            as one folder (a folder left from an earlier pass at this step is replaced).
+        step: the training step.
+
+    Returns:
+        {"videos": count, "seconds": wall time, "gpu_memory_before_gb": allocated on
+        entry, "gpu_memory_after_gb": allocated after the release}, memory None off GPU.
+
+    Raises:
+        FloatingPointError: non-finite pixels (fp16 overflow, a diverging LoRA).
+    """
+    import torch
+
+    tic, ec = time.perf_counter(), v.settings
+    before = gpu_memory_gb(v.device)
+    pipe = pipeline(v, transformer)
+    devices = [v.device] if v.device.type == "cuda" else []
+    videos, latents = 0, []
+    try:
+        with torch.random.fork_rng(devices=devices), sampling(transformer):
+            jobs = [(i, p, s) for i, p in enumerate(ec.prompts) for s in ec.seeds]
+            latents = [denoise(pipe, v, i, s) for i, _, s in jobs]  # all before the VAE moves
+            v.vae.to(v.device)
+            with atomic_path(folder_of(out, step)) as tmp:
+                tmp.mkdir()
+                for (i, prompt, seed), x in zip(jobs, latents, strict=True):
+                    frames = decode(pipe, x, prompt, seed)  # [F, H, W, 3] uint8
+                    write_mp4(tmp / evaluate.video_name(i, seed), frames, ec.fps)
+                    videos += 1
+    finally:
+        v.vae.to("cpu")
+        del pipe, latents
+        evaluate.release_memory(str(v.device))
+    return {
+        "videos": videos,
+        "seconds": round(time.perf_counter() - tic, 3),
+        "gpu_memory_before_gb": before,
+        "gpu_memory_after_gb": gpu_memory_gb(v.device),
+    }
