@@ -2,19 +2,39 @@
 
 Each selected clip of the configured splits (sorted by clip_id) gives one sample: a
 contiguous window of `frames` frames resampled to `fps` from the clip's start (real
-motion speed, never a stride over the whole clip), resized and centre-cropped to the
-`height x width` bucket, VAE-encoded, and its caption T5-encoded. A clip too short for
-the window, or one that fails to decode, keeps its row in the index with the reason.
+motion speed, never a stride over the whole clip), resized and centre-cropped into the
+resolution bucket nearest the clip's display aspect ratio (`all_buckets()`, nearest in
+log(w/h), ties to the earlier bucket), VAE-encoded, and its caption T5-encoded. A clip
+too short for the window, or one that fails to decode, keeps its row in the index with
+the reason.
 
 Work units are shards of `shard_size` samples, `shard-{i:05d}.safetensors`, each holding
 `<clip_id>.latents` [F', C, H/8, W/8] and `<clip_id>.prompt_embeds` [L, D]; a restart
-skips committed shards. Tensors keep the encoders' dtype: fp32 on CPU, the model's
-weight dtype on GPU (fp16 for 2B-type, bf16 for 5B-type). Training casts them anyway.
+skips committed shards. A shard may mix buckets: every row of index.parquet carries its
+own `height`, `width` and `latent_frames`, and training batches by them. Tensors keep the
+encoders' dtype: fp32 on CPU, the model's weight dtype on GPU (fp16 for 2B-type, bf16 for
+5B-type). Training casts them anyway.
 
 Per-item results are shared across keys in `cache/latents` (by video, span, window,
-bucket and VAE) and `cache/text` (by caption, tokenizer + encoder and length), so a
-new shard size re-encodes nothing and an edited caption re-encodes only that caption.
+bucket, tiling and VAE) and `cache/text` (by caption, tokenizer + encoder and length), so
+a new shard size re-encodes nothing and an edited caption re-encodes only that caption.
 The VAE and T5 are loaded only when something is missing from the caches.
+
+Speed: the missing captions are T5-encoded first, `TEXT_BATCH` distinct captions per
+call, and the encoder is freed before the VAE loads. Frames are decoded in background
+threads (one per core), `BATCHES_AHEAD` VAE batches ahead of the encoder, while the VAE
+encodes up to `batch_size` clips of one shard and one bucket per call. Each clip draws
+its latent sample noise from its own generator (`_seed`), so the batch size changes no
+latent beyond float noise. On CUDA, cuDNN times its conv algorithms once per shape.
+
+Decode-back spot check: once a shard's clips are encoded, the first clip encoded in this
+run is decoded back with the VAE and compared (PSNR, dB, 0..255) with the frames it was
+encoded from. The record goes into the shard's metadata, so it shows in index.parquet's
+`psnr` column and in the result's `stats["spot_checks"]` after any restart. Under
+`min_psnr` (0: recorded only) the stage stops with `SpotCheckError` before writing the
+shard or any of its latents to the cache. A shard made only of cached latents is not
+checked (its frames are never decoded): latents reach the cache only from shards that
+passed their check, one clip per shard, under the min_psnr of the run that encoded them.
 
     cogpipe precompute configs/demo.yaml
 """
@@ -22,9 +42,12 @@ The VAE and T5 are loaded only when something is missing from the caches.
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +71,13 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 1
-DECODE_AHEAD = 2  # clips decoded in background threads while the VAE encodes
+VERSION = 2  # 2: resolution buckets, batched encode, decode-back spot check
+TEXT_BATCH = 16  # distinct captions per T5 call
+BATCHES_AHEAD = 2  # VAE batches decoded in background threads ahead of the one encoding
+
+
+class SpotCheckError(RuntimeError):
+    """A shard's latents do not decode back to the frames they were encoded from."""
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
@@ -61,34 +89,66 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def write_shard(path: Path, tensors: dict[str, Any], rejected: dict[str, str]) -> None:
-    """Commit one shard atomically; clips that failed inside it are listed in its metadata."""
+def write_shard(
+    path: Path, tensors: dict[str, Any], rejected: dict[str, str], spot_check: dict | None = None
+) -> None:
+    """Commit one shard atomically; its metadata lists the clips that failed inside it
+    ({clip_id: reason}) and its spot check ({"clip_id", "psnr"}, or None)."""
     from safetensors.torch import save_file
 
+    metadata = {
+        "rejected": json.dumps(rejected, sort_keys=True),
+        "spot_check": json.dumps(spot_check),
+    }
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"rejected": json.dumps(rejected, sort_keys=True)})
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
-def shard_rejections(path: Path) -> dict[str, str]:
-    """{clip_id: reason} of the clips that failed inside a committed shard."""
+def shard_record(path: Path) -> tuple[dict[str, str], dict | None]:
+    """({clip_id: reason} of the clips that failed inside a committed shard, its spot check)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return json.loads((f.metadata() or {}).get("rejected", "{}"))
+        metadata = f.metadata() or {}
+    rejected, check = metadata.get("rejected", "{}"), metadata.get("spot_check", "null")
+    return json.loads(rejected), json.loads(check)
+
+
+def nearest_bucket(width: float, height: float, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (height, width) bucket nearest a width x height clip in aspect ratio.
+
+    Distances are in log(w/h), so 2:1 and 1:2 are as far from 1:1; ties go to the
+    earlier bucket.
+    """
+    aspect = math.log(width / height)
+    return min(buckets, key=lambda b: round(abs(math.log(b[1] / b[0]) - aspect), 9))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB) of two same-shape arrays in 0..255.
+
+    inf when they are equal, nan when either holds a nan.
+    """
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _plan(
     cfg: PipelineConfig, upstream: dict[str, StageResult], vae_fp: Any, text_fp: Any, max_len: int
 ) -> pd.DataFrame:
-    """One row per selected clip of the configured splits, sorted by clip_id: its frame
-    window (or why it has none), its cache keys and its shard."""
+    """One row per selected clip of the configured splits, sorted by clip_id: its bucket,
+    its frame window (or why it has none), its cache keys and its shard."""
     p = cfg.precompute
     curated = read_table(Path(upstream["filter"].path) / "curated.parquet")
     clips = read_table(Path(upstream["check"].path) / "clips.parquet")
     clips = clips[clips.keep & clips.split.isin(p.splits)]
-    cols = ["clip_id", "video_id", "path", "start", "end", "fps"]
+    cols = ["clip_id", "video_id", "path", "start", "end", "fps", "width", "height"]
     plan = curated.loc[curated.selected, ["clip_id", "caption"]].merge(clips[cols], on="clip_id")
     plan = plan.sort_values("clip_id", ignore_index=True)
+    # From here on height x width is the sample's bucket, no longer the clip's display size.
+    buckets = p.all_buckets()
+    sizes = [nearest_bucket(w, h, buckets) for w, h in zip(plan.width, plan.height, strict=True)]
+    plan["height"], plan["width"] = [h for h, _ in sizes], [w for _, w in sizes]
 
     plan["times"] = [window_times(r.start, r.end, p.fps, p.frames) for r in plan.itertuples()]
     plan["status"], plan["reason"], plan["shard"] = "ok", "", None
@@ -100,7 +160,8 @@ def _plan(
     ]  # fmt: skip
     plan["latents_cache"] = [
         sha256_json({"video_id": r.video_id, "start": r.start, "end": r.end, "frames": p.frames,
-                     "fps": p.fps, "height": p.height, "width": p.width, "vae": vae_fp})
+                     "fps": p.fps, "height": r.height, "width": r.width,
+                     "vae_tiling": p.vae_tiling, "vae": vae_fp})
         for r in plan.itertuples()
     ]  # fmt: skip
     plan["embeds_cache"] = [
@@ -114,16 +175,17 @@ def _plan(
 
 
 def _index(plan: pd.DataFrame, out: Path, p, latent_frames: int) -> pd.DataFrame:
-    """index.parquet, with the clips that failed inside committed shards marked rejected."""
+    """index.parquet: the clips that failed inside committed shards marked rejected, and
+    the PSNR of each shard's spot-checked clip."""
     plan = plan.copy()
+    plan["psnr"] = np.nan
     for shard in plan.shard.dropna().unique():
-        for clip_id, reason in shard_rejections(out / shard).items():
+        rejected, check = shard_record(out / shard)
+        for clip_id, reason in rejected.items():
             row = plan.clip_id == clip_id
-            plan.loc[row, "status"], plan.loc[row, "reason"], plan.loc[row, "shard"] = (
-                "rejected",
-                reason,
-                None,
-            )
+            plan.loc[row, ["status", "reason", "shard"]] = ["rejected", reason, None]
+        if check is not None:
+            plan.loc[plan.clip_id == check["clip_id"], "psnr"] = check["psnr"]
     ok = plan.status == "ok"
     return pd.DataFrame(
         {
@@ -133,11 +195,12 @@ def _index(plan: pd.DataFrame, out: Path, p, latent_frames: int) -> pd.DataFrame
             "latents_key": (plan.clip_id + ".latents").where(ok, None),  # tensor names in the shard
             "embeds_key": (plan.clip_id + ".prompt_embeds").where(ok, None),
             "frames": p.frames,
-            "height": p.height,
-            "width": p.width,
+            "height": plan.height,  # the bucket, pixels
+            "width": plan.width,
             "latent_frames": latent_frames,
             "status": plan.status,
             "reason": plan.reason,
+            "psnr": plan.psnr,  # dB, decode-back spot check; one clip per shard encoded
             "latents_cache": plan.latents_cache,  # content keys in cache/latents and cache/text
             "embeds_cache": plan.embeds_cache,
         }
@@ -162,6 +225,10 @@ def _cache_put(folder: Path, key: str, value) -> None:
         save_file({"value": value.contiguous()}, str(tmp))
 
 
+def _cached(folder: Path, keys: pd.Series) -> pd.Series:
+    return keys.map(lambda k: _cache_file(folder, k).is_file())
+
+
 def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iterator:
     """`map(fn, items)` in order, with up to `depth` calls running ahead in `pool`."""
     pending: list[Future] = []
@@ -173,6 +240,29 @@ def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, depth: in
         yield fut.result()
 
 
+@contextmanager
+def _timed(seconds: dict[str, float], part: str) -> Iterator[None]:
+    """Add the block's wall time to `seconds[part]`."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - started
+
+
+@contextmanager
+def _cudnn_benchmark(on: bool) -> Iterator[None]:
+    """cuDNN picks each conv's algorithm by timing it (once per shape); restored after."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _seed(row):
     """The latent sample's noise: a function of the clip's content and span only."""
     import torch
@@ -181,14 +271,112 @@ def _seed(row):
     return torch.Generator().manual_seed(seed)
 
 
-def _decode(row, p) -> tuple[str, np.ndarray | None, str]:
-    """(latents cache key, [F, height, width, 3] uint8 frames or None, failure reason)."""
+def _decode(row) -> tuple[np.ndarray | None, str]:
+    """([F, height, width, 3] uint8 frames of the row's window in its bucket, "") or (None, why)."""
     try:
-        frames = read_frames(row.path, row.times)
-        return row.latents_cache, resize_center_crop(frames, p.height, p.width), ""
+        return resize_center_crop(read_frames(row.path, row.times), row.height, row.width), ""
     except Exception as e:  # a video decodable at probe time can still break further in
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return row.latents_cache, None, f"decode failed: {first[:200]}"
+        return None, f"decode failed: {first[:200]}"
+
+
+def _batches(todo: pd.DataFrame, batch_size: int) -> dict[str, list[pd.DataFrame]]:
+    """{shard: its VAE batches}: up to `batch_size` clips of one bucket, in plan order."""
+    out: dict[str, list[pd.DataFrame]] = {}
+    for shard, rows in todo.groupby("shard", sort=True):
+        for _, same in rows.groupby(["height", "width"], sort=False):
+            out.setdefault(shard, []).extend(
+                same.iloc[i : i + batch_size] for i in range(0, len(same), batch_size)
+            )
+    return out
+
+
+def _encode_texts(tokenizer, text_encoder, todo: pd.DataFrame, text_dir: Path, max_len: int) -> int:
+    """T5-encode the distinct captions of `todo` missing from the text cache into it,
+    `TEXT_BATCH` per call; returns how many."""
+    from cogpipe.models import cogvideox
+
+    missing = todo.drop_duplicates("embeds_cache")
+    missing = missing[~_cached(text_dir, missing.embeds_cache)]
+    for i in range(0, len(missing), TEXT_BATCH):
+        chunk = missing.iloc[i : i + TEXT_BATCH]
+        embeds = cogvideox.encode_prompt(tokenizer, text_encoder, list(chunk.caption), max_len)
+        for key, e in zip(chunk.embeds_cache, embeds.cpu(), strict=True):  # [L, D] each
+            _cache_put(text_dir, key, e)
+    return len(missing)
+
+
+def _encode_batch(vae, batch: pd.DataFrame, frames: list[np.ndarray]):
+    """{latents cache key: CPU latents [F', C, h, w]} of one batch, in one `vae.encode` call."""
+    import torch
+
+    from cogpipe.models import cogvideox
+
+    pixels = torch.from_numpy(np.stack(frames))  # [B, F, H, W, 3] uint8
+    latents = cogvideox.encode_video(vae, pixels, [_seed(r) for r in batch.itertuples()])
+    return dict(zip(batch.latents_cache, latents.cpu(), strict=True))
+
+
+def _encode_shard(vae, batches: list[pd.DataFrame], decoded: Iterator, failed: dict, seconds):
+    """Encode one shard's batches from the decoded frames (in the same order).
+
+    Returns:
+        ({latents cache key: CPU latents}, (row, frames) of the first clip encoded or None).
+        Clips whose frames did not decode land in `failed` (cache key -> reason).
+    """
+    latents, first = {}, None
+    for batch in batches:
+        with _timed(seconds, "decode_wait"):
+            frames = [next(decoded) for _ in range(len(batch))]
+        good = [f is not None for f, _ in frames]
+        for r, (_, reason) in zip(batch.itertuples(), frames, strict=True):
+            if reason:
+                failed[r.latents_cache] = reason
+        if not any(good):
+            continue
+        batch, pixels = batch[good], [f for f, _ in frames if f is not None]
+        with _timed(seconds, "vae_encode"):
+            latents |= _encode_batch(vae, batch, pixels)
+        first = first or (next(batch.itertuples()), pixels[0])
+    return latents, first
+
+
+def _spot_check(vae, name: str, row, latents, frames: np.ndarray, min_psnr: float) -> dict:
+    """Decode one clip's latents [F', C, h, w] back and compare with its [F, H, W, 3] frames.
+
+    Returns:
+        {"clip_id", "psnr"}, the shard's record.
+
+    Raises:
+        SpotCheckError: the PSNR is under `min_psnr` (or nan) and `min_psnr` is not 0.
+    """
+    from cogpipe.models import cogvideox
+
+    value = psnr(cogvideox.decode_latents(vae, latents[None])[0].numpy(), frames)
+    if min_psnr > 0 and not value >= min_psnr:  # nan fails too
+        raise SpotCheckError(
+            f"decode-back spot check failed in {name}: clip {row.clip_id} decodes to {value:.1f} dB "
+            f"PSNR against its source frames, under min_psnr {min_psnr:g} dB. The latents do not "
+            "match the VAE: most likely a latent scaling mistake (scaling_factor applied twice or "
+            "not at all) or a dtype problem (fp16 overflow to inf/NaN; try bf16 or fp32). The shard "
+            "was not committed and none of its latents were cached."
+        )
+    return {"clip_id": row.clip_id, "psnr": round(value, 3)}
+
+
+def _shard_tensors(rows: pd.DataFrame, new: dict, failed: dict, latents_dir: Path, text_dir: Path):
+    """(tensors, rejected) of one shard: latents from `new` or the cache, embeddings from the cache."""
+    tensors, rejected = {}, {}
+    for r in rows.itertuples():
+        if r.latents_cache in failed:
+            rejected[r.clip_id] = failed[r.latents_cache]
+            continue
+        latents = new.get(r.latents_cache)
+        if latents is None:
+            latents = _cache_get(latents_dir, r.latents_cache)
+        tensors[f"{r.clip_id}.latents"] = latents.contiguous()  # [F', C, h, w]
+        tensors[f"{r.clip_id}.prompt_embeds"] = _cache_get(text_dir, r.embeds_cache)  # [L, D]
+    return tensors, rejected
 
 
 def run_precompute(
@@ -206,8 +394,13 @@ def run_precompute(
         progress: called as (shards done, shards total, shard name).
 
     Returns:
-        The stage result; counts hold samples, ok, rejected, shards, encoded_videos,
-        encoded_texts, latents_cache_hits and text_cache_hits.
+        The stage result; counts hold samples, ok, rejected, shards, and distinct videos
+        and captions encoded or found in the caches (encoded_videos, encoded_texts,
+        latents_cache_hits, text_cache_hits); stats hold rejections by kind, samples per
+        bucket, spot_checks ({shard: {"clip_id", "psnr"}}) and this run's seconds per part.
+
+    Raises:
+        SpotCheckError: a shard's spot check came out under `min_psnr`.
     """
     started = time.time()
     key = key_of(cfg, {"filter": upstream["filter"].key, "check": upstream["check"].key})
@@ -231,79 +424,79 @@ def run_precompute(
     plan = _plan(cfg, upstream, vae_fp, text_fp, max_len)
     shards = sorted(plan.shard.dropna().unique())
 
-    # What is left to encode: samples of uncommitted shards missing from the caches.
+    # What is left to encode: distinct samples of uncommitted shards missing from the caches.
     latents_dir, text_dir = ws.cache_dir("latents"), ws.cache_dir("text")
     todo = plan[plan.shard.isin([s for s in shards if not (out / s).is_file()])]
-    todo_video = todo[~todo.latents_cache.map(lambda k: _cache_file(latents_dir, k).is_file())]
-    todo_video = todo_video.drop_duplicates("latents_cache")  # exact copies are encoded once
-    need_text = not todo.embeds_cache.map(lambda k: _cache_file(text_dir, k).is_file()).all()
-
+    videos = todo.drop_duplicates("latents_cache")  # exact copies are encoded once
+    cached_videos = _cached(latents_dir, videos.latents_cache)
+    counts = {
+        "encoded_videos": 0,
+        "encoded_texts": 0,
+        "latents_cache_hits": int(cached_videos.sum()),
+        "text_cache_hits": int(_cached(text_dir, todo.embeds_cache.drop_duplicates()).sum()),
+    }
+    seconds: dict[str, float] = {}
     device = resolve_device(p.device)
     dtype = cogvideox.weight_dtype("auto", tcfg, device)
-    vae = cogvideox.load_vae(cfg.model, device, dtype) if len(todo_video) else None
-    tokenizer, text_encoder = (
-        cogvideox.load_text_encoder(cfg.model, device, dtype) if need_text else (None, None)
-    )
 
-    counts = dict.fromkeys(
-        ("encoded_videos", "encoded_texts", "latents_cache_hits", "text_cache_hits"), 0
-    )
+    if counts["text_cache_hits"] < todo.embeds_cache.nunique():
+        with _timed(seconds, "text_encode"):
+            tokenizer, text_encoder = cogvideox.load_text_encoder(cfg.model, device, dtype)
+            encoded = _encode_texts(tokenizer, text_encoder, todo, text_dir, max_len)
+            counts["encoded_texts"] = encoded
+            del tokenizer, text_encoder  # the VAE's batches get its memory
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    batches = _batches(videos[~cached_videos], p.batch_size)
+    vae = cogvideox.load_vae(cfg.model, device, dtype) if batches else None
+    if vae is not None and p.vae_slicing:
+        vae.enable_slicing()
+    if vae is not None and p.vae_tiling:
+        vae.enable_tiling()
     failed: dict[str, str] = {}  # latents cache key -> why its video did not decode
 
-    def latents_of(r) -> torch.Tensor | None:
-        """From the cache, or decoded (in the background) and encoded now; None: no decode."""
-        latents = _cache_get(latents_dir, r.latents_cache)
-        if latents is not None:
-            counts["latents_cache_hits"] += 1
-        elif r.latents_cache not in failed:
-            cache_key, frames, reason = next(decoded)
-            assert cache_key == r.latents_cache, "decode order diverged from the plan"
-            if frames is None:
-                failed[cache_key] = reason
-                return None
-            latents = cogvideox.encode_video(vae, torch.from_numpy(frames)[None], _seed(r))[0]
-            _cache_put(latents_dir, cache_key, latents.cpu())
-            counts["encoded_videos"] += 1
-        return latents
-
-    def embeds_of(r) -> torch.Tensor:
-        embeds = _cache_get(text_dir, r.embeds_cache)
-        if embeds is not None:
-            counts["text_cache_hits"] += 1
-            return embeds
-        embeds = cogvideox.encode_prompt(tokenizer, text_encoder, [r.caption], max_len)[0]
-        _cache_put(text_dir, r.embeds_cache, embeds.cpu())
-        counts["encoded_texts"] += 1
-        return embeds
-
-    with ThreadPoolExecutor(DECODE_AHEAD) as pool:
-        # Frames of todo_video, in plan order, decoded while the VAE encodes earlier clips.
-        decoded = _prefetch(lambda r: _decode(r, p), todo_video.itertuples(), pool, DECODE_AHEAD)
+    threads = max(len(os.sched_getaffinity(0)), 1)
+    with _cudnn_benchmark(device.startswith("cuda")), ThreadPoolExecutor(threads) as pool:
+        # Frames of every batch, in encode order, decoded while the VAE encodes earlier ones.
+        clips = (r for s in shards for b in batches.get(s, []) for r in b.itertuples())
+        decoded = _prefetch(_decode, clips, pool, BATCHES_AHEAD * p.batch_size)
         for i, name in enumerate(shards):
             if (out / name).is_file():
                 progress(i + 1, len(shards), f"{name} committed earlier")
                 continue
-            tensors, rejected = {}, {}
-            for r in plan[plan.shard == name].itertuples():
-                latents = latents_of(r)
-                if latents is None:
-                    rejected[r.clip_id] = failed[r.latents_cache]
-                    continue
-                tensors[f"{r.clip_id}.latents"] = latents.cpu().contiguous()  # [F', C, h, w]
-                tensors[f"{r.clip_id}.prompt_embeds"] = embeds_of(r).cpu().contiguous()  # [L, D]
-            write_shard(out / name, tensors, rejected)
+            new, first = _encode_shard(vae, batches.get(name, []), decoded, failed, seconds)
+            check = None
+            if first is not None:
+                row, frames = first
+                with _timed(seconds, "spot_check"):
+                    check = _spot_check(vae, name, row, new[row.latents_cache], frames, p.min_psnr)
+            rows = plan[plan.shard == name]
+            tensors, rejected = _shard_tensors(rows, new, failed, latents_dir, text_dir)
+            for cache_key, latents in new.items():  # checked: now they may serve other keys
+                _cache_put(latents_dir, cache_key, latents)
+            counts["encoded_videos"] += len(new)
+            write_shard(out / name, tensors, rejected, check)
             progress(i + 1, len(shards), name)
 
     index = _index(plan, out, p, latent_frames)
     write_table(out / "index.parquet", index)
-    n_ok = int((index.status == "ok").sum())
+    ok = index[index.status == "ok"]
     counts = {
         "samples": len(index),
-        "ok": n_ok,
-        "rejected": len(index) - n_ok,
+        "ok": len(ok),
+        "rejected": len(index) - len(ok),
         "shards": len(shards),
     } | counts
     kinds = index.loc[index.status != "ok", "reason"].str.split(":").str[0]
-    stats = {"rejections": kinds.value_counts().to_dict()}
+    checked = index[index.psnr.notna()]
+    stats = {
+        "rejections": kinds.value_counts().to_dict(),
+        "buckets": (ok.height.astype(str) + "x" + ok.width.astype(str)).value_counts().to_dict(),
+        "spot_checks": {
+            r.shard: {"clip_id": r.clip_id, "psnr": float(r.psnr)} for r in checked.itertuples()
+        },
+        "seconds": {part: round(s, 3) for part, s in seconds.items()},
+    }
     result = StageResult("precompute", key, str(out), counts, stats=stats)
     return ws.finish(result, started)

@@ -1,13 +1,19 @@
-"""Precompute on the tiny CogVideoX: shards, index, rejections, resume and per-item caches.
+"""Precompute on the tiny CogVideoX: shards, index, rejections, resume, per-item caches,
+resolution buckets, batched encoding and the decode-back spot check.
 
 The upstream tables (check's clips.parquet, filter's curated.parquet) are written by the
-test from the sample videos, so only precompute runs here.
+test from the sample videos, so only precompute runs here. The tiny random VAE does not
+reconstruct, so its spot check is only recorded (min_psnr 0); the check itself is tested
+with `LosslessVAE`, a stand-in whose decode(encode(x)) is x.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +21,7 @@ from safetensors.torch import load_file
 
 from cogpipe import precompute
 from cogpipe.config import PipelineConfig, PrecomputeConfig
-from cogpipe.video import probe_video
+from cogpipe.video import probe_video, read_frames, write_mp4
 from cogpipe.workspace import StageResult, Workspace, read_table, write_table
 
 CAPTIONS = [
@@ -55,7 +61,8 @@ def _upstream(root: Path, videos: dict[str, Path], captions: list[str], name: st
 @pytest.fixture
 def setup(tmp_path, sample_videos, tiny_models):
     def make(**overrides) -> PipelineConfig:
-        p = dict(frames=9, fps=8, height=64, width=64, shard_size=2, device="cpu") | overrides
+        p = dict(frames=9, fps=8, height=64, width=64, shard_size=2, min_psnr=0, device="cpu")
+        p |= overrides
         return PipelineConfig(workspace=tmp_path / "ws", model=str(tiny_models["cogvideox"]),
                               precompute=PrecomputeConfig(**p))  # fmt: skip
 
@@ -87,6 +94,13 @@ def test_shards_index_and_rejections(setup):
     ]  # fmt: skip
     buckets = index[["frames", "height", "width", "latent_frames"]].drop_duplicates()
     assert buckets.values.tolist() == [[9, 64, 64, 3]]
+    # One spot check per shard, on its first clip encoded; the tiny random VAE scores low.
+    assert list(index.psnr.notna()) == [True, False, True, False]
+    assert res.stats["spot_checks"] == {
+        "shard-00000.safetensors": {"clip_id": "clip1", "psnr": pytest.approx(9.188, abs=0.01)},
+        "shard-00001.safetensors": {"clip_id": "clip3", "psnr": pytest.approx(12.234, abs=0.01)},
+    }
+    assert res.stats["buckets"] == {"64x64": 3}
     shard = _shard(res, 0)
     assert sorted(shard) == [
         "clip1.latents", "clip1.prompt_embeds", "clip2.latents", "clip2.prompt_embeds"

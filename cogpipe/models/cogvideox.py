@@ -15,7 +15,7 @@ so `CogVideoXPipeline.load_lora_weights(folder)` applies scale alpha / rank by i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,14 +116,15 @@ def load_scheduler(model: str):
 
 
 def encode_video(
-    vae, frames: torch.Tensor, generator: torch.Generator | None = None
+    vae, frames: torch.Tensor, generators: Sequence[torch.Generator] | None = None
 ) -> torch.Tensor:
-    """Scaled VAE latents of uint8 videos.
+    """Scaled VAE latents of uint8 videos, all of them in one `vae.encode` call.
 
     Args:
         vae: an AutoencoderKLCogVideoX.
         frames: uint8 [B, F, H, W, 3], F = 4k + 1, H and W multiples of 8.
-        generator: a CPU generator seeding the sample from the latent distribution.
+        generators: B CPU generators, one per clip, seeding each clip's sample from the
+            latent distribution (None: the global RNG).
 
     Returns:
         [B, F', C, H/8, W/8] in the VAE's dtype, F' = (F - 1) / 4 + 1.
@@ -134,11 +135,32 @@ def encode_video(
     x = x.permute(0, 4, 1, 2, 3).to(vae.dtype)  # [B, F, H, W, C] -> [B, C, F, H, W]
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
-    # latent_dist.sample(generator), with the noise drawn in fp32 on the CPU: fp16 draws are
-    # another sequence, so this keeps a clip's sample the same on every device and dtype.
-    noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-    latents = (dist.mean + dist.std * noise) * vae.config.scaling_factor  # [B, C, F', h, w]
-    return latents.permute(0, 2, 1, 3, 4).contiguous()  # -> [B, F', C, h, w]
+    # latent_dist.sample(generator), with the noise drawn in fp32 on the CPU, per clip: fp16
+    # draws are another sequence, and a batch-wide draw would tie a clip's sample to its
+    # batch. So a clip's latents are the same on every device, dtype and batch size.
+    shape = dist.mean.shape[1:]  # [C, F', h, w]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators or [None] * len(x)])
+    latents = (dist.mean + dist.std * noise.to(dist.mean)) * vae.config.scaling_factor
+    return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F', h, w] -> [B, F', C, h, w]
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels of scaled latents, the inverse of `encode_video` (up to the VAE's loss).
+
+    Args:
+        vae: an AutoencoderKLCogVideoX.
+        latents: [B, F', C, H/8, W/8] as `encode_video` returns them, on any device.
+
+    Returns:
+        float32 [B, F, H, W, 3] on the CPU in 0..255 (not rounded; NaN stays NaN).
+    """
+    import torch
+
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    with torch.no_grad():
+        x = vae.decode(z.permute(0, 2, 1, 3, 4)).sample  # [B, C, F', h, w] -> [B, C, F, H, W]
+    x = ((x.float() + 1.0) * 127.5).clamp(0, 255)  # [-1, 1] -> [0, 255]
+    return x.permute(0, 2, 3, 4, 1).cpu()  # -> [B, F, H, W, C]
 
 
 def encode_prompt(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
