@@ -333,7 +333,10 @@ class TrainConfig(Section):
     def _checkpointing_bool(cls, data: Any) -> Any:
         """`gradient_checkpointing: true/false` (older configs) means full / off."""
         if isinstance(data, dict) and isinstance(data.get("gradient_checkpointing"), bool):
-            data = {**data, "gradient_checkpointing": "full" if data["gradient_checkpointing"] else "off"}
+            data = {
+                **data,
+                "gradient_checkpointing": "full" if data["gradient_checkpointing"] else "off",
+            }
         return data
 
     rank: int = Field(128, ge=1, description="LoRA rank.")
@@ -371,13 +374,17 @@ class TrainConfig(Section):
         default=1.0,
         ge=0,
         le=1,
-        description="Fraction of transformer blocks checkpointed (the last ones); the rest keep all activations.",
+        description=(
+            "Fraction of transformer blocks checkpointed (the first ones); the rest keep all"
+            " their activations."
+        ),
     )
     compile: bool = _unkeyed(
         default=True, description="torch.compile each transformer block (GPU only)."
     )
     attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = _unkeyed(
-        default="auto", description="Scaled-dot-product attention kernel; auto picks cuDNN on Hopper."
+        default="auto",
+        description="Scaled-dot-product attention kernel; auto picks cuDNN on Hopper.",
     )
     validation_every: int = _unkeyed(
         default=0,

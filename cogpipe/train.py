@@ -29,12 +29,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
-from cogpipe.config import PipelineConfig
+from cogpipe.config import PipelineConfig, TrainConfig
 from cogpipe.workspace import (
     SUCCESS,
     Progress,
@@ -179,6 +180,139 @@ def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g):
     return (weights * (pred.float() - latents.float()) ** 2).reshape(b, -1).mean(1).mean()
 
 
+def make_optimizer(params: list, t: TrainConfig, cuda: bool):
+    """Adam or AdamW (fused on GPU: one kernel, and no host sync under fp16 grad scaling),
+    or bitsandbytes' 8-bit AdamW (GPU only).
+
+    Raises:
+        ValueError: adamw8bit without a GPU or without bitsandbytes installed.
+    """
+    import torch
+
+    kwargs = dict(lr=t.learning_rate, betas=t.betas, weight_decay=t.weight_decay, eps=t.epsilon)
+    if t.optimizer == "adamw8bit":
+        if not cuda:
+            raise ValueError("train.optimizer adamw8bit needs a CUDA GPU; use adamw on the CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ValueError(
+                "train.optimizer adamw8bit needs bitsandbytes: pip install 'cogpipe[gpu]'"
+            ) from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    adam = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return adam(params, fused=cuda or None, **kwargs)
+
+
+class Queued(NamedTuple):
+    """A step whose loss and gradient norm are still device tensors."""
+
+    step: int
+    loss: Any
+    grad_norm: Any
+    lr: float
+    rows: list[list[int]]  # sample positions of its micro-batches
+
+
+@dataclass
+class Trainer:
+    """The model, optimizer and schedules of a run, and its optimizer step.
+
+    `step` queues the GPU work and returns the loss and gradient norm as device tensors
+    without reading them, so Python runs ahead of the GPU; the caller reads them later.
+    """
+
+    accelerator: Any
+    transformer: Any
+    noise_scheduler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    params: list
+    config: TrainConfig
+    seed: int
+    dtype: Any
+    rotary: dict = field(default_factory=dict)  # (height, width, latent frames) -> (cos, sin)
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def _to_device(self, x):
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
+        return x.to(self.device, self.dtype)
+
+    def step(self, step: int, micro_batches: list[tuple]):
+        """One optimizer step over `(latents, prompt_embeds, bucket)` micro-batches on the CPU.
+
+        Returns:
+            (mean loss, gradient norm before clipping, learning rate used): two 0-d device
+            tensors and a float.
+        """
+        import torch
+
+        from cogpipe.models import cogvideox, speed
+
+        t, tconfig = self.config, self.accelerator.unwrap_model(self.transformer).config
+        g = generator("step", self.seed, step)  # every random draw of this step
+        total = torch.zeros((), device=self.device)
+        for latents, prompt_embeds, bucket in micro_batches:
+            if bucket not in self.rotary:
+                self.rotary[bucket] = cogvideox.rotary_embeddings(tconfig, *bucket, self.device)
+            # Backward runs under the same kernel choice: a checkpointed block recomputes
+            # its forward there and must get the same attention outputs.
+            with speed.attention_kernel(t.attention_backend):
+                loss = diffusion_loss(self.transformer, self.noise_scheduler,
+                                      self._to_device(latents), self._to_device(prompt_embeds),
+                                      self.rotary[bucket], g)  # fmt: skip
+                self.accelerator.backward(loss / len(micro_batches))
+            total += loss.detach() / len(micro_batches)
+        grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.optimizer.step()  # the grad scaler skips it after an fp16 overflow
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm, lr
+
+
+def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, device) -> Trainer:
+    """Give a loaded transformer its LoRA, recomputation, compiled blocks and optimizer.
+
+    Args:
+        transformer: a CogVideoX transformer on `device` with frozen weights in the
+            weight dtype (see cogvideox.load_transformer).
+        noise_scheduler: the training noise schedule (CogVideoXDPMScheduler).
+        t: the train section.
+        seed: seeds the LoRA's initial A matrices (and, in `step`, each step's draws).
+        device: "cpu" or "cuda".
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers.optimization import get_scheduler
+
+    from cogpipe.models import cogvideox, speed
+
+    dtype = next(transformer.parameters()).dtype
+    # Accelerate's state is a process-wide singleton that refuses a second precision; a
+    # worker process runs many trainings, so each one starts from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
+    accelerator = Accelerator(mixed_precision=mixed, cpu=str(device) == "cpu")
+    cuda = accelerator.device.type == "cuda"
+    params = cogvideox.add_lora(transformer, t.rank, t.alpha, t.target_modules, seed=seed)
+    speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
+    if t.compile and cuda:
+        speed.compile_blocks(transformer)
+    optimizer = make_optimizer(params, t, cuda)
+    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
+                                 num_training_steps=t.max_steps, num_cycles=t.lr_num_cycles)  # fmt: skip
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    transformer.train()
+    return Trainer(accelerator, transformer, noise_scheduler, optimizer, lr_scheduler, params, t,
+                   seed, dtype)  # fmt: skip
+
+
 def checkpoints(out: Path) -> list[Path]:
     """Committed checkpoint folders, oldest first."""
     return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit())
@@ -194,8 +328,12 @@ def save_checkpoint(
 
     t = cfg.train
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    training_state = {"step": state["step"], "optimizer": optimizer.state_dict(),
-                      "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler}  # fmt: skip
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    training_state = {"step": state["step"], "micro_batch": state["micro_batch"],
+                      "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                      "scaler": scaler, "rng": rng}  # fmt: skip
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         lora = accelerator.unwrap_model(transformer)
@@ -245,11 +383,9 @@ def run_train(
     clean_stale_tmp(out)
 
     import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from diffusers.optimization import get_scheduler
     from torch.utils.tensorboard import SummaryWriter
 
+    from cogpipe import validation as validate
     from cogpipe.models import cogvideox
 
     run = {
@@ -264,25 +400,15 @@ def run_train(
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"train.device {device!r}: use auto, cpu or cuda (a visible GPU; "
                          f"choose which with CUDA_VISIBLE_DEVICES)")  # fmt: skip
-    tconfig = cogvideox.transformer_config(cfg.model)
-    dtype = cogvideox.weight_dtype(t.mixed_precision, tconfig, device)
-    # Accelerate's state is a process-wide singleton that refuses a second precision; a
-    # worker process runs many trainings, so each one starts from a clean state.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu")
-    device, cuda = accelerator.device, accelerator.device.type == "cuda"
-    transformer = cogvideox.load_transformer(cfg.model, device, dtype)
-    scheduler = cogvideox.load_scheduler(cfg.model)
-    params = cogvideox.add_lora(transformer, t.rank, t.alpha, t.target_modules, seed=cfg.seed)
-    if t.gradient_checkpointing and transformer._supports_gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    adam = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = adam(params, lr=t.learning_rate, betas=t.betas, weight_decay=t.weight_decay,
-                     eps=t.epsilon, fused=cuda or None)  # fmt: skip
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_steps, num_cycles=t.lr_num_cycles)  # fmt: skip
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    dtype = cogvideox.weight_dtype(
+        t.mixed_precision, cogvideox.transformer_config(cfg.model), device
+    )
+    validation = validate.prepare(cfg, device, dtype) if t.validation_every else None
+    trainer = build_trainer(cogvideox.load_transformer(cfg.model, device, dtype),
+                            cogvideox.load_scheduler(cfg.model), t, cfg.seed, device)  # fmt: skip
+    accelerator, cuda = trainer.accelerator, trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
 
     # Data: the usable samples, each with its bucket (height and width in pixels, latent frames).
     samples = load_samples(pre)
@@ -290,75 +416,97 @@ def run_train(
     accum = t.gradient_accumulation_steps
 
     # Resume from the newest checkpoint that still has its training state.
-    start, losses = 0, []
+    start, micro, losses = 0, 0, []
     resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
     if resumable:
-        cogvideox.load_lora(accelerator.unwrap_model(transformer), resumable[-1])
+        cogvideox.load_lora(accelerator.unwrap_model(trainer.transformer), resumable[-1])
         saved = torch.load(resumable[-1] / STATE_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(saved["optimizer"])
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+        trainer.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if accelerator.scaler is not None and saved["scaler"] is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
+        rng = saved.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if cuda and "cuda" in rng:
+            torch.cuda.set_rng_state_all(rng["cuda"])
         start = saved["step"]
+        micro = saved.get("micro_batch", start * accum)  # data position
         losses = json.loads((resumable[-1] / "state.json").read_text())["losses"]
     _truncate_losses(out / "losses.jsonl", start)
 
     writer = SummaryWriter(str(out / "logs"), purge_step=start + 1)
     log = open(out / "losses.jsonl", "a")
     step_seconds: list[float] = []
-    transformer.train()
+    last_read = time.perf_counter()
+
+    def read(q: Queued) -> None:
+        """Read a queued step's numbers (waits for its GPU work) and log them.
+
+        Raises:
+            TrainingDiverged: a non-finite loss, or gradient norm without a grad scaler.
+        """
+        nonlocal last_read
+        loss, grad_norm = q.loss.item(), q.grad_norm.item()
+        last = checkpoints(out)[-1].name if checkpoints(out) else "none yet"
+        if not math.isfinite(loss):
+            clips = list(samples.clip_id.iloc[[i for rows in q.rows for i in rows]])
+            raise TrainingDiverged(
+                f"loss is {loss} at step {q.step} (clips {clips}); last checkpoint: {last}. "
+                f"Lower train.learning_rate or look for non-finite values in the precompute shards"
+            )
+        if not math.isfinite(grad_norm) and accelerator.scaler is None:
+            raise TrainingDiverged(
+                f"gradient norm is {grad_norm} at step {q.step}; last checkpoint: {last}"
+            )
+        now = time.perf_counter()
+        seconds, last_read = now - last_read, now  # the GPU's time for this step, once warm
+        step_seconds.append(seconds)
+        losses.append(loss)
+        record = {"step": q.step, "loss": loss, "lr": q.lr, "grad_norm": grad_norm,
+                  "seconds": round(seconds, 4)}  # fmt: skip
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        for name in ("loss", "lr", "grad_norm", "seconds"):
+            writer.add_scalar(f"train/{name}", record[name], q.step)
+        if cuda:
+            writer.add_scalar(
+                "train/peak_memory_gb", torch.cuda.max_memory_allocated() / 2**30, q.step
+            )
+
+    queued: list[Queued] = []  # steps whose numbers are still on the GPU
     try:
         for step in range(start + 1, t.max_steps + 1):
-            tic = time.perf_counter()
-            g = generator("step", cfg.seed, step)  # every random draw of this step
-            loss_value = 0.0
-            for micro in range(accum):
-                rows = micro_batch(buckets, t.batch_size, cfg.seed, (step - 1) * accum + micro)
-                # [B, F', C, h, w] and [B, L, D], all of one bucket
-                latents, prompt_embeds = load_batch(pre, samples, rows)
-                rotary = cogvideox.rotary_embeddings(tconfig, *buckets[rows[0]], device)
-                loss = diffusion_loss(transformer, scheduler, latents.to(device, dtype),
-                                      prompt_embeds.to(device, dtype), rotary, g)  # fmt: skip
-                if not math.isfinite(micro_loss := loss.item()):
-                    last = checkpoints(out)[-1].name if checkpoints(out) else "none yet"
-                    clips = list(samples.clip_id.iloc[rows])
-                    raise TrainingDiverged(
-                        f"loss is {micro_loss} at step {step} (clips {clips}); last checkpoint: "
-                        f"{last}. Lower train.learning_rate or look for non-finite values in the "
-                        f"precompute shards"
-                    )
-                accelerator.backward(loss / accum)
-                loss_value += micro_loss / accum
-
-            grad_norm = float(accelerator.clip_grad_norm_(params, t.max_grad_norm))
-            if not math.isfinite(grad_norm) and accelerator.scaler is None:
-                raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}")
-            lr = lr_scheduler.get_last_lr()[0]
-            optimizer.step()  # the grad scaler skips it after an fp16 overflow
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            seconds = time.perf_counter() - tic
-            step_seconds.append(seconds)
-            losses.append(loss_value)
-            record = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                      "seconds": round(seconds, 4)}  # fmt: skip
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            for name in ("loss", "lr", "grad_norm", "seconds"):
-                writer.add_scalar(f"train/{name}", record[name], step)
-            if cuda:
-                peak_gb = torch.cuda.max_memory_allocated() / 2**30
-                writer.add_scalar("train/peak_memory_gb", peak_gb, step)
-
-            if step % t.checkpoint_every == 0 or step == t.max_steps:
-                state = {"key": key, "step": step, "losses": losses}
-                save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, transformer, optimizer,
-                                lr_scheduler, cfg, state)  # fmt: skip
+            rows = [micro_batch(buckets, t.batch_size, cfg.seed, micro + m) for m in range(accum)]
+            micro += accum
+            # [B, F', C, h, w] and [B, L, D], all of one bucket
+            batches = [(*load_batch(pre, samples, r), buckets[r[0]]) for r in rows]
+            queued.append(Queued(step, *trainer.step(step, batches), rows))
+            # A step's numbers are read once the next step is queued, so the GPU never waits
+            # for Python; a checkpoint or a validation reads its own step first.
+            for q in queued[:-1]:
+                read(q)
+                progress(q.step, t.max_steps, f"loss {losses[-1]:.4f}")
+            queued = queued[-1:]
+            checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
+            validating = validation is not None and step % t.validation_every == 0
+            if not (checkpoint or validating):
+                continue
+            read(queued.pop())
+            if checkpoint:
+                state = {"key": key, "step": step, "micro_batch": micro, "losses": losses}
+                save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, trainer.transformer,
+                                trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
                 with_state = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
                 for old in with_state[: -t.keep_states]:
                     (old / STATE_FILE).unlink()  # its LoRA stays; only the full state goes
-            progress(step, t.max_steps, f"loss {loss_value:.4f}")
+            if validating:
+                report = validate.run(
+                    validation, accelerator.unwrap_model(trainer.transformer), out, step
+                )
+                writer.add_scalar("validation/seconds", report["seconds"], step)
+                last_read = time.perf_counter()  # the next step's time is its own
+            progress(step, t.max_steps, f"loss {losses[-1]:.4f}")
     finally:
         log.close()
         writer.close()
@@ -370,9 +518,11 @@ def run_train(
         "resumed_from_step": start,
         "seconds_per_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "trainable_params": sum(p.numel() for p in params),
+        "trainable_params": sum(p.numel() for p in trainer.params),
         "lora_scale": t.alpha / t.rank,
         "weight_dtype": str(dtype).removeprefix("torch."),
     }
     counts = {"steps": t.max_steps, "checkpoints": len(checkpoints(out)), "samples": len(samples)}
+    if validation is not None:
+        counts["validations"] = t.max_steps // t.validation_every
     return ws.finish(StageResult("train", key, str(out), counts, stats=stats), started)

@@ -21,7 +21,7 @@ from cogpipe.precompute import shard_name, write_shard
 from cogpipe.workspace import StageResult, Workspace, write_table
 
 TRAIN = dict(rank=4, alpha=8, learning_rate=1e-3, lr_warmup_steps=0, max_steps=6, checkpoint_every=3,
-             batch_size=2, mixed_precision="no", gradient_checkpointing=False, device="cpu")  # fmt: skip
+             batch_size=2, mixed_precision="no", gradient_checkpointing="off", device="cpu")  # fmt: skip
 
 
 def _fake_precompute(folder: Path, n: int = 5, shard_size: int = 2) -> StageResult:
@@ -103,6 +103,80 @@ def test_resumed_run_matches_an_uninterrupted_one(setup):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # keep_states=2 keeps both states here; the LoRA of every checkpoint is kept regardless.
     assert train.run_train(ws, cfg, upstream).reused
+
+
+@pytest.mark.parametrize(
+    ("mode", "fraction"), [("full", 1.0), ("selective", 1.0), ("selective", 0.5)]
+)
+def test_checkpointing_recomputes_the_same_numbers(setup, mode, fraction):
+    ws, make, upstream = setup
+    off = _losses(Path(train.run_train(ws, make("off"), upstream).path))
+    cfg = make(f"{mode}-{fraction}", gradient_checkpointing=mode, checkpointed_blocks=fraction)
+    got = _losses(Path(train.run_train(ws, cfg, upstream).path))
+    assert [g["loss"] for g in got] == pytest.approx([e["loss"] for e in off], rel=1e-6)
+    assert [g["grad_norm"] for g in got] == pytest.approx([e["grad_norm"] for e in off], rel=1e-5)
+
+
+def test_selective_checkpointing_keeps_attention_and_recomputes_the_rest(tiny_models):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from cogpipe.models import cogvideox, speed
+
+    transformer = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
+    names = list(transformer.state_dict())
+    base = type(transformer.transformer_blocks[0])
+    assert speed.set_checkpointing(transformer, "selective", 0.5) == 1
+    kinds = [type(b) for b in transformer.transformer_blocks]
+    assert issubclass(kinds[0], base) and kinds[0] is not base and kinds[1] is base
+    assert list(transformer.state_dict()) == names  # a LoRA saves and loads as before
+    assert speed.set_checkpointing(transformer, "off") == 0
+    assert all(type(b) is base for b in transformer.transformer_blocks)
+
+    ops = speed._attention_ops()
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    assert speed._keep_attention(ops, None, sdpa) is CheckpointPolicy.MUST_SAVE
+    assert (
+        speed._keep_attention(ops, None, torch.ops.aten.mm.default)
+        is CheckpointPolicy.PREFER_RECOMPUTE
+    )
+    with pytest.raises(ValueError, match="gradient checkpointing 'some'"):
+        speed.set_checkpointing(transformer, "some")
+
+
+@pytest.mark.parametrize(("mode", "forward_calls"), [("off", 2), ("full", 4), ("selective", 2)])
+def test_only_full_checkpointing_runs_attention_twice(tiny_models, mode, forward_calls):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cogpipe.models import cogvideox, speed
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func in speed._attention_ops()
+            return func(*args, **(kwargs or {}))
+
+    transformer = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
+    cogvideox.add_lora(transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    speed.set_checkpointing(transformer, mode)
+    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 8), encoder_hidden_states=torch.randn(1, 16, 32),
+                  timestep=torch.tensor([10]), return_dict=False)  # fmt: skip
+    with Count() as count:
+        transformer(**inputs)[0].square().mean().backward()
+    assert count.calls == forward_calls  # 2 blocks; a recomputed block attends again
+
+
+def test_adamw8bit_needs_a_gpu(setup):
+    ws, make, upstream = setup
+    with pytest.raises(ValueError, match="adamw8bit needs a CUDA GPU"):
+        train.run_train(ws, make(optimizer="adamw8bit"), upstream)
+
+
+def test_old_boolean_checkpointing_setting_still_loads():
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "full"
+    assert TrainConfig(gradient_checkpointing=False).gradient_checkpointing == "off"
 
 
 def test_batches_are_one_bucket_and_a_pure_function_of_seed_and_epoch():
