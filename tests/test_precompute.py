@@ -197,6 +197,133 @@ def test_train_reads_what_precompute_writes(setup):
     assert (Path(res.path) / "checkpoint-000002" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_nearest_bucket_by_aspect_ratio():
+    buckets = [(480, 720), (720, 480), (480, 480)]
+    assert precompute.nearest_bucket(1920, 1080, buckets) == (480, 720)  # 16:9 -> 3:2
+    assert precompute.nearest_bucket(1080, 1920, buckets) == (720, 480)  # 9:16 -> 2:3
+    assert precompute.nearest_bucket(500, 490, buckets) == (480, 480)
+    # In log(w/h), 1:1 is as far from 2:1 as from 1:2: the earlier bucket wins.
+    assert precompute.nearest_bucket(100, 100, [(256, 512), (512, 256)]) == (256, 512)
+    assert precompute.nearest_bucket(100, 100, [(512, 256), (256, 512)]) == (512, 256)
+
+
+def test_portrait_clip_goes_to_a_portrait_bucket(setup, tmp_path):
+    ws, make, upstream = setup
+    clips_path = Path(upstream["check"].path) / "clips.parquet"
+    clips = read_table(clips_path)
+    landscape = read_frames(clips.path[2], [i / 8 for i in range(24)])  # [24, 96, 128, 3]
+    portrait = write_mp4(tmp_path / "portrait.mp4", landscape.transpose(0, 2, 1, 3), 8)
+    clips.loc[2, ["path", "video_id", "width", "height"]] = [str(portrait), "portrait", 96, 128]
+    write_table(clips_path, clips)
+    cfg = make(buckets=[(64, 96), (96, 64)], shard_size=3)  # 1:1, 3:2 and 2:3; clips are 4:3
+    res = precompute.run_precompute(ws, cfg, upstream)
+    index = read_table(Path(res.path) / "index.parquet").set_index("clip_id")
+    assert index.loc[["clip1", "clip2", "clip3"], ["height", "width"]].values.tolist() == [
+        [64, 96], [64, 96], [96, 64]
+    ]  # fmt: skip
+    shard = _shard(res, 0)  # one shard, two buckets
+    assert shard["clip1.latents"].shape == (3, 4, 8, 12)  # [F', C, H/8, W/8]
+    assert shard["clip3.latents"].shape == (3, 4, 12, 8)
+    assert res.stats["buckets"] == {"64x96": 2, "96x64": 1}
+
+
+def test_batched_encode_equals_one_at_a_time(setup, tmp_path, monkeypatch):
+    from cogpipe.models import cogvideox
+
+    ws, make, upstream = setup
+    encode, calls = cogvideox.encode_video, []
+
+    def counted(vae, frames, generators):
+        calls.append(len(frames))
+        return encode(vae, frames, generators)
+
+    monkeypatch.setattr(cogvideox, "encode_video", counted)
+    latents = {}
+    for name, settings in [("b1", {"batch_size": 1}), ("b3", {"batch_size": 3}),
+                           ("b3-sliced", {"batch_size": 3, "vae_slicing": True})]:  # fmt: skip
+        calls.clear()
+        cfg = make(shard_size=3, **settings)  # one shard: clip1, clip2, clip3
+        res = precompute.run_precompute(Workspace(tmp_path / name), cfg, upstream)
+        latents[name] = _shard(res, 0)
+        assert calls == ([1, 1, 1] if name == "b1" else [3])
+    for clip in ("clip1", "clip2", "clip3"):
+        one = latents["b1"][f"{clip}.latents"]
+        for name in ("b3", "b3-sliced"):
+            torch.testing.assert_close(latents[name][f"{clip}.latents"], one, atol=1e-5, rtol=1e-5)
+
+
+def test_psnr_of_known_arrays():
+    black = np.zeros((2, 4, 4, 3), np.uint8)
+    assert precompute.psnr(black, black) == math.inf
+    assert precompute.psnr(black, black + 1) == pytest.approx(48.13, abs=0.01)  # 20 log10(255)
+    assert precompute.psnr(black, np.full_like(black, 255)) == pytest.approx(0.0)
+    half = black.copy()
+    half[0] = 255  # half the pixels off by 255: 10 log10(2)
+    assert precompute.psnr(black, half) == pytest.approx(3.01, abs=0.01)
+    assert math.isnan(precompute.psnr(black, np.full(black.shape, np.nan)))
+
+
+class LosslessVAE:
+    """A VAE stand-in whose decode(encode(x)) is x: each block of 4 frames x 8 x 8 pixels
+    becomes the channels of one latent (the first frame alone, repeated, as the causal
+    CogVideoX VAE keeps it), with std 0, in the real VAE's shapes and scaling."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+    config = SimpleNamespace(scaling_factor=1.15258426)
+
+    def encode(self, x):  # [B, 3, 4k+1, H, W] -> mean [B, 3*4*8*8, k+1, H/8, W/8]
+        x = torch.cat([x[:, :, :1].expand(-1, -1, 3, -1, -1), x], dim=2)
+        b, c, f, h, w = x.shape
+        z = x.reshape(b, c, f // 4, 4, h // 8, 8, w // 8, 8).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        mean = z.reshape(b, c * 256, f // 4, h // 8, w // 8)
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=mean, std=torch.zeros_like(mean)))
+
+    def decode(self, z):  # the inverse, without the first frame's repeats
+        b, _, f, h, w = z.shape
+        x = z.reshape(b, 3, 4, 8, 8, f, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return SimpleNamespace(sample=x.reshape(b, 3, f * 4, h * 8, w * 8)[:, :, 3:])
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        lambda latents: latents * 0.18215 / 1.15258426,  # Stable Diffusion's scaling factor
+        lambda latents: torch.full_like(latents, math.nan),  # fp16 overflow
+    ],
+    ids=["scaling", "nan"],
+)
+def test_spot_check_stops_the_shard_whose_latents_do_not_decode_back(setup, monkeypatch, mistake):
+    from cogpipe.models import cogvideox
+
+    ws, make, upstream = setup
+    cfg = make(min_psnr=20)  # the default; clip1 and clip2 in shard 0, clip3 in shard 1
+    encode, calls = cogvideox.encode_video, []
+
+    def wrong_in_shard_1(vae, frames, generators):
+        calls.append(len(frames))
+        latents = encode(vae, frames, generators)
+        return mistake(latents) if len(calls) == 2 else latents
+
+    monkeypatch.setattr(cogvideox, "load_vae", lambda *args: LosslessVAE())
+    monkeypatch.setattr(cogvideox, "encode_video", wrong_in_shard_1)
+    with pytest.raises(precompute.SpotCheckError) as failure:
+        precompute.run_precompute(ws, cfg, upstream)
+    assert str(failure.value).startswith(
+        "decode-back spot check failed in shard-00001.safetensors: clip clip3 decodes to "
+    )
+    assert "under min_psnr 20 dB" in str(failure.value) and "scaling" in str(failure.value)
+    out = ws.stage_dir("precompute", precompute.key_of(cfg, {"filter": "f1", "check": "c1"}))
+    assert sorted(p.name for p in out.iterdir()) == [precompute.shard_name(0)]
+    assert len(list(ws.cache_dir("latents").rglob("*.safetensors"))) == 2  # not clip3's
+
+    monkeypatch.setattr(cogvideox, "encode_video", encode)
+    res = precompute.run_precompute(ws, cfg, upstream)
+    assert res.counts["encoded_videos"] == 1  # clip3 only: shard 0 was committed
+    checks = res.stats["spot_checks"]
+    assert [c["clip_id"] for c in checks.values()] == ["clip1", "clip3"]
+    assert all(c["psnr"] > 100 for c in checks.values())  # lossless up to float rounding
+
+
 @pytest.mark.gpu
 def test_gpu_encodes_in_the_weight_dtype(setup, tmp_path, sample_videos):
     ws, make, upstream = setup
