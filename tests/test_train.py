@@ -307,3 +307,29 @@ def test_fp16_training_on_gpu_resumes(setup):
     expected = [e["loss"] for e in _losses(Path(full.path))]
     assert all(map(math.isfinite, expected))
     assert [g["loss"] for g in _losses(Path(resumed.path))] == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_compiled_selective_training_on_gpu_matches_eager(setup):
+    ws, make, upstream = setup
+    fp32 = dict(device="cuda", mixed_precision="no")
+    eager = make("gpu-eager", **fp32, compile=False, gradient_checkpointing="off")
+    fast = make("gpu-fast", **fp32, compile=True, gradient_checkpointing="selective",
+                checkpointed_blocks=0.5)  # fmt: skip
+    expected = _losses(Path(train.run_train(ws, eager, upstream).path))
+    got = _losses(Path(train.run_train(ws, fast, upstream).path))
+    assert [g["loss"] for g in got] == pytest.approx([e["loss"] for e in expected], rel=1e-4)
+
+
+@pytest.mark.gpu
+def test_adamw8bit_trains_and_resumes_on_gpu(setup):
+    pytest.importorskip("bitsandbytes")
+    ws, make, upstream = setup
+    gpu = dict(device="cuda", optimizer="adamw8bit")
+    full = _losses(Path(train.run_train(ws, make("8bit-full", **gpu), upstream).path))
+    assert all(math.isfinite(e["loss"]) for e in full)
+    cfg = make("8bit-resumed", **gpu)
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(ws, cfg, upstream, _stop_at(4))
+    resumed = _losses(Path(train.run_train(ws, cfg, upstream).path))
+    assert [g["loss"] for g in resumed] == pytest.approx([e["loss"] for e in full], rel=1e-4)
