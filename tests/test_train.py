@@ -168,6 +168,25 @@ def test_only_full_checkpointing_runs_attention_twice(tiny_models, mode, forward
     assert count.calls == forward_calls  # 2 blocks; a recomputed block attends again
 
 
+def test_validation_videos_leave_the_losses_as_they_were(setup, tiny_models):
+    from cogpipe.config import EvaluateConfig
+
+    ws, make, upstream = setup
+    plain = _losses(Path(train.run_train(ws, make("plain"), upstream).path))
+    evaluate = EvaluateConfig(prompts=["a slap"], seeds=[1, 2], steps=2, frames=9, height=64,
+                              width=64, device="cpu")  # fmt: skip
+    cfg = make("validated", validation_every=2).model_copy(update={"evaluate": evaluate})
+    result = train.run_train(ws, cfg, upstream)
+    assert [g["loss"] for g in _losses(Path(result.path))] == [e["loss"] for e in plain]
+    videos = sorted(
+        p.relative_to(result.path).as_posix() for p in Path(result.path).glob("validation/*/*.mp4")
+    )
+    assert videos == [
+        f"validation/step-00000{s}/p00-s{seed}.mp4" for s in (2, 4, 6) for seed in (1, 2)
+    ]
+    assert result.counts["validations"] == 3
+
+
 def test_adamw8bit_needs_a_gpu(setup):
     ws, make, upstream = setup
     with pytest.raises(ValueError, match="adamw8bit needs a CUDA GPU"):
