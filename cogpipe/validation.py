@@ -98,6 +98,8 @@ def encode_prompts(model: str, prompts: list[str], device, dtype: torch.dtype):
 
     T5 is loaded on `device`, used once and released before this returns.
     """
+    import torch
+
     max_len = cogvideox.transformer_config(model)["max_text_seq_length"]
     tokenizer, encoder = cogvideox.load_text_encoder(model, str(device), dtype)
     try:
@@ -107,8 +109,6 @@ def encode_prompts(model: str, prompts: list[str], device, dtype: torch.dtype):
     finally:
         del encoder
         evaluate.release_memory(str(device))
-    import torch
-
     return torch.cat(rows), negative
 
 

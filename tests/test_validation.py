@@ -82,9 +82,10 @@ def test_run_writes_every_prompt_and_seed_and_leaves_training_as_it_was(tmp_path
     assert torch.equal(torch.get_rng_state(), rng)
     assert v.vae.device.type == "cpu"
 
-    # A second pass at the same step (a resumed run) replaces the folder.
+    # A second pass at the same step (a resumed run) replaces the folder with the same videos.
     assert validation.run(v, transformer, tmp_path / "run", step=12)["videos"] == 4
     assert sorted(p.name for p in folder.iterdir()) == sorted(videos)
+    assert all(np.array_equal(decode(folder / name), video) for name, video in videos.items())
 
 
 def test_videos_are_what_evaluate_makes_of_the_saved_lora(tmp_path, tiny_models):
