@@ -37,6 +37,9 @@ quarter of its cost (13 latent frames for 49). The record goes into the shard's 
 shard or any of its latents to the cache. A shard made only of cached latents is not
 checked (its frames are never decoded): latents reach the cache only from shards that
 passed their check, one clip per shard, under the min_psnr of the run that encoded them.
+The check catches gross mistakes (another model's scaling factor: ~15 dB; NaN; a wrong
+latent layout), not subtle ones: scaling_factor applied twice costs even a lossless
+autoencoder only ~30 dB, the order of a real video VAE's own reconstruction error.
 
     cogpipe precompute configs/demo.yaml
 """
@@ -364,9 +367,10 @@ def _spot_check(vae, name: str, row, latents, frames: np.ndarray, min_psnr: floa
         raise SpotCheckError(
             f"decode-back spot check failed in {name}: clip {row.clip_id} decodes to {value:.1f} dB "
             f"PSNR against its source frames, under min_psnr {min_psnr:g} dB. The latents do not "
-            "match the VAE: most likely a latent scaling mistake (scaling_factor applied twice or "
-            "not at all) or a dtype problem (fp16 overflow to inf/NaN; try bf16 or fp32). The shard "
-            "was not committed and none of its latents were cached."
+            "match the VAE: most likely a latent scaling mistake (another model's scaling_factor), "
+            "a layout mistake ([F', C, h, w] read as [C, F', h, w]) or a dtype problem (fp16 "
+            "overflow to inf/NaN; try bf16 or fp32). The shard was not committed and none of its "
+            "latents were cached."
         )
     return {"clip_id": row.clip_id, "psnr": round(value, 3)}
 
