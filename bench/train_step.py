@@ -180,14 +180,29 @@ def cogpipe_steps(model: str, overrides: dict, dry: bool, steps: int):
         yield loss
 
 
-def measure(model: str, variant: str, dry: bool, warmup: int, steps: int) -> dict:
+def write_profile(run, path: Path) -> None:
+    """CUDA kernel times of one more step, the most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        next(run).item()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(
+        sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=90
+    )
+    path.write_text(table)
+
+
+def measure(
+    model: str, variant: str, dry: bool, warmup: int, steps: int, profile: str | None = None
+) -> dict:
     """Time `steps` steps after `warmup` (compilation happens there) in this process."""
     import torch
 
     kind, overrides = VARIANTS[variant]
     make = naive_steps if kind == "naive" else cogpipe_steps
     cuda = not dry
-    run = make(model, overrides, dry, warmup + steps)
+    run = make(model, overrides, dry, warmup + steps + 1)
     transformer = next(run)
     if cuda:
         torch.cuda.synchronize()
@@ -202,6 +217,8 @@ def measure(model: str, variant: str, dry: bool, warmup: int, steps: int) -> dic
         loss = next(run)
     final = loss.item()  # waits for the GPU
     seconds = (time.perf_counter() - tic) / steps
+    if profile and cuda:
+        write_profile(run, Path(profile) / f"{model}-{variant}.txt")
     return {
         "s_per_step": seconds,
         "warmup_s": warm,
@@ -215,6 +232,8 @@ def run_variant(model: str, variant: str, args) -> dict:
     """`measure` in a child process; {"error": ...} when it fails (out of memory, say)."""
     cmd = [sys.executable, __file__, "--one", model, variant, "--warmup", str(args.warmup),
            "--steps", str(args.steps)] + (["--dry"] if args.dry else [])  # fmt: skip
+    if args.profile and variant in args.profile_variants.split(","):
+        cmd += ["--profile", args.profile]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
@@ -237,10 +256,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--dry", action="store_true", help="tiny model on the CPU")
+    parser.add_argument("--profile", help="folder for CUDA kernel tables of one step")
+    parser.add_argument("--profile-variants", default="compile-selective", help="which to profile")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.dry, args.warmup, args.steps)))
+        print(json.dumps(measure(*args.one, args.dry, args.warmup, args.steps, args.profile)))
         return
 
     import torch

@@ -81,9 +81,10 @@ def _checkpointed(cls: type, mode: Checkpointing) -> type:
     """`cls` with a forward that runs under activation checkpointing (one subclass per mode)."""
     if (cls, mode) in _SUBCLASSES:
         return _SUBCLASSES[cls, mode]
-    from torch.utils.checkpoint import checkpoint, noop_context_fn
+    from torch.utils.checkpoint import checkpoint
 
-    context_fn = _selective_context if mode == "selective" else noop_context_fn
+    # Full checkpointing passes no context_fn at all: torch.compile cannot trace the default one.
+    options = {"context_fn": _selective_context} if mode == "selective" else {}
 
     def forward(self, *args, **kwargs):
         import torch
@@ -91,8 +92,8 @@ def _checkpointed(cls: type, mode: Checkpointing) -> type:
         if not torch.is_grad_enabled():  # validation and inference: nothing to save
             return cls.forward(self, *args, **kwargs)
         # No random op runs in a block (dropout is 0), so no RNG state needs restoring.
-        return checkpoint(cls.forward, self, *args, use_reentrant=False, context_fn=context_fn,
-                          preserve_rng_state=False, **kwargs)  # fmt: skip
+        return checkpoint(cls.forward, self, *args, use_reentrant=False, preserve_rng_state=False,
+                          **options, **kwargs)  # fmt: skip
 
     sub = type(f"{mode.title()}Checkpointed{cls.__name__}", (cls,), {"forward": forward})
     _SUBCLASSES[cls, mode] = sub
