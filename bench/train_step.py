@@ -53,6 +53,7 @@ VARIANTS = {
     "compile-off": ("cogpipe", {"gradient_checkpointing": "off"}),
     "compile-full": ("cogpipe", {"gradient_checkpointing": "full"}),
     "compile-selective": ("cogpipe", {"gradient_checkpointing": "selective"}),
+    "compile-attention": ("cogpipe", {"gradient_checkpointing": "attention"}),
     "compile-selective-half": (
         "cogpipe",
         {"gradient_checkpointing": "selective", "checkpointed_blocks": 0.5},

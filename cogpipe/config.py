@@ -363,11 +363,13 @@ class TrainConfig(Section):
     mixed_precision: Precision = Field(
         "auto", description="auto: fp16 for 2B-type, bf16 for 5B-type models on GPU; no on CPU."
     )
-    gradient_checkpointing: Literal["off", "full", "selective"] = _unkeyed(
+    gradient_checkpointing: Literal["off", "full", "selective", "attention"] = _unkeyed(
         default="selective",
         description=(
-            "Activation recomputation in the backward pass: off keeps everything, full recomputes"
-            " each checkpointed block, selective keeps attention outputs and recomputes the rest."
+            "Activation recomputation in the backward pass. off: keep everything (fastest, most"
+            " memory); selective: keep attention and narrow matmul outputs, recompute the"
+            " feed-forward up-projection and elementwise ops; attention: keep only attention"
+            " outputs; full: recompute each checkpointed block (least memory, slowest)."
         ),
     )
     checkpointed_blocks: float = _unkeyed(

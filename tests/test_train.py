@@ -106,7 +106,8 @@ def test_resumed_run_matches_an_uninterrupted_one(setup):
 
 
 @pytest.mark.parametrize(
-    ("mode", "fraction"), [("full", 1.0), ("selective", 1.0), ("selective", 0.5)]
+    ("mode", "fraction"),
+    [("full", 1.0), ("selective", 1.0), ("attention", 1.0), ("selective", 0.5)],
 )
 def test_checkpointing_recomputes_the_same_numbers(setup, mode, fraction):
     ws, make, upstream = setup
@@ -132,19 +133,18 @@ def test_selective_checkpointing_keeps_attention_and_recomputes_the_rest(tiny_mo
     assert speed.set_checkpointing(transformer, "off") == 0
     assert all(type(b) is base for b in transformer.transformer_blocks)
 
-    ops = speed._attention_ops()
     sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-    assert speed._keep_attention(ops, None, sdpa) is CheckpointPolicy.MUST_SAVE
-    assert (
-        speed._keep_attention(ops, None, torch.ops.aten.mm.default)
-        is CheckpointPolicy.PREFER_RECOMPUTE
-    )
+    x, up, down = torch.zeros(5, 8), torch.zeros(8, 32), torch.zeros(32, 8)
+    mm = torch.ops.aten.mm.default
+    assert speed._policy(False, None, sdpa) is CheckpointPolicy.MUST_SAVE
+    assert speed._policy(False, None, mm, x, up) is CheckpointPolicy.PREFER_RECOMPUTE
+    assert speed._policy(True, None, mm, torch.zeros(5, 32), down) is CheckpointPolicy.MUST_SAVE
+    assert speed._policy(True, None, mm, x, up) is CheckpointPolicy.PREFER_RECOMPUTE
     with pytest.raises(ValueError, match="gradient checkpointing 'some'"):
         speed.set_checkpointing(transformer, "some")
 
 
-@pytest.mark.parametrize(("mode", "forward_calls"), [("off", 2), ("full", 4), ("selective", 2)])
-def test_only_full_checkpointing_runs_attention_twice(tiny_models, mode, forward_calls):
+def test_what_each_checkpointing_mode_runs_again(tiny_models):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from cogpipe.models import cogvideox, speed
@@ -152,20 +152,27 @@ def test_only_full_checkpointing_runs_attention_twice(tiny_models, mode, forward
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.calls = 0
+            self.attention = self.matmuls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls += func in speed._attention_ops()
+            self.attention += func in speed._attention_ops()
+            self.matmuls += func in speed._matmul_ops()
             return func(*args, **(kwargs or {}))
 
     transformer = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
     cogvideox.add_lora(transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    speed.set_checkpointing(transformer, mode)
     inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 8), encoder_hidden_states=torch.randn(1, 16, 32),
                   timestep=torch.tensor([10]), return_dict=False)  # fmt: skip
-    with Count() as count:
-        transformer(**inputs)[0].square().mean().backward()
-    assert count.calls == forward_calls  # 2 blocks; a recomputed block attends again
+    counts = {}
+    for mode in ("off", "selective", "attention", "full"):
+        speed.set_checkpointing(transformer, mode)
+        with Count() as count:
+            transformer(**inputs)[0].square().mean().backward()
+        counts[mode] = (count.attention, count.matmuls)
+    # 2 blocks: only full checkpointing attends again; selective re-runs only widening matmuls
+    assert [a for a, _ in counts.values()] == [2, 2, 2, 4]
+    off, selective, attention, full = (m for _, m in counts.values())
+    assert off < selective < attention == full
 
 
 def test_validation_videos_leave_the_losses_as_they_were(setup, tiny_models):

@@ -4,9 +4,14 @@ call the same functions, so the benchmark measures the product.
 
 At 49x480x720 a block attends over 17,776 tokens (226 text + 13 x 30 x 45 video), so
 attention is about 70% of a step's FLOPs, while the linears that feed it are cheap to
-run again. The selective policy therefore keeps the attention kernel's outputs and
-recomputes everything else: the backward pass never runs attention forward twice, and a
-block keeps about two hidden-size tensors per token instead of about fifteen.
+run again. Two selective policies never run attention forward twice:
+
+- `attention` keeps the attention kernel's outputs and recomputes everything else: a
+  block keeps about two hidden-size tensors per token instead of about fifteen;
+- `selective` also keeps the outputs of the matmuls that are no wider than their input
+  (q, k, v, out, the feed-forward down-projection, LoRA's A): recomputing one costs at
+  least twice its input width in FLOPs per element it would save, so only the
+  feed-forward up-projection and the elementwise ops run again (about seven tensors).
 
 Checkpointing swaps a block's class for a subclass whose forward runs the original
 under `torch.utils.checkpoint` (the module and its parameter names stay the same, so a
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
 
-Checkpointing = Literal["off", "full", "selective"]
+Checkpointing = Literal["off", "full", "selective", "attention"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
 
 RECOMPILE_LIMIT = 64  # one compiled graph per (bucket, batch size, checkpointing) seen
@@ -62,16 +67,29 @@ def _attention_ops() -> set:
     return {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
 
-def _keep_attention(ops: set, ctx, op, *args, **kwargs):
+def _matmul_ops() -> set:
+    import torch
+
+    return {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+
+
+def _policy(keep_matmuls: bool, ctx, op, *args, **kwargs):
+    """Keep attention outputs; with `keep_matmuls`, also matmul outputs no wider than their input."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if op in ops else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in _attention_ops():
+        return CheckpointPolicy.MUST_SAVE
+    if keep_matmuls and op in _matmul_ops():
+        a, b = args[-2], args[-1]  # [M, K] @ [K, N] (addmm's bias comes first)
+        if b.shape[-1] <= a.shape[-1]:
+            return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_context():
+def _selective_context(keep_matmuls: bool):
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-    return create_selective_checkpoint_contexts(partial(_keep_attention, _attention_ops()))
+    return create_selective_checkpoint_contexts(partial(_policy, keep_matmuls))
 
 
 _SUBCLASSES: dict[tuple[type, str], type] = {}
@@ -84,7 +102,9 @@ def _checkpointed(cls: type, mode: Checkpointing) -> type:
     from torch.utils.checkpoint import checkpoint
 
     # Full checkpointing passes no context_fn at all: torch.compile cannot trace the default one.
-    options = {"context_fn": _selective_context} if mode == "selective" else {}
+    policies = {"selective": partial(_selective_context, True),
+                "attention": partial(_selective_context, False)}  # fmt: skip
+    options = {"context_fn": policies[mode]} if mode in policies else {}
 
     def forward(self, *args, **kwargs):
         import torch
@@ -107,8 +127,8 @@ def set_checkpointing(transformer, mode: Checkpointing, fraction: float = 1.0) -
     so by the time it reaches a checkpointed block and recomputes it, memory has come down:
     leaving the last blocks whole costs their activations and nothing on top.
     """
-    if mode not in ("off", "full", "selective"):
-        raise ValueError(f"gradient checkpointing {mode!r}: use off, full or selective")
+    if mode not in ("off", "full", "selective", "attention"):
+        raise ValueError(f"gradient checkpointing {mode!r}: use off, full, selective or attention")
     every = blocks(transformer)
     count = 0 if mode == "off" else round(fraction * len(every))
     for i, block in enumerate(every):
