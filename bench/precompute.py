@@ -16,11 +16,13 @@ the ids).
   waiting for the last, cuDNN's default (heuristic) algorithms. One untimed clip first.
 - cogpipe: `cogpipe.precompute.run_precompute` itself, as the CLI runs it, on a fresh
   workspace per batch size: captions T5-encoded 16 at a time, frames decoded in
-  background threads while the VAE encodes `batch_size` clips per call, cuDNN benchmark
-  mode, one decode-back spot check per shard of 16 (3 latent frames to 9 video frames;
-  timed, recorded only: random weights do not reconstruct), latents and embeddings written to the caches and the shards. Only
-  the two loaders are swapped for ones that hand over the models built here (the model
-  folder holds configs only: loading 10 GB of random weights would only time the disk).
+  background threads while the VAE encodes `batch_size` clips per call, the VAE encoder
+  compiled (`precompute.compile`, since commit 6b6c5db), cuDNN benchmark mode, one
+  decode-back spot check per shard of 16 (3 latent frames to 9 video frames; timed,
+  recorded only: random weights do not reconstruct), latents and embeddings written to
+  the caches and the shards. Only the two loaders are swapped for ones that hand over
+  the models built here (the model folder holds configs only: loading 10 GB of random
+  weights would only time the disk).
   One untimed run of `batch_size` other clips first (cuDNN tunes each conv shape once).
 
 Lines (DESIGN.md's shape; ratio > 1 means cogpipe is better), per batch size:

@@ -302,12 +302,19 @@ class PrecomputeConfig(Section):
         ge=0,
         description=(
             "Decode-back spot check: one latent per shard is decoded and compared with its"
-            " source frames; a PSNR under this (dB) stops the stage. 0 turns it off."
+            " source frames; a PSNR under this (dB) stops the stage. 0: record it only."
         ),
     )
     batch_size: int = _unkeyed(default=4, ge=1, description="Clips per VAE encode call.")
     vae_slicing: bool = _unkeyed(
         default=False, description="Encode a batch one clip at a time inside the VAE (less memory)."
+    )
+    compile: bool = _unkeyed(
+        default=True,
+        description=(
+            "torch.compile the VAE encoder (GPU only): ~1.9x faster encodes after about a"
+            " minute of compilation per clip shape."
+        ),
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 

@@ -422,7 +422,7 @@ def run_precompute(
 
     import torch
 
-    from cogpipe.models import cogvideox
+    from cogpipe.models import cogvideox, speed
 
     p = cfg.precompute
 
@@ -465,6 +465,8 @@ def run_precompute(
         vae.enable_slicing()
     if vae is not None and p.vae_tiling:
         vae.enable_tiling()
+    if vae is not None and p.compile and device.startswith("cuda"):
+        speed.compile_static(vae.encoder)  # bench/vae_encode.py: 1.9x on an H100
     failed: dict[str, str] = {}  # latents cache key -> why its video did not decode
 
     threads = max(len(os.sched_getaffinity(0)), 1)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 Checkpointing = Literal["off", "full", "selective", "attention"]
 AttentionBackend = Literal["auto", "cudnn", "flash", "efficient", "math"]
 
-RECOMPILE_LIMIT = 64  # one compiled graph per (bucket, batch size, checkpointing) seen
+RECOMPILE_LIMIT = 64  # compiled graphs per module: one per input shape seen
 
 
 def blocks(transformer) -> list[torch.nn.Module]:
@@ -137,12 +137,16 @@ def set_checkpointing(transformer, mode: Checkpointing, fraction: float = 1.0) -
     return count
 
 
-def compile_blocks(transformer) -> None:
-    """`torch.compile` every block (shapes static: one graph per bucket and batch size)."""
+def compile_static(module) -> None:
+    """`torch.compile` a module with static shapes: one graph per input shape it meets."""
     import torch
 
-    torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT
-    )
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    module.compile(dynamic=False)
+
+
+def compile_blocks(transformer) -> None:
+    """Compile every block (shapes static: one graph per bucket and batch size)."""
     for block in blocks(transformer):
-        block.compile(dynamic=False)
+        compile_static(block)
