@@ -31,6 +31,16 @@ from cogpipe.workspace import StageResult, Workspace
 PROGRESS_EVERY_S = 2.0  # at most one progress update (one API call) per this many seconds
 
 
+def retry_unless(*errors: type[BaseException]):
+    """A `retry_condition_fn` that retries every failure except `errors`: failures that
+    would come back on a retry (a diverged loss, a shard that does not decode back)."""
+
+    def should_retry(task, task_run, state) -> bool:
+        return not isinstance(state.data, errors)
+
+    return should_retry
+
+
 def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
     return {up: params[up]["key"] for up in UPSTREAM[stage]}
 

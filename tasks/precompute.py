@@ -3,7 +3,8 @@
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe_tasks.common import cache_key, run
+from cogpipe.precompute import SpotCheckError
+from cogpipe_tasks.common import cache_key, retry_unless, run
 
 
 @task(
@@ -13,6 +14,7 @@ from cogpipe_tasks.common import cache_key, run
     result_serializer="json",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_unless(SpotCheckError),
     tags=["gpu"],
 )
 def precompute(config: PipelineConfig, filter: dict, check: dict) -> dict:

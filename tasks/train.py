@@ -3,7 +3,8 @@
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe_tasks.common import cache_key, run
+from cogpipe.train import RunFolderTaken, TrainingDiverged
+from cogpipe_tasks.common import cache_key, retry_unless, run
 
 
 @task(
@@ -13,6 +14,7 @@ from cogpipe_tasks.common import cache_key, run
     result_serializer="json",
     retries=1,
     retry_delay_seconds=30,
+    retry_condition_fn=retry_unless(TrainingDiverged, RunFolderTaken),
     tags=["gpu"],
 )
 def train(config: PipelineConfig, precompute: dict) -> dict:

@@ -161,3 +161,19 @@ def test_sharded_captioning_runs_each_shard_as_its_own_task_run(demo, tmp_path):
         )
     states = {r.name: r.state_type.value for r in runs}
     assert states["caption-shard-0"] == states["caption-shard-1"] == "COMPLETED"
+
+
+def test_failures_a_retry_would_repeat_are_not_retried():
+    from prefect.states import Failed
+
+    from cogpipe.precompute import SpotCheckError
+    from cogpipe.train import TrainingDiverged
+    from cogpipe_tasks.precompute import precompute
+    from cogpipe_tasks.train import train
+
+    def retried(task, error: Exception) -> bool:
+        return task.retry_condition_fn(task, None, Failed(data=error))
+
+    assert not retried(train, TrainingDiverged("loss is nan at step 4"))
+    assert not retried(precompute, SpotCheckError("shard-00001: PSNR 9.1 dB"))
+    assert retried(train, OSError("disk full")) and retried(precompute, MemoryError())
