@@ -17,7 +17,7 @@ the ids).
 - cogpipe: `cogpipe.precompute.run_precompute` itself, as the CLI runs it, on a fresh
   workspace per batch size: captions T5-encoded 16 at a time, frames decoded in
   background threads while the VAE encodes `batch_size` clips per call, the VAE encoder
-  compiled (`precompute.compile`, since commit 6b6c5db), cuDNN benchmark mode, one
+  compiled (`precompute.compile`, since commit 69662bb), cuDNN benchmark mode, one
   decode-back spot check per shard of 16 (3 latent frames to 9 video frames; timed,
   recorded only: random weights do not reconstruct), latents and embeddings written to
   the caches and the shards. Only the two loaders are swapped for ones that hand over
