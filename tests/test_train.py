@@ -20,6 +20,7 @@ from cogpipe.config import PipelineConfig, TrainConfig
 from cogpipe.precompute import shard_name, write_shard
 from cogpipe.workspace import StageResult, Workspace, write_table
 
+LORA = "pytorch_lora_weights.safetensors"
 TRAIN = dict(rank=4, alpha=8, learning_rate=1e-3, lr_warmup_steps=0, max_steps=6, checkpoint_every=3,
              batch_size=2, mixed_precision="no", gradient_checkpointing="off", device="cpu")  # fmt: skip
 
@@ -87,20 +88,22 @@ def test_resumed_run_matches_an_uninterrupted_one(setup):
     assert expected[0]["grad_norm"] == pytest.approx(0.151725, rel=1e-4)
     assert expected[5]["loss"] == pytest.approx(1.466864, rel=1e-5)
 
-    # Killed after step 5: checkpoint-000003 is the resume point, steps 4-5 are redone.
-    cfg = make("resumed")
-    with pytest.raises(KeyboardInterrupt):
-        train.run_train(ws, cfg, upstream, _stop_at(5))
-    resumed_dir = train.output_dir(ws, cfg, train.key_of(cfg, {"precompute": "p1"}))
-    assert len(_losses(resumed_dir)) == 5 and not (resumed_dir / "checkpoint-000006").exists()
-    resumed = train.run_train(ws, cfg, upstream)
-    assert resumed.stats["resumed_from_step"] == 3
-    got = _losses(Path(resumed.path))
-    assert [g["step"] for g in got] == [1, 2, 3, 4, 5, 6]
-    assert [g["loss"] for g in got] == [e["loss"] for e in expected]
-    a = load_file(run / "checkpoint-000006" / "pytorch_lora_weights.safetensors")
-    b = load_file(Path(resumed.path) / "checkpoint-000006" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Killed after step 3 (just checkpointed) or 5 (steps 4-5 are redone): both resume at 3.
+    for killed_at in (3, 5):
+        cfg = make(f"resumed-{killed_at}")
+        with pytest.raises(KeyboardInterrupt):
+            train.run_train(ws, cfg, upstream, _stop_at(killed_at))
+        resumed_dir = train.output_dir(ws, cfg, train.key_of(cfg, {"precompute": "p1"}))
+        assert len(_losses(resumed_dir)) == killed_at
+        assert not (resumed_dir / "checkpoint-000006").exists()
+        resumed = train.run_train(ws, cfg, upstream)
+        assert resumed.stats["resumed_from_step"] == 3
+        got = _losses(Path(resumed.path))
+        assert [g["step"] for g in got] == [1, 2, 3, 4, 5, 6]
+        assert [g["loss"] for g in got] == [e["loss"] for e in expected]
+        a = load_file(run / "checkpoint-000006" / "pytorch_lora_weights.safetensors")
+        b = load_file(Path(resumed.path) / "checkpoint-000006" / LORA)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # keep_states=2 keeps both states here; the LoRA of every checkpoint is kept regardless.
     assert train.run_train(ws, cfg, upstream).reused
 
