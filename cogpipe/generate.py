@@ -1,0 +1,358 @@
+"""Generate: text-to-video with a base CogVideoX and an optional LoRA, from Python or the CLI.
+
+    cogpipe generate --prompt "A fighter slaps his opponent." --model 2b --output slap.mp4
+    cogpipe generate --prompts-dir prompts/ --lora train/run/checkpoint-004000 --output out/
+
+    options = GenerateOptions(model="5b", lora="train/run/checkpoint-004000", seed=7)
+    pipe = load(options)
+    frames = generate_one(pipe, "A fighter slaps his opponent.", options)  # [F, H, W, 3] uint8
+
+A video is sampled exactly as `cogpipe.evaluate` samples one (the same sampler arguments,
+generator on the sampling device, uint8 conversion), so the same model, LoRA, settings and
+seed give the video the evaluation of that checkpoint wrote. What is notable:
+
+- weights load at the model's own precision on a GPU (fp16 for 2B-type, bf16 for
+  5B-type: `cogvideox.weight_dtype`) and in fp32 on the CPU;
+- a LoRA's scale defaults to 1.0, which is the alpha / rank stored in its file; the
+  scale is diffusers' adapter weight, set per video (a sweep can vary it), and 0 gives
+  the base model's video exactly;
+- memory: model CPU offload (one component on the GPU at a time), sequential offload
+  (one layer at a time: slowest, least memory), VAE tiling (on by default; a no-op below
+  the tile size) and slicing; speed: the transformer blocks compiled with static shapes
+  (`models.speed.compile_blocks`, as training compiles them). Offload and compile need a
+  CUDA GPU and are refused on the CPU.
+
+Every mp4 is written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cogpipe import evaluate
+from cogpipe.config import EvaluateConfig
+from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
+from cogpipe.video import write_mp4
+from cogpipe.workspace import atomic_path, resolve_device
+
+MODEL_ALIASES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
+ADAPTER = "lora"  # the adapter name of `--lora` on the pipeline
+DEFAULT_OUTPUT = Path("generated")
+# Options read per video (a sweep may vary them); the others decide how the pipeline loads.
+PER_VIDEO = ("steps", "guidance", "frames", "height", "width", "fps", "seed", "lora_scale")
+
+
+class GenerateError(ValueError):
+    """Bad input to generation: a missing prompt file, a model folder, an option the device lacks."""
+
+
+class GenerateOptions(BaseModel):
+    """How to generate: the model, sampler settings, LoRA, device, memory and speed options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("2b", description="2b, 5b, a hub id or a local diffusers folder.")
+    steps: int = Field(50, ge=1, description="Sampler steps.")
+    guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
+    frames: int = Field(49, ge=1, description="Frames per video (4k+1).")
+    height: int = Field(480, ge=16, description="Height in pixels (a multiple of 16).")
+    width: int = Field(720, ge=16, description="Width in pixels (a multiple of 16).")
+    fps: int = Field(8, ge=1, description="Frame rate of the written mp4.")
+    seed: int = Field(42, description="Seed of the sampling noise.")
+    lora: Path | None = Field(
+        None, description="A LoRA: a checkpoint folder or its .safetensors file."
+    )
+    lora_scale: float = Field(
+        1.0, description="LoRA weight: 1.0 applies the alpha/rank stored in the file, 0 is off."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda when available, else cpu."
+    )
+    offload: Literal["none", "model", "sequential"] = Field(
+        "none", description="CPU offload: one model or one layer at a time on the GPU."
+    )
+    vae_tiling: bool = Field(True, description="Decode in tiles (less memory at 480x720).")
+    vae_slicing: bool = Field(False, description="Decode one video of a batch at a time.")
+    compile: bool = Field(False, description="torch.compile the transformer blocks (GPU).")
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, v: int) -> int:
+        if (v - 1) % 4:
+            raise ValueError(f"must be 4k+1 (the VAE packs 4 frames into one), got {v}")
+        return v
+
+    @field_validator("height", "width")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16, got {v}")
+        return v
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompt_name(text: str, words: int = 8) -> str:
+    """A file name for a prompt given as text: its first words, lower case, dash-joined."""
+    return "-".join(re.findall(r"[a-z0-9]+", text.lower())[:words]) or "prompt"
+
+
+def read_prompt(path: Path) -> str:
+    """One prompt from a text file; line breaks and runs of spaces become single spaces.
+
+    Raises:
+        GenerateError: the file is empty or not UTF-8 text.
+    """
+    try:
+        text = " ".join(Path(path).read_text(encoding="utf-8").split())
+    except UnicodeDecodeError:
+        raise GenerateError(f"{path}: not UTF-8 text") from None
+    if not text:
+        raise GenerateError(f"{path}: empty prompt file")
+    return text
+
+
+def find_prompt_file(name: str) -> Path:
+    """`prompts/NAME.txt` under the current folder, else NAME as a path.
+
+    Raises:
+        GenerateError: neither is a file.
+    """
+    candidates = [Path("prompts") / f"{name}.txt", Path(name).expanduser()]
+    for path in candidates:
+        if path.is_file():
+            return path
+    tried = " or ".join(str(p) for p in candidates)
+    raise GenerateError(f"--prompt-file {name}: no such file (looked for {tried})")
+
+
+def read_prompts(
+    prompt: str | None = None, prompt_file: str | None = None, prompts_dir: str | Path | None = None
+) -> dict[str, str]:
+    """The prompts to generate, by output name (exactly one source must be given).
+
+    Args:
+        prompt: a prompt as text, named after its first words.
+        prompt_file: NAME of `prompts/NAME.txt`, or a path; named after the file's stem.
+        prompts_dir: every `.txt` in the folder, one prompt each, named after its stem.
+
+    Raises:
+        GenerateError: a file or folder is missing or empty.
+    """
+    if sum(x is not None for x in (prompt, prompt_file, prompts_dir)) != 1:
+        raise GenerateError("give exactly one of --prompt, --prompt-file, --prompts-dir")
+    if prompt is not None:
+        if not prompt.strip():
+            raise GenerateError("--prompt: empty prompt")
+        return {prompt_name(prompt): " ".join(prompt.split())}
+    if prompt_file is not None:
+        path = find_prompt_file(prompt_file)
+        return {path.stem: read_prompt(path)}
+    folder = Path(prompts_dir).expanduser()
+    if not folder.is_dir():
+        raise GenerateError(f"--prompts-dir {folder}: no such folder")
+    files = sorted(p for p in folder.glob("*.txt") if p.is_file())
+    if not files:
+        raise GenerateError(f"--prompts-dir {folder}: no .txt prompt files in it")
+    return {p.stem: read_prompt(p) for p in files}
+
+
+def output_paths(names: list[str], output: str | Path | None) -> dict[str, Path]:
+    """Where each prompt's video goes: `output` itself if it is an .mp4, else `output/<name>.mp4`.
+
+    Raises:
+        GenerateError: an .mp4 output for more than one prompt.
+    """
+    output = Path(output) if output is not None else DEFAULT_OUTPUT
+    if output.suffix == ".mp4":
+        if len(names) != 1:
+            raise GenerateError(
+                f"--output {output} is one file, but there are {len(names)} prompts: give a folder"
+            )
+        return {names[0]: output}
+    return {name: output / f"{name}.mp4" for name in names}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_model(model: str) -> str:
+    """The hub id or local folder `model` names (2b and 5b are aliases of the THUDM models).
+
+    Raises:
+        GenerateError: a local path that does not exist or holds no diffusers pipeline.
+    """
+    model = MODEL_ALIASES.get(model.lower(), model)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise GenerateError(
+                f"--model {model}: not a diffusers model folder (no model_index.json)"
+            )
+        return str(path)
+    if path.exists() or model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise GenerateError(f"--model {model}: no such model folder (a hub id is owner/name)")
+    return model
+
+
+def lora_file(path: str | Path) -> Path:
+    """The LoRA weights file of a checkpoint folder, or the file itself.
+
+    Raises:
+        GenerateError: no such folder or file, or not a .safetensors file.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / LORA_FILE).is_file():
+            raise GenerateError(f"--lora {path}: the folder holds no {LORA_FILE}")
+        return path / LORA_FILE
+    if not path.is_file():
+        raise GenerateError(f"--lora {path}: no such file or folder")
+    if path.suffix != ".safetensors":
+        raise GenerateError(f"--lora {path}: not a .safetensors file")
+    return path
+
+
+def check_device(options: GenerateOptions, device: str) -> None:
+    """Refuse options the device cannot honour, before anything loads.
+
+    Raises:
+        GenerateError: offload or compile without a CUDA GPU, compile with sequential offload.
+    """
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError(f"--device {options.device}: no CUDA GPU is available")
+    wanted = [f"--offload {options.offload}"] if options.offload != "none" else []
+    wanted += ["--compile"] if options.compile else []
+    if wanted and not device.startswith("cuda"):
+        why = "no CUDA GPU found" if options.device == "auto" else f"--device {options.device}"
+        raise GenerateError(f"{' and '.join(wanted)} needs a CUDA GPU ({why})")
+    if options.compile and options.offload == "sequential":
+        raise GenerateError(
+            "--compile does not work with --offload sequential (weights move in per layer); "
+            "use --offload model"
+        )
+
+
+def load(options: GenerateOptions):
+    """The CogVideoXPipeline `options` describe, with its LoRA, offload, VAE and compile settings.
+
+    Raises:
+        GenerateError: the model or LoRA cannot be found or loaded, or the device cannot
+            honour the options.
+    """
+    from diffusers import CogVideoXPipeline
+
+    device = resolve_device(options.device)
+    check_device(options, device)
+    model = resolve_model(options.model)
+    lora = lora_file(options.lora) if options.lora is not None else None
+    try:
+        dtype = weight_dtype("auto", transformer_config(model), device)
+        # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
+        pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype)
+    except OSError as e:  # hub id unknown or unreachable, files missing
+        raise GenerateError(f"--model {model}: cannot load: {str(e).strip()[:300]}") from e
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
+    if options.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif options.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    if options.compile:
+        from cogpipe.models.speed import compile_blocks
+
+        compile_blocks(pipe.transformer)  # one graph per video size; LoRA scales are guards
+    return pipe
+
+
+# --------------------------------------------------------------------------- generating
+
+
+def sampler_settings(options: GenerateOptions) -> EvaluateConfig:
+    """The options as evaluate's sampler settings, so both sample a video the same way."""
+    return EvaluateConfig(
+        steps=options.steps, guidance=options.guidance, frames=options.frames,
+        height=options.height, width=options.width, fps=options.fps, device=options.device,
+    )  # fmt: skip
+
+
+def generate_one(pipe, prompt: str, options: GenerateOptions) -> np.ndarray:
+    """One video of `prompt` with the per-video options (size, steps, guidance, seed, LoRA scale).
+
+    Args:
+        pipe: from `load`; options that decide loading (model, LoRA, offload) are not read.
+        prompt: the text.
+        options: the settings of this video.
+
+    Returns:
+        [F, H, W, 3] uint8 RGB.
+
+    Raises:
+        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+    """
+    if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
+        pipe.set_adapters([ADAPTER], [options.lora_scale])
+    device = resolve_device(options.device)  # offloaded pipelines sample on the GPU too
+    return evaluate.generate(pipe, sampler_settings(options), prompt, options.seed, device)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float) -> Path:
+    """Write an mp4 under a temporary name, then rename it: a file on disk is complete."""
+    with atomic_path(Path(path)) as tmp:
+        write_mp4(tmp, frames, fps)
+    return Path(path)
+
+
+def run_generate(
+    prompts: dict[str, str],
+    options: GenerateOptions,
+    output: str | Path | None = None,
+    on_video: Callable[[Path, float], None] | None = None,
+) -> list[Path]:
+    """Generate one video per prompt with one loaded pipeline; existing files are overwritten.
+
+    Args:
+        prompts: {output name: prompt}, e.g. from `read_prompts`.
+        options: model, sampler, LoRA, device, memory and speed options.
+        output: an .mp4 path for one prompt, else a folder (default `generated/`).
+        on_video: called with (path, seconds of sampling) after each video is written.
+
+    Returns:
+        The written paths, in prompt order.
+
+    Raises:
+        GenerateError: bad input (see `load` and `output_paths`), before anything is generated.
+    """
+    paths = output_paths(list(prompts), output)
+    device = resolve_device(options.device)
+    pipe = load(options)
+    written = []
+    try:
+        for name, prompt in prompts.items():
+            t0 = time.time()
+            frames = generate_one(pipe, prompt, options)
+            seconds = time.time() - t0
+            written.append(write_video(paths[name], frames, options.fps))
+            if on_video is not None:
+                on_video(paths[name], seconds)
+    finally:
+        del pipe
+        evaluate.release_memory(device)
+    return written
