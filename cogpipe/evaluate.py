@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from cogpipe.config import EvaluateConfig, PipelineConfig
+from cogpipe.metrics import clip_score  # long prompts in 77-token chunks
 from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
 from cogpipe.video import even_indices, write_mp4
 from cogpipe.workspace import (
@@ -125,35 +126,6 @@ def load_clip(name: str, device: str) -> Clip:
     model = CLIPModel.from_pretrained(name).to(device).eval()
     processor = AutoImageProcessor.from_pretrained(name)
     return Clip(model, AutoTokenizer.from_pretrained(name), processor, device)
-
-
-def clip_score(clip: Clip, frames: np.ndarray, text: str) -> float:
-    """CLIPScore of a video: per frame max(100 * cos(image, text), 0), averaged over frames.
-
-    Args:
-        clip: from `load_clip`.
-        frames: [F, H, W, 3] uint8 RGB.
-        text: the prompt.
-
-    Returns:
-        A float in [0, 100].
-    """
-    import torch
-
-    # CLIP reads at most 77 tokens; longer CogVideoX prompts are cut here (issue 6 will
-    # split them into 77-token chunks and average the embeddings).
-    tok = clip.tokenizer
-    max_len = min(tok.model_max_length, clip.model.config.text_config.max_position_embeddings)
-    tokens = tok([text], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    pixels = clip.processor(images=list(frames), return_tensors="pt").pixel_values  # [F, 3, S, S]
-    with torch.inference_mode():
-        out = clip.model(
-            input_ids=tokens["input_ids"].to(clip.device),
-            attention_mask=tokens["attention_mask"].to(clip.device),
-            pixel_values=pixels.to(clip.device),
-        )
-    cos = (out.image_embeds @ out.text_embeds.T)[:, 0]  # [F]; both embeddings are unit-norm
-    return float((100 * cos).clamp(min=0).mean())
 
 
 def load_pipeline(model: str, device: str):

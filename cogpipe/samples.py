@@ -494,6 +494,30 @@ def _write_clip(folder: Path) -> None:
     CLIPImageProcessor(**TINY_IMAGE_PROCESSOR).save_pretrained(folder)
 
 
+def _write_videomae(folder: Path) -> None:
+    """A VideoMAE encoder on 4-frame 32 px clips (tubelets 2x8x8: 2x4x4 = 32 tokens)."""
+    from transformers import VideoMAEConfig, VideoMAEImageProcessor, VideoMAEModel
+
+    config = VideoMAEConfig(
+        **TINY_VISION, num_frames=4, tubelet_size=2, use_mean_pooling=False
+    )  # MCG-NJU/videomae-base keeps the final layer norm, as use_mean_pooling=False does
+    torch.manual_seed(0)
+    VideoMAEModel(config).save_pretrained(folder)
+    # MCG-NJU's processor settings at 32 px; loads as the PIL backend without torchvision.
+    imagenet = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    VideoMAEImageProcessor(**TINY_IMAGE_PROCESSOR, **imagenet).save_pretrained(folder)
+
+
+def write_tiny_videomae(folder: Path) -> Path:
+    """Write a tiny random VideoMAE to `folder`, loadable by `VideoMAEModel` and
+    `AutoImageProcessor` (the video feature extractor of `cogpipe.metrics`).
+
+    Hidden size 32, 2 layers, 4 heads, 32 px images in 8 px patches, 4 frames in tubelets
+    of 2; seeded. Written under a temporary name and renamed; skipped when complete.
+    """
+    return _write_atomically(Path(folder), "config.json", _write_videomae)
+
+
 def write_tiny_captioner(folder: Path, arch: str) -> Path:
     """Write a tiny random captioner of `arch` (llava, llava_next, llava_next_video or
     llava_onevision) to `folder`, loadable by `AutoProcessor` / `AutoModelForImageTextToText`."""
