@@ -5,6 +5,8 @@
     cogpipe <stage> CONFIG                 one stage: ingest check caption filter precompute train evaluate
     cogpipe caption CONFIG --shard K       one caption shard (a GPU worker's share), no merge
     cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
+    cogpipe generate --prompt TEXT [...]   text-to-video with a base model and optional LoRA
+    cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
 
 Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
 lazily and run it on Prefect's embedded default (a local server on SQLite) unless
@@ -19,8 +21,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
 
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
+from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.ingest import SourceError
 from cogpipe.workspace import StageNotReady, StageResult
 
@@ -147,6 +153,79 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of a pydantic model (`lora_scale` -> `--lora-scale`).
+
+    Help and choices come from the field; defaults stay in the model (an option not given
+    is not passed), and pydantic converts and validates the strings.
+    """
+    for name, field in model.model_fields.items():
+        kwargs = {"dest": name, "default": argparse.SUPPRESS,
+                  "help": f"{field.description} Default: {field.default}."}  # fmt: skip
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(field.annotation) is Literal:
+            kwargs["choices"] = get_args(field.annotation)
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="a prompt as text")
+    group.add_argument(
+        "--prompt-file", metavar="NAME", help="prompts/NAME.txt (from the current folder) or a path"
+    )
+    group.add_argument(
+        "--prompts-dir", metavar="DIR", help="every .txt in DIR: one prompt each, named by its stem"
+    )
+
+
+def _generate_options(args: argparse.Namespace) -> GenerateOptions:
+    """The options given on the command line; a bad value is an error naming its flag."""
+    values = {k: v for k, v in vars(args).items() if k in GenerateOptions.model_fields}
+    try:
+        return GenerateOptions(**values)
+    except ValidationError as e:
+        lines = [
+            f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        ]
+        raise GenerateError("; ".join(lines)) from None
+
+
+def _print_video(path: Path, seconds: float) -> None:
+    print(f"{path} {seconds:.1f}s", flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from cogpipe.generate import read_prompts, run_generate
+
+    options = _generate_options(args)
+    prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
+    run_generate(prompts, options, args.output, on_video=_print_video)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cogpipe.generate import read_prompts
+    from cogpipe.sweep import clip_metric, parse_grid, run_sweep
+
+    options = _generate_options(args)
+    prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
+    grid = parse_grid(args.grid)
+    experiment = args.experiment or "-".join(sorted(grid))
+    metrics = clip_metric(args.clip_model, options.device) if args.clip_model else None
+    table = run_sweep(
+        prompts, options, grid, args.out, experiment, metrics,
+        progress=lambda done, total, note: print(f"[{done}/{total}] {note}", flush=True),
+    )  # fmt: skip
+    folder = Path(args.out) / experiment
+    skipped, errors = int(table.skipped.sum()), int((table.error != "").sum())
+    print(f"{folder}: {len(table)} videos ({len(table) - skipped - errors} generated, "
+          f"{skipped} skipped, {errors} failed); results.csv, grid.png, timing.png")  # fmt: skip
+    return 1 if errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("generate", help="text-to-video with a base model and optional LoRA")
+    _add_prompt_options(p)
+    p.add_argument("--output", help="an .mp4 for one prompt, else a folder (default: generated/)")
+    _add_model_options(p, GenerateOptions)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("sweep", help="an ablation grid over generation parameters")
+    _add_prompt_options(p)
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="NAME=V1,V2",
+        help="a per-video option and its values, e.g. guidance=1,6,12 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--out", default="sweeps", help="sweeps folder (default: sweeps/)")
+    p.add_argument("--experiment", help="experiment folder name (default: the grid's names)")
+    p.add_argument("--clip-model", help="add a CLIP score column (hub id or folder)")
+    _add_model_options(p, GenerateOptions)
+    p.set_defaults(fn=cmd_sweep)
     return parser
 
 
@@ -182,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, StageNotReady, FileNotFoundError, SourceError) as e:
+    except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError) as e:
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
 
