@@ -11,6 +11,8 @@ A video is sampled exactly as `cogpipe.evaluate` samples one (the same sampler a
 generator on the sampling device, uint8 conversion), so the same model, LoRA, settings and
 seed give the video the evaluation of that checkpoint wrote. What is notable:
 
+- frames must be 8k+1: the VAE decodes an even number of latent frames into 4 per
+  latent frame, 3 more than 4k+1 (13 frames would come out as 16);
 - weights load at the model's own precision on a GPU (fp16 for 2B-type, bf16 for
   5B-type: `cogvideox.weight_dtype`) and in fp32 on the CPU;
 - a LoRA's scale defaults to 1.0, which is the alpha / rank stored in its file; the
@@ -61,7 +63,7 @@ class GenerateOptions(BaseModel):
     model: str = Field("2b", description="2b, 5b, a hub id or a local diffusers folder.")
     steps: int = Field(50, ge=1, description="Sampler steps.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
-    frames: int = Field(49, ge=1, description="Frames per video (4k+1).")
+    frames: int = Field(49, ge=1, description="Frames per video (8k+1).")
     height: int = Field(480, ge=16, description="Height in pixels (a multiple of 16).")
     width: int = Field(720, ge=16, description="Width in pixels (a multiple of 16).")
     fps: int = Field(8, ge=1, description="Frame rate of the written mp4.")
@@ -85,8 +87,12 @@ class GenerateOptions(BaseModel):
     @field_validator("frames")
     @classmethod
     def _frames(cls, v: int) -> int:
-        if (v - 1) % 4:
-            raise ValueError(f"must be 4k+1 (the VAE packs 4 frames into one), got {v}")
+        # 4 frames per latent frame after the first, and the VAE decodes latent frames in
+        # pairs after an odd first batch: an even count (13 frames: 4) decodes to 4 per
+        # latent frame (16 frames). 8k+1 gives exactly the frames asked for.
+        if (v - 1) % 8:
+            why = f"the VAE would decode {v} frames as {v + 3}" if (v - 1) % 4 == 0 else f"got {v}"
+            raise ValueError(f"must be 8k+1 (9, 17, 25, 33, 41, 49): {why}")
         return v
 
     @field_validator("height", "width")
