@@ -433,6 +433,16 @@ class EvaluateConfig(Section):
     clip_model: str = Field(
         "openai/clip-vit-base-patch32", description="CLIP for frame-text similarity."
     )
+    video_features: str | None = Field(
+        None,
+        description=(
+            "A VideoMAE (hub id or folder, e.g. MCG-NJU/videomae-base) whose features give each"
+            " checkpoint a Fréchet distance to the check stage's held-out clips; none: skip it."
+        ),
+    )
+    real_clips: int = Field(
+        64, ge=2, description="Held-out clips (the first by clip_id) for the Fréchet distance."
+    )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
     @model_validator(mode="after")

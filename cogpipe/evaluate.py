@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 
 from cogpipe.config import EvaluateConfig, PipelineConfig
-from cogpipe.metrics import clip_score  # long prompts in 77-token chunks
+from cogpipe.metrics import clip_score, frechet_distance, video_metrics
 from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
-from cogpipe.video import even_indices, write_mp4
+from cogpipe.video import even_indices, even_times, read_frames, window_times, write_mp4
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -55,10 +55,11 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 1
+VERSION = 2  # 2: temporal consistency, dynamic degree, Fréchet distance, A/B grids
 BASE = "base"  # the checkpoint name of the base model (step 0: an untrained LoRA is the base)
 CHECKPOINT = re.compile(r"^checkpoint-(\d{6})$")
-INDEX_COLUMNS = ["ekey", "run", "checkpoint", "step", "clip_score", "videos", "evaluated_at"]
+METRICS = ["clip_score", "temporal_consistency", "dynamic_degree", "fvd"]  # per checkpoint
+INDEX_COLUMNS = ["ekey", "run", "checkpoint", "step", *METRICS, "videos", "evaluated_at"]
 SHEET_FRAMES = 8  # frames across each contact-sheet row
 THUMB_WIDTH = 160  # pixels per contact-sheet frame (never upscaled)
 
@@ -221,10 +222,73 @@ def sheet_row(frames: np.ndarray, label: str) -> np.ndarray:
     return np.asarray(row)
 
 
+def scores(clip: Clip, frames: np.ndarray, prompt: str) -> dict[str, float]:
+    """CLIP score, temporal consistency and dynamic degree of one video (NaN for the two
+    motion metrics of a one-frame video)."""
+    if len(frames) < 2:
+        nan = float("nan")
+        return {"clip_score": clip_score(clip, frames, prompt), "temporal_consistency": nan,
+                "dynamic_degree": nan}  # fmt: skip
+    return video_metrics(clip, frames, prompt)
+
+
+def real_features(ws: Workspace, cfg: PipelineConfig, check: StageResult, features) -> np.ndarray:
+    """VideoMAE features [N, D] of the check stage's held-out clips (the first
+    `real_clips` by clip_id), cut like the generated videos: `frames` at `fps` from the
+    clip's start (spread over the clip when it is shorter). Cached per eval and check key.
+
+    Raises:
+        ValueError: fewer than two held-out clips decode.
+    """
+    ec = cfg.evaluate
+    cache = ws.root / "evaluate" / eval_key(cfg) / f"real-features-{check.key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    clips = read_table(Path(check.path) / "clips.parquet")
+    clips = clips[clips.keep & (clips.split == "heldout")].sort_values("clip_id")
+    videos = []
+    for r in clips.head(ec.real_clips).itertuples():
+        times = window_times(r.start, r.end, ec.fps, ec.frames) or even_times(
+            r.start, r.end, ec.frames
+        )
+        try:
+            videos.append(read_frames(r.path, times))
+        except Exception:  # a clip check accepted can still fail further in; skip it
+            continue
+    if len(videos) < 2:
+        raise ValueError(
+            f"the Fréchet distance needs 2 or more held-out clips; {check.path}/clips.parquet "
+            f"gives {len(videos)} (raise check.heldout_fraction or set evaluate.video_features: null)"
+        )
+    feats = features(videos)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, feats)
+    return feats
+
+
+def ab_grid(base: Path, frames: np.ndarray, video: str, name: str, fps: int) -> np.ndarray | None:
+    """One row of the A/B grid: the base model's video (same prompt and seed) beside this
+    checkpoint's, SHEET_FRAMES frames each; None while the base has no such video."""
+    if not (base / video).is_file():
+        return None
+    picks = even_indices(0, len(frames), min(SHEET_FRAMES, len(frames)))
+    base_frames = read_frames(base / video, [(i + 0.5) / fps for i in picks])
+    left = sheet_row(base_frames, f"base {video[:-4]}")
+    right = sheet_row(frames[picks], f"{name} {video[:-4]}")
+    return np.concatenate([left, right], axis=1)
+
+
 def _evaluate_unit(pipe, clip: Clip, cfg: PipelineConfig, device: str, name: str,
-                   checkpoint: Path | None, folder: Path, tick) -> pd.DataFrame:  # fmt: skip
-    """Generate, write and score every prompt x seed of one checkpoint into `folder`."""
-    ec, rows, sheet = cfg.evaluate, [], []
+                   checkpoint: Path | None, folder: Path, tick, features=None,
+                   real: np.ndarray | None = None) -> pd.DataFrame:  # fmt: skip
+    """Generate, write and score every prompt x seed of one checkpoint into `folder`:
+    the videos, metrics.parquet, a contact sheet and, beside the base model's videos of
+    the same prompts and seeds, ab_grid.png. With `features` and `real` (held-out clip
+    features), every row carries the unit's Fréchet distance to the held-out clips."""
+    from PIL import Image
+
+    ec, rows, sheet, grid, feats = cfg.evaluate, [], [], [], []
     with atomic_path(folder) as tmp, lora(pipe, checkpoint, f"step_{step_of(name):06d}"):
         tmp.mkdir()
         for p, prompt in enumerate(ec.prompts):
@@ -235,14 +299,25 @@ def _evaluate_unit(pipe, clip: Clip, cfg: PipelineConfig, device: str, name: str
                 video = video_name(p, seed)
                 write_mp4(tmp / video, frames, ec.fps)
                 rows.append({"checkpoint": name, "prompt_index": p, "prompt": prompt, "seed": seed,
-                             "video": video, "clip_score": clip_score(clip, frames, prompt),
-                             "seconds": seconds})  # fmt: skip
+                             "video": video, **scores(clip, frames, prompt), "seconds": seconds})  # fmt: skip
                 sheet.append(sheet_row(frames, f"{name} {video[:-4]}"))
+                if (
+                    name != BASE
+                    and (row := ab_grid(folder.parent / BASE, frames, video, name, ec.fps))
+                    is not None
+                ):
+                    grid.append(row)
+                if features is not None:
+                    feats.append(features([frames])[0])
                 tick(f"{name} {video}")
-        from PIL import Image
-
         Image.fromarray(np.concatenate(sheet, 0)).save(tmp / "contact_sheet.png")
+        if grid:
+            Image.fromarray(np.concatenate(grid, 0)).save(tmp / "ab_grid.png")
         metrics = pd.DataFrame(rows)
+        fvd = (
+            frechet_distance(np.stack(feats), real) if real is not None and len(feats) > 1 else None
+        )
+        metrics["fvd"] = float("nan") if fvd is None else fvd
         write_table(tmp / "metrics.parquet", metrics)
     return metrics
 
@@ -274,9 +349,9 @@ def _index_lock(ws: Workspace):
 
 
 def _append_index(ws: Workspace, ekey: str, run: str, name: str, metrics: pd.DataFrame) -> None:
-    row = {"ekey": ekey, "run": run, "checkpoint": name, "step": step_of(name),
-           "clip_score": float(metrics.clip_score.mean()), "videos": len(metrics),
-           "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    means = {m: float(metrics[m].mean()) if m in metrics else float("nan") for m in METRICS}
+    row = {"ekey": ekey, "run": run, "checkpoint": name, "step": step_of(name), **means,
+           "videos": len(metrics), "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
     with _index_lock(ws):
         index = read_index(ws)
         rows = pd.DataFrame([row], columns=INDEX_COLUMNS)
@@ -284,25 +359,56 @@ def _append_index(ws: Workspace, ekey: str, run: str, name: str, metrics: pd.Dat
         write_table(index_path(ws), index)
 
 
+def plot_metrics(scores: pd.DataFrame, path: Path) -> None:
+    """One panel per metric against the training step; the base model is step 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in METRICS if scores[m].notna().any()]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3), squeeze=False)
+    for ax, metric in zip(axes[0], shown, strict=True):
+        ax.plot(scores.step, scores[metric], marker="o")
+        ax.set_xlabel("step")
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
 def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd.DataFrame) -> None:
-    """`report.md`: CLIP score per checkpoint and its difference from the base model."""
+    """`report.md`: every metric per checkpoint, CLIP score against the base model, links
+    to the contact sheets and A/B grids, and `metrics_vs_step.png`."""
     ec = cfg.evaluate
     base = scores.clip_score[scores.checkpoint == BASE]
     ref = float(base.iloc[0]) if len(base) else None
+    fvd = "Fréchet distance to held-out clips" if ec.video_features else "Fréchet distance (off)"
     lines = [
         f"# Evaluation of run `{run}`", "",
         f"Eval key `{ekey}`, model `{cfg.model}`, CLIP `{ec.clip_model}`: {len(ec.prompts)} prompts "
         f"x {len(ec.seeds)} seeds, {ec.frames} frames {ec.height}x{ec.width}, {ec.steps} steps, "
-        f"guidance {ec.guidance}.", "",
-        "| checkpoint | step | CLIP score | vs base | videos | contact sheet |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        f"guidance {ec.guidance}. {fvd}.", "",
+        "![metrics against step](metrics_vs_step.png)", "",
+        "| checkpoint | step | CLIP score | vs base | temporal consistency | dynamic degree | FVD "
+        "| videos | contact sheet | A/B |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]  # fmt: skip
     for r in scores.itertuples(index=False):
         delta = "" if ref is None or r.checkpoint == BASE else f"{r.clip_score - ref:+.2f}"
-        sheet = f"[png]({r.checkpoint}/contact_sheet.png)"
-        cells = [r.checkpoint, r.step, f"{r.clip_score:.2f}", delta, r.videos, sheet]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        ab = (
+            f"[png]({r.checkpoint}/ab_grid.png)"
+            if (out / r.checkpoint / "ab_grid.png").is_file()
+            else ""
+        )
+        cells = [r.checkpoint, r.step, f"{r.clip_score:.2f}", delta, f"{r.temporal_consistency:.4f}",
+                 f"{r.dynamic_degree:.4f}", f"{r.fvd:.2f}", r.videos,
+                 f"[png]({r.checkpoint}/contact_sheet.png)", ab]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)).replace("nan", "-") + " |")
     lines += ["", "Prompts:", ""] + [f"{i}. {p}" for i, p in enumerate(ec.prompts)]
+    plot_metrics(scores, out / "metrics_vs_step.png")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -317,9 +423,16 @@ def release_memory(device: str) -> None:
 
 
 def _evaluate_pending(ws: Workspace, cfg: PipelineConfig, ekey: str, out: Path,
-                      pending: dict[str, Path | None], progress: Progress) -> int:  # fmt: skip
+                      pending: dict[str, Path | None], check: StageResult,
+                      progress: Progress) -> int:  # fmt: skip
     """Evaluate each pending checkpoint as one committed unit. Returns videos written."""
+    from cogpipe.metrics import VideoMAEFeatures
+
     device = resolve_device(cfg.evaluate.device)
+    features = real = None
+    if cfg.evaluate.video_features:  # before the pipeline: a missing split fails in seconds
+        features = VideoMAEFeatures(cfg.evaluate.video_features, device)
+        real = real_features(ws, cfg, check, features)
     pipe = load_pipeline(cfg.model, device)  # once; each LoRA is loaded and unloaded on it
     clip = load_clip(cfg.evaluate.clip_model, device)
     total = len(pending) * len(cfg.evaluate.prompts) * len(cfg.evaluate.seeds)
@@ -331,7 +444,8 @@ def _evaluate_pending(ws: Workspace, cfg: PipelineConfig, ekey: str, out: Path,
         progress(done, total, note)
 
     for name, checkpoint in pending.items():
-        metrics = _evaluate_unit(pipe, clip, cfg, device, name, checkpoint, out / name, tick)
+        metrics = _evaluate_unit(pipe, clip, cfg, device, name, checkpoint, out / name, tick,
+                                 features, real)  # fmt: skip
         _append_index(ws, ekey, out.name, name, metrics)
     return done
 
@@ -348,7 +462,8 @@ def run_evaluate(
         ws: the workspace.
         cfg: the pipeline config (uses `model` and `evaluate`).
         upstream: {"train": StageResult whose path is the run folder, "check": StageResult}.
-            Check is part of the key for the held-out comparison; it is not read yet.
+            Check's held-out clips are the reference of the Fréchet distance
+            (with `evaluate.video_features`).
         progress: called as (videos done, videos to generate, checkpoint and video).
 
     Returns:
@@ -380,7 +495,7 @@ def run_evaluate(
     videos = 0
     if pending:
         try:
-            videos = _evaluate_pending(ws, cfg, ekey, out, pending, progress)
+            videos = _evaluate_pending(ws, cfg, ekey, out, pending, check, progress)
         finally:
             release_memory(resolve_device(ec.device))
 

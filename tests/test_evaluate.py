@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import av
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -16,7 +17,7 @@ from PIL import Image
 from cogpipe import evaluate, pipeline
 from cogpipe.config import EvaluateConfig, PipelineConfig
 from cogpipe.samples import write_tiny_models
-from cogpipe.workspace import StageResult, Workspace, read_table
+from cogpipe.workspace import StageResult, Workspace, read_table, write_table
 
 PROMPT = "A fighter slaps his opponent and the crowd cheers."
 
@@ -141,11 +142,13 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     assert Path(r1.path) == out and not r1.reused
     assert set(r1.stats["clip_score"]) == {"base", "checkpoint-000002", "checkpoint-000004"}
     assert sorted(p.name for p in out.iterdir()) == [
-        "_SUCCESS.json", "base", "checkpoint-000002", "checkpoint-000004", "report.md",
+        "_SUCCESS.json", "base", "checkpoint-000002", "checkpoint-000004", "metrics_vs_step.png",
+        "report.md",
     ]  # fmt: skip
     for name in ("base", "checkpoint-000002", "checkpoint-000004"):
+        ab = [] if name == "base" else ["ab_grid.png"]  # base | checkpoint at the same seeds
         assert sorted(p.name for p in (out / name).iterdir()) == [
-            "contact_sheet.png", "metrics.parquet", "p00-s42.mp4",
+            *ab, "contact_sheet.png", "metrics.parquet", "p00-s42.mp4",
         ]  # fmt: skip
         video = decode(out / name / "p00-s42.mp4")
         assert video.shape == (9, 64, 64, 3)
@@ -155,7 +158,10 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
         )  # 8 frames, 1 video
         metrics = read_table(out / name / "metrics.parquet")
         assert list(metrics.columns) == ["checkpoint", "prompt_index", "prompt", "seed", "video",
-                                         "clip_score", "seconds"]  # fmt: skip
+                                         "clip_score", "temporal_consistency", "dynamic_degree",
+                                         "seconds", "fvd"]  # fmt: skip
+        assert -1 <= metrics.temporal_consistency[0] <= 1 and 0 <= metrics.dynamic_degree[0] <= 1
+        assert metrics.fvd.isna().all()  # no video_features in this config
         assert metrics[["checkpoint", "prompt_index", "seed", "video"]].values.tolist() == [
             [name, 0, 42, "p00-s42.mp4"]
         ]
@@ -164,6 +170,8 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     assert np.abs(decode(out / "checkpoint-000002" / "p00-s42.mp4") - base_video).mean() > 1.0
     report = (out / "report.md").read_text()
     assert "| checkpoint-000004 | 4 |" in report and "| base | 0 |" in report
+    assert "[png](checkpoint-000004/ab_grid.png)" in report and "metrics_vs_step.png" in report
+    assert Image.open(out / "checkpoint-000002" / "ab_grid.png").size == (2 * 8 * 64, 64)
     marker = json.loads((out / "_SUCCESS.json").read_text())
     assert (
         marker["key"] == r1.key == evaluate.key_of(cfg, {"train": "run-a", "check": "checkkey0001"})
@@ -254,3 +262,42 @@ def test_evaluate_on_gpu_in_half_precision_and_releases_memory(tmp_path, models,
     result = evaluate.run_evaluate(ws, cfg, upstream_for(run_dir))
     assert result.counts == {"checkpoints_evaluated": 1, "checkpoints_total": 1, "videos": 2}
     assert torch.cuda.memory_allocated() <= before  # pipeline and CLIP released
+
+
+def _heldout_check(folder: Path, videos: dict[str, Path], n: int) -> StageResult:
+    """A check output whose held-out split is the first `n` shapes clips (and one kept-out)."""
+    from cogpipe.video import probe_video
+
+    rows = []
+    for i in range(1, n + 2):
+        path = videos[f"shapes_{i:02d}.mp4"]
+        info, _ = probe_video(path)
+        rows.append({"clip_id": f"clip{i}", "path": str(path), "start": 0.0,
+                     "end": info["duration"], "split": "heldout", "keep": i <= n})  # fmt: skip
+    write_table(folder / "clips.parquet", pd.DataFrame(rows))
+    return StageResult("check", f"check-{n}", str(folder))
+
+
+def test_frechet_distance_to_held_out_clips(tmp_path, models, loras, sample_videos):
+    from cogpipe.samples import write_tiny_videomae
+
+    features = write_tiny_videomae(tmp_path / "videomae")
+    cfg = make_cfg(tmp_path / "ws", models, seeds=[1, 2], video_features=str(features))
+    ws = Workspace(cfg.workspace)
+    run_dir = ws.root / "train" / "run-f"
+    add_checkpoint(run_dir, "checkpoint-000002", loras[0])
+
+    too_few = {"train": StageResult("train", "run-f", str(run_dir)),
+               "check": _heldout_check(tmp_path / "check1", sample_videos, 1)}  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"2 or more held-out clips; .*check1/clips.parquet gives 1"
+    ):
+        evaluate.run_evaluate(ws, cfg, too_few)
+
+    upstream = too_few | {"check": _heldout_check(tmp_path / "check3", sample_videos, 3)}
+    result = evaluate.run_evaluate(ws, cfg, upstream)
+    index = evaluate.read_index(ws)
+    assert len(index) == 2 and (index.fvd > 0).all() and np.isfinite(index.fvd).all()
+    cache = ws.root / "evaluate" / evaluate.eval_key(cfg) / "real-features-check-3.npy"
+    assert np.load(cache).shape == (3, 32)  # three held-out clips, tiny VideoMAE width
+    assert "| FVD |" in (Path(result.path) / "report.md").read_text()
