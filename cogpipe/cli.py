@@ -214,7 +214,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
     grid = parse_grid(args.grid)
     experiment = args.experiment or "-".join(sorted(grid))
-    metrics = clip_metric(args.clip_model, options.device) if args.clip_model else None
+    metrics = {}
+    if args.clip_model:
+        metrics["clip_score"] = clip_metric(args.clip_model, options.device)
     table = run_sweep(
         prompts, options, grid, args.out, experiment, metrics,
         progress=lambda done, total, note: print(f"[{done}/{total}] {note}", flush=True),

@@ -22,8 +22,10 @@ video keeps the seconds and metrics of the run that made it (metrics missing the
 computed from the decoded file), so the table stays complete across interruptions. A
 video whose pixels come out NaN is a row with its error and no file; a rerun retries it.
 
-Metrics are pluggable: `metrics(frames, prompt) -> {name: value}` adds columns, e.g. the
-CLI's `--clip-model` adds `clip_score` (`cogpipe.evaluate.clip_score`).
+Metrics are pluggable: `metrics={name: fn}` with `fn(frames, prompt) -> float` adds a
+column per name, e.g. the CLI's `--clip-model` adds `clip_score` (`clip_metric`). A
+skipped video gets a metric it has no value for (a metric added on a rerun) from its
+decoded file.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from cogpipe.workspace import (
     write_table,
 )
 
-Metrics = Callable[[np.ndarray, str], dict[str, float]]  # ([F, H, W, 3] uint8, prompt) -> scores
+Metric = Callable[[np.ndarray, str], float]  # ([F, H, W, 3] uint8, prompt) -> score
 COLUMNS = ["cell", "prompt", "file", "seconds", "file_bytes", "skipped", "error"]  # + params
 GRID_FRAMES = 4  # frames per video in the comparison grid
 THUMB_WIDTH = 128  # pixels per grid frame (never upscaled)
@@ -125,15 +127,15 @@ def plan_cells(options: GenerateOptions, grid: Mapping[str, Sequence[Any]]) -> l
     return cells
 
 
-def clip_metric(clip_model: str, device: str = "auto") -> Metrics:
-    """A `clip_score` column from `evaluate.clip_score`; CLIP loads at the first video scored."""
+def clip_metric(clip_model: str, device: str = "auto") -> Metric:
+    """`evaluate.clip_score` against the prompt; CLIP loads at the first video scored."""
     clip = None
 
-    def score(frames: np.ndarray, prompt: str) -> dict[str, float]:
+    def score(frames: np.ndarray, prompt: str) -> float:
         nonlocal clip
         if clip is None:
             clip = evaluate.load_clip(clip_model, resolve_device(device))
-        return {"clip_score": evaluate.clip_score(clip, frames, prompt)}
+        return evaluate.clip_score(clip, frames, prompt)
 
     return score
 
@@ -155,9 +157,12 @@ def _previous(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return {(r["cell"], r["prompt"]): r for r in read_table(path).to_dict("records")}
 
 
-def _has_scores(row: dict[str, Any]) -> bool:
-    scores = [v for k, v in row.items() if k not in COLUMNS]
-    return bool(scores) and not any(isinstance(v, float) and math.isnan(v) for v in scores)
+def _scores(metrics: Mapping[str, Metric], frames: np.ndarray, prompt: str) -> dict[str, float]:
+    return {name: float(fn(frames, prompt)) for name, fn in metrics.items()}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _row(cell: Cell, prompt: str, path: Path, **values: Any) -> dict[str, Any]:
@@ -167,19 +172,20 @@ def _row(cell: Cell, prompt: str, path: Path, **values: Any) -> dict[str, Any]:
 
 
 def _reused(cell: Cell, prompt: tuple[str, str], path: Path, previous: dict[str, Any] | None,
-            metrics: Metrics | None) -> dict[str, Any]:  # fmt: skip
+            metrics: Mapping[str, Metric]) -> dict[str, Any]:  # fmt: skip
     """The row of a video already on disk: seconds and scores from the run that made it."""
     previous = previous or {}
     scores = {k: v for k, v in previous.items() if k not in COLUMNS and k not in cell.params}
-    if metrics is not None and not _has_scores(previous):
-        scores |= metrics(read_video(path), prompt[1])
+    missing = {name: fn for name, fn in metrics.items() if _missing(previous.get(name))}
+    if missing:
+        scores |= _scores(missing, read_video(path), prompt[1])
     seconds = previous.get("seconds", float("nan"))
     return _row(cell, prompt[0], path, seconds=seconds, file_bytes=path.stat().st_size,
                 skipped=True, error="", **scores)  # fmt: skip
 
 
 def _generated(pipe, cell: Cell, prompt: tuple[str, str], path: Path,
-               metrics: Metrics | None) -> dict[str, Any]:  # fmt: skip
+               metrics: Mapping[str, Metric]) -> dict[str, Any]:  # fmt: skip
     """Generate, score and write one video; a NaN video is a row with its error, no file."""
     t0 = time.time()
     try:
@@ -189,7 +195,7 @@ def _generated(pipe, cell: Cell, prompt: tuple[str, str], path: Path,
         return _row(cell, prompt[0], path, seconds=seconds, file_bytes=0, skipped=False,
                     error=str(e))  # fmt: skip
     seconds = round(time.time() - t0, 3)
-    scores = metrics(frames, prompt[1]) if metrics is not None else {}
+    scores = _scores(metrics, frames, prompt[1])
     generate.write_video(path, frames, cell.options.fps)
     return _row(cell, prompt[0], path, seconds=seconds, file_bytes=path.stat().st_size,
                 skipped=False, error="", **scores)  # fmt: skip
@@ -282,7 +288,7 @@ def run_sweep(
     grid: Mapping[str, Sequence[Any]],
     out: str | Path,
     experiment: str,
-    metrics: Metrics | None = None,
+    metrics: Mapping[str, Metric] | None = None,
     progress: Progress = no_progress,
 ) -> pd.DataFrame:
     """Generate every prompt for every cell of the grid that is not on disk yet.
@@ -293,7 +299,7 @@ def run_sweep(
         grid: {per-video option: values}, e.g. {"guidance": [1, 6, 12], "steps": [10, 25]}.
         out: the sweeps folder; the experiment writes under `out/experiment/`.
         experiment: the experiment's folder name.
-        metrics: scores one video: (frames [F, H, W, 3] uint8, prompt) -> {name: value}.
+        metrics: {column: fn(frames [F, H, W, 3] uint8, prompt) -> float}.
         progress: called as (videos done, videos in the grid, "path seconds" or "path skipped")
             after each video is committed and the table rewritten.
 
@@ -312,7 +318,7 @@ def run_sweep(
     generate.resolve_model(options.model)
     if options.lora is not None:
         generate.lora_file(options.lora)
-    folder = Path(out) / experiment
+    folder, metrics = Path(out) / experiment, metrics or {}
     previous, rows = _previous(folder), {}
     total, pipe = len(plan) * len(prompts), None
     try:
