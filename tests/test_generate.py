@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_evaluate import make_lora
 
-from cogpipe import generate
+from cogpipe import evaluate, generate
 from cogpipe.cli import main
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.sweep import read_video
@@ -120,7 +120,8 @@ def test_offload_and_compile_are_refused_on_cpu(tiny, capsys):
 
 def test_lora_changes_the_video_and_scale_zero_is_the_base(tmp_path, tiny_models, lora, tiny):
     base_opts = options(tiny_models)
-    base = generate.generate_one(generate.load(base_opts), PROMPT, base_opts)
+    base_pipe = generate.load(base_opts)
+    base = generate.generate_one(base_pipe, PROMPT, base_opts)
     assert base.shape == (9, 64, 64, 3) and base.dtype == np.uint8
 
     tuned_opts = options(tiny_models, lora=lora)
@@ -132,6 +133,10 @@ def test_lora_changes_the_video_and_scale_zero_is_the_base(tmp_path, tiny_models
     half = generate.generate_one(pipe, PROMPT, options(tiny_models, lora=lora, lora_scale=0.5))
     assert 0 < np.abs(half.astype(int) - base).mean() < np.abs(tuned.astype(int) - base).mean()
     np.testing.assert_array_equal(generate.generate_one(pipe, PROMPT, tuned_opts), tuned)
+    # Scale 1 is the checkpoint as evaluate loads it: the video its evaluation writes.
+    with evaluate.lora(base_pipe, lora, "step_000002"):
+        ec = generate.sampler_settings(tuned_opts)
+        np.testing.assert_array_equal(evaluate.generate(base_pipe, ec, PROMPT, 42, "cpu"), tuned)
 
     # The CLI, with the .safetensors file itself: the same video as the folder gives.
     out = tmp_path / "tuned.mp4"
