@@ -171,33 +171,33 @@ def _row(cell: Cell, prompt: str, path: Path, **values: Any) -> dict[str, Any]:
             **values}  # fmt: skip
 
 
-def _reused(cell: Cell, prompt: tuple[str, str], path: Path, previous: dict[str, Any] | None,
+def _reused(cell: Cell, name: str, text: str, path: Path, previous: dict[str, Any] | None,
             metrics: Mapping[str, Metric]) -> dict[str, Any]:  # fmt: skip
     """The row of a video already on disk: seconds and scores from the run that made it."""
     previous = previous or {}
     scores = {k: v for k, v in previous.items() if k not in COLUMNS and k not in cell.params}
-    missing = {name: fn for name, fn in metrics.items() if _missing(previous.get(name))}
+    missing = {column: fn for column, fn in metrics.items() if _missing(previous.get(column))}
     if missing:
-        scores |= _scores(missing, read_video(path), prompt[1])
+        scores |= _scores(missing, read_video(path), text)
     seconds = previous.get("seconds", float("nan"))
-    return _row(cell, prompt[0], path, seconds=seconds, file_bytes=path.stat().st_size,
+    return _row(cell, name, path, seconds=seconds, file_bytes=path.stat().st_size,
                 skipped=True, error="", **scores)  # fmt: skip
 
 
-def _generated(pipe, cell: Cell, prompt: tuple[str, str], path: Path,
+def _generated(pipe, cell: Cell, name: str, text: str, path: Path,
                metrics: Mapping[str, Metric]) -> dict[str, Any]:  # fmt: skip
     """Generate, score and write one video; a NaN video is a row with its error, no file."""
     t0 = time.time()
     try:
-        frames = generate.generate_one(pipe, prompt[1], cell.options)  # [F, H, W, 3] uint8
+        frames = generate.generate_one(pipe, text, cell.options)  # [F, H, W, 3] uint8
     except FloatingPointError as e:
         seconds = round(time.time() - t0, 3)
-        return _row(cell, prompt[0], path, seconds=seconds, file_bytes=0, skipped=False,
+        return _row(cell, name, path, seconds=seconds, file_bytes=0, skipped=False,
                     error=str(e))  # fmt: skip
     seconds = round(time.time() - t0, 3)
-    scores = _scores(metrics, frames, prompt[1])
+    scores = _scores(metrics, frames, text)
     generate.write_video(path, frames, cell.options.fps)
-    return _row(cell, prompt[0], path, seconds=seconds, file_bytes=path.stat().st_size,
+    return _row(cell, name, path, seconds=seconds, file_bytes=path.stat().st_size,
                 skipped=False, error="", **scores)  # fmt: skip
 
 
@@ -324,16 +324,17 @@ def run_sweep(
     try:
         for cell in plan:
             clean_stale_tmp(folder / cell.name)  # temporaries of a killed run
-            for prompt in prompts.items():
-                path = folder / cell.name / f"{prompt[0]}.mp4"
+            for name, text in prompts.items():
+                path = folder / cell.name / f"{name}.mp4"
                 if path.is_file():
-                    row = _reused(cell, prompt, path, previous.get((cell.name, prompt[0])), metrics)
+                    row = _reused(cell, name, text, path, previous.get((cell.name, name)), metrics)
                     note = f"{path} skipped"
                 else:
-                    pipe = pipe or generate.load(options)
-                    row = _generated(pipe, cell, prompt, path, metrics)
+                    if pipe is None:  # at the first missing video: a finished sweep never loads
+                        pipe = generate.load(options)
+                    row = _generated(pipe, cell, name, text, path, metrics)
                     note = f"{path} {row['seconds']:.1f}s" + (" error" if row["error"] else "")
-                rows[cell.name, prompt[0]] = row
+                rows[cell.name, name] = row
                 # Rows not reached yet keep the last run's values: a killed rerun loses none.
                 write_results(folder, [rows.get(k) or previous[k] for k in _keys(plan, prompts)
                                        if k in rows or k in previous])  # fmt: skip
