@@ -426,7 +426,7 @@ class EvaluateConfig(Section):
     seeds: list[int] = Field([42], min_length=1, description="Seeds per prompt.")
     steps: int = Field(50, ge=1, description="Sampler steps.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
-    frames: int = Field(49, ge=1, description="Frames per generated video (4k+1).")
+    frames: int = Field(49, ge=1, description="Frames per generated video (8k+1).")
     height: int = Field(480, ge=8, description="Generated height.")
     width: int = Field(720, ge=8, description="Generated width.")
     fps: int = Field(8, ge=1, description="Frame rate of the written mp4.")
@@ -447,8 +447,11 @@ class EvaluateConfig(Section):
 
     @model_validator(mode="after")
     def _shape(self) -> EvaluateConfig:
-        if (self.frames - 1) % 4:
-            raise ValueError(f"frames must be 4k+1 (CogVideoX VAE), got {self.frames}")
+        if (self.frames - 1) % 8:
+            raise ValueError(
+                f"frames must be 8k+1 (9, 17, 25, 33, 41, 49), got {self.frames}: the VAE decodes"
+                f" an even number of latent frames into 3 frames more than asked"
+            )
         if self.height % 16 or self.width % 16:
             raise ValueError(
                 f"height and width must be multiples of 16, got {self.height}x{self.width}"

@@ -234,8 +234,10 @@ def test_eval_key_follows_eval_settings_only(tmp_path, models):
 
 
 def test_rejects_shapes_the_model_cannot_generate(tmp_path, models):
-    with pytest.raises(ValueError, match="4k\\+1"):
+    with pytest.raises(ValueError, match="8k\\+1"):
         make_cfg(tmp_path, models, frames=10)
+    with pytest.raises(ValueError, match="got 13: the VAE decodes"):  # 4k+1, comes out as 16
+        make_cfg(tmp_path, models, frames=13)
     with pytest.raises(ValueError, match="multiples of 16"):
         make_cfg(tmp_path, models, height=72)
 
