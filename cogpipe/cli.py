@@ -7,6 +7,7 @@
     cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
     cogpipe generate --prompt TEXT [...]   text-to-video with a base model and optional LoRA
     cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
+    cogpipe export LORA --out PATH [...]   a LoRA for diffusers, SAT, ComfyUI, or merged weights
 
 Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
 lazily and run it on Prefect's embedded default (a local server on SQLite) unless
@@ -26,6 +27,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
+from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.ingest import SourceError
 from cogpipe.workspace import StageNotReady, StageResult
@@ -228,6 +230,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cogpipe.export import run_export
+
+    path, lora = run_export(args.lora, args.out, args.format, args.model)
+    print(f"{path}: {args.format} export of {lora.source} ({len(lora.modules)} modules, "
+          f"rank {lora.rank}, alpha {lora.alpha:g})")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,6 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", help="add a CLIP score column (hub id or folder)")
     _add_model_options(p, GenerateOptions)
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("export", help="a LoRA for diffusers, SAT, ComfyUI, or merged weights")
+    p.add_argument("lora", help="a checkpoint folder, a LoRA file, or a SAT checkpoint")
+    p.add_argument("--format", choices=FORMATS, default="diffusers", help="default: diffusers")
+    p.add_argument("--out", required=True, help="NAME.safetensors for one file, else a folder")
+    p.add_argument("--model", help="base model (hub id, folder, 2b, 5b): the LoRA must fit it; "
+                   "merged needs it, sat takes num_layers from it")  # fmt: skip
+    p.set_defaults(fn=cmd_export)
     return parser
 
 
@@ -281,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError) as e:
+    except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError,
+            ExportError) as e:  # fmt: skip
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,308 @@
+"""LoRA exports on tiny 2B- and 5B-shaped transformers (30 and 42 layers, tiny widths).
+
+SAT keys number num_layers x 8 and convert back to equal tensors; ComfyUI keys are the
+kohya layout with alpha; merged weights equal base + (alpha / r) * B @ A, as computed here
+and as peft's own fuse_lora computes them; bad input is a clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cogpipe.cli import main
+from cogpipe.export import ExportError, read_lora, run_export
+from cogpipe.models import cogvideox
+
+RANK, ALPHA = 4, 8.0
+ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# THUDM/CogVideo tools/export_sat_lora_weight.py: the SAT -> diffusers names, per layer.
+SAT_TO_DIFFUSERS = {
+    "attention.query_key_value.matrix_A.0": "attn1.to_q.lora_A.weight",
+    "attention.query_key_value.matrix_A.1": "attn1.to_k.lora_A.weight",
+    "attention.query_key_value.matrix_A.2": "attn1.to_v.lora_A.weight",
+    "attention.query_key_value.matrix_B.0": "attn1.to_q.lora_B.weight",
+    "attention.query_key_value.matrix_B.1": "attn1.to_k.lora_B.weight",
+    "attention.query_key_value.matrix_B.2": "attn1.to_v.lora_B.weight",
+    "attention.dense.matrix_A.0": "attn1.to_out.0.lora_A.weight",
+    "attention.dense.matrix_B.0": "attn1.to_out.0.lora_B.weight",
+}
+
+
+def write_transformer(folder: Path, num_layers: int, heads: int, five_b: bool, dtype) -> Path:
+    """A model folder holding only `transformer/`: CogVideoX's layer count, tiny widths."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(num_layers)
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=8, num_layers=num_layers, in_channels=4,
+        out_channels=4, time_embed_dim=2, text_embed_dim=8, sample_width=8, sample_height=8,
+        sample_frames=9, patch_size=2, max_text_seq_length=8,
+        use_rotary_positional_embeddings=five_b,
+    )  # fmt: skip
+    model.to(dtype).save_pretrained(folder / "transformer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "2b": write_transformer(root / "2b", 30, 2, five_b=False, dtype=torch.float32),
+        "5b": write_transformer(root / "5b", 42, 4, five_b=True, dtype=torch.bfloat16),
+    }
+
+
+def make_lora(model: Path, out: Path, targets: list[str] = ATTENTION, seed: int = 0) -> Path:
+    """A checkpoint folder written by the trainer's own code, with random non-zero B."""
+    transformer = cogvideox.load_transformer(str(model), "cpu", torch.float32)
+    cogvideox.add_lora(transformer, RANK, ALPHA, targets, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:  # zero at init: the update would be zero
+                p.copy_(torch.randn(p.shape, generator=g))
+    cogvideox.save_lora(out, transformer, RANK, ALPHA)
+    return out
+
+
+@pytest.fixture(scope="module")
+def loras(models, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        name: make_lora(path, root / name / "checkpoint-000010") for name, path in models.items()
+    }
+
+
+def diffusers_load(transformer, file: Path) -> None:
+    """Load a LoRA file into a transformer as `CogVideoXPipeline.load_lora_weights` does."""
+    from diffusers import CogVideoXPipeline
+
+    state, metadata = CogVideoXPipeline.lora_state_dict(str(file), return_lora_metadata=True)
+    transformer.load_lora_adapter(state, prefix="transformer", metadata=metadata)
+    assert transformer.peft_config["default_0"].lora_alpha == ALPHA  # read from the file
+
+
+def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    file = path / cogvideox.LORA_FILE if path.is_dir() else path
+    return load_file(file)
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize(("name", "layers"), [("2b", 30), ("5b", 42)])
+def test_sat_export_has_num_layers_x8_keys_and_converts_back(models, loras, tmp_path, name, layers):
+    sat, _ = run_export(loras[name], tmp_path / "sat.safetensors", "sat", model=str(models[name]))
+    keys = load_file(sat)
+    assert len(keys) == layers * 8  # 240 for 2B, 336 for 5B
+    with safe_open(str(sat), "pt") as f:
+        meta = f.metadata()
+    assert (meta["r"], meta["lora_alpha"], meta["num_layers"]) == ("4", "8.0", str(layers))
+
+    # Every SAT key, renamed by CogVideo's own SAT -> diffusers map, is the trained tensor.
+    trained = lora_tensors(loras[name])
+    prefix = "model.diffusion_model.transformer.layers."
+    for key, tensor in keys.items():
+        layer, rest = key.removeprefix(prefix).split(".", 1)
+        assert torch.equal(
+            tensor, trained[f"transformer.transformer_blocks.{layer}.{SAT_TO_DIFFUSERS[rest]}"]
+        )
+
+    back, lora = run_export(sat, tmp_path / "back", "diffusers")
+    assert (lora.rank, lora.alpha, lora.layout) == (RANK, ALPHA, "sat")
+    assert_same_tensors(lora_tensors(back), trained)
+    from diffusers import CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(models[name], subfolder="transformer")
+    diffusers_load(transformer, back)  # diffusers reads rank and alpha
+
+    # Without a model, num_layers comes from the LoRA's keys.
+    inferred, _ = run_export(loras[name], tmp_path / "inferred.safetensors", "sat")
+    assert_same_tensors(load_file(inferred), keys)
+
+
+def test_sat_checkpoint_folder_is_sat_layout_and_reads_back(loras, tmp_path):
+    out, _ = run_export(loras["2b"], tmp_path / "sat", "sat")
+    assert (out / "latest").read_text() == "1"
+    saved = torch.load(out / "1" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert len(saved["module"]) == 240
+    assert saved["lora_config"] == {"r": RANK, "lora_alpha": ALPHA, "num_layers": 30}
+    back, _ = run_export(out, tmp_path / "back.safetensors", "diffusers")
+    assert_same_tensors(lora_tensors(back), lora_tensors(loras["2b"]))
+
+
+def test_full_sat_checkpoint_reads_its_lora_with_sat_default_alpha_1(loras, tmp_path):
+    sat, _ = run_export(loras["2b"], tmp_path / "sat.safetensors", "sat")
+    layer = "model.diffusion_model.transformer.layers.0"
+    full = load_file(sat) | {  # as SAT saves a LoRA run: base weights beside the LoRA
+        f"{layer}.attention.query_key_value.original.weight": torch.ones(48, 16),
+        f"{layer}.mlp.dense_h_to_4h.weight": torch.ones(64, 16),
+    }
+    (tmp_path / "run" / "1000").mkdir(parents=True)
+    (tmp_path / "run" / "latest").write_text("1000\n")
+    torch.save({"module": full}, tmp_path / "run" / "1000" / "mp_rank_00_model_states.pt")
+    lora = read_lora(tmp_path / "run")
+    assert (lora.rank, lora.alpha, len(lora.modules)) == (RANK, 1.0, 120)  # no alpha recorded
+    back, _ = run_export(tmp_path / "run", tmp_path / "back.safetensors", "diffusers")
+    assert_same_tensors(lora_tensors(back), lora_tensors(loras["2b"]))
+
+
+def test_sat_refuses_a_lora_it_cannot_hold(models, tmp_path):
+    qv = make_lora(models["2b"], tmp_path / "qv", targets=["to_q", "to_v"])
+    with pytest.raises(ExportError, match=r"SAT adapts to_q, to_k, to_v and to_out.0 of all 30"):
+        run_export(qv, tmp_path / "qv.safetensors", "sat")
+    ff = make_lora(models["2b"], tmp_path / "ff", targets=[*ATTENTION, "ff.net.2"])
+    with pytest.raises(ExportError, match=r"has 30 others \['transformer_blocks.0.ff.net.2'"):
+        run_export(ff, tmp_path / "ff.safetensors", "sat")
+
+
+# ComfyUI's CogVideoX (comfy/ldm/cogvideo/model.py) names of the diffusers Linears.
+COMFY_NAMES = {
+    "attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+    "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out", "norm1.linear": "norm1.linear",
+}  # fmt: skip
+
+
+def test_comfyui_keys_are_comfys_cogvideox_modules_with_alpha_and_read_back(models, tmp_path):
+    targets = [*COMFY_NAMES, "proj_out", "time_embedding.linear_1"]
+    source = make_lora(models["2b"], tmp_path / "all", targets=targets)
+    out, _ = run_export(source, tmp_path / "slap.safetensors", "comfyui")
+    keys = load_file(out)
+    comfy = {f"transformer_blocks.{i}.{d}": f"blocks.{i}.{c}"
+             for i in range(30) for d, c in COMFY_NAMES.items()}  # fmt: skip
+    comfy |= {"proj_out": "proj_out", "time_embedding.linear_1": "time_embedding_linear_1"}
+    suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
+    expected = {f"diffusion_model.{c}.{s}" for c in comfy.values() for s in suffixes}
+    assert sorted(keys) == sorted(expected)  # 30 x 7 + 2 modules
+
+    # ComfyUI adds (alpha / down.shape[0]) * up @ down to `diffusion_model.<module>.weight`.
+    trained = lora_tensors(source)
+    for diffusers_name, comfy_name in comfy.items():
+        key = f"diffusion_model.{comfy_name}"
+        assert keys[f"{key}.alpha"].item() == ALPHA
+        assert torch.equal(
+            keys[f"{key}.lora_down.weight"], trained[f"transformer.{diffusers_name}.lora_A.weight"]
+        )
+        assert torch.equal(
+            keys[f"{key}.lora_up.weight"], trained[f"transformer.{diffusers_name}.lora_B.weight"]
+        )
+
+    back, lora = run_export(out, tmp_path / "back.safetensors", "diffusers")
+    assert (lora.rank, lora.alpha, lora.layout) == (RANK, ALPHA, "comfyui")
+    assert_same_tensors(lora_tensors(back), trained)
+
+
+def test_comfyui_refuses_a_module_comfy_does_not_have(tmp_path):
+    odd = tmp_path / "odd.safetensors"
+    save_file({"transformer.extra.lora_A.weight": torch.ones(4, 8),
+               "transformer.extra.lora_B.weight": torch.ones(8, 4)}, odd)  # fmt: skip
+    with pytest.raises(ExportError, match=r"odd.safetensors: extra has no counterpart in ComfyUI"):
+        run_export(odd, tmp_path / "odd-comfy.safetensors", "comfyui")
+
+
+def test_diffusers_export_copies_the_trainers_file(loras, tmp_path):
+    out, lora = run_export(loras["5b"], tmp_path / "lora.safetensors", "diffusers")
+    assert out.read_bytes() == (loras["5b"] / cogvideox.LORA_FILE).read_bytes()
+    assert (lora.rank, lora.alpha, lora.num_layers()) == (RANK, ALPHA, 42)
+
+
+def test_merged_equals_base_plus_scaled_delta_and_peft_fuse(models, loras, tmp_path):
+    from diffusers import CogVideoXTransformer3DModel
+
+    out, _ = run_export(loras["2b"], tmp_path / "merged", "merged", model=str(models["2b"]))
+    base_dir = models["2b"] / "transformer"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base_dir.iterdir())
+    base = load_file(base_dir / "diffusion_pytorch_model.safetensors")
+    merged = load_file(out / "diffusion_pytorch_model.safetensors")
+    lora = lora_tensors(loras["2b"])
+    adapted = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in lora
+               if k.endswith(".lora_A.weight")}  # fmt: skip
+    assert len(adapted) == 120
+    for key, weight in base.items():
+        module = key.removesuffix(".weight")
+        if module in adapted:
+            a, b = (
+                lora[f"transformer.{module}.lora_A.weight"],
+                lora[f"transformer.{module}.lora_B.weight"],
+            )
+            expected = weight + (b @ a) * (ALPHA / RANK)
+            assert not torch.equal(merged[key], weight), key
+        else:
+            expected = weight
+        assert torch.equal(merged[key], expected), key
+
+    # peft's own fuse of the same file into the same base gives the same weights.
+    fused = CogVideoXTransformer3DModel.from_pretrained(models["2b"], subfolder="transformer")
+    diffusers_load(fused, loras["2b"] / cogvideox.LORA_FILE)
+    fused.fuse_lora(lora_scale=1.0)
+    for name, module in fused.named_modules():
+        if name in adapted:
+            assert torch.equal(module.base_layer.weight, merged[f"{name}.weight"]), name
+    reloaded = CogVideoXTransformer3DModel.from_pretrained(out)  # a diffusers transformer folder
+    assert reloaded.config.num_layers == 30
+
+
+def test_merged_single_file_keeps_the_base_dtype(models, loras, tmp_path):
+    out, _ = run_export(loras["5b"], tmp_path / "m.safetensors", "merged", model=str(models["5b"]))
+    merged = load_file(out)
+    base = load_file(models["5b"] / "transformer" / "diffusion_pytorch_model.safetensors")
+    lora = lora_tensors(loras["5b"])
+    assert sorted(merged) == sorted(base)
+    key = "transformer_blocks.41.attn1.to_out.0.weight"
+    a = lora["transformer.transformer_blocks.41.attn1.to_out.0.lora_A.weight"]
+    b = lora["transformer.transformer_blocks.41.attn1.to_out.0.lora_B.weight"]
+    assert merged[key].dtype == torch.bfloat16
+    assert torch.equal(
+        merged[key], (base[key].float() + (b @ a) * (ALPHA / RANK)).to(torch.bfloat16)
+    )
+    assert torch.equal(merged["proj_out.weight"], base["proj_out.weight"])
+
+
+def test_cli_export_writes_and_reports(loras, tmp_path, capsys):
+    out = tmp_path / "slap-sat.safetensors"
+    assert main(["export", str(loras["5b"]), "--format", "sat", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"{out}: sat export of ")
+    assert len(load_file(out)) == 336
+
+
+def test_cli_bad_input_is_a_clear_error_naming_the_file(models, loras, tmp_path, capsys):
+    def error(*args: str) -> str:
+        assert main(["export", *args]) == 2
+        return capsys.readouterr().err
+
+    missing = tmp_path / "nope"
+    assert f"cogpipe: error: {missing}: no such file or folder" in error(str(missing), "--out", "x")
+
+    text = tmp_path / "notes.safetensors"
+    text.write_text("not tensors")
+    assert f"{text}: not a readable safetensors file" in error(str(text), "--out", "x")
+
+    other = tmp_path / "other.safetensors"
+    save_file({"proj_out.weight": torch.zeros(2, 2)}, other)
+    assert f"{other}: not a LoRA: no lora_A/lora_B" in error(str(other), "--out", "x")
+
+    lora_5b = loras["5b"] / cogvideox.LORA_FILE
+    err = error(str(loras["5b"]), "--format", "sat", "--model", str(models["2b"]), "--out", "x")
+    assert f"{lora_5b}: does not fit {models['2b']}" in err and "(30 transformer blocks)" in err
+
+    lora_2b = loras["2b"] / cogvideox.LORA_FILE
+    err = error(str(loras["2b"]), "--format", "merged", "--model", str(models["5b"]), "--out", "x")
+    assert (
+        f"{lora_2b}: does not fit" in err
+        and "is [32, 32] there, the LoRA's B @ A is [16, 16]" in err
+    )
+
+    assert "--format merged needs --model" in error(
+        str(loras["2b"]), "--format", "merged", "--out", "x"
+    )
+    err = error(str(loras["2b"]), "--format", "comfyui", "--out", str(tmp_path / "dir"))
+    assert "name it NAME.safetensors" in err
+    assert not (tmp_path / "x").exists()
