@@ -244,6 +244,8 @@ def read_lora(path: str | Path) -> Lora:
             f"{file}: not a LoRA: no lora_A/lora_B, matrix_A/matrix_B or lora_down/lora_up "
             f"keys (keys: {sample})"
         )
+    if not modules:
+        raise ExportError(f"{file}: not a LoRA of a CogVideoX transformer: no {layout} module keys")
     ranks = {a.shape[0] for a, _ in modules.values()} | {b.shape[1] for _, b in modules.values()}
     if len(ranks) != 1:
         raise ExportError(f"{file}: modules have different ranks {sorted(ranks)}")
@@ -311,9 +313,8 @@ def transformer_dir(model: str, weights: bool = False) -> Path:
         raise ExportError(f"--model {model}: no such folder (a hub id is owner/name)")
     for folder in (path / "transformer", path):
         config = folder / "config.json"
-        if config.is_file() and json.loads(config.read_text()).get("_class_name", "").startswith(
-            "CogVideoX"
-        ):
+        name = json.loads(config.read_text()).get("_class_name", "") if config.is_file() else ""
+        if name.startswith("CogVideoX"):
             return folder
     raise ExportError(f"--model {model}: not a CogVideoX model (no transformer/config.json)")
 
@@ -328,8 +329,8 @@ def check_fits(lora: Lora, model: str) -> dict[str, Any]:
     shapes = _linear_shapes(json.dumps(config, sort_keys=True))
     if absent := [name for name in lora.modules if name not in shapes]:
         raise ExportError(
-            f"{lora.source}: does not fit {model}: it has no {absent[0]} nor {len(absent) - 1} "
-            f"other adapted modules ({config.get('num_layers')} transformer blocks)"
+            f"{lora.source}: does not fit {model}: {len(absent)} of the LoRA's modules are not "
+            f"in it, e.g. {absent[0]} ({config.get('num_layers')} transformer blocks)"
         )
     for name, (a, b) in lora.modules.items():
         if (b.shape[0], a.shape[1]) != shapes[name]:
