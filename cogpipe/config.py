@@ -316,7 +316,29 @@ class PrecomputeConfig(Section):
             " minute of compilation per clip shape."
         ),
     )
+    reference: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$",
+        description=(
+            "IC-LoRA references: a condition function by dotted path (module:function or"
+            " module.function), e.g. cogpipe.condition:canny, that turns a sample's frames"
+            " [F, H, W, 3] uint8 into a reference video of the same shape; every sample then"
+            " also stores the reference's latents. None: no references."
+        ),
+    )
+    reference_options: dict[str, Any] = Field(
+        {},
+        description="Keyword arguments of the condition function (canny: low, high, blur).",
+    )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+    def key_fields(self) -> dict[str, Any]:
+        """As Section's; without references the key is what it was before they existed."""
+        data = super().key_fields()
+        if self.reference is None:
+            data.pop("reference")
+            data.pop("reference_options")
+        return data
 
     @model_validator(mode="after")
     def _shape(self) -> PrecomputeConfig:
@@ -327,11 +349,47 @@ class PrecomputeConfig(Section):
                 raise ValueError(
                     f"bucket sizes must be positive multiples of 16 (VAE 8x, patch 2), got {h}x{w}"
                 )
+        if self.reference_options and self.reference is None:
+            raise ValueError("reference_options given without a reference function")
         return self
 
     def all_buckets(self) -> list[tuple[int, int]]:
         """(height, width) of every bucket, the default first, without repeats."""
         return list(dict.fromkeys([(self.height, self.width), *self.buckets]))
+
+
+class TicFtConfig(Section):
+    """The temporal layout of a TIC-FT sample, in latent frames (1 latent frame = the first
+    video frame, every later one = 4 video frames)."""
+
+    condition_frames: int = Field(
+        1, ge=1, description="Clean condition latent frames at the start of each sample."
+    )
+    buffer_frames: int = Field(
+        3,
+        ge=0,
+        description=(
+            "Buffer latent frames after the condition, noised at k / (buffer_frames + 1) of the"
+            " schedule (k = 1..buffer_frames), capped at the target's timestep."
+        ),
+    )
+    target_frames: int = Field(
+        12, ge=1, description="Target latent frames at the sampled timestep; the loss covers them."
+    )
+
+    @property
+    def latent_frames(self) -> int:
+        return self.condition_frames + self.buffer_frames + self.target_frames
+
+    @property
+    def video_frames(self) -> int:
+        """The precompute.frames this layout needs (CogVideoX VAE: 4 frames per latent
+        frame, the first frame alone)."""
+        return 4 * (self.latent_frames - 1) + 1
+
+
+TrainMode = Literal["lora", "full", "ic-lora", "tic-ft"]
+LORA_MODES = ("lora", "ic-lora", "tic-ft")  # modes that train a LoRA adapter
 
 
 class TrainConfig(Section):
@@ -346,6 +404,17 @@ class TrainConfig(Section):
             }
         return data
 
+    mode: TrainMode = Field(
+        "lora",
+        description=(
+            "lora: a LoRA adapter on the transformer. full: every transformer weight (see"
+            " master_weights; memory: gradient_checkpointing, optimizer adamw8bit). ic-lora: a"
+            " LoRA conditioned on reference videos (precompute.reference): the clean reference"
+            " latents precede the noised target along frames and the loss covers the target."
+            " tic-ft: temporal in-context fine-tuning (arXiv 2506.00996) with a LoRA: each sample"
+            " is clean condition frames, buffer frames of rising noise and target frames (tic_ft)."
+        ),
+    )
     rank: int = Field(128, ge=1, description="LoRA rank.")
     alpha: float = Field(64, gt=0, description="LoRA alpha; the scale is alpha / rank.")
     target_modules: list[str] = Field(
@@ -409,7 +478,34 @@ class TrainConfig(Section):
         ge=1,
         description="Full training states kept (LoRA weights of every checkpoint are kept).",
     )
+    master_weights: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "mode full: dtype of the trained weights. fp32: fp32 weights under fp16/bf16 autocast"
+            " (weights 4 + gradients 4 + AdamW 8 bytes per parameter; adamw8bit: 2); bf16: weights,"
+            " gradients and optimizer states in bf16 (half the memory, coarser updates)."
+        ),
+    )
+    tic_ft: TicFtConfig = Field(
+        default_factory=TicFtConfig,
+        description="mode tic-ft: condition, buffer and target latent frames of each sample.",
+    )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+    def key_fields(self) -> dict[str, Any]:
+        """As Section's, with only the fields of the configured mode: a LoRA config keeps the
+        key it had before modes existed, and a full fine-tune ignores the LoRA fields."""
+        data = super().key_fields()
+        if self.mode == "lora":
+            data.pop("mode")
+        if self.mode == "full":
+            for name in ("rank", "alpha", "target_modules"):
+                data.pop(name)
+        else:
+            data.pop("master_weights")
+        if self.mode != "tic-ft":
+            data.pop("tic_ft")
+        return data
 
 
 class EvaluateConfig(Section):
@@ -479,6 +575,29 @@ class PipelineConfig(BaseModel):
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> PipelineConfig:
+        """What a training mode asks of the precompute section."""
+        t, p = self.train, self.precompute
+        if t.mode == "ic-lora" and p.reference is None:
+            raise ValueError(
+                "train.mode ic-lora needs precompute.reference, the condition function that makes"
+                " each sample's reference video (e.g. cogpipe.condition:canny)"
+            )
+        if t.mode == "tic-ft" and p.frames != t.tic_ft.video_frames:
+            c = t.tic_ft
+            raise ValueError(
+                f"train.mode tic-ft with {c.condition_frames} condition + {c.buffer_frames}"
+                f" buffer + {c.target_frames} target latent frames needs precompute.frames"
+                f" {c.video_frames}, got {p.frames}"
+            )
+        if t.mode == "tic-ft" and t.validation_every:
+            raise ValueError(
+                "train.validation_every: validation videos are not made in mode tic-ft (its"
+                " sampling keeps condition and buffer frames apart); set it to 0"
+            )
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,12 +1,13 @@
 """Evaluate: every checkpoint of a training run, and the base model, on one prompt suite.
 
 A unit of work is one checkpoint: each prompt x seed is generated with that LoRA loaded
-on the base pipeline (loaded once per call), written as an mp4, scored with CLIP against
-its prompt, and summarised in `metrics.parquet` and a contact sheet. The unit's folder is
-written under a temporary name and renamed into place, then appended to
-`evaluate/index.parquet`; the checkpoints listed there are never generated again. The base
-model is evaluated as checkpoint `base` with the same seeds, so every LoRA has an A/B
-reference.
+on the base pipeline (loaded once per call; a full fine-tune's checkpoint replaces the
+pipeline's transformer with its `transformer/` instead), written as an mp4, scored with
+CLIP against its prompt, and summarised in `metrics.parquet` and a contact sheet. The
+unit's folder is written under a temporary name and renamed into place, then appended to
+`evaluate/index.parquet`; the checkpoints listed there are never generated again. The
+base model is evaluated as checkpoint `base` with the same seeds, so every LoRA has an
+A/B reference.
 
 Two keys. `eval_key(cfg)` hashes the eval settings and the base model only, so one
 `<ekey>` folder collects every run and checkpoint evaluated the same way:
@@ -39,7 +40,7 @@ import pandas as pd
 
 from cogpipe.config import EvaluateConfig, PipelineConfig
 from cogpipe.metrics import clip_score, frechet_distance, video_metrics
-from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
+from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
 from cogpipe.video import even_indices, even_times, read_frames, window_times, write_mp4
 from cogpipe.workspace import (
     Progress,
@@ -80,16 +81,23 @@ def output_dir(ws: Workspace, cfg: PipelineConfig, key: str, inputs: dict[str, s
     return ws.root / "evaluate" / eval_key(cfg) / (cfg.name or inputs["train"])
 
 
-def list_checkpoints(run_dir: Path) -> dict[str, Path]:
-    """Committed LoRA checkpoints of a run, by step: {"checkpoint-000500": folder}.
+def is_full(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder holds a full fine-tune's transformer (not a LoRA)."""
+    return (Path(checkpoint) / FULL_FOLDER / "config.json").is_file()
 
-    Only folders named exactly `checkpoint-{step:06d}` that hold the LoRA weights count,
-    so a checkpoint still being written (`.tmp-checkpoint-...`) is never picked up.
+
+def list_checkpoints(run_dir: Path) -> dict[str, Path]:
+    """Committed checkpoints of a run, by step: {"checkpoint-000500": folder}.
+
+    Only folders named exactly `checkpoint-{step:06d}` that hold the LoRA weights or a
+    full fine-tune's transformer count, so a checkpoint still being written
+    (`.tmp-checkpoint-...`) is never picked up.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return {}
-    found = [p for p in run_dir.iterdir() if CHECKPOINT.match(p.name) and (p / LORA_FILE).is_file()]
+    found = [p for p in run_dir.iterdir()
+             if CHECKPOINT.match(p.name) and ((p / LORA_FILE).is_file() or is_full(p))]  # fmt: skip
     return {p.name: p for p in sorted(found)}  # zero-padded: name order is step order
 
 
@@ -191,8 +199,35 @@ def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> n
 
 
 @contextmanager
+def full_weights(pipe, checkpoint: Path):
+    """Put a full fine-tune checkpoint's transformer (in the pipeline's dtype) in the
+    pipeline for the block, then the base one back; on a GPU the base waits on the CPU."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    base = pipe.transformer
+    device, dtype = base.device, base.dtype
+    loaded = CogVideoXTransformer3DModel.from_pretrained(
+        str(Path(checkpoint) / FULL_FOLDER), torch_dtype=dtype
+    )
+    if device.type == "cuda":
+        base.to("cpu")  # one transformer on the GPU at a time
+    pipe.transformer = loaded.to(device).eval()
+    try:
+        yield pipe
+    finally:
+        pipe.transformer = base.to(device)
+        del loaded
+        release_memory(str(device))
+
+
+@contextmanager
 def lora(pipe, checkpoint: Path | None, adapter_name: str):
-    """Load a checkpoint's LoRA for the block, then unload it; None is the base model."""
+    """Load a checkpoint's LoRA for the block, then unload it; None is the base model, and
+    a full fine-tune's checkpoint swaps in its transformer (`full_weights`)."""
+    if checkpoint is not None and is_full(checkpoint):
+        with full_weights(pipe, checkpoint):
+            yield pipe
+        return
     if checkpoint is not None:
         pipe.load_lora_weights(str(checkpoint), weight_name=LORA_FILE, adapter_name=adapter_name)
     try:

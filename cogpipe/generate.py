@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogpipe import evaluate
 from cogpipe.config import EvaluateConfig
-from cogpipe.models.cogvideox import LORA_FILE, transformer_config, weight_dtype
+from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
 from cogpipe.video import write_mp4
 from cogpipe.workspace import atomic_path, resolve_device
 
@@ -73,6 +73,13 @@ class GenerateOptions(BaseModel):
     )
     lora_scale: float = Field(
         1.0, description="LoRA weight: 1.0 applies the alpha/rank stored in the file, 0 is off."
+    )
+    transformer: Path | None = Field(
+        None,
+        description=(
+            "A full fine-tune: a checkpoint folder (its transformer/) or a diffusers transformer"
+            " folder, used instead of the model's transformer."
+        ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda when available, else cpu."
@@ -217,6 +224,11 @@ def lora_file(path: str | Path) -> Path:
     """
     path = Path(path).expanduser()
     if path.is_dir():
+        if (path / FULL_FOLDER / "config.json").is_file():
+            raise GenerateError(
+                f"--lora {path}: the folder holds a full fine-tune ({FULL_FOLDER}/), not a LoRA; "
+                f"pass it as --transformer"
+            )
         if not (path / LORA_FILE).is_file():
             raise GenerateError(f"--lora {path}: the folder holds no {LORA_FILE}")
         return path / LORA_FILE
@@ -225,6 +237,22 @@ def lora_file(path: str | Path) -> Path:
     if path.suffix != ".safetensors":
         raise GenerateError(f"--lora {path}: not a .safetensors file")
     return path
+
+
+def transformer_folder(path: str | Path) -> Path:
+    """The diffusers transformer folder of a full fine-tune checkpoint, or the folder itself.
+
+    Raises:
+        GenerateError: neither holds a config.json.
+    """
+    path = Path(path).expanduser()
+    for folder in (path / FULL_FOLDER, path):
+        if (folder / "config.json").is_file():
+            return folder
+    raise GenerateError(
+        f"--transformer {path}: no transformer there (neither {FULL_FOLDER}/config.json nor "
+        f"config.json)"
+    )
 
 
 def check_device(options: GenerateOptions, device: str) -> None:
@@ -262,10 +290,18 @@ def load(options: GenerateOptions):
     check_device(options, device)
     model = resolve_model(options.model)
     lora = lora_file(options.lora) if options.lora is not None else None
+    full = transformer_folder(options.transformer) if options.transformer is not None else None
     try:
         dtype = weight_dtype("auto", transformer_config(model), device)
+        components = {}
+        if full is not None:
+            from diffusers import CogVideoXTransformer3DModel
+
+            components["transformer"] = CogVideoXTransformer3DModel.from_pretrained(
+                str(full), torch_dtype=dtype
+            )
         # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
-        pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype, **components)
     except OSError as e:  # hub id unknown or unreachable, files missing
         raise GenerateError(f"--model {model}: cannot load: {str(e).strip()[:300]}") from e
     pipe.set_progress_bar_config(disable=True)

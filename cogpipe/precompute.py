@@ -10,14 +10,18 @@ the reason.
 
 Work units are shards of `shard_size` samples, `shard-{i:05d}.safetensors`, each holding
 `<clip_id>.latents` [F', C, H/8, W/8] and `<clip_id>.prompt_embeds` [L, D]; a restart
-skips committed shards. A shard may mix buckets: every row of index.parquet carries its
-own `height`, `width` and `latent_frames`, and training batches by them. Tensors keep the
-encoders' dtype: fp32 on CPU, the model's weight dtype on GPU (fp16 for 2B-type, bf16 for
-5B-type). Training casts them anyway.
+skips committed shards. With `reference` (IC-LoRA), each sample also holds
+`<clip_id>.reference_latents` [F', C, H/8, W/8]: the latents of the condition function's
+output for the same decoded frames (`cogpipe.condition`), run in the decode threads.
+A shard may mix buckets: every row of index.parquet carries its own `height`, `width`
+and `latent_frames`, and training batches by them. Tensors keep the encoders' dtype:
+fp32 on CPU, the model's weight dtype on GPU (fp16 for 2B-type, bf16 for 5B-type).
+Training casts them anyway.
 
 Per-item results are shared across keys in `cache/latents` (by video, span, window,
-bucket, tiling and VAE) and `cache/text` (by caption, tokenizer + encoder and length), so
-a new shard size re-encodes nothing and an edited caption re-encodes only that caption.
+bucket, tiling and VAE; references also by the condition function's path, options and
+source) and `cache/text` (by caption, tokenizer + encoder and length), so a new shard
+size re-encodes nothing and an edited caption re-encodes only that caption.
 The VAE and T5 are loaded only when something is missing from the caches.
 
 Speed: the missing captions are T5-encoded first, `TEXT_BATCH` distinct captions per
@@ -53,12 +57,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cogpipe import condition
 from cogpipe.config import PipelineConfig
 from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
@@ -87,7 +93,10 @@ class SpotCheckError(RuntimeError):
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
-    config = cfg.precompute.key_fields() | {"model_fp": model_fingerprint(cfg.model)}
+    p = cfg.precompute
+    config = p.key_fields() | {"model_fp": model_fingerprint(cfg.model)}
+    if p.reference is not None:  # the function's source too: an edit gives new references
+        config["reference_fp"] = condition.fingerprint(p.reference, p.reference_options)
     return stage_key("precompute", VERSION, config, inputs)
 
 
@@ -140,7 +149,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _plan(
-    cfg: PipelineConfig, upstream: dict[str, StageResult], vae_fp: Any, text_fp: Any, max_len: int
+    cfg: PipelineConfig,
+    upstream: dict[str, StageResult],
+    vae_fp: Any,
+    text_fp: Any,
+    max_len: int,
+    reference_fp: str | None = None,
 ) -> pd.DataFrame:
     """One row per selected clip of the configured splits, sorted by clip_id: its bucket,
     its frame window (or why it has none), its cache keys and its shard."""
@@ -164,12 +178,17 @@ def _plan(
         f"too short for {p.frames} frames at {p.fps:g} fps: {e - s:.2f} s (needs {(p.frames - 1) / p.fps:.2f} s)"
         for s, e in zip(plan.start[short], plan.end[short], strict=True)
     ]  # fmt: skip
-    plan["latents_cache"] = [
-        sha256_json({"video_id": r.video_id, "start": r.start, "end": r.end, "frames": p.frames,
-                     "fps": p.fps, "height": r.height, "width": r.width,
-                     "vae_tiling": p.vae_tiling, "vae": vae_fp})
+    latents_fields = [
+        {"video_id": r.video_id, "start": r.start, "end": r.end, "frames": p.frames,
+         "fps": p.fps, "height": r.height, "width": r.width, "vae_tiling": p.vae_tiling,
+         "vae": vae_fp}
         for r in plan.itertuples()
     ]  # fmt: skip
+    plan["latents_cache"] = [sha256_json(f) for f in latents_fields]
+    if reference_fp is not None:
+        plan["reference_cache"] = [
+            sha256_json(f | {"reference": reference_fp}) for f in latents_fields
+        ]
     plan["embeds_cache"] = [
         sha256_json({"caption": c, "text_encoder": text_fp, "max_len": max_len})
         for c in plan.caption
@@ -193,7 +212,7 @@ def _index(plan: pd.DataFrame, out: Path, p, latent_frames: int) -> pd.DataFrame
         if check is not None:
             plan.loc[plan.clip_id == check["clip_id"], "psnr"] = check["psnr"]
     ok = plan.status == "ok"
-    return pd.DataFrame(
+    index = pd.DataFrame(
         {
             "clip_id": plan.clip_id,
             "caption": plan.caption,
@@ -211,6 +230,10 @@ def _index(plan: pd.DataFrame, out: Path, p, latent_frames: int) -> pd.DataFrame
             "embeds_cache": plan.embeds_cache,
         }
     )
+    if "reference_cache" in plan:  # tensor name and content key of the reference latents
+        index["reference_key"] = (plan.clip_id + ".reference_latents").where(ok, None)
+        index["reference_cache"] = plan.reference_cache
+    return index
 
 
 def _cache_file(folder: Path, key: str) -> Path:
@@ -269,21 +292,55 @@ def _cudnn_benchmark(on: bool) -> Iterator[None]:
         torch.backends.cudnn.benchmark = before
 
 
-def _seed(row):
-    """The latent sample's noise: a function of the clip's content and span only."""
+def _seed(row, *kind: str):
+    """The latent sample's noise: a function of the clip's content and span only (and of
+    `kind`, "reference" for a reference video, so its noise is not the target's)."""
     import torch
 
-    seed = int(sha256_json([row.video_id, row.start, row.end])[:15], 16)
+    seed = int(sha256_json([row.video_id, row.start, row.end, *kind])[:15], 16)
     return torch.Generator().manual_seed(seed)
 
 
-def _decode(row) -> tuple[np.ndarray | None, str]:
-    """([F, height, width, 3] uint8 frames of the row's window in its bucket, "") or (None, why)."""
+def _reference_seed(row):
+    return _seed(row, "reference")
+
+
+class Reference:
+    """The condition function of a run, applied in the decode threads."""
+
+    def __init__(self, path: str, options: dict[str, Any]):
+        self.path, self.options, self.fn = path, options, condition.load(path)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return condition.apply(self.fn, frames, self.options, self.path)
+
+
+def _decode(row, reference: Reference | None = None):
+    """(frames, reference frames, "") or (None, None, why).
+
+    frames: [F, height, width, 3] uint8 of the row's window in its bucket; the reference
+    frames are `reference(frames)` when the row needs its reference encoded, else None.
+
+    Raises:
+        ConditionError: the condition function failed or returned the wrong shape (a
+            mistake in the function, not in the clip: the stage stops).
+    """
     try:
-        return resize_center_crop(read_frames(row.path, row.times), row.height, row.width), ""
+        frames = resize_center_crop(read_frames(row.path, row.times), row.height, row.width)
     except Exception as e:  # a video decodable at probe time can still break further in
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, f"decode failed: {first[:200]}"
+        return None, None, f"decode failed: {first[:200]}"
+    if reference is None or not getattr(row, "need_reference", False):
+        return frames, None, ""
+    try:
+        return frames, reference(frames), ""
+    except condition.ConditionError:
+        raise
+    except Exception as e:
+        raise condition.ConditionError(
+            f"precompute.reference {reference.path} failed on clip {row.clip_id}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def _batches(todo: pd.DataFrame, batch_size: int) -> dict[str, list[pd.DataFrame]]:
@@ -312,40 +369,52 @@ def _encode_texts(tokenizer, text_encoder, todo: pd.DataFrame, text_dir: Path, m
     return len(missing)
 
 
-def _encode_batch(vae, batch: pd.DataFrame, frames: list[np.ndarray]):
-    """{latents cache key: CPU latents [F', C, h, w]} of one batch, in one `vae.encode` call."""
+def _encode_batch(
+    vae, batch: pd.DataFrame, frames: list[np.ndarray], column: str = "latents_cache", seed=_seed
+):
+    """{cache key (from `column`): CPU latents [F', C, h, w]} of one batch, in one
+    `vae.encode` call; each clip's sample noise from `seed(row)`."""
     import torch
 
     from cogpipe.models import cogvideox
 
     pixels = torch.from_numpy(np.stack(frames))  # [B, F, H, W, 3] uint8
-    latents = cogvideox.encode_video(vae, pixels, [_seed(r) for r in batch.itertuples()])
-    return dict(zip(batch.latents_cache, latents.cpu(), strict=True))
+    latents = cogvideox.encode_video(vae, pixels, [seed(r) for r in batch.itertuples()])
+    return dict(zip(batch[column], latents.cpu(), strict=True))
 
 
 def _encode_shard(
     vae, batches: list[pd.DataFrame], decoded: Iterator, failed: dict, seconds: dict[str, float]
 ):
-    """Encode one shard's batches from the decoded frames (in the same order).
+    """Encode one shard's batches from the decoded frames (in the same order): the target
+    latents of the rows marked `need_latents`, the references of those marked `need_reference`.
 
     Returns:
-        ({latents cache key: CPU latents}, (row, frames) of the first clip encoded or None).
-        Clips whose frames did not decode land in `failed` (cache key -> reason).
+        ({cache key: CPU latents}, (row, cache key, frames) of the first video encoded or
+        None). Clips whose frames did not decode land in `failed` (latents cache key -> reason).
     """
     latents, first = {}, None
     for batch in batches:
         with _timed(seconds, "decode_wait"):
             frames = [next(decoded) for _ in range(len(batch))]
-        good = [f is not None for f, _ in frames]
-        for r, (_, reason) in zip(batch.itertuples(), frames, strict=True):
+        good = [f is not None for f, _, _ in frames]
+        for r, (_, _, reason) in zip(batch.itertuples(), frames, strict=True):
             if reason:
                 failed[r.latents_cache] = reason
         if not any(good):
             continue
-        batch, pixels = batch[good], [f for f, _ in frames if f is not None]
-        with _timed(seconds, "vae_encode"):
-            latents |= _encode_batch(vae, batch, pixels)
-        first = first or (next(batch.itertuples()), pixels[0])
+        batch, frames = batch[good], [f for f in frames if f[0] is not None]
+        jobs = [("latents_cache", "need_latents", 0, _seed),
+                ("reference_cache", "need_reference", 1, _reference_seed)]  # fmt: skip
+        for column, need, part, seed in jobs:
+            mask = batch[need].to_numpy() if need in batch else np.zeros(len(batch), bool)
+            if not mask.any():
+                continue
+            pixels = [f[part] for f, m in zip(frames, mask, strict=True) if m]
+            with _timed(seconds, "vae_encode"):
+                latents |= _encode_batch(vae, batch[mask], pixels, column, seed)
+            row = next(batch[mask].itertuples())
+            first = first or (row, getattr(row, column), pixels[0])
     return latents, first
 
 
@@ -376,16 +445,24 @@ def _spot_check(vae, name: str, row, latents, frames: np.ndarray, min_psnr: floa
 
 
 def _shard_tensors(rows: pd.DataFrame, new: dict, failed: dict, latents_dir: Path, text_dir: Path):
-    """(tensors, rejected) of one shard: latents from `new` or the cache, embeddings from the cache."""
+    """(tensors, rejected) of one shard: latents (and references) from `new` or the cache,
+    embeddings from the cache."""
     tensors, rejected = {}, {}
     for r in rows.itertuples():
         if r.latents_cache in failed:
             rejected[r.clip_id] = failed[r.latents_cache]
             continue
-        latents = new.get(r.latents_cache)
-        if latents is None:
-            latents = _cache_get(latents_dir, r.latents_cache)
-        tensors[f"{r.clip_id}.latents"] = latents.contiguous()  # [F', C, h, w]
+        names = {
+            "latents": r.latents_cache,
+            "reference_latents": getattr(r, "reference_cache", None),
+        }
+        for suffix, key in names.items():
+            if key is None:  # no references in this run
+                continue
+            latents = new.get(key)
+            if latents is None:
+                latents = _cache_get(latents_dir, key)
+            tensors[f"{r.clip_id}.{suffix}"] = latents.contiguous()  # [F', C, h, w]
         tensors[f"{r.clip_id}.prompt_embeds"] = _cache_get(text_dir, r.embeds_cache)  # [L, D]
     return tensors, rejected
 
@@ -410,8 +487,12 @@ def run_precompute(
         latents_cache_hits, text_cache_hits); stats hold rejections by kind, samples per
         bucket, spot_checks ({shard: {"clip_id", "psnr"}}) and this run's seconds per part.
 
+        With `precompute.reference`, counts also hold encoded_references and
+        reference_cache_hits.
+
     Raises:
         SpotCheckError: a shard's spot check came out under `min_psnr`.
+        ConditionError: the condition function does not load, fails or returns another shape.
     """
     started = time.time()
     key = key_of(cfg, {"filter": upstream["filter"].key, "check": upstream["check"].key})
@@ -432,20 +513,28 @@ def run_precompute(
     latent_frames = (p.frames - 1) // ratio + 1
     vae_fp = cogvideox.component_fingerprint(cfg.model, "vae")
     text_fp = cogvideox.component_fingerprint(cfg.model, "tokenizer", "text_encoder")
-    plan = _plan(cfg, upstream, vae_fp, text_fp, max_len)
+    reference = Reference(p.reference, p.reference_options) if p.reference else None
+    reference_fp = condition.fingerprint(p.reference, p.reference_options) if reference else None
+    plan = _plan(cfg, upstream, vae_fp, text_fp, max_len, reference_fp)
     shards = sorted(plan.shard.dropna().unique())
 
     # What is left to encode: distinct samples of uncommitted shards missing from the caches.
     latents_dir, text_dir = ws.cache_dir("latents"), ws.cache_dir("text")
     todo = plan[plan.shard.isin([s for s in shards if not (out / s).is_file()])]
-    videos = todo.drop_duplicates("latents_cache")  # exact copies are encoded once
+    videos = todo.drop_duplicates("latents_cache").copy()  # exact copies are encoded once
     cached_videos = _cached(latents_dir, videos.latents_cache)
+    videos["need_latents"] = ~cached_videos
     counts = {
         "encoded_videos": 0,
         "encoded_texts": 0,
         "latents_cache_hits": int(cached_videos.sum()),
         "text_cache_hits": int(_cached(text_dir, todo.embeds_cache.drop_duplicates()).sum()),
     }
+    if reference is not None:
+        videos["need_reference"] = ~_cached(latents_dir, videos.reference_cache)
+        counts["encoded_references"] = 0
+        counts["reference_cache_hits"] = int((~videos.need_reference).sum())
+    need = videos.need_latents | videos.get("need_reference", False)
     seconds: dict[str, float] = {}
     device = resolve_device(p.device)
     dtype = cogvideox.weight_dtype("auto", tcfg, device)
@@ -459,7 +548,7 @@ def run_precompute(
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
 
-    batches = _batches(videos[~cached_videos], p.batch_size)
+    batches = _batches(videos[need], p.batch_size)
     vae = cogvideox.load_vae(cfg.model, device, dtype) if batches else None
     if vae is not None and p.vae_slicing:
         vae.enable_slicing()
@@ -473,7 +562,8 @@ def run_precompute(
     with _cudnn_benchmark(device.startswith("cuda")), ThreadPoolExecutor(threads) as pool:
         # Frames of every batch, in encode order, decoded while the VAE encodes earlier ones.
         clips = (r for s in shards for b in batches.get(s, []) for r in b.itertuples())
-        decoded = _prefetch(_decode, clips, pool, BATCHES_AHEAD * p.batch_size)
+        decode = partial(_decode, reference=reference)
+        decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
         for i, name in enumerate(shards):
             if (out / name).is_file():
                 progress(i + 1, len(shards), f"{name} committed earlier")
@@ -481,14 +571,17 @@ def run_precompute(
             new, first = _encode_shard(vae, batches.get(name, []), decoded, failed, seconds)
             check = None
             if first is not None:
-                row, frames = first
+                row, cache_key, frames = first
                 with _timed(seconds, "spot_check"):
-                    check = _spot_check(vae, name, row, new[row.latents_cache], frames, p.min_psnr)
+                    check = _spot_check(vae, name, row, new[cache_key], frames, p.min_psnr)
             rows = plan[plan.shard == name]
             tensors, rejected = _shard_tensors(rows, new, failed, latents_dir, text_dir)
             for cache_key, latents in new.items():  # checked: now they may serve other keys
                 _cache_put(latents_dir, cache_key, latents)
-            counts["encoded_videos"] += len(new)
+            encoded_targets = len(set(new) & set(rows.latents_cache))
+            counts["encoded_videos"] += encoded_targets
+            if reference is not None:
+                counts["encoded_references"] += len(new) - encoded_targets
             write_shard(out / name, tensors, rejected, check)
             progress(i + 1, len(shards), name)
 

@@ -1,8 +1,24 @@
-"""Train: a LoRA on the CogVideoX transformer from precomputed latents, resumable to the step.
+"""Train: a LoRA or the whole CogVideoX transformer from precomputed latents, resumable to the step.
 
 One linear loop, the objective of the diffusers CogVideoX LoRA example: v-prediction
 through `CogVideoXDPMScheduler`, the prediction turned back into clean latents with
 `get_velocity`, and the squared error weighted by 1 / (1 - alphas_cumprod[t]).
+
+Modes (`train.mode`), all on that objective:
+- `lora`: a LoRA adapter (fp32) on the frozen transformer;
+- `full`: every transformer weight, fp32 under fp16/bf16 autocast or pure bf16
+  (`master_weights`). Memory per parameter: bf16 weights 2 bytes to run, fp32 master
+  weights 4 + gradients 4 + AdamW states 8 (adamw8bit: 2); with
+  `master_weights: bf16`, 2 + 2 + 4 (adamw8bit: 2). 5B with fp32 weights and AdamW needs
+  ~90 GB before activations: use adamw8bit and `gradient_checkpointing: attention` or
+  `full` on one GPU, or shard it over several;
+- `ic-lora`: a LoRA conditioned on a reference video per sample (precompute's
+  `reference`): the clean reference latents [B, F', C, h, w] go before the noised
+  target along frames, [B, 2F', C, h, w], and the loss covers the target frames only;
+- `tic-ft`: temporal in-context fine-tuning (arXiv 2506.00996) with a LoRA: each sample
+  is one sequence of clean condition frames, buffer frames whose noise rises with their
+  position (`buffer_timesteps`) and target frames at the sampled timestep; the model is
+  told the target's timestep, and the loss covers the target frames only.
 
 What makes a resumed run identical to an uninterrupted one:
 - batch composition is a pure function of the index and the config: samples of one
@@ -18,7 +34,9 @@ The run folder is `train/<name>/` (the config's `name`, defaulting to the key):
     losses.jsonl                   one line per step: step, loss, lr, grad_norm, seconds
     logs/                          TensorBoard scalars
     checkpoint-{step:06d}/         pytorch_lora_weights.safetensors (rank and alpha in its
-                                   metadata), state.json, training_state.pt (last K only)
+                                   metadata), state.json, training_state.pt (last K only);
+                                   mode full: transformer/ (diffusers layout, the trained
+                                   weights' dtype, every checkpoint) instead of the LoRA
     _SUCCESS.json
 
     cogpipe train configs/demo.yaml
@@ -35,7 +53,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from cogpipe.config import PipelineConfig, TrainConfig
+from cogpipe.config import LORA_MODES, PipelineConfig, TicFtConfig, TrainConfig
 from cogpipe.workspace import (
     SUCCESS,
     Progress,
@@ -140,27 +158,110 @@ def load_samples(precompute_dir: Path) -> pd.DataFrame:
     return samples
 
 
-def load_batch(precompute_dir: Path, samples: pd.DataFrame, rows: list[int]):
-    """(latents [B, F', C, h, w], prompt_embeds [B, L, D]) of the given sample positions."""
+def check_samples(precompute_dir: Path, samples: pd.DataFrame, t: TrainConfig) -> None:
+    """Refuse samples the training mode cannot use.
+
+    Raises:
+        ValueError: ic-lora without reference latents in the index; tic-ft samples whose
+            latent frames are not the layout's condition + buffer + target.
+    """
+    index = precompute_dir / "index.parquet"
+    if t.mode == "ic-lora" and (
+        "reference_key" not in samples or samples.reference_key.isna().any()
+    ):
+        raise ValueError(
+            f"{index} has no reference latents: train.mode ic-lora needs a precompute run with "
+            f"precompute.reference set (e.g. cogpipe.condition:canny)"
+        )
+    if t.mode == "tic-ft":
+        c = t.tic_ft
+        wrong = samples[samples.latent_frames != c.latent_frames]
+        if len(wrong):
+            raise ValueError(
+                f"{index}: sample {wrong.clip_id.iloc[0]} has {wrong.latent_frames.iloc[0]} latent "
+                f"frames, but train.tic_ft asks for {c.condition_frames} condition + "
+                f"{c.buffer_frames} buffer + {c.target_frames} target = {c.latent_frames} "
+                f"(precompute.frames {c.video_frames})"
+            )
+
+
+def load_batch(
+    precompute_dir: Path, samples: pd.DataFrame, rows: list[int], reference: bool = False
+):
+    """(latents [B, F', C, h, w], prompt_embeds [B, L, D]) of the given sample positions,
+    and with `reference` their reference latents [B, F', C, h, w] third."""
     import torch
     from safetensors import safe_open
 
-    latents, embeds = [], []
+    latents, embeds, references = [], [], []
     for r in samples.iloc[rows].itertuples():
         with safe_open(str(precompute_dir / r.shard), "pt") as f:
             latents.append(f.get_tensor(r.latents_key))
             embeds.append(f.get_tensor(r.embeds_key))
+            if reference:
+                references.append(f.get_tensor(r.reference_key))
+    if reference:
+        return torch.stack(latents), torch.stack(embeds), torch.stack(references)
     return torch.stack(latents), torch.stack(embeds)
 
 
-def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g):
+def buffer_timesteps(timesteps, buffer_frames: int, num_train_timesteps: int):
+    """TIC-FT buffer noise levels: the k-th of `buffer_frames` buffer frames (k = 1..B) sits
+    at k / (B + 1) of the schedule, never above the target's timestep.
+
+    With 1000 timesteps and 3 buffer frames: 250, 500, 750 under a target at 999; 250,
+    500, 600 under one at 600; the target's own level under one below 250. A sequence
+    thus rises from clean (condition) to the target's noise, as it does at the start of
+    sampling and at every later point where the target has reached `timesteps`.
+
+    Args:
+        timesteps: the targets' timesteps, int64 [B].
+
+    Returns:
+        int64 [B, buffer_frames], non-decreasing along frames.
+    """
+    import torch
+
+    k = torch.arange(1, buffer_frames + 1, device=timesteps.device)
+    levels = k * num_train_timesteps // (buffer_frames + 1)  # [buffer_frames]
+    return torch.minimum(levels[None, :], timesteps[:, None])
+
+
+def tic_ft_sequence(scheduler, latents, noise, timesteps, layout: TicFtConfig):
+    """The TIC-FT model input: condition frames clean, buffer frames at `buffer_timesteps`,
+    target frames at `timesteps`.
+
+    Args:
+        latents, noise: [B, F', C, h, w] with F' = condition + buffer + target frames.
+        timesteps: int64 [B], the targets' timesteps.
+
+    Returns:
+        [B, F', C, h, w] in the latents' dtype.
+    """
+    import torch
+
+    c, nb = layout.condition_frames, layout.buffer_frames
+    levels = buffer_timesteps(timesteps, nb, scheduler.config.num_train_timesteps)  # [B, nb]
+    buffers = [scheduler.add_noise(latents[:, f : f + 1], noise[:, f : f + 1], levels[:, f - c])
+               for f in range(c, c + nb)]  # fmt: skip
+    target = scheduler.add_noise(latents[:, c + nb :], noise[:, c + nb :], timesteps)
+    return torch.cat([latents[:, :c], *buffers, target], dim=1)
+
+
+def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, reference=None,
+                   tic_ft: TicFtConfig | None = None):  # fmt: skip
     """The CogVideoX LoRA example's objective for one micro-batch.
 
     Args:
         latents: clean scaled latents [B, F', C, h, w] in the weights' dtype.
         prompt_embeds: [B, L, D] in the weights' dtype.
-        rotary: (cos, sin) for 5B-type models, else None.
+        rotary: (cos, sin) for 5B-type models (for the frames fed: 2F' with `reference`),
+            else None.
         g: the CPU generator of this step; timesteps and noise are drawn from it.
+        reference: ic-lora: clean reference latents [B, F', C, h, w], fed before the noised
+            target; their outputs are dropped, so the loss covers the target only.
+        tic_ft: tic-ft: the layout of `latents`; its condition and buffer frames are fed as
+            `tic_ft_sequence` makes them and the loss covers the target frames only.
 
     Returns:
         mean over the batch of the 1 / (1 - alphas_cumprod[t])-weighted squared error
@@ -172,12 +273,19 @@ def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g):
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
     noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    v = transformer(hidden_states=noisy, encoder_hidden_states=prompt_embeds, timestep=timesteps,
+    first = 0  # the first latent frame the loss covers
+    if tic_ft is not None:
+        noisy = tic_ft_sequence(scheduler, latents, noise, timesteps, tic_ft)
+        first = tic_ft.condition_frames + tic_ft.buffer_frames
+    hidden = noisy if reference is None else torch.cat([reference, noisy], dim=1)  # [B, 2F', ...]
+    v = transformer(hidden_states=hidden, encoder_hidden_states=prompt_embeds, timestep=timesteps,
                     image_rotary_emb=rotary, return_dict=False)[0]  # fmt: skip
+    v = v[:, hidden.shape[1] - latents.shape[1] :]  # the target's outputs ([B, F', C, h, w])
     pred = scheduler.get_velocity(v, noisy, timesteps)  # v-prediction -> clean latents
     alphas_cumprod = scheduler.alphas_cumprod.to(device)[timesteps]  # [B]
     weights = (1 / (1 - alphas_cumprod)).view(b, 1, 1, 1, 1)
-    return (weights * (pred.float() - latents.float()) ** 2).reshape(b, -1).mean(1).mean()
+    error = (pred.float() - latents.float()) ** 2
+    return (weights * error[:, first:]).reshape(b, -1).mean(1).mean()
 
 
 def make_optimizer(params: list, t: TrainConfig, cuda: bool):
@@ -243,7 +351,8 @@ class Trainer:
         return x.to(self.device, self.dtype)
 
     def step(self, step: int, micro_batches: list[tuple]):
-        """One optimizer step over `(latents, prompt_embeds, bucket)` micro-batches on the CPU.
+        """One optimizer step over `(latents, prompt_embeds, bucket)` micro-batches on the CPU
+        (ic-lora: `(latents, prompt_embeds, bucket, reference latents)`).
 
         Returns:
             (mean loss, gradient norm before clipping, learning rate used): two 0-d device
@@ -256,15 +365,18 @@ class Trainer:
         t, tconfig = self.config, self.accelerator.unwrap_model(self.transformer).config
         g = generator("step", self.seed, step)  # every random draw of this step
         total = torch.zeros((), device=self.device)
-        for latents, prompt_embeds, bucket in micro_batches:
-            if bucket not in self.rotary:
-                self.rotary[bucket] = cogvideox.rotary_embeddings(tconfig, *bucket, self.device)
+        tic_ft = t.tic_ft if t.mode == "tic-ft" else None
+        for latents, prompt_embeds, bucket, *reference in micro_batches:
+            reference = self._to_device(reference[0]) if reference else None
+            fed = (*bucket[:2], bucket[2] * (2 if reference is not None else 1))  # frames fed
+            if fed not in self.rotary:
+                self.rotary[fed] = cogvideox.rotary_embeddings(tconfig, *fed, self.device)
             # Backward runs under the same kernel choice: a checkpointed block recomputes
             # its forward there and must get the same attention outputs.
             with speed.attention_kernel(t.attention_backend):
                 loss = diffusion_loss(self.transformer, self.noise_scheduler,
                                       self._to_device(latents), self._to_device(prompt_embeds),
-                                      self.rotary[bucket], g)  # fmt: skip
+                                      self.rotary[fed], g, reference, tic_ft)  # fmt: skip
                 self.accelerator.backward(loss / len(micro_batches))
             total += loss.detach() / len(micro_batches)
         grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
@@ -275,8 +387,22 @@ class Trainer:
         return total, grad_norm, lr
 
 
+def trainable(transformer, t: TrainConfig, seed: int) -> list:
+    """The parameters a mode trains: a new LoRA's (fp32), or every weight of the
+    transformer (mode full: cast to fp32 or bf16 as `master_weights` says)."""
+    import torch
+
+    from cogpipe.models import cogvideox
+
+    if t.mode in LORA_MODES:
+        return cogvideox.add_lora(transformer, t.rank, t.alpha, t.target_modules, seed=seed)
+    transformer.to({"fp32": torch.float32, "bf16": torch.bfloat16}[t.master_weights])
+    return [p.requires_grad_(True) for p in transformer.parameters()]
+
+
 def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, device) -> Trainer:
-    """Give a loaded transformer its LoRA, recomputation, compiled blocks and optimizer.
+    """Give a loaded transformer its LoRA (or trainable weights), recomputation, compiled
+    blocks and optimizer.
 
     Args:
         transformer: a CogVideoX transformer on `device` with frozen weights in the
@@ -291,16 +417,18 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
     from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
-    from cogpipe.models import cogvideox, speed
+    from cogpipe.models import speed
 
-    dtype = next(transformer.parameters()).dtype
+    dtype = next(transformer.parameters()).dtype  # of the inputs; fp32 on the CPU
+    if t.mode == "full" and t.master_weights == "bf16":
+        dtype = torch.bfloat16  # bf16 weights: bf16 inputs and autocast
     # Accelerate's state is a process-wide singleton that refuses a second precision; a
     # worker process runs many trainings, so each one starts from a clean state.
     AcceleratorState._reset_state(reset_partial_state=True)
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     accelerator = Accelerator(mixed_precision=mixed, cpu=str(device) == "cpu")
     cuda = accelerator.device.type == "cuda"
-    params = cogvideox.add_lora(transformer, t.rank, t.alpha, t.target_modules, seed=seed)
+    params = trainable(transformer, t, seed)
     speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
     if t.compile and cuda:
         speed.compile_blocks(transformer)
@@ -321,7 +449,8 @@ def checkpoints(out: Path) -> list[Path]:
 def save_checkpoint(
     folder: Path, accelerator, transformer, optimizer, lr_scheduler, cfg, state: dict
 ) -> None:
-    """Commit `checkpoint-{step:06d}/`: LoRA weights, training state, state.json."""
+    """Commit `checkpoint-{step:06d}/`: LoRA weights (mode full: `transformer/`), training
+    state, state.json."""
     import torch
 
     from cogpipe.models import cogvideox
@@ -336,8 +465,11 @@ def save_checkpoint(
                       "scaler": scaler, "rng": rng}  # fmt: skip
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        lora = accelerator.unwrap_model(transformer)
-        cogvideox.save_lora(tmp, lora, t.rank, t.alpha)
+        model = accelerator.unwrap_model(transformer)
+        if t.mode == "full":
+            cogvideox.save_full(tmp, model)
+        else:
+            cogvideox.save_lora(tmp, model, t.rank, t.alpha)
         torch.save(training_state, tmp / STATE_FILE)
         write_json(tmp / "state.json", state)
 
@@ -356,7 +488,7 @@ def run_train(
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
 ) -> StageResult:
-    """Train the LoRA to `max_steps`, resuming from the run folder's latest training state.
+    """Train to `max_steps` in `train.mode`, resuming from the run folder's latest training state.
 
     Args:
         ws: the workspace.
@@ -371,6 +503,7 @@ def run_train(
     Raises:
         RunFolderTaken: the run folder belongs to another key.
         TrainingDiverged: a non-finite loss or gradient norm; checkpoints stay intact.
+        ValueError: samples the mode cannot use (see `check_samples`).
     """
     started = time.time()
     t = cfg.train
@@ -403,23 +536,32 @@ def run_train(
     dtype = cogvideox.weight_dtype(
         t.mixed_precision, cogvideox.transformer_config(cfg.model), device
     )
-    validation = validate.prepare(cfg, device, dtype) if t.validation_every else None
+    # Data: the usable samples, each with its bucket (height and width in pixels, latent frames).
+    samples = load_samples(pre)
+    check_samples(pre, samples, t)
+    buckets = list(zip(samples.height, samples.width, samples.latent_frames, strict=True))
+    accum = t.gradient_accumulation_steps
+    with_reference = t.mode == "ic-lora"
+
+    references = None  # ic-lora: prompt i of the validation is conditioned on sample i
+    if t.validation_every and with_reference:
+        count = len(cfg.evaluate.prompts)
+        references = [
+            load_batch(pre, samples, [i % len(samples)], True)[2][0] for i in range(count)
+        ]
+    validation = validate.prepare(cfg, device, dtype, references) if t.validation_every else None
     trainer = build_trainer(cogvideox.load_transformer(cfg.model, device, dtype),
                             cogvideox.load_scheduler(cfg.model), t, cfg.seed, device)  # fmt: skip
     accelerator, cuda = trainer.accelerator, trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    # Data: the usable samples, each with its bucket (height and width in pixels, latent frames).
-    samples = load_samples(pre)
-    buckets = list(zip(samples.height, samples.width, samples.latent_frames, strict=True))
-    accum = t.gradient_accumulation_steps
-
     # Resume from the newest checkpoint that still has its training state.
     start, micro, losses = 0, 0, []
     resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
     if resumable:
-        cogvideox.load_lora(accelerator.unwrap_model(trainer.transformer), resumable[-1])
+        load = cogvideox.load_full if t.mode == "full" else cogvideox.load_lora
+        load(accelerator.unwrap_model(trainer.transformer), resumable[-1])
         saved = torch.load(resumable[-1] / STATE_FILE, map_location="cpu", weights_only=True)
         trainer.optimizer.load_state_dict(saved["optimizer"])
         trainer.lr_scheduler.load_state_dict(saved["lr_scheduler"])
@@ -480,7 +622,10 @@ def run_train(
             rows = [micro_batch(buckets, t.batch_size, cfg.seed, micro + m) for m in range(accum)]
             micro += accum
             # [B, F', C, h, w] and [B, L, D], all of one bucket
-            batches = [(*load_batch(pre, samples, r), buckets[r[0]]) for r in rows]
+            batches = []
+            for r in rows:
+                loaded = load_batch(pre, samples, r, with_reference)
+                batches.append((*loaded[:2], buckets[r[0]], *loaded[2:]))
             queued.append(Queued(step, *trainer.step(step, batches), rows))
             # A step's numbers are read once the next step is queued, so the GPU never waits
             # for Python; a checkpoint or a validation reads its own step first.
@@ -499,7 +644,7 @@ def run_train(
                                 trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
                 with_state = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
                 for old in with_state[: -t.keep_states]:
-                    (old / STATE_FILE).unlink()  # its LoRA stays; only the full state goes
+                    (old / STATE_FILE).unlink()  # its weights stay; only the full state goes
             if validating:
                 report = validate.run(
                     validation, accelerator.unwrap_model(trainer.transformer), out, step
@@ -519,7 +664,8 @@ def run_train(
         "seconds_per_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "trainable_params": sum(p.numel() for p in trainer.params),
-        "lora_scale": t.alpha / t.rank,
+        "lora_scale": t.alpha / t.rank if t.mode in LORA_MODES else None,
+        "mode": t.mode,
         "weight_dtype": str(dtype).removeprefix("torch."),
     }
     counts = {"steps": t.max_steps, "checkpoints": len(checkpoints(out)), "samples": len(samples)}

@@ -22,6 +22,15 @@ of `checkpoint-{N:06d}` up to numerics. What keeps training as it was:
 
     v = validation.prepare(cfg, device, dtype)                 # before the loop
     stats = validation.run(v, transformer, out, step)          # every validation_every steps
+
+IC-LoRA (`train.mode: ic-lora`): `prepare` takes one reference latent per prompt (training
+passes the precomputed references of the first samples). Each video is then sampled by
+the same pipeline with the transformer behind `with_reference`, which puts the clean
+reference latents before the noised latents along frames at every step and hands back
+the target's outputs only, exactly as training feeds it. The video takes the reference's
+size and length, and the decoded reference is written beside it as `p00-reference.mp4`.
+A full fine-tune (`train.mode: full`) samples its fp32 weights under autocast to the
+frozen weights' dtype on a GPU.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ class Validation:
     scheduler: Any  # the sampling scheduler of the model's pipeline
     device: torch.device  # where the transformer is and the videos are sampled
     dtype: torch.dtype  # of the embeddings, the latents and the VAE
+    references: list[torch.Tensor] | None = None  # ic-lora: [F', C, h, w] per prompt, on the CPU
+    autocast: bool = False  # full fine-tune on a GPU: weights in another dtype than `dtype`
 
 
 def folder_of(out: Path, step: int) -> Path:
@@ -112,47 +123,108 @@ def encode_prompts(model: str, prompts: list[str], device, dtype: torch.dtype):
     return torch.cat(rows), negative
 
 
-def prepare(cfg: PipelineConfig, device, dtype: torch.dtype) -> Validation:
+def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, references=None) -> Validation:
     """Everything validation needs, once, before training starts.
 
     Args:
-        cfg: the pipeline config (uses `model` and `evaluate`).
+        cfg: the pipeline config (uses `model`, `evaluate` and `train.mode`).
         device: where the transformer trains (e.g. `accelerator.device`).
         dtype: the frozen weights' dtype (fp16 for 2B-type, bf16 for 5B-type models on GPU).
+        references: ic-lora: one reference latent [F', C, h, w] per prompt (CPU tensors).
 
     Returns:
         A Validation holding CPU tensors and modules only.
 
     Raises:
-        ValueError: the model cannot generate evaluate's frames, height and width.
+        ValueError: the model cannot generate evaluate's frames, height and width; or
+            references that are not one per prompt.
     """
     import torch
 
     ec = cfg.evaluate
     check_shape(ec, cogvideox.transformer_config(cfg.model))
+    if references is not None and len(references) != len(ec.prompts):
+        raise ValueError(f"{len(references)} reference latents for {len(ec.prompts)} prompts")
     embeds, negative = encode_prompts(cfg.model, ec.prompts, device, dtype)
     vae = cogvideox.load_vae(cfg.model, "cpu", dtype)
     vae.enable_tiling()  # as evaluate's pipeline: 49x480x720 decodes in tiles
     scheduler = load_sampler(cfg.model)
-    return Validation(ec, embeds, negative, vae, scheduler, torch.device(device), dtype)
+    device = torch.device(device)
+    autocast = cfg.train.mode == "full" and device.type == "cuda"
+    return Validation(ec, embeds, negative, vae, scheduler, device, dtype, references, autocast)
 
 
 @contextmanager
-def sampling(transformer):
-    """Eval mode, no autograd, compiled code run eagerly; every module's mode restored after."""
+def sampling(transformer, autocast_dtype=None):
+    """Eval mode, no autograd, compiled code run eagerly; every module's mode restored after.
+
+    With `autocast_dtype` (a full fine-tune's fp32 weights on a GPU), under autocast to it.
+    """
     import torch
 
     modes = {m: m.training for m in transformer.modules()}
     # force_eager: torch.compile'd blocks neither compile an eval-mode graph now nor
     # recompile when training resumes (no set_stance before torch 2.6).
     stance = getattr(torch.compiler, "set_stance", None)
+    autocast = (
+        torch.autocast("cuda", dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else nullcontext()
+    )
     transformer.eval()
     try:
-        with torch.no_grad(), stance("force_eager") if stance else nullcontext():
+        with torch.no_grad(), stance("force_eager") if stance else nullcontext(), autocast:
             yield
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+_WITH_REFERENCE: type | None = None
+
+
+def with_reference(transformer, reference: torch.Tensor):
+    """The transformer with clean `reference` latents [1, F', C, h, w] before its input
+    along frames, returning the outputs of the input's frames only (an nn.Module the
+    pipeline can sample with; `.reference` may be swapped between videos)."""
+    global _WITH_REFERENCE
+    if _WITH_REFERENCE is None:
+        import torch
+
+        class WithReference(torch.nn.Module):
+            def __init__(self, transformer, reference):
+                super().__init__()
+                self.transformer, self.reference = transformer, reference
+
+            @property
+            def config(self):
+                return self.transformer.config
+
+            @property
+            def device(self):
+                return self.transformer.device
+
+            @property
+            def dtype(self):
+                return self.transformer.dtype
+
+            def cache_context(self, name: str):
+                return self.transformer.cache_context(name)
+
+            def forward(self, hidden_states, image_rotary_emb=None, **kwargs):
+                b, f, _, h, w = hidden_states.shape  # [B, F', C, h, w]
+                ref = self.reference.to(hidden_states).expand(b, -1, -1, -1, -1)
+                x = torch.cat([ref, hidden_states], dim=1)  # [B, F'_ref + F', C, h, w]
+                if image_rotary_emb is not None:  # for every frame fed, as in training
+                    image_rotary_emb = cogvideox.rotary_embeddings(
+                        self.config, h * cogvideox.VAE_SCALE_SPATIAL,
+                        w * cogvideox.VAE_SCALE_SPATIAL, x.shape[1], x.device,
+                    )  # fmt: skip
+                out = self.transformer(hidden_states=x, image_rotary_emb=image_rotary_emb, **kwargs)
+                return (out[0][:, -f:],)  # return_dict=False: the target's outputs
+
+        _WITH_REFERENCE = WithReference
+    return _WITH_REFERENCE(transformer, reference)
 
 
 def pipeline(v: Validation, transformer):
@@ -167,17 +239,26 @@ def pipeline(v: Validation, transformer):
 
 
 def denoise(pipe, v: Validation, index: int, seed: int) -> torch.Tensor:
-    """Latents of prompt `index` and `seed`: [1, F', C, h, w] on the device, padding dropped."""
-    ec = v.settings
+    """Latents of prompt `index` and `seed`: [1, F', C, h, w] on the device, padding dropped.
+
+    With references, `pipe.transformer` must be `with_reference(...)` holding prompt
+    `index`'s reference; the video then has the reference's size and length.
+    """
+    args = evaluate.sampler_args(v.settings, seed, v.device)
+    if v.references is not None:
+        f, _, h, w = v.references[index].shape  # [F', C, h, w]
+        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        args |= dict(num_frames=(f - 1) * temporal + 1, height=h * spatial, width=w * spatial)
     latents = pipe(
         prompt_embeds=v.prompt_embeds[index : index + 1].to(v.device),
         negative_prompt_embeds=v.negative_embeds.to(v.device),
-        **evaluate.sampler_args(ec, seed, v.device),
+        **args,
         output_type="latent",
     ).frames  # [1, F' + padding, C, h, w]
     # CogVideoX 1.5 pads F' to whole temporal patches in front; the pipeline drops the
     # padding only when it decodes itself.
-    return latents[:, latents.shape[1] - ((ec.frames - 1) // pipe.vae_scale_factor_temporal + 1) :]
+    frames = (args["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    return latents[:, latents.shape[1] - frames :]
 
 
 def decode(pipe, latents: torch.Tensor, prompt: str, seed: int):
@@ -217,13 +298,18 @@ def run(v: Validation, transformer, out: Path, step: int) -> dict[str, Any]:
 
     tic, ec = time.perf_counter(), v.settings
     before = gpu_memory_gb(v.device)
-    pipe = pipeline(v, transformer)
+    wrapped = None if v.references is None else with_reference(transformer, None)
+    pipe = pipeline(v, transformer if wrapped is None else wrapped)
     devices = [v.device] if v.device.type == "cuda" else []
     videos, latents = 0, []
+    autocast = v.dtype if v.autocast else None
     try:
-        with torch.random.fork_rng(devices=devices), sampling(transformer):
+        with torch.random.fork_rng(devices=devices), sampling(transformer, autocast):
             jobs = [(i, p, s) for i, p in enumerate(ec.prompts) for s in ec.seeds]
-            latents = [denoise(pipe, v, i, s) for i, _, s in jobs]  # all before the VAE moves
+            for i, _, s in jobs:  # all before the VAE moves
+                if wrapped is not None:
+                    wrapped.reference = v.references[i][None].to(v.device, v.dtype)
+                latents.append(denoise(pipe, v, i, s))
             v.vae.to(v.device)
             with atomic_path(folder_of(out, step)) as tmp:
                 tmp.mkdir()
@@ -231,6 +317,10 @@ def run(v: Validation, transformer, out: Path, step: int) -> dict[str, Any]:
                     frames = decode(pipe, x, prompt, seed)  # [F, H, W, 3] uint8
                     write_mp4(tmp / evaluate.video_name(i, seed), frames, ec.fps)
                     videos += 1
+                for i, prompt in enumerate(ec.prompts if v.references is not None else []):
+                    reference = v.references[i][None].to(v.device, v.dtype)
+                    frames = decode(pipe, reference, prompt, 0)  # what the videos were given
+                    write_mp4(tmp / f"p{i:02d}-reference.mp4", frames, ec.fps)
     finally:
         v.vae.to("cpu")
         del pipe, latents

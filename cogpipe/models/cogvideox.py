@@ -1,6 +1,6 @@
 """CogVideoX seams: loading components, precision, encoding video and prompts, rotary
-embeddings and LoRA export. Every stage that touches CogVideoX goes through here, so a
-second model family is a second module, not a flag.
+embeddings, LoRA export and full weights. Every stage that touches CogVideoX goes through
+here, so a second model family is a second module, not a flag.
 
 Components load from a hub id (`THUDM/CogVideoX-2b`) or a local folder in diffusers
 layout, through the same `from_pretrained(model, subfolder=...)` calls.
@@ -304,4 +304,40 @@ def load_lora(transformer, path: Path) -> None:
         raise ValueError(
             f"{file} does not match the adapter: unexpected {list(result.unexpected_keys)[:3]}, "
             f"missing {missing[:3]}"
+        )
+
+
+# --------------------------------------------------------------------------- full weights
+
+FULL_FOLDER = "transformer"  # a full fine-tune checkpoint's weights, in diffusers layout
+
+
+def save_full(path: Path, transformer) -> Path:
+    """Write the whole transformer to `path/transformer/` (config.json and safetensors, in
+    the weights' own dtype), loadable with `CogVideoXTransformer3DModel.from_pretrained`."""
+    folder = Path(path) / FULL_FOLDER
+    transformer.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def load_full(transformer, path: Path) -> None:
+    """Copy the weights of `path/transformer/` (one file or shards) into `transformer`.
+
+    Raises:
+        ValueError: the folder holds no weights, or they do not match the transformer.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path) / FULL_FOLDER
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} holds no safetensors weights")
+    state: dict = {}
+    for file in files:
+        state |= load_file(file)
+    result = transformer.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{folder} does not match the transformer: missing {list(result.missing_keys)[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
         )
