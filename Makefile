@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test serve lint clean
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -11,8 +11,14 @@ setup:
 demo: setup  ## sample videos + tiny models, then the whole pipeline through Prefect
 	$(BIN)/cogpipe demo --workspace demo
 
-test: setup  ## the CPU test suite (GPU tests are skipped without a GPU)
+browser:  ## headless Chromium for the browser test, where apt-get can install it
+	@scripts/browser.sh
+
+test: setup browser  ## the CPU test suite (GPU tests are skipped without a GPU)
 	$(BIN)/python -m pytest -q
+
+serve: setup  ## Prefect server + pools + deployments + workers on 127.0.0.1:4200; Ctrl-C stops
+	$(BIN)/cogpipe serve
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -8,6 +8,8 @@
     cogpipe generate --prompt TEXT [...]   text-to-video with a base model and optional LoRA
     cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
     cogpipe export LORA --out PATH [...]   a LoRA for diffusers, SAT, ComfyUI, or merged weights
+    cogpipe serve [--port P] [--expose]    Prefect server, pools, deployments and workers
+    cogpipe worker --pool cpu|gpu          one worker (a GPU worker's GPUs: CUDA_VISIBLE_DEVICES)
 
 Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
 lazily and run it on Prefect's embedded default (a local server on SQLite) unless
@@ -30,6 +32,7 @@ from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
 from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.ingest import SourceError
+from cogpipe.serve import ServeError
 from cogpipe.workspace import StageNotReady, StageResult
 
 
@@ -293,7 +296,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (hub id, folder, 2b, 5b): the LoRA must fit it; "
                    "merged needs it, sat takes num_layers from it")  # fmt: skip
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("serve", help="Prefect server, pools, deployments and workers; Ctrl-C stops")
+    p.add_argument("--port", type=int, default=4200, help="UI and API port (default 4200)")
+    p.add_argument(
+        "--expose", action="store_true",
+        help="bind 0.0.0.0 instead of 127.0.0.1 (the API has no authentication: a trusted network only)",
+    )  # fmt: skip
+    p.add_argument(
+        "--logs", default=".cogpipe-serve", help="server and worker logs (default .cogpipe-serve/)"
+    )
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("worker", help="one Prefect worker for a cogpipe pool")
+    p.add_argument("--pool", choices=["cpu", "gpu"], required=True)
+    p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
+    p.add_argument("--name", help="worker name (default: pool, host and GPUs)")
+    p.set_defaults(fn=cmd_worker)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cogpipe.serve import serve_forever
+
+    _prefect_env()
+    host = "0.0.0.0" if args.expose else "127.0.0.1"
+    return serve_forever(host, args.port, Path(args.logs).resolve())
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from cogpipe.serve import run_worker
+
+    _prefect_env()
+    return run_worker(args.pool, args.api, args.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError,
-            ExportError) as e:  # fmt: skip
+            ExportError, ServeError) as e:  # fmt: skip
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
 

@@ -31,3 +31,18 @@ def table(results: list[StageResult]) -> str:
         for reason, n in r.stats.get("rejections", {}).items():
             lines.append(f"{'':<11} {'':<12} {'':<9} {'':>8}    rejected {n}: {reason}")
     return "\n".join(lines)
+
+
+def pipeline_markdown(results: list[StageResult], where: dict[str, str] | None = None) -> str:
+    """The pipeline run's own report: one row per stage (key, computed or reused, seconds,
+    counts, and where it ran when `where` names it)."""
+    where = where or {}
+    lines = ["# cogpipe pipeline", "", "| stage | key | state | seconds | ran on | counts |"]
+    lines.append("| --- | --- | --- | ---: | --- | --- |")
+    for r in results:
+        state = "reused" if r.reused else "computed"
+        counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
+        lines.append(
+            f"| {r.stage} | `{r.key}` | {state} | {r.seconds:.1f} | {where.get(r.stage, 'here')} | {counts} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -15,12 +15,14 @@ import json
 import sys
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
 from cogpipe import evaluate as evaluation
 from cogpipe.config import PipelineConfig, load_config
 from cogpipe.evaluate import BASE
 from cogpipe.pipeline import finished, plan
+from cogpipe.secrets import use_hub_token
+from cogpipe.serve import gpu_slots
 from cogpipe.workspace import StageNotReady, StageResult, Workspace
 from cogpipe_tasks.evaluate import evaluate
 
@@ -48,6 +50,7 @@ def evaluate_checkpoints(config: PipelineConfig) -> dict[str, int]:
         StageNotReady: the config's check stage is not finished (its split is the
             held-out reference).
     """
+    get_run_logger().info("hub token: %s", use_hub_token())
     ws = Workspace(config.workspace)
     keys = plan(config, "check")
     check = finished(ws, config, "check", keys["check"], {"ingest": keys["ingest"]})
@@ -57,13 +60,14 @@ def evaluate_checkpoints(config: PipelineConfig) -> dict[str, int]:
             f"`cogpipe check CONFIG` first (workspace {ws.root})"
         )
     before = evaluated(ws, config)
-    for run, key in training_runs(ws).items():
-        train = StageResult("train", key, str(ws.root / "train" / run))
-        # `name` places the run's evaluation under evaluate/<ekey>/<run>/ (keys ignore it)
-        run_config = config.model_copy(update={"name": run})
-        evaluate.with_options(task_run_name=f"evaluate-{run}")(
-            run_config, train.to_dict(), check.to_dict()
-        )
+    with gpu_slots():  # on a `cogpipe worker` of the gpu pool: its GPUs, one job at a time
+        for run, key in training_runs(ws).items():
+            train = StageResult("train", key, str(ws.root / "train" / run))
+            # `name` places the run's evaluation under evaluate/<ekey>/<run>/ (keys ignore it)
+            run_config = config.model_copy(update={"name": run})
+            evaluate.with_options(task_run_name=f"evaluate-{run}")(
+                run_config, train.to_dict(), check.to_dict()
+            )
     after = evaluated(ws, config)
     new = {run: after.get(run, 0) - before.get(run, 0) for run in training_runs(ws)}
     print(f"checkpoints evaluated: {new}")

@@ -10,38 +10,63 @@ from __future__ import annotations
 
 import sys
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from cogpipe.config import STAGES, PipelineConfig, Stage, load_config
+from cogpipe.secrets import use_hub_token
+from cogpipe.summary import pipeline_markdown
+from cogpipe.workspace import StageResult
 from cogpipe_tasks.caption import caption, caption_shard
 from cogpipe_tasks.check import check
 from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.filter import filter
 from cogpipe_tasks.ingest import ingest
 from cogpipe_tasks.precompute import precompute
+from cogpipe_tasks.remote import remote_stage
 from cogpipe_tasks.train import train
+
+GPU_STAGES = ("caption", "precompute", "train", "evaluate")
 
 
 @flow(name="cogpipe-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig, until: Stage = "evaluate") -> dict[str, dict]:
-    """Run every stage up to `until`; returns each stage's result record."""
+def pipeline(
+    config: PipelineConfig, until: Stage = "evaluate", gpu_pool: str | None = None
+) -> dict[str, dict]:
+    """Run every stage up to `until`; returns each stage's result record.
+
+    With `gpu_pool`, caption, precompute, train and evaluate run as flow runs of the
+    deployment `cogpipe-stage/<gpu_pool>` on that pool's workers (caption shards as
+    separate runs, N at once on N workers); the rest runs here.
+    """
+    get_run_logger().info("hub token: %s", use_hub_token())
     last = STAGES.index(until)
     done: dict[str, dict] = {}
+
+    def gpu(stage: str, local, *upstream: str) -> dict:
+        records = {up: done[up] for up in upstream}
+        if gpu_pool:
+            return remote_stage(config, stage, gpu_pool, records)
+        return local(config, *records.values())
+
     done["ingest"] = ingest(config)
     if last >= 1:
         done["check"] = check(config, done["ingest"])
     if last >= 2:
-        if config.caption.shards > 1:
+        if config.caption.shards > 1 and not gpu_pool:
             caption_shards(config, done["check"])
-        done["caption"] = caption(config, done["check"])
+        done["caption"] = gpu("caption", caption, "check")
     if last >= 3:
         done["filter"] = filter(config, done["caption"], done["check"])
     if last >= 4:
-        done["precompute"] = precompute(config, done["filter"], done["check"])
+        done["precompute"] = gpu("precompute", precompute, "filter", "check")
     if last >= 5:
-        done["train"] = train(config, done["precompute"])
+        done["train"] = gpu("train", train, "precompute")
     if last >= 6:
-        done["evaluate"] = evaluate(config, done["train"], done["check"])
+        done["evaluate"] = gpu("evaluate", evaluate, "train", "check")
+    results = [StageResult.from_dict(r) for r in done.values()]
+    where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and s in GPU_STAGES}
+    create_markdown_artifact(pipeline_markdown(results, where), key="pipeline-summary")
     return done
 
 

@@ -7,6 +7,7 @@ no analytics (there is no network), a generous ephemeral-server start-up timeout
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -71,3 +72,58 @@ def demo_config(tmp_path, sample_videos, tiny_models):
         return PipelineConfig.model_validate(raw)
 
     return make
+
+
+# A real Prefect server with real workers, shared by the production tests (test_serve.py,
+# test_ui.py): started once, on 127.0.0.1 and a free port, by the code `cogpipe serve` runs.
+ZOMBIE_WITHIN_S = 50  # stuck-run window for tests (heartbeats every 30 s, Prefect's minimum)
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """`cogpipe serve` without GPUs: server, pools, limits, automation, deployments, one cpu
+    worker and one CPU-backed gpu worker (named 'gpu-cpu'). Logs under the fixture's tmp."""
+    from cogpipe.serve import free_port, serve
+
+    logs = tmp_path_factory.mktemp("serve-logs")
+    server = serve(
+        port=free_port(), logs=logs, gpus=[], zombie_within_s=ZOMBIE_WITHIN_S,
+        database=logs / "prefect.db",  # its own: the ephemeral API of other tests has PREFECT_HOME's
+        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"},
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def served_demo(served, tmp_path_factory) -> Path:
+    """The demo's videos, tiny models and config, set as the pipeline deployment's default
+    parameters (what a site admin does so the UI's Run form starts from their paths)."""
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from cogpipe.config import load_config
+    from cogpipe.demo import prepare_demo
+
+    config = load_config(prepare_demo(tmp_path_factory.mktemp("served-demo")))
+    with prefect_client(served) as client:
+        deployment = client.read_deployment_by_name("cogpipe-pipeline/pipeline")
+        params = deployment.parameters | {"config": config.model_dump(mode="json")}
+        client.update_deployment(deployment.id, DeploymentUpdate(parameters=params))
+    return config
+
+
+@contextlib.contextmanager
+def prefect_client(server):
+    """A sync client of `server`; this process's own settings point nowhere else after."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server.api_url}), get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture
+def api(served):
+    """A client of the served server for one test."""
+    with prefect_client(served) as client:
+        yield client

@@ -1,0 +1,425 @@
+"""Production on Prefect: work pools, one job per GPU, deployments, stuck-run detection and
+the worker processes.
+
+    cogpipe serve [--port 4200] [--expose]    server, pools, limits, deployments, workers
+    cogpipe worker --pool gpu                 one worker; its GPUs are its CUDA_VISIBLE_DEVICES
+
+Layout (deployments/prefect.yaml):
+
+- pool `cpu` runs the full pipeline flow (ingest, check and filter in-process);
+- pool `gpu` runs `cogpipe-stage/gpu`: caption, precompute, train and evaluate, started by
+  the pipeline with `run_deployment` (one run per caption shard), and the nightly
+  `evaluate-checkpoints`.
+
+One job per GPU: every GPU worker names its GPUs from its own CUDA_VISIBLE_DEVICES (never
+from deployment variables) as global concurrency limits of one slot,
+`gpu:<host>:<device>`, and a GPU flow run holds all of its worker's slots with
+`strict=True` for as long as it runs. The slots are leases the run renews: when its worker
+dies, they free themselves `LEASE_S` seconds later. A worker with no GPU serves the `gpu`
+pool on the CPU under one slot `gpu:<host>:cpu`.
+
+Stuck runs: flow runs send a heartbeat every `HEARTBEAT_S` seconds; the automation Prefect
+documents for self-hosted servers marks a run that stops sending them (its worker died)
+Crashed after `ZOMBIE_WITHIN_S`, so it can be retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CPU_POOL, GPU_POOL = "cpu", "gpu"
+STAGE_FLOW = "cogpipe-stage"  # deployment `cogpipe-stage/<pool>` runs one stage on <pool>
+SLOTS_ENV = "COGPIPE_GPU_SLOTS"  # set by `cogpipe worker` for the flow runs it starts
+HEARTBEAT_S = 30  # Prefect's minimum
+ZOMBIE_WITHIN_S = 90
+LEASE_S = 60  # the server's minimum lease
+ZOMBIE_AUTOMATION = "cogpipe: crash flow runs that stopped sending heartbeats"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments/, flows/
+
+
+class ServeError(RuntimeError):
+    """The server, a deployment or a worker could not be started."""
+
+
+def gpu_devices(env: dict[str, str] | None = None) -> list[str]:
+    """This process's GPUs: CUDA_VISIBLE_DEVICES when set (empty: none), else every GPU
+    torch sees."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def slot_names(devices: list[str], host: str | None = None) -> list[str]:
+    """The concurrency limits of a worker owning `devices` (one slot each)."""
+    host = host or socket.gethostname()
+    return [f"gpu:{host}:{d}" for d in devices] or [f"gpu:{host}:cpu"]
+
+
+@contextlib.contextmanager
+def gpu_slots() -> Iterator[list[str]]:
+    """Hold every GPU slot of the worker that started this flow run; a no-op outside a
+    `cogpipe worker` (the CLI, tests, a CPU worker).
+
+    Raises:
+        ConcurrencySlotAcquisitionError: a slot's limit does not exist (a worker started
+            without `cogpipe worker`, whose limits were never created).
+    """
+    names = [n for n in os.environ.get(SLOTS_ENV, "").split(",") if n]
+    if not names:
+        yield []
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(names, occupy=1, strict=True, lease_duration=LEASE_S):
+        yield names
+
+
+def ensure_pools(client, pools: list[str]) -> None:
+    """Create the process work pools that do not exist yet."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    for pool in pools:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
+def ensure_limits(client, names: list[str]) -> None:
+    """Create the one-slot GPU limits that do not exist yet (an existing one is kept)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    for name in names:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+            )
+
+
+def ensure_zombie_automation(client, within_s: float = ZOMBIE_WITHIN_S) -> None:
+    """The automation that marks a flow run Crashed when its heartbeats stop for `within_s`
+    (replaced when its window differs)."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    trigger = EventTrigger(
+        after={"prefect.flow-run.heartbeat"},
+        expect={
+            "prefect.flow-run.heartbeat",
+            "prefect.flow-run.Completed",
+            "prefect.flow-run.Failed",
+            "prefect.flow-run.Cancelled",
+            "prefect.flow-run.Crashed",
+        },
+        match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+        for_each={"prefect.resource.id"},
+        posture=Posture.Proactive,
+        threshold=1,
+        within=timedelta(seconds=within_s),
+    )
+    for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
+        if old.trigger.within == trigger.within:
+            return
+        client.delete_automation(old.id)
+    action = ChangeFlowRunState(
+        state=StateType.CRASHED,
+        message=f"No heartbeat for {within_s:.0f}s: its worker stopped. Retry to resume.",
+    )
+    client.create_automation(
+        AutomationCore(name=ZOMBIE_AUTOMATION, trigger=trigger, actions=[action])
+    )
+
+
+def deploy(api_url: str, prefect_file: Path = ROOT / "deployments" / "prefect.yaml") -> None:
+    """`prefect deploy --all` from the checkout (entrypoints are relative to it).
+
+    Raises:
+        ServeError: the deploy command failed (its output is in the message).
+    """
+    env = os.environ | {"PREFECT_API_URL": api_url, "COGPIPE_ROOT": str(ROOT)}
+    cmd = [_prefect(), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise ServeError(f"{prefect_file}: prefect deploy failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def setup(api_url: str, gpu_groups: list[list[str]], zombie_within_s: float = ZOMBIE_WITHIN_S):
+    """Pools, every worker's GPU limits, the stuck-run automation, then the deployments."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        ensure_pools(client, [CPU_POOL, GPU_POOL])
+        ensure_limits(client, [n for devices in gpu_groups for n in slot_names(devices)])
+        ensure_zombie_automation(client, zombie_within_s)
+    deploy(api_url)
+
+
+def worker_env(pool: str, api_url: str, devices: list[str] | None) -> dict[str, str]:
+    """The environment of a worker (and so of the flow runs it starts)."""
+    env = os.environ | {
+        "PREFECT_API_URL": api_url,
+        "COGPIPE_ROOT": str(ROOT),
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": os.environ.get(
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S)
+        ),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if devices is not None:  # a GPU worker: these GPUs only
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        env[SLOTS_ENV] = ",".join(slot_names(devices))
+    return env
+
+
+def worker_command(pool: str, name: str, limit: int | None) -> list[str]:
+    cmd = [_prefect(), "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    return [*cmd, "--limit", str(limit)] if limit else cmd
+
+
+def run_worker(pool: str, api_url: str | None = None, name: str | None = None) -> int:
+    """`cogpipe worker`: create this worker's GPU limits, then become the Prefect worker.
+
+    A `gpu` worker takes one job at a time with all its GPUs (a multi-GPU worker serves
+    multi-GPU training); a `cpu` worker takes any number.
+    """
+    api_url = api_url or os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        raise ServeError("cogpipe worker: set PREFECT_API_URL or pass --api (the server's /api)")
+    devices = gpu_devices() if pool != CPU_POOL else None
+    env = worker_env(pool, api_url, devices)
+    if devices is not None:
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as c:
+            ensure_limits(c, slot_names(devices))
+    name = name or f"{pool}-{socket.gethostname()}" + (f"-{'-'.join(devices)}" if devices else "")
+    cmd = worker_command(pool, name, 1 if devices is not None else None)
+    os.execvpe(cmd[0], cmd, env)  # SIGTERM now reaches the Prefect worker itself
+    return 0  # not reached
+
+
+@dataclass
+class Server:
+    """A running `cogpipe serve`: the Prefect server and its workers (process groups)."""
+
+    url: str
+    server: subprocess.Popen | None
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    logs: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of every worker
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/api"
+
+    def start_worker(self, pool: str, devices: list[str] | None = None, name: str | None = None):
+        """Start `cogpipe worker` for `pool` in its own process group (so stopping it stops
+        the flow runs it started); `devices` are a GPU worker's CUDA_VISIBLE_DEVICES."""
+        name = name or (pool if devices is None else f"{pool}-{'-'.join(devices) or 'cpu'}")
+        env = os.environ | self.env | {"PREFECT_API_URL": self.api_url}
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+        cmd = [sys.executable, "-m", "cogpipe.cli", "worker", "--pool", pool, "--name", name]
+        out = open(self.logs / f"worker-{name}.log", "ab") if self.logs else subprocess.DEVNULL
+        self.workers[name] = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        return self.workers[name]
+
+    def kill_worker(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal a worker and every process below it (Prefect starts each flow run in a
+        session of its own), then reap it: SIGKILL is what a dead GPU host looks like."""
+        proc = self.workers.pop(name)
+        signal_tree(proc.pid, sig)
+        proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        """SIGTERM the workers and their flow runs (SIGKILL after 20 s), then the server."""
+        trees = {name: [p.pid, *descendants(p.pid)] for name, p in self.workers.items()}
+        for pids in trees.values():
+            _signal(pids, signal.SIGTERM)
+        deadline = time.time() + 20
+        for name, pids in trees.items():
+            try:
+                self.workers[name].wait(timeout=max(deadline - time.time(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal(pids, signal.SIGKILL)  # whatever is left of it, runs included
+            self.workers.pop(name).wait()
+        if self.server is not None and self.server.poll() is None:
+            signal_tree(self.server.pid, signal.SIGTERM)
+            try:
+                self.server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                signal_tree(self.server.pid, signal.SIGKILL)
+                self.server.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (Linux /proc), children first."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found.extend(sorted(frontier))
+    return found
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """`sig` to `pid` and everything below it."""
+    _signal([pid, *descendants(pid)], sig)
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def start_server(
+    host: str,
+    port: int,
+    logs: Path | None = None,
+    timeout: float = 180,
+    database: Path | None = None,
+) -> Server:
+    """Start `prefect server start` bound to host:port and wait until its API answers.
+
+    Raises:
+        ServeError: it exited or did not answer within `timeout` seconds.
+    """
+    env = os.environ | {
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    if database is not None:
+        env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{database}"
+    out = open(logs / "server.log", "ab") if logs else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [_prefect(), "server", "start", "--host", host, "--port", str(port)],
+        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            where = f"; see {logs / 'server.log'}" if logs else ""
+            raise ServeError(f"prefect server exited with {proc.returncode}{where}")
+        try:
+            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as r:
+                if r.status == 200:
+                    return Server(url, proc, logs=logs)
+        except OSError:
+            time.sleep(0.5)
+    signal_tree(proc.pid, signal.SIGKILL)
+    raise ServeError(f"prefect server did not answer on {url} within {timeout:.0f}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 4200,
+    logs: Path | None = None,
+    gpus: list[str] | None = None,
+    zombie_within_s: float = ZOMBIE_WITHIN_S,
+    database: Path | None = None,
+    worker_env: dict[str, str] | None = None,
+) -> Server:
+    """Start the server, set it up, deploy, and start one CPU worker and one GPU worker
+    per GPU (one CPU-backed `gpu` worker when there is none). The caller stops it.
+
+    `database`: a SQLite file for the server (default: Prefect's, under PREFECT_HOME);
+    `worker_env`: extra environment for the workers and their flow runs.
+    """
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+    server = start_server(host, port, logs, database=database)
+    server.env = dict(worker_env or {})
+    try:
+        gpus = gpu_devices() if gpus is None else gpus
+        groups = [[g] for g in gpus] or [[]]
+        setup(server.api_url, groups, zombie_within_s)
+        server.start_worker(CPU_POOL)
+        for devices in groups:
+            server.start_worker(GPU_POOL, devices)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def serve_forever(host: str, port: int, logs: Path) -> int:
+    """`cogpipe serve`: print the UI address, then wait; Ctrl-C (or SIGTERM) stops all."""
+    server = serve(host, port, logs)
+    signal.signal(signal.SIGTERM, _interrupt)
+    print(f"cogpipe: Prefect UI at {server.url}  (workers: {', '.join(server.workers)})")
+    print(f"cogpipe: logs in {logs}; Ctrl-C stops the workers and the server", flush=True)
+    try:
+        while True:
+            for name, proc in list(server.workers.items()):
+                if proc.poll() is not None:
+                    print(f"cogpipe: worker {name} exited ({proc.returncode}); restarting")
+                    server.workers.pop(name)
+                    devices = None if name == CPU_POOL else _devices_of(name)
+                    server.start_worker(CPU_POOL if devices is None else GPU_POOL, devices, name)
+            if server.server.poll() is not None:
+                print(f"cogpipe: the server exited ({server.server.returncode})", file=sys.stderr)
+                return 1
+            time.sleep(2)
+    except KeyboardInterrupt:
+        print("cogpipe: stopping workers and server", flush=True)
+    finally:
+        server.stop()
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _devices_of(worker_name: str) -> list[str]:
+    rest = worker_name.removeprefix(f"{GPU_POOL}-")
+    return [] if rest == "cpu" else rest.split("-")
+
+
+def _prefect() -> str:
+    """The `prefect` executable of this interpreter's environment."""
+    local = Path(sys.executable).parent / "prefect"
+    return str(local) if local.exists() else (shutil.which("prefect") or "prefect")

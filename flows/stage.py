@@ -1,0 +1,39 @@
+"""One stage (or one shard of it) as its own flow run: what a GPU worker runs.
+
+The full pipeline, given a `gpu_pool`, starts caption, precompute, train and evaluate as
+runs of the deployment `cogpipe-stage/<gpu_pool>` (deployments/prefect.yaml) instead of
+in its own process, one run per caption shard, so N GPU workers take N shards at once.
+The stage reads its inputs from the shared workspace and holds every GPU slot of its
+worker while it runs (cogpipe.serve.gpu_slots); a retried run resumes from what the
+crashed one committed.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from cogpipe.config import PipelineConfig, Stage
+from cogpipe.pipeline import run_stage, upstream_results
+from cogpipe.secrets import use_hub_token
+from cogpipe.serve import gpu_slots
+from cogpipe_tasks.common import ProgressArtifact, run
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    shard = params.get("shard")
+    return params["stage"] if shard is None else f"{params['stage']}-shard-{shard}"
+
+
+@flow(name="cogpipe-stage", flow_run_name=_run_name, log_prints=True)
+def stage(config: PipelineConfig, stage: Stage = "caption", shard: int | None = None) -> dict:
+    """Run `stage` (its inputs must be done); with `shard`, commit only that caption
+    shard's parts (no merge). Returns the stage's result record ({} for a shard)."""
+    get_run_logger().info("hub token: %s", use_hub_token())
+    with gpu_slots():
+        if shard is None:
+            upstream = upstream_results(config, stage)
+            return run(stage, config, **{up: r.to_dict() for up, r in upstream.items()})
+        run_stage(config, stage, progress=ProgressArtifact(f"{stage}-shard-{shard}"), shard=shard)
+        return {}

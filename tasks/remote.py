@@ -1,0 +1,97 @@
+"""A stage run on a GPU pool: the pipeline's task that starts `cogpipe-stage/<pool>` runs
+and waits for them.
+
+Cached like the in-process stage tasks (by stage key, once done on disk), and before it
+starts anything it looks for the stage's done marker, so a re-run of a finished pipeline
+starts no GPU run. A run that crashed (its worker died) fails this task, whose retry
+starts a new run; that run resumes from what the crashed one committed.
+"""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect import get_run_logger, task
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+from cogpipe.config import PipelineConfig
+from cogpipe.pipeline import finished, module
+from cogpipe.serve import STAGE_FLOW
+from cogpipe.workspace import Workspace
+from cogpipe_tasks.common import cache_key
+
+POLL_S = 2.0
+
+
+class StageRunFailed(RuntimeError):
+    """A stage's flow run on the GPU pool ended in a state other than Completed."""
+
+
+def shards(config: PipelineConfig, stage: str) -> int:
+    """How many runs a stage is split into before its final run (caption: its shards)."""
+    return config.caption.shards if stage == "caption" else 1
+
+
+@task(
+    name="on-gpu-pool",
+    task_run_name="{stage}-on-{pool}",
+    cache_key_fn=lambda ctx, params: cache_key(params["stage"])(ctx, params["upstream"] | params),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=10,
+)
+def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[str, dict]) -> dict:
+    """Run `stage` as flow runs of `cogpipe-stage/<pool>`: its shards at once, then the
+    stage itself; returns its result record as the workspace holds it."""
+    logger = get_run_logger()
+    ws, inputs = Workspace(config.workspace), {up: r["key"] for up, r in upstream.items()}
+    key = module(stage).key_of(config, inputs)
+    if (done := finished(ws, config, stage, key, inputs)) is not None:
+        logger.info("%s %s: done on disk, no %s run", stage, key, pool)
+        return done.to_dict()
+    deployment = f"{STAGE_FLOW}/{pool}"
+    n = shards(config, stage)
+    if n > 1:
+        wait([start(deployment, config, stage, k) for k in range(n)])
+    wait([start(deployment, config, stage, None)])
+    done = finished(ws, config, stage, key, inputs)
+    if done is None:
+        raise StageRunFailed(f"{stage}: its {pool} run completed but {ws.root} has no done marker")
+    return done.to_dict() | {"reused": False}  # computed by the runs started here
+
+
+def start(deployment: str, config: PipelineConfig, stage: str, shard: int | None) -> UUID:
+    """Schedule one run of the stage deployment now; returns its flow run id."""
+    params = {"config": config.model_dump(mode="json"), "stage": stage, "shard": shard}
+    run = run_deployment(deployment, parameters=params, timeout=0)
+    get_run_logger().info("%s: started flow run %s on %s", stage, run.name, deployment)
+    return run.id
+
+
+def wait(ids: list[UUID]) -> None:
+    """Wait for every run to end.
+
+    Raises:
+        StageRunFailed: a run ended Failed, Crashed or Cancelled (the message names it and
+            its state's message).
+    """
+    pending, failed = set(ids), []
+    with get_client(sync_client=True) as client:
+        while pending:  # all of them, so a retry never runs a shard twice at once
+            for run_id in list(pending):
+                run = client.read_flow_run(run_id)
+                if run.state is None or not run.state.is_final():
+                    continue
+                pending.discard(run_id)
+                if not run.state.is_completed():
+                    message = run.state.message or "no message"
+                    failed.append(
+                        f"flow run {run.name} ({run_id}) ended {run.state.name}: {message}"
+                    )
+            if pending:
+                time.sleep(POLL_S)
+    if failed:
+        raise StageRunFailed("; ".join(failed))

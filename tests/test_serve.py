@@ -1,0 +1,220 @@
+"""Production on Prefect, for real: a Prefect server, a `cpu` and a CPU-backed `gpu` process
+worker on 127.0.0.1 (the `served` fixture runs what `cogpipe serve` runs), the deployments
+of deployments/prefect.yaml, and the demo data.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from conftest import ZOMBIE_WITHIN_S
+
+from cogpipe.config import STAGES
+from cogpipe.pipeline import plan, status
+from cogpipe.secrets import SECRET_BLOCK
+from cogpipe.serve import descendants
+from cogpipe.workspace import read_table
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+GPU_STAGES = ["caption", "precompute", "train", "evaluate"]
+TOKEN = "hf_cogpipe_test_token_4f1d"  # a Secret block's value that must never be shown
+
+
+def wait_final(client, run_id: UUID, timeout: float):
+    """The flow run once its state is final (fails the test after `timeout` seconds)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(2)
+    pytest.fail(f"flow run {run_id} not final after {timeout:.0f}s (state {run.state.name})")
+
+
+def children(client, parent: UUID) -> list:
+    """Flow runs started by `parent` (run_deployment links them as subflows)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    flt = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent]))
+    return client.read_flow_runs(flow_run_filter=flt)
+
+
+def artifacts_of(client, runs: list[UUID]) -> dict[str, str]:
+    """{artifact key: data} published by these flow runs."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=runs))
+    return {a.key: a.data for a in client.read_artifacts(artifact_filter=flt) if a.key}
+
+
+def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(served, served_demo, api):
+    """Triggered through the API as the UI's Run button does, on the deployment's defaults;
+    the hub token comes from a Secret block and shows up in no parameter, log or artifact."""
+    from prefect.blocks.system import Secret
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: served.api_url}):
+        Secret(value=TOKEN).save(SECRET_BLOCK, overwrite=True)
+    deployment = api.read_deployment_by_name("cogpipe-pipeline/pipeline")
+    run = api.create_flow_run_from_deployment(deployment.id)
+    run = wait_final(api, run.id, timeout=1200)
+    assert run.state.is_completed(), run.state.message
+    assert run.work_pool_name == "cpu"
+
+    stage_runs = children(api, run.id)
+    assert sorted(r.name for r in stage_runs) == sorted(GPU_STAGES)
+    assert {r.work_pool_name for r in stage_runs} == {"gpu"}
+    assert all(r.state.is_completed() for r in stage_runs)
+
+    found = artifacts_of(api, [run.id, *(r.id for r in stage_runs)])
+    wanted = {f"{stage}-summary" for stage in STAGES} | {"check-report", "evaluate-report"}
+    assert wanted <= set(found), wanted - set(found)
+    assert "checkpoint-000006" in found["evaluate-report"]
+
+    runs = [run, *stage_runs]
+    logs = api.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs]))
+    )
+    said = "\n".join(log.message for log in logs)
+    assert f"hub token: Prefect Secret block '{SECRET_BLOCK}'" in said
+    for text in [said, *found.values(), *(str(r.parameters) for r in runs)]:
+        assert TOKEN not in text
+
+    # Every stage is done on disk for this config.
+    assert all(s["done"] for s in status(served_demo).values())
+
+    # A second run of the finished pipeline starts no GPU run: every stage is cached.
+    again = wait_final(api, api.create_flow_run_from_deployment(deployment.id).id, timeout=600)
+    assert again.state.is_completed(), again.state.message
+    assert children(api, again.id) == []
+
+
+def test_gpu_worker_killed_while_captioning_resumes_and_captions_every_clip_once(
+    served, served_demo, api, tmp_path
+):
+    """The GPU worker dies mid-shard: the stuck run is marked Crashed by the heartbeat
+    automation, the worker comes back, the pipeline's retry resumes the shard, and every
+    clip is captioned exactly once (parts committed before the kill are never redone)."""
+    config = served_demo.model_copy(
+        update={
+            "workspace": tmp_path / "ws",
+            "caption": served_demo.caption.model_copy(update={"batch_size": 1, "shards": 2}),
+        }
+    )
+    deployment = api.read_deployment_by_name("cogpipe-pipeline/pipeline")
+    run = api.create_flow_run_from_deployment(
+        deployment.id, parameters={"config": config.model_dump(mode="json"), "until": "caption"}
+    )
+    out = config.workspace / "caption" / plan(config, "caption")["caption"]
+
+    deadline = time.time() + 600
+    while not list(out.glob("part-*.parquet")):  # the first committed part
+        assert time.time() < deadline, "no caption part was committed within 600 s"
+        time.sleep(0.1)
+    served.kill_worker("gpu-cpu")  # SIGKILL to its process group: the worker and its run
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
+
+    deadline = time.time() + ZOMBIE_WITHIN_S + 120
+    while True:
+        crashed = [r for r in children(api, run.id) if r.state.type.value == "CRASHED"]
+        if crashed:
+            break
+        assert time.time() < deadline, "the killed run was not marked Crashed"
+        time.sleep(2)
+    assert "heartbeat" in crashed[0].state.message
+
+    served.start_worker("gpu", [])
+    run = wait_final(api, run.id, timeout=900)
+    assert run.state.is_completed(), run.state.message
+
+    clips = read_table(Path(plan_path(config, "check")) / "clips.parquet")
+    kept = sorted(clips[clips.keep.astype(bool)].clip_id)
+    captions = read_table(out / "captions.parquet")
+    assert sorted(captions.clip_id) == kept  # every kept clip, each once
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == len(kept)  # batch_size 1: one part per clip, none written twice
+    assert len(before) < len(parts), "the kill came after captioning had finished"
+    for part in parts:
+        if part.name in before:  # committed before the kill: not captioned again
+            assert (part.stat().st_ino, part.stat().st_mtime_ns) == before[part.name]
+
+
+def plan_path(config, stage: str) -> Path:
+    return config.workspace / stage / plan(config, stage)[stage]
+
+
+def test_gpu_slots_are_strict_and_held_while_a_stage_runs(served, api, monkeypatch):
+    """One job per GPU: a run holds its worker's slots; a slot whose limit was never
+    created is an error, not a free pass."""
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cogpipe.serve import SLOTS_ENV, gpu_slots, slot_names
+
+    (name,) = slot_names([])  # the CPU-backed gpu worker's slot
+    assert api.read_global_concurrency_limit_by_name(name).limit == 1
+    with temporary_settings({PREFECT_API_URL: served.api_url}):
+        monkeypatch.setenv(SLOTS_ENV, name)
+        with gpu_slots() as held:
+            assert held == [name]
+            assert api.read_global_concurrency_limit_by_name(name).active_slots == 1
+        assert api.read_global_concurrency_limit_by_name(name).active_slots == 0
+        monkeypatch.setenv(SLOTS_ENV, "gpu:no-such-host:7")
+        with pytest.raises(ConcurrencySlotAcquisitionError, match="gpu:no-such-host:7"):
+            with gpu_slots():
+                pass
+
+
+def test_nightly_deployment_has_scheduled_runs_at_two_utc(api):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    deployment = api.read_deployment_by_name("evaluate-checkpoints/evaluate-checkpoints-nightly")
+    assert deployment.work_pool_name == "gpu"
+    flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
+    deadline = time.time() + 120
+    while not (runs := api.read_flow_runs(flow_run_filter=flt)):
+        assert time.time() < deadline, "the scheduler made no runs for the nightly deployment"
+        time.sleep(2)
+    assert all(r.state.type.value == "SCHEDULED" for r in runs)
+    times = sorted(r.expected_start_time for r in runs)
+    assert all(
+        (t.hour, t.minute, t.tzinfo.utcoffset(t).total_seconds()) == (2, 0, 0) for t in times
+    )
+    assert len({t.date() for t in times}) == len(times)  # one a night
+
+
+def test_cogpipe_serve_prints_the_ui_address_and_stops_on_ctrl_c(tmp_path):
+    from cogpipe.serve import free_port
+
+    port = free_port()
+    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cogpipe.cli", "serve", "--port", str(port), "--logs", str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert f"Prefect UI at http://127.0.0.1:{port}" in line, line
+        assert "cpu" in line and "gpu-cpu" in line  # one cpu worker, one CPU-backed gpu worker
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as r:
+            assert r.status == 200
+        spawned = descendants(proc.pid)  # the server and the workers
+        assert len(spawned) >= 3
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's foreground group
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    alive = [pid for pid in spawned if Path(f"/proc/{pid}").exists()]
+    assert alive == [], "left running after Ctrl-C: " + ", ".join(map(str, alive))

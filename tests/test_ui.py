@@ -1,0 +1,107 @@
+"""The Prefect UI in headless Chromium: the full pipeline's Run form, submitted, until the
+run completes, with screenshots of the form, the finished run and its artifacts.
+
+Screenshots go to the test's tmp folder; with COGPIPE_SCREENSHOTS=docs/screenshots they
+are also written there (the README shows those). Needs Debian's `chromium` and
+`chromium-driver` (`make test` installs them where it can; otherwise this test skips).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from test_serve import wait_final
+
+pytestmark = [pytest.mark.prefect, pytest.mark.slow]
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
+
+
+@pytest.fixture
+def browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service(driver))
+    browser.set_page_load_timeout(120)
+    yield browser
+    browser.quit()
+
+
+def shoot(browser, folder: Path, name: str) -> Path:
+    """A screenshot into `folder`, copied to $COGPIPE_SCREENSHOTS when it is set."""
+    path = folder / name
+    assert browser.save_screenshot(str(path)), name
+    if keep := os.environ.get("COGPIPE_SCREENSHOTS"):
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / name)
+    return path
+
+
+def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
+    served, served_demo, api, browser, tmp_path
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 120)
+    deployment = api.read_deployment_by_name("cogpipe-pipeline/pipeline")
+    browser.get(f"{served.url}/deployments/deployment/{deployment.id}/run")
+    submit = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "button[type=submit]")))
+    # The form starts from the deployment's parameters: the demo's workspace and videos.
+    wait.until(lambda b: str(served_demo.workspace) in b.page_source)
+    time.sleep(1)  # let the form finish laying out before the picture
+    shoot(browser, tmp_path, "run-form.png")
+
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", submit)
+    browser.execute_script("arguments[0].click();", submit)
+    wait.until(lambda b: "/runs/flow-run/" in b.current_url)
+    run_id = UUID(browser.current_url.split("/runs/flow-run/")[1].split("?")[0].split("/")[0])
+
+    run = wait_final(api, run_id, timeout=1200)
+    assert run.state.is_completed(), run.state.message
+    assert run.deployment_id == deployment.id
+    assert run.parameters["config"]["workspace"] == str(served_demo.workspace)
+
+    browser.get(f"{served.url}/runs/flow-run/{run_id}")
+    wait.until(lambda b: "Completed" in b.find_element(By.TAG_NAME, "body").text)
+    time.sleep(2)  # the run graph draws after the state badge
+    shoot(browser, tmp_path, "pipeline-run.png")
+
+    tab = wait.until(ec.element_to_be_clickable((By.XPATH, "//*[normalize-space(text())='Artifacts']")))
+    browser.execute_script("arguments[0].click();", tab)
+    wait.until(lambda b: "pipeline-summary" in b.find_element(By.TAG_NAME, "body").text)
+    time.sleep(1)
+    shoot(browser, tmp_path, "pipeline-artifacts.png")
+
+    card = browser.find_element(By.XPATH, "//*[normalize-space(text())='pipeline-summary']")
+    browser.execute_script("arguments[0].click();", card)
+    body = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    wait.until(lambda b: "precompute" in body(b) and "evaluate" in body(b))
+    time.sleep(1)
+    shoot(browser, tmp_path, "pipeline-summary.png")
+    text = body(browser)
+    for stage in ("ingest", "check", "caption", "filter", "precompute", "train", "evaluate"):
+        assert stage in text, stage
