@@ -1,4 +1,4 @@
-"""Train: a LoRA or the whole CogVideoX transformer from precomputed latents, resumable to the step.
+"""Train: a LoRA or the whole CogVideoX transformer from precomputed latents, resumable exactly.
 
 One linear loop, the objective of the diffusers CogVideoX LoRA example: v-prediction
 through `CogVideoXDPMScheduler`, the prediction turned back into clean latents with
