@@ -9,6 +9,7 @@
     cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
     cogpipe export LORA --out PATH [...]   a LoRA for diffusers, SAT, ComfyUI, or merged weights
     cogpipe serve [--port P] [--expose]    Prefect server, pools, deployments and workers
+    cogpipe setup [--api URL]              pools, automation and deployments on a running server
     cogpipe worker --pool cpu|gpu          one worker (a GPU worker's GPUs: CUDA_VISIBLE_DEVICES)
 
 Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
@@ -308,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=cmd_serve)
 
+    p = sub.add_parser("setup", help="pools, stuck-run automation and deployments on a server")
+    p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
+    p.set_defaults(fn=cmd_setup)
+
     p = sub.add_parser("worker", help="one Prefect worker for a cogpipe pool")
     p.add_argument("--pool", choices=["cpu", "gpu"], required=True)
     p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
@@ -322,6 +327,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _prefect_env()
     host = "0.0.0.0" if args.expose else "127.0.0.1"
     return serve_forever(host, args.port, Path(args.logs).resolve())
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from cogpipe.serve import ServeError, setup
+
+    _prefect_env()
+    api = args.api or os.environ.get("PREFECT_API_URL")
+    if not api:
+        raise ServeError("cogpipe setup: set PREFECT_API_URL or pass --api (the server's /api)")
+    setup(api, gpu_groups=[])  # GPU workers create their own slots when they start
+    print(f"cogpipe: pools, automation and deployments are set up on {api}")
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -79,13 +79,26 @@ def test_shipped_configs_validate(path):
     assert cfg.model
 
 
-def test_deployment_parameters_validate_against_the_flow():
+def test_deployment_parameters_validate_against_their_flows():
+    """Every deployment's entrypoint loads, and its parameters validate against the flow's
+    signature as the server does when the UI submits them."""
+    from prefect.flows import load_flow_from_entrypoint
+
     spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    pools = {}
     for deployment in spec["deployments"]:
         module, _, fn = deployment["entrypoint"].partition(":")
         assert (ROOT / module).is_file(), module
-        params = deployment.get("parameters", {})
-        PipelineConfig.model_validate(params["config"])
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        params = flow.validate_parameters(deployment.get("parameters", {}))
+        assert isinstance(params["config"], PipelineConfig)
+        pools[deployment["name"]] = deployment["work_pool"]["name"]
+        for schedule in deployment.get("schedules", []):
+            assert schedule["timezone"] and schedule["cron"], deployment["name"]
+    assert pools == {"pipeline": "cpu", "gpu": "gpu", "evaluate-checkpoints-nightly": "gpu"}
+    # The pipeline starts its GPU stages on the deployment named after the gpu pool.
+    pipeline = next(d for d in spec["deployments"] if d["name"] == "pipeline")
+    assert pipeline["parameters"]["gpu_pool"] in pools
 
 
 def test_precision_follows_the_model_type_whatever_the_config_form():
