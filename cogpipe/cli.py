@@ -4,6 +4,7 @@
     cogpipe run CONFIG [--until STAGE]     the full pipeline as a Prefect flow
     cogpipe <stage> CONFIG                 one stage: ingest check caption filter precompute train evaluate
     cogpipe caption CONFIG --shard K       one caption shard (a GPU worker's share), no merge
+    cogpipe precompute CONFIG --part K     one precompute part (a GPU worker's shards), no index
     cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
     cogpipe generate --prompt TEXT [...]   text-to-video with a base model and optional LoRA
     cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
@@ -109,11 +110,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
-    shard = getattr(args, "shard", None)
+    shard, part = getattr(args, "shard", None), getattr(args, "part", None)
     options = {"shard": shard} if shard is not None else {}
+    options |= {"part": part} if part is not None else {}
     result = run_stage(cfg, args.command, progress=_ProgressLine(args.command), **options)
-    if result is None:  # one shard: its parts are committed; the merge comes later
+    if result is None and shard is not None:  # its parts are committed; the merge comes later
         print(f"caption shard {shard} of {cfg.caption.shards}: every part committed")
+        return 0
+    if result is None:  # its shards are committed; the index comes with the last run
+        print(f"precompute part {part} of {cfg.precompute.workers}: every shard committed")
         return 0
     print(table([result]))
     return 0
@@ -264,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "caption":
             p.add_argument(
                 "--shard", type=int, help="caption only this shard (0..caption.shards-1)"
+            )
+        if stage == "precompute":
+            p.add_argument(
+                "--part", type=int, help="encode only this part (0..precompute.workers-1)"
             )
         p.set_defaults(fn=cmd_stage)
 

@@ -306,6 +306,14 @@ class PrecomputeConfig(Section):
         ),
     )
     batch_size: int = _unkeyed(default=4, ge=1, description="Clips per VAE encode call.")
+    workers: int = _unkeyed(
+        default=1,
+        ge=1,
+        description=(
+            "GPU runs the shards are split over (shard i goes to part i mod workers): with a"
+            " gpu pool, each part is its own flow run, so N GPU workers encode at once."
+        ),
+    )
     vae_slicing: bool = _unkeyed(
         default=False, description="Encode a batch one clip at a time inside the VAE (less memory)."
     )

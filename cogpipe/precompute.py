@@ -65,7 +65,7 @@ import numpy as np
 import pandas as pd
 
 from cogpipe import condition
-from cogpipe.config import PipelineConfig
+from cogpipe.config import ConfigError, PipelineConfig
 from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
     Progress,
@@ -255,7 +255,7 @@ def _cache_put(folder: Path, key: str, value) -> None:
 
 
 def _cached(folder: Path, keys: pd.Series) -> pd.Series:
-    return keys.map(lambda k: _cache_file(folder, k).is_file())
+    return keys.map(lambda k: _cache_file(folder, k).is_file()).astype(bool)  # bool when empty
 
 
 def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iterator:
@@ -472,7 +472,8 @@ def run_precompute(
     cfg: PipelineConfig,
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
-) -> StageResult:
+    part: int | None = None,
+) -> StageResult | None:
     """Encode every selected clip into shards and write `precompute/<key>/index.parquet`.
 
     Args:
@@ -480,6 +481,9 @@ def run_precompute(
         cfg: the pipeline config (uses `model` and `precompute`).
         upstream: {"filter": StageResult, "check": StageResult}.
         progress: called as (shards done, shards total, shard name).
+        part: encode only the shards of this part (shard i is in part i mod
+            `precompute.workers`) and return None: one GPU worker's run. By default every
+            uncommitted shard is encoded here and the index is written.
 
     Returns:
         The stage result; counts hold samples, ok, rejected, shards, and distinct videos
@@ -497,15 +501,15 @@ def run_precompute(
     started = time.time()
     key = key_of(cfg, {"filter": upstream["filter"].key, "check": upstream["check"].key})
     out = ws.stage_dir("precompute", key)
-    if ws.done(out):
-        return ws.result("precompute", out)  # before the heavy imports: a reused run takes ms
-    clean_stale_tmp(out)
+    p = cfg.precompute
+    if part is not None and not 0 <= part < p.workers:
+        raise ConfigError(f"part {part} is not in [0, {p.workers}) (precompute.workers)")
+    if ws.done(out):  # before the heavy imports: a reused run takes ms
+        return None if part is not None else ws.result("precompute", out)
 
     import torch
 
     from cogpipe.models import cogvideox, speed
-
-    p = cfg.precompute
 
     tcfg = cogvideox.transformer_config(cfg.model)
     max_len = tcfg["max_text_seq_length"]
@@ -517,10 +521,13 @@ def run_precompute(
     reference_fp = condition.fingerprint(p.reference, p.reference_options) if reference else None
     plan = _plan(cfg, upstream, vae_fp, text_fp, max_len, reference_fp)
     shards = sorted(plan.shard.dropna().unique())
+    mine = [s for i, s in enumerate(shards) if part is None or i % p.workers == part]
+    for name in mine:  # temporaries of a killed run of these shards; other parts may be live
+        clean_stale_tmp(out, f".tmp-{name}-*")
 
     # What is left to encode: distinct samples of uncommitted shards missing from the caches.
     latents_dir, text_dir = ws.cache_dir("latents"), ws.cache_dir("text")
-    todo = plan[plan.shard.isin([s for s in shards if not (out / s).is_file()])]
+    todo = plan[plan.shard.isin([s for s in mine if not (out / s).is_file()])]
     videos = todo.drop_duplicates("latents_cache").copy()  # exact copies are encoded once
     cached_videos = _cached(latents_dir, videos.latents_cache)
     videos["need_latents"] = ~cached_videos
@@ -561,12 +568,12 @@ def run_precompute(
     threads = max(len(os.sched_getaffinity(0)), 1)
     with _cudnn_benchmark(device.startswith("cuda")), ThreadPoolExecutor(threads) as pool:
         # Frames of every batch, in encode order, decoded while the VAE encodes earlier ones.
-        clips = (r for s in shards for b in batches.get(s, []) for r in b.itertuples())
+        clips = (r for s in mine for b in batches.get(s, []) for r in b.itertuples())
         decode = partial(_decode, reference=reference)
         decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
-        for i, name in enumerate(shards):
+        for i, name in enumerate(mine):
             if (out / name).is_file():
-                progress(i + 1, len(shards), f"{name} committed earlier")
+                progress(i + 1, len(mine), f"{name} committed earlier")
                 continue
             new, first = _encode_shard(vae, batches.get(name, []), decoded, failed, seconds)
             check = None
@@ -583,7 +590,10 @@ def run_precompute(
             if reference is not None:
                 counts["encoded_references"] += len(new) - encoded_targets
             write_shard(out / name, tensors, rejected, check)
-            progress(i + 1, len(shards), name)
+            progress(i + 1, len(mine), name)
+
+    if part is not None:
+        return None
 
     index = _index(plan, out, p, latent_frames)
     write_table(out / "index.parquet", index)

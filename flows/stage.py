@@ -2,7 +2,7 @@
 
 The full pipeline, given a `gpu_pool`, starts caption, precompute, train and evaluate as
 runs of the deployment `cogpipe-stage/<gpu_pool>` (deployments/prefect.yaml) instead of
-in its own process, one run per caption shard, so N GPU workers take N shards at once.
+in its own process, one run per caption shard and per precompute part, so N GPU workers take N at once.
 The stage reads its inputs from the shared workspace and holds every GPU slot of its
 worker while it runs (cogpipe.serve.gpu_slots); a retried run resumes from what the
 crashed one committed.
@@ -29,11 +29,16 @@ def _run_name() -> str:
 @flow(name="cogpipe-stage", flow_run_name=_run_name, log_prints=True)
 def stage(config: PipelineConfig, stage: Stage = "caption", shard: int | None = None) -> dict:
     """Run `stage` (its inputs must be done); with `shard`, commit only that caption
-    shard's parts (no merge). Returns the stage's result record ({} for a shard)."""
+    shard's parts or that precompute part's shards (no merge, no index). Returns the
+    stage's result record ({} for a shard)."""
     get_run_logger().info("hub token: %s", use_hub_token())
     with gpu_slots():
         if shard is None:
             upstream = upstream_results(config, stage)
             return run(stage, config, **{up: r.to_dict() for up, r in upstream.items()})
-        run_stage(config, stage, progress=ProgressArtifact(f"{stage}-shard-{shard}"), shard=shard)
+        option = {"caption": "shard", "precompute": "part"}.get(stage)
+        if option is None:
+            raise ValueError(f"{stage} is not split into shards (caption and precompute are)")
+        progress = ProgressArtifact(f"{stage}-shard-{shard}")
+        run_stage(config, stage, progress=progress, **{option: shard})
         return {}

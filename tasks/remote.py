@@ -30,8 +30,8 @@ class StageRunFailed(RuntimeError):
 
 
 def shards(config: PipelineConfig, stage: str) -> int:
-    """How many runs a stage is split into before its final run (caption: its shards)."""
-    return config.caption.shards if stage == "caption" else 1
+    """How many runs a stage is split into before its final run."""
+    return {"caption": config.caption.shards, "precompute": config.precompute.workers}.get(stage, 1)
 
 
 @task(

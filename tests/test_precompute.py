@@ -168,6 +168,32 @@ def test_restart_skips_committed_shards(setup):
     assert precompute.run_precompute(ws, cfg, upstream).reused
 
 
+def test_parts_split_the_shards_and_the_last_run_only_indexes(setup):
+    """precompute.workers: part k of N encodes shards k, k+N, ... (one GPU worker's run),
+    commits them and writes no index; the final run finds every shard and only indexes."""
+    ws, make, upstream = setup
+    cfg = make(shard_size=1, workers=2)
+    out = ws.stage_dir("precompute", precompute.key_of(cfg, {"filter": "f1", "check": "c1"}))
+
+    assert precompute.run_precompute(ws, cfg, upstream, part=1) is None
+    assert sorted(p.name for p in out.glob("shard-*")) == [precompute.shard_name(1)]
+    assert not (out / "index.parquet").exists() and not (out / "_SUCCESS.json").exists()
+    assert precompute.run_precompute(ws, cfg, upstream, part=0) is None
+    names = [precompute.shard_name(i) for i in range(3)]
+    assert sorted(p.name for p in out.glob("shard-*")) == names
+    committed = {n: (out / n).stat().st_mtime_ns for n in names}
+
+    res = precompute.run_precompute(ws, cfg, upstream)
+    assert res.counts["shards"] == 3 and res.counts["ok"] == 3
+    assert res.counts["encoded_videos"] == 0  # the parts encoded everything
+    assert {n: (out / n).stat().st_mtime_ns for n in names} == committed
+    # Equal to one run over everything: the split changes no byte of the output.
+    whole = precompute.run_precompute(ws, make(shard_size=1), upstream)
+    assert whole.key == res.key and whole.reused
+    with pytest.raises(precompute.ConfigError, match="part 2 is not in"):
+        precompute.run_precompute(Workspace(ws.root / "other"), cfg, upstream, part=2)
+
+
 def test_undecodable_clip_is_a_rejected_row(setup, tmp_path):
     ws, make, upstream = setup
     clips_path = Path(upstream["check"].path) / "clips.parquet"

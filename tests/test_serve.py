@@ -87,7 +87,7 @@ def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(served
     )
     said = "\n".join(log.message for log in logs)
     assert f"hub token: Prefect Secret block '{SECRET_BLOCK}'" in said
-    for text in [said, *found.values(), *(str(r.parameters) for r in runs)]:
+    for text in [said, *map(str, found.values()), *(str(r.parameters) for r in runs)]:
         assert TOKEN not in text
 
     # Every stage is done on disk for this config.
