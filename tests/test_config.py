@@ -95,7 +95,8 @@ def test_deployment_parameters_validate_against_their_flows():
         pools[deployment["name"]] = deployment["work_pool"]["name"]
         for schedule in deployment.get("schedules", []):
             assert schedule["timezone"] and schedule["cron"], deployment["name"]
-    assert pools == {"pipeline": "cpu", "gpu": "gpu", "evaluate-checkpoints-nightly": "gpu"}
+    assert pools == {"pipeline": "cpu", "gpu": "gpu", "train-sweep": "cpu",
+                     "evaluate-checkpoints-nightly": "gpu"}  # fmt: skip
     # The pipeline starts its GPU stages on the deployment named after the gpu pool.
     pipeline = next(d for d in spec["deployments"] if d["name"] == "pipeline")
     assert pipeline["parameters"]["gpu_pool"] in pools
