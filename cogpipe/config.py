@@ -499,6 +499,47 @@ class TrainConfig(Section):
         description="mode tic-ft: condition, buffer and target latent frames of each sample.",
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = _unkeyed(
+        default="auto",
+        description=(
+            "How several processes share a run. single: one process. ddp: each process holds the"
+            " whole model and gradients are averaged. fsdp: weights, gradients and optimizer"
+            " states are sharded (FSDP2; mode full only). auto: single with one process, else"
+            " fsdp for mode full and ddp for the LoRA modes."
+        ),
+    )
+    num_processes: int = _unkeyed(
+        default=0,
+        ge=0,
+        description=(
+            "Processes, one GPU each, that every step's gradient_accumulation_steps micro-batches"
+            " are split over (each takes an equal, contiguous share), so the global batch stays"
+            " batch_size x gradient_accumulation_steps and the result does not depend on it."
+            " 0: one per GPU in this process's CUDA_VISIBLE_DEVICES, lowered to the largest"
+            " count that divides gradient_accumulation_steps (1 on the CPU)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _processes(self) -> TrainConfig:
+        n, accum = self.num_processes, self.gradient_accumulation_steps
+        if self.strategy == "single" and n > 1:
+            raise ValueError(f"strategy single runs one process; num_processes is {n}")
+        if self.strategy == "fsdp" and self.mode != "full":
+            raise ValueError(
+                f"strategy fsdp shards a full fine-tune; mode {self.mode} trains a LoRA: use ddp"
+            )
+        if self.strategy == "fsdp" and self.validation_every:
+            raise ValueError(
+                "strategy fsdp makes no validation videos (no process holds the whole model);"
+                " set validation_every to 0 and evaluate the checkpoints"
+            )
+        if n > 1 and accum % n:
+            raise ValueError(
+                f"num_processes {n} must divide gradient_accumulation_steps ({accum}): each"
+                f" process takes an equal share of every step's micro-batches"
+            )
+        return self
 
     def key_fields(self) -> dict[str, Any]:
         """As Section's, with only the fields of the configured mode: a LoRA config keeps the

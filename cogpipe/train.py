@@ -28,6 +28,11 @@ What makes a resumed run identical to an uninterrupted one:
 - a checkpoint holds the LoRA weights (fp32), the optimizer, the LR schedule and the
   grad scaler; resuming loads them and continues at step + 1.
 
+Several GPUs (`train.strategy`, `train.num_processes`; see `cogpipe.distributed`): the
+stage spawns one process per GPU, which split each step's micro-batches (the global batch
+stays batch_size x gradient_accumulation_steps) and draw for each the numbers one process
+would; rank 0 writes the run folder, the same files a single process writes.
+
 The run folder is `train/<name>/` (the config's `name`, defaulting to the key):
 
     run.json                       key and the resolved config
@@ -248,6 +253,19 @@ def tic_ft_sequence(scheduler, latents, noise, timesteps, layout: TicFtConfig):
     return torch.cat([latents[:, :c], *buffers, target], dim=1)
 
 
+def draws(g, shape: tuple[int, ...], num_train_timesteps: int):
+    """A micro-batch's random draws from its step's generator, in this order: timesteps
+    int64 [B], then noise of the latents' shape [B, F', C, h, w] (fp32, on the CPU).
+
+    A rank of a multi-process run makes, and drops, the draws of the step's micro-batches
+    before its own, so every micro-batch gets the numbers one process would give it.
+    """
+    import torch
+
+    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=g)
+    return timesteps, torch.randn(shape, generator=g)
+
+
 def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, reference=None,
                    tic_ft: TicFtConfig | None = None):  # fmt: skip
     """The CogVideoX LoRA example's objective for one micro-batch.
@@ -270,8 +288,8 @@ def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, re
     import torch
 
     b, device = latents.shape[0], latents.device
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g).to(device)
-    noise = torch.randn(latents.shape, generator=g).to(device, latents.dtype)
+    timesteps, noise = draws(g, latents.shape, scheduler.config.num_train_timesteps)
+    timesteps, noise = timesteps.to(device), noise.to(device, latents.dtype)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     first = 0  # the first latent frame the loss covers
     if tic_ft is not None:
@@ -350,36 +368,52 @@ class Trainer:
             return x.pin_memory().to(self.device, self.dtype, non_blocking=True)
         return x.to(self.device, self.dtype)
 
-    def step(self, step: int, micro_batches: list[tuple]):
+    def step(self, step: int, micro_batches: list[tuple], skipped: list[tuple] = ()):
         """One optimizer step over `(latents, prompt_embeds, bucket)` micro-batches on the CPU
         (ic-lora: `(latents, prompt_embeds, bucket, reference latents)`).
 
+        Args:
+            skipped: in a multi-process run, the latent shapes of the step's micro-batches
+                that lower ranks take; their draws come first from the step's generator.
+
         Returns:
-            (mean loss, gradient norm before clipping, learning rate used): two 0-d device
-            tensors and a float.
+            (mean loss over every process's micro-batches, gradient norm before clipping,
+            learning rate used): two 0-d device tensors and a float.
         """
+        import contextlib
+
         import torch
 
         from cogpipe.models import cogvideox, speed
 
         t, tconfig = self.config, self.accelerator.unwrap_model(self.transformer).config
         g = generator("step", self.seed, step)  # every random draw of this step
+        for shape in skipped:
+            draws(g, shape, self.noise_scheduler.config.num_train_timesteps)
         total = torch.zeros((), device=self.device)
         tic_ft = t.tic_ft if t.mode == "tic-ft" else None
-        for latents, prompt_embeds, bucket, *reference in micro_batches:
+        for k, (latents, prompt_embeds, bucket, *reference) in enumerate(micro_batches):
             reference = self._to_device(reference[0]) if reference else None
             fed = (*bucket[:2], bucket[2] * (2 if reference is not None else 1))  # frames fed
             if fed not in self.rotary:
                 self.rotary[fed] = cogvideox.rotary_embeddings(tconfig, *fed, self.device)
+            # DDP averages gradients over processes at each one's last micro-batch only.
+            last = k == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.transformer)
             # Backward runs under the same kernel choice: a checkpointed block recomputes
             # its forward there and must get the same attention outputs.
-            with speed.attention_kernel(t.attention_backend):
+            with sync, speed.attention_kernel(t.attention_backend):
                 loss = diffusion_loss(self.transformer, self.noise_scheduler,
                                       self._to_device(latents), self._to_device(prompt_embeds),
                                       self.rotary[fed], g, reference, tic_ft)  # fmt: skip
                 self.accelerator.backward(loss / len(micro_batches))
             total += loss.detach() / len(micro_batches)
+        if self.accelerator.num_processes > 1:
+            torch.distributed.all_reduce(total)  # the mean of the processes' means
+            total /= self.accelerator.num_processes
         grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, replicated
+            grad_norm = grad_norm.full_tensor()
         lr = self.lr_scheduler.get_last_lr()[0]
         self.optimizer.step()  # the grad scaler skips it after an fp16 overflow
         self.lr_scheduler.step()
@@ -400,9 +434,10 @@ def trainable(transformer, t: TrainConfig, seed: int) -> list:
     return [p.requires_grad_(True) for p in transformer.parameters()]
 
 
-def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, device) -> Trainer:
+def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, device,
+                  strategy: str = "single", weights: Path | None = None) -> Trainer:  # fmt: skip
     """Give a loaded transformer its LoRA (or trainable weights), recomputation, compiled
-    blocks and optimizer.
+    blocks and optimizer, and spread it over the processes of the run.
 
     Args:
         transformer: a CogVideoX transformer on `device` with frozen weights in the
@@ -410,14 +445,21 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
         noise_scheduler: the training noise schedule (CogVideoXDPMScheduler).
         t: the train section.
         seed: seeds the LoRA's initial A matrices (and, in `step`, each step's draws).
-        device: "cpu" or "cuda".
+        device: "cpu", "cuda" or this rank's "cuda:N".
+        strategy: single, or (in a process `distributed.launch` started) ddp or fsdp.
+        weights: a checkpoint whose LoRA (mode full: transformer) to start from; loaded
+            before the model is wrapped or sharded.
     """
+    from datetime import timedelta
+
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
 
-    from cogpipe.models import speed
+    from cogpipe import distributed
+    from cogpipe.models import cogvideox, speed
 
     dtype = next(transformer.parameters()).dtype  # of the inputs; fp32 on the CPU
     if t.mode == "full" and t.master_weights == "bf16":
@@ -426,19 +468,53 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
     # worker process runs many trainings, so each one starts from a clean state.
     AcceleratorState._reset_state(reset_partial_state=True)
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-    accelerator = Accelerator(mixed_precision=mixed, cpu=str(device) == "cpu")
+    options = {}
+    if strategy != "single":  # the process group (NCCL or gloo) comes from the environment
+        options = dict(
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=distributed.TIMEOUT_S))],
+            # split: the LR schedule steps once per optimizer step, not once per process
+            dataloader_config=DataLoaderConfiguration(split_batches=True),
+        )  # fmt: skip
+    accelerator = Accelerator(mixed_precision=mixed, cpu=str(device) == "cpu", **options)
     cuda = accelerator.device.type == "cuda"
     params = trainable(transformer, t, seed)
+    if weights is not None:
+        load = cogvideox.load_full if t.mode == "full" else cogvideox.load_lora
+        load(transformer, weights)
     speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
     if t.compile and cuda:
         speed.compile_blocks(transformer)
+    if strategy == "fsdp":
+        distributed.shard(transformer, speed.blocks(transformer))
+        params = [p for p in transformer.parameters() if p.requires_grad]  # now sharded
     optimizer = make_optimizer(params, t, cuda)
     lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
                                  num_training_steps=t.max_steps, num_cycles=t.lr_num_cycles)  # fmt: skip
-    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+    if strategy == "fsdp":  # accelerate would wrap it in DDP: autocast is all it needs from there
+        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        if mixed != "no":
+            _autocast_forward(transformer, accelerator)
+    else:
+        transformer, optimizer, lr_scheduler = accelerator.prepare(
+            transformer, optimizer, lr_scheduler
+        )
     transformer.train()
     return Trainer(accelerator, transformer, noise_scheduler, optimizer, lr_scheduler, params, t,
                    seed, dtype)  # fmt: skip
+
+
+def _autocast_forward(model, accelerator) -> None:
+    """What `accelerator.prepare` does to a model's forward under mixed precision: run it
+    under autocast and hand back fp32 outputs."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = convert_outputs_to_fp32(autocast_forward)
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -450,28 +526,72 @@ def save_checkpoint(
     folder: Path, accelerator, transformer, optimizer, lr_scheduler, cfg, state: dict
 ) -> None:
     """Commit `checkpoint-{step:06d}/`: LoRA weights (mode full: `transformer/`), training
-    state, state.json."""
+    state, state.json. Every rank calls it (a sharded model's weights and optimizer states
+    are gathered on rank 0, each rank's RNG too); rank 0 writes."""
     import torch
 
+    from cogpipe import distributed
     from cogpipe.models import cogvideox
 
     t = cfg.train
+    model = accelerator.unwrap_model(transformer)
+    weights = distributed.full_weights(model) if distributed.is_sharded(model) else None
+    if t.mode == "full":  # keyed by parameter name: loads whatever the strategy or processes
+        optimizer_state = distributed.full_optimizer_state(
+            model, getattr(optimizer, "optimizer", optimizer)
+        )
+    else:
+        optimizer_state = optimizer.state_dict()
+    rng, ranks = rng_state(accelerator), None
+    if accelerator.num_processes > 1:
+        ranks = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        torch.distributed.gather_object(rng, ranks, dst=0)
+    if not accelerator.is_main_process:
+        return
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
     training_state = {"step": state["step"], "micro_batch": state["micro_batch"],
-                      "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                      "scaler": scaler, "rng": rng}  # fmt: skip
+                      "optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
+                      "scaler": scaler, "rng": rng, "rng_ranks": ranks}  # fmt: skip
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        model = accelerator.unwrap_model(transformer)
         if t.mode == "full":
-            cogvideox.save_full(tmp, model)
+            cogvideox.save_full(tmp, model, weights)
         else:
             cogvideox.save_lora(tmp, model, t.rank, t.alpha)
         torch.save(training_state, tmp / STATE_FILE)
         write_json(tmp / "state.json", state)
+
+
+def rng_state(accelerator) -> dict:
+    """This process's global RNG states: the CPU's and (one process: every visible GPU's;
+    a rank: its own GPU's). Training draws nothing from them (see `generator`)."""
+    import torch
+
+    rng = {"torch": torch.get_rng_state()}
+    if accelerator.num_processes == 1 and torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    elif accelerator.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    return rng
+
+
+def restore_rng(saved: dict, accelerator) -> None:
+    """Set this rank's RNG states from a training state: its own when the checkpoint was
+    written by as many processes, else the CPU state of rank 0 (or the single process)."""
+    import torch
+
+    ranks, n = saved.get("rng_ranks"), accelerator.num_processes
+    rng = ranks[accelerator.process_index] if ranks and len(ranks) == n else saved.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda")
+    if cuda is None or accelerator.device.type != "cuda":
+        return
+    if isinstance(cuda, list):
+        if n == 1:
+            torch.cuda.set_rng_state_all(cuda)
+    else:
+        torch.cuda.set_rng_state(cuda, accelerator.device)
 
 
 def _truncate_losses(path: Path, step: int) -> None:
@@ -490,6 +610,10 @@ def run_train(
 ) -> StageResult:
     """Train to `max_steps` in `train.mode`, resuming from the run folder's latest training state.
 
+    With several processes (`train.num_processes`, `train.strategy`; see
+    `cogpipe.distributed`), the run is spawned here, one process per GPU; rank 0 writes
+    the logs and checkpoints and reports progress through this process.
+
     Args:
         ws: the workspace.
         cfg: the pipeline config (uses `model`, `seed`, `name` and `train`).
@@ -498,12 +622,14 @@ def run_train(
 
     Returns:
         The stage result; counts hold steps, checkpoints and samples, stats the final
-        loss, seconds per step and peak GPU memory.
+        loss, seconds per step, peak GPU memory (the most of any process), strategy and
+        processes.
 
     Raises:
         RunFolderTaken: the run folder belongs to another key.
         TrainingDiverged: a non-finite loss or gradient norm; checkpoints stay intact.
         ValueError: samples the mode cannot use (see `check_samples`).
+        distributed.RankFailed: a process of a multi-process run raised or died (named).
     """
     started = time.time()
     t = cfg.train
@@ -516,74 +642,119 @@ def run_train(
     clean_stale_tmp(out)
 
     import torch
-    from torch.utils.tensorboard import SummaryWriter
 
-    from cogpipe import validation as validate
-    from cogpipe.models import cogvideox
+    from cogpipe import distributed
 
+    device = resolve_device(t.device)
+    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
+        raise ValueError(f"train.device {device!r}: use auto, cpu or cuda (a visible GPU; "
+                         f"choose which with CUDA_VISIBLE_DEVICES)")  # fmt: skip
+    samples = load_samples(pre)
+    check_samples(pre, samples, t)
+    strategy, processes = distributed.plan(t, device)
+    if strategy == "fsdp" and t.validation_every:
+        raise ValueError(
+            "train.validation_every: a run sharded with fsdp makes no validation videos; set it"
+            " to 0, or train.strategy ddp"
+        )
     run = {
         "key": key,
         "inputs": {"precompute": upstream["precompute"].key},
         "config": cfg.model_dump(mode="json"),
     }
     write_json(out / "run.json", run)
+    args = (ws.root, cfg, upstream, key, out, device, strategy)
+    if processes == 1:
+        stats = _train_rank(0, progress, *args)
+    else:
+        stats = distributed.launch(_train_rank, args, processes, progress)[0]
 
+    counts = {"steps": t.max_steps, "checkpoints": len(checkpoints(out)), "samples": len(samples)}
+    if t.validation_every:
+        counts["validations"] = t.max_steps // t.validation_every
+    return ws.finish(StageResult("train", key, str(out), counts, stats=stats), started)
+
+
+def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
+                upstream: dict[str, StageResult], key: str, out: Path, device: str,
+                strategy: str) -> dict:  # fmt: skip
+    """The training loop of one process (rank 0 of 1 in-process); returns the run's stats.
+
+    Every rank loads its own micro-batches, steps and reads the numbers; rank 0 alone
+    writes losses, logs, checkpoints and validation videos and calls `progress`.
+    """
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cogpipe import distributed
+    from cogpipe import validation as validate
+    from cogpipe.models import cogvideox
+
+    t = cfg.train
+    main = rank == 0
+    pre = Path(upstream["precompute"].path)
+    if device == "cuda" and strategy != "single":
+        device = f"cuda:{rank}"  # this rank's GPU among the launching process's
+        torch.cuda.set_device(device)
     # Model: frozen base in weight_dtype, LoRA in fp32, autocast and grad scaling by accelerate.
-    device = resolve_device(t.device)
-    if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise ValueError(f"train.device {device!r}: use auto, cpu or cuda (a visible GPU; "
-                         f"choose which with CUDA_VISIBLE_DEVICES)")  # fmt: skip
     dtype = cogvideox.weight_dtype(
         t.mixed_precision, cogvideox.transformer_config(cfg.model), device
     )
     # Data: the usable samples, each with its bucket (height and width in pixels, latent frames).
     samples = load_samples(pre)
-    check_samples(pre, samples, t)
     buckets = list(zip(samples.height, samples.width, samples.latent_frames, strict=True))
     accum = t.gradient_accumulation_steps
     with_reference = t.mode == "ic-lora"
 
     references = None  # ic-lora: prompt i of the validation is conditioned on sample i
-    if t.validation_every and with_reference:
+    validating_run = bool(t.validation_every) and main  # ddp: rank 0 validates, the rest wait
+    if validating_run and with_reference:
         count = len(cfg.evaluate.prompts)
         references = [
             load_batch(pre, samples, [i % len(samples)], True)[2][0] for i in range(count)
         ]
-    validation = validate.prepare(cfg, device, dtype, references) if t.validation_every else None
+    validation = validate.prepare(cfg, device, dtype, references) if validating_run else None
+
+    # Resume from the newest checkpoint that still has its training state.
+    resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
+    resume = resumable[-1] if resumable else None
     trainer = build_trainer(cogvideox.load_transformer(cfg.model, device, dtype),
-                            cogvideox.load_scheduler(cfg.model), t, cfg.seed, device)  # fmt: skip
+                            cogvideox.load_scheduler(cfg.model), t, cfg.seed, device, strategy,
+                            weights=resume)  # fmt: skip
     accelerator, cuda = trainer.accelerator, trainer.device.type == "cuda"
+    processes = accelerator.num_processes
+    mine = distributed.share(accum, rank, processes)  # this rank's micro-batches of each step
+    channels = accelerator.unwrap_model(trainer.transformer).config.in_channels
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
-    # Resume from the newest checkpoint that still has its training state.
     start, micro, losses = 0, 0, []
-    resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
-    if resumable:
-        load = cogvideox.load_full if t.mode == "full" else cogvideox.load_lora
-        load(accelerator.unwrap_model(trainer.transformer), resumable[-1])
-        saved = torch.load(resumable[-1] / STATE_FILE, map_location="cpu", weights_only=True)
-        trainer.optimizer.load_state_dict(saved["optimizer"])
+    if resume is not None:
+        # mmap: a rank reads only what it uses (not rank 0's gathered optimizer states)
+        saved = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        model = accelerator.unwrap_model(trainer.transformer)
+        if t.mode == "full":
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            distributed.load_optimizer_state(model, trainer.optimizer.optimizer,
+                                             saved["optimizer"], names)  # fmt: skip
+        else:
+            trainer.optimizer.load_state_dict(saved["optimizer"])
         trainer.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         if accelerator.scaler is not None and saved["scaler"] is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
-        rng = saved.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if cuda and "cuda" in rng:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(saved, accelerator)
         start = saved["step"]
         micro = saved.get("micro_batch", start * accum)  # data position
-        losses = json.loads((resumable[-1] / "state.json").read_text())["losses"]
-    _truncate_losses(out / "losses.jsonl", start)
-
-    writer = SummaryWriter(str(out / "logs"), purge_step=start + 1)
-    log = open(out / "losses.jsonl", "a")
+        losses = json.loads((resume / "state.json").read_text())["losses"]
+    if main:
+        _truncate_losses(out / "losses.jsonl", start)
+        writer = SummaryWriter(str(out / "logs"), purge_step=start + 1)
+        log = open(out / "losses.jsonl", "a")
     step_seconds: list[float] = []
     last_read = time.perf_counter()
 
     def read(q: Queued) -> None:
-        """Read a queued step's numbers (waits for its GPU work) and log them.
+        """Read a queued step's numbers (waits for its GPU work) and log them (rank 0).
 
         Raises:
             TrainingDiverged: a non-finite loss, or gradient norm without a grad scaler.
@@ -605,6 +776,8 @@ def run_train(
         seconds, last_read = now - last_read, now  # the GPU's time for this step, once warm
         step_seconds.append(seconds)
         losses.append(loss)
+        if not main:
+            return
         record = {"step": q.step, "loss": loss, "lr": q.lr, "grad_norm": grad_norm,
                   "seconds": round(seconds, 4)}  # fmt: skip
         log.write(json.dumps(record) + "\n")
@@ -621,12 +794,17 @@ def run_train(
         for step in range(start + 1, t.max_steps + 1):
             rows = [micro_batch(buckets, t.batch_size, cfg.seed, micro + m) for m in range(accum)]
             micro += accum
+            # Lower ranks' micro-batches: only their latent shapes, for their draws.
+            skipped = [(len(rows[m]), buckets[rows[m][0]][2], channels,
+                        buckets[rows[m][0]][0] // cogvideox.VAE_SCALE_SPATIAL,
+                        buckets[rows[m][0]][1] // cogvideox.VAE_SCALE_SPATIAL)
+                       for m in range(mine.start)]  # fmt: skip
             # [B, F', C, h, w] and [B, L, D], all of one bucket
             batches = []
-            for r in rows:
-                loaded = load_batch(pre, samples, r, with_reference)
-                batches.append((*loaded[:2], buckets[r[0]], *loaded[2:]))
-            queued.append(Queued(step, *trainer.step(step, batches), rows))
+            for m in mine:
+                loaded = load_batch(pre, samples, rows[m], with_reference)
+                batches.append((*loaded[:2], buckets[rows[m][0]], *loaded[2:]))
+            queued.append(Queued(step, *trainer.step(step, batches, skipped), rows))
             # A step's numbers are read once the next step is queued, so the GPU never waits
             # for Python; a checkpoint or a validation reads its own step first.
             for q in queued[:-1]:
@@ -643,7 +821,7 @@ def run_train(
                 save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, trainer.transformer,
                                 trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
                 with_state = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
-                for old in with_state[: -t.keep_states]:
+                for old in with_state[: -t.keep_states] if main else []:
                     (old / STATE_FILE).unlink()  # its weights stay; only the full state goes
             if validating:
                 report = validate.run(
@@ -653,22 +831,28 @@ def run_train(
                 last_read = time.perf_counter()  # the next step's time is its own
             progress(step, t.max_steps, f"loss {losses[-1]:.4f}")
     finally:
-        log.close()
-        writer.close()
+        if main:
+            log.close()
+            writer.close()
         accelerator.free_memory()  # a worker process goes on to other runs
 
-    stats = {
+    peaks = [torch.cuda.max_memory_allocated() / 2**30 if cuda else None]
+    if processes > 1:
+        peaks = [None] * processes
+        torch.distributed.all_gather_object(
+            peaks, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+        )
+    return {
         "final_loss": losses[-1],
         "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
         "resumed_from_step": start,
         "seconds_per_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "peak_memory_gb": max(peaks) if cuda else None,
+        "peak_memory_gb_per_process": peaks if cuda and processes > 1 else None,
         "trainable_params": sum(p.numel() for p in trainer.params),
         "lora_scale": t.alpha / t.rank if t.mode in LORA_MODES else None,
         "mode": t.mode,
         "weight_dtype": str(dtype).removeprefix("torch."),
+        "strategy": strategy,
+        "processes": processes,
     }
-    counts = {"steps": t.max_steps, "checkpoints": len(checkpoints(out)), "samples": len(samples)}
-    if validation is not None:
-        counts["validations"] = t.max_steps // t.validation_every
-    return ws.finish(StageResult("train", key, str(out), counts, stats=stats), started)

@@ -312,10 +312,21 @@ def load_lora(transformer, path: Path) -> None:
 FULL_FOLDER = "transformer"  # a full fine-tune checkpoint's weights, in diffusers layout
 
 
-def save_full(path: Path, transformer) -> Path:
+def save_full(path: Path, transformer, state_dict: dict | None = None) -> Path:
     """Write the whole transformer to `path/transformer/` (config.json and safetensors, in
-    the weights' own dtype), loadable with `CogVideoXTransformer3DModel.from_pretrained`."""
+    the weights' own dtype), loadable with `CogVideoXTransformer3DModel.from_pretrained`.
+
+    `state_dict`: the weights to write instead of the transformer's own, e.g. those of a
+    transformer sharded over processes, gathered (`distributed.full_weights`).
+    """
     folder = Path(path) / FULL_FOLDER
+    if state_dict is not None:
+        import torch
+        from diffusers import CogVideoXTransformer3DModel
+
+        with torch.device("meta"):  # no memory: the tensors are the state dict's own
+            transformer = CogVideoXTransformer3DModel.from_config(transformer.config)
+        transformer.load_state_dict(state_dict, assign=True)
     transformer.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
