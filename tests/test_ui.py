@@ -35,7 +35,9 @@ def browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not (chromium and driver):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -47,6 +49,19 @@ def browser():
     browser.set_page_load_timeout(120)
     yield browser
     browser.quit()
+
+
+def runs_of(client, deployment_id: UUID) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment_id]))
+    return client.read_flow_runs(flow_run_filter=flt)
+
+
+def field_values(browser) -> list[str]:
+    """What the form's inputs and text areas hold (values are properties, not markup)."""
+    script = "return Array.from(document.querySelectorAll('input, textarea')).map(e => e.value)"
+    return browser.execute_script(script)
 
 
 def shoot(browser, folder: Path, name: str) -> Path:
@@ -71,14 +86,18 @@ def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
     browser.get(f"{served.url}/deployments/deployment/{deployment.id}/run")
     submit = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "button[type=submit]")))
     # The form starts from the deployment's parameters: the demo's workspace and videos.
-    wait.until(lambda b: str(served_demo.workspace) in b.page_source)
+    wait.until(lambda b: str(served_demo.workspace) in field_values(b))
     time.sleep(1)  # let the form finish laying out before the picture
     shoot(browser, tmp_path, "run-form.png")
 
+    before = {r.id for r in runs_of(api, deployment.id)}
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", submit)
     browser.execute_script("arguments[0].click();", submit)
-    wait.until(lambda b: "/runs/flow-run/" in b.current_url)
-    run_id = UUID(browser.current_url.split("/runs/flow-run/")[1].split("?")[0].split("/")[0])
+    # The UI goes back to the deployment's page, its new run listed as the next one.
+    wait.until(lambda b: "/run" not in b.current_url.split(str(deployment.id))[-1].split("?")[0])
+    new = wait.until(lambda b: [r for r in runs_of(api, deployment.id) if r.id not in before])
+    assert len(new) == 1
+    run_id = new[0].id
 
     run = wait_final(api, run_id, timeout=1200)
     assert run.state.is_completed(), run.state.message
@@ -90,18 +109,21 @@ def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
     time.sleep(2)  # the run graph draws after the state badge
     shoot(browser, tmp_path, "pipeline-run.png")
 
-    tab = wait.until(ec.element_to_be_clickable((By.XPATH, "//*[normalize-space(text())='Artifacts']")))
-    browser.execute_script("arguments[0].click();", tab)
-    wait.until(lambda b: "pipeline-summary" in b.find_element(By.TAG_NAME, "body").text)
+    body = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    tabs = wait.until(lambda b: [t for t in b.find_elements(By.CSS_SELECTOR, "li.p-tab")
+                                 if t.text.strip() == "Artifacts"])  # fmt: skip
+    browser.execute_script("arguments[0].click();", tabs[0])
+    wait.until(lambda b: "pipeline-summary" in body(b))
     time.sleep(1)
     shoot(browser, tmp_path, "pipeline-artifacts.png")
 
-    card = browser.find_element(By.XPATH, "//*[normalize-space(text())='pipeline-summary']")
-    browser.execute_script("arguments[0].click();", card)
-    body = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
+    link = wait.until(lambda b: [a.get_attribute("href") for a in b.find_elements(By.TAG_NAME, "a")
+                                 if "pipeline-summary" in a.text])  # fmt: skip
+    browser.get(link[0])  # the artifact's page renders its markdown table
     wait.until(lambda b: "precompute" in body(b) and "evaluate" in body(b))
     time.sleep(1)
     shoot(browser, tmp_path, "pipeline-summary.png")
     text = body(browser)
     for stage in ("ingest", "check", "caption", "filter", "precompute", "train", "evaluate"):
         assert stage in text, stage
+    assert "pool gpu" in text  # the GPU stages ran on the gpu pool
