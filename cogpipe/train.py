@@ -470,11 +470,10 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
     mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     options = {}
     if strategy != "single":  # the process group (NCCL or gloo) comes from the environment
-        options = dict(
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=distributed.TIMEOUT_S))],
-            # split: the LR schedule steps once per optimizer step, not once per process
-            dataloader_config=DataLoaderConfiguration(split_batches=True),
-        )  # fmt: skip
+        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=distributed.TIMEOUT_S))
+        # split batches: the LR schedule steps once per optimizer step, not once per process
+        split = DataLoaderConfiguration(split_batches=True)
+        options = dict(kwargs_handlers=[timeout], dataloader_config=split)
     accelerator = Accelerator(mixed_precision=mixed, cpu=str(device) == "cpu", **options)
     cuda = accelerator.device.type == "cuda"
     params = trainable(transformer, t, seed)

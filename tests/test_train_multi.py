@@ -96,12 +96,20 @@ def _kill_rank(rank: int, at_step: int):
 
 
 def test_ddp_lora_is_the_single_process_run(setup):
+    from cogpipe.config import EvaluateConfig
+
     ws, make, upstream = setup
     one = make("one")
     two = make("two", num_processes=2)  # strategy auto: ddp for a LoRA
     assert train.key_of(one, {"precompute": "p1"}) == train.key_of(two, {"precompute": "p1"})
     single = train.run_train(ws, one, upstream)
+    # Rank 0 makes validation videos at step 3 while rank 1 waits in the next step.
+    evaluate = EvaluateConfig(prompts=["a slap"], steps=2, frames=9, height=64, width=64,
+                              device="cpu")  # fmt: skip
+    two = make("two", num_processes=2, validation_every=3).model_copy(update={"evaluate": evaluate})
     ddp = train.run_train(ws, two, upstream)
+    videos = sorted(p.relative_to(ddp.path).as_posix() for p in Path(ddp.path).rglob("*.mp4"))
+    assert videos == ["validation/step-000003/p00-s42.mp4", "validation/step-000006/p00-s42.mp4"]
     assert (single.stats["strategy"], single.stats["processes"]) == ("single", 1)
     assert (ddp.stats["strategy"], ddp.stats["processes"]) == ("ddp", 2)
     expected, got = _losses(Path(single.path)), _losses(Path(ddp.path))
@@ -109,7 +117,7 @@ def test_ddp_lora_is_the_single_process_run(setup):
     assert got == pytest.approx(expected, rel=1e-5)  # gradients averaged over both ranks
     run = Path(ddp.path)
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        p.name for p in Path(single.path).iterdir()
+        [p.name for p in Path(single.path).iterdir()] + ["validation"]
     )
     assert sorted(p.name for p in (run / "checkpoint-000006").iterdir()) == [
         "pytorch_lora_weights.safetensors", "state.json", "training_state.pt"
