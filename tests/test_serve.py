@@ -197,7 +197,12 @@ def test_cogpipe_serve_prints_the_ui_address_and_stops_on_ctrl_c(tmp_path):
     from cogpipe.serve import free_port
 
     port = free_port()
-    env = os.environ | {"PREFECT_WORKER_QUERY_SECONDS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    env = os.environ | {
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+        # its own database: the session's ephemeral API holds PREFECT_HOME's
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "cogpipe.cli", "serve", "--port", str(port), "--logs", str(tmp_path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
