@@ -218,11 +218,12 @@ def _supervise(procs: list, conns: list, progress: Progress) -> list[Any]:
         nonlocal failed_at
         kind = message[0]
         if kind == "progress":
-            if failures:
-                conns[rank].send("stop")
-                return
-            progress(*message[1:])
-            conns[rank].send("go")
+            if not failures:
+                progress(*message[1:])
+            try:
+                conns[rank].send("stop" if failures else "go")
+            except OSError:  # it died meanwhile: its sentinel says so
+                pass
         elif kind == "done":
             results[rank] = message[1]
         elif kind == "error":
@@ -342,7 +343,6 @@ def _rank_main(target, rank: int, processes: int, port: int, parent: int, conn, 
         sys.exit(1)
     conn.send(("done", result))
     conn.close()
-    import torch.distributed as dist
-
-    if dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # a target that never imported torch: none
+    if dist is not None and dist.is_initialized():
         dist.destroy_process_group()

@@ -205,6 +205,28 @@ def test_process_settings_are_not_in_the_key():
     assert "num_processes" not in spread.train.key_fields()
 
 
+def test_launch_relays_progress_and_stops_every_rank_on_a_failure(monkeypatch):
+    import launch_targets
+
+    calls = []
+    ranks = distributed.launch(launch_targets.report, (3,), 2, lambda *a: calls.append(a))
+    assert ranks == [{"rank": r, "world": "2", "master": "127.0.0.1"} for r in (0, 1)]
+    assert calls == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]
+
+    monkeypatch.setattr(distributed, "GRACE_S", 1.0)  # rank 0 would wait 120 s
+    with pytest.raises(ValueError, match=r"^train rank 1 of 2: no usable samples on this rank$"):
+        distributed.launch(launch_targets.fail_on, (1,), 2)
+    assert multiprocessing.active_children() == []
+
+    def stop(step, total, note):
+        if step == 2:
+            raise KeyboardInterrupt("stopped at step 2")
+
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 2"):
+        distributed.launch(launch_targets.report, (5,), 2, stop)
+    assert multiprocessing.active_children() == []
+
+
 def test_the_failure_raised_names_the_rank_that_caused_it():
     peer = ("DistBackendError", "Connection closed by peer [127.0.0.1]:1234", "trace 0")
     died = ("died", "killed by signal SIGKILL", "")
