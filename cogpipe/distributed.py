@@ -117,10 +117,10 @@ def is_sharded(model) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _full_options(**extra):
+def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def full_weights(model) -> dict:

@@ -534,7 +534,8 @@ def save_checkpoint(
 
     t = cfg.train
     model = accelerator.unwrap_model(transformer)
-    weights = distributed.full_weights(model) if distributed.is_sharded(model) else None
+    sharded = accelerator.num_processes > 1 and distributed.is_sharded(model)
+    weights = distributed.full_weights(model) if sharded else None
     if t.mode == "full":  # keyed by parameter name: loads whatever the strategy or processes
         optimizer_state = distributed.full_optimizer_state(
             model, getattr(optimizer, "optimizer", optimizer)

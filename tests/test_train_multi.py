@@ -259,3 +259,30 @@ def test_bench_dry_run():
     for line in lines[::2]:  # 2 processes split the step 1 process makes: the same loss
         assert line["value"] > 0 and line["ratio"] > 0
         assert line["loss"] == pytest.approx(line["reference_loss"], rel=1e-6)
+
+
+def test_sharded_step_under_autocast_is_the_plain_one(tiny_models):
+    """FSDP's forward runs under the autocast accelerate gives a model it prepares: one
+    process sharding over a process group of one gives the unsharded step's numbers."""
+    import torch.distributed as dist
+
+    model = str(tiny_models["cogvideox"])
+    t = TrainConfig(mode="full", learning_rate=1e-3, lr_warmup_steps=0, max_steps=2,
+                    gradient_checkpointing="off", device="cpu")  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batch = [(torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g),
+              (64, 64, 3))]  # fmt: skip
+    got = {}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for strategy in ("single", "fsdp"):
+            # bf16 weights in, fp32 master weights trained under bf16 autocast
+            transformer = cogvideox.load_transformer(model, "cpu", torch.bfloat16)
+            trainer = train.build_trainer(transformer, cogvideox.load_scheduler(model), t, 0, "cpu",
+                                          strategy)  # fmt: skip
+            assert trainer.accelerator.mixed_precision == "bf16"
+            got[strategy] = [trainer.step(s, batch)[0].item() for s in (1, 2)]
+    finally:
+        dist.destroy_process_group()
+    assert distributed.is_sharded(trainer.transformer)
+    assert got["fsdp"] == pytest.approx(got["single"], rel=1e-6)
