@@ -4,6 +4,9 @@ pipeline costs seconds and a changed config recomputes only what it touches.
 
     cogpipe run configs/demo.yaml            # CLI, on Prefect's embedded local server
     python -m cogpipe_flows.pipeline CONFIG  # the same, without the CLI
+
+Deployed (deployments/prefect.yaml) it runs on the `cpu` pool with `gpu_pool: gpu`: the
+GPU stages become runs of `cogpipe-stage/gpu` on GPU workers (flows/stage.py).
 """
 
 from __future__ import annotations
