@@ -534,6 +534,8 @@ class TrainConfig(Section):
                 "strategy fsdp makes no validation videos (no process holds the whole model);"
                 " set validation_every to 0 and evaluate the checkpoints"
             )
+        if self.strategy == "fsdp" and self.optimizer == "adamw8bit":
+            raise ValueError("strategy fsdp: optimizer adamw8bit does not take sharded weights")
         if n > 1 and accum % n:
             raise ValueError(
                 f"num_processes {n} must divide gradient_accumulation_steps ({accum}): each"

@@ -70,7 +70,8 @@ def plan(t: TrainConfig, device: str, env: dict[str, str] | None = None) -> tupl
     full and ddp for the LoRA modes.
 
     Raises:
-        ValueError: more processes asked for than the process has GPUs.
+        ValueError: more processes asked for than the process has GPUs; fsdp with
+            validation videos or adamw8bit (neither takes a sharded model).
     """
     accum = t.gradient_accumulation_steps
     if t.num_processes:
@@ -86,9 +87,18 @@ def plan(t: TrainConfig, device: str, env: dict[str, str] | None = None) -> tupl
         n = max(d for d in range(1, max(visible_gpus(env), 1) + 1) if accum % d == 0)
     if n == 1:
         return "single", 1
-    if t.strategy != "auto":
-        return t.strategy, n
-    return ("fsdp" if t.mode == "full" else "ddp"), n
+    strategy = t.strategy if t.strategy != "auto" else "fsdp" if t.mode == "full" else "ddp"
+    if strategy == "fsdp" and t.validation_every:
+        raise ValueError(
+            "train.validation_every: a run sharded with fsdp makes no validation videos; set it"
+            " to 0, or train.strategy ddp"
+        )
+    if strategy == "fsdp" and t.optimizer == "adamw8bit":
+        raise ValueError(
+            "train.optimizer adamw8bit does not take weights sharded with fsdp: use adamw (its"
+            " states are sharded too), or train.strategy ddp"
+        )
+    return strategy, n
 
 
 def share(count: int, rank: int, processes: int) -> range:

@@ -652,11 +652,6 @@ def run_train(
     samples = load_samples(pre)
     check_samples(pre, samples, t)
     strategy, processes = distributed.plan(t, device)
-    if strategy == "fsdp" and t.validation_every:
-        raise ValueError(
-            "train.validation_every: a run sharded with fsdp makes no validation videos; set it"
-            " to 0, or train.strategy ddp"
-        )
     run = {
         "key": key,
         "inputs": {"precompute": upstream["precompute"].key},

@@ -175,6 +175,12 @@ def test_process_count_and_strategy(monkeypatch):
     assert plan("", gradient_accumulation_steps=2) == ("single", 1)
     with pytest.raises(ValueError, match=r"num_processes 4: this process has 2 GPU"):
         plan("0,1", gradient_accumulation_steps=4, num_processes=4)
+    full = dict(mode="full", gradient_accumulation_steps=2)  # auto: fsdp on 2 GPUs
+    with pytest.raises(ValueError, match=r"validation_every: a run sharded with fsdp"):
+        plan("0,1", **full, validation_every=10)
+    with pytest.raises(ValueError, match=r"adamw8bit does not take weights sharded"):
+        plan("0,1", **full, optimizer="adamw8bit")
+    assert plan("0", **full, validation_every=10) == ("single", 1)
     cpu = TrainConfig(gradient_accumulation_steps=2)
     assert distributed.plan(cpu, "cpu") == ("single", 1)  # the CPU: only when asked for
     assert distributed.plan(cpu.model_copy(update={"num_processes": 2}), "cpu") == ("ddp", 2)
@@ -189,6 +195,7 @@ def test_process_count_and_strategy(monkeypatch):
          r"strategy single runs one process"),
         (dict(strategy="fsdp"), r"strategy fsdp shards a full fine-tune; mode lora"),
         (dict(strategy="fsdp", mode="full", validation_every=10), r"fsdp makes no validation"),
+        (dict(strategy="fsdp", mode="full", optimizer="adamw8bit"), r"adamw8bit does not take"),
     ],
 )  # fmt: skip
 def test_process_settings_fail_at_load(fields, error):
