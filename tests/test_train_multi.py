@@ -161,6 +161,23 @@ def test_fsdp_full_fine_tune_resumes_after_a_rank_is_killed(setup):
     _assert_close(loaded.state_dict(), _weights(ckpt))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("mode", "strategy"), [("lora", "ddp"), ("full", "fsdp")])
+def test_two_gpus_give_the_one_gpu_run(setup, mode, strategy):
+    """NCCL, compiled blocks, selective recomputation and fp16 autocast (with a grad scaler)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    ws, make, upstream = setup
+    gpu = dict(mode=mode, device="cuda", mixed_precision="auto", compile=True,
+               gradient_checkpointing="selective", learning_rate=1e-3)  # fmt: skip
+    one = train.run_train(ws, make(f"{mode}-one", **gpu), upstream)
+    two = train.run_train(ws, make(f"{mode}-two", **gpu, num_processes=2), upstream)
+    assert (two.stats["strategy"], two.stats["processes"]) == (strategy, 2)
+    assert len(two.stats["peak_memory_gb_per_process"]) == 2
+    # fp16 sums in another order: close, not equal
+    assert _losses(Path(two.path)) == pytest.approx(_losses(Path(one.path)), rel=5e-3)
+
+
 def test_process_count_and_strategy(monkeypatch):
     def plan(env: str | None, **fields):
         t = TrainConfig(**fields)
