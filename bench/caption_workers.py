@@ -112,7 +112,7 @@ def run_case(workers: int, shards: int, videos: Path, model: Path, tmp: Path, ar
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cogpipe.serve import free_port, serve
+    from cogpipe_flows.serve import free_port, serve
 
     logs = tmp / f"serve-{workers}"
     server = serve(

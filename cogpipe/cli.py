@@ -34,7 +34,6 @@ from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
 from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.ingest import SourceError
-from cogpipe.serve import ServeError
 from cogpipe.workspace import StageNotReady, StageResult
 
 
@@ -330,31 +329,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from cogpipe.serve import serve_forever
+def _serving(command) -> int:
+    """Run a serve, setup or worker command; a ServeError is a clean error, like the others."""
+    from cogpipe_flows.serve import ServeError
 
     _prefect_env()
+    try:
+        return command()
+    except ServeError as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cogpipe_flows.serve import serve_forever
+
     host = "0.0.0.0" if args.expose else "127.0.0.1"
-    return serve_forever(host, args.port, Path(args.logs).resolve())
+    return _serving(lambda: serve_forever(host, args.port, Path(args.logs).resolve()))
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from cogpipe.serve import ServeError, setup
+    from cogpipe_flows.serve import ServeError, setup
 
-    _prefect_env()
-    api = args.api or os.environ.get("PREFECT_API_URL")
-    if not api:
-        raise ServeError("cogpipe setup: set PREFECT_API_URL or pass --api (the server's /api)")
-    setup(api, gpu_groups=[])  # GPU workers create their own slots when they start
-    print(f"cogpipe: pools, automation and deployments are set up on {api}")
-    return 0
+    def command() -> int:
+        api = args.api or os.environ.get("PREFECT_API_URL")
+        if not api:
+            raise ServeError("cogpipe setup: set PREFECT_API_URL or pass --api (the server's /api)")
+        setup(api, gpu_groups=[])  # GPU workers create their own slots when they start
+        print(f"cogpipe: pools, automation and deployments are set up on {api}")
+        return 0
+
+    return _serving(command)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from cogpipe.serve import run_worker
+    from cogpipe_flows.serve import run_worker
 
-    _prefect_env()
-    return run_worker(args.pool, args.api, args.name)
+    return _serving(lambda: run_worker(args.pool, args.api, args.name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError,
-            ExportError, ServeError) as e:  # fmt: skip
+            ExportError) as e:  # fmt: skip
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
 

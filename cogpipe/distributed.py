@@ -57,7 +57,7 @@ class RankFailed(RuntimeError):
 
 def visible_gpus(env: dict[str, str] | None = None) -> int:
     """GPUs of this process: its CUDA_VISIBLE_DEVICES (how a GPU worker owns GPUs)."""
-    from cogpipe.serve import gpu_devices
+    from cogpipe.gpus import gpu_devices
 
     return len(gpu_devices(env))
 

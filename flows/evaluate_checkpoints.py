@@ -21,10 +21,10 @@ from cogpipe import evaluate as evaluation
 from cogpipe.config import PipelineConfig, load_config
 from cogpipe.evaluate import BASE
 from cogpipe.pipeline import finished, plan
-from cogpipe.secrets import use_hub_token
-from cogpipe.serve import gpu_slots
 from cogpipe.workspace import StageNotReady, StageResult, Workspace
 from cogpipe_tasks.evaluate import evaluate
+from cogpipe_tasks.gpu import gpu_slots
+from cogpipe_tasks.secrets import use_hub_token
 
 
 def training_runs(ws: Workspace) -> dict[str, str]:

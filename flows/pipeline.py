@@ -17,7 +17,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from cogpipe.config import STAGES, PipelineConfig, Stage, load_config
-from cogpipe.secrets import use_hub_token
 from cogpipe.summary import pipeline_markdown
 from cogpipe.workspace import StageResult
 from cogpipe_tasks.caption import caption, caption_shard
@@ -27,6 +26,7 @@ from cogpipe_tasks.filter import filter
 from cogpipe_tasks.ingest import ingest
 from cogpipe_tasks.precompute import precompute
 from cogpipe_tasks.remote import remote_stage
+from cogpipe_tasks.secrets import use_hub_token
 from cogpipe_tasks.train import train
 
 GPU_STAGES = ("caption", "precompute", "train", "evaluate")

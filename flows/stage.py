@@ -4,7 +4,7 @@ The full pipeline, given a `gpu_pool`, starts caption, precompute, train and eva
 runs of the deployment `cogpipe-stage/<gpu_pool>` (deployments/prefect.yaml) instead of
 in its own process, one run per caption shard and per precompute part, so N GPU workers take N at once.
 The stage reads its inputs from the shared workspace and holds every GPU slot of its
-worker while it runs (cogpipe.serve.gpu_slots); a retried run resumes from what the
+worker while it runs (cogpipe_tasks.gpu.gpu_slots); a retried run resumes from what the
 crashed one committed.
 """
 
@@ -15,9 +15,9 @@ from prefect.runtime import flow_run
 
 from cogpipe.config import PipelineConfig, Stage
 from cogpipe.pipeline import run_stage, upstream_results
-from cogpipe.secrets import use_hub_token
-from cogpipe.serve import gpu_slots
 from cogpipe_tasks.common import ProgressArtifact, run
+from cogpipe_tasks.gpu import gpu_slots
+from cogpipe_tasks.secrets import use_hub_token
 
 
 def _run_name() -> str:

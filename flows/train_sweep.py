@@ -18,11 +18,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from cogpipe import train_sweep as sweeps
 from cogpipe.config import PipelineConfig, load_config
-from cogpipe.secrets import use_hub_token
 from cogpipe.workspace import Workspace
 from cogpipe_flows.pipeline import pipeline
 from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.remote import remote_stage
+from cogpipe_tasks.secrets import use_hub_token
 from cogpipe_tasks.train import train
 
 DEFAULT_GRID = {"train.learning_rate": [1e-4, 5e-4, 1e-3], "train.rank": [64, 128, 256]}

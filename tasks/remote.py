@@ -18,11 +18,11 @@ from prefect.deployments import run_deployment
 
 from cogpipe.config import PipelineConfig
 from cogpipe.pipeline import finished, module
-from cogpipe.serve import STAGE_FLOW
 from cogpipe.workspace import Workspace
 from cogpipe_tasks.common import cache_key
 
 POLL_S = 2.0
+STAGE_FLOW = "cogpipe-stage"  # deployment `cogpipe-stage/<pool>` runs one stage on <pool>
 
 
 class StageRunFailed(RuntimeError):

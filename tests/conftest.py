@@ -83,7 +83,7 @@ ZOMBIE_WITHIN_S = 50  # stuck-run window for tests (heartbeats every 30 s, Prefe
 def served(tmp_path_factory):
     """`cogpipe serve` without GPUs: server, pools, limits, automation, deployments, one cpu
     worker and one CPU-backed gpu worker (named 'gpu-cpu'). Logs under the fixture's tmp."""
-    from cogpipe.serve import free_port, serve
+    from cogpipe_flows.serve import free_port, serve
 
     logs = tmp_path_factory.mktemp("serve-logs")
     server = serve(

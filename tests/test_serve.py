@@ -19,9 +19,9 @@ from conftest import ZOMBIE_WITHIN_S
 
 from cogpipe.config import STAGES
 from cogpipe.pipeline import plan, status
-from cogpipe.secrets import SECRET_BLOCK
-from cogpipe.serve import descendants
 from cogpipe.workspace import read_table
+from cogpipe_flows.serve import descendants
+from cogpipe_tasks.secrets import SECRET_BLOCK
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -159,7 +159,8 @@ def test_gpu_slots_are_strict_and_held_while_a_stage_runs(served, api, monkeypat
     from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from cogpipe.serve import SLOTS_ENV, gpu_slots, slot_names
+    from cogpipe.gpus import SLOTS_ENV, slot_names
+    from cogpipe_tasks.gpu import gpu_slots
 
     (name,) = slot_names([])  # the CPU-backed gpu worker's slot
     assert api.read_global_concurrency_limit_by_name(name).limit == 1
@@ -194,7 +195,7 @@ def test_nightly_deployment_has_scheduled_runs_at_two_utc(api):
 
 
 def test_cogpipe_serve_prints_the_ui_address_and_stops_on_ctrl_c(tmp_path):
-    from cogpipe.serve import free_port
+    from cogpipe_flows.serve import free_port
 
     port = free_port()
     env = os.environ | {

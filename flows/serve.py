@@ -15,7 +15,7 @@ One job per GPU: every GPU worker names its GPUs from its own CUDA_VISIBLE_DEVIC
 from deployment variables) as global concurrency limits of one slot,
 `gpu:<host>:<device>`, and a GPU flow run holds all of its worker's slots with
 `strict=True` for as long as it runs. The slots are leases the run renews: when its worker
-dies, they free themselves `LEASE_S` seconds later. A worker with no GPU serves the `gpu`
+dies, they free themselves a minute later (cogpipe_tasks.gpu). A worker with no GPU serves the `gpu`
 pool on the CPU under one slot `gpu:<host>:cpu`.
 
 Stuck runs: flow runs send a heartbeat every `HEARTBEAT_S` seconds; the automation Prefect
@@ -34,61 +34,22 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cogpipe.gpus import SLOTS_ENV, gpu_devices, slot_names
+
 CPU_POOL, GPU_POOL = "cpu", "gpu"
-STAGE_FLOW = "cogpipe-stage"  # deployment `cogpipe-stage/<pool>` runs one stage on <pool>
-SLOTS_ENV = "COGPIPE_GPU_SLOTS"  # set by `cogpipe worker` for the flow runs it starts
 HEARTBEAT_S = 30  # Prefect's minimum
 ZOMBIE_WITHIN_S = 90
-LEASE_S = 60  # the server's minimum lease
 ZOMBIE_AUTOMATION = "cogpipe: crash flow runs that stopped sending heartbeats"
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: deployments/, flows/
+ROOT = (
+    Path(__file__).resolve().parent.parent
+)  # the checkout: deployments/, flows/ (editable install)
 
 
 class ServeError(RuntimeError):
     """The server, a deployment or a worker could not be started."""
-
-
-def gpu_devices(env: dict[str, str] | None = None) -> list[str]:
-    """This process's GPUs: CUDA_VISIBLE_DEVICES when set (empty: none), else every GPU
-    torch sees."""
-    env = os.environ if env is None else env
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-    try:
-        import torch
-    except ImportError:
-        return []
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def slot_names(devices: list[str], host: str | None = None) -> list[str]:
-    """The concurrency limits of a worker owning `devices` (one slot each)."""
-    host = host or socket.gethostname()
-    return [f"gpu:{host}:{d}" for d in devices] or [f"gpu:{host}:cpu"]
-
-
-@contextlib.contextmanager
-def gpu_slots() -> Iterator[list[str]]:
-    """Hold every GPU slot of the worker that started this flow run; a no-op outside a
-    `cogpipe worker` (the CLI, tests, a CPU worker).
-
-    Raises:
-        ConcurrencySlotAcquisitionError: a slot's limit does not exist (a worker started
-            without `cogpipe worker`, whose limits were never created).
-    """
-    names = [n for n in os.environ.get(SLOTS_ENV, "").split(",") if n]
-    if not names:
-        yield []
-        return
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(names, occupy=1, strict=True, lease_duration=LEASE_S):
-        yield names
 
 
 def ensure_pools(client, pools: list[str]) -> None:
