@@ -22,11 +22,15 @@ def stages(dockerfile: str) -> dict[str, str]:
 
 def test_cpu_and_gpu_images_install_through_the_setup_script():
     targets = stages((ROOT / "docker" / "Dockerfile").read_text())
-    assert set(targets) == {"cpu", "gpu"}
-    for name, body in targets.items():
+    assert set(targets) == {"source", "cpu", "gpu"}
+    for copied in re.findall(r"^COPY ([^-]\S*(?: \S+)*) \S+$", targets["source"], flags=re.M):
+        for path in copied.split():
+            assert (ROOT / path).exists(), f"COPY {path} is not in the checkout"
+    assert "COPY scripts" in targets["source"] and "COPY cogpipe" in targets["source"]
+    for name in ["cpu", "gpu"]:
+        body = targets[name]
+        assert "COPY --from=source /opt/cogpipe /opt/cogpipe" in body, name
         assert re.search(r"^RUN .*scripts/setup\.sh", body, flags=re.M | re.S), name
-        for copied in re.findall(r"^COPY (\S+)", body, flags=re.M):
-            assert (ROOT / copied).exists(), f"{name}: COPY {copied} is not in the checkout"
     assert "--index-url https://download.pytorch.org/whl/cpu" in targets["cpu"]
     assert 'EXTRAS="dev,gpu"' in targets["gpu"]
 
