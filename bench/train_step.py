@@ -58,6 +58,10 @@ VARIANTS = {
         "cogpipe",
         {"gradient_checkpointing": "selective", "checkpointed_blocks": 0.5},
     ),
+    "compile-selective-0.6": (
+        "cogpipe",
+        {"gradient_checkpointing": "selective", "checkpointed_blocks": 0.6},
+    ),
     "compile-selective-flash": (
         "cogpipe",
         {"gradient_checkpointing": "selective", "attention_backend": "flash"},
