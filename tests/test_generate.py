@@ -34,8 +34,10 @@ def lora(tiny_models, tmp_path_factory) -> Path:
 
 
 def options(tiny_models, **fields) -> GenerateOptions:
-    return GenerateOptions(model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=64,
-                           width=64, device="cpu", **fields)  # fmt: skip
+    """Tiny-model options on the CPU; `fields` override any of them (the device too)."""
+    defaults = dict(model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=64, width=64,
+                    device="cpu")  # fmt: skip
+    return GenerateOptions(**(defaults | fields))
 
 
 def test_generate_writes_mp4_of_asked_frames_and_size(tmp_path, tiny, capsys):
