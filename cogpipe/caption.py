@@ -289,7 +289,11 @@ def caption_pass(
         device = resolve_device(cc.device)
         if device == "cuda" and len(shards) == 1:  # one shard per GPU on a multi-GPU host
             device = _shard_device(shards[0])
+        started = time.perf_counter()
         cap = load_captioner(cc, device)
+        progress(
+            done, total, f"captioner loaded on {device} in {time.perf_counter() - started:.1f} s"
+        )
         numbered = [(n, b) for n, (_, _, b) in enumerate(todo)]
         for n, batch, decoded in prefetch(numbered, cc.num_frames, cc.decode_workers):
             s, i, _ = todo[n]
