@@ -43,6 +43,7 @@ from cogpipe.vlm import Captioner, chat_text, release
 from cogpipe.vlm import load_captioner as _load
 from cogpipe.workspace import (
     Progress,
+    ShardsIncomplete,
     StageResult,
     Workspace,
     clean_stale_tmp,
@@ -270,6 +271,7 @@ def caption_pass(
     shards: list[int],
     prompt: str | None = None,
     progress: Progress = no_progress,
+    merge_only: bool = False,
 ) -> tuple[int, int]:
     """Commit every missing part of the given shards of `clips` into `out`.
 
@@ -277,9 +279,18 @@ def caption_pass(
 
     Returns:
         (parts in those shards, parts that were already committed).
+
+    Raises:
+        ShardsIncomplete: with `merge_only`, a part is missing (nothing is loaded).
     """
     batches = [(s, i, b) for s in shards for i, b in enumerate(shard_batches(clips, cc, s))]
     todo = [(s, i, b) for s, i, b in batches if not part_path(out, s, i).is_file()]
+    if merge_only and todo:
+        missing = sorted({s for s, _, _ in todo})
+        raise ShardsIncomplete(
+            f"{out}: {len(todo)} of {len(batches)} caption parts are not committed"
+            f" (shards {', '.join(map(str, missing))})"
+        )
     for s in shards:  # temporaries of a killed run of these shards; other shards may be live
         clean_stale_tmp(out, f".tmp-part-{s:03d}-*")
     total = sum(len(b) for *_, b in batches)
@@ -341,6 +352,7 @@ def run_caption(
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
     shard: int | None = None,
+    merge_only: bool = False,
 ) -> StageResult | None:
     """Caption every kept clip and write `caption/<key>/captions.parquet`.
 
@@ -351,6 +363,8 @@ def run_caption(
         progress: called as (clips done, clips total, note) after every committed part.
         shard: caption only this shard and return None (a GPU worker's run); by default
             every shard not yet committed is captioned here, then the parts are merged.
+        merge_only: only merge: every shard's runs have committed its parts (no model is
+            loaded; a GPU pipeline merges on its CPU worker).
 
     Returns:
         The stage result (None for a single shard); counts hold clips, captioned, failed,
@@ -358,6 +372,7 @@ def run_caption(
 
     Raises:
         ConfigError: `shard` is not in [0, shards).
+        ShardsIncomplete: `merge_only`, and a part is not committed.
         RuntimeError: the committed parts do not cover the kept clips exactly once.
     """
     started = time.time()
@@ -372,7 +387,7 @@ def run_caption(
 
     clips = kept_clips(check)
     shards = [shard] if shard is not None else list(range(cc.shards))
-    parts, reused = caption_pass(out, clips, cc, shards, progress=progress)
+    parts, reused = caption_pass(out, clips, cc, shards, progress=progress, merge_only=merge_only)
     if shard is not None:
         return None
     table = merge_parts(out, clips)

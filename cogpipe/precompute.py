@@ -69,6 +69,7 @@ from cogpipe.config import ConfigError, PipelineConfig
 from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
     Progress,
+    ShardsIncomplete,
     StageResult,
     Workspace,
     atomic_path,
@@ -473,6 +474,7 @@ def run_precompute(
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
     part: int | None = None,
+    merge_only: bool = False,
 ) -> StageResult | None:
     """Encode every selected clip into shards and write `precompute/<key>/index.parquet`.
 
@@ -484,6 +486,8 @@ def run_precompute(
         part: encode only the shards of this part (shard i is in part i mod
             `precompute.workers`) and return None: one GPU worker's run. By default every
             uncommitted shard is encoded here and the index is written.
+        merge_only: only index: the parts' runs have committed every shard (no model is
+            loaded; a GPU pipeline indexes on its CPU worker).
 
     Returns:
         The stage result; counts hold samples, ok, rejected, shards, and distinct videos
@@ -497,6 +501,7 @@ def run_precompute(
     Raises:
         SpotCheckError: a shard's spot check came out under `min_psnr`.
         ConditionError: the condition function does not load, fails or returns another shape.
+        ShardsIncomplete: `merge_only`, and a shard is not committed.
     """
     started = time.time()
     key = key_of(cfg, {"filter": upstream["filter"].key, "check": upstream["check"].key})
@@ -522,6 +527,10 @@ def run_precompute(
     plan = _plan(cfg, upstream, vae_fp, text_fp, max_len, reference_fp)
     shards = sorted(plan.shard.dropna().unique())
     mine = [s for i, s in enumerate(shards) if part is None or i % p.workers == part]
+    if merge_only and (missing := [s for s in mine if not (out / s).is_file()]):
+        raise ShardsIncomplete(
+            f"{out}: {len(missing)} of {len(mine)} shards are not committed ({', '.join(missing)})"
+        )
     for name in mine:  # temporaries of a killed run of these shards; other parts may be live
         clean_stale_tmp(out, f".tmp-{name}-*")
 

@@ -100,6 +100,10 @@ class StageNotReady(RuntimeError):
     """A stage was asked for an upstream output that has no done marker."""
 
 
+class ShardsIncomplete(RuntimeError):
+    """A merge-only run of a sharded stage found shards that no run has committed yet."""
+
+
 class Workspace:
     """A workspace root: `<stage>/<key>/` folders, `cache/` stores."""
 

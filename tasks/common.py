@@ -108,9 +108,14 @@ def inline_images(report: Path) -> str:
 
 def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     """Run one stage through the library and publish its summary; returns a small record."""
-    logger = get_run_logger()
     ups = {name: StageResult.from_dict(record) for name, record in upstream.items()}
-    result = run_stage(config, stage, ups, progress=ProgressArtifact(stage))
+    return publish(stage, run_stage(config, stage, ups, progress=ProgressArtifact(stage)))
+
+
+def publish(stage: str, result: StageResult) -> dict:
+    """Log a stage's result and, if this run computed it, publish its summary table and
+    report as artifacts; returns the result's record."""
+    logger = get_run_logger()
     if result.reused:  # its artifacts' latest versions are those of the run that computed it
         logger.info("%s %s: reused %s", stage, result.key, result.counts)
         return result.to_dict()

@@ -1,6 +1,11 @@
 """A stage run on a GPU pool: the pipeline's task that starts `cogpipe-stage/<pool>` runs
 and waits for them.
 
+A split stage (caption shards, precompute parts) starts one run per shard at once, then
+merges here, in the pipeline's own process: the merge loads no model, so a GPU run for it
+would only add a worker's process start and hold a GPU. Should a shard have left work
+undone, the merge refuses and a final GPU run does that work and merges.
+
 Cached like the in-process stage tasks (by stage key, once done on disk), and before it
 starts anything it looks for the stage's done marker, so a re-run of a finished pipeline
 starts no GPU run. A run that crashed (its worker died) fails this task, whose retry
@@ -17,9 +22,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import finished, module
-from cogpipe.workspace import Workspace
-from cogpipe_tasks.common import cache_key
+from cogpipe.pipeline import finished, module, run_stage
+from cogpipe.workspace import ShardsIncomplete, Workspace
+from cogpipe_tasks.common import cache_key, publish
 
 POLL_S = 2.0
 STAGE_FLOW = "cogpipe-stage"  # deployment `cogpipe-stage/<pool>` runs one stage on <pool>
@@ -45,7 +50,8 @@ def shards(config: PipelineConfig, stage: str) -> int:
 )
 def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[str, dict]) -> dict:
     """Run `stage` as flow runs of `cogpipe-stage/<pool>`: its shards at once, then the
-    stage itself; returns its result record as the workspace holds it."""
+    merge here (or the stage itself as one more run); returns its result record as the
+    workspace holds it."""
     logger = get_run_logger()
     ws, inputs = Workspace(config.workspace), {up: r["key"] for up, r in upstream.items()}
     key = module(stage).key_of(config, inputs)
@@ -56,6 +62,12 @@ def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[s
     n = shards(config, stage)
     if n > 1:
         wait([start(deployment, config, stage, k) for k in range(n)])
+        try:  # the merge needs no GPU: here it takes no worker, process start or GPU slot
+            record = publish(stage, run_stage(config, stage, merge_only=True))
+            logger.info("%s: %d runs on %s, merged here", stage, n, pool)
+            return record
+        except ShardsIncomplete as e:  # a shard left work undone: the final run does it
+            logger.warning("%s: %s; its final run goes to %s", stage, e, pool)
     wait([start(deployment, config, stage, None)])
     done = finished(ws, config, stage, key, inputs)
     if done is None:

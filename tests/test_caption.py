@@ -23,7 +23,7 @@ import pytest
 from cogpipe import caption, vlm
 from cogpipe.pipeline import plan, run_stage
 from cogpipe.samples import write_tiny_captioner
-from cogpipe.workspace import SUCCESS, read_parts, read_table
+from cogpipe.workspace import SUCCESS, ShardsIncomplete, read_parts, read_table
 
 CAPTION = {"num_frames": 4, "max_new_tokens": 24, "batch_size": 2}
 ARCHITECTURES = ["llava", "llava_next", "llava_next_video", "llava_onevision"]
@@ -266,9 +266,14 @@ def test_sharded_run_killed_mid_batch_captions_every_clip_once(checked, tmp_path
     mtime = (out / committed[0]).stat().st_mtime_ns
 
     assert run_stage(cfg, "caption", shard=shard) is None  # restart of the killed shard
+    # A merge-only run (a GPU pipeline's, on its CPU worker) refuses while a shard is undone.
+    with pytest.raises(
+        ShardsIncomplete, match=f"caption parts are not committed \\(shards {1 - shard}\\)"
+    ):
+        run_stage(cfg, "caption", merge_only=True)
     assert run_stage(cfg, "caption", shard=1 - shard) is None  # the other worker's shard
     assert not (out / SUCCESS).exists()  # shards commit parts; the merge marks the stage done
-    merged = run_stage(cfg, "caption")
+    merged = run_stage(cfg, "caption", merge_only=True)
     assert merged.counts["parts_reused"] == merged.counts["parts"] == len(ids)
     assert (out / committed[0]).stat().st_mtime_ns == mtime
     assert part_names(out) == sorted(

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from cogpipe import precompute
 from cogpipe.config import PipelineConfig, PrecomputeConfig
 from cogpipe.video import probe_video, read_frames, write_mp4
-from cogpipe.workspace import StageResult, Workspace, read_table, write_table
+from cogpipe.workspace import ShardsIncomplete, StageResult, Workspace, read_table, write_table
 
 CAPTIONS = [
     "A red circle moves left across a green background.",
@@ -178,12 +178,16 @@ def test_parts_split_the_shards_and_the_last_run_only_indexes(setup):
     assert precompute.run_precompute(ws, cfg, upstream, part=1) is None
     assert sorted(p.name for p in out.glob("shard-*")) == [precompute.shard_name(1)]
     assert not (out / "index.parquet").exists() and not (out / "_SUCCESS.json").exists()
+    # A merge-only run (a GPU pipeline's, on its CPU worker) refuses while a shard is undone.
+    missing = f"{precompute.shard_name(0)}, {precompute.shard_name(2)}"
+    with pytest.raises(ShardsIncomplete, match=f"2 of 3 shards are not committed \\({missing}\\)"):
+        precompute.run_precompute(ws, cfg, upstream, merge_only=True)
     assert precompute.run_precompute(ws, cfg, upstream, part=0) is None
     names = [precompute.shard_name(i) for i in range(3)]
     assert sorted(p.name for p in out.glob("shard-*")) == names
     committed = {n: (out / n).stat().st_mtime_ns for n in names}
 
-    res = precompute.run_precompute(ws, cfg, upstream)
+    res = precompute.run_precompute(ws, cfg, upstream, merge_only=True)
     assert res.counts["shards"] == 3 and res.counts["ok"] == 3
     assert res.counts["encoded_videos"] == 0  # the parts encoded everything
     assert {n: (out / n).stat().st_mtime_ns for n in names} == committed

@@ -136,6 +136,8 @@ def test_gpu_worker_killed_while_captioning_resumes_and_captions_every_clip_once
     served.start_worker("gpu", [])
     run = wait_final(api, run.id, timeout=900)
     assert run.state.is_completed(), run.state.message
+    # Only the shards ran on the gpu pool: the pipeline's own process merged them.
+    assert {r.name for r in children(api, run.id)} == {"caption-shard-0", "caption-shard-1"}
 
     clips = read_table(Path(plan_path(config, "check")) / "clips.parquet")
     kept = sorted(clips[clips.keep.astype(bool)].clip_id)
