@@ -71,7 +71,8 @@ def plan(t: TrainConfig, device: str, env: dict[str, str] | None = None) -> tupl
 
     Raises:
         ValueError: more processes asked for than the process has GPUs; fsdp with
-            validation videos or adamw8bit (neither takes a sharded model).
+            validation videos or adamw8bit (neither takes a sharded model), or on a torch
+            older than 2.6.
     """
     accum = t.gradient_accumulation_steps
     if t.num_processes:
@@ -98,7 +99,23 @@ def plan(t: TrainConfig, device: str, env: dict[str, str] | None = None) -> tupl
             "train.optimizer adamw8bit does not take weights sharded with fsdp: use adamw (its"
             " states are sharded too), or train.strategy ddp"
         )
+    if strategy == "fsdp" and not has_fsdp2():
+        import torch
+
+        raise ValueError(
+            f"train.strategy fsdp needs torch 2.6 or newer (FSDP2's fully_shard); this is torch"
+            f" {torch.__version__}: upgrade torch, or train.strategy ddp"
+        )
     return strategy, n
+
+
+def has_fsdp2() -> bool:
+    """Whether this torch has FSDP2's public API (torch.distributed.fsdp.fully_shard, 2.6+)."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def share(count: int, rank: int, processes: int) -> range:

@@ -198,6 +198,11 @@ def test_process_count_and_strategy(monkeypatch):
     with pytest.raises(ValueError, match=r"adamw8bit does not take weights sharded"):
         plan("0,1", **full, optimizer="adamw8bit")
     assert plan("0", **full, validation_every=10) == ("single", 1)
+    monkeypatch.setattr(distributed, "has_fsdp2", lambda: False)  # a torch older than 2.6
+    with pytest.raises(ValueError, match=r"fsdp needs torch 2.6 or newer .*train.strategy ddp"):
+        plan("0,1", **full)
+    assert plan("0,1", **full, strategy="ddp") == ("ddp", 2)
+    monkeypatch.undo()
     cpu = TrainConfig(gradient_accumulation_steps=2)
     assert distributed.plan(cpu, "cpu") == ("single", 1)  # the CPU: only when asked for
     assert distributed.plan(cpu.model_copy(update={"num_processes": 2}), "cpu") == ("ddp", 2)
