@@ -326,7 +326,8 @@ def test_spot_check_stops_the_shard_whose_latents_do_not_decode_back(setup, monk
     from cogpipe.models import cogvideox
 
     ws, make, upstream = setup
-    cfg = make(min_psnr=20)  # the default; clip1 and clip2 in shard 0, clip3 in shard 1
+    # min_psnr: the default. Clip1 and clip2 in shard 0 (one encode call), clip3 in shard 1.
+    cfg = make(min_psnr=20, batch_size=4)
     encode, calls = cogvideox.encode_video, []
 
     def wrong_in_shard_1(vae, frames, generators):
