@@ -14,7 +14,7 @@ emits </s> and every caption is `--new-tokens` long: the work per clip is fixed.
 
 Lines (one JSON object each): `clips_per_hour` per worker count, the 1-worker case the
 reference (ratio = speed-up; the issue's goal is >= 1.8 on 2 GPUs), with `seconds` and the
-per-run spans in `extra`.
+per-run start and span in `extra`.
 
     python bench/caption_workers.py --gpus 2 [--clips 512] [--batch-size 32]
         [--out bench/results/caption_workers-nvidia-h200-x2-DATE.jsonl] [--commit SHA]
@@ -97,7 +97,8 @@ def pipeline_config(ws: Path, videos: Path, model: Path, shards: int, args):
 
 def caption_span(client, parent) -> tuple[float, dict[str, float]]:
     """Seconds the pipeline's caption task took (starting the shard runs, waiting for the
-    workers, the runs, the merge), and each caption run's own seconds."""
+    workers, the runs, the merge), and for each caption run when it started (seconds after
+    the task) and how long it ran."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterId,
@@ -112,7 +113,13 @@ def caption_span(client, parent) -> tuple[float, dict[str, float]]:
         )
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[parent])))
     (task,) = [t for t in tasks if t.name == "caption-on-gpu"]
-    spans = {r.name: round((r.end_time - r.start_time).total_seconds(), 2) for r in runs}
+    spans = {  # [seconds after the caption task started, seconds it ran]
+        r.name: [
+            round((t - task.start_time).total_seconds(), 2) for t in (r.start_time, r.end_time)
+        ]
+        for r in runs
+    }
+    spans = {name: [start, round(end - start, 2)] for name, (start, end) in spans.items()}
     return (task.end_time - task.start_time).total_seconds(), spans
 
 

@@ -1,17 +1,18 @@
 """Caption: every kept clip gets a caption from a vision-language model, in resumable batches.
 
 What is notable:
-- Clips split into `shards` by a hash of `clip_id` (stable whatever else is in the set).
-  Each shard is its own run: `cogpipe caption CONFIG --shard K` on N GPU workers captions
-  N shards at once; the stage merges once every shard's parts are committed.
-- Inside a shard, clips are ordered by frame size, then `clip_id`, and cut into batches
-  of `batch_size`: clips of one size get the same number of image tokens (LLaVA-NeXT's
-  "anyres" tiles depend on it), so a batch pads little. Batch i of shard s is committed
-  as `part-{s:03d}-{i:05d}.parquet`. The batches are a pure function of the kept clips,
-  so a restart skips committed parts (a crash loses at most the batch in flight), never
-  loads the model when none is left, and gives the same captions as an uninterrupted run
-  (with left padding a caption can depend on its batch: `batch_size` and `shards` are
-  part of the key).
+- Clips are ordered by frame size, then `clip_id`, and cut into batches of `batch_size`:
+  clips of one size get the same number of image tokens (LLaVA-NeXT's "anyres" tiles
+  depend on it), so a batch pads little.
+- Batch b belongs to shard b mod `shards`, so N shards differ by at most one batch (the
+  slowest shard sets the wall time of N workers). Each shard is its own run:
+  `cogpipe caption CONFIG --shard K` on N GPU workers captions N shards at once; the
+  stage merges once every shard's parts are committed. The i-th batch of shard s is
+  committed as `part-{s:03d}-{i:05d}.parquet`. The batches are a pure function of the
+  kept clips, so a restart skips committed parts (a crash loses at most the batch in
+  flight), never loads the model when none is left, and gives the same captions as an
+  uninterrupted run (with left padding a caption can depend on its batch: `batch_size`
+  is part of the key, and `shards`, which names the parts).
 - Frames are decoded in background threads a few batches ahead (PyAV releases the GIL),
   so the GPU does not wait on the CPU; the processor and `generate` run on the main thread.
 - Video-native models (LLaVA-NeXT-Video, LLaVA-OneVision) get the frames as one video;
@@ -56,7 +57,7 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 2
+VERSION = 3  # 3: batches dealt to shards in turn (was: clips by a hash of clip_id)
 COLUMNS = ["clip_id", "caption", "error", "model", "prompt_hash", "tokens", "truncated", "seconds"]
 DECODE_AHEAD = 3  # batches decoded ahead of the one generating
 
@@ -72,11 +73,6 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def shard_of(clip_id: str, shards: int) -> int:
-    """The shard a clip belongs to: a hash of its id, so adding clips moves no other clip."""
-    return int(hashlib.sha256(clip_id.encode()).hexdigest()[:8], 16) % shards
-
-
 def part_path(out: Path, shard: int, index: int) -> Path:
     return out / f"part-{shard:03d}-{index:05d}.parquet"
 
@@ -89,9 +85,8 @@ def make_batches(clips: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
 
 
 def shard_batches(clips: pd.DataFrame, cc: CaptionConfig, shard: int) -> list[pd.DataFrame]:
-    """Shard `shard`'s batches (see make_batches)."""
-    mine = [shard_of(c, cc.shards) == shard for c in clips.clip_id]
-    return make_batches(clips[mine] if len(clips) else clips, cc.batch_size)
+    """Shard `shard`'s batches: every `cc.shards`-th batch of the whole set (make_batches)."""
+    return make_batches(clips, cc.batch_size)[shard :: cc.shards]
 
 
 # --------------------------------------------------------------------------- model

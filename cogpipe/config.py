@@ -148,7 +148,7 @@ class CaptionConfig(Section):
     )
     batch_size: int = Field(8, ge=1, description="Clips per generate call and per committed part.")
     shards: int = Field(
-        1, ge=1, description="Clips split by a hash of clip_id; each shard is its own run."
+        1, ge=1, description="Batches dealt to shards in turn; each shard is its own run."
     )
     temperature: float = Field(
         0.0, ge=0, description="0: greedy decoding; above 0: sampling, seeded per batch."
