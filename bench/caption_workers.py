@@ -14,7 +14,7 @@ emits </s> and every caption is `--new-tokens` long: the work per clip is fixed.
 
 Lines (one JSON object each): `clips_per_hour` per worker count, the 1-worker case the
 reference (ratio = speed-up; the issue's goal is >= 1.8 on 2 GPUs), with `seconds` and the
-per-run start and span in `extra`.
+per run its start, span and parts' commit times in `extra`.
 
     python bench/caption_workers.py --gpus 2 [--clips 512] [--batch-size 32]
         [--out bench/results/caption_workers-nvidia-h200-x2-DATE.jsonl] [--commit SHA]
@@ -95,10 +95,10 @@ def pipeline_config(ws: Path, videos: Path, model: Path, shards: int, args):
     })  # fmt: skip
 
 
-def caption_span(client, parent) -> tuple[float, dict[str, float]]:
+def caption_span(client, parent, out: Path) -> tuple[float, dict[str, list]]:
     """Seconds the pipeline's caption task took (starting the shard runs, waiting for the
-    workers, the runs, the merge), and for each caption run when it started (seconds after
-    the task) and how long it ran."""
+    workers, the runs, the merge), and for each caption run: when it started (seconds after
+    the task), how long it ran, and when each of its parts in `out` was committed."""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterId,
@@ -120,6 +120,10 @@ def caption_span(client, parent) -> tuple[float, dict[str, float]]:
         for r in runs
     }
     spans = {name: [start, round(end - start, 2)] for name, (start, end) in spans.items()}
+    t0 = task.start_time.timestamp()
+    for name in spans:
+        parts = sorted(out.glob(f"part-{int(name.rsplit('-', 1)[1]):03d}-*.parquet"))
+        spans[name].append([round(p.stat().st_mtime - t0, 1) for p in parts])
     return (task.end_time - task.start_time).total_seconds(), spans
 
 
@@ -149,10 +153,9 @@ def run_case(workers: int, shards: int, videos: Path, model: Path, tmp: Path, ar
                 raise RuntimeError(
                     f"{workers} workers: pipeline ended {run.state.name}: {run.state.message}"
                 )
-            seconds, spans = caption_span(c, run.id)
-        status = json.loads(
-            (Path(cfg.workspace) / "caption").glob("*/_SUCCESS.json").__next__().read_text()
-        )
+            done = next((Path(cfg.workspace) / "caption").glob("*/_SUCCESS.json"))
+            seconds, spans = caption_span(c, run.id, done.parent)
+        status = json.loads(done.read_text())
         return {"seconds": seconds, "clips": status["counts"]["clips"], "spans": spans}
     finally:
         server.stop()
@@ -184,6 +187,8 @@ def main() -> None:
         os.environ["PREFECT_HOME"] = str(tmp / "prefect-home")
         model = write_model(tmp / "model", args.dry)
         videos = write_clips(tmp / "videos", args.clips, args.dry)
+        from cogpipe_flows.serve import cpu_threads
+
         ref = None  # the 1-worker case, run first; each line printed as its case ends
         for workers in (1, args.gpus):
             r = run_case(workers, args.gpus, videos, model, tmp, args)
@@ -194,7 +199,8 @@ def main() -> None:
                     "device": device, "date": date, "commit": commit,
                     "extra": {"seconds": round(r["seconds"], 2), "clips": r["clips"], "shards": args.gpus,
                               "batch_size": args.batch_size, "new_tokens": args.new_tokens,
-                              "runs": r["spans"], "dry": args.dry}}  # fmt: skip
+                              "runs": r["spans"], "dry": args.dry,
+                              "omp_threads": os.environ.get("OMP_NUM_THREADS", cpu_threads(workers))}}  # fmt: skip
             print(json.dumps(line), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

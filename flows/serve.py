@@ -16,7 +16,8 @@ from deployment variables) as global concurrency limits of one slot,
 `gpu:<host>:<device>`, and a GPU flow run holds all of its worker's slots with
 `strict=True` for as long as it runs. The slots are leases the run renews: when its worker
 dies, they free themselves a minute later (cogpipe_tasks.gpu). A worker with no GPU serves the `gpu`
-pool on the CPU under one slot `gpu:<host>:cpu`.
+pool on the CPU under one slot `gpu:<host>:cpu`. The GPU workers `cogpipe serve` starts
+split the host's CPUs between them as torch threads (cpu_threads).
 
 Stuck runs: flow runs send a heartbeat every `HEARTBEAT_S` seconds; the automation Prefect
 documents for self-hosted servers marks a run that stops sending them (its worker died)
@@ -183,6 +184,12 @@ def run_worker(pool: str, api_url: str | None = None, name: str | None = None) -
     return 0  # not reached
 
 
+def cpu_threads(gpu_workers: int) -> int:
+    """A GPU worker's share of this host's CPUs: its flow runs' torch threads
+    (OMP_NUM_THREADS, unless set), so N workers' runs do not each start a thread per CPU."""
+    return max(1, len(os.sched_getaffinity(0)) // max(gpu_workers, 1))
+
+
 @dataclass
 class Server:
     """A running `cogpipe serve`: the Prefect server and its workers (process groups)."""
@@ -192,6 +199,7 @@ class Server:
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
     logs: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every worker
+    gpu_workers: int = 1  # GPU workers on this host: they share its CPUs (cpu_threads)
 
     @property
     def api_url(self) -> str:
@@ -204,6 +212,7 @@ class Server:
         env = os.environ | self.env | {"PREFECT_API_URL": self.api_url}
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+            env.setdefault("OMP_NUM_THREADS", str(cpu_threads(self.gpu_workers)))
         cmd = [sys.executable, "-m", "cogpipe.cli", "worker", "--pool", pool, "--name", name]
         out = open(self.logs / f"worker-{name}.log", "ab") if self.logs else subprocess.DEVNULL
         self.workers[name] = subprocess.Popen(
@@ -336,6 +345,7 @@ def serve(
     try:
         gpus = gpu_devices() if gpus is None else gpus
         groups = [[g] for g in gpus] or [[]]
+        server.gpu_workers = len(groups)
         setup(server.api_url, groups, zombie_within_s)
         server.start_worker(CPU_POOL)
         for devices in groups:

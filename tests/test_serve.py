@@ -178,6 +178,20 @@ def test_gpu_slots_are_strict_and_held_while_a_stage_runs(served, api, monkeypat
                 pass
 
 
+def test_gpu_workers_split_the_hosts_cpus_as_torch_threads(served):
+    from cogpipe_flows.serve import cpu_threads
+
+    assert cpu_threads(1) == len(os.sched_getaffinity(0)) and cpu_threads(10**6) == 1
+
+    def environ(worker: str) -> dict[str, str]:  # `cogpipe worker` exec'd the Prefect worker
+        text = Path(f"/proc/{served.workers[worker].pid}/environ").read_text()
+        return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
+
+    expected = os.environ.get("OMP_NUM_THREADS", str(cpu_threads(served.gpu_workers)))
+    assert environ("gpu-cpu")["OMP_NUM_THREADS"] == expected
+    assert environ("cpu").get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
+
+
 def test_nightly_deployment_has_scheduled_runs_at_two_utc(api):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
 
