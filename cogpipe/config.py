@@ -5,8 +5,10 @@ parameters (the UI renders them as a form) and the input of every stage's key. A
 value fails at load time with the field name and the reason.
 
 Fields marked `keyed=False` (see `_unkeyed`) change how a stage runs, never what it
-writes, so they are left out of the stage key: raising the batch size of a finished
-captioning run does not recompute it.
+writes, so they are left out of the stage key: raising `precompute.batch_size` of a
+finished run does not recompute it. (`caption.batch_size` is keyed: with left padding a
+caption can depend on the other clips of its batch.) Models enter keys by fingerprint
+(`workspace.model_fingerprint`), never by path, so moving a model folder keeps every key.
 
     from cogpipe.config import load_config
     cfg = load_config("configs/demo.yaml")
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,6 +39,20 @@ def default_caption_prompt() -> str:
 
 def default_retry_prompt() -> str:
     return files("cogpipe").joinpath("prompts/power_slap_strict.txt").read_text().strip()
+
+
+def file_fingerprint(path: Path, field: str) -> str:
+    """A small input file (captions to import, overrides) by its content.
+
+    Raises:
+        ConfigError: the file cannot be read (the message names the field and the file).
+    """
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read {path}: {e.strerror}") from e
 
 
 class Section(BaseModel):
@@ -161,6 +177,37 @@ class CaptionConfig(Section):
     decode_workers: int = _unkeyed(
         default=0, ge=0, description="Threads decoding frames ahead of the GPU; 0: one per core."
     )
+    existing: Literal["fill", "use", "ignore"] = Field(
+        "fill",
+        description=(
+            "Captions that come with the data (the dataset's own, or `import_file`). fill:"
+            " caption only the clips without one; use: never caption (a clip without one is"
+            " rejected); ignore: caption every clip. Existing captions pass the same quality gate."
+        ),
+    )
+    import_file: Path | None = Field(
+        None,
+        description=(
+            "Captions of an earlier run to reuse: a CSV, JSONL or Parquet file with a caption"
+            " column (caption, prompt, text or description) and a clip_id, video_id or path"
+            " column; paths relative to the file, to ingest.source, or absolute. They take"
+            " precedence over the dataset's own captions."
+        ),
+    )
+
+    def key_fields(self) -> dict[str, Any]:
+        """As Section's, with the model by fingerprint (`model_fp`, added by the stage), not
+        by where it lives; `existing` and `import_file` enter the key only when not the
+        defaults (the import by its content), so a key from before they existed holds."""
+        data = super().key_fields()
+        data.pop("model")
+        if self.existing == "fill":
+            data.pop("existing")
+        if self.import_file is None:
+            data.pop("import_file")
+        else:
+            data["import_file"] = file_fingerprint(self.import_file, "caption.import_file")
+        return data
 
     @model_validator(mode="after")
     def _prompt_not_empty(self) -> CaptionConfig:
@@ -254,6 +301,19 @@ class FilterConfig(Section):
         "with it. A caption's category is the one with the most matching terms (ties: the "
         "earlier one, so specific events come first), 'other' when none matches.",
     )  # fmt: skip
+    motion_groups: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="select_top also spreads picks over this many motion groups (quantiles of"
+        " check's motion score among accepted clips: 3 = low / mid / high); 1 turns it off.",
+    )
+    overrides: Path | None = Field(
+        None,
+        description="A YAML file of a person's corrections, applied after the gate: clip_id or"
+        " source path -> a caption, or -> {reject: reason}. `cogpipe captions CONFIG --export"
+        " FILE` writes the current captions in this format.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> FilterConfig:
@@ -272,10 +332,27 @@ class FilterConfig(Section):
         return self
 
     def key_fields(self) -> dict[str, Any]:
-        """As Section's, with categories as [name, terms] pairs: their order breaks ties."""
+        """As Section's, with categories as [name, terms] pairs (their order breaks ties) and
+        the overrides by content (what they say, not where the file is)."""
         data = super().key_fields()
         data["categories"] = [[name, terms] for name, terms in self.categories.items()]
+        if self.overrides is None:
+            data.pop("overrides")
+        else:
+            data["overrides"] = file_fingerprint(self.overrides, "filter.overrides")
         return data
+
+    GATE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "min_words", "max_words", "max_repetition", "ideal_words", "refusal_phrases",
+        "assistant_phrases", "still_image_phrases", "reject_truncated", "min_english",
+        "domain_terms", "min_domain_terms", "max_tokens", "retries", "retry_prompt",
+    )  # fmt: skip
+
+    def gate_fields(self) -> dict[str, Any]:
+        """The fields that decide whether a caption passes and how rejected ones are
+        re-captioned (the recaption stage's key), without the curation's."""
+        data = super().key_fields()
+        return {name: data[name] for name in self.GATE_FIELDS}
 
 
 class PrecomputeConfig(Section):
@@ -288,6 +365,23 @@ class PrecomputeConfig(Section):
         description=(
             "More (height, width) buckets besides height x width; each clip goes to the bucket"
             " nearest its aspect ratio (multiples of 16)."
+        ),
+    )
+    frame_buckets: list[int] = Field(
+        [],
+        description=(
+            "Shorter frame counts for clips too short for `frames` (e.g. [33, 25, 17]): a clip"
+            " gets the longest that fits at `fps`, and training batches keep one shape. Each"
+            " 8k+1 (16k+1 for a model with a temporal patch of 2) and under `frames`. Empty:"
+            " every sample has `frames` and check rejects shorter clips."
+        ),
+    )
+    windows: Literal["first", "all"] | int = Field(
+        "first",
+        description=(
+            "Samples per clip. first: one window from the clip's start. all, or a number N:"
+            " check splits a clip long enough for several windows into spans of about one"
+            " window each (all of them, or at most N), each with its own caption and sample."
         ),
     )
     shard_size: int = Field(16, ge=1, description="Samples per committed safetensors shard.")
@@ -348,12 +442,34 @@ class PrecomputeConfig(Section):
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
     def key_fields(self) -> dict[str, Any]:
-        """As Section's; without references the key is what it was before they existed."""
+        """As Section's; without references, frame buckets or windows the key is what it was
+        before they existed."""
         data = super().key_fields()
         if self.reference is None:
             data.pop("reference")
             data.pop("reference_options")
+        if not self.frame_buckets:
+            data.pop("frame_buckets")
+        if self.windows == "first":
+            data.pop("windows")
         return data
+
+    def frame_counts(self) -> list[int]:
+        """Every frame count a sample may have, longest first (`frames`, then the buckets)."""
+        return sorted({self.frames, *self.frame_buckets}, reverse=True)
+
+    def window_seconds(self, frames: int | None = None) -> float:
+        """Seconds of clip a window of `frames` (default: `frames`) frames at `fps` spans."""
+        return ((frames or self.frames) - 1) / self.fps
+
+    def window_need(self) -> dict[str, Any]:
+        """What check must know of the training windows (part of its key): the shortest
+        clip that yields a sample, and how long clips are split into windows."""
+        return {
+            "min_seconds": round(self.window_seconds(min(self.frame_counts())), 6),
+            "window_seconds": round(self.window_seconds(), 6),
+            "windows": self.windows,
+        }
 
     @model_validator(mode="after")
     def _shape(self) -> PrecomputeConfig:
@@ -366,6 +482,14 @@ class PrecomputeConfig(Section):
                 )
         if self.reference_options and self.reference is None:
             raise ValueError("reference_options given without a reference function")
+        bad = [f for f in self.frame_buckets if (f - 1) % 8 or f < 9 or f > self.frames]
+        if bad:
+            raise ValueError(
+                f"frame_buckets must be 8k+1 frame counts from 9 up to frames ({self.frames}),"
+                f" got {bad}"
+            )
+        if isinstance(self.windows, int) and self.windows < 1:
+            raise ValueError(f"windows must be first, all or a number >= 1, got {self.windows}")
         return self
 
     def all_buckets(self) -> list[tuple[int, int]]:
@@ -599,6 +723,16 @@ class EvaluateConfig(Section):
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
+    def key_fields(self) -> dict[str, Any]:
+        """As Section's, with the CLIP and video-feature models by fingerprint, not path."""
+        from cogpipe.workspace import model_fingerprint
+
+        data = super().key_fields()
+        data["clip_model"] = model_fingerprint(self.clip_model)
+        if self.video_features is not None:
+            data["video_features"] = model_fingerprint(self.video_features)
+        return data
+
     @model_validator(mode="after")
     def _shape(self) -> EvaluateConfig:
         if (self.frames - 1) % 8:
@@ -649,6 +783,11 @@ class PipelineConfig(BaseModel):
                 f"train.mode tic-ft with {c.condition_frames} condition + {c.buffer_frames}"
                 f" buffer + {c.target_frames} target latent frames needs precompute.frames"
                 f" {c.video_frames}, got {p.frames}"
+            )
+        if t.mode == "tic-ft" and p.frame_buckets:
+            raise ValueError(
+                "train.mode tic-ft needs every sample at its layout's frame count; drop"
+                f" precompute.frame_buckets {p.frame_buckets}"
             )
         if t.mode == "tic-ft" and t.validation_every:
             raise ValueError(
@@ -722,6 +861,10 @@ def _local(value: str, base: Path) -> str:
     return value
 
 
+def _file(value: Path | None, base: Path) -> Path | None:
+    return None if value is None else (base / value.expanduser()).resolve()
+
+
 def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     """Make the workspace, source and local model folders absolute, relative to `base`."""
     ws = cfg.workspace if cfg.workspace.is_absolute() else (base / cfg.workspace)
@@ -731,7 +874,15 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
             "workspace": ws.resolve(),
             "model": _local(cfg.model, base),
             "ingest": cfg.ingest.model_copy(update={"source": src.resolve()}),
-            "caption": cfg.caption.model_copy(update={"model": _local(cfg.caption.model, base)}),
+            "caption": cfg.caption.model_copy(
+                update={
+                    "model": _local(cfg.caption.model, base),
+                    "import_file": _file(cfg.caption.import_file, base),
+                }
+            ),
+            "filter": cfg.filter.model_copy(
+                update={"overrides": _file(cfg.filter.overrides, base)}
+            ),
             "evaluate": cfg.evaluate.model_copy(
                 update={"clip_model": _local(cfg.evaluate.clip_model, base)}
             ),
