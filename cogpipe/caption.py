@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cogpipe.captions_in import existing_captions
 from cogpipe.config import CaptionConfig, ConfigError, PipelineConfig
 from cogpipe.video import even_times, read_frames
 from cogpipe.vlm import Captioner, chat_text, release
@@ -58,7 +59,12 @@ from cogpipe.workspace import (
 )
 
 VERSION = 3  # 3: batches dealt to shards in turn (was: clips by a hash of clip_id)
-COLUMNS = ["clip_id", "caption", "error", "model", "prompt_hash", "tokens", "truncated", "seconds"]
+EXISTING_COLUMNS = {"error": None, "model": None, "prompt_hash": None, "tokens": 0,
+                    "truncated": False, "seconds": 0.0}  # fmt: skip
+COLUMNS = [
+    "clip_id", "caption", "error", "model", "prompt_hash", "tokens", "truncated", "seconds",
+    "source",
+]  # fmt: skip
 DECODE_AHEAD = 3  # batches decoded ahead of the one generating
 
 
@@ -229,7 +235,7 @@ def caption_batch(
     per_clip = round((time.time() - started) / max(len(ok), 1), 4)  # s, share of the batch
     rows, phash = [], prompt_hash(prompt)
     for i, clip_id in enumerate(batch.clip_id):
-        row = {"clip_id": clip_id, "model": cc.model, "prompt_hash": phash}
+        row = {"clip_id": clip_id, "model": cc.model, "prompt_hash": phash, "source": "model"}
         if i in generated:
             text, tokens, truncated = generated[i]
             error = None if text else "empty caption"
@@ -341,6 +347,29 @@ def kept_clips(check: StageResult) -> pd.DataFrame:
     return clips[clips.keep.astype(bool)] if len(clips) else clips
 
 
+def _to_caption(kept: pd.DataFrame, given: pd.DataFrame, existing: str) -> pd.DataFrame:
+    """The clips the model captions: those without a given caption (fill), none (use)."""
+    if existing == "use":
+        return kept.iloc[:0]
+    return kept[~kept.clip_id.isin(given.clip_id)]
+
+
+def _with_existing(
+    captioned: pd.DataFrame, kept: pd.DataFrame, given: pd.DataFrame, existing: str
+) -> pd.DataFrame:
+    """The model's rows, the given captions and (`use`) an error row per clip left without
+    one: every kept clip once, sorted by clip_id."""
+    rows = [given.assign(**EXISTING_COLUMNS)]
+    if existing == "use":
+        bare = kept.loc[~kept.clip_id.isin(given.clip_id), ["clip_id"]]
+        error = "no caption (caption.existing: use, and none came with the data)"
+        rows.append(bare.assign(caption=None, source=None, **(EXISTING_COLUMNS | {"error": error})))
+    table = pd.concat([captioned, *rows], ignore_index=True)[COLUMNS]
+    return table.astype({"truncated": bool, "tokens": int}).sort_values(
+        "clip_id", ignore_index=True
+    )
+
+
 def run_caption(
     ws: Workspace,
     cfg: PipelineConfig,
@@ -350,6 +379,11 @@ def run_caption(
     merge_only: bool = False,
 ) -> StageResult | None:
     """Caption every kept clip and write `caption/<key>/captions.parquet`.
+
+    Clips that come captioned (the dataset's captions, `caption.import_file`) keep their
+    caption with its `source` under `caption.existing: fill` (the default) and `use`; the
+    model captions the rest (fill), none (use, a clip without a caption is an error row), or
+    every clip (ignore). The parts hold only the model's captions.
 
     Args:
         ws: the workspace.
@@ -380,12 +414,14 @@ def run_caption(
     if ws.done(out):
         return None if shard is not None else ws.result("caption", out)
 
-    clips = kept_clips(check)
+    kept, clips = kept_clips(check), read_table(Path(check.path) / "clips.parquet")
+    given, given_stats = existing_captions(cfg, kept, clips)
+    todo = _to_caption(kept, given, cc.existing)
     shards = [shard] if shard is not None else list(range(cc.shards))
-    parts, reused = caption_pass(out, clips, cc, shards, progress=progress, merge_only=merge_only)
+    parts, reused = caption_pass(out, todo, cc, shards, progress=progress, merge_only=merge_only)
     if shard is not None:
         return None
-    table = merge_parts(out, clips)
+    table = _with_existing(merge_parts(out, todo), kept, given, cc.existing)
     write_table(out / "captions.parquet", table)
     failed = table.error.notna()
     counts = {
@@ -396,7 +432,10 @@ def run_caption(
         "tokens": int(table.tokens.sum()),
         "parts": parts,
         "parts_reused": reused,
+        "model": len(todo),
+        "given": len(given),
     }
     kinds = table.error.dropna().str.split(":").str[0].value_counts().to_dict()
-    result = StageResult("caption", key, str(out), counts, stats={"rejections": kinds})
+    stats = {"rejections": kinds, "sources": table.source.value_counts().to_dict(), **given_stats}
+    result = StageResult("caption", key, str(out), counts, stats=stats)
     return ws.finish(result, started)

@@ -111,7 +111,9 @@ def test_every_kept_clip_gets_one_caption(checked):
     assert res.counts == {
         "clips": len(ids), "captioned": len(ids), "failed": 0, "parts": n_parts, "parts_reused": 0,
         "tokens": int(table.tokens.sum()), "truncated": int(table.truncated.sum()),
+        "model": len(ids), "given": 0,
     }  # fmt: skip
+    assert set(table.source) == {"model"}
     assert (Path(res.path) / SUCCESS).is_file()
 
     # The in-memory helper batches exactly as the stage does, so it gives the same captions.
