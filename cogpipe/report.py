@@ -143,6 +143,37 @@ def _cell(text: object, limit: int | None = None) -> str:
     return text.replace("|", "\\|")
 
 
+MOTION_NAMES = {2: ("low", "high"), 3: ("low", "mid", "high")}
+
+
+def _motion_lines(table: pd.DataFrame, acc: pd.Series, sel: pd.Series) -> list[str]:
+    """The selection per motion group (check's motion score) against all accepted clips."""
+    if "motion_group" not in table or not acc.any():
+        return []
+    groups = sorted(table.loc[acc, "motion_group"].dropna().unique())
+    names = MOTION_NAMES.get(len(groups), [f"group {int(g)}" for g in groups])
+    lines = ["## Selection by motion", "", "| motion | score range | accepted | selected |"]
+    lines += ["|---|---|---:|---:|"]
+    for name, g in zip(names, groups, strict=True):
+        mine = acc & (table.motion_group == g)
+        low, high = table.motion[mine].min(), table.motion[mine].max()
+        lines += [
+            f"| {name} | {low:.2f}-{high:.2f} | {int(mine.sum())} | {int((mine & sel).sum())} |"
+        ]
+    return [*lines, ""]
+
+
+def _override_lines(table: pd.DataFrame) -> list[str]:
+    """Every clip a person's override changed (filter.overrides)."""
+    if "override" not in table or not table.override.any():
+        return []
+    lines = ["## Overrides", "", "| clip_id | verdict | caption or reason |", "|---|---|---|"]
+    for r in table[table.override.astype(bool)].itertuples():
+        verdict, text = ("caption", r.caption) if r.accepted else ("reject", r.reasons)
+        lines += [f"| {_cell(r.clip_id)} | {verdict} | {_cell(text, 80)} |"]
+    return [*lines, ""]
+
+
 def write_caption_report(
     out: Path, table: pd.DataFrame, categories: Sequence[str] = (), max_rows: int = 200
 ) -> Path:
@@ -182,6 +213,8 @@ def write_caption_report(
         lines += [""]
     else:
         lines += ["No accepted captions.", ""]
+    lines += _motion_lines(table, acc, sel)
+    lines += _override_lines(table)
     lines += ["## Caption rejections", ""]
     rejected = table[~acc]
     kinds = rejected.reasons.str.split("; ").explode().map(reason_kind)

@@ -58,22 +58,38 @@ def stage_key(stage: str, version: int, config: Any, inputs: dict[str, str]) -> 
     return sha256_json({"stage": stage, "v": version, "config": config, "inputs": inputs})[:KEY_LEN]
 
 
-def model_fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
-    """What identifies model weights: a hub id + revision, or a local folder's file listing.
+FINGERPRINT_BYTES = 1 << 20  # read from each end of a weight file for its fingerprint
+_fingerprints: dict[tuple, str] = {}  # (path, size, mtime_ns) -> digest, per process
 
-    A local folder is fingerprinted by relative path, size and mtime of every file (not
-    by where it lives), so replacing weights in place gives a new key without reading
-    gigabytes, and moving the folder keeps every key.
+
+def model_fingerprint(model: str, revision: str | None = None) -> dict[str, Any]:
+    """What identifies model weights: a hub id + revision, or a local folder's contents.
+
+    A local folder is fingerprinted by every file's relative path, size and the sha256 of
+    its first and last MiB (all of it for smaller files), never by where it lives or when
+    it was written: moving or copying the folder keeps every key, and replacing weights in
+    place gives a new one, without reading gigabytes.
     """
     path = Path(model).expanduser()
     if not path.is_dir():
         return {"id": model, "revision": revision}
-    listing = sorted(
-        (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in path.rglob("*")
-        if p.is_file()
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(path)), p.stat().st_size, _ends_digest(p)) for p in files]
     return {"files": sha256_json(listing)[:16]}
+
+
+def _ends_digest(path: Path) -> str:
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _fingerprints:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            if st.st_size > 2 * FINGERPRINT_BYTES:
+                f.seek(-FINGERPRINT_BYTES, os.SEEK_END)
+            h.update(f.read(FINGERPRINT_BYTES))
+        _fingerprints[memo] = h.hexdigest()[:16]
+    return _fingerprints[memo]
 
 
 @dataclass

@@ -124,9 +124,16 @@ def test_moving_a_model_folder_keeps_its_fingerprint(tmp_path):
 
     (tmp_path / "a" / "vae").mkdir(parents=True)
     (tmp_path / "a" / "vae" / "config.json").write_text("{}")
+    (tmp_path / "a" / "vae" / "weights.bin").write_bytes(bytes(range(256)) * 20_000)  # 5 MB
     before = model_fingerprint(str(tmp_path / "a"))
     shutil.move(tmp_path / "a", tmp_path / "b")
     assert model_fingerprint(str(tmp_path / "b")) == before
+    shutil.copytree(tmp_path / "b", tmp_path / "c")  # a copy: new mtimes, same contents
+    assert model_fingerprint(str(tmp_path / "c")) == before
+    weights = bytearray((tmp_path / "c" / "vae" / "weights.bin").read_bytes())
+    weights[-10] ^= 1  # new weights in place, same size
+    (tmp_path / "c" / "vae" / "weights.bin").write_bytes(weights)
+    assert model_fingerprint(str(tmp_path / "c")) != before
     assert model_fingerprint("THUDM/CogVideoX-2b") == {"id": "THUDM/CogVideoX-2b", "revision": None}
 
 
