@@ -1,9 +1,26 @@
 """Ingest: one manifest row per input, accepted or rejected with a specific reason.
 
-Inputs come from a folder (recursive, symlinks followed, loops detected), a list file
-(CSV / JSONL / text), or a dataset layout people already have: diffusers / CogVideo
-(`prompts.txt` + `videos.txt`) or finetrainers / HF (`metadata.csv` / `metadata.jsonl`).
-Captions that come with a dataset are kept in `source_caption`.
+Layouts read from `ingest.source` (`ingest.layout: auto` tells them apart by what is there):
+
+- folder: every file under a folder (recursive, symlinks followed, loops detected). A
+  video with a sibling `<stem>.txt` (`clip.mp4` + `clip.txt`, the caption-file pairs of
+  finetrainers and most LoRA trainers) gets that text as its caption; the consumed .txt
+  is not a row of its own, and a .txt with no video beside it stays a rejected row.
+- list: one file, `.csv` / `.jsonl` / `.json` records or a `.txt` of paths, relative to
+  the file's folder.
+- diffusers: the diffusers / CogVideo / finetrainers two-file layout: one of `prompt.txt`,
+  `prompts.txt`, `caption.txt`, `captions.txt` paired line by line with one of
+  `video.txt`, `videos.txt` (paths relative to the folder).
+- metadata: HF / finetrainers `metadata.csv`, `metadata.jsonl` or `metadata.json` (a
+  JSON array of records) with a path column (PATH_COLUMNS) and a caption (CAPTION_COLUMNS).
+
+The file names follow finetrainers' dataset docs (a-r-r-o-w/finetrainers,
+docs/dataset/README.md: "Two file format", "Caption-Data filename pair format",
+"CSV/JSON/JSONL format"). Captions that come with a dataset are kept in `source_caption`,
+and none is dropped silently: a caption that cannot be matched to one video (line counts
+that differ, a blank video line, two caption lists at once, a video listed twice with two
+captions) is a `SourceError` naming the file and the line. A blank caption line means "no
+caption" for its video and keeps its place in the alignment.
 
 `video_id` is the sha256 of the file's bytes, so exact copies share it. Hash and probe
 results are cached by path + size + mtime in `cache/probe/probes.parquet`: re-ingesting
@@ -19,6 +36,7 @@ import csv
 import errno
 import json
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -46,8 +64,13 @@ PROBE_COLUMNS = [
     "codec", "pix_fmt", "bit_depth", "bitrate", "status", "reason",
 ]  # fmt: skip
 COLUMNS = ["path", "size", "mtime_ns", "source_caption", *PROBE_COLUMNS]
-PATH_COLUMNS = ("path", "file_name", "video", "video_path", "file")
+PATH_COLUMNS = (
+    "path", "file_name", "video", "video_path", "video_file", "video_file_name", "file_path", "file",
+)  # fmt: skip
 CAPTION_COLUMNS = ("caption", "prompt", "text", "description")
+CAPTION_LISTS = ("prompt.txt", "prompts.txt", "caption.txt", "captions.txt")
+VIDEO_LISTS = ("video.txt", "videos.txt")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.json")
 
 # First bytes of the containers FFmpeg reads; a file with none of them is not probed.
 _SIGNATURES = (
@@ -57,8 +80,11 @@ _SIGNATURES = (
     (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / MPEG video
     (0, b"FLV"), (0, b"OggS"), (0, b"\x30\x26\xb2\x75"),  # FLV, Ogg, ASF / WMV
 )  # fmt: skip
+_GAP = re.compile(r"[\s,]*")  # between two elements of a JSON array
 
 Entry = tuple[str, int, int, str | None, str]  # path, size, mtime_ns, caption, stat error
+Found = tuple[str, str | None, str]  # path, caption, error
+Record = tuple[str, str | None, int]  # path as listed, caption, line in the list file
 
 
 class SourceError(ValueError):
@@ -101,113 +127,265 @@ def _walk(root: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _rows_of(path: Path) -> list[dict]:
-    """The records of a CSV or JSONL file, each with its line number as '_line'."""
-    rows = []
+def _read_caption(path: str, video: str) -> tuple[str | None, str]:
+    """(caption, error) of the caption file `path` of `video`; a blank file is no caption."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            if path.suffix.lower() == ".csv":
-                for i, row in enumerate(csv.DictReader(f), start=2):
-                    rows.append({**row, "_line": i})
-            else:
-                for i, line in enumerate(f, start=1):
-                    if line.strip():
-                        rows.append({**json.loads(line), "_line": i})
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        text = Path(path).read_text(encoding="utf-8-sig").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"caption file of {os.path.basename(video)} cannot be read ({e})"
+    return text or None, ""
+
+
+def _pair_captions(files: list[tuple[str, str]], extensions: list[str]) -> list[Found]:
+    """Folder files as (path, caption, error): a video's sibling `<stem>.txt` is its caption.
+
+    A consumed caption file is not an entry. One beside several videos of its stem
+    (`a.mp4` and `a.mov`) or one that cannot be read stays an entry, rejected with why.
+    """
+    videos: dict[str, list[str]] = {}
+    for path, error in files:
+        stem, ext = os.path.splitext(path)
+        if not error and ext.lower() in extensions:
+            videos.setdefault(stem, []).append(path)
+    captions: dict[str, str | None] = {}
+    rest: list[tuple[str, str]] = []
+    for path, error in files:
+        stem, ext = os.path.splitext(path)
+        beside = videos.get(stem, []) if ext.lower() == ".txt" and not error else []
+        if len(beside) == 1:
+            captions[beside[0]], error = _read_caption(path, beside[0])
+            if not error:
+                continue
+        elif beside:
+            names = ", ".join(os.path.basename(v) for v in beside)
+            error = f"caption file beside {len(beside)} videos ({names}): which one is ambiguous"
+        rest.append((path, error))
+    return [(path, captions.get(path), error) for path, error in rest]
+
+
+def _lines(path: Path) -> list[str]:
+    """The stripped lines of a text file; blank lines keep their place, and the newline
+    that ends the last line starts no line of its own."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # universal newlines
+    except (OSError, UnicodeDecodeError) as e:
         raise SourceError(f"{path}: cannot read ({e})") from e
-    return rows
+    if lines[-1] == "":
+        lines.pop()
+    return [line.strip() for line in lines]
 
 
-def _records(path: Path) -> list[tuple[str, str | None]]:
-    """(relative or absolute path, caption) pairs from a CSV / JSONL / text list."""
-    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [(line.strip(), None) for line in lines if line.strip()]
-    out = []
-    for row in _rows_of(path):
-        key = next((k for k in PATH_COLUMNS if row.get(k)), None)
-        if key is None:
-            raise SourceError(
-                f"{path}: line {row['_line']} has no path column (one of {', '.join(PATH_COLUMNS)})"
-            )
-        cap = next((row[k] for k in CAPTION_COLUMNS if row.get(k) not in (None, "")), None)
-        out.append((str(row[key]).strip(), None if cap is None else str(cap).strip()))
+def _array_lines(text: str) -> list[int]:
+    """The line (1-based) on which each element of a valid JSON array starts."""
+    decoder, out = json.JSONDecoder(), []
+    line, counted = 1, 0
+    at = _GAP.match(text, text.index("[") + 1).end()
+    while text[at] != "]":
+        line += text.count("\n", counted, at)
+        counted = at
+        out.append(line)
+        _, at = decoder.raw_decode(text, at)
+        at = _GAP.match(text, at).end()
     return out
 
 
-def _diffusers(root: Path) -> list[tuple[str, str | None]]:
-    """CogVideo / diffusers layout: line i of videos.txt is captioned by line i of prompts.txt."""
-    videos_txt = root / "videos.txt"
-    prompts_txt = next(
-        (p for p in (root / "prompts.txt", root / "prompt.txt") if p.is_file()), None
-    )
-    videos = [v.strip() for v in videos_txt.read_text(encoding="utf-8").splitlines() if v.strip()]
-    if prompts_txt is None:
-        return [(v, None) for v in videos]
-    prompts = [p.strip() for p in prompts_txt.read_text(encoding="utf-8").splitlines() if p.strip()]
-    if len(prompts) != len(videos):
+def _json_line(path: Path, line: str, i: int) -> object:
+    """Line `i` of a JSON-lines file, parsed."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{path}: line {i} is not JSON ({e.msg})") from e
+
+
+def _json_rows(path: Path, text: str) -> list[dict]:
+    """The records of a JSON array (`metadata.json`) or of JSON lines, with '_line'."""
+    if text.lstrip().startswith("["):
+        rows = list(zip(json.loads(text), _array_lines(text), strict=True))
+    else:
+        lines = enumerate(text.split("\n"), start=1)
+        rows = [(_json_line(path, line, i), i) for i, line in lines if line.strip()]
+    for row, line in rows:
+        if not isinstance(row, dict):
+            raise SourceError(f"{path}: line {line} is not a record (a JSON object)")
+    return [{**row, "_line": line} for row, line in rows]
+
+
+def _rows_of(path: Path) -> list[dict]:
+    """The records of a CSV, JSON or JSONL file, each with its line number as '_line'."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            if path.suffix.lower() == ".csv":
+                reader = csv.DictReader(f)
+                return [{**row, "_line": reader.line_num} for row in reader]
+            text = f.read()
+        return _json_rows(path, text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise SourceError(f"{path}: cannot read ({e})") from e
+
+
+def _field(row: dict, names: tuple[str, ...]) -> str | None:
+    """The first of `names` with a non-blank value in `row`, stripped."""
+    for name in names:
+        value = row.get(name)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def _records(path: Path) -> list[Record]:
+    """(path as listed, caption, line) of a CSV / JSON / JSONL list or a text list of paths."""
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        return [(p, None, i) for i, p in enumerate(_lines(path), start=1) if p]
+    out = []
+    for row in _rows_of(path):
+        video = _field(row, PATH_COLUMNS)
+        if video is None:
+            raise SourceError(
+                f"{path}: line {row['_line']} has no path column (one of {', '.join(PATH_COLUMNS)})"
+            )
+        out.append((video, _field(row, CAPTION_COLUMNS), row["_line"]))
+    return out
+
+
+def _one_of(root: Path, names: tuple[str, ...], what: str) -> Path | None:
+    """The one file of `names` in `root` (None if none); two at once are ambiguous."""
+    present = [root / name for name in names if (root / name).is_file()]
+    if len(present) > 1:
         raise SourceError(
-            f"{prompts_txt} has {len(prompts)} prompts but {videos_txt} has {len(videos)} videos"
+            f"{present[0]} and {present[1]} are both {what} files: which one is meant is"
+            " ambiguous; keep one of them"
         )
-    return list(zip(videos, prompts, strict=True))
+    return present[0] if present else None
+
+
+def _two_files(root: Path) -> tuple[list[Record], str]:
+    """diffusers / CogVideo / finetrainers layout: line i of the video list is captioned by
+    line i of the caption list (a blank caption line: that video has no caption)."""
+    videos_txt = _one_of(root, VIDEO_LISTS, "video list")
+    if videos_txt is None:
+        raise SourceError(f"{root}: no video list ({' or '.join(VIDEO_LISTS)}; layout: diffusers)")
+    captions_txt = _one_of(root, CAPTION_LISTS, "caption list")
+    videos = _lines(videos_txt)
+    captions = [""] * len(videos) if captions_txt is None else _lines(captions_txt)
+    if len(captions) > len(videos):
+        raise SourceError(
+            f"{captions_txt} has {len(captions)} lines but {videos_txt} has {len(videos)}:"
+            f" line {len(videos) + 1} of {captions_txt} captions no video"
+        )
+    if len(captions) < len(videos):
+        raise SourceError(
+            f"{captions_txt} has {len(captions)} lines but {videos_txt} has {len(videos)}:"
+            f" line {len(captions) + 1} of {videos_txt} has no caption line (a blank line"
+            " means no caption)"
+        )
+    if "" in videos:
+        line = videos.index("") + 1
+        raise SourceError(
+            f"{videos_txt}: line {line} is blank; every line names the video that line {line}"
+            f" of {captions_txt or 'the caption list'} captions"
+        )
+    pairs = enumerate(zip(videos, captions, strict=True), start=1)
+    return [(video, caption or None, i) for i, (video, caption) in pairs], str(videos_txt)
+
+
+def _merge(records: list[Record], base: Path, where: str) -> list[Found]:
+    """One entry per listed path (relative to `base`); a path listed twice keeps its caption,
+    and a path listed twice with two different captions is an error naming both lines."""
+    seen: dict[str, tuple[str | None, int]] = {}
+    for path, caption, line in records:
+        full = os.path.normpath(os.path.join(base, path))
+        first, first_line = seen.get(full, (None, line))
+        if caption and first and caption != first:
+            raise SourceError(
+                f"{where}: {path} is listed on line {first_line} and line {line} with"
+                f" different captions ({_short(first)!r} and {_short(caption)!r})"
+            )
+        seen[full] = (first, first_line) if first else (caption, line)
+    return [(path, caption, "") for path, (caption, _) in seen.items()]
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def detect_layout(source: Path) -> str:
+    """What `ingest.layout: auto` reads `source` as: a file is a `list`; a folder with a
+    video list is `diffusers`, one with a metadata file `metadata`, any other `folder`.
+
+    Raises:
+        SourceError: the folder holds two kinds of caption source (a video list and a
+            metadata file), or a caption list with no video list to pair it with.
+    """
     if source.is_file():
         return "list"
-    if (source / "videos.txt").is_file():
-        return "diffusers"
-    if (source / "metadata.csv").is_file() or (source / "metadata.jsonl").is_file():
-        return "metadata"
-    return "folder"
+    lists = [source / n for n in VIDEO_LISTS if (source / n).is_file()]
+    metas = [source / n for n in METADATA_FILES if (source / n).is_file()]
+    captions = [source / n for n in CAPTION_LISTS if (source / n).is_file()]
+    if lists and metas:
+        raise SourceError(
+            f"{lists[0]} and {metas[0]} both list the dataset's videos: which one is meant is"
+            " ambiguous; set ingest.layout to diffusers or metadata"
+        )
+    if captions and not lists:
+        raise SourceError(
+            f"{captions[0]} is a caption list with no video list ({' or '.join(VIDEO_LISTS)})"
+            " beside it, so its captions match no video; add one, or set ingest.layout"
+        )
+    return "diffusers" if lists else "metadata" if metas else "folder"
+
+
+def _read_layout(source: Path, layout: str, extensions: list[str]) -> list[Found]:
+    """(path, caption, error) of every input that `layout` finds in `source`."""
+    if layout == "list":
+        if not source.is_file():
+            raise SourceError(f"ingest.source {source} is not a list file (layout: list)")
+        return _merge(_records(source), source.parent, str(source))
+    if not source.is_dir():
+        raise SourceError(f"ingest.source {source} is not a folder (layout: {layout})")
+    if layout == "folder":
+        return _pair_captions(_walk(source), extensions)
+    if layout == "diffusers":
+        records, where = _two_files(source)
+        return _merge(records, source, where)
+    meta = _one_of(source, METADATA_FILES, "metadata")
+    if meta is None:
+        raise SourceError(f"{source}: no {', '.join(METADATA_FILES)} (layout: metadata)")
+    return _merge(_records(meta), source, str(meta))
+
+
+def _stat(path: str, caption: str | None, error: str) -> Entry:
+    """The entry of one input: size -1 and the reason in `error` when it cannot be statted."""
+    size = mtime = -1
+    if not error:
+        try:
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode):
+                size, mtime = st.st_size, st.st_mtime_ns
+            else:
+                error = f"not a regular file ({_kind(st.st_mode)})"
+        except OSError as e:
+            error = _stat_error(path, e)
+    return (path, size, mtime, caption, error)
 
 
 def list_source(cfg: PipelineConfig) -> list[Entry]:
     """Every input of `ingest.source` as (path, size, mtime_ns, caption, error), by path.
 
-    A path listed twice is one entry (the first caption wins). Inputs that cannot be
-    statted keep their row with the reason in `error` and size -1.
+    A path listed twice is one entry. Inputs that cannot be statted keep their row with
+    the reason in `error` and size -1.
 
     Raises:
         FileNotFoundError: the source does not exist.
-        SourceError: a list or layout file is malformed.
+        SourceError: a list or layout file is malformed, or a caption it holds cannot be
+            matched to exactly one video (the message names the file and the line).
     """
     source = cfg.ingest.source
     if not source.exists():
         raise FileNotFoundError(f"ingest.source {source} does not exist")
     layout = detect_layout(source) if cfg.ingest.layout == "auto" else cfg.ingest.layout
-    if layout == "folder":
-        if not source.is_dir():
-            raise SourceError(f"ingest.source {source} is not a folder (layout: folder)")
-        found = [(p, None, err) for p, err in _walk(source)]
-    else:
-        if layout == "list":
-            base, records = source.parent, _records(source)
-        elif layout == "diffusers":
-            base, records = source, _diffusers(source)
-        else:
-            meta = next(
-                p for p in (source / "metadata.csv", source / "metadata.jsonl") if p.exists()
-            )
-            base, records = source, _records(meta)
-        found = [(os.path.join(base, p), cap, "") for p, cap in records]
-
-    entries: dict[str, Entry] = {}
-    for path, caption, error in found:
-        if path in entries:
-            continue
-        size = mtime = -1
-        if not error:
-            try:
-                st = os.stat(path)
-                if stat.S_ISREG(st.st_mode):
-                    size, mtime = st.st_size, st.st_mtime_ns
-                else:
-                    error = f"not a regular file ({_kind(st.st_mode)})"
-            except OSError as e:
-                error = _stat_error(path, e)
-        entries[path] = (path, size, mtime, caption, error)
-    return [entries[p] for p in sorted(entries)]
+    extensions = [e.lower() for e in cfg.ingest.extensions]
+    entries = [_stat(*found) for found in _read_layout(source, layout, extensions)]
+    return sorted(entries, key=lambda entry: entry[0])
 
 
 def _kind(mode: int) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cogpipe.config import PipelineConfig
-from cogpipe.ingest import SourceError, list_source
+from cogpipe.ingest import CAPTION_LISTS, VIDEO_LISTS, SourceError, list_source
 from cogpipe.pipeline import run_stage
 from cogpipe.workspace import read_table
 
@@ -36,6 +36,16 @@ def _cfg(tmp_path: Path, source: Path, **ingest) -> PipelineConfig:
 
 
 CAPTIONS = ["A man slaps.", "A woman slaps back.", "Both fall."]
+VIDEOS_TXT = "".join(f"videos/clip{i}.mp4\n" for i in range(3))
+
+
+def _captions(cfg: PipelineConfig) -> dict[str, str | None]:
+    """path -> source caption of every entry the source lists (no probing: fast)."""
+    return {path: caption for path, _, _, caption, _ in list_source(cfg)}
+
+
+def _clip(root: Path, i: int) -> str:
+    return str(root / "videos" / f"clip{i}.mp4")
 
 
 def test_csv_list_with_captions_and_a_missing_entry(clips, tmp_path):
@@ -69,19 +79,145 @@ def test_diffusers_layout_prompts_and_videos(clips, tmp_path):
     assert videos.loc[str(clips / "videos" / "clip1.mp4"), "source_caption"] == CAPTIONS[1]
 
 
-def test_diffusers_layout_with_mismatched_lines_names_both_files(clips, tmp_path):
-    (clips / "videos.txt").write_text("videos/clip0.mp4\nvideos/clip1.mp4\n")
-    (clips / "prompts.txt").write_text("only one prompt\n")
-    with pytest.raises(SourceError, match=r"prompts\.txt has 1 prompts but .*videos\.txt has 2"):
+@pytest.mark.parametrize("caption_list", CAPTION_LISTS)
+@pytest.mark.parametrize("video_list", VIDEO_LISTS)
+def test_every_two_file_layout_keeps_every_caption_on_its_video(
+    clips, tmp_path, caption_list, video_list
+):
+    (clips / video_list).write_text(VIDEOS_TXT)
+    (clips / caption_list).write_text("".join(f"{c}\n" for c in CAPTIONS))
+    captions = _captions(_cfg(tmp_path, clips))
+    assert captions == {_clip(clips, i): c for i, c in enumerate(CAPTIONS)}
+
+
+def test_blank_caption_line_keeps_its_place_in_the_alignment(clips, tmp_path):
+    (clips / "video.txt").write_text(VIDEOS_TXT.replace("\n", "\r\n"))
+    (clips / "captions.txt").write_text(f"{CAPTIONS[0]}\r\n\r\n{CAPTIONS[2]}")  # no final newline
+    captions = _captions(_cfg(tmp_path, clips))
+    assert captions == {_clip(clips, 0): CAPTIONS[0], _clip(clips, 1): None,
+                        _clip(clips, 2): CAPTIONS[2]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("videos", "prompts", "match"),
+    [
+        ("videos/clip0.mp4\nvideos/clip1.mp4\n", "only one prompt\n",
+         r"prompts\.txt has 1 lines but .*videos\.txt has 2: line 2 of .*videos\.txt has no"
+         r" caption line"),
+        ("videos/clip0.mp4\n", "one\ntwo\n",
+         r"prompts\.txt has 2 lines but .*videos\.txt has 1: line 2 of .*prompts\.txt captions"
+         r" no video"),
+        ("videos/clip0.mp4\n\nvideos/clip2.mp4\n", "".join(f"{c}\n" for c in CAPTIONS),
+         r"videos\.txt: line 2 is blank"),
+        ("videos/clip0.mp4\nvideos/clip1.mp4\n\n", "one\ntwo\n",
+         r"prompts\.txt has 2 lines but .*videos\.txt has 3"),  # a blank line is a line
+    ],
+    ids=["fewer-captions", "caption-without-video", "blank-video-line", "extra-blank-line"],
+)  # fmt: skip
+def test_two_file_layout_that_cannot_be_aligned_names_the_file_and_line(
+    clips, tmp_path, videos, prompts, match
+):
+    (clips / "videos.txt").write_text(videos)
+    (clips / "prompts.txt").write_text(prompts)
+    with pytest.raises(SourceError, match=match):
         list_source(_cfg(tmp_path, clips))
 
 
-@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        (
+            ["videos.txt", "prompts.txt", "captions.txt"],
+            r"prompts\.txt and .*captions\.txt are both",
+        ),
+        (["video.txt", "videos.txt", "prompt.txt"], r"video\.txt and .*videos\.txt are both"),
+        (["metadata.csv", "metadata.json"], r"metadata\.csv and .*metadata\.json are both"),
+        (["videos.txt", "metadata.jsonl"], r"videos\.txt and .*metadata\.jsonl both list"),
+        (["prompts.txt"], r"prompts\.txt is a caption list with no video list"),
+    ],
+    ids=["two-caption-lists", "two-video-lists", "two-metadata", "list-and-metadata", "no-videos"],
+)
+def test_ambiguous_or_unpaired_caption_sources_are_errors(clips, tmp_path, files, match):
+    heads = {"metadata.csv": "file_name,caption\n", "metadata.json": "[]", "metadata.jsonl": ""}
+    for name in files:
+        (clips / name).write_text(heads.get(name, VIDEOS_TXT))
+    with pytest.raises(SourceError, match=match):
+        list_source(_cfg(tmp_path, clips))
+
+
+@pytest.mark.parametrize("kind", ["diffusers", "metadata.jsonl", "list.csv"])
+def test_a_video_listed_twice_with_two_captions_names_the_file_and_both_lines(
+    clips, tmp_path, kind
+):
+    rows = [
+        ("videos/clip0.mp4", "first"),
+        ("videos/clip1.mp4", "x"),
+        ("./videos/clip0.mp4", "other"),
+    ]
+    if kind == "diffusers":
+        (clips / "videos.txt").write_text("".join(f"{p}\n" for p, _ in rows))
+        (clips / "prompts.txt").write_text("".join(f"{c}\n" for _, c in rows))
+        source, named, lines = clips, "videos.txt", (1, 3)
+    elif kind == "metadata.jsonl":
+        text = "".join(json.dumps({"file_name": p, "caption": c}) + "\n" for p, c in rows)
+        (clips / kind).write_text(text)
+        source, named, lines = clips, kind, (1, 3)
+    else:
+        (clips / kind).write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in rows))
+        source, named, lines = clips / kind, kind, (2, 4)
+    with pytest.raises(
+        SourceError, match=rf"{named}: \./videos/clip0\.mp4 is listed on line {lines[0]} and line"
+        rf" {lines[1]} with different captions \('first' and 'other'\)"
+    ):  # fmt: skip
+        list_source(_cfg(tmp_path, source))
+
+
+def test_a_video_listed_twice_with_one_caption_is_one_entry(clips, tmp_path):
+    listing = clips / "list.jsonl"
+    rows = [{"video": "videos/clip0.mp4"}, {"video": "videos/clip0.mp4", "caption": "kept"},
+            {"video": "videos/./clip0.mp4", "caption": "kept"}]  # fmt: skip
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _captions(_cfg(tmp_path, listing)) == {_clip(clips, 0): "kept"}
+
+
+def test_caption_file_pairs_in_a_folder(clips, tmp_path):
+    videos = clips / "videos"
+    (videos / "clip0.txt").write_text(f"  {CAPTIONS[0]}\n")
+    (videos / "clip1.txt").write_text("\n")  # a blank caption file: no caption, still consumed
+    (videos / "notes.txt").write_text("no video beside me")
+    table = _manifest(_cfg(tmp_path, videos))
+    assert sorted(Path(p).name for p in table.index) == [
+        "clip0.mp4", "clip1.mp4", "clip2.mp4", "notes.txt",
+    ]  # fmt: skip
+    assert table.loc[_clip(clips, 0), "source_caption"] == CAPTIONS[0]
+    assert table.loc[[_clip(clips, 1), _clip(clips, 2)], "source_caption"].isna().all()
+    assert (table.loc[[_clip(clips, i) for i in range(3)], "status"] == "ok").all()
+    notes = table.loc[str(videos / "notes.txt")]
+    assert notes.status == "rejected" and notes.reason.startswith("not a video file")
+
+
+def test_caption_file_beside_two_videos_of_its_stem_is_a_rejected_row(clips, tmp_path):
+    videos = clips / "videos"
+    shutil.copy(videos / "clip0.mp4", videos / "clip0.mov")
+    (videos / "clip0.txt").write_text("which one?")
+    entries = {e[0]: e for e in list_source(_cfg(tmp_path, videos))}
+    assert entries[str(videos / "clip0.txt")][4] == (
+        "caption file beside 2 videos (clip0.mov, clip0.mp4): which one is ambiguous"
+    )
+    assert entries[_clip(clips, 0)][3] is None
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl", "json"])
 def test_finetrainers_metadata_layout(clips, tmp_path, suffix):
     if suffix == "csv":
         text = "file_name,caption\n" + "".join(
             f'videos/clip{i}.mp4,"{c}"\n' for i, c in enumerate(CAPTIONS)
         )
+    elif suffix == "json":  # a JSON array of records, as HF datasets and finetrainers read
+        records = [
+            {"video_file_name": f"videos/clip{i}.mp4", "text": c} for i, c in enumerate(CAPTIONS)
+        ]
+        text = json.dumps(records, indent=2)
     else:
         text = "".join(
             json.dumps({"file_name": f"videos/clip{i}.mp4", "prompt": c}) + "\n"
@@ -89,7 +225,16 @@ def test_finetrainers_metadata_layout(clips, tmp_path, suffix):
         )
     (clips / f"metadata.{suffix}").write_text(text)
     videos = _manifest(_cfg(tmp_path, clips))
-    assert videos.loc[str(clips / "videos" / "clip2.mp4"), "source_caption"] == CAPTIONS[2]
+    assert len(videos) == 3 and (videos.status == "ok").all()
+    for i, caption in enumerate(CAPTIONS):
+        assert videos.loc[_clip(clips, i), "source_caption"] == caption
+
+
+def test_metadata_json_record_without_a_path_names_its_line(clips, tmp_path):
+    records = [{"file_name": "videos/clip0.mp4", "caption": "a"}, {"caption": "lost"}]
+    (clips / "metadata.json").write_text(json.dumps(records, indent=2))
+    with pytest.raises(SourceError, match=r"metadata\.json: line 6 has no path column"):
+        list_source(_cfg(tmp_path, clips))
 
 
 def test_list_without_a_path_column_is_a_clear_error(clips, tmp_path):
