@@ -2,13 +2,16 @@
 
     cogpipe demo [--workspace DIR]         sample videos + tiny models, then the whole pipeline
     cogpipe run CONFIG [--until STAGE]     the full pipeline as a Prefect flow
-    cogpipe <stage> CONFIG                 one stage: ingest check caption filter precompute train evaluate
+    cogpipe <stage> CONFIG                 one stage: ingest check caption recaption filter precompute train evaluate
     cogpipe caption CONFIG --shard K       one caption shard (a GPU worker's share), no merge
+    cogpipe recaption CONFIG --shard K     every re-caption round of one shard, no merge
     cogpipe precompute CONFIG --part K     one precompute part (a GPU worker's shards), no index
     cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
     cogpipe generate --prompt TEXT [...]   text-to-video with a base model and optional LoRA
     cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
     cogpipe export LORA --out PATH [...]   a LoRA for diffusers, SAT, ComfyUI, or merged weights
+    cogpipe captions CONFIG --export FILE  the current captions as a file to edit (filter.overrides)
+    cogpipe export-dataset CONFIG --format finetrainers|diffusers|jsonl OUT   the curated clips
     cogpipe serve [--port P] [--expose]    Prefect server, pools, deployments and workers
     cogpipe setup [--api URL]              pools, automation and deployments on a running server
     cogpipe worker --pool cpu|gpu          one worker (a GPU worker's GPUs: CUDA_VISIBLE_DEVICES)
@@ -33,8 +36,8 @@ from pydantic import BaseModel, ValidationError
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
 from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
-from cogpipe.ingest import SourceError
-from cogpipe.workspace import StageNotReady, StageResult
+from cogpipe.sources import SourceError
+from cogpipe.workspace import StageNotReady, StageResult, read_table
 
 
 def _prefect_env() -> None:
@@ -114,7 +117,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     options |= {"part": part} if part is not None else {}
     result = run_stage(cfg, args.command, progress=_ProgressLine(args.command), **options)
     if result is None and shard is not None:  # its parts are committed; the merge comes later
-        print(f"caption shard {shard} of {cfg.caption.shards}: every part committed")
+        print(f"{args.command} shard {shard} of {cfg.caption.shards}: every part committed")
         return 0
     if result is None:  # its shards are committed; the index comes with the last run
         print(f"precompute part {part} of {cfg.precompute.workers}: every shard committed")
@@ -247,6 +250,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_dataset(args: argparse.Namespace) -> int:
+    from cogpipe.dataset import DatasetExportError, export_dataset
+
+    cfg = load_config(args.config)
+    try:
+        r = export_dataset(cfg, args.out, args.format, args.force, args.workers,
+                           progress=_ProgressLine("export-dataset"))  # fmt: skip
+    except DatasetExportError as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+    print(f"export-dataset: {r.clips} clips ({r.written} written, {r.reused} reused, "
+          f"{r.removed} removed) in {r.seconds:.1f}s -> {r.out} ({r.format})")  # fmt: skip
+    return 0
+
+
+def cmd_captions(args: argparse.Namespace) -> int:
+    from cogpipe.overrides import export_captions
+    from cogpipe.pipeline import plan, upstream_results
+
+    cfg = load_config(args.config)
+    keys = plan(cfg, "precompute")
+    curated = Path(upstream_results(cfg, "precompute", keys)["filter"].path) / "curated.parquet"
+    n = export_captions(read_table(curated), Path(args.export))
+    print(f"{args.export}: {n} captions of {curated}; edit, then set filter.overrides to it")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage alone (its inputs must be done)")
         p.add_argument("config")
-        if stage == "caption":
+        if stage in ("caption", "recaption"):
             p.add_argument(
-                "--shard", type=int, help="caption only this shard (0..caption.shards-1)"
+                "--shard", type=int, help=f"{stage} only this shard (0..caption.shards-1)"
             )
         if stage == "precompute":
             p.add_argument(
@@ -305,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="base model (hub id, folder, 2b, 5b): the LoRA must fit it; "
                    "merged needs it, sat takes num_layers from it")  # fmt: skip
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("captions", help="write the current captions as an overrides file")
+    p.add_argument("config")
+    p.add_argument("--export", required=True, metavar="FILE",
+                   help="a YAML file: clip_id -> caption or {reject: reason}")  # fmt: skip
+    p.set_defaults(fn=cmd_captions)
+
+    p = sub.add_parser("export-dataset", help="the curated training clips as a dataset folder")
+    p.add_argument("config")
+    p.add_argument("--format", required=True, choices=("finetrainers", "diffusers", "jsonl"),
+                   help="finetrainers: metadata.csv; diffusers: prompts.txt + videos.txt; "
+                   "jsonl: metadata.jsonl with provenance")  # fmt: skip
+    p.add_argument("out", help="the export folder (an earlier export of the format is updated)")
+    p.add_argument("--force", action="store_true",
+                   help="export into a folder that holds something else")  # fmt: skip
+    p.add_argument("--workers", type=int, default=0,
+                   help="clips encoded at once (default: one per CPU core, at most 8)")  # fmt: skip
+    p.set_defaults(fn=cmd_export_dataset)
 
     p = sub.add_parser("serve", help="Prefect server, pools, deployments and workers; Ctrl-C stops")
     p.add_argument("--port", type=int, default=4200, help="UI and API port (default 4200)")
