@@ -14,15 +14,24 @@ Per video, in a worker process under `check.timeout`:
    to the cut, comparing every 8th frame and running ContentDetector only between two
    that differ; `always` runs it on every frame. Shots longer than `max_duration` are
    cut into equal clips.
-4. **Score each clip** from its samples: black ratio, frozen ratio and a motion score
-   that is the mean *magnitude* of frame differences (opposite motions never cancel),
-   plus perceptual hashes (pHash) at four fixed points of the span.
+4. **Split into training windows** (`precompute.windows: all | N`): a piece long enough
+   for k >= 2 windows of `precompute.frames` at `precompute.fps` becomes k equal spans
+   (each at least one window; 40 s with 6 s windows: 6 clips), or N of them spread over
+   the piece. Each span is its own clip: its own clip_id, scores, caption and sample.
+5. **Score each clip** from its own samples (three more are decoded where it has fewer
+   than two): black ratio, frozen ratio and a motion score that is the mean *magnitude*
+   of frame differences (opposite motions never cancel), plus perceptual hashes (pHash)
+   at four fixed points of the span.
 
-Then, over all clips: exact duplicates (same video bytes and span) and near duplicates
-(mean pHash Hamming distance, union-find clusters) keep their best member (resolution,
-then bitrate, then length) and record it in `dup_of`; the held-out split is drawn per
-group of clips that share a source video or are near duplicates, so no held-out clip has
-a near duplicate in training. Every clip keeps its row, with its reasons.
+Then, over all clips: a clip too short for the shortest training window (`precompute.
+frames`, or its shortest `frame_buckets` count, at `fps`) is rejected with the numbers
+here, before anything is captioned, so `kept` counts training samples. Exact duplicates
+(same video bytes and span) and near duplicates (mean pHash Hamming distance; window
+spans of one video only where every hash point matches, as a replay or a loop does;
+union-find clusters) keep their best member (resolution, then bitrate, then length) and
+record it in `dup_of`; the held-out split is drawn per group of clips that share a source
+video or are near duplicates, so no held-out clip has a near duplicate in training. Every
+clip keeps its row, with its reasons.
 
     cogpipe check configs/demo.yaml
 """
@@ -34,14 +43,15 @@ import hashlib
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from cogpipe.config import CheckConfig, PipelineConfig
+from cogpipe.config import CheckConfig, PipelineConfig, PrecomputeConfig
 from cogpipe.pool import map_files
 from cogpipe.report import reason_kind, write_check_report
-from cogpipe.video import VideoReader, luma
+from cogpipe.video import WINDOW_SLACK, VideoReader, luma
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -52,7 +62,7 @@ from cogpipe.workspace import (
     write_table,
 )
 
-VERSION = 2
+VERSION = 3  # 3: clips too short for a training window rejected; windows all / N split
 PROBE_SIZE = (64, 64)  # frames are decoded straight to 64x64 for the checks
 HASH_POINTS = (0.125, 0.375, 0.625, 0.875)  # where in a clip's span the pHashes are taken
 MIN_SCENE_S = 0.25  # PySceneDetect's min_scene_len, in seconds
@@ -62,12 +72,61 @@ SCORE_COLUMNS = ["luma_mean", "black_ratio", "frozen_ratio", "motion", "samples"
 COLUMNS = [
     "clip_id", "video_id", "path", "start", "end", "duration", "fps", "width", "height",
     "rotation", "bitrate", "source_caption", *SCORE_COLUMNS, "hashes", "trimmed", "shot",
-    "keep", "reasons", "dup_group", "dup_of", "split",
+    "window", "keep", "reasons", "dup_group", "dup_of", "split",
 ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Windows:
+    """What check must know of precompute's training windows (`window_need()`)."""
+
+    min_seconds: float  # the shortest clip that yields a sample: the fewest frames' window
+    seconds: float  # one window of `precompute.frames`
+    windows: str | int  # first: no split; all, or N: spans of about one window per piece
+    shortest: str  # the shortest window in frames, for reasons: "49 frames at 8 fps"
+
+    @classmethod
+    def of(cls, p: PrecomputeConfig) -> Windows:
+        need = p.window_need()
+        shortest = f"{min(p.frame_counts())} frames at {p.fps:g} fps"
+        return cls(need["min_seconds"], need["window_seconds"], need["windows"], shortest)
+
+    @property
+    def split(self) -> bool:
+        return self.windows != "first"
+
+    def too_short(self, length: float) -> str | None:
+        """Why a clip of `length` seconds yields no sample, or None when it does (a clip
+        exactly as long as the window does: precompute's `window_times` has the same slack)."""
+        if length + WINDOW_SLACK >= self.min_seconds:
+            return None
+        return (
+            f"too short for a training window ({length:.2f} s < {self.min_seconds:.2f} s:"
+            f" {self.shortest})"
+        )
+
+    def spans(self, a: float, b: float) -> list[tuple[float, float, int | None]]:
+        """[a, b) as (start, end, window) spans: itself, or, with windows all / N and room
+        for k >= 2 windows, k equal spans (each at least one window) or N of them spread
+        evenly, numbered by their place among the k."""
+        k = math.floor((b - a + WINDOW_SLACK) / self.seconds)
+        if not self.split or k < 2:
+            return [(a, b, None)]
+        picks = range(k)
+        if isinstance(self.windows, int) and self.windows < k:
+            picks = sorted({int(i) for i in np.linspace(0, k - 1, self.windows).round()})
+        return [(a + (b - a) * i / k, a + (b - a) * (i + 1) / k, i) for i in picks]
+
+
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
-    return stage_key("check", VERSION, cfg.check.key_fields(), inputs)
+    """The check key: its own settings, and what precompute's windows ask of a clip (the
+    window length and `windows` only when clips are split into windows: with `windows:
+    first` only the shortest window decides which clips pass, so a new `frames` over the
+    same shortest bucket keeps every clip, caption and key)."""
+    need = cfg.precompute.window_need()
+    if need["windows"] == "first":
+        need = {"min_seconds": need["min_seconds"]}
+    return stage_key("check", VERSION, cfg.check.key_fields() | {"window": need}, inputs)
 
 
 def clip_id_of(video_id: str, start: float, end: float) -> str:
@@ -235,68 +294,113 @@ def _score(samples: list[tuple[float, np.ndarray, np.ndarray]], start: float, en
     }
 
 
-def inspect_video(path: str, info: dict, c: CheckConfig) -> dict:
+def _pairs(reader: VideoReader, times: list[float]) -> list[tuple[float, np.ndarray, np.ndarray]]:
+    """(time, frame, next frame) at `times`, in time order, one per time."""
+    got, frames = reader.at(times, following=1)
+    samples = [(t, frames[2 * i], frames[2 * i + 1]) for i, t in enumerate(got)]
+    return sorted({s[0]: s for s in samples}.values(), key=lambda s: s[0])
+
+
+def _sample_count(duration: float, c: CheckConfig, windows: Windows | None) -> int:
+    """Frame pairs to plan: `sample_frames` per max_duration piece, or per training window
+    where long pieces are split into windows (more spans, each scored by its own samples)."""
+    spans = math.ceil(duration / c.max_duration)
+    if windows is not None and windows.split:
+        spans = max(spans, math.floor(duration / windows.seconds))
+    return c.sample_frames * max(1, spans)
+
+
+def _auto_cuts(reader: VideoReader, inside: list, fps: float, c: CheckConfig) -> list[float]:
+    """`scenes: auto`: full-decode only the gaps between samples whose ends differ, merged."""
+    gaps: list[list] = []  # [start, end, the frame at end]
+    for s, nxt in zip(inside, inside[1:], strict=False):
+        if _changed(s[2], nxt[1], c.scene_threshold):
+            if gaps and gaps[-1][1] >= s[0]:
+                gaps[-1][1:] = nxt[0], nxt[1]
+            else:
+                gaps.append([s[0], nxt[0], nxt[1]])
+    cuts: list[float] = []
+    for a, b, frame in gaps:
+        cuts += _cuts_in_gap(reader, a, b + 1.5 / fps, frame, fps, c.scene_threshold)
+    return cuts
+
+
+def _edges(reader: VideoReader, samples: list, duration: float, fps: float, c: CheckConfig):
+    """(start, end, cuts): the span left after trimming black leader and trailer, and the
+    shot cuts inside it. In time order, so the decoder mostly runs forward."""
+    start, end = 0.0, duration
+    bright = [i for i, s in enumerate(samples) if not _is_black(s[1], c)]
+    first, last = (bright[0], bright[-1]) if bright else (0, len(samples) - 1)
+    if c.trim_black and bright and first > 0:  # the edge lies between two samples
+        a, b = samples[first - 1][0], samples[first][0]
+        start = _first(reader, a, b, lambda f: not _is_black(f, c))
+    cuts: list[float] = []
+    if c.scenes == "always":
+        cuts = _cuts(reader, start, samples[last][0], fps, c.scene_threshold)
+    elif c.scenes == "auto":
+        cuts = _auto_cuts(reader, samples[first : last + 1], fps, c)
+    if c.trim_black and bright and last < len(samples) - 1:  # black trailer
+        a, b = samples[last][0], samples[last + 1][0]
+        end = _first(reader, a + 0.5 / fps, b, lambda f: _is_black(f, c))
+    if c.scenes == "always" and end > samples[last][0]:
+        cuts += _cuts(reader, samples[last][0], end, fps, c.scene_threshold)
+    return start, end, sorted({t for t in cuts if start < t < end})
+
+
+def _spans(a: float, b: float, c: CheckConfig, windows: Windows | None) -> list[tuple]:
+    """A shot [a, b) as clip spans (start, end, window): equal pieces no longer than
+    `max_duration`, each split into training-window spans where `windows` asks for it
+    (window: the span's place in its piece; None where the piece is not split)."""
+    pieces = max(1, math.ceil((b - a) / c.max_duration - 1e-9))
+    spans = []
+    for p in range(pieces):
+        s0, s1 = a + (b - a) * p / pieces, a + (b - a) * (p + 1) / pieces
+        spans += windows.spans(s0, s1) if windows is not None else [(s0, s1, None)]
+    return spans
+
+
+def _score_span(reader: VideoReader, samples: list, s0: float, s1: float, fps: float,
+                c: CheckConfig) -> dict:  # fmt: skip
+    """The span [s0, s1) scored from its own samples; where it has fewer than two, from
+    three more decoded inside it."""
+    mine = [s for s in samples if s0 <= s[0] < s1]
+    if len(mine) < 2 and s1 - s0 >= 1.5 / fps:  # too few: a short decode here
+        extra = _pairs(reader, [s0 + (s1 - s0) * q for q in (0.25, 0.5, 0.75)])
+        mine = sorted({s[0]: s for s in [*mine, *extra]}.values(), key=lambda s: s[0])
+        mine = [s for s in mine if s0 - 0.5 / fps <= s[0] < s1]
+    scores = _score(mine, s0, s1, c) if mine else {"samples": 0, "hashes": []}
+    return {"start": s0, "end": s1} | scores
+
+
+def inspect_video(path: str, info: dict, c: CheckConfig, windows: Windows | None = None) -> dict:
     """Sample, trim, split and score one video (runs in a worker process).
 
+    Args:
+        path: the video.
+        info: its probe (fps, duration, frames, keyframes).
+        c: the check settings.
+        windows: precompute's training windows; where they ask for it (`windows: all | N`),
+            pieces long enough for several windows are split into spans of about one
+            window. None: no window splitting.
+
     Returns:
-        {"clips": [span, trimmed, shot and scores per clip], "decoded": frames decoded,
-         "frames": the video's frames}.
+        {"clips": [span, trimmed, shot, window and scores per clip], "decoded": frames
+         decoded, "frames": the video's frames}.
     """
     fps, duration = float(info["fps"]), float(info["duration"])
     keyframes = sorted(float(k) for k in info["keyframes"])
     budget = c.max_decode_fraction * info["frames"]
-    count = c.sample_frames * max(1, math.ceil(duration / c.max_duration))
+    count = _sample_count(duration, c, windows)
     with VideoReader(path, size=PROBE_SIZE, keyframes=keyframes) as r:
-        times = plan_samples(keyframes, duration, fps, count, budget)
-        got, frames = r.at(times, following=1)
-        samples = [(t, frames[2 * i], frames[2 * i + 1]) for i, t in enumerate(got)]
-        samples = sorted({s[0]: s for s in samples}.values(), key=lambda s: s[0])
-
-        # In time order, so the decoder mostly runs forward: leader, shots, trailer.
-        start, end = 0.0, duration
-        bright = [i for i, s in enumerate(samples) if not _is_black(s[1], c)]
-        first, last = (bright[0], bright[-1]) if bright else (0, len(samples) - 1)
-        if c.trim_black and bright and first > 0:  # the edge lies between two samples
-            a, b = samples[first - 1][0], samples[first][0]
-            start = _first(r, a, b, lambda f: not _is_black(f, c))
-        inside = samples[first : last + 1]
-        cuts: list[float] = []
-        if c.scenes == "always":
-            cuts = _cuts(r, start, samples[last][0], fps, c.scene_threshold)
-        elif c.scenes == "auto":  # full-decode only the gaps whose ends differ, merged
-            spans: list[list] = []  # [start, end, the frame at end]
-            for s, nxt in zip(inside, inside[1:], strict=False):
-                if _changed(s[2], nxt[1], c.scene_threshold):
-                    if spans and spans[-1][1] >= s[0]:
-                        spans[-1][1:] = nxt[0], nxt[1]
-                    else:
-                        spans.append([s[0], nxt[0], nxt[1]])
-            for a, b, frame in spans:
-                cuts += _cuts_in_gap(r, a, b + 1.5 / fps, frame, fps, c.scene_threshold)
-        if c.trim_black and bright and last < len(samples) - 1:  # black trailer
-            a, b = samples[last][0], samples[last + 1][0]
-            end = _first(r, a + 0.5 / fps, b, lambda f: _is_black(f, c))
-        if c.scenes == "always" and end > samples[last][0]:
-            cuts += _cuts(r, samples[last][0], end, fps, c.scene_threshold)
-        cuts = [t for t in cuts if start < t < end]
+        samples = _pairs(r, plan_samples(keyframes, duration, fps, count, budget))
+        start, end, cuts = _edges(r, samples, duration, fps, c)
         trimmed = start > 0 or end < duration
-        edges = [start, *sorted(set(cuts)), end]
-
+        edges = [start, *cuts, end]
         clips = []
         for shot, (a, b) in enumerate(zip(edges, edges[1:], strict=False)):
-            pieces = max(1, math.ceil((b - a) / c.max_duration - 1e-9))
-            for p in range(pieces):
-                s0, s1 = a + (b - a) * p / pieces, a + (b - a) * (p + 1) / pieces
-                mine = [s for s in samples if s0 <= s[0] < s1]
-                if len(mine) < 2 and s1 - s0 >= 1.5 / fps:  # too few: a short decode here
-                    extra = [s0 + (s1 - s0) * q for q in (0.25, 0.5, 0.75)]
-                    got, fr = r.at(extra, following=1)
-                    mine += [(t, fr[2 * i], fr[2 * i + 1]) for i, t in enumerate(got)]
-                    mine = sorted({s[0]: s for s in mine}.values(), key=lambda s: s[0])
-                    mine = [s for s in mine if s0 - 0.5 / fps <= s[0] < s1]
-                clip = {"start": s0, "end": s1, "trimmed": trimmed, "shot": shot}
-                clip |= _score(mine, s0, s1, c) if mine else {"samples": 0, "hashes": []}
-                clips.append(clip)
+            for s0, s1, window in _spans(a, b, c, windows):
+                clip = _score_span(r, samples, s0, s1, fps, c)
+                clips.append(clip | {"trimmed": trimmed, "shot": shot, "window": window})
         return {"clips": clips, "decoded": r.decoded, "frames": int(info["frames"])}
 
 
@@ -315,20 +419,54 @@ class _UnionFind:
         self.parent[self.find(i)] = self.find(j)
 
 
-def near_pairs(hashes: np.ndarray, durations: np.ndarray, max_bits: float) -> list[tuple]:
+def near_pairs(
+    hashes: np.ndarray,
+    durations: np.ndarray,
+    max_bits: float,
+    groups: np.ndarray | None = None,
+    group_bits: float = 0.0,
+) -> list[tuple]:
     """Index pairs (i < j) whose mean pHash Hamming distance is at most `max_bits` and whose
-    lengths agree within 10%. `hashes` is [N, P] uint64."""
+    lengths agree within 10%. `hashes` is [N, P] uint64.
+
+    Two clips of one `groups` label (>= 0; -1: none), the window spans of one video, must
+    instead match at every hash point within `group_bits`: neighbouring windows of one shot
+    look alike on average without being copies; a replay or a loop matches throughout.
+    """
     pairs = []
     n = len(hashes)
+    groups = np.full(n, -1) if groups is None else np.asarray(groups)
     for lo in range(0, n, 512):  # [512, N, P] popcounts at a time
         block = hashes[lo : lo + 512]
-        dist = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :]).mean(axis=-1)
+        bits = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :])
+        g_a, g_b = groups[lo : lo + 512, None], groups[None, :]
+        same = (g_a == g_b) & (g_a >= 0)
+        alike = np.where(same, bits.max(axis=-1) <= group_bits, bits.mean(axis=-1) <= max_bits)
         d_a, d_b = durations[lo : lo + 512, None], durations[None, :]
-        close = (dist <= max_bits) & (np.abs(d_a - d_b) <= 0.1 * np.maximum(d_a, d_b) + 0.1)
+        close = alike & (np.abs(d_a - d_b) <= 0.1 * np.maximum(d_a, d_b) + 0.1)
         for a, b in zip(*np.nonzero(close), strict=True):
             if lo + a < b:
                 pairs.append((lo + int(a), int(b)))
     return pairs
+
+
+def _span_key(clips: pd.DataFrame, i: int) -> tuple:
+    """(video_id, start, end) of a clip, to the millisecond: its footage, whatever the file."""
+    return clips.at[i, "video_id"], round(clips.at[i, "start"], 3), round(clips.at[i, "end"], 3)
+
+
+def _dup_pairs(clips: pd.DataFrame, live: list[int], c: CheckConfig) -> list[tuple[int, int]]:
+    """Positions in `live` of exact duplicates (same video bytes and span) and near ones."""
+    pairs, exact = [], {}
+    for pos, i in enumerate(live):
+        span = _span_key(clips, i)
+        pairs += [(pos, exact[span])] if span in exact else []
+        exact.setdefault(span, pos)
+    hashes = np.array([[int(h, 16) for h in clips.at[i, "hashes"]] for i in live], dtype=np.uint64)
+    durations = clips.loc[live, "duration"].to_numpy(dtype=float)
+    windowed = clips.loc[live, "window"].notna().to_numpy()
+    groups = np.where(windowed, pd.factorize(clips.loc[live, "video_id"])[0], -1)
+    return pairs + near_pairs(hashes, durations, c.phash_bits, groups, c.phash_bits / 2)
 
 
 def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
@@ -337,20 +475,8 @@ def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
     live = [i for i in clips.index if not clips.at[i, "reasons"] and len(clips.at[i, "hashes"])]
     if not live:
         return clips
-    hashes = np.array([[int(h, 16) for h in clips.at[i, "hashes"]] for i in live], dtype=np.uint64)
-    durations = clips.loc[live, "duration"].to_numpy(dtype=float)
     uf = _UnionFind(len(live))
-    exact: dict[tuple, int] = {}
-    for pos, i in enumerate(live):
-        span = (
-            clips.at[i, "video_id"],
-            round(clips.at[i, "start"], 3),
-            round(clips.at[i, "end"], 3),
-        )
-        if span in exact:
-            uf.union(pos, exact[span])
-        exact.setdefault(span, pos)
-    for a, b in near_pairs(hashes, durations, c.phash_bits):
+    for a, b in _dup_pairs(clips, live, c):
         uf.union(a, b)
     groups: dict[int, list[int]] = {}
     for pos, i in enumerate(live):
@@ -365,8 +491,7 @@ def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
             clips.at[i, "dup_group"] = clips.at[best, "clip_id"]
             if i != best:
                 clips.at[i, "dup_of"] = clips.at[best, "clip_id"]
-                same = clips.at[i, "video_id"] == clips.at[best, "video_id"]
-                kind = "exact" if same else "near"
+                kind = "exact" if _span_key(clips, i) == _span_key(clips, best) else "near"
                 clips.at[i, "reasons"] = [f"{kind} duplicate of {clips.at[best, 'clip_id']} "
                                           f"({clips.at[best, 'path']})"]  # fmt: skip
     return clips
@@ -392,11 +517,13 @@ def _split(clips: pd.DataFrame, fraction: float) -> list[str]:
     return out
 
 
-def _reasons(clip: dict, c: CheckConfig) -> list[str]:
+def _reasons(clip: dict, c: CheckConfig, windows: Windows) -> list[str]:
     out = list(clip.get("reasons", []))
     length = clip["end"] - clip["start"]
     if length < c.min_duration:
         out.append(f"too short ({length:.2f}s < {c.min_duration:g}s)")
+    elif reason := windows.too_short(length):
+        out.append(reason)
     if clip.get("samples", 0) == 0:
         return out
     if clip["black_ratio"] > c.max_black_ratio:
@@ -406,6 +533,107 @@ def _reasons(clip: dict, c: CheckConfig) -> list[str]:
     elif clip["motion"] < c.min_motion:
         out.append(f"static (motion {clip['motion']:.2f} < {c.min_motion:g})")
     return out
+
+
+def _whole(duration: float, reason: str) -> list[dict]:
+    """The clips of a video rejected as a whole: one, its full length, with the reason."""
+    return [{"start": 0.0, "end": float(duration), "trimmed": False, "shot": 0, "samples": 0,
+             "reasons": [reason]}]  # fmt: skip
+
+
+def _videos_to_check(videos: pd.DataFrame, c: CheckConfig) -> tuple[list, list[int]]:
+    """(clips per video: rejected by size without decoding, else None; positions of the
+    videos to inspect)."""
+    per_video: list[list[dict] | None] = [None] * len(videos)
+    for i, v in enumerate(videos.itertuples(index=False)):
+        size = f"{int(v.width)}x{int(v.height)}"
+        if min(v.width, v.height) < c.min_size:
+            per_video[i] = _whole(v.duration, f"too small ({size} < {c.min_size}px)")
+        elif max(v.width, v.height) > c.max_size:
+            per_video[i] = _whole(v.duration, f"too large ({size} > {c.max_size}px)")
+    return per_video, [i for i, clips in enumerate(per_video) if clips is None]
+
+
+def _inspect_all(videos: pd.DataFrame, per_video: list, todo: list[int], c: CheckConfig,
+                 windows: Windows, progress: Progress) -> tuple[int, int]:  # fmt: skip
+    """`inspect_video` on the videos at `todo` in worker processes, filling `per_video`
+    (a video that fails or times out: one rejected clip with the reason).
+
+    Returns:
+        (frames decoded, frames in the videos inspected).
+    """
+    jobs = []
+    for v in videos.iloc[todo].itertuples(index=False):
+        info = {"fps": v.fps, "duration": v.duration, "frames": v.frames,
+                "keyframes": list(v.keyframes)}  # fmt: skip
+        jobs.append((v.path, info, c, windows))
+    decoded = total = 0
+    done = len(videos) - len(jobs)
+    workers = c.workers or os.cpu_count() or 1
+    for j, value, error in map_files(inspect_video, jobs, workers, c.timeout):
+        i = todo[j]
+        if error:
+            per_video[i] = _whole(videos.at[i, "duration"], f"check failed: {error}")
+        else:
+            per_video[i] = value["clips"]
+            decoded, total = decoded + value["decoded"], total + value["frames"]
+        done += 1
+        progress(done, len(videos), videos.at[i, "path"])
+    return decoded, total
+
+
+def _clip_rows(videos: pd.DataFrame, per_video: list, c: CheckConfig,
+               windows: Windows) -> pd.DataFrame:  # fmt: skip
+    """clips.parquet: one row per clip with its reasons, duplicate group, split and keep."""
+    rows = []
+    for i, v in enumerate(videos.itertuples(index=False)):
+        for clip in per_video[i]:
+            row = {
+                "clip_id": clip_id_of(v.video_id, clip["start"], clip["end"]),
+                "video_id": v.video_id, "path": v.path, "duration": clip["end"] - clip["start"],
+                "fps": v.fps, "width": v.width, "height": v.height, "rotation": v.rotation,
+                "bitrate": v.bitrate, "source_caption": v.source_caption,
+                "hashes": [], "window": None, **clip,
+            }  # fmt: skip
+            row["reasons"] = _reasons(row, c, windows)
+            rows.append(row)
+    clips = pd.DataFrame(rows, columns=COLUMNS)
+    clips["window"] = clips.window.astype("Int64")  # a span's place in its piece, or <NA>
+    if len(clips):
+        clips = _dedup(clips, c)
+        clips["keep"] = clips.reasons.map(len) == 0
+        clips["split"] = _split(clips, c.heldout_fraction)
+        clips["reasons"] = clips.reasons.map("; ".join)
+    return clips
+
+
+def _finish(ws: Workspace, key: str, out, videos: pd.DataFrame, clips: pd.DataFrame,
+            decoded: tuple[int, int], windows: Windows, started: float) -> StageResult:  # fmt: skip
+    """Counts (clips kept are training samples: each yields one window) and stats."""
+    keep = clips.keep.astype(bool)
+    kept, reasons = clips[keep] if len(clips) else clips, clips.reasons.astype(str)
+    counts = {
+        "videos": len(videos),
+        "clips": len(clips),
+        "kept": len(kept),
+        "rejected": len(clips) - len(kept),
+        "train": int((kept.split == "train").sum()),
+        "heldout": int((kept.split == "heldout").sum()),
+        "trimmed": int(clips.trimmed.astype(bool).sum()),
+        "too_short": int(reasons.str.contains("too short", regex=False).sum()),
+        "windows_split": int(clips.window.notna().sum()),
+    }
+    stats = {
+        "rejections": clips.loc[~keep, "reasons"].map(reason_kind).value_counts().to_dict(),
+        "decoded_fraction": round(decoded[0] / decoded[1], 4) if decoded[1] else 0.0,
+        "window": {
+            "min_seconds": windows.min_seconds,
+            "window_seconds": windows.seconds,
+            "windows": windows.windows,
+            "shortest": windows.shortest,
+        },
+    }
+    return ws.finish(StageResult("check", key, str(out), counts, stats=stats), started)
 
 
 def run_check(
@@ -418,13 +646,15 @@ def run_check(
 
     Args:
         ws: the workspace.
-        cfg: the pipeline config (uses `check`).
+        cfg: the pipeline config (uses `check`, and `precompute`'s training windows).
         upstream: {"ingest": StageResult}.
         progress: called as (videos done, videos total, path).
 
     Returns:
-        The stage result; counts hold clips, kept, rejected, train and heldout; stats hold
-        the rejection reasons and the fraction of frames decoded.
+        The stage result; counts hold videos, clips, kept (the training samples to be),
+        rejected, train, heldout, trimmed, too_short (clips rejected as too short) and
+        windows_split (clips made by splitting long pieces into windows); stats hold the
+        rejection reasons, the fraction of frames decoded and the window asked for.
     """
     started = time.time()
     ingest = upstream["ingest"]
@@ -435,72 +665,10 @@ def run_check(
 
     manifest = read_table(ws.root / "ingest" / ingest.key / "videos.parquet")
     videos = manifest[manifest.status == "ok"].reset_index(drop=True)
-    c = cfg.check
-    per_video: list[list[dict]] = [[] for _ in range(len(videos))]
-    jobs, where = [], []
-    for i, v in enumerate(videos.itertuples(index=False)):
-        whole = {"start": 0.0, "end": float(v.duration), "trimmed": False, "shot": 0, "samples": 0}
-        size = f"{int(v.width)}x{int(v.height)}"
-        if min(v.width, v.height) < c.min_size:
-            per_video[i] = [whole | {"reasons": [f"too small ({size} < {c.min_size}px)"]}]
-        elif max(v.width, v.height) > c.max_size:
-            per_video[i] = [whole | {"reasons": [f"too large ({size} > {c.max_size}px)"]}]
-        else:
-            info = {"fps": v.fps, "duration": v.duration, "frames": v.frames,
-                    "keyframes": list(v.keyframes)}  # fmt: skip
-            jobs.append((v.path, info, c))
-            where.append(i)
-    decoded = total = 0
-    done = len(videos) - len(jobs)
-    workers = c.workers or os.cpu_count() or 1
-    for j, value, error in map_files(inspect_video, jobs, workers, c.timeout):
-        i = where[j]
-        if error:
-            reason = f"check failed: {error}"
-            whole = {"start": 0.0, "end": float(videos.at[i, "duration"]), "trimmed": False,
-                     "shot": 0, "samples": 0, "reasons": [reason]}  # fmt: skip
-            per_video[i] = [whole]
-        else:
-            per_video[i] = value["clips"]
-            decoded, total = decoded + value["decoded"], total + value["frames"]
-        done += 1
-        progress(done, len(videos), videos.at[i, "path"])
-
-    rows = []
-    for i, v in enumerate(videos.itertuples(index=False)):
-        for clip in per_video[i]:
-            row = {
-                "clip_id": clip_id_of(v.video_id, clip["start"], clip["end"]),
-                "video_id": v.video_id, "path": v.path, "duration": clip["end"] - clip["start"],
-                "fps": v.fps, "width": v.width, "height": v.height, "rotation": v.rotation,
-                "bitrate": v.bitrate, "source_caption": v.source_caption,
-                "hashes": [], **clip,
-            }  # fmt: skip
-            row["reasons"] = _reasons(row, c)
-            rows.append(row)
-    clips = pd.DataFrame(rows, columns=COLUMNS)
-    if len(clips):
-        clips = _dedup(clips, c)
-        clips["keep"] = clips.reasons.map(len) == 0
-        clips["split"] = _split(clips, c.heldout_fraction)
-        clips["reasons"] = clips.reasons.map("; ".join)
+    windows = Windows.of(cfg.precompute)
+    per_video, todo = _videos_to_check(videos, cfg.check)
+    decoded = _inspect_all(videos, per_video, todo, cfg.check, windows, progress)
+    clips = _clip_rows(videos, per_video, cfg.check, windows)
     write_table(out / "clips.parquet", clips)
-
-    kept = clips[clips.keep.astype(bool)] if len(clips) else clips
-    counts = {
-        "videos": len(videos),
-        "clips": len(clips),
-        "kept": len(kept),
-        "rejected": len(clips) - len(kept),
-        "train": int((kept.split == "train").sum()),
-        "heldout": int((kept.split == "heldout").sum()),
-        "trimmed": int(clips.trimmed.astype(bool).sum()) if len(clips) else 0,
-    }
-    reasons = clips.loc[~clips.keep.astype(bool), "reasons"].map(reason_kind).value_counts()
-    stats = {
-        "rejections": reasons.to_dict(),
-        "decoded_fraction": round(decoded / total, 4) if total else 0.0,
-    }
     write_check_report(out, manifest, clips)
-    result = StageResult("check", key, str(out), counts, stats=stats)
-    return ws.finish(result, started)
+    return _finish(ws, key, out, videos, clips, decoded, windows, started)

@@ -1,25 +1,32 @@
 """Precompute: curated clips become VAE latents and T5 prompt embeddings in shards.
 
 Each selected clip of the configured splits (sorted by clip_id) gives one sample: a
-contiguous window of `frames` frames resampled to `fps` from the clip's start (real
-motion speed, never a stride over the whole clip), resized and centre-cropped into the
-resolution bucket nearest the clip's display aspect ratio (`all_buckets()`, nearest in
-log(w/h), ties to the earlier bucket), VAE-encoded, and its caption T5-encoded. A clip
-too short for the window, or one that fails to decode, keeps its row in the index with
-the reason.
+contiguous window resampled to `fps` from the clip's start (real motion speed, never a
+stride over the whole clip), resized and centre-cropped into the resolution bucket
+nearest the clip's display aspect ratio (`all_buckets()`, nearest in log(w/h), ties to
+the earlier bucket), VAE-encoded, and its caption T5-encoded. The window has `frames`
+frames, or with `frame_buckets` the longest count of `frame_counts()` whose window fits
+the clip ((n - 1) / fps <= its length): of [49, 33, 25, 17] at 8 fps, a 4.0 s clip gets
+33 frames, a 3.9 s one 25. Check has already rejected clips too short for the shortest
+window and, with `windows: all | N`, split long clips into spans of about one window
+each, so here every clip gives the window at its start. A clip too short all the same
+(an upstream table not made by check) or one that fails to decode keeps its row in the
+index with the reason.
+A model whose transformer patches 2 latent frames at once (CogVideoX 1.5) takes only
+16k+1 frame counts: others are refused before anything is encoded.
 
 Work units are shards of `shard_size` samples, `shard-{i:05d}.safetensors`, each holding
 `<clip_id>.latents` [F', C, H/8, W/8] and `<clip_id>.prompt_embeds` [L, D]; a restart
 skips committed shards. With `reference` (IC-LoRA), each sample also holds
 `<clip_id>.reference_latents` [F', C, H/8, W/8]: the latents of the condition function's
 output for the same decoded frames (`cogpipe.condition`), run in the decode threads.
-A shard may mix buckets: every row of index.parquet carries its own `height`, `width`
-and `latent_frames`, and training batches by them. Tensors keep the encoders' dtype:
-fp32 on CPU, the model's weight dtype on GPU (fp16 for 2B-type, bf16 for 5B-type).
-Training casts them anyway.
+A shard may mix buckets: every row of index.parquet carries its own `frames`, `height`,
+`width` and `latent_frames`; each VAE call takes one shape, and training batches by them.
+Tensors keep the encoders' dtype: fp32 on CPU, the model's weight dtype on GPU (fp16 for
+2B-type, bf16 for 5B-type). Training casts them anyway.
 
-Per-item results are shared across keys in `cache/latents` (by video, span, window,
-bucket, tiling and VAE; references also by the condition function's path, options and
+Per-item results are shared across keys in `cache/latents` (by video, span, frame count,
+fps, bucket, tiling and VAE; references also by the condition function's path, options and
 source) and `cache/text` (by caption, tokenizer + encoder and length), so a new shard
 size re-encodes nothing and an edited caption re-encodes only that caption.
 The VAE and T5 are loaded only when something is missing from the caches.
@@ -57,6 +64,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -65,7 +73,7 @@ import numpy as np
 import pandas as pd
 
 from cogpipe import condition
-from cogpipe.config import ConfigError, PipelineConfig
+from cogpipe.config import ConfigError, PipelineConfig, PrecomputeConfig
 from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
     Progress,
@@ -149,16 +157,52 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def _plan(
-    cfg: PipelineConfig,
-    upstream: dict[str, StageResult],
-    vae_fp: Any,
-    text_fp: Any,
-    max_len: int,
-    reference_fp: str | None = None,
-) -> pd.DataFrame:
-    """One row per selected clip of the configured splits, sorted by clip_id: its bucket,
-    its frame window (or why it has none), its cache keys and its shard."""
+@dataclass(frozen=True)
+class _Model:
+    """What precompute needs to know of the model before loading any weights."""
+
+    max_len: int  # T5 tokens per caption (max_text_seq_length)
+    ratio: int  # VAE temporal compression: 4 frames per latent frame after the first
+    vae_fp: str  # fingerprints: the caches' keys
+    text_fp: str
+    reference_fp: str | None  # the condition function's, with references
+    device: str
+    dtype: Any  # the encoders' weight dtype
+
+
+def _model(cfg: PipelineConfig) -> _Model:
+    """The model's settings; refuses frame counts its transformer cannot take.
+
+    Raises:
+        ConfigError: a temporal patch of 2 (CogVideoX 1.5) and a frame count not 16k+1.
+    """
+    from cogpipe.models import cogvideox
+
+    p = cfg.precompute
+    tcfg = cogvideox.transformer_config(cfg.model)
+    bad = [n for n in p.frame_counts() if (n - 1) % 16]
+    if tcfg.get("patch_size_t") == 2 and bad:
+        raise ConfigError(
+            f"precompute: {cfg.model} has a temporal patch of 2 (CogVideoX 1.5): every frame"
+            f" count must be 16k+1 (17, 33, 49, 65, 81, ...); {', '.join(map(str, bad))} of"
+            f" frames {p.frames} and frame_buckets {p.frame_buckets} are not"
+        )
+    device = resolve_device(p.device)
+    reference_fp = condition.fingerprint(p.reference, p.reference_options) if p.reference else None
+    return _Model(
+        max_len=tcfg["max_text_seq_length"],
+        ratio=cogvideox.vae_config(cfg.model)["temporal_compression_ratio"],  # 4 for CogVideoX
+        vae_fp=cogvideox.component_fingerprint(cfg.model, "vae"),
+        text_fp=cogvideox.component_fingerprint(cfg.model, "tokenizer", "text_encoder"),
+        reference_fp=reference_fp,
+        device=device,
+        dtype=cogvideox.weight_dtype("auto", tcfg, device),
+    )
+
+
+def _selected(cfg: PipelineConfig, upstream: dict[str, StageResult]) -> pd.DataFrame:
+    """The filter's selected clips of the configured splits, sorted by clip_id, each with
+    the (height, width) bucket nearest its aspect ratio."""
     p = cfg.precompute
     curated = read_table(Path(upstream["filter"].path) / "curated.parquet")
     clips = read_table(Path(upstream["check"].path) / "clips.parquet")
@@ -170,37 +214,72 @@ def _plan(
     buckets = p.all_buckets()
     sizes = [nearest_bucket(w, h, buckets) for w, h in zip(plan.width, plan.height, strict=True)]
     plan["height"], plan["width"] = [h for h, _ in sizes], [w for _, w in sizes]
+    return plan
 
-    plan["times"] = [window_times(r.start, r.end, p.fps, p.frames) for r in plan.itertuples()]
-    plan["status"], plan["reason"], plan["shard"] = "ok", "", None
+
+def frames_for(start: float, end: float, p: PrecomputeConfig) -> int | None:
+    """The longest of `p.frame_counts()` whose window at `p.fps` fits [start, end), or None."""
+    fits = (n for n in p.frame_counts() if window_times(start, end, p.fps, n) is not None)
+    return next(fits, None)
+
+
+def _fit_windows(plan: pd.DataFrame, p: PrecomputeConfig, ratio: int) -> None:
+    """Each row's frame count (its frame bucket), latent frames and window times, or the
+    reason it has none (shorter than the shortest count's window)."""
+    fewest = min(p.frame_counts())
+    frames = [frames_for(r.start, r.end, p) for r in plan.itertuples()]
+    plan["frames"] = [n or fewest for n in frames]
+    plan["latent_frames"] = (plan.frames - 1) // ratio + 1  # the first frame alone, then 4 each
+    plan["times"] = [
+        window_times(r.start, r.end, p.fps, r.frames) if n else None
+        for r, n in zip(plan.itertuples(), frames, strict=True)
+    ]
+    plan["status"], plan["reason"] = "ok", ""
     short = plan.times.isna()
     plan.loc[short, "status"] = "rejected"
+    need = f"{fewest} frames at {p.fps:g} fps"
     plan.loc[short, "reason"] = [
-        f"too short for {p.frames} frames at {p.fps:g} fps: {e - s:.2f} s (needs {(p.frames - 1) / p.fps:.2f} s)"
+        f"too short for {need}: {e - s:.2f} s (needs {p.window_seconds(fewest):.2f} s)"
         for s, e in zip(plan.start[short], plan.end[short], strict=True)
-    ]  # fmt: skip
+    ]
+
+
+def _cache_keys(plan: pd.DataFrame, p: PrecomputeConfig, m: _Model) -> None:
+    """Content keys of each row's latents (video, span, frames, bucket, tiling, VAE), its
+    references' and its caption's embeddings."""
     latents_fields = [
-        {"video_id": r.video_id, "start": r.start, "end": r.end, "frames": p.frames,
+        {"video_id": r.video_id, "start": r.start, "end": r.end, "frames": r.frames,
          "fps": p.fps, "height": r.height, "width": r.width, "vae_tiling": p.vae_tiling,
-         "vae": vae_fp}
+         "vae": m.vae_fp}
         for r in plan.itertuples()
     ]  # fmt: skip
     plan["latents_cache"] = [sha256_json(f) for f in latents_fields]
-    if reference_fp is not None:
+    if m.reference_fp is not None:
         plan["reference_cache"] = [
-            sha256_json(f | {"reference": reference_fp}) for f in latents_fields
+            sha256_json(f | {"reference": m.reference_fp}) for f in latents_fields
         ]
     plan["embeds_cache"] = [
-        sha256_json({"caption": c, "text_encoder": text_fp, "max_len": max_len})
+        sha256_json({"caption": c, "text_encoder": m.text_fp, "max_len": m.max_len})
         for c in plan.caption
     ]
+
+
+def _plan(cfg: PipelineConfig, upstream: dict[str, StageResult], m: _Model) -> pd.DataFrame:
+    """One row per selected clip of the configured splits, sorted by clip_id: its bucket
+    (height, width, frames), its frame window (or why it has none), its cache keys and its
+    shard (`shard_size` samples with a window each, in clip_id order)."""
+    p = cfg.precompute
+    plan = _selected(cfg, upstream)
+    _fit_windows(plan, p, m.ratio)
+    _cache_keys(plan, p, m)
+    plan["shard"] = None
     ok = plan.index[plan.status == "ok"]
     for i in range(0, len(ok), p.shard_size):
         plan.loc[ok[i : i + p.shard_size], "shard"] = shard_name(i // p.shard_size)
     return plan
 
 
-def _index(plan: pd.DataFrame, out: Path, p, latent_frames: int) -> pd.DataFrame:
+def _index(plan: pd.DataFrame, out: Path) -> pd.DataFrame:
     """index.parquet: the clips that failed inside committed shards marked rejected, and
     the PSNR of each shard's spot-checked clip."""
     plan = plan.copy()
@@ -220,10 +299,10 @@ def _index(plan: pd.DataFrame, out: Path, p, latent_frames: int) -> pd.DataFrame
             "shard": plan.shard,
             "latents_key": (plan.clip_id + ".latents").where(ok, None),  # tensor names in the shard
             "embeds_key": (plan.clip_id + ".prompt_embeds").where(ok, None),
-            "frames": p.frames,
+            "frames": plan.frames,  # the sample's frame bucket (rejected: the shortest asked)
             "height": plan.height,  # the bucket, pixels
             "width": plan.width,
-            "latent_frames": latent_frames,
+            "latent_frames": plan.latent_frames,
             "status": plan.status,
             "reason": plan.reason,
             "psnr": plan.psnr,  # dB, decode-back spot check; one clip per shard encoded
@@ -345,28 +424,45 @@ def _decode(row, reference: Reference | None = None):
 
 
 def _batches(todo: pd.DataFrame, batch_size: int) -> dict[str, list[pd.DataFrame]]:
-    """{shard: its VAE batches}: up to `batch_size` clips of one bucket, in plan order."""
+    """{shard: its VAE batches}: up to `batch_size` clips of one shape (height, width,
+    frames), in plan order."""
     out: dict[str, list[pd.DataFrame]] = {}
     for shard, rows in todo.groupby("shard", sort=True):
-        for _, same in rows.groupby(["height", "width"], sort=False):
+        for _, same in rows.groupby(["height", "width", "frames"], sort=False):
             out.setdefault(shard, []).extend(
                 same.iloc[i : i + batch_size] for i in range(0, len(same), batch_size)
             )
     return out
 
 
-def _encode_texts(tokenizer, text_encoder, todo: pd.DataFrame, text_dir: Path, max_len: int) -> int:
+def _encode_texts(
+    cfg: PipelineConfig, m: _Model, todo: pd.DataFrame, text_dir: Path, seconds: dict
+) -> int:
     """T5-encode the distinct captions of `todo` missing from the text cache into it,
-    `TEXT_BATCH` per call; returns how many."""
+    `TEXT_BATCH` per call, and free the encoder (the VAE's batches get its memory).
+
+    Returns:
+        How many captions were encoded (0: the encoder was not loaded).
+    """
+    import torch
+
     from cogpipe.models import cogvideox
 
     missing = todo.drop_duplicates("embeds_cache")
     missing = missing[~_cached(text_dir, missing.embeds_cache)]
-    for i in range(0, len(missing), TEXT_BATCH):
-        chunk = missing.iloc[i : i + TEXT_BATCH]
-        embeds = cogvideox.encode_prompt(tokenizer, text_encoder, list(chunk.caption), max_len)
-        for key, e in zip(chunk.embeds_cache, embeds.cpu(), strict=True):  # [L, D] each
-            _cache_put(text_dir, key, e)
+    if missing.empty:
+        return 0
+    with _timed(seconds, "text_encode"):
+        tokenizer, text_encoder = cogvideox.load_text_encoder(cfg.model, m.device, m.dtype)
+        for i in range(0, len(missing), TEXT_BATCH):
+            chunk = missing.iloc[i : i + TEXT_BATCH]
+            texts = list(chunk.caption)
+            embeds = cogvideox.encode_prompt(tokenizer, text_encoder, texts, m.max_len)
+            for key, e in zip(chunk.embeds_cache, embeds.cpu(), strict=True):  # [L, D] each
+                _cache_put(text_dir, key, e)
+        del tokenizer, text_encoder
+        if m.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return len(missing)
 
 
@@ -468,6 +564,122 @@ def _shard_tensors(rows: pd.DataFrame, new: dict, failed: dict, latents_dir: Pat
     return tensors, rejected
 
 
+def _todo(plan: pd.DataFrame, out: Path, mine: list[str], caches: tuple[Path, Path]):
+    """What is left to encode: (the plan's rows in this run's uncommitted shards, their
+    distinct samples marked `need_latents` / `need_reference` where missing from the
+    latents cache, counts of cache hits)."""
+    latents_dir, text_dir = caches
+    todo = plan[plan.shard.isin([s for s in mine if not (out / s).is_file()])]
+    videos = todo.drop_duplicates("latents_cache").copy()  # exact copies are encoded once
+    videos["need_latents"] = ~_cached(latents_dir, videos.latents_cache)
+    counts = {
+        "encoded_videos": 0,
+        "encoded_texts": 0,
+        "latents_cache_hits": int((~videos.need_latents).sum()),
+        "text_cache_hits": int(_cached(text_dir, todo.embeds_cache.drop_duplicates()).sum()),
+    }
+    if "reference_cache" in plan:
+        videos["need_reference"] = ~_cached(latents_dir, videos.reference_cache)
+        counts["encoded_references"] = 0
+        counts["reference_cache_hits"] = int((~videos.need_reference).sum())
+    return todo, videos, counts
+
+
+def _load_vae(cfg: PipelineConfig, m: _Model):
+    """The VAE on the device, with slicing, tiling and a compiled encoder as configured."""
+    from cogpipe.models import cogvideox, speed
+
+    p = cfg.precompute
+    vae = cogvideox.load_vae(cfg.model, m.device, m.dtype)
+    if p.vae_slicing:
+        vae.enable_slicing()
+    if p.vae_tiling:
+        vae.enable_tiling()
+    if p.compile and m.device.startswith("cuda"):
+        speed.compile_static(vae.encoder)  # bench/vae_encode.py: 1.9x on an H100
+    return vae
+
+
+def _commit_shard(path: Path, rows: pd.DataFrame, new: dict, first, failed: dict, vae,
+                  caches: tuple[Path, Path], min_psnr: float, seconds: dict) -> int:  # fmt: skip
+    """Spot-check a shard's new latents, cache them, write the shard; returns how many of
+    them are targets (the rest are references).
+
+    Raises:
+        SpotCheckError: before anything of the shard is written or cached.
+    """
+    check = None
+    if first is not None:
+        row, cache_key, frames = first
+        with _timed(seconds, "spot_check"):
+            check = _spot_check(vae, path.name, row, new[cache_key], frames, min_psnr)
+    tensors, rejected = _shard_tensors(rows, new, failed, *caches)
+    for cache_key, latents in new.items():  # checked: now they may serve other keys
+        _cache_put(caches[0], cache_key, latents)
+    write_shard(path, tensors, rejected, check)
+    return len(set(new) & set(rows.latents_cache))
+
+
+def _encode_all(cfg: PipelineConfig, m: _Model, plan: pd.DataFrame, out: Path, mine: list[str],
+                videos: pd.DataFrame, caches: tuple[Path, Path], counts: dict,
+                seconds: dict, progress: Progress) -> None:  # fmt: skip
+    """Encode and commit this run's shards in order: frames decoded in background threads
+    `BATCHES_AHEAD` VAE batches ahead of the encoder; shards committed earlier skipped."""
+    p = cfg.precompute
+    need = videos.need_latents | videos.get("need_reference", False)
+    batches = _batches(videos[need], p.batch_size)
+    vae = _load_vae(cfg, m) if batches else None
+    reference = Reference(p.reference, p.reference_options) if p.reference else None
+    failed: dict[str, str] = {}  # latents cache key -> why its video did not decode
+    threads = max(len(os.sched_getaffinity(0)), 1)
+    cuda = m.device.startswith("cuda")
+    with _cudnn_benchmark(cuda), ThreadPoolExecutor(threads) as pool:
+        # Frames of every batch, in encode order, decoded while the VAE encodes earlier ones.
+        clips = (r for s in mine for b in batches.get(s, []) for r in b.itertuples())
+        decode = partial(_decode, reference=reference)
+        decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
+        for i, name in enumerate(mine):
+            if (out / name).is_file():
+                progress(i + 1, len(mine), f"{name} committed earlier")
+                continue
+            new, first = _encode_shard(vae, batches.get(name, []), decoded, failed, seconds)
+            rows = plan[plan.shard == name]
+            targets = _commit_shard(out / name, rows, new, first, failed, vae, caches,
+                                    p.min_psnr, seconds)  # fmt: skip
+            counts["encoded_videos"] += targets
+            if reference is not None:
+                counts["encoded_references"] += len(new) - targets
+            progress(i + 1, len(mine), name)
+
+
+def _write_index(ws: Workspace, key: str, out: Path, plan: pd.DataFrame, counts: dict,
+                 seconds: dict, started: float) -> StageResult:  # fmt: skip
+    """Write index.parquet and the done marker: counts of samples, stats of rejections,
+    buckets, frame counts, spot checks and seconds."""
+    index = _index(plan, out)
+    write_table(out / "index.parquet", index)
+    ok = index[index.status == "ok"]
+    counts = {
+        "samples": len(index),
+        "ok": len(ok),
+        "rejected": len(index) - len(ok),
+        "shards": plan.shard.nunique(),
+    } | counts
+    kinds = index.loc[index.status != "ok", "reason"].str.split(":").str[0]
+    checked = index[index.psnr.notna()]
+    stats = {
+        "rejections": kinds.value_counts().to_dict(),
+        "buckets": (ok.height.astype(str) + "x" + ok.width.astype(str)).value_counts().to_dict(),
+        "frames": {str(n): int(k) for n, k in ok.frames.value_counts().sort_index().items()},
+        "spot_checks": {
+            r.shard: {"clip_id": r.clip_id, "psnr": float(r.psnr)} for r in checked.itertuples()
+        },
+        "seconds": {part: round(s, 3) for part, s in seconds.items()},
+    }
+    result = StageResult("precompute", key, str(out), counts, stats=stats)
+    return ws.finish(result, started)
+
+
 def run_precompute(
     ws: Workspace,
     cfg: PipelineConfig,
@@ -493,7 +705,8 @@ def run_precompute(
         The stage result; counts hold samples, ok, rejected, shards, and distinct videos
         and captions encoded or found in the caches (encoded_videos, encoded_texts,
         latents_cache_hits, text_cache_hits); stats hold rejections by kind, samples per
-        bucket, spot_checks ({shard: {"clip_id", "psnr"}}) and this run's seconds per part.
+        bucket and per frame count, spot_checks ({shard: {"clip_id", "psnr"}}) and this
+        run's seconds per part.
 
         With `precompute.reference`, counts also hold encoded_references and
         reference_cache_hits.
@@ -502,6 +715,7 @@ def run_precompute(
         SpotCheckError: a shard's spot check came out under `min_psnr`.
         ConditionError: the condition function does not load, fails or returns another shape.
         ShardsIncomplete: `merge_only`, and a shard is not committed.
+        ConfigError: `part` out of range; a frame count the model cannot take.
     """
     started = time.time()
     key = key_of(cfg, {"filter": upstream["filter"].key, "check": upstream["check"].key})
@@ -512,19 +726,8 @@ def run_precompute(
     if ws.done(out):  # before the heavy imports: a reused run takes ms
         return None if part is not None else ws.result("precompute", out)
 
-    import torch
-
-    from cogpipe.models import cogvideox, speed
-
-    tcfg = cogvideox.transformer_config(cfg.model)
-    max_len = tcfg["max_text_seq_length"]
-    ratio = cogvideox.vae_config(cfg.model)["temporal_compression_ratio"]  # 4 for CogVideoX
-    latent_frames = (p.frames - 1) // ratio + 1
-    vae_fp = cogvideox.component_fingerprint(cfg.model, "vae")
-    text_fp = cogvideox.component_fingerprint(cfg.model, "tokenizer", "text_encoder")
-    reference = Reference(p.reference, p.reference_options) if p.reference else None
-    reference_fp = condition.fingerprint(p.reference, p.reference_options) if reference else None
-    plan = _plan(cfg, upstream, vae_fp, text_fp, max_len, reference_fp)
+    m = _model(cfg)
+    plan = _plan(cfg, upstream, m)
     shards = sorted(plan.shard.dropna().unique())
     mine = [s for i, s in enumerate(shards) if part is None or i % p.workers == part]
     if merge_only and (missing := [s for s in mine if not (out / s).is_file()]):
@@ -534,94 +737,11 @@ def run_precompute(
     for name in mine:  # temporaries of a killed run of these shards; other parts may be live
         clean_stale_tmp(out, f".tmp-{name}-*")
 
-    # What is left to encode: distinct samples of uncommitted shards missing from the caches.
-    latents_dir, text_dir = ws.cache_dir("latents"), ws.cache_dir("text")
-    todo = plan[plan.shard.isin([s for s in mine if not (out / s).is_file()])]
-    videos = todo.drop_duplicates("latents_cache").copy()  # exact copies are encoded once
-    cached_videos = _cached(latents_dir, videos.latents_cache)
-    videos["need_latents"] = ~cached_videos
-    counts = {
-        "encoded_videos": 0,
-        "encoded_texts": 0,
-        "latents_cache_hits": int(cached_videos.sum()),
-        "text_cache_hits": int(_cached(text_dir, todo.embeds_cache.drop_duplicates()).sum()),
-    }
-    if reference is not None:
-        videos["need_reference"] = ~_cached(latents_dir, videos.reference_cache)
-        counts["encoded_references"] = 0
-        counts["reference_cache_hits"] = int((~videos.need_reference).sum())
-    need = videos.need_latents | videos.get("need_reference", False)
+    caches = ws.cache_dir("latents"), ws.cache_dir("text")
+    todo, videos, counts = _todo(plan, out, mine, caches)
     seconds: dict[str, float] = {}
-    device = resolve_device(p.device)
-    dtype = cogvideox.weight_dtype("auto", tcfg, device)
-
-    if counts["text_cache_hits"] < todo.embeds_cache.nunique():
-        with _timed(seconds, "text_encode"):
-            tokenizer, text_encoder = cogvideox.load_text_encoder(cfg.model, device, dtype)
-            encoded = _encode_texts(tokenizer, text_encoder, todo, text_dir, max_len)
-            counts["encoded_texts"] = encoded
-            del tokenizer, text_encoder  # the VAE's batches get its memory
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-
-    batches = _batches(videos[need], p.batch_size)
-    vae = cogvideox.load_vae(cfg.model, device, dtype) if batches else None
-    if vae is not None and p.vae_slicing:
-        vae.enable_slicing()
-    if vae is not None and p.vae_tiling:
-        vae.enable_tiling()
-    if vae is not None and p.compile and device.startswith("cuda"):
-        speed.compile_static(vae.encoder)  # bench/vae_encode.py: 1.9x on an H100
-    failed: dict[str, str] = {}  # latents cache key -> why its video did not decode
-
-    threads = max(len(os.sched_getaffinity(0)), 1)
-    with _cudnn_benchmark(device.startswith("cuda")), ThreadPoolExecutor(threads) as pool:
-        # Frames of every batch, in encode order, decoded while the VAE encodes earlier ones.
-        clips = (r for s in mine for b in batches.get(s, []) for r in b.itertuples())
-        decode = partial(_decode, reference=reference)
-        decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
-        for i, name in enumerate(mine):
-            if (out / name).is_file():
-                progress(i + 1, len(mine), f"{name} committed earlier")
-                continue
-            new, first = _encode_shard(vae, batches.get(name, []), decoded, failed, seconds)
-            check = None
-            if first is not None:
-                row, cache_key, frames = first
-                with _timed(seconds, "spot_check"):
-                    check = _spot_check(vae, name, row, new[cache_key], frames, p.min_psnr)
-            rows = plan[plan.shard == name]
-            tensors, rejected = _shard_tensors(rows, new, failed, latents_dir, text_dir)
-            for cache_key, latents in new.items():  # checked: now they may serve other keys
-                _cache_put(latents_dir, cache_key, latents)
-            encoded_targets = len(set(new) & set(rows.latents_cache))
-            counts["encoded_videos"] += encoded_targets
-            if reference is not None:
-                counts["encoded_references"] += len(new) - encoded_targets
-            write_shard(out / name, tensors, rejected, check)
-            progress(i + 1, len(mine), name)
-
+    counts["encoded_texts"] = _encode_texts(cfg, m, todo, caches[1], seconds)
+    _encode_all(cfg, m, plan, out, mine, videos, caches, counts, seconds, progress)
     if part is not None:
         return None
-
-    index = _index(plan, out, p, latent_frames)
-    write_table(out / "index.parquet", index)
-    ok = index[index.status == "ok"]
-    counts = {
-        "samples": len(index),
-        "ok": len(ok),
-        "rejected": len(index) - len(ok),
-        "shards": len(shards),
-    } | counts
-    kinds = index.loc[index.status != "ok", "reason"].str.split(":").str[0]
-    checked = index[index.psnr.notna()]
-    stats = {
-        "rejections": kinds.value_counts().to_dict(),
-        "buckets": (ok.height.astype(str) + "x" + ok.width.astype(str)).value_counts().to_dict(),
-        "spot_checks": {
-            r.shard: {"clip_id": r.clip_id, "psnr": float(r.psnr)} for r in checked.itertuples()
-        },
-        "seconds": {part: round(s, 3) for part, s in seconds.items()},
-    }
-    result = StageResult("precompute", key, str(out), counts, stats=stats)
-    return ws.finish(result, started)
+    return _write_index(ws, key, out, plan, counts, seconds, started)

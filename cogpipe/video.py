@@ -379,14 +379,18 @@ def even_times(start: float, end: float, count: int) -> list[float]:
     return [start + (i + 0.5) * span / count for i in range(count)]
 
 
+WINDOW_SLACK = 1e-6  # s: a clip exactly as long as a window yields it, float rounding aside
+
+
 def window_times(start: float, end: float, target_fps: float, count: int) -> list[float] | None:
     """A contiguous window of `count` frame times at `target_fps`, from `start` seconds.
 
     Keeps real motion speed: frame k is the one shown at start + k / target_fps.
-    Returns None when the clip [start, end) is too short for the window.
+    Returns None when the clip [start, end) is too short for the window (check rejects
+    such clips with the same `WINDOW_SLACK`).
     """
     span = (count - 1) / target_fps
-    if start + span > end + 1e-6:
+    if start + span > end + WINDOW_SLACK:
         return None
     return [start + k / target_fps for k in range(count)]
 

@@ -294,3 +294,28 @@ def write_corpus(root: Path) -> dict[str, Path]:
     c["frozen"] = _encode(root / "frozen.mp4", [_texture(W, H, 12)] * 30)
     c["multi_shot"] = _encode(root / "multi_shot.mp4", _shots())
     return c
+
+
+# Training windows (tests/test_windows.py): lengths around the default window, 49 frames at
+# 8 fps = 6.0 s, and long ones that split into several windows.
+WINDOW_SECONDS = (2.0, 4.0, 5.9, 6.1, 13.0, 40.0)
+
+
+def window_name(seconds: float) -> str:
+    """'s5_9' for 5.9 s."""
+    return "s" + f"{seconds:g}".replace(".", "_")
+
+
+def write_window_corpus(root: Path) -> dict[str, Path]:
+    """Clips of every `WINDOW_SECONDS` length (160x96) and a portrait one (8 s, 96x160), at
+    10 fps; each its own texture panning 2 px per frame under a sliding square, so none is
+    frozen or a near duplicate of another, nor one span of a long clip of the next (the pan
+    wraps every 8 s). Returns {window_name(seconds) or 'portrait': path}."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, seconds in enumerate(WINDOW_SECONDS):
+        name = window_name(seconds)
+        out[name] = _encode(root / f"{name}.mp4", _moving(n=round(seconds * FPS), seed=20 + i))
+    out["portrait"] = _encode(root / "portrait.mp4", _moving(96, 160, n=8 * FPS, seed=30))
+    return out

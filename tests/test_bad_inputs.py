@@ -39,7 +39,9 @@ REJECTED = {
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     cases = write_corpus(root / "src")
-    cfg = PipelineConfig(workspace=root / "ws", ingest={"source": root / "src"})
+    # Training windows of 9 frames at 8 fps (1 s): the corpus's 2-6 s clips are not too short.
+    cfg = PipelineConfig(workspace=root / "ws", ingest={"source": root / "src"},
+                         precompute={"frames": 9})  # fmt: skip
     from cogpipe.pipeline import run_stage
 
     ingest = run_stage(cfg, "ingest")
