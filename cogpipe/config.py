@@ -23,8 +23,12 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("ingest", "check", "caption", "filter", "precompute", "train", "evaluate")
-Stage = Literal["ingest", "check", "caption", "filter", "precompute", "train", "evaluate"]
+STAGES = (
+    "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate",
+)  # fmt: skip
+Stage = Literal[
+    "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate"
+]
 Precision = Literal["auto", "no", "fp16", "bf16"]
 
 
@@ -72,13 +76,23 @@ class IngestConfig(Section):
     source: Path = Field(
         Path("videos"),
         description=(
-            "A folder (scanned recursively, links followed), a list file (.csv / .jsonl / .txt"
-            " of paths with an optional caption), or a dataset folder: diffusers / CogVideo"
-            " (prompts.txt + videos.txt) or finetrainers / HF (metadata.csv or .jsonl)."
+            "A folder (scanned recursively, links followed; a video's sibling <stem>.txt is"
+            " its caption), a list file (.csv / .jsonl / .json records or a .txt of paths,"
+            " with an optional caption), or a dataset folder: diffusers / CogVideo /"
+            " finetrainers (prompt.txt | prompts.txt | caption.txt | captions.txt paired line"
+            " by line with video.txt | videos.txt) or HF / finetrainers (metadata.csv,"
+            " metadata.jsonl or metadata.json)."
         ),
     )
     layout: Literal["auto", "folder", "list", "diffusers", "metadata"] = Field(
-        "auto", description="How to read `source`; auto tells by what is there."
+        "auto",
+        description=(
+            "How to read `source`. auto: tell by what is there. folder: every file under it,"
+            " a video's sibling <stem>.txt read as its caption (caption-file pairs). list: one"
+            " .csv / .jsonl / .json / .txt list file. diffusers: a caption list (prompt(s).txt"
+            " or caption(s).txt) paired line by line with a video list (video(s).txt)."
+            " metadata: metadata.csv / .jsonl / .json records with a path and a caption."
+        ),
     )
     extensions: list[str] = Field(
         [".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"],
@@ -772,6 +786,13 @@ class PipelineConfig(BaseModel):
     def _mode_needs(self) -> PipelineConfig:
         """What a training mode asks of the precompute section."""
         t, p = self.train, self.precompute
+        shortest = p.window_seconds(min(p.frame_counts()))
+        if shortest > self.check.max_duration:
+            raise ValueError(
+                f"precompute's shortest window ({min(p.frame_counts())} frames at {p.fps:g} fps:"
+                f" {shortest:.2f} s) is longer than check.max_duration ({self.check.max_duration:g}"
+                " s), so every clip would be too short: raise max_duration or shorten the window"
+            )
         if t.mode == "ic-lora" and p.reference is None:
             raise ValueError(
                 "train.mode ic-lora needs precompute.reference, the condition function that makes"

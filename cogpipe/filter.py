@@ -5,20 +5,27 @@ token limit, or the text stops mid-sentence); repeated word trigrams (a looping 
 refusal and chat-assistant phrases; still-image language ("the image shows"); text that
 is not English; too few of the domain's terms; more T5 tokens than the video model
 reads (226 for CogVideoX). A caption with no reasons is accepted. The score (0..1) ranks
-captions: 1 is a caption of ideal length with no repetition.
+captions: 1 is a caption of ideal length with no repetition. The rules live here only:
+the recaption stage, which captions rejected clips again with `retry_prompt` before this
+stage, judges with `judge_captions` too. This stage loads no captioner.
+
+A person's corrections (`filter.overrides`, see cogpipe.overrides) are applied after the
+gate: a caption they write is the clip's caption and accepts it, a reject entry rejects
+it with their reason; the report lists them.
 
 Curation (`select_top` N > 0) keeps the set diverse: each caption has a category (the
-domain-keyword group with the most matching terms: strike, knockout, referee, ...), and
-at most N accepted captions are selected by a proportional round-robin over categories
-(`curate`), so a small category gets its share instead of losing every slot to the
-best-scoring one. With N = 0 every accepted caption is selected.
+domain-keyword group with the most matching terms: strike, knockout, referee, ...) and a
+motion group (a quantile of check's motion score among the accepted training clips,
+`motion_groups`), and at most N accepted training samples are selected by a proportional
+round-robin over (category, motion group) (`curate`), so a small group gets its share
+instead of losing every slot to the best-scoring one. With N = 0 every accepted caption is
+selected.
 
     cogpipe filter configs/demo.yaml
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -26,20 +33,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from cogpipe.config import CaptionConfig, FilterConfig, PipelineConfig
+from cogpipe.config import FilterConfig, PipelineConfig
+from cogpipe.models.cogvideox import component_fingerprint
+from cogpipe.overrides import apply_overrides, resolve
 from cogpipe.report import write_caption_report
 from cogpipe.workspace import (
     Progress,
     StageResult,
     Workspace,
-    model_fingerprint,
     no_progress,
     read_table,
     stage_key,
     write_table,
 )
 
-VERSION = 3  # 3: accepted, category; selected = accepted and curated
+VERSION = 4  # 4: captions from recaption, with attempt and source; 3: accepted, category
 WORD = re.compile(r"[\w'-]+")
 CLOSING = tuple(".!?\"')\u201d")  # what a finished sentence ends with
 # Common English function words: about half of the words of English prose.
@@ -52,8 +60,9 @@ ENGLISH = frozenset(
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
-    # The model is the tokenizer the token limit is counted with.
-    return stage_key("filter", VERSION, cfg.filter.key_fields(), {**inputs, "model": cfg.model})
+    # The video model's tokenizer counts the token limit: by fingerprint, never by path.
+    fields = cfg.filter.key_fields() | {"tokenizer": component_fingerprint(cfg.model, "tokenizer")}
+    return stage_key("filter", VERSION, fields, inputs)
 
 
 def repetition(words: list[str], n: int = 3) -> float:
@@ -86,19 +95,31 @@ def category_of(caption: str | None, fc: FilterConfig) -> str:
     return best
 
 
-def curate(table: pd.DataFrame, select_top: int) -> pd.Series:
-    """Which rows are selected: at most `select_top` accepted ones, spread over categories.
+def motion_groups(motion: pd.Series, groups: int) -> pd.Series:
+    """Motion group 0..groups-1 of each value: its quantile among the values (by rank, ties
+    by position), so each group holds about as many clips; all 0 for `groups` 1 or no value."""
+    if groups <= 1 or motion.isna().all():
+        return pd.Series(0, index=motion.index)
+    rank = motion.rank(method="first", na_option="bottom") - 1  # 0..n-1
+    return (rank * groups // len(motion)).astype(int)
 
-    Proportional round-robin: inside a category, captions are ranked by score (ties by
-    clip_id) and the k-th of n sits at position k / n; the lowest positions are taken
-    (ties by score, then clip_id). So every category's best comes before any category's
-    second, and each category gets about its share of `select_top` (rounded up), however
-    much higher another category scores.
+
+def curate(table: pd.DataFrame, select_top: int, groups: int = 1) -> pd.Series:
+    """Which rows are selected: at most `select_top` accepted ones, spread over categories
+    and over motion.
+
+    Proportional round-robin over groups: a group is a caption category, crossed with a
+    motion group (`motion_groups` of the table's `motion` column, among the accepted rows)
+    when `groups` > 1. Inside a group, captions are ranked by score (ties by clip_id) and
+    the k-th of n sits at position k / n; the lowest positions are taken (ties by score,
+    then clip_id). So every group's best comes before any group's second, and each group
+    gets about its share of `select_top` (rounded up), however much higher another scores.
 
     Args:
-        table: one row per caption with clip_id, score, category and accepted.
+        table: one row per caption with clip_id, score, category, accepted (and motion).
         select_top: how many to select; 0 (or at least the number accepted) selects every
             accepted row.
+        groups: motion groups (1: categories alone).
 
     Returns:
         A bool Series on the table's index.
@@ -107,8 +128,10 @@ def curate(table: pd.DataFrame, select_top: int) -> pd.Series:
     if not select_top or select_top >= accepted.sum():
         return accepted.copy()
     ranked = table[accepted].sort_values(["score", "clip_id"], ascending=[False, True])
-    by_category = ranked.groupby("category", sort=False)
-    position = by_category.cumcount() / by_category.clip_id.transform("size")  # 0 <= k/n < 1
+    motion = ranked["motion"] if "motion" in ranked else pd.Series(float("nan"), ranked.index)
+    keys = [ranked.category, motion_groups(motion, groups)]
+    by_group = ranked.groupby(keys, sort=False)
+    position = by_group.cumcount() / by_group.clip_id.transform("size")  # 0 <= k/n < 1
     order = ranked.assign(position=position).sort_values(
         ["position", "score", "clip_id"], ascending=[True, False, True]
     )
@@ -193,45 +216,75 @@ def judge_captions(
     ]
 
 
-def retry_config(cfg: PipelineConfig, round_: int) -> CaptionConfig:
-    """Round r's caption settings: the stricter prompt, no repeated trigrams; from round 2 on,
-    sampled (greedy decoding would give round 1's caption again)."""
-    sampled = {"temperature": 0.7, "seed": round_} if round_ > 1 else {}
-    ngram = max(cfg.caption.no_repeat_ngram_size, 3)
-    return cfg.caption.model_copy(
-        update={"prompt": cfg.filter.retry_prompt, "no_repeat_ngram_size": ngram, **sampled}
-    )
-
-
-def recaption(
-    ws: Workspace,
-    cfg: PipelineConfig,
-    caption_key: str,
-    round_: int,
-    clips: pd.DataFrame,
-    progress: Progress = no_progress,
+def judged_table(
+    captions: pd.DataFrame, judged: list[tuple[float, list[str]]], fc: FilterConfig
 ) -> pd.DataFrame:
-    """Re-caption `clips` (round `round_`) into `caption/<its own key>/`, in resumable parts.
+    """One row per caption: its verdict, category, and where it came from (`attempt`: the
+    re-caption round, 0 for the caption stage's; `source`: model, dataset or import)."""
+    n = len(captions)
+    return pd.DataFrame(
+        {
+            "clip_id": captions.clip_id,
+            "caption": captions.caption,
+            "score": [s for s, _ in judged],
+            "category": [category_of(c, fc) for c in captions.caption],
+            "accepted": [not r for _, r in judged],
+            "reasons": ["; ".join(r) for _, r in judged],
+            "attempt": captions["attempt"] if "attempt" in captions else [0] * n,
+            "source": captions["source"] if "source" in captions else ["model"] * n,
+        }
+    ).astype({"accepted": bool, "attempt": int})  # even when empty
 
-    The key covers the caption key, the round's settings and the clips, so a re-run with
-    the same rejections reuses every committed part, and a new retry prompt keeps the old.
-    """
-    from cogpipe import caption as cap
 
-    cc = retry_config(cfg, round_)
-    ids = hashlib.sha256("\n".join(sorted(clips.clip_id)).encode()).hexdigest()
-    fields = cc.key_fields() | {"model_fp": model_fingerprint(cc.model, cc.revision)}
-    key = stage_key(
-        "caption", cap.VERSION, fields, {"caption": caption_key, "retry": f"{round_}-{ids}"}
+def select(table: pd.DataFrame, clips: pd.DataFrame | None, fc: FilterConfig) -> pd.DataFrame:
+    """The table with `selected` after `accepted`: curation over the training clips, spread
+    over categories and check's motion (`motion` and `motion_group` columns); an accepted
+    held-out clip stays selected (evaluation). Without clips every clip is train."""
+    by_clip = clips.set_index("clip_id") if clips is not None else None
+    train = (
+        table.clip_id.map(by_clip.split).eq("train")
+        if by_clip is not None
+        else pd.Series(True, index=table.index)
     )
-    out = ws.stage_dir("caption", key)
-    if not ws.done(out):
-        started = time.time()
-        parts, reused = cap.caption_pass(out, clips, cc, list(range(cc.shards)), progress=progress)
-        write_table(out / "captions.parquet", cap.merge_parts(out, clips))
-        counts = {"clips": len(clips), "round": round_, "parts": parts, "parts_reused": reused}
-        ws.finish(StageResult("caption", key, str(out), counts), started)
-    return read_table(out / "captions.parquet")
+    if by_clip is not None and "motion" in by_clip:
+        table["motion"] = table.clip_id.map(by_clip.motion).astype(float)
+        pool = train & table.accepted  # groups are quantiles of the candidates' motion
+        table["motion_group"] = pd.Series(pd.NA, index=table.index, dtype="Int64")
+        table.loc[pool, "motion_group"] = motion_groups(table.motion[pool], fc.motion_groups)
+    chosen = curate(table[train], fc.select_top, fc.motion_groups)  # counts training clips
+    selected = table.accepted & ~train
+    selected[chosen.index] = chosen
+    table.insert(table.columns.get_loc("accepted") + 1, "selected", selected.astype(bool))
+    return table
+
+
+def overridden(table: pd.DataFrame, clips: pd.DataFrame | None, cfg: PipelineConfig, count):
+    """The judged table after `filter.overrides` (with an `override` column)."""
+    table = table.assign(override=False)
+    if cfg.filter.overrides is None or clips is None:
+        return table
+    entries = resolve(cfg.filter.overrides, clips, cfg.ingest.source)
+    table = apply_overrides(table, entries, lambda text: judge(text, cfg.filter, False, count)[0])
+    table["category"] = [category_of(c, cfg.filter) for c in table.caption]
+    return table
+
+
+def filter_result(key: str, out: Path, table: pd.DataFrame, names: list[str]) -> StageResult:
+    """Counts (captions, accepted, selected, rejected, recaptioned, overrides); stats: rejection kinds
+    and selected captions per category."""
+    n_acc, n_sel = int(table.accepted.sum()), int(table.selected.sum())
+    counts = {"captions": len(table), "accepted": n_acc, "selected": n_sel}
+    counts["rejected"] = len(table) - n_acc
+    counts["recaptioned"] = int((table.attempt > 0).sum())
+    counts["overrides"] = int(table.override.sum())
+    # Group reasons by kind (the text before the first parenthesis) for the summary.
+    kinds = table.loc[~table.accepted, "reasons"].str.split("; ").explode().str.split(" \\(").str[0]
+    per_category = table[table.accepted].groupby("category").selected.sum()
+    stats = {
+        "rejections": {k: int(n) for k, n in kinds.value_counts().items()},
+        "categories": {c: int(per_category[c]) for c in names if c in per_category},
+    }
+    return StageResult("filter", key, str(out), counts, stats=stats)
 
 
 def run_filter(
@@ -240,82 +293,36 @@ def run_filter(
     upstream: dict[str, StageResult],
     progress: Progress = no_progress,
 ) -> StageResult:
-    """Judge every caption, re-caption rejected clips, curate, write `curated.parquet`.
+    """Judge every caption of the recaption stage, curate, write `curated.parquet`.
+
+    Loads no captioner: rejected captions were captioned again upstream (recaption); here
+    the gate only records its verdict (cheap) for curation and the report.
 
     Args:
         ws: the workspace.
-        cfg: the pipeline config (uses `filter`, and `caption` for re-caption passes).
-        upstream: {"caption": StageResult, "check": StageResult}. Without check (tests of
-            the gate alone) nothing is re-captioned and every clip counts as train.
-        progress: called as re-caption parts commit, and once at the end.
+        cfg: the pipeline config (uses `filter`).
+        upstream: {"recaption": StageResult, "check": StageResult}. Without check (tests
+            of the gate alone) every clip counts as train.
+        progress: called once at the end.
 
     Returns:
-        The stage result; counts hold captions, accepted, selected, rejected and
-        recaptioned; stats hold rejection kinds and selected captions per category.
+        The stage result (see `filter_result`).
     """
     started = time.time()
-    caption = upstream["caption"]
-    check = upstream.get("check")
-    key = key_of(cfg, {"caption": caption.key} | ({"check": check.key} if check else {}))
+    captions_in, check = upstream["recaption"], upstream.get("check")
+    key = key_of(cfg, {"recaption": captions_in.key} | ({"check": check.key} if check else {}))
     out = ws.stage_dir("filter", key)
     if ws.done(out):
         return ws.result("filter", out)
 
-    captions = read_table(Path(caption.path) / "captions.parquet")
+    captions = read_table(Path(captions_in.path) / "captions.parquet")
     clips = read_table(Path(check.path) / "clips.parquet") if check else None
     count = token_counter(cfg)
-    judged = judge_captions(captions, cfg.filter, count)
-    text, attempt = list(captions.caption), [0] * len(captions)
-    # A clip whose frames did not decode gets nothing from a new prompt.
-    retryable = captions.error.isna().tolist() if "error" in captions else [True] * len(captions)
-    for round_ in range(1, cfg.filter.retries + 1 if clips is not None else 1):
-        todo = [i for i, (_, reasons) in enumerate(judged) if reasons and retryable[i]]
-        if not todo:
-            break
-        ids = captions.clip_id.iloc[todo]
-        again = recaption(ws, cfg, caption.key, round_, clips[clips.clip_id.isin(ids)], progress)
-        again = again.set_index("clip_id").loc[ids].reset_index()
-        for i, verdict, new in zip(
-            todo, judge_captions(again, cfg.filter, count), again.caption, strict=True
-        ):
-            if not verdict[1]:  # accepted: the clip's caption from now on
-                judged[i], text[i], attempt[i] = verdict, new, round_
-    table = pd.DataFrame(
-        {
-            "clip_id": captions.clip_id,
-            "caption": text,
-            "score": [s for s, _ in judged],
-            "category": [category_of(c, cfg.filter) for c in text],
-            "accepted": [not r for _, r in judged],
-            "reasons": ["; ".join(r) for _, r in judged],
-            "attempt": attempt,
-        }
-    ).astype({"accepted": bool, "attempt": int})  # even when empty
-    train = (
-        table.clip_id.map(clips.set_index("clip_id").split).eq("train")
-        if clips is not None
-        else pd.Series(True, index=table.index)
-    )
-    # select_top counts training clips; an accepted held-out clip stays selected (evaluation).
-    chosen = curate(table[train], cfg.filter.select_top)
-    selected = table.accepted & ~train
-    selected[chosen.index] = chosen
-    table.insert(table.columns.get_loc("accepted") + 1, "selected", selected.astype(bool))
+    table = judged_table(captions, judge_captions(captions, cfg.filter, count), cfg.filter)
+    table = overridden(table, clips, cfg, count)  # a person's corrections, after the gate
+    table = select(table, clips, cfg.filter)
     names = [*cfg.filter.categories, "other"]
     write_table(out / "curated.parquet", table)
     write_caption_report(out, table, names)
     progress(len(table), len(table), "judged")
-
-    n_acc, n_sel = int(table.accepted.sum()), int(table.selected.sum())
-    counts = {"captions": len(table), "accepted": n_acc, "selected": n_sel}
-    counts["rejected"] = len(table) - n_acc
-    counts["recaptioned"] = int((table.attempt > 0).sum())
-    # Group reasons by kind (the text before the first parenthesis) for the summary.
-    kinds = table.loc[~table.accepted, "reasons"].str.split("; ").explode().str.split(" \\(").str[0]
-    per_category = table[table.accepted].groupby("category").selected.sum()
-    stats = {
-        "rejections": {k: int(n) for k, n in kinds.value_counts().items()},
-        "categories": {c: int(per_category[c]) for c in names if c in per_category},
-    }
-    result = StageResult("filter", key, str(out), counts, stats=stats)
-    return ws.finish(result, started)
+    return ws.finish(filter_result(key, out, table, names), started)

@@ -23,7 +23,8 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "check": ("ingest",),
     "caption": ("check",),
-    "filter": ("caption", "check"),
+    "recaption": ("caption", "check"),
+    "filter": ("recaption", "check"),
     "precompute": ("filter", "check"),
     "train": ("precompute",),
     "evaluate": ("train", "check"),
@@ -102,7 +103,8 @@ def run_stage(
 ) -> StageResult:
     """Run one stage (or return its finished result), reading its inputs from disk.
 
-    `options` go to the stage's run function (caption: `shard=K` runs one shard only).
+    `options` go to the stage's run function (caption, recaption: `shard=K` runs one shard
+    only; precompute: `part=K`; `merge_only=True` merges committed shards).
     """
     ws = Workspace(cfg.workspace)
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)

@@ -155,7 +155,7 @@ def _motion_lines(table: pd.DataFrame, acc: pd.Series, sel: pd.Series) -> list[s
     lines = ["## Selection by motion", "", "| motion | score range | accepted | selected |"]
     lines += ["|---|---|---:|---:|"]
     for name, g in zip(names, groups, strict=True):
-        mine = acc & (table.motion_group == g)
+        mine = acc & (table.motion_group == g).fillna(False).astype(bool)
         low, high = table.motion[mine].min(), table.motion[mine].max()
         lines += [
             f"| {name} | {low:.2f}-{high:.2f} | {int(mine.sum())} | {int((mine & sel).sum())} |"

@@ -1,5 +1,5 @@
-"""The full pipeline as one Prefect flow: ingest → check → caption → filter → precompute →
-train → evaluate. Each task is cached by its stage key, so a re-run of a finished
+"""The full pipeline as one Prefect flow: ingest → check → caption → recaption → filter →
+precompute → train → evaluate. Each task is cached by its stage key, so a re-run of a finished
 pipeline costs seconds and a changed config recomputes only what it touches.
 
     cogpipe run configs/demo.yaml            # CLI, on Prefect's embedded local server
@@ -25,11 +25,12 @@ from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.filter import filter
 from cogpipe_tasks.ingest import ingest
 from cogpipe_tasks.precompute import precompute
+from cogpipe_tasks.recaption import recaption, recaption_shard
 from cogpipe_tasks.remote import remote_stage
 from cogpipe_tasks.secrets import use_hub_token
 from cogpipe_tasks.train import train
 
-GPU_STAGES = ("caption", "precompute", "train", "evaluate")
+GPU_STAGES = ("caption", "recaption", "precompute", "train", "evaluate")
 
 
 @flow(name="cogpipe-pipeline", log_prints=True)
@@ -38,9 +39,9 @@ def pipeline(
 ) -> dict[str, dict]:
     """Run every stage up to `until`; returns each stage's result record.
 
-    With `gpu_pool`, caption, precompute, train and evaluate run as flow runs of the
-    deployment `cogpipe-stage/<gpu_pool>` on that pool's workers (caption shards as
-    separate runs, N at once on N workers); the rest runs here.
+    With `gpu_pool`, caption, recaption, precompute, train and evaluate run as flow runs of
+    the deployment `cogpipe-stage/<gpu_pool>` on that pool's workers (caption and
+    recaption shards as separate runs, N at once on N workers); the rest runs here.
     """
     get_run_logger().info("hub token: %s", use_hub_token())
     last = STAGES.index(until)
@@ -57,15 +58,19 @@ def pipeline(
         done["check"] = check(config, done["ingest"])
     if last >= 2:
         if config.caption.shards > 1 and not gpu_pool:
-            caption_shards(config, done["check"])
+            run_shards(caption_shard, config, done["check"])
         done["caption"] = gpu("caption", caption, "check")
     if last >= 3:
-        done["filter"] = filter(config, done["caption"], done["check"])
+        if config.caption.shards > 1 and not gpu_pool:
+            run_shards(recaption_shard, config, done["caption"], done["check"])
+        done["recaption"] = gpu("recaption", recaption, "caption", "check")
     if last >= 4:
-        done["precompute"] = gpu("precompute", precompute, "filter", "check")
+        done["filter"] = filter(config, done["recaption"], done["check"])
     if last >= 5:
-        done["train"] = gpu("train", train, "precompute")
+        done["precompute"] = gpu("precompute", precompute, "filter", "check")
     if last >= 6:
+        done["train"] = gpu("train", train, "precompute")
+    if last >= 7:
         done["evaluate"] = gpu("evaluate", evaluate, "train", "check")
     results = [StageResult.from_dict(r) for r in done.values()]
     where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and s in GPU_STAGES}
@@ -73,15 +78,16 @@ def pipeline(
     return done
 
 
-def caption_shards(config: PipelineConfig, check: dict) -> None:
-    """Caption the shards as separate task runs, as many at once as this host has GPUs
-    (shard k runs on GPU k mod count); the `caption` task then merges them."""
+def run_shards(shard_task, config: PipelineConfig, *upstream: dict) -> None:
+    """Run a stage's caption shards (`caption_shard`, `recaption_shard`) as separate task
+    runs, as many at once as this host has GPUs (shard k runs on GPU k mod count); the
+    stage's own task then merges them."""
     import torch
 
     lanes = max(torch.cuda.device_count(), 1)
     shards = list(range(config.caption.shards))
     for wave in (shards[i : i + lanes] for i in range(0, len(shards), lanes)):
-        for future in [caption_shard.submit(config, check, k) for k in wave]:
+        for future in [shard_task.submit(config, *upstream, k) for k in wave]:
             future.result()  # waits; a shard that failed after its retries fails the flow
 
 

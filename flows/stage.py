@@ -1,8 +1,9 @@
 """One stage (or one shard of it) as its own flow run: what a GPU worker runs.
 
-The full pipeline, given a `gpu_pool`, starts caption, precompute, train and evaluate as
-runs of the deployment `cogpipe-stage/<gpu_pool>` (deployments/prefect.yaml) instead of
-in its own process, one run per caption shard and per precompute part, so N GPU workers take N at once.
+The full pipeline, given a `gpu_pool`, starts caption, recaption, precompute, train and
+evaluate as runs of the deployment `cogpipe-stage/<gpu_pool>` (deployments/prefect.yaml)
+instead of in its own process, one run per caption or recaption shard and per precompute
+part, so N GPU workers take N at once.
 The stage reads its inputs from the shared workspace and holds every GPU slot of its
 worker while it runs (cogpipe_tasks.gpu.gpu_slots); a retried run resumes from what the
 crashed one committed.
@@ -17,6 +18,7 @@ from cogpipe.config import PipelineConfig, Stage
 from cogpipe.pipeline import run_stage, upstream_results
 from cogpipe_tasks.common import ProgressArtifact, run
 from cogpipe_tasks.gpu import gpu_slots
+from cogpipe_tasks.remote import logging_loads
 from cogpipe_tasks.secrets import use_hub_token
 
 
@@ -28,17 +30,19 @@ def _run_name() -> str:
 
 @flow(name="cogpipe-stage", flow_run_name=_run_name, log_prints=True)
 def stage(config: PipelineConfig, stage: Stage = "caption", shard: int | None = None) -> dict:
-    """Run `stage` (its inputs must be done); with `shard`, commit only that caption
-    shard's parts or that precompute part's shards (no merge, no index). Returns the
-    stage's result record ({} for a shard)."""
+    """Run `stage` (its inputs must be done); with `shard`, commit only that caption or
+    recaption shard's parts or that precompute part's shards (no merge, no index).
+    Returns the stage's result record ({} for a shard)."""
     get_run_logger().info("hub token: %s", use_hub_token())
     with gpu_slots():
         if shard is None:
             upstream = upstream_results(config, stage)
             return run(stage, config, **{up: r.to_dict() for up, r in upstream.items()})
-        option = {"caption": "shard", "precompute": "part"}.get(stage)
+        option = {"caption": "shard", "recaption": "shard", "precompute": "part"}.get(stage)
         if option is None:
-            raise ValueError(f"{stage} is not split into shards (caption and precompute are)")
-        progress = ProgressArtifact(f"{stage}-shard-{shard}")
+            raise ValueError(
+                f"{stage} is not split into shards (caption, recaption and precompute are)"
+            )
+        progress = logging_loads(ProgressArtifact(f"{stage}-shard-{shard}"))
         run_stage(config, stage, progress=progress, **{option: shard})
         return {}

@@ -1,10 +1,11 @@
 """A stage run on a GPU pool: the pipeline's task that starts `cogpipe-stage/<pool>` runs
 and waits for them.
 
-A split stage (caption shards, precompute parts) starts one run per shard at once, then
-merges here, in the pipeline's own process: the merge loads no model, so a GPU run for it
-would only add a worker's process start and hold a GPU. Should a shard have left work
-undone, the merge refuses and a final GPU run does that work and merges.
+A split stage (caption and recaption shards, precompute parts) starts one run per shard
+at once, then merges here, in the pipeline's own process: the merge loads no model, so a
+GPU run for it would only add a worker's process start and hold a GPU. Should a shard
+have left work undone, the merge refuses and a final GPU run does that work and merges.
+Recaption tries the merge first: with no caption rejected it starts no GPU run at all.
 
 Cached like the in-process stage tasks (by stage key, once done on disk), and before it
 starts anything it looks for the stage's done marker, so a re-run of a finished pipeline
@@ -23,11 +24,14 @@ from prefect.deployments import run_deployment
 
 from cogpipe.config import PipelineConfig
 from cogpipe.pipeline import finished, module, run_stage
-from cogpipe.workspace import ShardsIncomplete, Workspace
+from cogpipe.workspace import Progress, ShardsIncomplete, Workspace, no_progress
 from cogpipe_tasks.common import cache_key, publish
 
 POLL_S = 2.0
 STAGE_FLOW = "cogpipe-stage"  # deployment `cogpipe-stage/<pool>` runs one stage on <pool>
+# Stages often with nothing for a model to do (no caption rejected, retries 0): the merge is
+# tried here first, and GPU runs start only when it finds work undone.
+MERGE_FIRST = ("recaption",)
 
 
 class StageRunFailed(RuntimeError):
@@ -36,7 +40,8 @@ class StageRunFailed(RuntimeError):
 
 def shards(config: PipelineConfig, stage: str) -> int:
     """How many runs a stage is split into before its final run."""
-    return {"caption": config.caption.shards, "precompute": config.precompute.workers}.get(stage, 1)
+    split = {"caption": config.caption.shards, "recaption": config.caption.shards}
+    return (split | {"precompute": config.precompute.workers}).get(stage, 1)
 
 
 @task(
@@ -58,21 +63,45 @@ def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[s
     if (done := finished(ws, config, stage, key, inputs)) is not None:
         logger.info("%s %s: done on disk, no %s run", stage, key, pool)
         return done.to_dict()
+    if stage in MERGE_FIRST and (record := merge_here(config, stage)) is not None:
+        logger.info("%s: nothing for a model to do, merged here with no %s run", stage, pool)
+        return record
     deployment = f"{STAGE_FLOW}/{pool}"
     n = shards(config, stage)
     if n > 1:
         wait([start(deployment, config, stage, k) for k in range(n)])
-        try:  # the merge needs no GPU: here it takes no worker, process start or GPU slot
-            record = publish(stage, run_stage(config, stage, merge_only=True))
+        if (record := merge_here(config, stage)) is not None:
             logger.info("%s: %d runs on %s, merged here", stage, n, pool)
             return record
-        except ShardsIncomplete as e:  # a shard left work undone: the final run does it
-            logger.warning("%s: %s; its final run goes to %s", stage, e, pool)
+        logger.warning("%s: a shard left work undone; its final run goes to %s", stage, pool)
     wait([start(deployment, config, stage, None)])
     done = finished(ws, config, stage, key, inputs)
     if done is None:
         raise StageRunFailed(f"{stage}: its {pool} run completed but {ws.root} has no done marker")
     return done.to_dict() | {"reused": False}  # computed by the runs started here
+
+
+def logging_loads(progress: Progress = no_progress) -> Progress:
+    """`progress`, also logging the library's notes that a model was loaded (which, where,
+    how long): a run's logs say whether it loaded a model."""
+
+    def report(done: int, total: int, note: str = "") -> None:
+        if " loaded " in note:
+            get_run_logger().info("%s", note)
+        progress(done, total, note)
+
+    return report
+
+
+def merge_here(config: PipelineConfig, stage: str) -> dict | None:
+    """The stage merged in this process from its committed shards (the merge loads no
+    model: here it takes no worker, process start or GPU slot) and published; None while
+    a shard has work left."""
+    try:
+        return publish(stage, run_stage(config, stage, progress=logging_loads(), merge_only=True))
+    except ShardsIncomplete as e:
+        get_run_logger().info("%s: not merged here: %s", stage, e)
+        return None
 
 
 def start(deployment: str, config: PipelineConfig, stage: str, shard: int | None) -> UUID:

@@ -23,6 +23,7 @@ def test_status_before_anything_ran(tmp_path, sample_videos, capsys):
         "ingest",
         "check",
         "caption",
+        "recaption",
         "filter",
         "precompute",
         "train",
@@ -50,7 +51,7 @@ def test_stage_whose_input_is_not_done_is_a_clear_error(tmp_path, sample_videos,
     path = write_config(tmp_path, sample_videos)
     assert main(["filter", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "needs 'caption'" in err and "cogpipe caption" in err
+    assert "needs 'recaption'" in err and "cogpipe recaption" in err
 
 
 def test_bad_config_and_missing_source_are_clear_errors(tmp_path, sample_videos, capsys):

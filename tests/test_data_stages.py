@@ -8,7 +8,7 @@ import pytest
 
 from cogpipe.check import near_pairs, phash
 from cogpipe.config import FilterConfig, PipelineConfig
-from cogpipe.filter import category_of, curate, judge, repetition
+from cogpipe.filter import category_of, curate, judge, motion_groups, repetition
 from cogpipe.pipeline import plan, run_stage
 from cogpipe.workspace import read_table
 
@@ -91,7 +91,7 @@ def test_config_change_downstream_keeps_upstream_keys(demo_config):
     a = plan(demo_config())
     b = plan(demo_config(caption={"prompt": "Describe the slap."}))
     assert a["ingest"] == b["ingest"] and a["check"] == b["check"]
-    for stage in ("caption", "filter", "precompute", "train", "evaluate"):
+    for stage in ("caption", "recaption", "filter", "precompute", "train", "evaluate"):
         assert a[stage] != b[stage], stage
 
 
@@ -195,13 +195,13 @@ def test_filter_carries_caption_failures_and_missing_captions(tmp_path):
         "error": [None, "cannot decode frames: truncated", None],
     }))  # fmt: skip
     cfg = PipelineConfig(workspace=tmp_path, filter={"min_words": 3, "max_tokens": 0})
-    result = run_filter(ws, cfg, {"caption": StageResult("caption", "k", str(cap))})
+    result = run_filter(ws, cfg, {"recaption": StageResult("recaption", "k", str(cap))})
     table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
     assert table.selected.tolist() == [True, False, False]
     assert table.loc["b", "reasons"] == "caption failed: cannot decode frames: truncated"
     assert table.loc["c", "reasons"] == "empty caption"
     assert result.counts == {"captions": 3, "accepted": 1, "selected": 1, "rejected": 2,
-                             "recaptioned": 0}  # fmt: skip
+                             "recaptioned": 0, "overrides": 0}  # fmt: skip
 
 
 # Curation: one hand-written caption per category, each accepted by the default gate.
@@ -318,13 +318,23 @@ def test_curate_shares_slots_in_proportion_to_each_category():
     assert chosen == ["s0", "s1", "s2", "s3", "r0"]  # 8:2 of 5 slots; ties by clip_id
 
 
+def test_curate_spreads_picks_over_motion_groups():
+    # One category; the best scores all belong to the calmest clips.
+    table = judged_table([(f"c{i}", 1.0 - i / 100, "strike", True) for i in range(9)])
+    table["motion"] = [0.1, 0.2, 0.3, 5.0, 6.0, 7.0, 20.0, 30.0, 40.0]
+    assert table.clip_id[curate(table, 3)].tolist() == ["c0", "c1", "c2"]  # categories alone
+    assert table.clip_id[curate(table, 3, groups=3)].tolist() == ["c0", "c3", "c6"]
+    assert curate(table, 9, groups=3).all()
+    assert motion_groups(table.motion, 3).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
 def write_captions(root, captions: dict[str, str | None]):
     from cogpipe.workspace import StageResult, write_table
 
     cap = root / "caption" / "k"
     table = pd.DataFrame({"clip_id": list(captions), "caption": list(captions.values())})
     write_table(cap / "captions.parquet", table)
-    return {"caption": StageResult("caption", "k", str(cap))}
+    return {"recaption": StageResult("recaption", "k", str(cap))}
 
 
 def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
@@ -340,14 +350,14 @@ def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
     result = run_filter(Workspace(tmp_path), cfg, upstream)
     table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
     assert list(table.columns) == ["caption", "score", "category", "accepted", "selected",
-                                   "reasons", "attempt"]  # fmt: skip
+                                   "reasons", "attempt", "source", "override"]  # fmt: skip
     assert table.category.to_dict() == {"a-long": "strike", "b1": "block", "k1": "knockout",
         "r1": "referee", "s1": "strike", "s2": "strike", "x1": "strike", "x2": "other"}  # fmt: skip
     assert table.accepted.tolist() == [True] * 6 + [False] * 2
     # One per category; the strike with the better score, not the first clip_id.
     assert sorted(table.index[table.selected]) == ["b1", "k1", "r1", "s1"]
     assert result.counts == {"captions": 8, "accepted": 6, "selected": 4, "rejected": 2,
-                             "recaptioned": 0}  # fmt: skip
+                             "recaptioned": 0, "overrides": 0}  # fmt: skip
     assert result.stats["categories"] == {"knockout": 1, "block": 1, "strike": 1, "referee": 1}
     assert result.stats["rejections"] == {"refusal phrase": 1, "empty caption": 1}
 

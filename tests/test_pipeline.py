@@ -106,8 +106,9 @@ def test_changing_the_caption_prompt_recomputes_caption_and_after(demo, tmp_path
     changed.write_text(yaml.safe_dump(raw))
     results, _ = run_pipeline(load_config(changed))
     reused = {r.stage: r.reused for r in results}
-    assert reused == {"ingest": True, "check": True, "caption": False, "filter": False,
-                      "precompute": False, "train": False, "evaluate": False}  # fmt: skip
+    assert reused == {"ingest": True, "check": True, "caption": False, "recaption": False,
+                      "filter": False, "precompute": False, "train": False,
+                      "evaluate": False}  # fmt: skip
 
 
 def test_stage_summaries_are_prefect_artifacts(demo):
@@ -136,6 +137,7 @@ def test_stage_summaries_are_prefect_artifacts(demo):
 
 
 def test_sharded_captioning_runs_each_shard_as_its_own_task_run(demo, tmp_path):
+    """Caption and recaption shards (a gate that rejects every caption) are task runs."""
     import yaml
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -146,18 +148,20 @@ def test_sharded_captioning_runs_each_shard_as_its_own_task_run(demo, tmp_path):
     folder, _ = demo
     raw = yaml.safe_load((folder / "demo.yaml").read_text())
     raw["caption"] |= {"shards": 2, "prompt": "Describe the moving shapes."}
+    raw["filter"] |= {"min_words": 1000, "max_words": 2000}
     sharded = folder / "sharded.yaml"
     sharded.write_text(yaml.safe_dump(raw))
     cfg = load_config(sharded)
-    results, _ = run_pipeline(cfg, until="caption")
-    captions = read_table(Path(results[-1].path) / "captions.parquet")
+    results, _ = run_pipeline(cfg, until="recaption")
+    captions = read_table(Path(results[2].path) / "captions.parquet")
     check = read_table(Path(results[1].path) / "clips.parquet")
     assert list(captions.clip_id) == sorted(check.loc[check.keep, "clip_id"])
 
     # The shards' parts are there; a shard run of a finished stage does nothing.
-    names = sorted(p.name[:8] for p in Path(results[-1].path).glob("part-*.parquet"))
+    names = sorted(p.name[:8] for p in Path(results[2].path).glob("part-*.parquet"))
     assert set(names) == {"part-000", "part-001"}
     assert run_stage(cfg, "caption", shard=1) is None
+    assert results[3].counts["round1"] == len(captions)  # every clip captioned again
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_runs(limit=1, sort="START_TIME_DESC")[0]
         runs = client.read_task_runs(
@@ -165,6 +169,7 @@ def test_sharded_captioning_runs_each_shard_as_its_own_task_run(demo, tmp_path):
         )
     states = {r.name: r.state_type.value for r in runs}
     assert states["caption-shard-0"] == states["caption-shard-1"] == "COMPLETED"
+    assert states["recaption-shard-0"] == states["recaption-shard-1"] == "COMPLETED"
 
 
 def test_failures_a_retry_would_repeat_are_not_retried():

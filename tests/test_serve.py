@@ -25,7 +25,7 @@ from cogpipe_tasks.secrets import SECRET_BLOCK
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
-GPU_STAGES = ["caption", "precompute", "train", "evaluate"]
+GPU_STAGES = ["caption", "recaption", "precompute", "train", "evaluate"]
 TOKEN = "hf_cogpipe_test_token_4f1d"  # a Secret block's value that must never be shown
 
 
@@ -72,7 +72,8 @@ def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(served
     assert run.work_pool_name == "cpu"
 
     stage_runs = children(api, run.id)
-    assert sorted(r.name for r in stage_runs) == sorted(GPU_STAGES)
+    # The demo's gate rejects no caption: recaption merged in the pipeline, with no GPU run.
+    assert sorted(r.name for r in stage_runs) == sorted(set(GPU_STAGES) - {"recaption"})
     assert {r.work_pool_name for r in stage_runs} == {"gpu"}
     assert all(r.state.is_completed() for r in stage_runs)
 
@@ -149,6 +150,50 @@ def test_gpu_worker_killed_while_captioning_resumes_and_captions_every_clip_once
     for part in parts:
         if part.name in before:  # committed before the kill: not captioned again
             assert (part.stat().st_ino, part.stat().st_mtime_ns) == before[part.name]
+
+
+def logs_of(client, runs: list) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs]))
+    return "\n".join(log.message for log in client.read_logs(log_filter=flt))
+
+
+def test_rejected_captions_are_recaptioned_on_gpu_workers_not_in_the_pipeline(
+    served, served_demo, api
+):
+    """A gate that rejects every caption: the pipeline (on the cpu pool) starts one
+    `recaption` run per caption shard on the gpu pool, merges their parts itself and loads
+    no captioner (a load logs "captioner loaded on ...": the shard runs' logs hold it)."""
+    config = served_demo.model_copy(
+        update={
+            "caption": served_demo.caption.model_copy(update={"shards": 2}),
+            "filter": served_demo.filter.model_copy(update={"min_words": 1000, "max_words": 2000}),
+        }
+    )
+    deployment = api.read_deployment_by_name("cogpipe-pipeline/pipeline")
+    run = api.create_flow_run_from_deployment(
+        deployment.id, parameters={"config": config.model_dump(mode="json"), "until": "filter"}
+    )
+    run = wait_final(api, run.id, timeout=600)
+    assert run.state.is_completed(), run.state.message
+
+    stage_runs = {r.name: r for r in children(api, run.id)}
+    shards = {f"{stage}-shard-{k}" for stage in ("caption", "recaption") for k in (0, 1)}
+    assert set(stage_runs) == shards
+    assert {r.work_pool_name for r in stage_runs.values()} == {"gpu"}
+    for k in (0, 1):
+        assert "captioner loaded on" in logs_of(api, [stage_runs[f"recaption-shard-{k}"]])
+    said = logs_of(api, [run])
+    assert "recaption: 2 runs on gpu, merged here" in said
+    assert "captioner loaded" not in said and "loaded on" not in said
+
+    report = status(config)
+    assert report["recaption"]["done"] and report["filter"]["done"]
+    counts = report["recaption"]["counts"]
+    assert counts["rejected_before"] == counts["round1"] == counts["clips"] > 0
+    assert counts["parts_reused"] == counts["parts"]  # the merge found them all committed
+    assert report["filter"]["counts"]["accepted"] == 0
 
 
 def plan_path(config, stage: str) -> Path:

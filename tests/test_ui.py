@@ -124,6 +124,7 @@ def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
     time.sleep(1)
     shoot(browser, tmp_path, "pipeline-summary.png")
     text = body(browser)
-    for stage in ("ingest", "check", "caption", "filter", "precompute", "train", "evaluate"):
+    for stage in ("ingest", "check", "caption", "recaption", "filter", "precompute", "train",
+                  "evaluate"):  # fmt: skip
         assert stage in text, stage
     assert "pool gpu" in text  # the GPU stages ran on the gpu pool
