@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cogpipe.config import PipelineConfig
-from cogpipe.sources import CAPTION_LISTS, VIDEO_LISTS, SourceError, list_source
 from cogpipe.pipeline import run_stage
+from cogpipe.sources import CAPTION_LISTS, VIDEO_LISTS, SourceError, list_source
 from cogpipe.workspace import read_table
 
 
