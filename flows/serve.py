@@ -7,8 +7,8 @@ the worker processes.
 Layout (deployments/prefect.yaml):
 
 - pool `cpu` runs the full pipeline flow (ingest, check and filter in-process);
-- pool `gpu` runs `cogpipe-stage/gpu`: caption, precompute, train and evaluate, started by
-  the pipeline with `run_deployment` (one run per caption shard), and the nightly
+- pool `gpu` runs `cogpipe-stage/gpu`: caption, recaption, precompute, train and evaluate,
+  started by the pipeline with `run_deployment` (one run per caption shard), and the nightly
   `evaluate-checkpoints`.
 
 One job per GPU: every GPU worker names its GPUs from its own CUDA_VISIBLE_DEVICES (never

@@ -84,6 +84,16 @@ def test_fill_captions_only_the_clips_without_one(demo_config, tmp_path, dataset
     assert res.counts["model"] == len(model) and res.counts["given"] == len(given)
     assert res.stats["sources"] == {"dataset": len(given), "model": len(model)}
 
+    # Both kinds pass the same gate into the curated set, each with its source.
+    cfg = demo_config(workspace=tmp_path / "ws", ingest={"source": str(dataset)}, caption=CAPTION)
+    for stage in ("recaption", "filter"):
+        result = run_stage(cfg, stage)
+    curated = read_table(Path(result.path) / "curated.parquet").set_index("clip_id")
+    assert curated.loc[given.clip_id, "source"].eq("dataset").all()
+    assert curated.loc[model.clip_id, "source"].eq("model").all()
+    assert curated.loc[given.clip_id, "caption"].tolist() == given.caption.tolist()
+    assert curated.accepted.any()
+
 
 def test_use_never_captions_and_ignore_captions_everything(demo_config, tmp_path, dataset, counted):
     _, table, kept = _run(demo_config, tmp_path, dataset, existing="use")

@@ -186,3 +186,28 @@ def test_failures_a_retry_would_repeat_are_not_retried():
     assert not retried(train, TrainingDiverged("loss is nan at step 4"))
     assert not retried(precompute, SpotCheckError("shard-00001: PSNR 9.1 dB"))
     assert retried(train, OSError("disk full")) and retried(precompute, MemoryError())
+
+
+def test_copying_every_model_folder_elsewhere_keeps_every_stage_key(demo, tmp_path):
+    """Models enter keys by their contents: a copy in another place (new paths, new mtimes)
+    finds every stage of the demo done, under the same keys."""
+    import shutil
+
+    import yaml
+
+    folder, _ = demo
+    copy = tmp_path / "elsewhere" / "models"
+    shutil.copytree(folder / "models", copy)
+    raw = yaml.safe_load((folder / "demo.yaml").read_text())
+    raw["model"] = str(copy / "cogvideox")
+    raw["caption"]["model"] = str(copy / "llava")
+    raw["evaluate"]["clip_model"] = str(copy / "clip")
+    moved = folder / "moved.yaml"
+    moved.write_text(yaml.safe_dump(raw, sort_keys=False))  # categories keep their order
+
+    def status(name: str) -> dict:
+        return json.loads(cogpipe("status", str(folder / name), "--json", cwd=folder).stdout)
+
+    before, after = status("demo.yaml"), status("moved.yaml")
+    assert {s: v["key"] for s, v in after.items()} == {s: v["key"] for s, v in before.items()}
+    assert all(v["done"] for v in after.values()), after
