@@ -233,7 +233,7 @@ def judged_table(
             "attempt": captions["attempt"] if "attempt" in captions else [0] * n,
             "source": captions["source"] if "source" in captions else ["model"] * n,
         }
-    ).astype({"accepted": bool, "attempt": int})  # even when empty
+    ).astype({"accepted": bool, "attempt": int, "reasons": str})  # even when empty
 
 
 def select(table: pd.DataFrame, clips: pd.DataFrame | None, fc: FilterConfig) -> pd.DataFrame:

@@ -127,7 +127,7 @@ def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     ws = Workspace(cfg.workspace)
     try:
         keys = plan(cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no source, a bad layout (SourceError)
         return {"error": {"message": str(e)}}
     out: dict[str, dict[str, Any]] = {}
     for stage, key in keys.items():

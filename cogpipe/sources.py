@@ -342,7 +342,8 @@ def list_source(cfg: PipelineConfig) -> list[Entry]:
     Raises:
         FileNotFoundError: the source does not exist.
         SourceError: a list or layout file is malformed, or a caption it holds cannot be
-            matched to exactly one video (the message names the file and the line).
+            matched to exactly one video (the message names the file and the line), or
+            the source holds no file at all.
     """
     source = cfg.ingest.source
     if not source.exists():
@@ -350,6 +351,10 @@ def list_source(cfg: PipelineConfig) -> list[Entry]:
     layout = detect_layout(source) if cfg.ingest.layout == "auto" else cfg.ingest.layout
     extensions = [e.lower() for e in cfg.ingest.extensions]
     entries = [_stat(*found) for found in _read_layout(source, layout, extensions)]
+    if not entries:
+        raise SourceError(
+            f"ingest.source {source} holds no files ({layout} layout): nothing to ingest"
+        )
     return sorted(entries, key=lambda entry: entry[0])
 
 

@@ -158,7 +158,9 @@ def load_samples(precompute_dir: Path) -> pd.DataFrame:
     samples = index[index.status == "ok"].reset_index(drop=True)
     if samples.empty:
         raise ValueError(
-            f"{precompute_dir}/index.parquet has no usable samples ({len(index)} rows)"
+            f"{precompute_dir}/index.parquet has no usable samples ({len(index)} rows): no clip"
+            " reached training; `cogpipe status CONFIG` shows where they were rejected, and"
+            " each stage's report.md why"
         )
     return samples
 

@@ -337,6 +337,20 @@ def write_captions(root, captions: dict[str, str | None]):
     return {"recaption": StageResult("recaption", "k", str(cap))}
 
 
+def test_filter_of_no_caption_at_all_writes_an_empty_set_and_its_report(tmp_path):
+    from cogpipe.filter import run_filter
+    from cogpipe.workspace import Workspace
+
+    upstream = write_captions(tmp_path, {})  # every clip was rejected before captioning
+    cfg = PipelineConfig(workspace=tmp_path, filter={"max_tokens": 0})
+    result = run_filter(Workspace(tmp_path), cfg, upstream)
+    assert result.counts["captions"] == 0 and result.counts["selected"] == 0
+    assert (
+        "- captions: 0 (0 accepted, 0 selected, 0 rejected)"
+        in ws_file(result, "report.md").read_text()
+    )
+
+
 def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
     from cogpipe.filter import run_filter
     from cogpipe.workspace import Workspace

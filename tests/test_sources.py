@@ -244,6 +244,16 @@ def test_list_without_a_path_column_is_a_clear_error(clips, tmp_path):
         list_source(_cfg(tmp_path, listing))
 
 
+def test_an_empty_source_folder_is_a_clear_error_and_status_says_so(tmp_path):
+    from cogpipe.pipeline import status
+
+    (tmp_path / "empty").mkdir()
+    cfg = _cfg(tmp_path, tmp_path / "empty")
+    with pytest.raises(SourceError, match=r"empty holds no files \(folder layout\)"):
+        list_source(cfg)
+    assert "holds no files" in status(cfg)["error"]["message"]
+
+
 def test_source_captions_reach_the_clips_table(clips, tmp_path):
     (clips / "metadata.csv").write_text(
         "file_name,caption\n" + "".join(f"videos/clip{i}.mp4,{c}\n" for i, c in enumerate(CAPTIONS))
