@@ -163,6 +163,21 @@ def _motion_lines(table: pd.DataFrame, acc: pd.Series, sel: pd.Series) -> list[s
     return [*lines, ""]
 
 
+def _source_lines(table: pd.DataFrame, acc: pd.Series, sel: pd.Series) -> list[str]:
+    """Captions per source (dataset, import, model, override): how many passed, were picked."""
+    if "source" not in table or not len(table):
+        return []
+    source = table.source.fillna("none")
+    lines = ["## Captions by source", "", "| source | captions | accepted | selected |"]
+    lines += ["|---|---:|---:|---:|"]
+    for name in sorted(source.unique()):
+        mine = source == name
+        lines += [
+            f"| {name} | {int(mine.sum())} | {int((mine & acc).sum())} | {int((mine & sel).sum())} |"
+        ]
+    return [*lines, ""]
+
+
 def _override_lines(table: pd.DataFrame) -> list[str]:
     """Every clip a person's override changed (filter.overrides)."""
     if "override" not in table or not table.override.any():
@@ -214,6 +229,7 @@ def write_caption_report(
     else:
         lines += ["No accepted captions.", ""]
     lines += _motion_lines(table, acc, sel)
+    lines += _source_lines(table, acc, sel)
     lines += _override_lines(table)
     lines += ["## Caption rejections", ""]
     rejected = table[~acc]

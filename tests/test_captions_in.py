@@ -93,6 +93,8 @@ def test_fill_captions_only_the_clips_without_one(demo_config, tmp_path, dataset
     assert curated.loc[model.clip_id, "source"].eq("model").all()
     assert curated.loc[given.clip_id, "caption"].tolist() == given.caption.tolist()
     assert curated.accepted.any()
+    report = (Path(result.path) / "report.md").read_text()
+    assert f"| dataset | {len(given)} |" in report and f"| model | {len(model)} |" in report
 
 
 def test_use_never_captions_and_ignore_captions_everything(demo_config, tmp_path, dataset, counted):
