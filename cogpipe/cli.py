@@ -12,6 +12,7 @@
     cogpipe export LORA --out PATH [...]   a LoRA for diffusers, SAT, ComfyUI, or merged weights
     cogpipe captions CONFIG --export FILE  the current captions as a file to edit (filter.overrides)
     cogpipe export-dataset CONFIG --format finetrainers|diffusers|jsonl OUT   the curated clips
+    cogpipe rate CONFIG [--port P] [--run NAME]   a page to rate checkpoint vs base videos, blind
     cogpipe serve [--port P] [--expose]    Prefect server, pools, deployments and workers
     cogpipe setup [--api URL]              pools, automation and deployments on a running server
     cogpipe worker --pool cpu|gpu          one worker (a GPU worker's GPUs: CUDA_VISIBLE_DEVICES)
@@ -277,6 +278,21 @@ def cmd_captions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rate(args: argparse.Namespace) -> int:
+    from cogpipe.rate import RateError, Ratings, run_folder, serve
+
+    try:
+        ws, ekey, folder = run_folder(load_config(args.config), args.run)
+        state = Ratings(ws, ekey, folder)
+        print(f"rate: {len(state.pairs)} pairs of run {state.run} (eval key {ekey}); ratings go "
+              f"to {ws.root / 'evaluate' / 'ratings.parquet'}; Ctrl-C stops", flush=True)  # fmt: skip
+        serve(state, args.host, args.port, on_url=lambda url: print(f"rate: {url}", flush=True))
+    except RateError as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -353,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0,
                    help="clips encoded at once (default: one per CPU core, at most 8)")  # fmt: skip
     p.set_defaults(fn=cmd_export_dataset)
+
+    p = sub.add_parser("rate", help="a page to rate checkpoint vs base videos; Ctrl-C stops")
+    p.add_argument("config")
+    p.add_argument("--port", type=int, default=8700, help="default 8700; 0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--run", help="a run folder under evaluate/<ekey>/ (default: the config's run)")
+    p.set_defaults(fn=cmd_rate)
 
     p = sub.add_parser("serve", help="Prefect server, pools, deployments and workers; Ctrl-C stops")
     p.add_argument("--port", type=int, default=4200, help="UI and API port (default 4200)")
