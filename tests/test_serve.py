@@ -159,6 +159,15 @@ def logs_of(client, runs: list) -> str:
     return "\n".join(log.message for log in client.read_logs(log_filter=flt))
 
 
+def logs_with(client, runs: list, text: str, timeout: float = 60) -> str:
+    """The runs' logs once they hold `text`: a run's process ships its last log lines in a
+    batch that can land after the run is Completed (seconds later on a loaded host)."""
+    deadline = time.time() + timeout
+    while text not in (said := logs_of(client, runs)) and time.time() < deadline:
+        time.sleep(1)
+    return said
+
+
 def test_rejected_captions_are_recaptioned_on_gpu_workers_not_in_the_pipeline(
     served, served_demo, api
 ):
@@ -183,8 +192,9 @@ def test_rejected_captions_are_recaptioned_on_gpu_workers_not_in_the_pipeline(
     assert set(stage_runs) == shards
     assert {r.work_pool_name for r in stage_runs.values()} == {"gpu"}
     for k in (0, 1):
-        assert "captioner loaded on" in logs_of(api, [stage_runs[f"recaption-shard-{k}"]])
-    said = logs_of(api, [run])
+        shard = [stage_runs[f"recaption-shard-{k}"]]
+        assert "captioner loaded on" in logs_with(api, shard, "captioner loaded on")
+    said = logs_with(api, [run], "recaption: 2 runs on gpu, merged here")
     assert "recaption: 2 runs on gpu, merged here" in said
     assert "captioner loaded" not in said and "loaded on" not in said
 
