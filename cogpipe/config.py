@@ -622,7 +622,9 @@ class TrainConfig(Section):
         ge=0,
         description=(
             "Steps between validation videos (evaluate's prompts, seeds and sampler settings),"
-            " written under the run's validation/ folder; 0: never."
+            " written under the run's validation/ folder; 0: never. ic-lora and tic-ft condition"
+            " prompt i on training sample i (its reference; its condition and buffer frames)"
+            " and take that sample's size and length."
         ),
     )
     checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints.")
@@ -705,7 +707,7 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    prompts: list[str] = Field(
+    prompts: list[str] | Literal["heldout"] = Field(
         [
             "A bald fighter in black shorts delivers an open-hand slap to his opponent's cheek, "
             "the opponent's head snaps sideways as the referee watches.",
@@ -713,7 +715,14 @@ class EvaluateConfig(Section):
             "erupts in the background under bright arena lights.",
         ],
         min_length=1,
-        description="Prompt suite generated for every checkpoint.",
+        description=(
+            "Prompt suite generated for every checkpoint, or `heldout`: the captions of the"
+            " first `heldout_clips` accepted held-out clips (by clip_id), so the generated"
+            " videos are compared with the real clips they describe."
+        ),
+    )
+    heldout_clips: int = Field(
+        16, ge=1, description="Held-out clips whose captions are the suite with prompts: heldout."
     )
     seeds: list[int] = Field([42], min_length=1, description="Seeds per prompt.")
     steps: int = Field(50, ge=1, description="Sampler steps.")
@@ -732,10 +741,36 @@ class EvaluateConfig(Section):
             " checkpoint a Fréchet distance to the check stage's held-out clips; none: skip it."
         ),
     )
+    feature_extractor: str = Field(
+        "videomae",
+        description=(
+            "What turns videos into the Fréchet distance's features: videomae (built in) or a"
+            " module:callable called as (video_features, device); the distance is reported as"
+            " fd_<name> (fd_videomae)."
+        ),
+    )
     real_clips: int = Field(
-        64, ge=2, description="Held-out clips (the first by clip_id) for the Fréchet distance."
+        64,
+        ge=2,
+        description=(
+            "Held-out clips (the first by clip_id) for the Fréchet distance; with prompts:"
+            " heldout the reference is exactly the suite's clips instead."
+        ),
+    )
+    fd_min_samples: int = Field(
+        32,
+        ge=2,
+        description="Fewest generated and real videos for a Fréchet distance; below: NaN and why.",
+    )
+    bootstrap: int = Field(
+        1000, ge=100, description="Bootstrap resamples (over videos) for every 95% interval."
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+    @property
+    def heldout(self) -> bool:
+        """Whether the suite is the held-out clips' captions (prompts: heldout)."""
+        return self.prompts == "heldout"
 
     def key_fields(self) -> dict[str, Any]:
         """As Section's, with the CLIP and video-feature models by fingerprint, not path."""
@@ -757,6 +792,11 @@ class EvaluateConfig(Section):
         if self.height % 16 or self.width % 16:
             raise ValueError(
                 f"height and width must be multiples of 16, got {self.height}x{self.width}"
+            )
+        if self.feature_extractor != "videomae" and ":" not in self.feature_extractor:
+            raise ValueError(
+                f"feature_extractor must be videomae or a module:callable path, got"
+                f" {self.feature_extractor!r}"
             )
         return self
 
@@ -809,11 +849,6 @@ class PipelineConfig(BaseModel):
             raise ValueError(
                 "train.mode tic-ft needs every sample at its layout's frame count; drop"
                 f" precompute.frame_buckets {p.frame_buckets}"
-            )
-        if t.mode == "tic-ft" and t.validation_every:
-            raise ValueError(
-                "train.validation_every: validation videos are not made in mode tic-ft (its"
-                " sampling keeps condition and buffer frames apart); set it to 0"
             )
         return self
 

@@ -24,6 +24,24 @@ seed give the video the evaluation of that checkpoint wrote. What is notable:
   (`models.speed.compile_blocks`, as training compiles them). Offload and compile need a
   CUDA GPU and are refused on the CPU.
 
+Conditioned LoRAs (`cogpipe.sampling` samples every mode): the mode is read from the
+run's `run.json` beside the checkpoint folder (`train/<run>/run.json`), and a LoRA trained
+with a condition must be given one:
+
+    cogpipe generate --lora train/edges/checkpoint-004000 --reference edges.mp4 --prompt ...
+    cogpipe generate --lora train/tic/checkpoint-004000 --condition first.png --prompt ...
+
+- `--reference VIDEO` (ic-lora): the reference video itself, already the condition
+  function's output (e.g. canny edges: `cogpipe.condition.canny`); its first `--frames`
+  frames at `--fps`, resized and centre-cropped to `--height` x `--width`;
+- `--condition VIDEO|IMAGE` (tic-ft): the first 4 * (condition_frames - 1) + 1 frames of a
+  video at `--fps`, or an image (repeated); `--frames` counts the whole condition + buffer
+  + target sequence, as training's `precompute.frames`, and the video written holds the
+  target frames (4 per target latent frame).
+
+A conditioned video is written twice: `<name>.mp4`, the result alone (what a sweep scores),
+and `<name>-side.mp4`, the condition on the left beside it.
+
 Every mp4 is written under a temporary name and renamed into place.
 """
 
@@ -38,10 +56,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cogpipe import evaluate
-from cogpipe.config import EvaluateConfig
+from cogpipe import evaluate, sampling
+from cogpipe.config import EvaluateConfig, TicFtConfig
 from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
-from cogpipe.video import write_mp4
+from cogpipe.video import probe_video, read_frames, resize_center_crop, write_mp4
 from cogpipe.workspace import atomic_path, resolve_device
 
 MODEL_ALIASES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
@@ -79,6 +97,20 @@ class GenerateOptions(BaseModel):
         description=(
             "A full fine-tune: a checkpoint folder (its transformer/) or a diffusers transformer"
             " folder, used instead of the model's transformer."
+        ),
+    )
+    reference: Path | None = Field(
+        None,
+        description=(
+            "An ic-lora LoRA's reference video, already the condition function's output (e.g."
+            " canny edges); its first frames at fps, resized to height x width."
+        ),
+    )
+    condition: Path | None = Field(
+        None,
+        description=(
+            "A tic-ft LoRA's condition: a video (its first frames) or an image (repeated);"
+            " frames then counts condition + buffer + target frames."
         ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -324,6 +356,85 @@ def load(options: GenerateOptions):
     return pipe
 
 
+# --------------------------------------------------------------------------- conditions
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def trained_mode(checkpoint: str | Path) -> tuple[str, TicFtConfig] | None:
+    """(train.mode, train.tic_ft) of the run a checkpoint folder (or its LoRA file) belongs
+    to, from `run.json` beside the checkpoint folder; None when there is none."""
+    import json
+
+    path = Path(checkpoint).expanduser()
+    folder = path if path.is_dir() else path.parent
+    try:
+        train = json.loads((folder.parent / "run.json").read_text())["config"]["train"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return train.get("mode", "lora"), TicFtConfig(**train.get("tic_ft", {}))
+
+
+def read_input(path: Path, count: int, options: GenerateOptions, flag: str) -> np.ndarray:
+    """The first `count` frames of a video at `options.fps` (an image: itself, once), resized
+    and centre-cropped to height x width. Returns uint8 [count or 1, H, W, 3].
+
+    Raises:
+        GenerateError: the file is missing, unreadable or too short.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GenerateError(f"{flag} {path}: no such file")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from PIL import Image
+
+        frames = np.asarray(Image.open(path).convert("RGB"))[None]
+    else:
+        info, reason = probe_video(path)
+        need = (count - 1) / options.fps
+        if reason or info["duration"] < need:
+            why = reason or f"{info['duration']:.2f} s, needs {need:.2f} s ({count} frames at fps)"
+            raise GenerateError(f"{flag} {path}: {why}")
+        frames = read_frames(path, [k / options.fps for k in range(count)])
+    return resize_center_crop(frames, options.height, options.width)
+
+
+def condition_of(options: GenerateOptions) -> sampling.Condition | None:
+    """The condition `--reference` / `--condition` give, checked against the checkpoint's mode.
+
+    Raises:
+        GenerateError: both given; a mode that needs one without it, or one given to a
+            checkpoint of another mode; a tic-ft condition without the run's layout.
+    """
+    if options.reference is not None and options.condition is not None:
+        raise GenerateError("give --reference (ic-lora) or --condition (tic-ft), not both")
+    checkpoint = options.lora or options.transformer
+    trained = trained_mode(checkpoint) if checkpoint is not None else ("base", None)
+    wanted = "ic-lora" if options.reference else "tic-ft" if options.condition else None
+    flag = {"ic-lora": "--reference VIDEO", "tic-ft": "--condition VIDEO|IMAGE"}
+    if trained is not None and trained[0] in flag and wanted != trained[0]:
+        raise GenerateError(f"{checkpoint} was trained in mode {trained[0]}: give "
+                            f"{flag[trained[0]]}")  # fmt: skip
+    if wanted is None:
+        return None
+    if trained is not None and trained[0] != wanted:
+        what = f"{checkpoint} was trained in mode {trained[0]}" if checkpoint else "no --lora"
+        raise GenerateError(f"{flag[wanted].split()[0]} needs an {wanted} LoRA; {what}")
+    if wanted == "ic-lora":
+        frames = read_input(options.reference, options.frames, options, "--reference")
+        if len(frames) != options.frames:
+            raise GenerateError(f"--reference {options.reference}: a video, not an image")
+        return sampling.Condition("ic-lora", frames=frames)
+    if trained is None:
+        raise GenerateError(f"--condition: no run.json beside {checkpoint}, so the tic-ft "
+                            f"layout (condition and buffer frames) is unknown")  # fmt: skip
+    layout = trained[1]
+    count = sampling.TEMPORAL * (layout.condition_frames - 1) + 1
+    frames = read_input(options.condition, count, options, "--condition")
+    frames = frames[np.minimum(np.arange(count), len(frames) - 1)]  # an image, repeated
+    return sampling.Condition("tic-ft", frames=frames, layout=layout)
+
+
 # --------------------------------------------------------------------------- generating
 
 
@@ -335,24 +446,35 @@ def sampler_settings(options: GenerateOptions) -> EvaluateConfig:
     )  # fmt: skip
 
 
-def generate_one(pipe, prompt: str, options: GenerateOptions) -> np.ndarray:
+def generate_one(
+    pipe, prompt: str, options: GenerateOptions, condition: sampling.Condition | None = None
+) -> np.ndarray:
     """One video of `prompt` with the per-video options (size, steps, guidance, seed, LoRA scale).
 
     Args:
         pipe: from `load`; options that decide loading (model, LoRA, offload) are not read.
         prompt: the text.
         options: the settings of this video.
+        condition: the video's condition; None: `condition_of(options)` (read per call).
 
     Returns:
-        [F, H, W, 3] uint8 RGB.
+        [F, H, W, 3] uint8 RGB (tic-ft: the target frames).
 
     Raises:
         FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+        GenerateError: a condition the checkpoint's mode does not take (`condition_of`).
     """
     if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
         pipe.set_adapters([ADAPTER], [options.lora_scale])
     device = resolve_device(options.device)  # offloaded pipelines sample on the GPU too
-    return evaluate.generate(pipe, sampler_settings(options), prompt, options.seed, device)
+    condition = condition if condition is not None else condition_of(options)
+    request = sampling.request_for(options, prompt, options.seed, condition=condition)
+    return sampling.sample(pipe, request, device)
+
+
+def side_path(path: Path) -> Path:
+    """`<name>-side.mp4` beside `<name>.mp4`: a conditioned video's condition | result."""
+    return Path(path).with_name(f"{Path(path).stem}-side.mp4")
 
 
 def write_video(path: Path, frames: np.ndarray, fps: float) -> Path:
@@ -377,21 +499,25 @@ def run_generate(
         on_video: called with (path, seconds of sampling) after each video is written.
 
     Returns:
-        The written paths, in prompt order.
+        The written paths, in prompt order (a conditioned video's `-side.mp4` not listed).
 
     Raises:
         GenerateError: bad input (see `load` and `output_paths`), before anything is generated.
     """
     paths = output_paths(list(prompts), output)
     device = resolve_device(options.device)
+    condition = condition_of(options)  # before loading: a wrong flag fails in milliseconds
     pipe = load(options)
     written = []
     try:
         for name, prompt in prompts.items():
             t0 = time.time()
-            frames = generate_one(pipe, prompt, options)
+            frames = generate_one(pipe, prompt, options, condition)
             seconds = time.time() - t0
             written.append(write_video(paths[name], frames, options.fps))
+            if condition is not None:  # condition | result, beside the result alone
+                side = sampling.side_by_side(condition.frames, frames)
+                write_video(side_path(paths[name]), side, options.fps)
             if on_video is not None:
                 on_video(paths[name], seconds)
     finally:

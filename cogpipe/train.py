@@ -703,14 +703,13 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
     accum = t.gradient_accumulation_steps
     with_reference = t.mode == "ic-lora"
 
-    references = None  # ic-lora: prompt i of the validation is conditioned on sample i
+    conditions = None  # ic-lora, tic-ft: prompt i of the validation is conditioned on sample i
     validating_run = bool(t.validation_every) and main  # ddp: rank 0 validates, the rest wait
-    if validating_run and with_reference:
-        count = len(cfg.evaluate.prompts)
-        references = [
-            load_batch(pre, samples, [i % len(samples)], True)[2][0] for i in range(count)
-        ]
-    validation = validate.prepare(cfg, device, dtype, references) if validating_run else None
+    if validating_run and t.mode in ("ic-lora", "tic-ft"):
+        part = 2 if with_reference else 0  # ic-lora: its reference; tic-ft: its own latents
+        conditions = [load_batch(pre, samples, [i % len(samples)], with_reference)[part][0]
+                      for i in range(len(cfg.evaluate.prompts))]  # fmt: skip
+    validation = validate.prepare(cfg, device, dtype, conditions) if validating_run else None
 
     # Resume from the newest checkpoint that still has its training state.
     resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]

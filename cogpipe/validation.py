@@ -23,12 +23,18 @@ of `checkpoint-{N:06d}` up to numerics. What keeps training as it was:
     v = validation.prepare(cfg, device, dtype)                 # before the loop
     stats = validation.run(v, transformer, out, step)          # every validation_every steps
 
-IC-LoRA (`train.mode: ic-lora`): `prepare` takes one reference latent per prompt (training
-passes the precomputed references of the first samples). Each video is then sampled by
-the same pipeline with the transformer behind `with_reference`, which puts the clean
-reference latents before the noised latents along frames at every step and hands back
-the target's outputs only, exactly as training feeds it. The video takes the reference's
-size and length, and the decoded reference is written beside it as `p00-reference.mp4`.
+Every video is made by the shared sampler (`cogpipe.sampling`) from the precomputed
+embeddings. Conditioned modes take one training sample per prompt (training passes
+sample i % samples for prompt i) and the sample's size and length instead of evaluate's:
+
+- ic-lora: the sample's reference latents precede the noised target along frames at
+  every step, exactly as training feeds them; the decoded reference is written beside
+  the videos as `p00-reference.mp4`;
+- tic-ft: the sample's condition latents stay clean and its buffer latents start at the
+  training noise levels (`train.buffer_timesteps`) and are denoised with the target; the
+  videos hold the target frames, and the decoded condition is written as
+  `p00-condition.mp4`.
+
 A full fine-tune (`train.mode: full`) samples its fp32 weights under autocast to the
 frozen weights' dtype on a GPU.
 """
@@ -41,11 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:  # torch is imported where it is used, like every stage module
     import torch
 
 from cogpipe import evaluate
-from cogpipe.config import EvaluateConfig, PipelineConfig
+from cogpipe import sampling as sampler
+from cogpipe.config import EvaluateConfig, PipelineConfig, TicFtConfig
 from cogpipe.models import cogvideox
 from cogpipe.video import write_mp4
 from cogpipe.workspace import atomic_path
@@ -64,8 +73,10 @@ class Validation:
     scheduler: Any  # the sampling scheduler of the model's pipeline
     device: torch.device  # where the transformer is and the videos are sampled
     dtype: torch.dtype  # of the embeddings, the latents and the VAE
-    references: list[torch.Tensor] | None = None  # ic-lora: [F', C, h, w] per prompt, on the CPU
+    conditions: list[torch.Tensor] | None = None  # ic-lora, tic-ft: [F', C, h, w] per prompt, CPU
     autocast: bool = False  # full fine-tune on a GPU: weights in another dtype than `dtype`
+    mode: str = "lora"  # train.mode
+    layout: TicFtConfig | None = None  # tic-ft: condition and buffer latent frames
 
 
 def folder_of(out: Path, step: int) -> Path:
@@ -123,35 +134,41 @@ def encode_prompts(model: str, prompts: list[str], device, dtype: torch.dtype):
     return torch.cat(rows), negative
 
 
-def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, references=None) -> Validation:
+def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, conditions=None) -> Validation:
     """Everything validation needs, once, before training starts.
 
     Args:
         cfg: the pipeline config (uses `model`, `evaluate` and `train.mode`).
         device: where the transformer trains (e.g. `accelerator.device`).
         dtype: the frozen weights' dtype (fp16 for 2B-type, bf16 for 5B-type models on GPU).
-        references: ic-lora: one reference latent [F', C, h, w] per prompt (CPU tensors).
+        conditions: ic-lora and tic-ft: one training sample's latents [F', C, h, w] per
+            prompt (CPU tensors): ic-lora its reference latents, tic-ft its own latents
+            (their condition and buffer frames are used).
 
     Returns:
         A Validation holding CPU tensors and modules only.
 
     Raises:
         ValueError: the model cannot generate evaluate's frames, height and width; or
-            references that are not one per prompt.
+            conditions missing in a conditioned mode, or not one per prompt.
     """
     import torch
 
-    ec = cfg.evaluate
+    ec, mode = cfg.evaluate, cfg.train.mode
     check_shape(ec, cogvideox.transformer_config(cfg.model))
-    if references is not None and len(references) != len(ec.prompts):
-        raise ValueError(f"{len(references)} reference latents for {len(ec.prompts)} prompts")
+    conditioned = mode in ("ic-lora", "tic-ft")
+    if conditioned and (conditions is None or len(conditions) != len(ec.prompts)):
+        count = "no" if conditions is None else len(conditions)
+        raise ValueError(f"mode {mode}: {count} condition latents for {len(ec.prompts)} prompts")
     embeds, negative = encode_prompts(cfg.model, ec.prompts, device, dtype)
     vae = cogvideox.load_vae(cfg.model, "cpu", dtype)
     vae.enable_tiling()  # as evaluate's pipeline: 49x480x720 decodes in tiles
     scheduler = load_sampler(cfg.model)
     device = torch.device(device)
-    autocast = cfg.train.mode == "full" and device.type == "cuda"
-    return Validation(ec, embeds, negative, vae, scheduler, device, dtype, references, autocast)
+    autocast = mode == "full" and device.type == "cuda"
+    layout = cfg.train.tic_ft if mode == "tic-ft" else None
+    return Validation(ec, embeds, negative, vae, scheduler, device, dtype,
+                      conditions if conditioned else None, autocast, mode, layout)  # fmt: skip
 
 
 @contextmanager
@@ -238,34 +255,39 @@ def pipeline(v: Validation, transformer):
     return pipe
 
 
-def denoise(pipe, v: Validation, index: int, seed: int) -> torch.Tensor:
-    """Latents of prompt `index` and `seed`: [1, F', C, h, w] on the device, padding dropped.
+def request(v: Validation, index: int, seed: int) -> sampler.SampleRequest:
+    """The sampler's request for prompt `index` and `seed`: evaluate's settings, or with a
+    condition the size and length of the condition's training sample."""
+    ec = v.settings
+    fields: dict[str, Any] = {"embeds": (v.prompt_embeds[index : index + 1], v.negative_embeds)}
+    if v.conditions is not None:
+        latents = v.conditions[index]  # [F', C, h, w]
+        f, _, h, w = latents.shape
+        spatial = cogvideox.VAE_SCALE_SPATIAL
+        fields |= dict(frames=(f - 1) * sampler.TEMPORAL + 1, height=h * spatial,
+                       width=w * spatial, condition=sampler.Condition(v.mode, latents=latents,
+                                                                      layout=v.layout))  # fmt: skip
+    return sampler.request_for(ec, ec.prompts[index], seed, **fields)
 
-    With references, `pipe.transformer` must be `with_reference(...)` holding prompt
-    `index`'s reference; the video then has the reference's size and length.
-    """
-    args = evaluate.sampler_args(v.settings, seed, v.device)
-    if v.references is not None:
-        f, _, h, w = v.references[index].shape  # [F', C, h, w]
-        spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
-        args |= dict(num_frames=(f - 1) * temporal + 1, height=h * spatial, width=w * spatial)
-    latents = pipe(
-        prompt_embeds=v.prompt_embeds[index : index + 1].to(v.device),
-        negative_prompt_embeds=v.negative_embeds.to(v.device),
-        **args,
-        output_type="latent",
-    ).frames  # [1, F' + padding, C, h, w]
-    # CogVideoX 1.5 pads F' to whole temporal patches in front; the pipeline drops the
-    # padding only when it decodes itself.
-    frames = (args["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
-    return latents[:, latents.shape[1] - frames :]
+
+def denoise(pipe, v: Validation, index: int, seed: int) -> torch.Tensor:
+    """Latents of prompt `index` and `seed` on the device, to `decode` (see `sampling.denoise`)."""
+    return sampler.denoise(pipe, request(v, index, seed), v.device)
 
 
 def decode(pipe, latents: torch.Tensor, prompt: str, seed: int):
-    """[1, F', C, h, w] latents -> [F, H, W, 3] uint8 frames (the VAE must be on their device)."""
-    video = pipe.decode_latents(latents)  # [1, 3, F, H, W] in [-1, 1]
-    frames = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
-    return evaluate.to_uint8(frames, prompt, seed)  # [F, H, W, 3]
+    """Plain [1, F', C, h, w] latents -> [F, H, W, 3] uint8 (the VAE must be on their device)."""
+    return sampler.decode(pipe, latents, sampler.SampleRequest(prompt, seed))
+
+
+def condition_video(pipe, v: Validation, index: int) -> tuple[str, np.ndarray]:
+    """(file name, frames) of what prompt `index` was given: the decoded reference (ic-lora)
+    or condition frames (tic-ft)."""
+    latents = v.conditions[index][None].to(v.device, v.dtype)  # [1, F', C, h, w]
+    if v.mode == "tic-ft":
+        latents = latents[:, : v.layout.condition_frames]
+    name = "reference" if v.mode == "ic-lora" else "condition"
+    return f"p{index:02d}-{name}.mp4", decode(pipe, latents, v.settings.prompts[index], 0)
 
 
 def gpu_memory_gb(device) -> float | None:
@@ -298,29 +320,25 @@ def run(v: Validation, transformer, out: Path, step: int) -> dict[str, Any]:
 
     tic, ec = time.perf_counter(), v.settings
     before = gpu_memory_gb(v.device)
-    wrapped = None if v.references is None else with_reference(transformer, None)
-    pipe = pipeline(v, transformer if wrapped is None else wrapped)
+    pipe = pipeline(v, transformer)
     devices = [v.device] if v.device.type == "cuda" else []
     videos, latents = 0, []
     autocast = v.dtype if v.autocast else None
     try:
         with torch.random.fork_rng(devices=devices), sampling(transformer, autocast):
-            jobs = [(i, p, s) for i, p in enumerate(ec.prompts) for s in ec.seeds]
-            for i, _, s in jobs:  # all before the VAE moves
-                if wrapped is not None:
-                    wrapped.reference = v.references[i][None].to(v.device, v.dtype)
-                latents.append(denoise(pipe, v, i, s))
+            jobs = [(i, request(v, i, s)) for i in range(len(ec.prompts)) for s in ec.seeds]
+            for _, job in jobs:  # all before the VAE moves
+                latents.append(sampler.denoise(pipe, job, v.device))
             v.vae.to(v.device)
             with atomic_path(folder_of(out, step)) as tmp:
                 tmp.mkdir()
-                for (i, prompt, seed), x in zip(jobs, latents, strict=True):
-                    frames = decode(pipe, x, prompt, seed)  # [F, H, W, 3] uint8
-                    write_mp4(tmp / evaluate.video_name(i, seed), frames, ec.fps)
+                for (i, job), x in zip(jobs, latents, strict=True):
+                    frames = sampler.decode(pipe, x, job)  # [F, H, W, 3] uint8
+                    write_mp4(tmp / evaluate.video_name(i, job.seed), frames, ec.fps)
                     videos += 1
-                for i, prompt in enumerate(ec.prompts if v.references is not None else []):
-                    reference = v.references[i][None].to(v.device, v.dtype)
-                    frames = decode(pipe, reference, prompt, 0)  # what the videos were given
-                    write_mp4(tmp / f"p{i:02d}-reference.mp4", frames, ec.fps)
+                for i in range(len(ec.prompts) if v.conditions is not None else 0):
+                    name, frames = condition_video(pipe, v, i)  # what the videos were given
+                    write_mp4(tmp / name, frames, ec.fps)
     finally:
         v.vae.to("cpu")
         del pipe, latents

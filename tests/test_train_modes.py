@@ -328,6 +328,23 @@ def test_tic_ft_loss_covers_the_target_frames_only(tiny_models):
     assert torch.count_nonzero(grad[:, 3:]) == grad[:, 3:].numel()
 
 
+def test_tic_ft_run_writes_validation_videos_of_its_target_frames(setup, tiny_models):
+    from test_validation import decode
+
+    from cogpipe import validation
+    from cogpipe.config import EvaluateConfig
+
+    ws, make, upstream = setup
+    evaluate_cfg = EvaluateConfig(prompts=["a slap"], seeds=[1], steps=2, frames=9, height=64,
+                                  width=64, device="cpu", clip_model="unused")  # fmt: skip
+    cfg = make("tic-ft", max_steps=2, checkpoint_every=2, validation_every=2)
+    res = train.run_train(ws, cfg.model_copy(update={"evaluate": evaluate_cfg}), upstream("tic-ft"))
+    assert res.counts["validations"] == 1
+    folder = validation.folder_of(Path(res.path), 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["p00-condition.mp4", "p00-s1.mp4"]
+    assert decode(folder / "p00-s1.mp4").shape == (8, 64, 64, 3)  # 2 target latent frames
+
+
 def test_modes_refuse_samples_they_cannot_use(setup):
     ws, make, upstream = setup
     with pytest.raises(
@@ -369,8 +386,6 @@ def test_each_mode_keys_only_its_own_fields():
     [
         ("train:\n  mode: ic-lora\n", r"train.mode ic-lora needs precompute.reference"),
         ("train:\n  mode: tic-ft\n", r"needs precompute.frames 61, got 49"),
-        ("train:\n  mode: tic-ft\n  validation_every: 10\nprecompute:\n  frames: 61\n",
-         r"validation videos are not made in mode tic-ft"),
         ("train:\n  mode: tic-ft\n  tic_ft:\n    buffer_frames: 1\n    target_frames: 4\n"
          "precompute:\n  frames: 61\n", r"1 condition \+ 1 buffer \+ 4 target .*frames 21, got 61"),
         ("train:\n  mode: qlora\n", r"train.mode"),

@@ -1,0 +1,398 @@
+"""Sampling: one video from a loaded CogVideoX pipeline, in the mode its weights were trained in.
+
+One function makes every video of the project: `cogpipe generate`, sweeps (through
+`generate.generate_one`), validation during training and, through `condition_for`,
+evaluation of held-out clips.
+
+    request = SampleRequest(prompt="A slap.", seed=42, frames=49, height=480, width=720,
+                            steps=50, guidance=6.0, condition=Condition("ic-lora", frames=edges))
+    frames = sample(pipe, request)          # [F, H, W, 3] uint8
+    latents = denoise(pipe, request)        # or in two phases (validation: VAE on the GPU
+    frames = decode(pipe, latents, request) #   only for the second)
+
+Modes, all with the model's own scheduler (`pipe.scheduler`, v-prediction) and
+classifier-free guidance against the empty prompt:
+
+- plain (lora, full, base): the pipeline's own call, so a video has exactly the numbers
+  `cogpipe.evaluate.generate` gives it;
+- IC-LoRA (`Condition("ic-lora", ...)`): the clean reference latents [1, F', C, h, w] go
+  before the noised target along frames at every step, [1, 2F', C, h, w], with rotary
+  embeddings for all 2F' frames, exactly as training feeds them; the model's output on the
+  reference is dropped and only the target is stepped and decoded. The target has the
+  reference's length and size.
+- TIC-FT (`Condition("tic-ft", ...)`): one sequence of `condition_frames` clean latent
+  frames, `buffer_frames` buffer frames and the target frames (the rest of `frames`: the
+  request's `frames` is the whole sequence, as training's `precompute.frames`). With the
+  target at timestep t, buffer frame k (1..B) sits at `train.buffer_timesteps(t)` =
+  min(k / (B + 1) of the schedule, t), as in training, and the model is told t. The
+  buffer starts from its clean estimate (given latents after the condition's, else the
+  condition's last frame held) noised to those levels; the target starts from pure noise.
+  A buffer frame waits at its level while the target is noisier; on the step the target
+  passes below it, it moves by a DDIM (eta 0) update from its own level to the target's
+  next one, and from then on steps with the target. Only the target frames are decoded
+  out: 4 per target latent frame (49 frames with 1 + 3 latent frames: 36).
+
+For evaluation: `condition_for(cfg, clip)` turns a held-out clip into its mode's condition,
+and `side_by_side(condition_frames, frames)` puts condition and result in one video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from cogpipe.config import PipelineConfig, TicFtConfig
+
+TEMPORAL = 4  # video frames per latent frame after the first (CogVideoX VAE)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """What a conditioned video is given: frames (encoded here) or latents (used as they are).
+
+    ic-lora: the reference video, already the condition function's output, frames uint8
+    [F, H, W, 3] of the request's frames, height and width, or latents [F', C, h, w].
+    tic-ft: frames uint8 [F, H, W, 3] of at least 4 * (condition_frames - 1) + 1 frames
+    (the first ones are used; the last is held for the buffer's clean estimate), or latents
+    [F', C, h, w] of at least condition + buffer frames (a training sample's own).
+    """
+
+    mode: Literal["ic-lora", "tic-ft"]
+    frames: np.ndarray | None = None  # uint8 [F, H, W, 3]
+    latents: Any = None  # torch [F', C, h, w], scaled as precompute stores them
+    layout: TicFtConfig | None = None  # tic-ft: condition and buffer latent frames
+
+    def __post_init__(self) -> None:
+        if (self.frames is None) == (self.latents is None):
+            raise ValueError("a Condition takes frames or latents, exactly one of them")
+        if self.mode == "tic-ft" and self.layout is None:
+            raise ValueError("a tic-ft Condition needs the run's layout (train.tic_ft)")
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One video: prompt, seed and sampler settings, and an optional condition."""
+
+    prompt: str
+    seed: int = 42
+    frames: int = 49  # video frames (tic-ft: of the whole condition + buffer + target sequence)
+    height: int = 480
+    width: int = 720
+    steps: int = 50
+    guidance: float = 6.0  # classifier-free guidance scale; <= 1: none
+    fps: int = 8  # of the written mp4 (not read by the sampler)
+    condition: Condition | None = None
+    embeds: tuple | None = None  # (prompt [1, L, D], empty prompt [1, L, D]); None: T5 here
+
+
+def request_for(settings, prompt: str, seed: int, **fields) -> SampleRequest:
+    """A request with the sampler settings of an EvaluateConfig or GenerateOptions."""
+    names = ("frames", "height", "width", "steps", "guidance", "fps")
+    return SampleRequest(prompt, seed, **{n: getattr(settings, n) for n in names} | fields)
+
+
+def sample(pipe, request: SampleRequest, device=None) -> np.ndarray:
+    """One video. Returns [F, H, W, 3] uint8 (tic-ft: the target frames only).
+
+    Args:
+        pipe: a CogVideoXPipeline (a text encoder only when `request.embeds` is None).
+        device: where the noise is drawn; default the pipeline's execution device.
+
+    Raises:
+        FloatingPointError: non-finite pixels (fp16 overflow, a broken LoRA).
+        ValueError: a condition that does not fit the request (see `Condition`).
+    """
+    return decode(pipe, denoise(pipe, request, device), request)
+
+
+def denoise(pipe, request: SampleRequest, device=None):
+    """The denoised latents to decode: [1, F', C, h, w] (tic-ft: the whole sequence)."""
+    import torch
+
+    device = torch.device(device or pipe._execution_device)
+    with torch.no_grad():
+        if request.condition is None:
+            return _plain(pipe, request, device)
+        return _conditioned(pipe, request, device)
+
+
+def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
+    """[1, F', C, h, w] latents -> [F, H, W, 3] uint8 (the VAE must be on their device)."""
+    import torch
+
+    from cogpipe.evaluate import to_uint8
+
+    with torch.no_grad():
+        video = pipe.decode_latents(latents)  # [1, 3, F, H, W] in [-1, 1]
+    frames = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+    frames = to_uint8(frames, request.prompt, request.seed)  # [F, H, W, 3]
+    c = request.condition
+    if c is not None and c.mode == "tic-ft":  # drop the condition's and the buffer's frames
+        target = latents.shape[1] - c.layout.condition_frames - c.layout.buffer_frames
+        frames = frames[len(frames) - TEMPORAL * target :]
+    return frames
+
+
+def _plain(pipe, request: SampleRequest, device):
+    """Text-to-video through the pipeline's own call: [1, F', C, h, w], padding dropped."""
+    import torch
+
+    text = {"prompt": request.prompt,
+            "max_sequence_length": pipe.transformer.config.max_text_seq_length}  # fmt: skip
+    if request.embeds is not None:
+        text = {"prompt_embeds": request.embeds[0].to(device),
+                "negative_prompt_embeds": request.embeds[1].to(device)}  # fmt: skip
+    latents = pipe(
+        **text,
+        num_frames=request.frames,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        generator=torch.Generator(device).manual_seed(request.seed),
+        output_type="latent",
+    ).frames  # [1, F' + padding, C, h, w]
+    # CogVideoX 1.5 pads F' to whole temporal patches in front; the pipeline drops the
+    # padding only when it decodes itself.
+    frames = (request.frames - 1) // pipe.vae_scale_factor_temporal + 1
+    return latents[:, latents.shape[1] - frames :]
+
+
+# --------------------------------------------------------------------------- conditioned
+
+
+def prompt_embeds(pipe, request: SampleRequest, device):
+    """[2, L, D] (empty prompt, prompt) with guidance, else [1, L, D]."""
+    import torch
+
+    if request.embeds is not None:
+        positive, negative = (e.to(device) for e in request.embeds)
+    else:
+        positive, negative = pipe.encode_prompt(
+            request.prompt, do_classifier_free_guidance=request.guidance > 1,
+            max_sequence_length=pipe.transformer.config.max_text_seq_length, device=device,
+        )  # fmt: skip
+    return torch.cat([negative, positive]) if request.guidance > 1 else positive
+
+
+def frame_levels(t, prefix: int, buffer: int, target: int, num_train_timesteps: int):
+    """Each fed latent frame's timestep with the target at `t`: int64 [prefix + buffer + target].
+
+    The clean prefix (reference or condition) at 0, buffer frames at
+    `train.buffer_timesteps(t)`, the target at t; a negative t (past the last step) is clean.
+    """
+    import torch
+
+    from cogpipe.train import buffer_timesteps
+
+    t = torch.as_tensor(t, dtype=torch.int64).reshape(1)
+    levels = buffer_timesteps(t, buffer, num_train_timesteps)[0]  # [buffer]
+    return torch.cat([torch.zeros(prefix, dtype=torch.int64), levels, t.expand(target)])
+
+
+def condition_latents(pipe, request: SampleRequest, needed: int, device, dtype):
+    """The condition's latents [1, >= needed, C, h, w] on `device` (frames: VAE-encoded here)."""
+    import torch
+
+    from cogpipe.models.cogvideox import encode_video
+
+    c = request.condition
+    if c.latents is not None:
+        latents = c.latents[None]
+    else:
+        frames = c.frames
+        if c.mode == "tic-ft":  # hold the condition's last frame over the buffer's frames
+            count = TEMPORAL * (needed - 1) + 1
+            first = TEMPORAL * (c.layout.condition_frames - 1) + 1
+            if len(frames) < first:
+                raise ValueError(
+                    f"tic-ft condition: {len(frames)} frames, the layout needs {first}"
+                )
+            frames = frames[:first][np.minimum(np.arange(count), first - 1)]
+        g = torch.Generator().manual_seed(request.seed)
+        latents = encode_video(pipe.vae, torch.from_numpy(np.ascontiguousarray(frames))[None], [g])
+    if latents.shape[1] < needed:
+        raise ValueError(f"{c.mode} condition: {latents.shape[1]} latent frames, needs {needed}")
+    return latents.to(device, dtype)
+
+
+def _conditioned(pipe, request: SampleRequest, device):
+    """IC-LoRA or TIC-FT: the sequence of `Condition`, denoised by `_loop`.
+
+    Returns ic-lora: the target latents [1, F', C, h, w]; tic-ft: the whole sequence
+    [1, condition + buffer + target, C, h, w].
+    """
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from cogpipe.train import tic_ft_sequence
+
+    c, scheduler = request.condition, pipe.scheduler
+    embeds = prompt_embeds(pipe, request, device)
+    scheduler.set_timesteps(request.steps, device=device)
+    t0 = scheduler.timesteps[:1].long()  # [1]: where every sequence starts
+    g = torch.Generator(device).manual_seed(request.seed)
+    frames = (request.frames - 1) // TEMPORAL + 1  # latent frames of the request
+    shape = (1, frames, pipe.transformer.config.in_channels,
+             request.height // pipe.vae_scale_factor_spatial,
+             request.width // pipe.vae_scale_factor_spatial)  # fmt: skip
+    noise = randn_tensor(shape, generator=g, device=device, dtype=embeds.dtype)
+    if c.mode == "ic-lora":
+        prefix, buffer, target = frames, 0, frames
+        reference = condition_latents(pipe, request, frames, device, embeds.dtype)
+        if reference.shape != noise.shape:
+            raise ValueError(f"ic-lora reference latents {list(reference.shape[1:])} do not fit "
+                             f"the request's {list(shape[1:])} (frames, height, width)")  # fmt: skip
+        x = torch.cat([reference, noise * scheduler.init_noise_sigma], dim=1)  # [1, 2F', C, h, w]
+    else:
+        prefix, buffer = c.layout.condition_frames, c.layout.buffer_frames
+        target = frames - prefix - buffer
+        if target < 1:
+            raise ValueError(f"tic-ft: {request.frames} frames are {frames} latent frames, no room "
+                             f"for a target after {prefix} condition + {buffer} buffer frames")  # fmt: skip
+        context = condition_latents(pipe, request, prefix + buffer, device, embeds.dtype)
+        clean = torch.cat([context[:, : prefix + buffer], torch.zeros_like(noise[:, :target])], 1)
+        layout = TicFtConfig(condition_frames=prefix, buffer_frames=buffer, target_frames=target)
+        x = tic_ft_sequence(scheduler, clean, noise, t0, layout)  # buffer at the training levels
+        x[:, prefix + buffer :] = noise[:, prefix + buffer :] * scheduler.init_noise_sigma
+
+    def levels(t):
+        n = scheduler.config.num_train_timesteps
+        return frame_levels(t, prefix, buffer, target, n).to(device)
+
+    x = _loop(pipe, x, prefix, levels, embeds, request, g)
+    return x[:, prefix:] if c.mode == "ic-lora" else x
+
+
+def _loop(pipe, x, fixed: int, levels, embeds, request: SampleRequest, generator):
+    """The denoising loop of `CogVideoXPipeline.__call__` over a whole sequence x [1, L, C, h, w]
+    whose first `fixed` frames stay as given; `levels(t)` gives every frame's timestep [L]."""
+    from cogpipe.models.cogvideox import rotary_embeddings
+
+    scheduler = pipe.scheduler
+    timesteps = scheduler.timesteps
+    stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    rotary = rotary_embeddings(pipe.transformer.config, request.height, request.width,
+                               x.shape[1], x.device)  # every fed frame, as in training  # fmt: skip
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    x0 = None  # the last step's clean predictions [1, L, C, h, w] (the DPM solver's history)
+    for i, t in enumerate(timesteps):
+        v = velocity(pipe.transformer, x, t, embeds, rotary, request.guidance)
+        back = timesteps[i - 1] if i > 0 else None
+        x, x0 = _step(scheduler, x, v, levels(t), levels(t - stride), (t, back, x0, fixed), extra)
+    return x
+
+
+def velocity(transformer, x, t, embeds, rotary, guidance: float):
+    """The guided v-prediction of every fed frame, fp32 [1, L, C, h, w]; the model is told t."""
+    import torch
+
+    guided = guidance > 1
+    fed = torch.cat([x, x]) if guided else x  # [2, L, C, h, w]: empty prompt, prompt
+    v = transformer(hidden_states=fed, encoder_hidden_states=embeds, timestep=t.expand(len(fed)),
+                    image_rotary_emb=rotary, return_dict=False)[0].float()  # fmt: skip
+    if not guided:
+        return v
+    uncond, cond = v.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+def _step(scheduler, x, v, now, after, state: tuple, extra: dict):
+    """Move every frame from its level `now` [L] to `after` [L]: frames at the target's level
+    by the scheduler's own step, buffer frames the target passes by `ddim`; the rest wait.
+
+    Returns (x [1, L, C, h, w], clean predictions [1, L, C, h, w]).
+    """
+    import torch
+    from diffusers import CogVideoXDPMScheduler
+
+    t, back, x0, fixed = state
+    moving, joining = now == t, (now < t) & (after < now)
+    moving[:fixed] = joining[:fixed] = False
+    new = x.clone()
+    pred = torch.zeros_like(v) if x0 is None else x0.clone()
+    if isinstance(scheduler, CogVideoXDPMScheduler):  # multistep: it keeps the last x0
+        old = None if back is None else x0[:, moving]
+        out, pred[:, moving] = scheduler.step(v[:, moving], old, t, back, x[:, moving], **extra,
+                                              return_dict=False)  # fmt: skip
+    else:
+        out = scheduler.step(v[:, moving], t, x[:, moving], **extra, return_dict=False)[0]
+    new[:, moving] = out.to(x.dtype)
+    for f in joining.nonzero().flatten().tolist():
+        new[:, f], pred[:, f] = ddim(scheduler, x[:, f], v[:, f], int(now[f]), int(after[f]))
+    return new, pred
+
+
+def ddim(scheduler, x, v, level: int, to: int):
+    """A DDIM (eta 0) move of v-predicted latents from timestep `level` to `to` (< 0: clean).
+
+    Returns (the moved latents in x's dtype, the clean prediction in fp32).
+    """
+    a = float(scheduler.alphas_cumprod[level])
+    b = float(scheduler.alphas_cumprod[to] if to >= 0 else scheduler.final_alpha_cumprod)
+    clean = a**0.5 * x.float() - (1 - a) ** 0.5 * v  # v-prediction -> x0 and noise
+    noise = (1 - a) ** 0.5 * x.float() + a**0.5 * v
+    return (b**0.5 * clean + (1 - b) ** 0.5 * noise).to(x.dtype), clean
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def side_by_side(condition_frames: np.ndarray, frames: np.ndarray) -> np.ndarray:
+    """The condition (left, scaled to the result's height) beside the result.
+
+    Args:
+        condition_frames: uint8 [Fc, Hc, Wc, 3]: a reference video (as long as the result)
+            or TIC-FT condition frames (shorter: its last frame is held).
+        frames: uint8 [F, H, W, 3], the sampled video.
+
+    Returns:
+        uint8 [F, H, Wc' + W, 3], Wc' = Wc * H / Hc rounded to an even width (for mp4).
+    """
+    from cogpipe.video import resize_center_crop
+
+    f, h = frames.shape[:2]
+    fc, hc, wc = condition_frames.shape[:3]
+    width = max(2, round(wc * h / hc / 2) * 2)
+    left = resize_center_crop(condition_frames, h, width)[np.minimum(np.arange(f), fc - 1)]
+    return np.concatenate([left, frames], axis=2)
+
+
+def _field(row, name: str):
+    return row[name] if isinstance(row, Mapping) else getattr(row, name)
+
+
+def condition_for(cfg: PipelineConfig, clip) -> Condition | None:
+    """The condition a held-out clip gives a checkpoint of `cfg.train.mode`; None for lora, full.
+
+    The clip's window from its start at `precompute.fps` (spread over the clip when it is
+    shorter), resized and centre-cropped to evaluate's height x width: ic-lora takes
+    `evaluate.frames` frames through the run's condition function (`precompute.reference`
+    with `reference_options`), tic-ft the first 4 * (condition_frames - 1) + 1 frames.
+
+    Args:
+        cfg: the pipeline config of the run.
+        clip: a row of check's clips.parquet (mapping or named tuple: path, start, end).
+
+    Raises:
+        VideoError: the clip cannot be decoded; ConditionError: the condition function failed.
+    """
+    from cogpipe import condition
+    from cogpipe.video import even_times, read_frames, resize_center_crop, window_times
+
+    t, ec, p = cfg.train, cfg.evaluate, cfg.precompute
+    if t.mode not in ("ic-lora", "tic-ft"):
+        return None
+    count = ec.frames if t.mode == "ic-lora" else TEMPORAL * (t.tic_ft.condition_frames - 1) + 1
+    start, end = float(_field(clip, "start")), float(_field(clip, "end"))
+    times = window_times(start, end, p.fps, count) or even_times(start, end, count)
+    frames = resize_center_crop(read_frames(_field(clip, "path"), times), ec.height, ec.width)
+    if t.mode == "tic-ft":
+        return Condition("tic-ft", frames=frames, layout=t.tic_ft)
+    fn = condition.load(p.reference)
+    return Condition(
+        "ic-lora", frames=condition.apply(fn, frames, p.reference_options, p.reference)
+    )
