@@ -20,12 +20,26 @@ What is notable:
 - The Fréchet distance needs no scipy: tr((S_a S_b)^1/2) is the sum of the square roots of
   the eigenvalues of sqrt(S_a) S_b sqrt(S_a), a symmetric PSD matrix, so it stays real and
   finite when a covariance is singular (fewer clips than feature dimensions, the usual case
-  for an evaluation suite against a 768-dim extractor).
+  for an evaluation suite against a 768-dim extractor). With fewer samples than dimensions
+  it is the nuclear norm of the small cross-product A B^T of the centred feature rows
+  instead, so a bootstrap of a 32-clip suite against 768-dim features is a few
+  milliseconds per resample, not a 768x768 eigendecomposition.
+- Intervals are percentile bootstraps over videos (`bootstrap_mean`, `bootstrap_frechet`:
+  both sets resampled), seeded. A comparison of two checkpoints is a paired bootstrap of
+  the difference (`paired_difference`): both are resampled with the same (prompt, seed)
+  indices, and one wins only when the 95% interval of the difference excludes 0.
+- The Fréchet distance refuses small sets (`frechet_refusal`): below the minimum it is a
+  reason, not a number.
+- Feature extractors are pluggable (`load_features`): a registry name (`videomae`) or a
+  `module:callable` path called as (model, device); the distance is named after them
+  (`fd_videomae`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+import re
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -311,10 +325,160 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     Raises:
         ValueError: a set with fewer than 2 rows, or different feature sizes.
     """
-    mu_a, cov_a = _gaussian(feats_a)
-    mu_b, cov_b = _gaussian(feats_b)
-    if mu_a.shape != mu_b.shape:
-        raise ValueError(f"feature sizes differ: {mu_a.shape[0]} vs {mu_b.shape[0]}")
-    mean_term = float(((mu_a - mu_b) ** 2).sum())
+    a, b = _rows(feats_a), _rows(feats_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    mean_term = float(((a.mean(0) - b.mean(0)) ** 2).sum())
+    if min(len(a), len(b)) <= a.shape[1]:  # fewer samples than dimensions: the small route
+        ca, cb = a - a.mean(0), b - b.mean(0)  # centred rows [N, D]
+        na, nb = len(a) - 1, len(b) - 1
+        # eig(S_a S_b) = eig(A^T A B^T B) / (na nb): nonzero ones are sigma(A B^T)^2 / (na nb)
+        cross = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / np.sqrt(na * nb)
+        cov_term = float((ca**2).sum() / na + (cb**2).sum() / nb) - 2 * float(cross)
+        return max(mean_term + cov_term, 0.0)
+    (_, cov_a), (_, cov_b) = _gaussian(a), _gaussian(b)
     cov_term = float(np.trace(cov_a) + np.trace(cov_b)) - 2 * _trace_sqrt_product(cov_a, cov_b)
     return max(mean_term + cov_term, 0.0)
+
+
+def _rows(feats: np.ndarray) -> np.ndarray:
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f"need [N, D] features with N >= 2, got shape {feats.shape}")
+    return feats
+
+
+def frechet_refusal(name: str, generated: int, real: int, minimum: int) -> str | None:
+    """Why a Fréchet distance over these set sizes is not reported; None when it is.
+
+    Below a few dozen clips per set the estimate is dominated by sampling noise and by
+    its bias (it shrinks as the sets grow), so a number would mislead.
+    """
+    if min(generated, real) >= minimum:
+        return None
+    return f"{name} needs >= {minimum} generated and real videos, got {generated} and {real}"
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def percentile_interval(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` interval of bootstrap samples (NaN ones ignored)."""
+    samples = np.asarray(samples, np.float64)
+    samples = samples[np.isfinite(samples)]
+    if not len(samples):
+        return float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_mean(values: np.ndarray, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `values` (one per video; NaN ignored).
+
+    Returns:
+        (low, high); NaN for fewer than 2 finite values.
+    """
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))
+    return percentile_interval(values[picks].mean(1))  # [resamples, N] -> [resamples]
+
+
+def bootstrap_frechet(
+    generated: np.ndarray, real: np.ndarray, resamples: int, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the Fréchet distance, both sets resampled.
+
+    Resampling repeats rows, which lowers each set's spread: the interval sits a little
+    above the point estimate's bias level; it says how much the number moves with the
+    videos drawn, which is what a comparison needs.
+    """
+    rng = np.random.default_rng(seed)
+    n, m = len(generated), len(real)
+    draws = [frechet_distance(generated[rng.integers(0, n, n)], real[rng.integers(0, m, m)])
+             for _ in range(resamples)]  # fmt: skip
+    return percentile_interval(np.array(draws))
+
+
+def paired_difference(
+    a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0,
+    stat: Callable[[np.ndarray], float] | None = None,
+) -> tuple[float, float, float]:  # fmt: skip
+    """stat(b) - stat(a) and its 95% paired-bootstrap interval.
+
+    Row i of `a` and of `b` come from the same (prompt, seed); each resample draws the
+    same rows from both, so the prompt-to-prompt spread that both share cancels.
+
+    Args:
+        a, b: [N] values per video (stat: mean over finite pairs) or, with `stat`, [N, ...]
+            rows handed to `stat` (e.g. features to a Fréchet distance).
+        resamples: bootstrap resamples.
+        seed: the resampling seed.
+        stat: rows -> number; default the mean.
+
+    Returns:
+        (difference, low, high); NaN when fewer than 2 pairs.
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if stat is None:
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b, stat = a[keep], b[keep], np.mean
+    if len(a) != len(b) or len(a) < 2:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), (resamples, len(a)))
+    draws = np.array([stat(b[i]) - stat(a[i]) for i in picks])
+    return float(stat(b) - stat(a)), *percentile_interval(draws)
+
+
+def verdict(low: float, high: float, higher_is_better: bool) -> str:
+    """'better', 'worse' or 'no difference' from the interval of (new - old)."""
+    if not (np.isfinite(low) and np.isfinite(high)) or low <= 0 <= high:
+        return "no difference"
+    return "better" if (low > 0) == higher_is_better else "worse"
+
+
+# --------------------------------------------------------------------------- extractors
+
+
+def load_features(spec: str, model: str, device: str = "cpu") -> FeatureExtractor:
+    """A feature extractor from a registry name or a `module:callable` path.
+
+    Args:
+        spec: `videomae` (built in), or e.g. `mypkg.features:I3DFeatures`, called as
+            (model, device) and returning a `FeatureExtractor`.
+        model: the extractor's weights (hub id or folder).
+        device: torch device.
+
+    Raises:
+        ValueError: an unknown name or a path that does not import.
+    """
+    if spec in FEATURE_EXTRACTORS:
+        return FEATURE_EXTRACTORS[spec](model, device)
+    module, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        known = ", ".join(FEATURE_EXTRACTORS)
+        raise ValueError(
+            f"evaluate.feature_extractor {spec!r}: not one of {known} and not an importable "
+            f"module:callable ({e})"
+        ) from None
+    return factory(model, device)
+
+
+def features_name(spec: str) -> str:
+    """The short name a Fréchet distance is reported under: `fd_<name>`.
+
+    `videomae` -> videomae; `mypkg.features:I3DFeatures` -> i3dfeatures.
+    """
+    tail = spec.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+    return re.sub(r"[^a-z0-9]", "", tail.lower()) or "features"
+
+
+FEATURE_EXTRACTORS: dict[str, Callable[[str, str], FeatureExtractor]] = {
+    "videomae": VideoMAEFeatures,
+}

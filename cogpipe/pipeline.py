@@ -27,7 +27,7 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "filter": ("recaption", "check"),
     "precompute": ("filter", "check"),
     "train": ("precompute",),
-    "evaluate": ("train", "check"),
+    "evaluate": ("train", "check", "filter"),  # filter: the captions of a held-out suite
 }
 
 

@@ -7,7 +7,13 @@ run per cell, every cell evaluated, and a report that ranks the cells.
 
 Cells share everything up to precompute (training fields are not in its key); each cell
 is its own run folder `train/<sweep>-<values>/`, so a re-run of a sweep trains and
-evaluates only the cells that are not done. The flow is `flows/train_sweep.py`.
+evaluates only the cells that are not done. Every cell is evaluated on the same suite and
+base model, so the base videos come from evaluate's shared store: generated once per
+sweep, not once per cell. The flow is `flows/train_sweep.py`.
+
+The table carries each metric's 95% interval (`<metric>_low`, `<metric>_high`). The report
+names a best cell only when its interval does not overlap the runner-up's (and says
+whether it beats the base model the same way); overlapping intervals read "no winner".
 """
 
 from __future__ import annotations
@@ -21,11 +27,8 @@ from typing import Any
 import pandas as pd
 
 from cogpipe.config import ConfigError, PipelineConfig
-from cogpipe.evaluate import BASE, METRICS, eval_key, read_index
+from cogpipe.evaluate import BASE, eval_key, higher_is_better, metric_names, read_index
 from cogpipe.workspace import Workspace, atomic_path, write_table
-
-HIGHER_IS_BETTER = {"clip_score": True, "temporal_consistency": True, "dynamic_degree": True,
-                    "fvd": False}  # fmt: skip
 
 
 def _value_text(value: Any) -> str:
@@ -85,36 +88,75 @@ def results(
     sweep: str | None = None,
 ) -> pd.DataFrame:  # fmt: skip
     """One row per cell: its values, its best checkpoint by `metric` and that checkpoint's
-    metrics, best cell first; cells not evaluated yet come last with NaN.
+    metrics with their intervals, then the base model's `metric` and interval (`base_*`),
+    best cell first; cells not evaluated yet come last with NaN.
 
     Raises:
         ConfigError: `metric` is not one of the evaluate metrics.
     """
-    if metric not in HIGHER_IS_BETTER:
-        raise ConfigError(f"sweep metric {metric!r} is not one of {', '.join(METRICS)}")
+    names = metric_names(cfg.evaluate)
+    if metric not in names:
+        raise ConfigError(f"sweep metric {metric!r} is not one of {', '.join(names)}")
     index = read_index(ws)
-    index = index[(index.ekey == eval_key(cfg)) & (index.checkpoint != BASE)]
+    index = index[index.ekey == eval_key(cfg)]
+    columns = [c for m in names for c in (m, f"{m}_low", f"{m}_high")]
     rows = []
     for name, cell in cells(cfg, grid, sweep):
-        evaluated = index[index.run == name].dropna(subset=[metric])
+        run = index[index.run == name]
         row: dict[str, Any] = {"run": name}
         row |= {path: v for path, v in zip(grid, _values(cell, grid), strict=True)}
-        if len(evaluated):
-            pick = (
-                evaluated[metric].idxmax()
-                if HIGHER_IS_BETTER[metric]
-                else evaluated[metric].idxmin()
-            )
-            best = evaluated.loc[pick]
-            row |= {"checkpoint": best.checkpoint, "step": int(best.step)}
-            row |= {m: float(best[m]) for m in METRICS}
-        else:
-            row |= {"checkpoint": None, "step": None} | {m: math.nan for m in METRICS}
+        row |= _best(run[run.checkpoint != BASE].dropna(subset=[metric]), metric, columns)
+        base = run[run.checkpoint == BASE]
+        for c in (metric, f"{metric}_low", f"{metric}_high"):
+            row[f"base_{c}"] = float(base[c].iloc[-1]) if len(base) else math.nan
         rows.append(row)
-    table = pd.DataFrame(rows)
-    return table.sort_values(
-        metric, ascending=not HIGHER_IS_BETTER[metric], na_position="last", kind="stable"
-    ).reset_index(drop=True)
+    return (
+        pd.DataFrame(rows)
+        .sort_values(
+            metric, ascending=not higher_is_better(metric), na_position="last", kind="stable"
+        )
+        .reset_index(drop=True)
+    )
+
+
+def _best(evaluated: pd.DataFrame, metric: str, columns: list[str]) -> dict[str, Any]:
+    """The best checkpoint's name, step and metric columns (NaN when none is evaluated)."""
+    if not len(evaluated):
+        return {"checkpoint": None, "step": None} | {c: math.nan for c in columns}
+    values = evaluated[metric].astype(float)
+    best = evaluated.loc[values.idxmax() if higher_is_better(metric) else values.idxmin()]
+    return {"checkpoint": best.checkpoint, "step": int(best.step)} | {
+        c: float(best[c]) for c in columns
+    }
+
+
+def verdict(table: pd.DataFrame, metric: str) -> str:
+    """Whether the first (best) cell beats the runner-up and the base model on `metric`:
+    yes only when the 95% intervals do not overlap."""
+    best = table.iloc[0]
+    lines = []
+    if len(table) > 1 and not math.isnan(table[metric].iloc[1]):
+        second = table.iloc[1]
+        apart = _apart(best, second, metric, metric)
+        lines.append(
+            f"**{best.run}** beats every other cell (its 95% interval does not overlap "
+            f"{second.run}'s)" if apart
+            else f"No winner: the 95% intervals of {best.run} and {second.run} overlap"
+        )  # fmt: skip
+    if not math.isnan(best[f"base_{metric}"]):
+        apart = _apart(best, best, metric, f"base_{metric}")
+        lines.append(
+            "it beats the base model (intervals apart)" if apart
+            else "it does not beat the base model (intervals overlap)"
+        )  # fmt: skip
+    return "; ".join(lines)
+
+
+def _apart(a: pd.Series, b: pd.Series, metric: str, other: str) -> bool:
+    """Whether a's interval on `metric` lies on the better side of b's interval on `other`."""
+    if higher_is_better(metric):
+        return bool(a[f"{metric}_low"] > b[f"{other}_high"])
+    return bool(a[f"{metric}_high"] < b[f"{other}_low"])
 
 
 def _values(cell: PipelineConfig, grid: dict[str, list[Any]]) -> list[Any]:
@@ -133,22 +175,34 @@ def write_report(out: Path, table: pd.DataFrame, metric: str, grid: dict[str, li
     write_table(out / "results.parquet", table)
     with atomic_path(out / "results.csv") as tmp:
         table.to_csv(tmp, index=False)
-    order = "highest" if HIGHER_IS_BETTER[metric] else "lowest"
+    order = "highest" if higher_is_better(metric) else "lowest"
     lines = [f"# Training sweep: {len(table)} cells, ranked by {metric} ({order} first)", ""]
     if len(table) and not math.isnan(table[metric].iloc[0]):
         best = table.iloc[0]
         values = ", ".join(f"{p} = {best[p]}" for p in grid)
         lines += [
-            f"Best: **{best.run}** ({values}) at {best.checkpoint}: {metric} {best[metric]:.4f}",
+            f"Best: **{best.run}** ({values}) at {best.checkpoint}: {metric} {best[metric]:.4f}"
+            f" [{best[f'{metric}_low']:.4f}, {best[f'{metric}_high']:.4f}]",
+            "",
+            f"Verdict (95% intervals over videos, non-overlap): {verdict(table, metric)}.",
             "",
         ]
-    columns = ["run", *grid, "checkpoint", *METRICS]
+    metrics = [
+        m for m in table.columns if f"{m}_low" in table.columns and not m.startswith("base_")
+    ]
+    columns = ["run", *grid, "checkpoint", *metrics]
     lines += ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in table.to_dict("records"):
-        cells = [f"{row[c]:.4f}" if isinstance(row[c], float) and c in METRICS else str(row[c])
-                 for c in columns]  # fmt: skip
+        cells = [_cell(row, c) if c in metrics else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "\n".join(lines) + "\n"
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text(markdown)
     return markdown
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    value, low, high = row[metric], row[f"{metric}_low"], row[f"{metric}_high"]
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.4f}" + ("" if math.isnan(low) else f" [{low:.4f}, {high:.4f}]")

@@ -1,6 +1,14 @@
 """Nightly evaluation: the checkpoints of every training run under the workspace's
-`train/` that are not yet in `evaluate/index.parquet` for the config's eval settings,
-with the base model as reference at the same seeds.
+`train/` that are not yet in `evaluate/index.parquet`, with the base model as reference at
+the same seeds.
+
+Each run is evaluated as it was trained: its own base model, train and precompute sections
+come from its `run.json` (the resolved config the trainer wrote), the eval settings, data
+stages and workspace from the nightly config. So runs of different base models each meet
+their own base (its videos generated once, in evaluate's shared store). One run's failure
+(a broken checkpoint, a run.json that no longer validates) is logged and listed in the
+`evaluate-checkpoints` artifact and the others go on; the flow fails at the end if any run
+failed. A failed run is not retried within the night: the next night tries it again.
 
 A checkpoint being written is a hidden temporary folder until it is renamed into place,
 so a run never sees it half-done; the next run picks it up. Checkpoints already
@@ -14,32 +22,87 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
 from cogpipe import evaluate as evaluation
 from cogpipe.config import PipelineConfig, load_config
 from cogpipe.evaluate import BASE
-from cogpipe.pipeline import finished, plan
+from cogpipe.pipeline import UPSTREAM, finished, plan, stage_path
 from cogpipe.workspace import StageNotReady, StageResult, Workspace
 from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.gpu import gpu_slots
 from cogpipe_tasks.secrets import use_hub_token
 
 
-def training_runs(ws: Workspace) -> dict[str, str]:
-    """{run folder name: train key} of every run under `train/` (those with a run.json)."""
-    runs = {}
-    for run_json in sorted((ws.root / "train").glob("*/run.json")):
-        runs[run_json.parent.name] = json.loads(run_json.read_text())["key"]
-    return runs
+class RunsFailed(RuntimeError):
+    """At least one run's evaluation failed (the others were evaluated)."""
 
 
-def evaluated(ws: Workspace, cfg: PipelineConfig) -> dict[str, int]:
-    """{run: LoRA checkpoints in the index for this config's eval key} (the base excluded)."""
+def training_runs(ws: Workspace) -> dict[str, dict[str, Any]]:
+    """{run folder name: its run.json record} of every run under `train/`."""
+    return {
+        p.parent.name: json.loads(p.read_text())
+        for p in sorted((ws.root / "train").glob("*/run.json"))
+    }
+
+
+def run_config(config: PipelineConfig, run: str, record: dict[str, Any]) -> PipelineConfig:
+    """The config a run is evaluated with: its own `model`, `train` and `precompute` (from
+    run.json), the nightly config's everything else, and `name` = the run's folder (which
+    places its evaluation under evaluate/<ekey>/<run>/; keys ignore it).
+
+    Raises:
+        pydantic.ValidationError: the run's recorded sections no longer validate.
+    """
+    raw = config.model_dump(mode="json")
+    resolved = record.get("config", {})
+    raw |= {k: resolved[k] for k in ("model", "train", "precompute") if k in resolved}
+    return PipelineConfig.model_validate(raw | {"name": run})
+
+
+def evaluated(ws: Workspace, ekey: str, run: str) -> int:
+    """LoRA checkpoints of `run` in the index under `ekey` (the base excluded)."""
     index = evaluation.read_index(ws)
-    index = index[(index.ekey == evaluation.eval_key(cfg)) & (index.checkpoint != BASE)]
-    return index.groupby("run").checkpoint.nunique().to_dict()
+    rows = index[(index.ekey == ekey) & (index.run == run) & (index.checkpoint != BASE)]
+    return rows.checkpoint.nunique()
+
+
+def data_stages(ws: Workspace, config: PipelineConfig) -> dict[str, StageResult]:
+    """The check result (finished) and the filter result (finished when a held-out suite
+    reads it; otherwise its planned key and folder are enough).
+
+    Raises:
+        StageNotReady: check (or, for prompts: heldout, filter) is not finished.
+    """
+    keys = plan(config, "filter")
+    out = {}
+    for stage in ("check", "filter"):
+        inputs = {up: keys[up] for up in UPSTREAM[stage]}
+        done = finished(ws, config, stage, keys[stage], inputs)
+        if done is None and (stage == "check" or config.evaluate.heldout):
+            raise StageNotReady(
+                f"evaluate-checkpoints needs the {stage} stage finished for this config; run "
+                f"`cogpipe {stage} CONFIG` first (workspace {ws.root})"
+            )
+        path = stage_path(ws, config, stage, keys[stage], inputs)
+        out[stage] = done or StageResult(stage, keys[stage], str(path))
+    return out
+
+
+def evaluate_run(ws: Workspace, config: PipelineConfig, run: str, record: dict,
+                 data: dict[str, StageResult]) -> int:  # fmt: skip
+    """Evaluate one run's new checkpoints; returns how many were evaluated now."""
+    cfg = run_config(config, run, record)
+    train = StageResult("train", record["key"], str(ws.root / "train" / run))
+    ekey = evaluation.eval_key(cfg, {"filter": data["filter"].key})
+    before = evaluated(ws, ekey, run)
+    evaluate.with_options(task_run_name=f"evaluate-{run}", retries=0)(
+        cfg, train.to_dict(), data["check"].to_dict(), data["filter"].to_dict()
+    )
+    return evaluated(ws, ekey, run) - before
 
 
 @flow(name="evaluate-checkpoints", log_prints=True)
@@ -49,29 +112,35 @@ def evaluate_checkpoints(config: PipelineConfig) -> dict[str, int]:
     Raises:
         StageNotReady: the config's check stage is not finished (its split is the
             held-out reference).
+        RunsFailed: after every run was tried, naming the runs that failed and why.
     """
-    get_run_logger().info("hub token: %s", use_hub_token())
+    logger = get_run_logger()
+    logger.info("hub token: %s", use_hub_token())
     ws = Workspace(config.workspace)
-    keys = plan(config, "check")
-    check = finished(ws, config, "check", keys["check"], {"ingest": keys["ingest"]})
-    if check is None:
-        raise StageNotReady(
-            f"evaluate-checkpoints needs the check stage finished for this config; run "
-            f"`cogpipe check CONFIG` first (workspace {ws.root})"
-        )
-    before = evaluated(ws, config)
+    data = data_stages(ws, config)
+    new, failed = {}, {}
     with gpu_slots():  # on a `cogpipe worker` of the gpu pool: its GPUs, one job at a time
-        for run, key in training_runs(ws).items():
-            train = StageResult("train", key, str(ws.root / "train" / run))
-            # `name` places the run's evaluation under evaluate/<ekey>/<run>/ (keys ignore it)
-            run_config = config.model_copy(update={"name": run})
-            evaluate.with_options(task_run_name=f"evaluate-{run}")(
-                run_config, train.to_dict(), check.to_dict()
-            )
-    after = evaluated(ws, config)
-    new = {run: after.get(run, 0) - before.get(run, 0) for run in training_runs(ws)}
-    print(f"checkpoints evaluated: {new}")
+        for run, record in training_runs(ws).items():
+            try:
+                new[run] = evaluate_run(ws, config, run, record, data)
+            except Exception as e:  # one run's failure must not stop the others
+                failed[run] = (
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                )
+                logger.error("evaluate-checkpoints: run %s failed: %s", run, failed[run])
+    create_markdown_artifact(summary(new, failed), key="evaluate-checkpoints")
+    print(f"checkpoints evaluated: {new}" + (f"; failed: {failed}" if failed else ""))
+    if failed:
+        raise RunsFailed(f"{len(failed)} of {len(new) + len(failed)} runs failed: {failed}")
     return new
+
+
+def summary(new: dict[str, int], failed: dict[str, str]) -> str:
+    """The flow's result artifact: one row per run, evaluated or failed with why."""
+    lines = ["| run | checkpoints evaluated now | status |", "| --- | ---: | --- |"]
+    lines += [f"| {run} | {n} | ok |" for run, n in new.items()]
+    lines += [f"| {run} | - | failed: {why} |" for run, why in failed.items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def pipeline(
     if last >= 6:
         done["train"] = gpu("train", train, "precompute")
     if last >= 7:
-        done["evaluate"] = gpu("evaluate", evaluate, "train", "check")
+        done["evaluate"] = gpu("evaluate", evaluate, "train", "check", "filter")
     results = [StageResult.from_dict(r) for r in done.values()]
     where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and s in GPU_STAGES}
     create_markdown_artifact(pipeline_markdown(results, where), key="pipeline-summary")

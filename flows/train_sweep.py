@@ -3,7 +3,9 @@ cell and its evaluation, then a report that ranks the cells.
 
 With `gpu_pool`, every cell's train and evaluate are runs of `cogpipe-stage/<gpu_pool>`
 started at once, so N GPU workers train N cells in parallel; without it they run here one
-after another. Cells already trained and evaluated are reused, so a grid can grow.
+after another. Cells already trained and evaluated are reused, so a grid can grow, and the
+base model's videos are generated once for all cells (evaluate's shared base store). A
+best cell is named only when its 95% interval clears the runner-up's.
 
     python -m cogpipe_flows.train_sweep CONFIG   # the default grid, in-process
 """
@@ -26,7 +28,7 @@ from cogpipe_tasks.secrets import use_hub_token
 from cogpipe_tasks.train import train
 
 DEFAULT_GRID = {"train.learning_rate": [1e-4, 5e-4, 1e-3], "train.rank": [64, 128, 256]}
-Metric = Literal["clip_score", "temporal_consistency", "dynamic_degree", "fvd"]
+Metric = Literal["clip_score", "temporal_consistency", "dynamic_degree", "fd_videomae"]
 
 
 @flow(name="train-sweep", log_prints=True)
@@ -43,7 +45,7 @@ def train_sweep(
     logger.info("hub token: %s", use_hub_token())
     cells = sweeps.cells(config, grid)  # a bad grid fails here, before anything runs
     shared = pipeline(config, until="precompute", gpu_pool=gpu_pool)
-    check, precompute = shared["check"], shared["precompute"]
+    check, filtered, precompute = shared["check"], shared["filter"], shared["precompute"]
 
     if gpu_pool:  # every cell at once; each evaluation waits for its own training
         evaluations = []
@@ -53,7 +55,10 @@ def train_sweep(
             )
             evaluations.append(
                 remote_stage.with_options(task_run_name=f"{name}-evaluate").submit(
-                    cell, "evaluate", gpu_pool, {"train": trained, "check": check}
+                    cell,
+                    "evaluate",
+                    gpu_pool,
+                    {"train": trained, "check": check, "filter": filtered},
                 )
             )
         for future in evaluations:
@@ -61,7 +66,7 @@ def train_sweep(
     else:
         for name, cell in cells:
             trained = train.with_options(task_run_name=f"{name}-train")(cell, precompute)
-            evaluate.with_options(task_run_name=f"{name}-evaluate")(cell, trained, check)
+            evaluate.with_options(task_run_name=f"{name}-evaluate")(cell, trained, check, filtered)
 
     ws = Workspace(config.workspace)
     table = sweeps.results(ws, config, grid, metric)

@@ -1,4 +1,5 @@
-"""Evaluate task: generate the prompt suite for every checkpoint not yet evaluated."""
+"""Evaluate task: generate the suite for every checkpoint not yet evaluated (the base model's
+videos come from the shared store, generated once)."""
 
 from prefect import task
 
@@ -15,6 +16,6 @@ from cogpipe_tasks.common import cache_key, run
     retry_delay_seconds=30,
     tags=["gpu"],
 )
-def evaluate(config: PipelineConfig, train: dict, check: dict) -> dict:
-    """Videos, contact sheets and CLIP scores per checkpoint (and the base model)."""
-    return run("evaluate", config, train=train, check=check)
+def evaluate(config: PipelineConfig, train: dict, check: dict, filter: dict) -> dict:
+    """Videos, contact sheets and metrics with intervals per checkpoint (and the base model)."""
+    return run("evaluate", config, train=train, check=check, filter=filter)

@@ -248,3 +248,51 @@ def test_videomae_features_and_distance(videomae):
     others = extractor([noise(8, seed=1), moving_square(8, 6, seed=2), noise(6, seed=3)])
     assert metrics.frechet_distance(feats, extractor(clips)) == pytest.approx(0.0, abs=1e-6)
     assert metrics.frechet_distance(feats, others) > 0.01  # 3 clips vs 32 dims: singular, finite
+
+
+# --------------------------------------------------------------------------- intervals
+
+
+def test_bootstrap_mean_interval_is_seeded_and_brackets_the_mean():
+    values = np.random.default_rng(8).normal(10.0, 2.0, size=40)
+    low, high = metrics.bootstrap_mean(values, 1000, seed=0)
+    assert low < values.mean() < high and high - low == pytest.approx(4 * 2 / np.sqrt(40), rel=0.3)
+    assert metrics.bootstrap_mean(values, 1000, seed=0) == (low, high)
+    assert all(np.isnan(metrics.bootstrap_mean(values[:1], 1000)))  # one video: no interval
+
+
+def test_paired_difference_decides_only_beyond_zero():
+    a = np.random.default_rng(9).normal(25.0, 5.0, size=12)  # per-prompt spread, shared
+    assert metrics.paired_difference(a, a, 500) == (0.0, 0.0, 0.0)
+    assert metrics.verdict(0.0, 0.0, True) == "no difference"  # identical: no winner
+    diff, low, high = metrics.paired_difference(a, a + 0.5, 500)
+    assert (diff, low, high) == pytest.approx((0.5, 0.5, 0.5))  # the prompts' spread cancels
+    assert (
+        metrics.verdict(low, high, True) == "better"
+        and metrics.verdict(low, high, False) == "worse"
+    )
+
+
+def test_frechet_refusal_names_the_numbers():
+    assert metrics.frechet_refusal("fd_videomae", 40, 32, 32) is None
+    assert metrics.frechet_refusal("fd_videomae", 2, 7, 32) == (
+        "fd_videomae needs >= 32 generated and real videos, got 2 and 7"
+    )
+
+
+def test_bootstrap_frechet_resamples_both_sets():
+    rng = np.random.default_rng(10)
+    a, b = rng.normal(size=(20, 8)), rng.normal(size=(25, 8)) + 1.0
+    low, high = metrics.bootstrap_frechet(a, b, 300, seed=0)
+    assert low < metrics.frechet_distance(a, b) * 1.5 and low < high
+    assert metrics.bootstrap_frechet(a, b, 300, seed=0) == (low, high)
+
+
+def test_feature_extractors_by_name_or_path(videomae):
+    assert isinstance(metrics.load_features("videomae", str(videomae)), metrics.VideoMAEFeatures)
+    path = "cogpipe.metrics:VideoMAEFeatures"
+    assert metrics.load_features(path, str(videomae)).num_frames == 4
+    assert metrics.features_name("videomae") == "videomae"
+    assert metrics.features_name("mypkg.features:I3D_Features") == "i3dfeatures"
+    with pytest.raises(ValueError, match="not one of videomae"):
+        metrics.load_features("nosuchmodule:Thing", str(videomae))

@@ -11,7 +11,7 @@ import pytest
 
 from cogpipe import train_sweep as sweeps
 from cogpipe.config import ConfigError, PipelineConfig
-from cogpipe.evaluate import INDEX_COLUMNS, eval_key
+from cogpipe.evaluate import eval_key
 from cogpipe.workspace import Workspace, write_table
 
 
@@ -39,16 +39,17 @@ def test_results_pick_each_cells_best_checkpoint_and_rank_the_cells(tmp_path):
     base = PipelineConfig(workspace=tmp_path, name="s")
     grid = {"train.rank": [4, 8, 16]}
     ek = eval_key(base)
-    rows = [  # rank 16 was never evaluated
+    rows = [  # rank 16 was never evaluated; an old row (no interval columns) reads as NaN
         ("s-rank4", "checkpoint-000100", 0.20, 300.0), ("s-rank4", "checkpoint-000200", 0.25, 200.0),
-        ("s-rank8", "checkpoint-000100", 0.30, 250.0), ("s-rank8", "base", 0.90, 10.0),
+        ("s-rank8", "checkpoint-000100", 0.30, 250.0), ("s-rank8", "base", 0.10, 10.0),
         ("other-rank4", "checkpoint-000100", 0.99, 1.0),
     ]  # fmt: skip
     index = pd.DataFrame(
         [{"ekey": ek, "run": r, "checkpoint": c, "step": 0 if c == "base" else int(c[-6:]),
-          "clip_score": s, "temporal_consistency": 0.5, "dynamic_degree": 0.1, "fvd": f,
-          "videos": 2, "evaluated_at": ""} for r, c, s, f in rows],
-        columns=INDEX_COLUMNS,
+          "clip_score": s, "clip_score_low": s - 0.01, "clip_score_high": s + 0.01,
+          "temporal_consistency": 0.5, "dynamic_degree": 0.1, "fd_videomae": f,
+          "fd_videomae_low": f - 5, "fd_videomae_high": f + 5, "videos": 2, "evaluated_at": ""}
+         for r, c, s, f in rows],
     )  # fmt: skip
     write_table(tmp_path / "evaluate" / "index.parquet", index)
     ws = Workspace(tmp_path)
@@ -57,14 +58,25 @@ def test_results_pick_each_cells_best_checkpoint_and_rank_the_cells(tmp_path):
     assert list(by_clip.run) == ["s-rank8", "s-rank4", "s-rank16"]
     assert list(by_clip.checkpoint[:2]) == ["checkpoint-000100", "checkpoint-000200"]
     assert math.isnan(by_clip.clip_score.iloc[2]) and pd.isna(by_clip.checkpoint.iloc[2])
-    by_fvd = sweeps.results(ws, base, grid, "fvd")  # lower is better
-    assert list(by_fvd.run[:2]) == ["s-rank4", "s-rank8"] and by_fvd.fvd.iloc[0] == 200.0
+    assert by_clip.clip_score_low.iloc[0] == pytest.approx(0.29)
+    assert math.isnan(by_clip.temporal_consistency_low.iloc[0])  # not in the old rows
+    by_fd = sweeps.results(ws, base, grid, "fd_videomae")  # lower is better
+    assert list(by_fd.run[:2]) == ["s-rank4", "s-rank8"] and by_fd.fd_videomae.iloc[0] == 200.0
 
     markdown = sweeps.write_report(tmp_path / "report", by_clip, "clip_score", grid)
     assert "Best: **s-rank8** (train.rank = 8) at checkpoint-000100: clip_score 0.3000" in markdown
+    assert "**s-rank8** beats every other cell" in markdown  # [0.29, 0.31] vs [0.24, 0.26]
+    assert "it beats the base model (intervals apart)" in markdown
     assert (tmp_path / "report" / "results.parquet").is_file()
     with pytest.raises(ConfigError, match="not one of"):
         sweeps.results(ws, base, grid, "loss")
+
+    # Two cells whose best checkpoints score the same: no winner.
+    same = index.assign(clip_score=0.3, clip_score_low=0.29, clip_score_high=0.31)
+    write_table(tmp_path / "evaluate" / "index.parquet", same)
+    table = sweeps.results(ws, base, grid, "clip_score")
+    markdown = sweeps.write_report(tmp_path / "report", table, "clip_score", grid)
+    assert "No winner: the 95% intervals of s-rank4 and s-rank8 overlap" in markdown
 
 
 @pytest.mark.prefect
