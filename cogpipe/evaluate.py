@@ -64,6 +64,7 @@ from cogpipe import metrics as stats
 from cogpipe.config import EvaluateConfig, PipelineConfig
 from cogpipe.metrics import clip_score, features_name, video_metrics
 from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
+from cogpipe.ratings import ratings_section
 from cogpipe.video import even_indices, even_times, read_frames, window_times, write_mp4
 from cogpipe.workspace import (
     Progress,
@@ -721,7 +722,8 @@ def _cell(value: float, low: float, high: float, digits: int) -> str:
 def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd.DataFrame,
                  prompts: list[str]) -> None:  # fmt: skip
     """`report.md`: every metric with its 95% interval per checkpoint, each checkpoint
-    against the base model, the winner per metric, and `metrics_vs_step.png`."""
+    against the base model, the winner per metric, the human A/B win rates so far (the
+    rating page rewrites that section as ratings come in), and `metrics_vs_step.png`."""
     ec, names = cfg.evaluate, metric_names(cfg.evaluate)
     fd, notes = names[-1], scores.fd_note.dropna().unique()
     suite = (
@@ -751,7 +753,8 @@ def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd
     lines += against_base(out, scores, names, ec.bootstrap)
     lines += ["", "## Winner per metric", ""]
     lines += [f"- {m.replace('_', ' ')}: {winner(out, scores, m, ec.bootstrap)}" for m in names]
-    lines += ["", "Prompts:", ""] + [f"{i}. {p}" for i, p in enumerate(prompts)]
+    lines += ["", ratings_section(Workspace(cfg.workspace), ekey, run)]  # cogpipe rate refreshes it
+    lines += ["Prompts:", ""] + [f"{i}. {p}" for i, p in enumerate(prompts)]
     plot_metrics(scores, names, out / "metrics_vs_step.png")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")

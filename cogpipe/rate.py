@@ -45,6 +45,7 @@ from cogpipe.ratings import (
     QUESTIONS,
     append_rating,
     read_ratings,
+    refresh_report,
     table_cells,
     win_rates,
 )
@@ -173,6 +174,7 @@ class Ratings:
         append_rating(self.ws, row)
         with self.lock:
             self.rated.setdefault(rater, Counter())[pair.identity] += 1
+            refresh_report(self.ws, self.ekey, self.run, self.folder / "report.md")
 
     def video(self, pair_id: str, side: str) -> Path:
         """A pair's video file; only files inside `evaluate/` are served.

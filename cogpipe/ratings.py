@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from cogpipe.workspace import Workspace, read_parts, write_table
+from cogpipe.workspace import Workspace, atomic_path, read_parts, write_table
 
 QUESTIONS = {  # column -> what the rater is asked
     "motion_accuracy": "Motion accuracy",
@@ -173,3 +173,29 @@ def ratings_markdown(table: pd.DataFrame) -> str:
               "seed, ties as half; W / L / T: wins, losses, ties; 95% CI: Wilson score interval; "
               "above 0.5 the checkpoint is better.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- ratings -->", "<!-- /ratings -->"  # around the section in report.md
+
+
+def ratings_section(ws: Workspace, ekey: str, run: str) -> str:
+    """The run's ratings section for its evaluation report, between markers that
+    `refresh_report` finds again."""
+    table = win_rates(read_ratings(ws, ekey=ekey, run=run))
+    return f"{BEGIN}\n{ratings_markdown(table)}{END}\n"
+
+
+def refresh_report(ws: Workspace, ekey: str, run: str, report: Path) -> bool:
+    """Rewrite the ratings section of an evaluation's report.md with every rating so far
+    (atomically); False when there is no report or no section to rewrite."""
+    try:
+        text = report.read_text()
+    except OSError:
+        return False
+    head, begin, rest = text.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not begin or not end:
+        return False
+    with atomic_path(report) as tmp:
+        tmp.write_text(head + ratings_section(ws, ekey, run).rstrip("\n") + tail)
+    return True

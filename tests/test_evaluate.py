@@ -173,6 +173,7 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     report = (out / "report.md").read_text()
     assert "| checkpoint-000004 | 4 |" in report and "| base | 0 |" in report
     assert "[png](checkpoint-000004/ab_grid.png)" in report and "metrics_vs_step.png" in report
+    assert "## Human A/B ratings against the base model\n\nNo ratings yet" in report
     assert Image.open(out / "checkpoint-000002" / "ab_grid.png").size == (2 * 8 * 64, 64)
     marker = json.loads((out / "_SUCCESS.json").read_text())
     inputs = {"train": "run-a", "check": "checkkey0001", "filter": "filterkey001"}

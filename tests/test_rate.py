@@ -33,6 +33,7 @@ from cogpipe.ratings import (
     append_rating,
     ratings_dir,
     ratings_markdown,
+    ratings_section,
     read_ratings,
     win_rates,
 )
@@ -74,6 +75,10 @@ def fake_evaluation(root: Path, checkpoints: list[str] = CHECKPOINTS) -> Path:
                 rows.append({"checkpoint": name, "prompt_index": p, "prompt": prompt,
                              "seed": seed, "video": video, "clip_score": 20.0 + i})  # fmt: skip
         write_table(run / name / "metrics.parquet", pd.DataFrame(rows))
+    ws = Workspace(cfg.workspace)  # the report evaluate writes, with its ratings section
+    (run / "report.md").write_text(
+        f"# Evaluation\n\n{ratings_section(ws, eval_key(cfg), run.name)}\nPrompts:\n"
+    )
     if checkpoints:  # a unit still being written: never a pair
         shutil.copytree(run / checkpoints[-1], run / ".tmp-checkpoint-000030-1a2b3c4d")
     return config
@@ -349,6 +354,9 @@ def test_two_raters_rate_by_keyboard_at_once_and_the_summary_shows_win_rates(
     text = ann.find_element(By.TAG_NAME, "body").text
     for r in table.itertuples():
         assert f"{r.win_rate:.2f}" in text and f"{r.ci_low:.2f}–{r.ci_high:.2f}" in text
+    report = (ws.root / "evaluate" / ekey / "slap-run" / "report.md").read_text()
+    assert ratings_markdown(table) in report  # the evaluation report shows the win rates
+    assert report.startswith("# Evaluation") and report.rstrip().endswith("Prompts:")
 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=15) == 0
