@@ -845,6 +845,13 @@ class PipelineConfig(BaseModel):
                 f" buffer + {c.target_frames} target latent frames needs precompute.frames"
                 f" {c.video_frames}, got {p.frames}"
             )
+        if self.evaluate.heldout and t.validation_every:
+            raise ValueError(
+                "train.validation_every makes its videos of evaluate.prompts, and with"
+                " evaluate.prompts: heldout there is no prompt list before the data is read:"
+                " list evaluate.prompts, or set train.validation_every to 0 and evaluate the"
+                " checkpoints"
+            )
         if t.mode == "tic-ft" and p.frame_buckets:
             raise ValueError(
                 "train.mode tic-ft needs every sample at its layout's frame count; drop"

@@ -1,5 +1,6 @@
 """Config loading: defaults, validation messages, path resolution, shipped files."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,27 @@ def test_wrong_value_names_file_and_field(tmp_path):
     assert str(path) in message
     assert "train.rank" in message
     assert "precompute" in message and "4k+1" in message
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("precompute:\n  frame_buckets: [30]\n", "8k+1 frame counts"),
+        ("precompute:\n  frame_buckets: [57]\n", "8k+1 frame counts from 9 up to frames"),
+        ("precompute:\n  windows: 0\n", "windows must be first, all or a number"),
+        ("check:\n  max_duration: 5\n", "longer than check.max_duration"),
+        ("train:\n  mode: tic-ft\nprecompute:\n  frames: 61\n  frame_buckets: [33]\n",
+         "tic-ft needs every sample at its layout's frame count"),
+        ("evaluate:\n  prompts: heldout\ntrain:\n  validation_every: 100\n",
+         "with evaluate.prompts: heldout there is no prompt list"),
+        ("caption:\n  existing: maybe\n", "caption.existing"),
+    ],
+)  # fmt: skip
+def test_data_settings_that_cannot_work_fail_at_load(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
 
 
 def test_unknown_field_is_rejected(tmp_path):
