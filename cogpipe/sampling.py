@@ -123,7 +123,7 @@ def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
     """[1, F', C, h, w] latents -> [F, H, W, 3] uint8 (the VAE must be on their device)."""
     import torch
 
-    from cogpipe.evaluate import to_uint8
+    from cogpipe.eval_models import to_uint8
 
     with torch.no_grad():
         video = pipe.decode_latents(latents)  # [1, 3, F, H, W] in [-1, 1]
