@@ -708,7 +708,7 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
     if validating_run and t.mode in ("ic-lora", "tic-ft"):
         part = 2 if with_reference else 0  # ic-lora: its reference; tic-ft: its own latents
         conditions = [load_batch(pre, samples, [i % len(samples)], with_reference)[part][0]
-                      for i in range(len(cfg.evaluate.prompts))]  # fmt: skip
+                      for i in range(len(t.validation_settings(cfg.evaluate).prompts))]  # fmt: skip
     validation = validate.prepare(cfg, device, dtype, conditions) if validating_run else None
 
     # Resume from the newest checkpoint that still has its training state.

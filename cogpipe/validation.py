@@ -154,7 +154,7 @@ def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, conditions=None) ->
     """
     import torch
 
-    ec, mode = cfg.evaluate, cfg.train.mode
+    ec, mode = cfg.train.validation_settings(cfg.evaluate), cfg.train.mode
     check_shape(ec, cogvideox.transformer_config(cfg.model))
     conditioned = mode in ("ic-lora", "tic-ft")
     if conditioned and (conditions is None or len(conditions) != len(ec.prompts)):

@@ -132,6 +132,15 @@ def test_prepare_keeps_embeddings_and_vae_on_the_cpu_and_drops_t5(tiny_models, m
     assert type(v.scheduler) is type(pipe.scheduler)
 
 
+def test_validation_prompts_replace_a_heldout_suite(tiny_models):
+    cfg = make_cfg(tiny_models, prompts="heldout")
+    cfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"validation_prompts": PROMPTS})}
+    )
+    v = validation.prepare(cfg, "cpu", torch.float32)
+    assert v.settings.prompts == PROMPTS and v.prompt_embeds.shape == (2, 16, 32)
+
+
 def test_sizes_the_model_cannot_generate_fail_before_training(tiny_models):
     ec = make_cfg(tiny_models, height=48, width=64).evaluate
     validation.check_shape(ec, {"patch_size": 2})
