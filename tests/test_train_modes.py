@@ -418,6 +418,8 @@ def test_shipped_strategy_configs():
         condition_frames=1, buffer_frames=3, target_frames=12
     )
     assert tic_ft.precompute.frames == 61 == t.tic_ft.video_frames  # 1 + 12 + 48 video frames
-    assert t.validation_every == 0
+    assert t.validation_every == 500 and len(t.validation_prompts) == 3  # conditioned validation
+    for c in (conservative, aggressive, tic_ft):  # held-out clips as the yardstick
+        assert c.evaluate.heldout and c.evaluate.heldout_clips >= c.evaluate.fd_min_samples
     keys = {train.key_of(c, {"precompute": "p"}) for c in (conservative, aggressive, tic_ft)}
     assert len(keys) == 3
