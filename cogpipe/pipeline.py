@@ -17,7 +17,14 @@ from types import ModuleType
 from typing import Any
 
 from cogpipe.config import STAGES, PipelineConfig
-from cogpipe.workspace import Progress, StageNotReady, StageResult, Workspace, no_progress
+from cogpipe.workspace import (
+    Progress,
+    StageNotReady,
+    StageResult,
+    Workspace,
+    no_progress,
+    sweep_temporaries,
+)
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -107,6 +114,7 @@ def run_stage(
     only; precompute: `part=K`; `merge_only=True` merges committed shards).
     """
     ws = Workspace(cfg.workspace)
+    sweep_temporaries(ws.root)  # what a killed run left, even where this stage is done
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)
     return getattr(module(stage), f"run_{stage}")(ws, cfg, upstream, progress, **options)
 

@@ -15,7 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -134,6 +138,15 @@ class Workspace:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def lock_path(self, name: str) -> Path:
+        """The lock file of a unit of work: `.locks/<name>.lock` in the workspace."""
+        return self.root / ".locks" / f"{name}.lock"
+
+    def hold(self, name: str, wait: bool = True, on_wait: Callable[[str], None] | None = None):
+        """Hold the workspace's lock `name` (e.g. "precompute-<key>-shard-00012"): one
+        writer per unit of work across processes and hosts sharing the workspace."""
+        return hold_lock(self.lock_path(name), wait, on_wait)
+
     def done(self, path: Path) -> bool:
         return (path / SUCCESS).is_file()
 
@@ -181,17 +194,89 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+TMP_PREFIX = ".tmp-"
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+# `.tmp-<name>-h<host>p<pid>r<random>[.ext]`: who wrote a temporary, so a sweep removes
+# only those whose writer is gone, never a live concurrent writer's.
+_TMP_OWNER = re.compile(r"-h(?P<host>[A-Za-z0-9]+)p(?P<pid>\d+)r[0-9a-f]{8}(\.\w+)?$")
+FOREIGN_TMP_S = 24 * 3600  # another host's temporary is stale after this long
+
+
+def tmp_name(final: Path, keep_suffix: bool = False) -> Path:
+    """A temporary sibling of `final` that names its writer (host and pid).
+
+    `keep_suffix` ends it with `final`'s suffix (writers that pick a format by it).
+    """
+    token = f"h{_HOST}p{os.getpid()}r{uuid.uuid4().hex[:8]}"
+    stem = final.stem if keep_suffix else final.name
+    return final.with_name(f"{TMP_PREFIX}{stem}-{token}{final.suffix if keep_suffix else ''}")
+
+
+def is_stale_tmp(path: Path) -> bool:
+    """A temporary whose writer has died (same host, pid gone or reused), another host's
+    older than a day, or one of an unknown format (written before writers were named)."""
+    m = _TMP_OWNER.search(path.name)
+    if m is None:
+        return True
+    try:
+        age = time.time() - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False  # committed or removed meanwhile
+    if m["host"] != _HOST:
+        return age > FOREIGN_TMP_S
+    return not _alive(int(m["pid"]), since=time.time() - age)
+
+
+def _alive(pid: int, since: float) -> bool:
+    """Whether `pid` is a live process that existed at `since` (a reused pid is not)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time() <= since + 1
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
+FAULT_ENV = "COGPIPE_FAULT"  # "N" or "N:text": SIGKILL this process at the Nth fault point (whose path contains text)
+FAULT_LOG_ENV = "COGPIPE_FAULT_LOG"  # a file: every fault point reached is appended to it
+_faults_seen = 0
+
+
+def fault_point(label: str, path: Path | str = "") -> None:
+    """A commit point: where a kill must leave a state the next run finishes correctly.
+
+    Tests inject a kill here (`COGPIPE_FAULT`) and list the points a run reaches
+    (`COGPIPE_FAULT_LOG`); without those variables it costs one environment lookup.
+    """
+    global _faults_seen
+    spec, log = os.environ.get(FAULT_ENV), os.environ.get(FAULT_LOG_ENV)
+    if not spec and not log:
+        return
+    where = f"{label} {path}"
+    if log:
+        with open(log, "a") as f:
+            f.write(where + "\n")
+    if spec:
+        n, _, text = spec.partition(":")
+        if text in where:
+            _faults_seen += 1
+            if _faults_seen == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `final` only if the block succeeds.
 
-    Works for files and folders. The temporary name starts with `.tmp-` so listings of
-    committed units can ignore it.
+    Works for files and folders. The temporary's name starts with `.tmp-` (listings of
+    committed units ignore it) and names its writer, so `sweep_temporaries` removes it
+    once that process is gone. `keep_suffix`: the temporary ends with `final`'s suffix.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    tmp = tmp_name(final, keep_suffix)
     try:
         yield tmp
+        fault_point("rename", final)
         if tmp.is_dir() and final.is_dir():
             shutil.rmtree(final)  # a rewrite of a folder (never of a committed unit)
         os.replace(tmp, final)
@@ -225,11 +310,76 @@ def read_parts(folder: Path, pattern: str = "part-*.parquet") -> pd.DataFrame:
     return pd.concat([read_table(p) for p in parts], ignore_index=True)
 
 
-def clean_stale_tmp(folder: Path, pattern: str = ".tmp-*") -> None:
-    """Remove temporaries left by a killed process (they are never committed units)."""
+def clean_stale_tmp(folder: Path, pattern: str = ".tmp-*") -> int:
+    """Remove the temporaries in `folder` whose writers are gone (a killed process's);
+    a live writer's (a concurrent run's) stay. Returns how many were removed."""
+    removed = 0
     if folder.is_dir():
         for p in folder.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            if is_stale_tmp(p):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def sweep_temporaries(root: Path) -> int:
+    """Remove every stale temporary under a workspace (see `clean_stale_tmp`), so a killed
+    run leaves nothing behind once any later run starts, even one that finds all done."""
+    removed = 0
+    for folder, dirs, files in os.walk(root):
+        names = [n for n in (*dirs, *files) if n.startswith(TMP_PREFIX)]
+        for name in names:
+            if is_stale_tmp(Path(folder, name)):
+                path = Path(folder, name)
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                    missing_ok=True
+                )
+                removed += 1
+        dirs[:] = [d for d in dirs if not d.startswith(TMP_PREFIX)]
+    return removed
+
+
+class Busy(RuntimeError):
+    """A unit of work is held by another process (see `Workspace.hold`)."""
+
+
+@contextmanager
+def hold_lock(
+    path: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (flock: the system frees it when its holder dies,
+    SIGKILL included), writing who holds it into the file.
+
+    Busy and `wait`: calls `on_wait(holder)` once, then waits. Busy and not `wait`: raises
+    Busy naming the holder.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(path)
+            if not wait:
+                raise Busy(holder) from None
+            if on_wait is not None:
+                on_wait(holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{me}: {' '.join(sys.argv)[:200]}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
 
 
 def resolve_device(device: str) -> str:
