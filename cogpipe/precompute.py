@@ -28,8 +28,24 @@ Tensors keep the encoders' dtype: fp32 on CPU, the model's weight dtype on GPU (
 Per-item results are shared across keys in `cache/latents` (by video, span, frame count,
 fps, bucket, tiling and VAE; references also by the condition function's path, options and
 source) and `cache/text` (by caption, tokenizer + encoder and length), so a new shard
-size re-encodes nothing and an edited caption re-encodes only that caption.
+size re-encodes nothing and an edited caption adds only itself to the cache (its chunk of
+`TEXT_BATCH` captions is encoded again, see below).
 The VAE and T5 are loaded only when something is missing from the caches.
+
+One writer per unit, across processes sharing the workspace (two `cogpipe run`, a
+`--part K` worker beside a full run, a Prefect retry while the original still runs): a
+shard is claimed with its workspace lock (`precompute-<key>-shard-NNNNN`) before its
+frames are decoded and held until it is committed; a shard another process holds is
+left to it, and before the index (or a part's end) the run waits for those shards and
+encodes any their holder did not commit (it died). The cache stores and the index have
+their own locks (`cache-latents`, `cache-text`, `precompute-<key>-index`).
+
+Commit order, so a kill anywhere redoes a unit exactly as an uninterrupted run does: a
+shard's file is renamed into place before its new latents are stored in the cache (a
+redone shard re-encodes the same clips and keeps its spot check; a committed shard whose
+cache stores were cut short fills them from its own tensors at the next run), and the
+captions are T5-encoded in fixed chunks of the plan's distinct captions (a resumed run
+encodes the same chunks, so the same numbers).
 
 Speed: the missing captions are T5-encoded first, `TEXT_BATCH` distinct captions per
 call, and the encoder is freed before the VAE loads. Frames are decoded in background
@@ -46,8 +62,9 @@ quarter of its cost (13 latent frames for 49). The record goes into the shard's 
 `psnr` column and in the result's `stats["spot_checks"]` after any restart. Under
 `min_psnr` (0: recorded only) the stage stops with `SpotCheckError` before writing the
 shard or any of its latents to the cache. A shard made only of cached latents is not
-checked (its frames are never decoded): latents reach the cache only from shards that
-passed their check, one clip per shard, under the min_psnr of the run that encoded them.
+checked (its frames are never decoded): latents reach the cache only from committed
+shards, which passed their check, one clip per shard, under the min_psnr of the run that
+encoded them.
 The check catches gross mistakes (another model's scaling factor: ~15 dB; NaN; a wrong
 latent layout), not subtle ones: scaling_factor applied twice costs even a lossless
 autoencoder only ~30 dB, the order of a real video VAE's own reconstruction error.
@@ -57,14 +74,16 @@ autoencoder only ~30 dB, the order of a real video VAE's own reconstruction erro
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -76,6 +95,7 @@ from cogpipe import condition
 from cogpipe.config import ConfigError, PipelineConfig, PrecomputeConfig
 from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
+    Busy,
     Progress,
     ShardsIncomplete,
     StageResult,
@@ -95,6 +115,8 @@ VERSION = 2  # 2: resolution buckets, batched encode, decode-back spot check
 TEXT_BATCH = 16  # distinct captions per T5 call
 BATCHES_AHEAD = 2  # VAE batches decoded in background threads ahead of the one encoding
 CHECK_LATENT_FRAMES = 3  # latent frames decoded by the spot check: 9 video frames
+
+log = logging.getLogger(__name__)
 
 
 class SpotCheckError(RuntimeError):
@@ -117,13 +139,15 @@ def write_shard(
     path: Path, tensors: dict[str, Any], rejected: dict[str, str], spot_check: dict | None = None
 ) -> None:
     """Commit one shard atomically; its metadata lists the clips that failed inside it
-    ({clip_id: reason}) and its spot check ({"clip_id", "psnr"}, or None)."""
+    ({clip_id: reason}) and its spot check ({"clip_id", "psnr"}, or None).
+
+    One metadata entry: safetensors writes its metadata in hash-map order, random per
+    process, so two entries would make a redone shard's bytes differ from the original's.
+    """
     from safetensors.torch import save_file
 
-    metadata = {
-        "rejected": json.dumps(rejected, sort_keys=True),
-        "spot_check": json.dumps(spot_check),
-    }
+    record = {"rejected": rejected, "spot_check": spot_check}
+    metadata = {"record": json.dumps(record, sort_keys=True)}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -134,8 +158,11 @@ def shard_record(path: Path) -> tuple[dict[str, str], dict | None]:
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
+    if "record" in metadata:
+        record = json.loads(metadata["record"])
+        return record["rejected"], record["spot_check"]
     rejected, check = metadata.get("rejected", "{}"), metadata.get("spot_check", "null")
-    return json.loads(rejected), json.loads(check)
+    return json.loads(rejected), json.loads(check)  # shards written before the single record
 
 
 def nearest_bucket(width: float, height: float, buckets: list[tuple[int, int]]) -> tuple[int, int]:
@@ -338,15 +365,33 @@ def _cached(folder: Path, keys: pd.Series) -> pd.Series:
     return keys.map(lambda k: _cache_file(folder, k).is_file()).astype(bool)  # bool when empty
 
 
+def _cache_store(ws: Workspace, folder: Path, entries: dict[str, Any]) -> None:
+    """Store {key: latents} in a shared cache under its lock, each only if absent: one
+    writer per entry, and a stored entry never changes (other keys' shards copied it)."""
+    if not entries:
+        return
+    with ws.hold(f"cache-{folder.name}", on_wait=_waiting(f"the {folder.name} cache")):
+        for key, value in entries.items():
+            if not _cache_file(folder, key).is_file():
+                _cache_put(folder, key, value)
+
+
+def _waiting(what: str) -> Callable[[str], None]:
+    """The message of a run that waits for a lock another process holds (`Workspace.hold`)."""
+    return lambda holder: log.warning("precompute: waiting for %s, held by %s", what, holder)
+
+
 def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, depth: int) -> Iterator:
-    """`map(fn, items)` in order, with up to `depth` calls running ahead in `pool`."""
-    pending: list[Future] = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
+    """`(tag, fn(arg))` for each `(tag, arg)` of `items`, in order, with up to `depth`
+    calls running ahead in `pool`: the tag says whose result it is."""
+    pending: list[tuple[Any, Future]] = []
+    for tag, arg in items:
+        pending.append((tag, pool.submit(fn, arg)))
         if len(pending) > depth:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
+            tag, fut = pending.pop(0)
+            yield tag, fut.result()
+    for tag, fut in pending:
+        yield tag, fut.result()
 
 
 @contextmanager
@@ -423,47 +468,65 @@ def _decode(row, reference: Reference | None = None):
         ) from e
 
 
-def _batches(todo: pd.DataFrame, batch_size: int) -> dict[str, list[pd.DataFrame]]:
-    """{shard: its VAE batches}: up to `batch_size` clips of one shape (height, width,
+def _batches(videos: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """One shard's VAE batches: up to `batch_size` clips of one shape (height, width,
     frames), in plan order."""
-    out: dict[str, list[pd.DataFrame]] = {}
-    for shard, rows in todo.groupby("shard", sort=True):
-        for _, same in rows.groupby(["height", "width", "frames"], sort=False):
-            out.setdefault(shard, []).extend(
-                same.iloc[i : i + batch_size] for i in range(0, len(same), batch_size)
-            )
+    out: list[pd.DataFrame] = []
+    for _, same in videos.groupby(["height", "width", "frames"], sort=False):
+        out.extend(same.iloc[i : i + batch_size] for i in range(0, len(same), batch_size))
     return out
 
 
-def _encode_texts(
-    cfg: PipelineConfig, m: _Model, todo: pd.DataFrame, text_dir: Path, seconds: dict
-) -> int:
-    """T5-encode the distinct captions of `todo` missing from the text cache into it,
-    `TEXT_BATCH` per call, and free the encoder (the VAE's batches get its memory).
+def _text_chunks(plan: pd.DataFrame, text_dir: Path, wanted: set[str]) -> list[pd.DataFrame]:
+    """The chunks of `TEXT_BATCH` of the plan's distinct captions (plan order) that hold a
+    caption of `wanted` still missing from the text cache. The chunks depend on the plan
+    only, so a resumed run encodes each caption in the same batch as an uninterrupted
+    run (a batch's shape can change the float rounding of every caption in it)."""
+    distinct = plan[plan.shard.notna()].drop_duplicates("embeds_cache")
+    chunks = [distinct.iloc[i : i + TEXT_BATCH] for i in range(0, len(distinct), TEXT_BATCH)]
+    return [
+        c
+        for c in chunks
+        if (c.embeds_cache.isin(wanted) & ~_cached(text_dir, c.embeds_cache)).any()
+    ]
+
+
+def _encode_texts(run: _Run, todo: pd.DataFrame) -> int:
+    """T5-encode the captions of `todo` missing from the text cache into it (whole
+    `_text_chunks`), and free the encoder (the VAE's batches get its memory). The text
+    cache's lock is held meanwhile: a concurrent run waits, then finds them stored.
 
     Returns:
-        How many captions were encoded (0: the encoder was not loaded).
+        How many captions were stored (0: the encoder was not loaded).
     """
     import torch
 
     from cogpipe.models import cogvideox
 
-    missing = todo.drop_duplicates("embeds_cache")
-    missing = missing[~_cached(text_dir, missing.embeds_cache)]
-    if missing.empty:
+    text_dir, m = run.caches[1], run.m
+    wanted = set(todo.embeds_cache[~_cached(text_dir, todo.embeds_cache)])
+    if not wanted:
         return 0
-    with _timed(seconds, "text_encode"):
-        tokenizer, text_encoder = cogvideox.load_text_encoder(cfg.model, m.device, m.dtype)
-        for i in range(0, len(missing), TEXT_BATCH):
-            chunk = missing.iloc[i : i + TEXT_BATCH]
-            texts = list(chunk.caption)
-            embeds = cogvideox.encode_prompt(tokenizer, text_encoder, texts, m.max_len)
-            for key, e in zip(chunk.embeds_cache, embeds.cpu(), strict=True):  # [L, D] each
-                _cache_put(text_dir, key, e)
-        del tokenizer, text_encoder
-        if m.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    return len(missing)
+    stored = 0
+    with run.ws.hold("cache-text", on_wait=_waiting("the text cache")):
+        chunks = _text_chunks(run.plan, text_dir, wanted)  # another run may have stored some
+        if not chunks:
+            return 0
+        with _timed(run.seconds, "text_encode"):
+            tokenizer, text_encoder = cogvideox.load_text_encoder(run.cfg.model, m.device, m.dtype)
+            for chunk in chunks:
+                missing = ~_cached(text_dir, chunk.embeds_cache)
+                embeds = cogvideox.encode_prompt(
+                    tokenizer, text_encoder, list(chunk.caption), m.max_len
+                )
+                for key, e, store in zip(chunk.embeds_cache, embeds.cpu(), missing, strict=True):
+                    if store:  # [L, D]
+                        _cache_put(text_dir, key, e)
+                        stored += 1
+            del tokenizer, text_encoder
+            if m.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return stored
 
 
 def _encode_batch(
@@ -480,24 +543,34 @@ def _encode_batch(
     return dict(zip(batch[column], latents.cpu(), strict=True))
 
 
-def _encode_shard(
-    vae, batches: list[pd.DataFrame], decoded: Iterator, failed: dict, seconds: dict[str, float]
-):
-    """Encode one shard's batches from the decoded frames (in the same order): the target
-    latents of the rows marked `need_latents`, the references of those marked `need_reference`.
+def _take(decoded: Iterator, name: str, row) -> tuple:
+    """The next decoded frames, which must be `row`'s of shard `name`: the decoder and the
+    encoder walk one sequence of claimed shards, so anything else is a bug, never data."""
+    (shard, clip_id), frames = next(decoded)
+    if (shard, clip_id) != (name, row.clip_id):
+        raise RuntimeError(
+            f"precompute: the frames of {clip_id} ({shard}) came for {row.clip_id} ({name})"
+        )
+    return frames
+
+
+def _encode_shard(run: _Run, name: str, batches: list[pd.DataFrame], decoded: Iterator):
+    """Encode one claimed shard's batches from the decoded frames (in the same order): the
+    target latents of the rows marked `need_latents`, the references of those marked
+    `need_reference`.
 
     Returns:
         ({cache key: CPU latents}, (row, cache key, frames) of the first video encoded or
-        None). Clips whose frames did not decode land in `failed` (latents cache key -> reason).
+        None). Clips whose frames did not decode land in `run.failed`.
     """
     latents, first = {}, None
     for batch in batches:
-        with _timed(seconds, "decode_wait"):
-            frames = [next(decoded) for _ in range(len(batch))]
+        with _timed(run.seconds, "decode_wait"):
+            frames = [_take(decoded, name, r) for r in batch.itertuples()]
         good = [f is not None for f, _, _ in frames]
         for r, (_, _, reason) in zip(batch.itertuples(), frames, strict=True):
             if reason:
-                failed[r.latents_cache] = reason
+                run.failed[r.latents_cache] = reason
         if not any(good):
             continue
         batch, frames = batch[good], [f for f in frames if f[0] is not None]
@@ -508,8 +581,8 @@ def _encode_shard(
             if not mask.any():
                 continue
             pixels = [f[part] for f, m in zip(frames, mask, strict=True) if m]
-            with _timed(seconds, "vae_encode"):
-                latents |= _encode_batch(vae, batch[mask], pixels, column, seed)
+            with _timed(run.seconds, "vae_encode"):
+                latents |= _encode_batch(run.vae, batch[mask], pixels, column, seed)
             row = next(batch[mask].itertuples())
             first = first or (row, getattr(row, column), pixels[0])
     return latents, first
@@ -564,25 +637,92 @@ def _shard_tensors(rows: pd.DataFrame, new: dict, failed: dict, latents_dir: Pat
     return tensors, rejected
 
 
-def _todo(plan: pd.DataFrame, out: Path, mine: list[str], caches: tuple[Path, Path]):
-    """What is left to encode: (the plan's rows in this run's uncommitted shards, their
-    distinct samples marked `need_latents` / `need_reference` where missing from the
-    latents cache, counts of cache hits)."""
-    latents_dir, text_dir = caches
-    todo = plan[plan.shard.isin([s for s in mine if not (out / s).is_file()])]
-    videos = todo.drop_duplicates("latents_cache").copy()  # exact copies are encoded once
-    videos["need_latents"] = ~_cached(latents_dir, videos.latents_cache)
-    counts = {
-        "encoded_videos": 0,
-        "encoded_texts": 0,
-        "latents_cache_hits": int((~videos.need_latents).sum()),
-        "text_cache_hits": int(_cached(text_dir, todo.embeds_cache.drop_duplicates()).sum()),
-    }
-    if "reference_cache" in plan:
+@dataclass
+class _Run:
+    """What the claim, encode and commit steps of one run share: its plan, caches and
+    tallies."""
+
+    ws: Workspace
+    key: str
+    cfg: PipelineConfig
+    m: _Model
+    plan: pd.DataFrame
+    out: Path
+    caches: tuple[Path, Path]  # cache/latents, cache/text
+    counts: dict[str, int]
+    progress: Progress
+    total: int  # this run's shards
+    seconds: dict[str, float] = field(default_factory=dict)
+    settled: int = 0  # shards committed, here or by another process
+    planned: set[str] = field(default_factory=set)  # latents keys encoded or found cached here
+    failed: dict[str, str] = field(default_factory=dict)  # latents key -> why it did not decode
+    vae: Any = None  # loaded at the first shard with something to encode
+
+    def lock(self, name: str) -> str:
+        """The workspace lock of one shard: `precompute-<key>-shard-NNNNN`."""
+        return f"precompute-{self.key}-{name.removesuffix('.safetensors')}"
+
+    def settle(self, note: str) -> None:
+        self.settled += 1
+        self.progress(self.settled, self.total, note)
+
+
+def _claimed(run: _Run, names: list[str], wait: bool, held: dict[str, ExitStack], busy: list[str]):
+    """This run's shards to encode, in order, each with its VAE batches, claimed only as
+    the decoder reaches it: its lock goes into `held` until it is committed, so no frames
+    are decoded for a shard another process encodes. A shard held elsewhere goes to
+    `busy`, or with `wait` is waited for; one committed by then is settled, not yielded."""
+    for name in names:
+        lock = ExitStack()
+        try:
+            lock.enter_context(run.ws.hold(run.lock(name), wait, _waiting(f"{run.key}/{name}")))
+        except Busy as holder:
+            log.info("precompute: %s is being encoded by %s; it comes last", name, holder)
+            busy.append(name)
+            continue
+        if (run.out / name).is_file():
+            with lock:
+                _backfill(run, name)
+            run.settle(f"{name} committed earlier")
+            continue
+        held[name] = lock
+        yield name, _shard_batches(run, name)
+
+
+def _shard_batches(run: _Run, name: str) -> list[pd.DataFrame]:
+    """A claimed shard's VAE batches: its distinct samples missing from the latents cache
+    (exact copies of an earlier shard's are that shard's), marked `need_latents` /
+    `need_reference`; the cache hits are counted."""
+    latents_dir = run.caches[0]
+    videos = run.plan[run.plan.shard == name].drop_duplicates("latents_cache")
+    videos = videos[~videos.latents_cache.isin(run.planned)].copy()
+    run.planned.update(videos.latents_cache)
+    videos["need_latents"] = need = ~_cached(latents_dir, videos.latents_cache)
+    run.counts["latents_cache_hits"] += int((~need).sum())
+    if "reference_cache" in videos:
         videos["need_reference"] = ~_cached(latents_dir, videos.reference_cache)
-        counts["encoded_references"] = 0
-        counts["reference_cache_hits"] = int((~videos.need_reference).sum())
-    return todo, videos, counts
+        run.counts["reference_cache_hits"] += int((~videos.need_reference).sum())
+        need = need | videos.need_reference
+    return _batches(videos[need], run.cfg.precompute.batch_size)
+
+
+def _backfill(run: _Run, name: str) -> None:
+    """Store in the latents cache what a committed shard holds and the cache lacks: what a
+    kill between the shard's rename and its cache stores left out (the shard's tensors are
+    the same latents, so the same bytes)."""
+    from safetensors import safe_open
+
+    rows = run.plan[run.plan.shard == name]
+    columns = {"latents": "latents_cache", "reference_latents": "reference_cache"}
+    wanted = {f"{r.clip_id}.{suffix}": getattr(r, column) for r in rows.itertuples()
+              for suffix, column in columns.items() if column in rows}  # fmt: skip
+    missing = {t: k for t, k in wanted.items() if not _cache_file(run.caches[0], k).is_file()}
+    if not missing:
+        return
+    with safe_open(str(run.out / name), "pt") as f:
+        names = set(f.keys())  # a clip that failed to decode has no tensor
+        found = {k: f.get_tensor(t) for t, k in missing.items() if t in names}
+    _cache_store(run.ws, run.caches[0], found)
 
 
 def _load_vae(cfg: PipelineConfig, m: _Model):
@@ -600,10 +740,10 @@ def _load_vae(cfg: PipelineConfig, m: _Model):
     return vae
 
 
-def _commit_shard(path: Path, rows: pd.DataFrame, new: dict, first, failed: dict, vae,
-                  caches: tuple[Path, Path], min_psnr: float, seconds: dict) -> int:  # fmt: skip
-    """Spot-check a shard's new latents, cache them, write the shard; returns how many of
-    them are targets (the rest are references).
+def _commit_shard(run: _Run, name: str, new: dict, first) -> None:
+    """Spot-check a claimed shard's new latents, write the shard, then store them in the
+    cache. In that order: a kill before the shard's rename leaves none of them cached, so
+    the redo encodes (and checks) the same clips; one after it is completed by `_backfill`.
 
     Raises:
         SpotCheckError: before anything of the shard is written or cached.
@@ -611,60 +751,66 @@ def _commit_shard(path: Path, rows: pd.DataFrame, new: dict, first, failed: dict
     check = None
     if first is not None:
         row, cache_key, frames = first
-        with _timed(seconds, "spot_check"):
-            check = _spot_check(vae, path.name, row, new[cache_key], frames, min_psnr)
-    tensors, rejected = _shard_tensors(rows, new, failed, *caches)
-    for cache_key, latents in new.items():  # checked: now they may serve other keys
-        _cache_put(caches[0], cache_key, latents)
-    write_shard(path, tensors, rejected, check)
-    return len(set(new) & set(rows.latents_cache))
+        with _timed(run.seconds, "spot_check"):
+            min_psnr = run.cfg.precompute.min_psnr
+            check = _spot_check(run.vae, name, row, new[cache_key], frames, min_psnr)
+    rows = run.plan[run.plan.shard == name]
+    tensors, rejected = _shard_tensors(rows, new, run.failed, *run.caches)
+    write_shard(run.out / name, tensors, rejected, check)
+    _cache_store(run.ws, run.caches[0], new)  # checked and committed: now they serve other keys
+    targets = len(set(new) & set(rows.latents_cache))  # the rest are references
+    run.counts["encoded_videos"] += targets
+    if "encoded_references" in run.counts:
+        run.counts["encoded_references"] += len(new) - targets
 
 
-def _encode_all(cfg: PipelineConfig, m: _Model, plan: pd.DataFrame, out: Path, mine: list[str],
-                videos: pd.DataFrame, caches: tuple[Path, Path], counts: dict,
-                seconds: dict, progress: Progress) -> None:  # fmt: skip
-    """Encode and commit this run's shards in order: frames decoded in background threads
-    `BATCHES_AHEAD` VAE batches ahead of the encoder; shards committed earlier skipped."""
-    p = cfg.precompute
-    need = videos.need_latents | videos.get("need_reference", False)
-    batches = _batches(videos[need], p.batch_size)
-    vae = _load_vae(cfg, m) if batches else None
+def _encode_all(run: _Run, names: list[str], wait: bool) -> list[str]:
+    """Claim, encode and commit the shards `names` in order, frames decoded in background
+    threads `BATCHES_AHEAD` VAE batches ahead of the encoder.
+
+    Returns:
+        The shards other processes held, left to them (none with `wait`).
+    """
+    p = run.cfg.precompute
     reference = Reference(p.reference, p.reference_options) if p.reference else None
-    failed: dict[str, str] = {}  # latents cache key -> why its video did not decode
+    held: dict[str, ExitStack] = {}
+    busy: list[str] = []
     threads = max(len(os.sched_getaffinity(0)), 1)
-    cuda = m.device.startswith("cuda")
-    with _cudnn_benchmark(cuda), ThreadPoolExecutor(threads) as pool:
-        # Frames of every batch, in encode order, decoded while the VAE encodes earlier ones.
-        clips = (r for s in mine for b in batches.get(s, []) for r in b.itertuples())
-        decode = partial(_decode, reference=reference)
-        decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
-        for i, name in enumerate(mine):
-            if (out / name).is_file():
-                progress(i + 1, len(mine), f"{name} committed earlier")
-                continue
-            new, first = _encode_shard(vae, batches.get(name, []), decoded, failed, seconds)
-            rows = plan[plan.shard == name]
-            targets = _commit_shard(out / name, rows, new, first, failed, vae, caches,
-                                    p.min_psnr, seconds)  # fmt: skip
-            counts["encoded_videos"] += targets
-            if reference is not None:
-                counts["encoded_references"] += len(new) - targets
-            progress(i + 1, len(mine), name)
+    try:
+        with _cudnn_benchmark(run.m.device.startswith("cuda")), ThreadPoolExecutor(threads) as pool:
+            # The decoder (ahead, claiming) and the encoder walk one sequence of claimed
+            # shards; each clip's frames come tagged with its shard and clip.
+            ahead, shards = itertools.tee(_claimed(run, names, wait, held, busy))
+            clips = (((name, r.clip_id), r) for name, batches in ahead
+                     for b in batches for r in b.itertuples())  # fmt: skip
+            decode = partial(_decode, reference=reference)
+            decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
+            for name, batches in shards:
+                if batches and run.vae is None:
+                    run.vae = _load_vae(run.cfg, run.m)
+                new, first = _encode_shard(run, name, batches, decoded)
+                _commit_shard(run, name, new, first)
+                held.pop(name).close()
+                run.settle(name)
+    finally:
+        for lock in held.values():  # claimed, not committed: an error or an interrupt
+            lock.close()
+    return busy
 
 
-def _write_index(ws: Workspace, key: str, out: Path, plan: pd.DataFrame, counts: dict,
-                 seconds: dict, started: float) -> StageResult:  # fmt: skip
+def _write_index(run: _Run, started: float) -> StageResult:
     """Write index.parquet and the done marker: counts of samples, stats of rejections,
     buckets, frame counts, spot checks and seconds."""
-    index = _index(plan, out)
-    write_table(out / "index.parquet", index)
+    plan = run.plan
+    index = _index(plan, run.out)
+    write_table(run.out / "index.parquet", index)
     ok = index[index.status == "ok"]
     counts = {
         "samples": len(index),
         "ok": len(ok),
         "rejected": len(index) - len(ok),
         "shards": plan.shard.nunique(),
-    } | counts
+    } | run.counts
     kinds = index.loc[index.status != "ok", "reason"].str.split(":").str[0]
     checked = index[index.psnr.notna()]
     stats = {
@@ -674,10 +820,18 @@ def _write_index(ws: Workspace, key: str, out: Path, plan: pd.DataFrame, counts:
         "spot_checks": {
             r.shard: {"clip_id": r.clip_id, "psnr": float(r.psnr)} for r in checked.itertuples()
         },
-        "seconds": {part: round(s, 3) for part, s in seconds.items()},
+        "seconds": {part: round(s, 3) for part, s in run.seconds.items()},
     }
-    result = StageResult("precompute", key, str(out), counts, stats=stats)
-    return ws.finish(result, started)
+    result = StageResult("precompute", run.key, str(run.out), counts, stats=stats)
+    return run.ws.finish(result, started)
+
+
+def _counts(plan: pd.DataFrame) -> dict[str, int]:
+    """This run's tallies, all 0: distinct videos and captions encoded or found cached."""
+    names = ["encoded_videos", "encoded_texts", "latents_cache_hits", "text_cache_hits"]
+    if "reference_cache" in plan:
+        names += ["encoded_references", "reference_cache_hits"]
+    return dict.fromkeys(names, 0)
 
 
 def run_precompute(
@@ -738,10 +892,17 @@ def run_precompute(
         clean_stale_tmp(out, f".tmp-{name}-*")
 
     caches = ws.cache_dir("latents"), ws.cache_dir("text")
-    todo, videos, counts = _todo(plan, out, mine, caches)
-    seconds: dict[str, float] = {}
-    counts["encoded_texts"] = _encode_texts(cfg, m, todo, caches[1], seconds)
-    _encode_all(cfg, m, plan, out, mine, videos, caches, counts, seconds, progress)
+    run = _Run(ws, key, cfg, m, plan, out, caches, _counts(plan), progress, len(mine))
+    todo = plan[plan.shard.isin([s for s in mine if not (out / s).is_file()])]
+    run.counts["text_cache_hits"] = int(
+        _cached(caches[1], todo.embeds_cache.drop_duplicates()).sum()
+    )
+    run.counts["encoded_texts"] = _encode_texts(run, todo)
+    if busy := _encode_all(run, mine, wait=False):  # other processes' shards: theirs first
+        _encode_all(run, busy, wait=True)  # then any they did not commit (they died)
     if part is not None:
         return None
-    return _write_index(ws, key, out, plan, counts, seconds, started)
+    with ws.hold(f"precompute-{key}-index", on_wait=_waiting(f"{key}/index.parquet")):
+        if ws.done(out):  # a concurrent run indexed meanwhile
+            return ws.result("precompute", out)
+        return _write_index(run, started)

@@ -10,6 +10,9 @@ with `LosslessVAE`, a stand-in whose decode(encode(x)) is x.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -370,3 +373,113 @@ def test_gpu_encodes_in_the_weight_dtype(setup, tmp_path, sample_videos):
     torch.testing.assert_close(
         gpu["clip1.latents"].float(), cpu["clip1.latents"], atol=0.05, rtol=0.05
     )
+
+
+def _latents(out: Path) -> dict[str, torch.Tensor]:
+    """Every latents tensor of every shard in `out`, by tensor name."""
+    shards = [load_file(p) for p in sorted(out.glob("shard-*.safetensors"))]
+    return {k: v for shard in shards for k, v in shard.items() if k.endswith(".latents")}
+
+
+def _one_run(tmp_path: Path, sample_videos, cfg: PipelineConfig) -> Path:
+    """The output folder of an uninterrupted run on a workspace of its own."""
+    ws = Workspace(tmp_path / "reference")
+    return Path(
+        precompute.run_precompute(ws, cfg, _upstream(ws.root, sample_videos, CAPTIONS)).path
+    )
+
+
+def test_a_shard_committed_meanwhile_is_skipped_with_its_frames(
+    setup, tmp_path, sample_videos, monkeypatch
+):
+    """Issue 19: another process commits shard 1 after this run planned its work; the run
+    skips it, and shard 2 is still encoded from clip3's own frames (it used to get
+    clip2's: the skipped shard's frames stayed in the decoder's queue)."""
+    ws, make, upstream = setup
+    cfg = make(shard_size=1)  # clip1, clip2, clip3: a shard each
+    reference = _one_run(tmp_path, sample_videos, cfg)
+    out = ws.stage_dir("precompute", reference.name)
+    encode_texts = precompute._encode_texts
+
+    def then_another_process_commits_shard_1(*args, **kwargs):
+        encoded = encode_texts(*args, **kwargs)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(reference / precompute.shard_name(1), out / precompute.shard_name(1))
+        return encoded
+
+    monkeypatch.setattr(precompute, "_encode_texts", then_another_process_commits_shard_1)
+    res = precompute.run_precompute(ws, cfg, upstream)
+    assert res.counts["encoded_videos"] == 2
+    ours, theirs = _latents(out), _latents(reference)
+    assert sorted(ours) == ["clip1.latents", "clip2.latents", "clip3.latents"]
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    assert (out / "index.parquet").read_bytes() == (reference / "index.parquet").read_bytes()
+
+
+@pytest.mark.parametrize("holder_commits", [True, False], ids=["holder-commits", "holder-dies"])
+def test_a_shard_another_process_holds_is_left_to_it_then_waited_for(
+    setup, tmp_path, sample_videos, monkeypatch, caplog, holder_commits
+):
+    """The shard's lock held elsewhere: the run encodes the other shards, then waits for
+    it (saying for which and who holds it) and takes the holder's commit, or encodes it
+    itself when the holder let go without committing (it died)."""
+    ws, make, upstream = setup
+    cfg = make(shard_size=1)
+    reference = _one_run(tmp_path, sample_videos, cfg)
+    out, name = ws.stage_dir("precompute", reference.name), precompute.shard_name(1)
+    holder = ExitStack()
+    holder.enter_context(ws.hold(f"precompute-{reference.name}-shard-00001"))
+    waits, waiting = [], precompute._waiting
+
+    def holder_lets_go(what):
+        def on_wait(description):
+            waiting(what)(description)
+            waits.append((what, sorted(p.name for p in out.glob("shard-*"))))
+            if holder_commits:
+                shutil.copy2(reference / name, out / name)
+            holder.close()
+
+        return on_wait
+
+    monkeypatch.setattr(precompute, "_waiting", holder_lets_go)
+    with caplog.at_level("WARNING", logger="cogpipe.precompute"):
+        res = precompute.run_precompute(ws, cfg, upstream)
+    # It waited once, for shard 1, once shards 0 and 2 were committed.
+    assert waits == [(f"{reference.name}/{name}", [precompute.shard_name(i) for i in (0, 2)])]
+    assert f"precompute: waiting for {reference.name}/{name}, held by pid {os.getpid()}" in (
+        caplog.text
+    )
+    assert res.counts["encoded_videos"] == (2 if holder_commits else 3)
+    ours, theirs = _latents(out), _latents(reference)
+    assert sorted(ours) == sorted(theirs)
+    assert [name for name in ours if not torch.equal(ours[name], theirs[name])] == []
+    for i in range(3):
+        shard = precompute.shard_name(i)
+        assert (out / shard).read_bytes() == (reference / shard).read_bytes()
+
+
+def test_a_run_that_waited_for_the_index_finds_it_written(setup, monkeypatch):
+    """Two runs of one key reach the index at once: the second waits for the first's lock,
+    then returns its result and writes nothing."""
+    ws, make, upstream = setup
+    cfg = make()
+    key = precompute.key_of(cfg, {"filter": "f1", "check": "c1"})
+    first, waiting = {}, precompute._waiting
+    lock = ExitStack()
+    lock.enter_context(ws.hold(f"precompute-{key}-index"))
+
+    def the_other_run_indexes(what):
+        def on_wait(description):
+            waiting(what)(description)
+            lock.close()
+            first["result"] = precompute.run_precompute(ws, cfg, upstream)  # the other run
+            first["index"] = (ws.stage_dir("precompute", key) / "index.parquet").stat()
+
+        return on_wait
+
+    monkeypatch.setattr(precompute, "_waiting", the_other_run_indexes)
+    res = precompute.run_precompute(ws, cfg, upstream)
+    assert res.reused and not first["result"].reused
+    assert res.counts == first["result"].counts
+    index = Path(res.path) / "index.parquet"
+    assert index.stat().st_mtime_ns == first["index"].st_mtime_ns
