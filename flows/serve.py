@@ -15,9 +15,18 @@ One job per GPU: every GPU worker names its GPUs from its own CUDA_VISIBLE_DEVIC
 from deployment variables) as global concurrency limits of one slot,
 `gpu:<host>:<device>`, and a GPU flow run holds all of its worker's slots with
 `strict=True` for as long as it runs. The slots are leases the run renews: when its worker
-dies, they free themselves a minute later (cogpipe_tasks.gpu). A worker with no GPU serves the `gpu`
-pool on the CPU under one slot `gpu:<host>:cpu`. The GPU workers `cogpipe serve` starts
-split the host's CPUs between them as torch threads (cpu_threads).
+dies, they free themselves a minute later (cogpipe_tasks.gpu); a run waiting for a slot
+logs which one. A worker with no GPU serves the `gpu` pool on the CPU under one slot
+`gpu:<host>:cpu`. The GPU workers `cogpipe serve` starts split the host's CPUs between them
+as torch threads (cpu_threads).
+
+Server restarts: the server `cogpipe serve` starts keeps its leases on disk beside its
+database (cogpipe_tasks.lease_storage; Prefect's default keeps them in memory, so a restarted
+server forgot them while its database kept their slots taken). A restart then neither frees
+a slot a live run holds nor keeps one whose run died: that lease expires a minute after its
+last renewal. At start, `cogpipe serve` also frees the GPU slots the database counts but no
+stored lease holds, taken under a server that kept its leases in memory
+(cogpipe_tasks.lease_storage.reconcile_gpu_slots).
 
 Stuck runs: flow runs send a heartbeat every `HEARTBEAT_S` seconds; the automation Prefect
 documents for self-hosted servers marks a run that stops sending them (its worker died)
@@ -128,16 +137,33 @@ def deploy(api_url: str, prefect_file: Path = ROOT / "deployments" / "prefect.ya
         raise ServeError(f"{prefect_file}: prefect deploy failed:\n{proc.stdout}\n{proc.stderr}")
 
 
-def setup(api_url: str, gpu_groups: list[list[str]], zombie_within_s: float = ZOMBIE_WITHIN_S):
-    """Pools, every worker's GPU limits, the stuck-run automation, then the deployments."""
+def setup(
+    api_url: str,
+    gpu_groups: list[list[str]],
+    zombie_within_s: float = ZOMBIE_WITHIN_S,
+    leases: Path | None = None,
+) -> dict[str, int]:
+    """Pools, every worker's GPU limits, the stuck-run automation, then the deployments.
+
+    `leases`: the server's lease folder, when this process can read it (the server
+    `cogpipe serve` started): its forgotten GPU slots are freed (reconcile_gpu_slots).
+    Another server's leases cannot be read through its API, so nothing is freed there.
+    Returns {limit: slots freed}.
+    """
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    freed = {}
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         ensure_pools(client, [CPU_POOL, GPU_POOL])
         ensure_limits(client, [n for devices in gpu_groups for n in slot_names(devices)])
+        if leases is not None:
+            from cogpipe_tasks.lease_storage import reconcile_gpu_slots
+
+            freed = reconcile_gpu_slots(client, leases)
         ensure_zombie_automation(client, zombie_within_s)
     deploy(api_url)
+    return freed
 
 
 def worker_env(pool: str, api_url: str, devices: list[str] | None) -> dict[str, str]:
@@ -200,6 +226,8 @@ class Server:
     logs: Path | None = None
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every worker
     gpu_workers: int = 1  # GPU workers on this host: they share its CPUs (cpu_threads)
+    leases: Path | None = None  # the server's lease folder (None: leases it keeps elsewhere)
+    freed: dict[str, int] = field(default_factory=dict)  # GPU slots freed at start
 
     @property
     def api_url(self) -> str:
@@ -283,15 +311,20 @@ def start_server(
     timeout: float = 180,
     database: Path | None = None,
 ) -> Server:
-    """Start `prefect server start` bound to host:port and wait until its API answers.
+    """Start `prefect server start` bound to host:port, its leases on disk (lease_env),
+    and wait until its API answers.
 
     Raises:
         ServeError: it exited or did not answer within `timeout` seconds.
     """
+    from cogpipe_tasks.lease_storage import lease_env
+
+    leases, folder = lease_env(database)
     env = os.environ | {
         "PREFECT_SERVER_API_HOST": host,
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **leases,
     }
     env.pop("PREFECT_API_URL", None)
     if database is not None:
@@ -310,7 +343,7 @@ def start_server(
         try:
             with urllib.request.urlopen(f"{url}/api/health", timeout=2) as r:
                 if r.status == 200:
-                    return Server(url, proc, logs=logs)
+                    return Server(url, proc, logs=logs, leases=folder)
         except OSError:
             time.sleep(0.5)
     signal_tree(proc.pid, signal.SIGKILL)
@@ -332,8 +365,9 @@ def serve(
     database: Path | None = None,
     worker_env: dict[str, str] | None = None,
 ) -> Server:
-    """Start the server, set it up, deploy, and start one CPU worker and one GPU worker
-    per GPU (one CPU-backed `gpu` worker when there is none). The caller stops it.
+    """Start the server, set it up (freeing the GPU slots it forgot), deploy, and start one
+    CPU worker and one GPU worker per GPU (one CPU-backed `gpu` worker when there is none).
+    The caller stops it.
 
     `database`: a SQLite file for the server (default: Prefect's, under PREFECT_HOME);
     `worker_env`: extra environment for the workers and their flow runs.
@@ -346,7 +380,7 @@ def serve(
         gpus = gpu_devices() if gpus is None else gpus
         groups = [[g] for g in gpus] or [[]]
         server.gpu_workers = len(groups)
-        setup(server.api_url, groups, zombie_within_s)
+        server.freed = setup(server.api_url, groups, zombie_within_s, server.leases)
         server.start_worker(CPU_POOL)
         for devices in groups:
             server.start_worker(GPU_POOL, devices)
@@ -361,6 +395,10 @@ def serve_forever(host: str, port: int, logs: Path) -> int:
     server = serve(host, port, logs)
     signal.signal(signal.SIGTERM, _interrupt)
     print(f"cogpipe: Prefect UI at {server.url}  (workers: {', '.join(server.workers)})")
+    for name, slots in server.freed.items():
+        print(
+            f"cogpipe: freed GPU slot {name} ({slots} taken by no run: the server had forgotten it)"
+        )
     print(f"cogpipe: logs in {logs}; Ctrl-C stops the workers and the server", flush=True)
     try:
         while True:

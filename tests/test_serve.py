@@ -295,3 +295,83 @@ def test_cogpipe_serve_prints_the_ui_address_and_stops_on_ctrl_c(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     alive = [pid for pid in spawned if Path(f"/proc/{pid}").exists()]
     assert alive == [], "left running after Ctrl-C: " + ", ".join(map(str, alive))
+
+
+@pytest.fixture
+def test_slot(api):
+    """A one-slot `gpu:*` limit of its own (the workers' slots stay untouched), deleted after."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    name = "gpu:cogpipe-test:0"
+    api.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+    yield name
+    api.delete_global_concurrency_limit_by_name(name)
+
+
+def lease(api, name: str):
+    """Take `name`'s slot under a lease, as a run on any worker does (the lease's id)."""
+    response = api.increment_concurrency_slots_with_lease(
+        names=[name], slots=1, mode="concurrency", lease_duration=60
+    )
+    return UUID(response.json()["lease_id"])
+
+
+def test_gpu_slots_no_stored_lease_holds_are_freed_and_held_ones_kept(served, api, test_slot):
+    """What `cogpipe serve` does at start: a slot the database counts but no lease in the
+    server's lease storage holds (a server keeping leases in memory forgot it on a restart)
+    is freed; a slot a live run holds, on any worker, is kept."""
+    from cogpipe_tasks.lease_storage import reconcile_gpu_slots
+
+    def active() -> int:
+        return api.read_global_concurrency_limit_by_name(test_slot).active_slots
+
+    held = lease(api, test_slot)
+    assert (served.leases / f"{held}.json").is_file()  # the server keeps its leases on disk
+    assert reconcile_gpu_slots(api, served.leases, settle_s=0.1) == {}
+    assert active() == 1
+    api.release_concurrency_slots_with_lease(held)
+    assert active() == 0
+
+    api.increment_concurrency_slots(names=[test_slot], slots=1, mode="concurrency")  # no lease
+    assert active() == 1
+    freed = reconcile_gpu_slots(api, served.leases, settle_s=0.1)
+    assert freed == {test_slot: 1} and active() == 0
+
+
+def test_a_run_waiting_for_a_taken_gpu_slot_logs_which_and_why(
+    served, api, test_slot, monkeypatch, caplog
+):
+    """Prefect waits for a taken slot silently; gpu_slots says which slot it waits for and
+    what frees it, then takes the slot once it is freed."""
+    import contextvars
+    import logging
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cogpipe.gpus import SLOTS_ENV
+    from cogpipe_tasks.gpu import gpu_slots
+
+    caplog.set_level(logging.INFO, logger="cogpipe_tasks.gpu")
+    monkeypatch.setenv(SLOTS_ENV, test_slot)
+    held, got = lease(api, test_slot), threading.Event()
+
+    def run() -> None:
+        with gpu_slots(first_log_s=0.2, log_every_s=0.5):
+            got.set()
+
+    with temporary_settings({PREFECT_API_URL: served.api_url}):
+        waiting = threading.Thread(target=contextvars.copy_context().run, args=(run,))
+        waiting.start()
+    deadline = time.time() + 30
+    while "still waiting" not in caplog.text and time.time() < deadline:
+        time.sleep(0.1)
+    assert not got.is_set()
+    assert f"waiting for GPU slot {test_slot} (1/1 taken): held by another run" in caplog.text
+    assert "still waiting after" in caplog.text  # said again while it waits
+
+    api.release_concurrency_slots_with_lease(held)
+    waiting.join(timeout=60)
+    assert got.is_set(), "the freed slot was not taken"
+    assert f"got GPU slot {test_slot} after" in caplog.text
+    assert api.read_global_concurrency_limit_by_name(test_slot).active_slots == 0
