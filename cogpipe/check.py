@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from cogpipe.config import CheckConfig, PipelineConfig, PrecomputeConfig
+from cogpipe.errors import EmptyStage
 from cogpipe.pool import map_files
 from cogpipe.report import reason_kind, write_check_report
 from cogpipe.video import WINDOW_SLACK, VideoReader, luma
@@ -655,6 +656,10 @@ def run_check(
         rejected, train, heldout, trimmed, too_short (clips rejected as too short) and
         windows_split (clips made by splitting long pieces into windows); stats hold the
         rejection reasons, the fraction of frames decoded and the window asked for.
+
+    Raises:
+        EmptyStage: every clip is rejected (clips.parquet and the report are written, the
+            stage is not done).
     """
     started = time.time()
     ingest = upstream["ingest"]
@@ -671,4 +676,18 @@ def run_check(
     clips = _clip_rows(videos, per_video, cfg.check, windows)
     write_table(out / "clips.parquet", clips)
     write_check_report(out, manifest, clips)
+    if not len(clips) or not clips.keep.any():  # written for a look, but not done
+        raise _nothing_kept(videos, clips)
     return _finish(ws, key, out, videos, clips, decoded, windows, started)
+
+
+def _nothing_kept(videos: pd.DataFrame, clips: pd.DataFrame) -> EmptyStage:
+    """The error of a check that kept no clip, with the commonest reasons."""
+    if not len(clips):
+        return EmptyStage("check: no clip to check (ingest accepted no video)")
+    kinds = clips.reasons.map(reason_kind).value_counts().head(3)
+    top = ", ".join(f"{kind} ({n})" for kind, n in kinds.items())
+    return EmptyStage(
+        f"check: no clip kept: {len(clips)} clips of {len(videos)} videos, every one"
+        f" rejected ({top})"
+    )

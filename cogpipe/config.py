@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,7 +60,8 @@ def file_fingerprint(path: Path, field: str) -> str:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or NaN in any number: `learning_rate: .inf` fails at load, not in the optimizer.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def key_fields(self) -> dict[str, Any]:
         """The fields that decide this section's output, as JSON-ready values."""
@@ -576,10 +577,16 @@ class TrainConfig(Section):
     optimizer: Literal["adam", "adamw", "adamw8bit"] = Field(
         "adamw", description="adam, adamw, or adamw8bit (bitsandbytes, GPU only)."
     )
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (1e-4..1e-3).")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
-    weight_decay: float = Field(1e-4, ge=0, description="Decoupled weight decay (adamw).")
-    epsilon: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    learning_rate: float = Field(
+        1e-4, gt=0, le=1, description="Peak learning rate (1e-4..1e-3; at most 1)."
+    )
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="Adam betas, each in [0, 1)."
+    )
+    weight_decay: float = Field(
+        1e-4, ge=0, le=1, description="Decoupled weight decay (adamw), at most 1."
+    )
+    epsilon: float = Field(1e-8, gt=0, le=1, description="Adam epsilon, at most 1.")
     lr_scheduler: Literal[
         "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"
     ] = Field("cosine_with_restarts", description="A diffusers learning-rate schedule.")
@@ -588,7 +595,7 @@ class TrainConfig(Section):
     max_steps: int = Field(4000, ge=1, description="Optimizer steps in the run.")
     batch_size: int = Field(1, ge=1, description="Samples per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per step.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient-norm clip.")
     mixed_precision: Precision = Field(
         "auto", description="auto: fp16 for 2B-type, bf16 for 5B-type models on GPU; no on CPU."
     )
@@ -822,7 +829,7 @@ class EvaluateConfig(Section):
 class PipelineConfig(BaseModel):
     """The whole pipeline; one section per stage."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     workspace: Path = Field(Path("workspace"), description="Where every stage writes.")
     name: str | None = Field(
@@ -904,12 +911,33 @@ def load_config(path: str | Path) -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in e.errors()
-        ]
-        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+        lines = [_field_error(err) for err in e.errors()]
+        if len(lines) == 1:  # the usual case: one line, as the CLI prints it
+            raise ConfigError(f"{path}: {lines[0]}") from None
+        raise ConfigError(f"{path}: invalid config\n  " + "\n  ".join(lines)) from None
     return resolve_paths(cfg, path.parent)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _field_error(err: dict[str, Any]) -> str:
+    """'train.learning_rate: Input should be less than or equal to 1 (got 1e+39)'."""
+    where = ".".join(str(p) for p in err["loc"]) or "<root>"
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    if isinstance(value, int | float | str) and not isinstance(value, bool) and err["loc"]:
+        shown = f"{value:g}" if isinstance(value, float) else repr(value)
+        if isinstance(value, str) and _is_number(value):  # YAML reads 1e39 as a string
+            shown = value
+        if len(shown) <= 40 and err["type"] != "extra_forbidden":
+            message += f" (got {shown})"
+    return f"{where}: {message}"
 
 
 PROMPT_FILES = {

@@ -34,6 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from cogpipe.config import FilterConfig, PipelineConfig
+from cogpipe.errors import EmptyStage
 from cogpipe.models.cogvideox import component_fingerprint
 from cogpipe.overrides import apply_overrides, resolve
 from cogpipe.report import write_caption_report
@@ -307,6 +308,10 @@ def run_filter(
 
     Returns:
         The stage result (see `filter_result`).
+
+    Raises:
+        EmptyStage: no caption is selected (curated.parquet and the report are written,
+            the stage is not done).
     """
     started = time.time()
     captions_in, check = upstream["recaption"], upstream.get("check")
@@ -315,7 +320,7 @@ def run_filter(
     if ws.done(out):
         return ws.result("filter", out)
 
-    captions = read_table(Path(captions_in.path) / "captions.parquet")
+    captions = _with_columns(read_table(Path(captions_in.path) / "captions.parquet"))
     clips = read_table(Path(check.path) / "clips.parquet") if check else None
     count = token_counter(cfg)
     table = judged_table(captions, judge_captions(captions, cfg.filter, count), cfg.filter)
@@ -325,4 +330,26 @@ def run_filter(
     write_table(out / "curated.parquet", table)
     write_caption_report(out, table, names)
     progress(len(table), len(table), "judged")
-    return ws.finish(filter_result(key, out, table, names), started)
+    result = filter_result(key, out, table, names)
+    if not result.counts["selected"]:  # written for a look, but not done
+        raise _nothing_selected(result)
+    return ws.finish(result, started)
+
+
+def _with_columns(captions: pd.DataFrame) -> pd.DataFrame:
+    """The captions with at least clip_id and caption: a table of no rows may have been
+    written with no columns at all."""
+    for name in ("clip_id", "caption"):
+        if name not in captions:
+            captions[name] = pd.Series(dtype=object)
+    return captions
+
+
+def _nothing_selected(result: StageResult) -> EmptyStage:
+    """The error of a filter that selected no caption, with the commonest reasons."""
+    n = result.counts["captions"]
+    if not n:
+        return EmptyStage("filter: no caption to judge (no clip reached the caption stage)")
+    kinds = sorted(result.stats["rejections"].items(), key=lambda kv: -kv[1])[:3]
+    top = ", ".join(f"{kind} ({count})" for kind, count in kinds)
+    return EmptyStage(f"filter: no caption selected: {n} captions, every one rejected ({top})")

@@ -27,6 +27,7 @@ caption" for its video and keeps its place in the alignment.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import errno
 import json
@@ -44,6 +45,7 @@ CAPTION_COLUMNS = ("caption", "prompt", "text", "description")
 CAPTION_LISTS = ("prompt.txt", "prompts.txt", "caption.txt", "captions.txt")
 VIDEO_LISTS = ("video.txt", "videos.txt")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.json")
+LIST_HEAD = 1 << 16  # bytes of a list file read to tell text from binary
 
 _GAP = re.compile(r"[\s,]*")  # between two elements of a JSON array
 
@@ -299,11 +301,35 @@ def detect_layout(source: Path) -> str:
     return "diffusers" if lists else "metadata" if metas else "folder"
 
 
+def _require_text(source: Path, extensions: list[str]) -> None:
+    """A list file must be text: a video or any binary file given as `ingest.source` is a
+    clear error, not a decode error from deep inside a list reader (its head is read, never
+    the whole file, so a 10 GB video costs nothing)."""
+    kinds = "a folder or a list of videos (.csv, .jsonl, .json, or a .txt of paths)"
+    if source.suffix.lower() in extensions:
+        raise SourceError(
+            f"ingest.source {source} is a video file, not {kinds}: give the folder that holds it"
+        )
+    try:
+        with open(source, "rb") as f:
+            head = f.read(LIST_HEAD)
+    except OSError as e:
+        raise SourceError(f"ingest.source {source}: cannot read ({e.strerror})") from e
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < LIST_HEAD)
+        text = b"\x00" not in head
+    except UnicodeDecodeError:
+        text = False
+    if not text:
+        raise SourceError(f"ingest.source {source} is a binary file, not {kinds}")
+
+
 def _read_layout(source: Path, layout: str, extensions: list[str]) -> list[Found]:
     """(path, caption, error) of every input that `layout` finds in `source`."""
     if layout == "list":
         if not source.is_file():
             raise SourceError(f"ingest.source {source} is not a list file (layout: list)")
+        _require_text(source, extensions)
         return _merge(_records(source), source.parent, str(source))
     if not source.is_dir():
         raise SourceError(f"ingest.source {source} is not a folder (layout: {layout})")
@@ -319,17 +345,26 @@ def _read_layout(source: Path, layout: str, extensions: list[str]) -> list[Found
 
 
 def _stat(path: str, caption: str | None, error: str) -> Entry:
-    """The entry of one input: size -1 and the reason in `error` when it cannot be statted."""
+    """The entry of one input: size -1 and the reason in `error` when it cannot be statted.
+
+    A file this process may not read is an entry with the error "permission denied", never
+    probed: the error is part of the listing, so once the permission is fixed the listing
+    (and the ingest key) changes and the file is probed.
+    """
     size = mtime = -1
     if not error:
         try:
             st = os.stat(path)
-            if stat.S_ISREG(st.st_mode):
-                size, mtime = st.st_size, st.st_mtime_ns
-            else:
+            if not stat.S_ISREG(st.st_mode):
                 error = f"not a regular file ({_kind(st.st_mode)})"
+            elif not os.access(path, os.R_OK):
+                error = "permission denied"
+            else:
+                size, mtime = st.st_size, st.st_mtime_ns
         except OSError as e:
             error = _stat_error(path, e)
+        except ValueError as e:  # a list line with a NUL byte in it
+            error = f"not a valid path ({e})"
     return (path, size, mtime, caption, error)
 
 

@@ -50,7 +50,9 @@ def dtype_of(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_captioner(model_id: str, revision: str | None, device: str, dtype: str) -> Captioner:
+def load_captioner(
+    model_id: str, revision: str | None, device: str, dtype: str, field: str = "caption.model"
+) -> Captioner:
     """Load processor and model from a hub id or local folder, ready for batched generation.
 
     Args:
@@ -58,13 +60,36 @@ def load_captioner(model_id: str, revision: str | None, device: str, dtype: str)
         revision: hub revision (branch, tag or commit), or None.
         device: a torch device string ("cuda", "cuda:1", "cpu").
         dtype: "auto", "float32", "float16" or "bfloat16".
+        field: the config field that names the model, for the error.
 
     Returns:
         The Captioner, in eval mode on its device, with left padding and SDPA attention.
 
     Raises:
-        ValueError: the folder's model is not one of the four LLaVA architectures.
+        ModelLoadError: the model cannot be loaded (not one of the four LLaVA architectures,
+            a missing file, not in the hub cache offline); the message names `field`.
     """
+    try:
+        return _load_captioner(model_id, revision, device, dtype)
+    except (OSError, ValueError) as e:
+        raise _load_error(field, model_id, revision, e) from e
+
+
+def _load_error(field: str, model_id: str, revision: str | None, error: BaseException):
+    """The ModelLoadError of a failed load: the preflight check's precise one (the missing
+    file, the wrong model type) when it finds one, else the loader's first line."""
+    from cogpipe.config import ConfigError
+    from cogpipe.errors import ModelLoadError, load_failed
+    from cogpipe.preflight import CAPTIONERS, check_transformers_model
+
+    try:
+        check_transformers_model(field, model_id, revision, CAPTIONERS, "a supported captioner")
+    except ConfigError as precise:
+        return ModelLoadError(str(precise))
+    return load_failed(field, model_id, error)
+
+
+def _load_captioner(model_id: str, revision: str | None, device: str, dtype: str) -> Captioner:
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(model_id, revision=revision)

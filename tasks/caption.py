@@ -9,7 +9,7 @@ from prefect import task
 from cogpipe.config import PipelineConfig
 from cogpipe.pipeline import run_stage
 from cogpipe.workspace import StageResult
-from cogpipe_tasks.common import ProgressArtifact, cache_key, run
+from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
 
 
 @task(
@@ -19,6 +19,7 @@ from cogpipe_tasks.common import ProgressArtifact, cache_key, run
     result_serializer="json",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
 def caption(config: PipelineConfig, check: dict) -> dict:
@@ -31,6 +32,7 @@ def caption(config: PipelineConfig, check: dict) -> dict:
     task_run_name="caption-shard-{shard}",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
 def caption_shard(config: PipelineConfig, check: dict, shard: int) -> int:

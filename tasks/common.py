@@ -24,6 +24,7 @@ from prefect.artifacts import (
 from prefect.context import TaskRunContext
 
 from cogpipe.config import PipelineConfig
+from cogpipe.errors import is_permanent, writing
 from cogpipe.pipeline import UPSTREAM, finished, module, run_stage
 from cogpipe.summary import stage_markdown, stage_rows
 from cogpipe.workspace import StageResult, Workspace
@@ -32,11 +33,15 @@ PROGRESS_EVERY_S = 2.0  # at most one progress update (one API call) per this ma
 
 
 def retry_unless(*errors: type[BaseException]):
-    """A `retry_condition_fn` that retries every failure except `errors`: failures that
-    would come back on a retry (a diverged loss, a shard that does not decode back)."""
+    """A `retry_condition_fn` that retries every failure except `errors` and the permanent
+    ones (`cogpipe.errors.is_permanent`: a full disk, a read-only workspace, a wrong model,
+    an empty stage): failures that would come back on a retry, after reloading a model."""
 
     def should_retry(task, task_run, state) -> bool:
-        return not isinstance(state.data, errors)
+        error = state.data
+        return not isinstance(error, errors) and not (
+            isinstance(error, BaseException) and is_permanent(error)
+        )
 
     return should_retry
 
@@ -109,7 +114,9 @@ def inline_images(report: Path) -> str:
 def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
     """Run one stage through the library and publish its summary; returns a small record."""
     ups = {name: StageResult.from_dict(record) for name, record in upstream.items()}
-    return publish(stage, run_stage(config, stage, ups, progress=ProgressArtifact(stage)))
+    with writing(config.workspace):  # a full disk says so, not `unexpected pos 32448 vs 32336`
+        result = run_stage(config, stage, ups, progress=ProgressArtifact(stage))
+    return publish(stage, result)
 
 
 def publish(stage: str, result: StageResult) -> dict:

@@ -4,7 +4,7 @@ videos come from the shared store, generated once)."""
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe_tasks.common import cache_key, run
+from cogpipe_tasks.common import cache_key, retry_unless, run
 
 
 @task(
@@ -14,6 +14,7 @@ from cogpipe_tasks.common import cache_key, run
     result_serializer="json",
     retries=1,
     retry_delay_seconds=30,
+    retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
 def evaluate(config: PipelineConfig, train: dict, check: dict, filter: dict) -> dict:

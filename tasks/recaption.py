@@ -10,7 +10,7 @@ from prefect import task
 from cogpipe.config import PipelineConfig
 from cogpipe.pipeline import run_stage
 from cogpipe.workspace import StageResult
-from cogpipe_tasks.common import ProgressArtifact, cache_key, run
+from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
 
 
 @task(
@@ -20,6 +20,7 @@ from cogpipe_tasks.common import ProgressArtifact, cache_key, run
     result_serializer="json",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
 def recaption(config: PipelineConfig, caption: dict, check: dict) -> dict:
@@ -32,6 +33,7 @@ def recaption(config: PipelineConfig, caption: dict, check: dict) -> dict:
     task_run_name="recaption-shard-{shard}",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
 def recaption_shard(config: PipelineConfig, caption: dict, check: dict, shard: int) -> int:

@@ -25,7 +25,7 @@ from prefect.deployments import run_deployment
 from cogpipe.config import PipelineConfig
 from cogpipe.pipeline import finished, module, run_stage
 from cogpipe.workspace import Progress, ShardsIncomplete, Workspace, no_progress
-from cogpipe_tasks.common import cache_key, publish
+from cogpipe_tasks.common import cache_key, publish, retry_unless
 
 POLL_S = 2.0
 STAGE_FLOW = "cogpipe-stage"  # deployment `cogpipe-stage/<pool>` runs one stage on <pool>
@@ -52,6 +52,7 @@ def shards(config: PipelineConfig, stage: str) -> int:
     result_serializer="json",
     retries=2,
     retry_delay_seconds=10,
+    retry_condition_fn=retry_unless(),
 )
 def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[str, dict]) -> dict:
     """Run `stage` as flow runs of `cogpipe-stage/<pool>`: its shards at once, then the

@@ -226,13 +226,18 @@ def test_a_hanging_or_crashing_file_costs_one_row_not_the_stage():
 
 
 def test_ingest_time_limit_rejects_with_reason(tmp_path):
+    """Every file timed out: the manifest says why per file, and the stage, left with no
+    video, fails naming the commonest reasons instead of being done with nothing."""
+    from cogpipe.errors import EmptyStage
     from cogpipe.pipeline import run_stage
 
     src = write_corpus(tmp_path / "src")
     cfg = PipelineConfig(workspace=tmp_path / "ws",
                          ingest={"source": tmp_path / "src", "timeout": 1e-4})  # fmt: skip
-    result = run_stage(cfg, "ingest")
-    videos = read_table(Path(result.path) / "videos.parquet").set_index("path")
+    with pytest.raises(EmptyStage, match=r"every one rejected \(probe failed \(\d+\), symlink"):
+        run_stage(cfg, "ingest")
+    manifest = next((tmp_path / "ws" / "ingest").glob("*/videos.parquet"))
+    videos = read_table(manifest).set_index("path")
     assert videos.loc[str(src["ok"]), "reason"] == "probe failed: timed out after 0.0001s"
     assert len(videos) == len(src)
     os.chmod(src["unreadable"], 0o600)

@@ -55,6 +55,28 @@ def test_data_settings_that_cannot_work_fail_at_load(tmp_path, text, message):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  learning_rate: 1e39\n",
+         "train.learning_rate: Input should be less than or equal to 1 (got 1e39)"),
+        ("train:\n  learning_rate: .inf\n",
+         "train.learning_rate: Input should be a finite number (got inf)"),
+        ("train:\n  betas: [0.9, 1.5]\n", "train.betas.1: Input should be less than 1 (got 1.5)"),
+        ("train:\n  weight_decay: 3\n",
+         "train.weight_decay: Input should be less than or equal to 1 (got 3)"),
+        ("evaluate:\n  guidance: .nan\n", "evaluate.guidance: Input should be a finite number (got nan)"),
+    ],
+)  # fmt: skip
+def test_an_absurd_number_fails_at_load_in_one_line_naming_the_field(tmp_path, text, message):
+    """1e39 used to pass validation and overflow in the optimizer."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value) == f"{path}: {message}"
+
+
 def test_unknown_field_is_rejected(tmp_path):
     path = tmp_path / "typo.yaml"
     path.write_text("caption:\n  promt: hello\n")

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -337,18 +338,42 @@ def write_captions(root, captions: dict[str, str | None]):
     return {"recaption": StageResult("recaption", "k", str(cap))}
 
 
-def test_filter_of_no_caption_at_all_writes_an_empty_set_and_its_report(tmp_path):
+def test_filter_of_no_caption_at_all_fails_and_is_not_done(tmp_path):
+    """An empty captions table, even one written with no columns at all, is judged without
+    a crash; the stage writes its (empty) set and report for a look, fails naming why and
+    records no done marker."""
+    from cogpipe.errors import EmptyStage
     from cogpipe.filter import run_filter
-    from cogpipe.workspace import Workspace
+    from cogpipe.workspace import SUCCESS, Workspace, write_table
 
     upstream = write_captions(tmp_path, {})  # every clip was rejected before captioning
+    write_table(Path(upstream["recaption"].path) / "captions.parquet", pd.DataFrame())
     cfg = PipelineConfig(workspace=tmp_path, filter={"max_tokens": 0})
-    result = run_filter(Workspace(tmp_path), cfg, upstream)
-    assert result.counts["captions"] == 0 and result.counts["selected"] == 0
-    assert (
-        "- captions: 0 (0 accepted, 0 selected, 0 rejected)"
-        in ws_file(result, "report.md").read_text()
+    with pytest.raises(EmptyStage) as e:
+        run_filter(Workspace(tmp_path), cfg, upstream)
+    assert str(e.value) == "filter: no caption to judge (no clip reached the caption stage)"
+    out = next((tmp_path / "filter").iterdir())
+    assert not (out / SUCCESS).exists()
+    assert "- captions: 0 (0 accepted, 0 selected, 0 rejected)" in (out / "report.md").read_text()
+
+
+def test_filter_that_selects_nothing_names_the_top_reasons_and_is_not_done(tmp_path):
+    from cogpipe.errors import EmptyStage
+    from cogpipe.filter import run_filter
+    from cogpipe.pipeline import finished
+    from cogpipe.workspace import Workspace
+
+    upstream = write_captions(tmp_path, {"a": "Too short.", "b": None, "c": "Also short."})
+    gate = {"max_tokens": 0, "min_english": 0, "min_domain_terms": 0}
+    cfg = PipelineConfig(workspace=tmp_path, filter=gate)
+    with pytest.raises(EmptyStage) as e:
+        run_filter(Workspace(tmp_path), cfg, upstream)
+    assert str(e.value) == (
+        "filter: no caption selected: 3 captions, every one rejected (too few words (2),"
+        " empty caption (1))"
     )
+    key = next((tmp_path / "filter").iterdir()).name
+    assert finished(Workspace(tmp_path), cfg, "filter", key, {"recaption": "k"}) is None
 
 
 def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):

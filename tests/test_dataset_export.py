@@ -29,6 +29,7 @@ from cogpipe.dataset import (
     selected_clips,
 )
 from cogpipe.demo import DEMO_CONFIG
+from cogpipe.errors import EmptyStage
 from cogpipe.pipeline import run_all, run_stage
 from cogpipe.video import VideoReader, probe_video, read_frames
 from cogpipe.workspace import StageNotReady, read_table
@@ -193,8 +194,10 @@ def test_unfinished_filter_and_empty_selection_are_clear_errors(curated, tmp_pat
         StageNotReady, match="filter stage is not finished.*`cogpipe run CONFIG --until filter`"
     ):
         export_dataset(changed, tmp_path / "out", "jsonl")
-    run_all(changed, until="filter")  # reuses the captions; rejects each (too few words)
-    with pytest.raises(DatasetExportError, match="no selected training clip"):
+    # The captions are reused; each is rejected (too few words), so filter fails, not done.
+    with pytest.raises(EmptyStage, match=r"^filter: no caption selected: .*too few words"):
+        run_all(changed, until="filter")
+    with pytest.raises(StageNotReady, match="filter stage is not finished"):
         export_dataset(changed, tmp_path / "out", "jsonl")
     assert not (tmp_path / "out").exists()
 

@@ -62,7 +62,8 @@ def test_each_nightly_run_evaluates_only_new_checkpoints(tmp_path, sample_videos
                               bootstrap=100)  # fmt: skip
     cfg = PipelineConfig(workspace=tmp_path / "ws", model=str(tiny_models["cogvideox"]),
                          ingest=IngestConfig(source=videos, workers=1),
-                         check=CheckConfig(workers=1), evaluate=evaluate)  # fmt: skip
+                         check=CheckConfig(workers=1), precompute={"frames": 9},
+                         evaluate=evaluate)  # fmt: skip
     with pytest.raises(StageNotReady, match="check stage finished"):
         evaluate_checkpoints(cfg)
     run_stage(cfg, "ingest")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cogpipe.config import PipelineConfig
+from cogpipe.config import PipelineConfig, PrecomputeConfig
 from cogpipe.pipeline import run_stage
 from cogpipe.sources import CAPTION_LISTS, VIDEO_LISTS, SourceError, list_source
 from cogpipe.workspace import read_table
@@ -258,13 +258,14 @@ def test_source_captions_reach_the_clips_table(clips, tmp_path):
     (clips / "metadata.csv").write_text(
         "file_name,caption\n" + "".join(f"videos/clip{i}.mp4,{c}\n" for i, c in enumerate(CAPTIONS))
     )
-    cfg = _cfg(tmp_path, clips)
+    # 1 s training windows: the 3 s sample clips are kept (a check that keeps none fails).
+    cfg = _cfg(tmp_path, clips).model_copy(update={"precompute": PrecomputeConfig(frames=9)})
     run_stage(cfg, "ingest")
     table = read_table(Path(run_stage(cfg, "check").path) / "clips.parquet")
     assert sorted(table.source_caption) == sorted(CAPTIONS)
 
 
-def test_reingest_of_100k_unchanged_files_probes_nothing(tmp_path):
+def test_reingest_of_100k_unchanged_files_probes_nothing(tmp_path, sample_videos):
     """The acceptance bound: an unchanged 100,000-entry tree re-ingests in under 60 s."""
     src = tmp_path / "tree"
     for d in range(100):
@@ -274,6 +275,7 @@ def test_reingest_of_100k_unchanged_files_probes_nothing(tmp_path):
             fd = os.open(folder / f"c{i:03d}.mp4", os.O_WRONLY | os.O_CREAT, 0o644)
             os.write(fd, b"%d/%d" % (d, i))  # small non-video files: each still a row
             os.close(fd)
+    shutil.copy(sample_videos["shapes_00.mp4"], src / "d99" / "c999.mp4")  # one video at least
     cfg = _cfg(tmp_path, src)
     first = run_stage(cfg, "ingest")
     assert first.counts["files"] == 100_000 and first.counts["probed"] == 100_000

@@ -15,7 +15,8 @@ so `CogVideoXPipeline.load_lora_weights(folder)` applies scale alpha / rank by i
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,24 +66,47 @@ def component_fingerprint(model: str, *subfolders: str) -> dict[str, Any]:
     return {name: model_fingerprint(str(root / name)) for name in subfolders}
 
 
+@contextmanager
+def loading(model: str, components: dict[str, bool], field: str = "model") -> Iterator[None]:
+    """Turn a failed load of `components` ({subfolder: weights read}) into a ModelLoadError
+    naming `field` and, where the preflight check finds it, the missing or wrong file
+    (diffusers' own message names `diffusion_pytorch_model.bin` in the model's root for a
+    VAE whose safetensors file is missing)."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        from cogpipe.config import ConfigError
+        from cogpipe.errors import ModelLoadError, load_failed
+        from cogpipe.preflight import check_cogvideox
+
+        try:
+            check_cogvideox(field, model, components, pipeline=False)
+        except ConfigError as precise:
+            raise ModelLoadError(str(precise)) from e
+        raise load_failed(field, model, e) from e
+
+
 def transformer_config(model: str) -> dict[str, Any]:
     """The transformer's config (max_text_seq_length, patch sizes, ...) without its weights."""
     from diffusers import CogVideoXTransformer3DModel
 
-    return dict(CogVideoXTransformer3DModel.load_config(model, subfolder="transformer"))
+    with loading(model, {"transformer": False}):
+        return dict(CogVideoXTransformer3DModel.load_config(model, subfolder="transformer"))
 
 
 def vae_config(model: str) -> dict[str, Any]:
     from diffusers import AutoencoderKLCogVideoX
 
-    return dict(AutoencoderKLCogVideoX.load_config(model, subfolder="vae"))
+    with loading(model, {"vae": False}):
+        return dict(AutoencoderKLCogVideoX.load_config(model, subfolder="vae"))
 
 
 def load_vae(model: str, device: str, dtype: torch.dtype):
     """The frozen VAE in eval mode on `device`."""
     from diffusers import AutoencoderKLCogVideoX
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+    with loading(model, {"vae": True}):
+        vae = AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -90,8 +114,9 @@ def load_text_encoder(model: str, device: str, dtype: torch.dtype):
     """(tokenizer, frozen T5 encoder on `device`)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
-    tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
-    encoder = T5EncoderModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
+    with loading(model, {"tokenizer": False, "text_encoder": True}):
+        tokenizer = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
+        encoder = T5EncoderModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
     return tokenizer, encoder.to(device).eval().requires_grad_(False)
 
 
@@ -99,9 +124,10 @@ def load_transformer(model: str, device: str, dtype: torch.dtype):
     """The transformer with every base weight frozen, cast to `dtype`, on `device`."""
     from diffusers import CogVideoXTransformer3DModel
 
-    transformer = CogVideoXTransformer3DModel.from_pretrained(
-        model, subfolder="transformer", torch_dtype=dtype
-    )
+    with loading(model, {"transformer": True}):
+        transformer = CogVideoXTransformer3DModel.from_pretrained(
+            model, subfolder="transformer", torch_dtype=dtype
+        )
     return transformer.requires_grad_(False).to(device)
 
 
@@ -109,7 +135,8 @@ def load_scheduler(model: str):
     """The training noise schedule (CogVideoXDPMScheduler, v-prediction)."""
     from diffusers import CogVideoXDPMScheduler
 
-    return CogVideoXDPMScheduler.from_pretrained(model, subfolder="scheduler")
+    with loading(model, {"scheduler": False}):
+        return CogVideoXDPMScheduler.from_pretrained(model, subfolder="scheduler")
 
 
 # --------------------------------------------------------------------------- encoding
