@@ -272,10 +272,13 @@ def atomic_path(final: Path, keep_suffix: bool = False) -> Iterator[Path]:
     committed units ignore it) and names its writer, so `sweep_temporaries` removes it
     once that process is gone. `keep_suffix`: the temporary ends with `final`'s suffix.
     """
+    from cogpipe.errors import writing  # "disk full writing FINAL", not the writer's riddle
+
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(final, keep_suffix)
     try:
-        yield tmp
+        with writing(final):
+            yield tmp
         fault_point("rename", final)
         if tmp.is_dir() and final.is_dir():
             shutil.rmtree(final)  # a rewrite of a folder (never of a committed unit)
