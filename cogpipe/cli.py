@@ -18,25 +18,40 @@
     cogpipe worker --pool cpu|gpu          one worker (a GPU worker's GPUs: CUDA_VISIBLE_DEVICES)
 
 Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
-lazily and run it on Prefect's embedded default (a local server on SQLite) unless
-PREFECT_API_URL points at a server.
+lazily and run it on a temporary Prefect server of their own (on PREFECT_HOME's SQLite
+database; it ends with the command, SIGKILL included) unless PREFECT_API_URL points at a
+server. Their console shows Prefect's progress lines; everything, tracebacks included,
+goes to `<workspace>/logs/run-<time>.log`, and an error to one line naming that file
+(`--debug`: the traceback and Prefect's full console output).
+
+Ctrl-C (run, demo, stage commands, generate, sweep) stops within seconds with one line
+saying what was committed, exit code 130 (`cogpipe.interrupt`); the next run says what it
+resumes from, and `status` shows what unfinished stages committed (`cogpipe.partial`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import math
 import os
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
+from cogpipe.errors import describe
 from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
+from cogpipe.interrupt import Guard, interrupted
+from cogpipe.preflight import preflight
 from cogpipe.sources import SourceError
 from cogpipe.workspace import StageNotReady, StageResult, read_table
 
@@ -61,6 +76,7 @@ class _ProgressLine:
         self.stage, self.last = stage, 0.0
         self.started: float | None = None
         self.baseline = 0
+        self.open = False  # a bar is on screen without its newline
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
         now = time.time()
@@ -78,45 +94,240 @@ class _ProgressLine:
             f"\r{self.stage} [{bar}] {done}/{total} {rate * 3600:.0f}/h {eta} {note[-32:]:<32}{end}"
         )
         sys.stderr.flush()
+        self.open = not end
+
+    def after(self, line: str) -> str:
+        """`line` on a line of its own, below an unfinished bar."""
+        return "\n" + line if self.open else line
 
 
 def run_pipeline(cfg: PipelineConfig, until: str = "evaluate") -> tuple[list[StageResult], float]:
     """Run the Prefect flow; returns the stage results and the flow run's duration in seconds.
 
-    The duration is Prefect's own record of the flow run, so starting the embedded
-    server (10-40 s on a small machine) is not counted as pipeline time.
+    The duration is Prefect's own record of the flow run, so starting the server is not
+    counted as pipeline time. Runs on the server Prefect's settings name (in-process
+    callers: Prefect's ephemeral one); the CLI starts its own (`_prefect_api`).
     """
     _prefect_env()
+    from prefect import tags
     from prefect.client.orchestration import get_client
 
-    from cogpipe_flows.pipeline import pipeline
+    from cogpipe_flows.pipeline import cli_tags, pipeline
 
-    state = pipeline(cfg, until=until, return_state=True)
+    with tags(*cli_tags()):  # who runs it: a later run can tell if this process was killed
+        state = pipeline(cfg, until=until, return_state=True)
     records = state.result()  # raises the flow's error if it failed
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
     return [StageResult.from_dict(r) for r in records.values()], run.total_run_time.total_seconds()
 
 
+def _run_log(cfg: PipelineConfig) -> Path:
+    """`<workspace>/logs/run-<time>-<pid>.log`: everything a `run` logs, tracebacks included."""
+    from cogpipe.workspace import Workspace
+
+    folder = Workspace(cfg.workspace).root / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def _prefect_api(log_file: Path, meanwhile) -> Iterator[None]:
+    """Call `meanwhile()`, then yield with Prefect pointed at a server: PREFECT_API_URL's,
+    else a temporary one of ours (`cogpipe_flows.local_server`: its own session, so a
+    terminal's Ctrl-C leaves it to us; it dies with this process), started first so that
+    it starts up while `meanwhile` runs (imports, reading the workspace)."""
+    _prefect_env()
+    if os.environ.get("PREFECT_API_URL"):
+        meanwhile()
+        yield
+        return
+    from cogpipe_flows.local_server import LocalServer
+
+    server = LocalServer.start(log_file)
+    try:
+        meanwhile()
+        server.wait()
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            _report_killed_runs()
+            try:
+                yield
+            except KeyboardInterrupt:
+                raise  # nothing is sent: the Guard exits at once
+            except BaseException:
+                _drain_prefect()
+                raise
+            _drain_prefect()
+    except KeyboardInterrupt:
+        raise  # the Guard says what was committed, then stops every child, this server too
+    except BaseException:
+        server.stop()
+        raise
+    server.stop()
+
+
+def _report_killed_runs() -> None:
+    """Earlier runs on this home that were killed (their server died with them) are still
+    Running in its database: mark them Crashed, and say so."""
+    from cogpipe_flows.pipeline import crash_killed_runs
+
+    try:
+        names = crash_killed_runs()
+    except Exception as e:  # noqa: BLE001 - housekeeping: the run goes on
+        logging.getLogger(__name__).warning("cannot mark killed runs Crashed: %s", describe(e))
+        return
+    for name in names:
+        print(f"flow run {name!r} of a killed `cogpipe run` marked Crashed", flush=True)
+
+
+def _drain_prefect(timeout: float = 10) -> None:
+    """Send the logs and events Prefect still holds while its server is up: at exit they
+    would retry a stopped server for over a minute."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout)
+
+
+class _QuietConsole(logging.Filter):
+    """Prefect's console without errors and tracebacks: the CLI reports a failure in one
+    line, and the run's log file has them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and not record.exc_info
+
+
+@contextlib.contextmanager
+def _run_logging(log_file: Path, debug: bool) -> Iterator[None]:
+    """Every log record to `log_file`; Prefect's console quiet about errors unless `debug`."""
+    from prefect.logging.formatters import PrefectFormatter
+    from prefect.logging.handlers import PrefectConsoleHandler  # prefect's logging is set up
+
+    root = logging.getLogger()
+    handler = logging.FileHandler(log_file)
+    line = "%(asctime)s | %(levelname)-7s | {} - %(message)s"
+    handler.setFormatter(PrefectFormatter(
+        line.format("%(name)s"), flow_run_fmt=line.format("Flow run %(flow_run_name)r"),
+        task_run_fmt=line.format("Task run %(task_run_name)r"),
+    ))  # fmt: skip
+    root.addHandler(handler)
+    quiet = _QuietConsole()
+    consoles = [] if debug else [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
+    for console in consoles:
+        console.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for console in consoles:
+            console.removeFilter(quiet)
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _run_flow(
+    cfg: PipelineConfig, until: str, debug: bool
+) -> tuple[list[StageResult], float] | None:
+    """The pipeline flow for `run` and `demo`: resume lines first, Ctrl-C as one line
+    (exit 130), a failure as one line naming the log file (None; `debug`: the traceback too)."""
+    log_file = _run_log(cfg)
+
+    def meanwhile() -> None:
+        from cogpipe.partial import resume_lines
+        from cogpipe.pipeline import plan
+
+        for line in resume_lines(cfg, plan(cfg, until)):
+            print(line, flush=True)
+        import cogpipe_flows.pipeline  # noqa: F401 - the imports, while the server starts
+
+    with Guard(lambda: _run_interrupted(cfg, until), log_file) as guard:
+        try:
+            with _prefect_api(log_file, meanwhile), _run_logging(log_file, debug):
+                return run_pipeline(cfg, until)
+        except Exception as e:
+            if guard.requested is not None:  # the interrupt, as Prefect re-raised it
+                raise
+            with open(log_file, "a") as log:  # the server may have failed before any logging
+                traceback.print_exc(file=log)
+            if debug:
+                traceback.print_exc()
+            print(f"cogpipe: error: {_error_line(cfg, until, e)}; log: {log_file}", file=sys.stderr)
+            return None
+
+
+def _error_line(cfg: PipelineConfig, until: str, error: BaseException) -> str:
+    """The error in one line, after the stage it stopped (when it does not name it)."""
+    from cogpipe.partial import running_stage
+    from cogpipe.pipeline import plan
+
+    text = describe(error)
+    try:
+        stage = running_stage(cfg, plan(cfg, until))
+    except Exception:  # noqa: BLE001 - the error itself is what matters
+        stage = None
+    return f"{stage}: {text}" if stage and not text.startswith(stage) else text
+
+
+def _run_interrupted(cfg: PipelineConfig, until: str) -> str:
+    """The Ctrl-C line of a pipeline run: what the stage it was in had committed."""
+    from cogpipe.partial import running_stage
+    from cogpipe.pipeline import plan
+
+    keys = plan(cfg, until)
+    stage = running_stage(cfg, keys)
+    if stage is None:
+        return f"interrupted after every stage up to {until} had finished"
+    return _stage_interrupted(cfg, stage, keys)
+
+
+def _stage_interrupted(cfg: PipelineConfig, stage: str, keys: dict[str, str]) -> str:
+    """'interrupted; caption: 812 of 2,982 clips committed; run again to resume'."""
+    from cogpipe.partial import is_finished, partial_progress
+
+    if is_finished(cfg, stage, keys):
+        return f"interrupted after {stage} had finished"
+    found = partial_progress(cfg, stage, keys)
+    return interrupted(found.committed() if found else f"{stage}: nothing committed yet")
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
-    results, elapsed = run_pipeline(cfg, args.until)
+    preflight(cfg, args.until)
+    outcome = _run_flow(cfg, args.until, _debug(args))
+    if outcome is None:
+        return 1
+    results, elapsed = outcome
     print(table(results))
     print(f"pipeline: {elapsed:.1f}s")
     return 0
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from cogpipe.pipeline import run_stage
+    from cogpipe.partial import partial_progress
+    from cogpipe.pipeline import plan, run_stage, upstream_results
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
     shard, part = getattr(args, "shard", None), getattr(args, "part", None)
     options = {"shard": shard} if shard is not None else {}
     options |= {"part": part} if part is not None else {}
-    result = run_stage(cfg, args.command, progress=_ProgressLine(args.command), **options)
+    keys = plan(cfg, args.command)
+    upstream = upstream_results(cfg, args.command, keys)  # first: "run X first" says most
+    preflight(cfg, args.command)  # the stages upstream are done: this one's fields
+    found = partial_progress(cfg, args.command, keys)
+    if found is not None:
+        print(found.resuming(), flush=True)
+    progress = _ProgressLine(args.command)
+    with Guard(lambda: progress.after(_stage_interrupted(cfg, args.command, keys))):
+        result = run_stage(cfg, args.command, upstream, progress=progress, **options)
     if result is None and shard is not None:  # its parts are committed; the merge comes later
         print(f"{args.command} shard {shard} of {cfg.caption.shards}: every part committed")
         return 0
@@ -140,6 +351,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         state = "done" if s["done"] else "not done"
         counts = ", ".join(f"{k}={v}" for k, v in s["counts"].items())
+        if s.get("partial"):
+            counts = f"partial: {s['partial']['text']}"
         print(f"{stage:<11} {s['key']:<12} {state:<9} {counts}")
         print(f"{'':<11} {s['path']}")
     return 0
@@ -152,9 +365,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     root = Path(args.workspace).resolve()
     print(f"demo: writing sample videos and tiny models under {root}")
-    config_path = prepare_demo(root)
+    with Guard(lambda: interrupted("demo: files written so far are kept")):
+        config_path = prepare_demo(root)
     cfg = load_config(config_path)
-    results, elapsed = run_pipeline(cfg)
+    preflight(cfg, "evaluate")
+    outcome = _run_flow(cfg, "evaluate", _debug(args))
+    if outcome is None:
+        return 1
+    results, elapsed = outcome
     print(table(results))
     computed = [r.stage for r in results if not r.reused]
     print(f"pipeline: {elapsed:.1f}s; computed: {', '.join(computed) or 'none (all reused)'}")
@@ -216,7 +434,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     options = _generate_options(args)
     prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
-    run_generate(prompts, options, args.output, on_video=_print_video)
+    written: list[Path] = []
+
+    def on_video(path: Path, seconds: float) -> None:
+        written.append(path)
+        _print_video(path, seconds)
+
+    def summary() -> str:  # generate overwrites: nothing to resume from
+        n = len(prompts)
+        return (f"interrupted; generate: {len(written)} of {n} videos written (listed above); "
+                f"running again makes all {n} (existing files are overwritten)")  # fmt: skip
+
+    with Guard(summary):
+        run_generate(prompts, options, args.output, on_video=on_video)
     return 0
 
 
@@ -231,11 +461,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     metrics = {}
     if args.clip_model:
         metrics["clip_score"] = clip_metric(args.clip_model, options.device)
-    table = run_sweep(
-        prompts, options, grid, args.out, experiment, metrics,
-        progress=lambda done, total, note: print(f"[{done}/{total}] {note}", flush=True),
-    )  # fmt: skip
     folder = Path(args.out) / experiment
+    reached = [0, len(prompts) * math.prod(len(v) for v in grid.values())]  # done, total
+
+    def progress(done: int, total: int, note: str) -> None:
+        reached[:] = [done, total]
+        print(f"[{done}/{total}] {note}", flush=True)
+
+    def summary() -> str:
+        done, total = reached
+        return interrupted(f"sweep: {done} of {total} videos done in {folder} (results.csv)")
+
+    with Guard(summary):
+        table = run_sweep(prompts, options, grid, args.out, experiment, metrics, progress=progress)
     skipped, errors = int(table.skipped.sum()), int((table.error != "").sum())
     print(f"{folder}: {len(table)} videos ({len(table) - skipped - errors} generated, "
           f"{skipped} skipped, {errors} failed); results.csv, grid.png, timing.png")  # fmt: skip
@@ -293,19 +531,25 @@ def cmd_rate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEBUG_HELP = "show tracebacks and Prefect's full console output"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="sample videos + tiny models, then the whole pipeline")
     p.add_argument(
         "--workspace", default="demo", help="folder for videos, models, config, workspace"
     )
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("run", help="the full pipeline as a Prefect flow")
     p.add_argument("config")
     p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     p.set_defaults(fn=cmd_run)
 
     for stage in STAGES:
@@ -447,6 +691,9 @@ def main(argv: list[str] | None = None) -> int:
             ExportError) as e:  # fmt: skip
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before a command's own Guard (loading, checking): no work yet
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -131,7 +131,11 @@ def run_all(
 
 
 def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """Per stage: key, output path, done, counts, rejections and when it finished."""
+    """Per stage: key, output path, done, counts, rejections and when it finished; for an
+    unfinished stage, what an earlier run committed (`partial`: `Partial.to_dict()`, or
+    None), read from its folders (`cogpipe.partial`)."""
+    from cogpipe.partial import partial_progress
+
     ws = Workspace(cfg.workspace)
     try:
         keys = plan(cfg)
@@ -151,5 +155,9 @@ def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
             "rejections": record.get("stats", {}).get("rejections", {}) if done else {},
             "finished_at": record.get("finished_at") if done else None,
             "seconds": record.get("seconds") if done else None,
+            "partial": None,
         }
+        found = None if done else partial_progress(cfg, stage, keys)
+        if found is not None:
+            out[stage]["partial"] = found.to_dict()
     return out

@@ -2,16 +2,23 @@
 precompute → train → evaluate. Each task is cached by its stage key, so a re-run of a finished
 pipeline costs seconds and a changed config recomputes only what it touches.
 
-    cogpipe run configs/demo.yaml            # CLI, on Prefect's embedded local server
-    python -m cogpipe_flows.pipeline CONFIG  # the same, without the CLI
+    cogpipe run configs/demo.yaml            # CLI, on a temporary server of its own
+    python -m cogpipe_flows.pipeline CONFIG  # the same on Prefect's ephemeral server
 
 Deployed (deployments/prefect.yaml) it runs on the `cpu` pool with `gpu_pool: gpu`: the
 GPU stages become runs of `cogpipe-stage/gpu` on GPU workers (flows/stage.py).
+
+A run the CLI starts carries tags naming its process (`cli_tags`): the next CLI run on
+the same Prefect home marks Crashed those whose process was killed and left them Running
+(`crash_killed_runs`).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
+from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -89,6 +96,61 @@ def run_shards(shard_task, config: PipelineConfig, *upstream: dict) -> None:
     for wave in (shards[i : i + lanes] for i in range(0, len(shards), lanes)):
         for future in [shard_task.submit(config, *upstream, k) for k in wave]:
             future.result()  # waits; a shard that failed after its retries fails the flow
+
+
+CLI_TAG = "cogpipe-cli"  # flow runs started by `cogpipe run` / `demo`, with its process's tag
+
+
+def cli_tags() -> list[str]:
+    """Tags for a flow run this process starts: CLI_TAG and `cogpipe-cli:<host>:<pid>:<start>`,
+    so a later run on this host can tell whether the process still runs (`crash_killed_runs`)."""
+    return [CLI_TAG, f"{CLI_TAG}:{socket.gethostname()}:{os.getpid()}:{_started(os.getpid())}"]
+
+
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc; '' elsewhere): with the
+    pid, it names one process even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _gone(tag: str) -> bool:
+    """Whether the process a `cli_tags` tag names, on this host, has ended."""
+    _, host, pid, started = (tag.split(":") + ["", "", ""])[:4]
+    if host != socket.gethostname() or not pid.isdigit() or not started:
+        return False  # another host's, or unknowable here: leave it
+    return _started(int(pid)) != started
+
+
+def crash_killed_runs() -> list[str]:
+    """Mark Crashed the flow runs of `cogpipe run`s on this host that were killed (SIGKILL,
+    a lost terminal) and so never reported their end; returns their names. Runs of live
+    processes, of other hosts and of workers are left alone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    live = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+    wanted = FlowRunFilter(
+        tags=FlowRunFilterTags(all_=[CLI_TAG]), state=FlowRunFilterState(type=live)
+    )
+    crashed = []
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=wanted, limit=200):
+            owner = next((t for t in run.tags if t.startswith(f"{CLI_TAG}:")), "")
+            if _gone(owner):
+                message = "Its `cogpipe run` process was killed; run it again to resume."
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                crashed.append(run.name)
+    return crashed
 
 
 if __name__ == "__main__":
