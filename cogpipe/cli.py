@@ -47,7 +47,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
-from cogpipe.errors import describe
+from cogpipe.errors import EmptyStage, describe, is_permanent
 from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.interrupt import Guard, interrupted
@@ -688,8 +688,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError,
-            ExportError) as e:  # fmt: skip
-        print(f"cogpipe: error: {e}", file=sys.stderr)
+            ExportError, EmptyStage) as e:  # fmt: skip
+        print(f"cogpipe: error: {describe(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only, permission: one line naming the file
+        if not is_permanent(e) or getattr(args, "debug", False):
+            raise
+        print(f"cogpipe: error: {describe(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before a command's own Guard (loading, checking): no work yet
         print("interrupted", file=sys.stderr)
