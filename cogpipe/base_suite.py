@@ -5,8 +5,10 @@ the same (prompt, seed). Those videos depend only on the model's weights (by fin
 the video settings (`VIDEO_FIELDS`), the prompt and the seed, never on the run, so they
 live once in `cache/evaluate-base/<key>.mp4` (+ `<key>.json`: prompt, seed, model,
 settings, seconds) and each run's `base/` unit hard-links them (a copy across
-filesystems). A per-key lock makes a parallel evaluation wait for a video in flight
-instead of generating it twice; the mp4's rename into place is the commit. The base
+filesystems). A per-key lock (`Workspace.hold`, freed when its holder dies) makes a
+parallel evaluation wait for a video in flight instead of generating it twice; the mp4's
+rename into place is the commit (its temporary names its writer, so a sweep removes a
+killed writer's and never a live one's). The base
 model is always sampled text-to-video: it has no conditioned mode, so the base of an
 IC-LoRA or TIC-FT run is the same video as a LoRA run's.
 
@@ -15,12 +17,10 @@ IC-LoRA or TIC-FT run is the same video as a LoRA run's.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from cogpipe.config import PipelineConfig
 from cogpipe.video import write_mp4
-from cogpipe.workspace import Workspace, model_fingerprint, sha256_json, write_json
+from cogpipe.workspace import Workspace, atomic_path, model_fingerprint, sha256_json, write_json
 
 VIDEO_FIELDS = ("frames", "height", "width", "steps", "guidance", "fps")  # what changes a video
 BASE_STORE = "evaluate-base"  # cache/<this>/<key>.mp4: the base model's videos
@@ -46,23 +46,11 @@ def base_key(cfg: PipelineConfig, request) -> str:
     })[:16]  # fmt: skip
 
 
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on `path` (created) for the block: other processes wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    """An mp4 written under a temporary `.mp4` name and renamed into place."""
-    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}-{time.time_ns()}.mp4")
-    try:
+    """An mp4 written under a temporary `.mp4` name (the encoder picks the format by it)
+    and renamed into place."""
+    with atomic_path(path, keep_suffix=True) as tmp:
         write_mp4(tmp, frames, fps)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def base_video(ws: Workspace, cfg: PipelineConfig, request,
@@ -78,7 +66,7 @@ def base_video(ws: Workspace, cfg: PipelineConfig, request,
     key = base_key(cfg, request)
     store = ws.cache_dir(BASE_STORE)
     path, record = store / f"{key}.mp4", store / f"{key}.json"
-    with file_lock(store / f".{key}.lock"):
+    with ws.hold(f"{BASE_STORE}-{key}"):
         if not path.is_file():
             started = time.time()
             frames = make()  # [F, H, W, 3] uint8

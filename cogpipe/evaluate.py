@@ -6,8 +6,15 @@ something must be generated; a full fine-tune's checkpoint swaps in its `transfo
 written as an mp4, then scored from the mp4 as written (CLIP score, temporal consistency,
 dynamic degree, features for the Fréchet distance), drawn (contact sheet; A/B grid beside
 the base at the same prompt and seed) and committed: the unit's folder is written under a
-temporary name and renamed into place, then appended to `evaluate/index.parquet`; the
+temporary name and renamed into place, then its row goes into `evaluate/index.parquet`; the
 checkpoints listed there are never generated again.
+
+Concurrent calls (two `cogpipe run`s, a nightly pass beside a manual one, a Prefect retry
+while the first attempt still runs) share the work: each unit is made under its lock
+(`Workspace.hold`, freed by the system when its holder dies, SIGKILL included) by one
+process; a call skips the units another holds, makes the rest, then waits for the
+skipped ones and makes any whose holder died before committing it. The index is rewritten
+under its own lock, one row per (ekey, run, checkpoint), so no unit is ever listed twice.
 
 What is notable:
 - The base model's videos come from the shared content-keyed store (`cogpipe.base_suite`):
@@ -54,7 +61,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,7 +74,6 @@ from cogpipe import sampling
 from cogpipe.base_suite import (  # noqa: F401  (BASE_STORE re-exported)
     BASE_STORE,
     base_video,
-    file_lock,
     link_or_copy,
     read_json,
 )
@@ -97,6 +104,7 @@ from cogpipe.eval_report import (  # noqa: F401  (re-exported: PER_VIDEO, higher
 from cogpipe.heldout import conditions, heldout_clips, paired_clips, real_features, reference_clips
 from cogpipe.metrics import clip_score, video_metrics
 from cogpipe.models.cogvideox import LORA_FILE
+from cogpipe.ratings import report_lock
 from cogpipe.video import (
     even_indices,
     probe_video,
@@ -104,6 +112,7 @@ from cogpipe.video import (
     write_mp4,
 )
 from cogpipe.workspace import (
+    Busy,
     Progress,
     StageResult,
     Workspace,
@@ -125,6 +134,7 @@ INDEX_COLUMNS = [
     *[c for m in METRICS for c in (m, f"{m}_low", f"{m}_high")],
     "fd_note", "videos", "evaluated_at",
 ]  # fmt: skip
+INDEX_KEY = ["ekey", "run", "checkpoint"]  # one row each
 
 
 def eval_key(cfg: PipelineConfig, inputs: dict[str, str] | None = None) -> str:
@@ -288,14 +298,18 @@ class Evaluation:
         return self._pipe
 
 
+def stored_base(ev: Evaluation, request: Request) -> tuple[Path, float]:
+    """The shared store's base-model video of a request and the seconds it took, generated
+    now (text-to-video whatever the run's mode) if the store lacks it."""
+    return base_video(ev.ws, ev.cfg, request, lambda: sample(ev.pipe(), request.plain))
+
+
 def sample_base(ev: Evaluation, folder: Path) -> dict[str, float]:
-    """Fill a base unit from the shared store (generating what it lacks), text-to-video
-    whatever the run's mode. Returns the seconds each video took to generate, by file name."""
+    """Fill a base unit from the shared store (generating what it lacks). Returns the
+    seconds each video took to generate, by file name."""
     seconds = {}
     for r in ev.requests:
-        path, seconds[r.video] = base_video(
-            ev.ws, ev.cfg, r, lambda r=r: sample(ev.pipe(), r.plain)
-        )
+        path, seconds[r.video] = stored_base(ev, r)
         link_or_copy(path, folder / r.video)
         ev.tick(f"{BASE} {r.video}")
     return seconds
@@ -346,10 +360,10 @@ def score(ev: Evaluation, name: str, folder: Path, seconds: dict[str, float]):
     return pd.DataFrame(rows), (np.stack(feats) if feats else None)
 
 
-def draw(ev: Evaluation, name: str, folder: Path, base: Path) -> None:
+def draw(ev: Evaluation, name: str, folder: Path, base: dict[str, Path] | None) -> None:
     """contact_sheet.png (a row per video: a conditioned checkpoint's shows condition | result)
-    and, beside the committed base unit's video of the same request, ab_grid.png
-    (base | checkpoint), every row labelled."""
+    and, for a checkpoint, ab_grid.png (base | checkpoint) beside the base model's video of
+    the same request (`base`: the store's, by file name), every row labelled."""
     from PIL import Image
 
     ec, sheet, grid = ev.cfg.evaluate, [], []
@@ -359,8 +373,8 @@ def draw(ev: Evaluation, name: str, folder: Path, base: Path) -> None:
             given = sheet_row(r.condition.frames, f"condition {r.clip_id}")
             row = np.concatenate([given, row], axis=1)
         sheet.append(row)
-        if name != BASE and (base / r.video).is_file():
-            left = sheet_row(read_video(base / r.video, ec, SHEET_FRAMES), label(BASE, r))
+        if base is not None:
+            left = sheet_row(read_video(base[r.video], ec, SHEET_FRAMES), label(BASE, r))
             grid.append(np.concatenate([left, row], axis=1))
     Image.fromarray(np.concatenate(sheet, 0)).save(folder / "contact_sheet.png")
     if grid:
@@ -369,7 +383,13 @@ def draw(ev: Evaluation, name: str, folder: Path, base: Path) -> None:
 
 def evaluate_unit(ev: Evaluation, name: str, checkpoint: Path | None, folder: Path) -> dict:
     """Sample, score, draw and commit one checkpoint (None: the base model) into `folder`.
-    Returns the unit's summary (`summarise`)."""
+    Returns the unit's summary (`summarise`).
+
+    A checkpoint's A/B side is the store's base video, made first if missing (before the
+    checkpoint loads), so a unit never depends on whether another process has committed
+    the run's base unit yet.
+    """
+    base = None if checkpoint is None else {r.video: stored_base(ev, r)[0] for r in ev.requests}
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         if checkpoint is None:
@@ -377,7 +397,7 @@ def evaluate_unit(ev: Evaluation, name: str, checkpoint: Path | None, folder: Pa
         else:
             seconds = sample_checkpoint(ev, name, checkpoint, tmp)
         metrics, feats = score(ev, name, tmp, seconds)
-        draw(ev, name, tmp, folder.parent / BASE)
+        draw(ev, name, tmp, base)
         summary = summarise(metrics, feats, ev.real, ev.cfg.evaluate)
         write_table(tmp / "metrics.parquet", metrics)
         if feats is not None:
@@ -419,14 +439,41 @@ def _evaluated(ws: Workspace, ekey: str, run: str) -> pd.DataFrame:
     return index[(index.ekey == ekey) & (index.run == run)]
 
 
-def _append_index(ws: Workspace, ekey: str, run: str, name: str, summary: dict) -> None:
+def upsert_index(ws: Workspace, ekey: str, run: str, name: str, summary: dict,
+                  replace: bool = True) -> None:  # fmt: skip
+    """Put a unit's row into the shared index under its lock (read, modify, rename): the row
+    of the same (ekey, run, checkpoint) is replaced, never doubled. `replace=False` keeps a
+    row already there (a unit found committed: its row is as good as ours)."""
     row = {"ekey": ekey, "run": run, "checkpoint": name, "step": step_of(name), **summary,
            "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
-    with file_lock(ws.root / "evaluate" / ".index.lock"):  # other runs append too
+    with ws.hold("evaluate-index"):  # every run and process of the workspace writes it
         index = read_index(ws)
-        rows = pd.DataFrame([row])
-        index = pd.concat([index, rows], ignore_index=True) if len(index) else rows
-        write_table(index_path(ws), index.reindex(columns=read_columns(index)))
+        listed = (index.ekey == ekey) & (index.run == run) & (index.checkpoint == name)
+        if listed.any() and not replace:
+            return
+        index = pd.concat([index, pd.DataFrame([row])], ignore_index=True) if len(index) else (
+            pd.DataFrame([row]))  # fmt: skip
+        write_table(index_path(ws), ordered(index).reindex(columns=read_columns(index)))
+
+
+def ordered(index: pd.DataFrame) -> pd.DataFrame:
+    """One row per (ekey, run, checkpoint), the last written; each run's rows together by
+    step, runs in the order they first appeared. Whichever process commits first, the
+    index reads the same (and an index doubled by an older version is repaired)."""
+    group = index.groupby(["ekey", "run"], sort=False).ngroup()
+    index = index.assign(_run=group).drop_duplicates(INDEX_KEY, keep="last")
+    index = index.sort_values(["_run", "step", "checkpoint"], kind="stable")
+    return index.drop(columns="_run").reset_index(drop=True)
+
+
+def _index_committed(ws: Workspace, ekey: str, run: str, folder: Path) -> bool:
+    """List a committed unit folder in the index if it is missing there (its committer
+    died before writing the row). False: the folder is not committed."""
+    summary = folder / "summary.json"
+    if not summary.is_file():
+        return False
+    upsert_index(ws, ekey, run, folder.name, read_json(summary), replace=False)
+    return True
 
 
 def read_columns(index: pd.DataFrame) -> list[str]:
@@ -434,29 +481,20 @@ def read_columns(index: pd.DataFrame) -> list[str]:
 
 
 def prepare(ws: Workspace, cfg: PipelineConfig, ekey: str, upstream: dict[str, StageResult],
-            progress: Progress, total: int) -> Evaluation:  # fmt: skip
+            tick: Callable[[str], None]) -> Evaluation:  # fmt: skip
     """The suite (with an ic-lora or tic-ft run's conditions), CLIP and (with
-    `video_features`) the reference clips' features; a missing held-out suite or held-out
-    clip fails here, in seconds, before any model is loaded."""
+    `video_features`) the reference clips' features; `tick(note)` after every video."""
     ec, device = cfg.evaluate, resolve_device(cfg.evaluate.device)
     suite = load_suite(cfg, upstream)
     given = None if suite.paired is None else conditions(cfg, suite.paired)
     requests = suite_requests(ec, suite.prompts, device, suite.paired, given)
-    ev = Evaluation(ws, cfg, device, requests, clip=None)
+    ev = Evaluation(ws, cfg, device, requests, clip=None, tick=tick)
     if ec.video_features:
         ev.features = stats.load_features(ec.feature_extractor, ec.video_features, device)
         ev.real = real_features(
             ws, ekey, ec, reference_clips(cfg, upstream["check"], suite.clips), ev.features
         )
     ev.clip = load_clip(ec.clip_model, device)
-    done = 0
-
-    def tick(note: str) -> None:
-        nonlocal done
-        done += 1
-        progress(done, total, note)
-
-    ev.tick = tick
     return ev
 
 
@@ -495,8 +533,8 @@ def run_evaluate(
 
     Returns:
         The stage result. counts: checkpoints_evaluated (LoRA checkpoints generated by the
-        call that wrote the marker), checkpoints_total (LoRA checkpoints in the run),
-        videos (written by that call, base included). stats: clip_score per checkpoint,
+        call that wrote the marker, not those a concurrent call made), checkpoints_total
+        (LoRA checkpoints in the run), videos (generated by that call, base included). stats: clip_score per checkpoint,
         base included, and the checkpoints the marker covers.
 
     Raises:
@@ -513,30 +551,26 @@ def run_evaluate(
     if record.get("key") == key and is_current(ws, cfg, record):
         return ws.result("evaluate", out)
 
-    clean_stale_tmp(out)
+    suite = load_suite(cfg, upstream)  # a missing held-out suite fails here, in seconds
+    sweep(ws, out)
     for name in set(wanted) - set(_evaluated(ws, ekey, out.name).checkpoint):
-        # A unit committed just before a crash, whose index row was never appended.
-        if (out / name / "summary.json").is_file():
-            _append_index(ws, ekey, out.name, name, read_json(out / name / "summary.json"))
+        _index_committed(ws, ekey, out.name, out / name)  # committed just before a crash
     done = set(_evaluated(ws, ekey, out.name).checkpoint)
     pending = {n: checkpoints.get(n) for n in wanted if n not in done}
-    videos = 0
-    if pending:
-        videos = _evaluate_pending(ws, cfg, ekey, out, pending, upstream, progress)
+    per_unit = len(suite.prompts) * len(cfg.evaluate.seeds)  # videos
+    made = _evaluate_pending(ws, cfg, ekey, out, pending, upstream, progress, per_unit)
     scores = (
         _evaluated(ws, ekey, out.name)
         .query("checkpoint in @wanted")
-        .drop_duplicates("checkpoint", keep="last")
+        .drop_duplicates("checkpoint", keep="last")  # an index doubled by an older version
         .assign(order=lambda d: d.checkpoint.map(wanted.index))
         .sort_values("order")
     )
-    suite = load_suite(cfg, upstream)
     paired = None if suite.paired is None else list(suite.paired.clip_id)
-    write_report(out, cfg, ekey, out.name, scores, suite.prompts, paired, suite.reference)
     counts = {
-        "checkpoints_evaluated": len([n for n in pending if n != BASE]),
+        "checkpoints_evaluated": len([n for n in made if n != BASE]),
         "checkpoints_total": len(checkpoints),
-        "videos": videos,
+        "videos": len(made) * per_unit,
     }
     pairs = zip(scores.checkpoint, scores.clip_score, strict=True)
     stats_ = {
@@ -544,21 +578,84 @@ def run_evaluate(
         "checkpoints": wanted,
         "run_dir": str(run_dir),
     }
-    return ws.finish(StageResult("evaluate", key, str(out), counts, stats=stats_), started)
+    sweep(ws, out)  # what a concurrent process killed meanwhile left
+    with report_lock(ws, ekey, out.name):  # the rating page rewrites a section of it
+        write_report(out, cfg, ekey, out.name, scores, suite.prompts, paired, suite.reference)
+        return ws.finish(StageResult("evaluate", key, str(out), counts, stats=stats_), started)
+
+
+def sweep(ws: Workspace, out: Path) -> None:
+    """Remove the temporaries of dead writers where evaluation writes (a live concurrent
+    writer's stay): the run's folder, its eval key's, the index's, the base store."""
+    for folder in (out, out.parent, index_path(ws).parent, ws.root / "cache" / BASE_STORE):
+        clean_stale_tmp(folder)
+
+
+def unit_lock(ekey: str, run: str, name: str) -> str:
+    """The lock name of one unit: a checkpoint (or the base) of a run under an eval key."""
+    return f"evaluate-{ekey}-{run}-{name}"
+
+
+@dataclass
+class Claims:
+    """One call's pending units, each made by whichever process holds its lock. The models
+    load at the first unit this call has to make (`make`), never for units made elsewhere."""
+
+    ws: Workspace
+    ekey: str
+    out: Path
+    make: Callable[[], Evaluation]
+    tick: Callable[[str, int], None]  # (note, videos done)
+    per_unit: int  # videos of one unit
+    made: list[str] = field(default_factory=list)
+
+    def claim(self, name: str, checkpoint: Path | None, wait: bool) -> bool:
+        """Make unit `name` unless it is committed by now. False: another process holds it
+        (only without `wait`; with it, this waits and then makes what the holder did not)."""
+        run, folder = self.out.name, self.out / name
+
+        def waiting(holder: str) -> None:
+            self.tick(f"waiting for {name}, held by {holder}", 0)
+
+        with ExitStack() as held:
+            try:
+                held.enter_context(self.ws.hold(unit_lock(self.ekey, run, name), wait, waiting))
+            except Busy:
+                return False
+            if _index_committed(self.ws, self.ekey, run, folder):  # by another process
+                self.tick(f"{name} made by another process", self.per_unit)
+                return True
+            clean_stale_tmp(self.out)  # a killed holder's partial unit
+            summary = evaluate_unit(self.make(), name, checkpoint, folder)
+            upsert_index(self.ws, self.ekey, run, name, summary)
+            self.made.append(name)
+        return True
 
 
 def _evaluate_pending(ws: Workspace, cfg: PipelineConfig, ekey: str, out: Path,
                       pending: dict[str, Path | None], upstream: dict[str, StageResult],
-                      progress: Progress) -> int:  # fmt: skip
-    """Evaluate each pending checkpoint as one committed unit. Returns videos written."""
-    ec = cfg.evaluate
-    total = len(pending) * len(load_suite(cfg, upstream).prompts) * len(ec.seeds)
+                      progress: Progress, per_unit: int) -> list[str]:  # fmt: skip
+    """Make every pending unit no other process holds, then wait for the held ones. Returns
+    the units this call made (none when nothing is pending)."""
+    if not pending:
+        return []
+    total, done, loaded = len(pending) * per_unit, [0], []
+
+    def tick(note: str, videos: int = 1) -> None:
+        done[0] += videos
+        progress(done[0], total, note)
+
+    def make() -> Evaluation:
+        if not loaded:
+            loaded.append(prepare(ws, cfg, ekey, upstream, tick))
+        return loaded[0]
+
+    claims = Claims(ws, ekey, out, make, tick, per_unit)
     try:
-        ev = prepare(ws, cfg, ekey, upstream, progress, total)
-        for name, checkpoint in pending.items():
-            summary = evaluate_unit(ev, name, checkpoint, out / name)
-            _append_index(ws, ekey, out.name, name, summary)
-        ev = None  # the pipeline, CLIP and features go before the memory is released
+        held = [n for n, checkpoint in pending.items() if not claims.claim(n, checkpoint, False)]
+        for name in held:
+            claims.claim(name, pending[name], wait=True)
     finally:
-        release_memory(resolve_device(ec.device))
-    return total
+        loaded.clear()  # the pipeline, CLIP and features go before the memory is released
+        release_memory(resolve_device(cfg.evaluate.device))
+    return claims.made

@@ -98,13 +98,20 @@ def real_features(ws: Workspace, ekey: str, ec: EvaluateConfig, clips: pd.DataFr
                   features) -> np.ndarray:  # fmt: skip
     """Features [N, D] of real clips, cut like the generated videos: `frames` at `fps` from
     the clip's start (spread over the clip when it is shorter); clips that do not decode are
-    left out ([0, 0] when none does). Cached per eval key and clip list."""
+    left out ([0, 0] when none does). Cached per eval key and clip list, computed by one
+    process at a time."""
     spans = clips[["clip_id", "start", "end"]].astype({"start": float, "end": float})
     cache = (
         ws.root / "evaluate" / ekey / f"real-features-{sha256_json(spans.values.tolist())[:12]}.npy"
     )
-    if cache.is_file():
-        return np.load(cache)
+    with ws.hold(f"evaluate-{ekey}-{cache.stem}"):  # one process computes, the others read
+        if cache.is_file():
+            return np.load(cache)
+        return _write_features(cache, clips, ec, features)
+
+
+def _write_features(cache: Path, clips: pd.DataFrame, ec: EvaluateConfig, features) -> np.ndarray:
+    """Compute `real_features` and commit them to `cache`."""
     videos = []
     for r in clips.itertuples():
         times = window_times(r.start, r.end, ec.fps, ec.frames) or even_times(

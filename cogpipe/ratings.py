@@ -185,17 +185,24 @@ def ratings_section(ws: Workspace, ekey: str, run: str) -> str:
     return f"{BEGIN}\n{ratings_markdown(table)}{END}\n"
 
 
+def report_lock(ws: Workspace, ekey: str, run: str):
+    """The lock of a run's report.md: evaluation rewrites it whole, the rating page its
+    ratings section (read, modify, rename); one at a time, so neither loses the other's."""
+    return ws.hold(f"evaluate-{ekey}-{run}-report")
+
+
 def refresh_report(ws: Workspace, ekey: str, run: str, report: Path) -> bool:
     """Rewrite the ratings section of an evaluation's report.md with every rating so far
-    (atomically); False when there is no report or no section to rewrite."""
-    try:
-        text = report.read_text()
-    except OSError:
-        return False
-    head, begin, rest = text.partition(BEGIN)
-    _, end, tail = rest.partition(END)
-    if not begin or not end:
-        return False
-    with atomic_path(report) as tmp:
-        tmp.write_text(head + ratings_section(ws, ekey, run).rstrip("\n") + tail)
+    (atomically, under `report_lock`); False when there is no report or no section."""
+    with report_lock(ws, ekey, run):
+        try:
+            text = report.read_text()
+        except OSError:
+            return False
+        head, begin, rest = text.partition(BEGIN)
+        _, end, tail = rest.partition(END)
+        if not begin or not end:
+            return False
+        with atomic_path(report) as tmp:
+            tmp.write_text(head + ratings_section(ws, ekey, run).rstrip("\n") + tail)
     return True

@@ -301,3 +301,24 @@ def test_frechet_distance_to_held_out_clips(tmp_path, models, loras, sample_vide
     (cache,) = (ws.root / "evaluate" / evaluate.eval_key(cfg)).glob("real-features-*.npy")
     assert np.load(cache).shape == (3, 32)  # three held-out clips, tiny VideoMAE width
     assert "| fd videomae |" in (Path(result.path) / "report.md").read_text()
+
+
+def test_index_holds_one_row_per_unit_in_step_order(tmp_path):
+    """Whichever process commits first, the index reads the same: one row per (ekey, run,
+    checkpoint), each run's rows by step, runs in the order they first appeared; an index
+    doubled by concurrent runs of an older version is repaired at the next write."""
+    ws = Workspace(tmp_path)
+    summary = {"clip_score": 30.0, "videos": 1}
+    base = {"ekey": "e", "run": "r", "checkpoint": "base", "step": 0, **summary}
+    write_table(evaluate.index_path(ws), pd.DataFrame([base, base]))
+    for name in ("checkpoint-000004", "checkpoint-000002"):  # committed out of order
+        evaluate.upsert_index(ws, "e", "r", name, summary)
+    evaluate.upsert_index(ws, "e", "q", "base", summary)
+    evaluate.upsert_index(ws, "e", "r", "checkpoint-000002", summary | {"clip_score": 31.0})
+    evaluate.upsert_index(ws, "e", "r", "base", summary | {"clip_score": 9.0}, replace=False)
+    index = evaluate.read_index(ws)
+    assert list(index.columns) == evaluate.INDEX_COLUMNS
+    assert index[["run", "checkpoint", "step", "clip_score"]].values.tolist() == [
+        ["r", "base", 0, 30.0], ["r", "checkpoint-000002", 2, 31.0],
+        ["r", "checkpoint-000004", 4, 30.0], ["q", "base", 0, 30.0],
+    ]  # fmt: skip
