@@ -280,9 +280,13 @@ def atomic_path(final: Path, keep_suffix: bool = False) -> Iterator[Path]:
         with writing(final):
             yield tmp
         fault_point("rename", final)
-        if tmp.is_dir() and final.is_dir():
-            shutil.rmtree(final)  # a rewrite of a folder (never of a committed unit)
+        old = None
+        if tmp.is_dir() and final.is_dir():  # a rewrite of a folder (never of a committed unit)
+            old = tmp_name(final)  # moved aside, not deleted first: a kill leaves one of them
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
