@@ -13,6 +13,10 @@ What is notable:
   flight), never loads the model when none is left, and gives the same captions as an
   uninterrupted run (with left padding a caption can depend on its batch: `batch_size`
   is part of the key, and `shards`, which names the parts).
+- One writer per part across processes and hosts sharing the workspace: a part is held
+  (`Workspace.hold`, freed when its holder dies) from before its frames are decoded until
+  it is committed. Two runs of one config share the parts; each waits for the parts the
+  other holds before the merge, and captions those the other did not commit.
 - Frames are decoded in background threads a few batches ahead (PyAV releases the GIL),
   so the GPU does not wait on the CPU; the processor and `generate` run on the main thread.
 - Video-native models (LLaVA-NeXT-Video, LLaVA-OneVision) get the frames as one video;
@@ -31,8 +35,9 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,7 @@ from cogpipe.video import even_times, read_frames
 from cogpipe.vlm import Captioner, chat_text, release
 from cogpipe.vlm import load_captioner as _load
 from cogpipe.workspace import (
+    Busy,
     Progress,
     ShardsIncomplete,
     StageResult,
@@ -81,6 +87,12 @@ def prompt_hash(prompt: str) -> str:
 
 def part_path(out: Path, shard: int, index: int) -> Path:
     return out / f"part-{shard:03d}-{index:05d}.parquet"
+
+
+def part_lock(ws: Workspace, out: Path, shard: int, index: int) -> str:
+    """The lock (`ws.hold`) of a part: its path below the workspace, e.g.
+    `caption-<key>-part-000-00012` or `cache-recaption-<pass key>-part-000-00003`."""
+    return "-".join([*out.relative_to(ws.root).parts, part_path(out, shard, index).stem])
 
 
 def make_batches(clips: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
@@ -135,7 +147,7 @@ def decode_threads(configured: int = 0) -> int:
 
 
 def prefetch(
-    batches: list[tuple[int, pd.DataFrame]],
+    batches: Iterable[tuple[int, pd.DataFrame]],
     num_frames: int,
     workers: int = 0,
     ahead: int = DECODE_AHEAD,
@@ -266,6 +278,7 @@ def caption_clips(
 
 
 def caption_pass(
+    ws: Workspace,
     out: Path,
     clips: pd.DataFrame,
     cc: CaptionConfig,
@@ -276,10 +289,12 @@ def caption_pass(
 ) -> tuple[int, int]:
     """Commit every missing part of the given shards of `clips` into `out`.
 
-    The model is loaded only if a part is missing, once for all the shards given.
+    Each part has one writer across processes (`ws.hold`): parts another process holds
+    are skipped, then waited for, and encoded here if it ended without committing them.
+    The model is loaded only if this process captions a part, once for all the shards.
 
     Returns:
-        (parts in those shards, parts that were already committed).
+        (parts in those shards, parts that were already committed when the pass began).
 
     Raises:
         ShardsIncomplete: with `merge_only`, a part is missing (nothing is loaded).
@@ -298,22 +313,93 @@ def caption_pass(
     done = total - sum(len(b) for *_, b in todo)
     progress(done, total, f"{len(batches) - len(todo)} of {len(batches)} parts committed")
     if todo:
-        device = resolve_device(cc.device)
-        if device == "cuda" and len(shards) == 1:  # one shard per GPU on a multi-GPU host
-            device = _shard_device(shards[0])
-        started = time.perf_counter()
-        cap = load_captioner(cc, device)
-        progress(
-            done, total, f"captioner loaded on {device} in {time.perf_counter() - started:.1f} s"
-        )
-        numbered = [(n, b) for n, (_, _, b) in enumerate(todo)]
-        for n, batch, decoded in prefetch(numbered, cc.num_frames, cc.decode_workers):
-            s, i, _ = todo[n]
-            write_table(part_path(out, s, i), caption_batch(cap, batch, decoded, cc, prompt))
-            done += len(batch)
-            progress(done, total, f"shard {s} part {i + 1}")
-        release(cap)
+        _Parts(ws, out, cc, shards, prompt, progress, done, total).commit(todo)
     return len(batches), len(batches) - len(todo)
+
+
+Part = tuple[int, int, pd.DataFrame]  # (shard, index in the shard, batch)
+
+
+class _Parts:
+    """Commits caption parts, each held (`ws.hold`) by this process while it writes it."""
+
+    def __init__(self, ws: Workspace, out: Path, cc: CaptionConfig, shards: list[int],
+                 prompt: str | None, progress: Progress, done: int, total: int):  # fmt: skip
+        self.ws, self.out, self.cc, self.shards, self.prompt = ws, out, cc, shards, prompt
+        self.progress, self.done, self.total = progress, done, total
+        self.cap: Captioner | None = None
+
+    def commit(self, todo: list[Part]) -> None:
+        """Caption every part of `todo` no other process holds; then wait for the parts
+        others hold and caption those they did not commit (a killed run's), until none
+        is left."""
+        try:
+            while todo:
+                busy = self._caption_free(todo)
+                for s, i, _ in busy:
+                    self._wait_for(s, i)
+                todo = [(s, i, b) for s, i, b in busy if not part_path(self.out, s, i).is_file()]
+        finally:
+            if self.cap is not None:
+                release(self.cap)
+
+    def _claim(self, todo: list[Part], held: dict[int, ExitStack], busy: list[Part]):
+        """(n, batch) of each part of `todo` this process now holds and nobody committed;
+        the parts another process holds go to `busy`. Claimed before decoding: a skipped
+        part is never in the decode queue."""
+        for n, (s, i, batch) in enumerate(todo):
+            lock = ExitStack()
+            try:
+                lock.enter_context(self.ws.hold(part_lock(self.ws, self.out, s, i), wait=False))
+            except Busy:
+                busy.append(todo[n])
+                continue
+            if part_path(self.out, s, i).is_file():  # committed by another process meanwhile
+                lock.close()
+                continue
+            held[n] = lock
+            yield n, batch
+
+    def _caption_free(self, todo: list[Part]) -> list[Part]:
+        """Caption the parts of `todo` that are free; returns those another process held."""
+        held: dict[int, ExitStack] = {}
+        busy: list[Part] = []
+        cc = self.cc
+        try:
+            claimed = self._claim(todo, held, busy)
+            for n, batch, decoded in prefetch(claimed, cc.num_frames, cc.decode_workers):
+                s, i, _ = todo[n]
+                rows = caption_batch(self._captioner(), batch, decoded, cc, self.prompt)
+                write_table(part_path(self.out, s, i), rows)
+                held.pop(n).close()
+                self.done += len(batch)
+                self.progress(self.done, self.total, f"shard {s} part {i + 1}")
+        finally:
+            for lock in held.values():
+                lock.close()
+        return busy
+
+    def _captioner(self) -> Captioner:
+        """The captioner, loaded at the first part this process captions."""
+        if self.cap is None:
+            device = resolve_device(self.cc.device)
+            if device == "cuda" and len(self.shards) == 1:  # one shard per GPU on a multi-GPU host
+                device = _shard_device(self.shards[0])
+            started = time.perf_counter()
+            self.cap = load_captioner(self.cc, device)
+            seconds = time.perf_counter() - started
+            self.progress(self.done, self.total, f"captioner loaded on {device} in {seconds:.1f} s")
+        return self.cap
+
+    def _wait_for(self, shard: int, index: int) -> None:
+        """Wait until the process writing part (shard, index) lets go of it."""
+        name = part_path(self.out, shard, index).name
+
+        def say(holder: str) -> None:
+            self.progress(self.done, self.total, f"waiting for {name}, held by {holder}")
+
+        with self.ws.hold(part_lock(self.ws, self.out, shard, index), on_wait=say):
+            pass
 
 
 def _shard_device(shard: int) -> str:
@@ -418,13 +504,27 @@ def run_caption(
     given, given_stats = existing_captions(cfg, kept, clips)
     todo = _to_caption(kept, given, cc.existing)
     shards = [shard] if shard is not None else list(range(cc.shards))
-    parts, reused = caption_pass(out, todo, cc, shards, progress=progress, merge_only=merge_only)
+    parts, reused = caption_pass(
+        ws, out, todo, cc, shards, progress=progress, merge_only=merge_only
+    )
     if shard is not None:
         return None
-    table = _with_existing(merge_parts(out, todo), kept, given, cc.existing)
-    write_table(out / "captions.parquet", table)
+    with ws.hold(f"caption-{key}-merge"):  # one writer of the table; a second finds it done
+        if ws.done(out):
+            return ws.result("caption", out)
+        table = _with_existing(merge_parts(out, todo), kept, given, cc.existing)
+        write_table(out / "captions.parquet", table)
+        counts = _counts(table, parts, reused, model=len(todo), given=len(given))
+        kinds = table.error.dropna().str.split(":").str[0].value_counts().to_dict()
+        sources = table.source.value_counts().to_dict()
+        stats = {"rejections": kinds, "sources": sources, **given_stats}
+        return ws.finish(StageResult("caption", key, str(out), counts, stats=stats), started)
+
+
+def _counts(table: pd.DataFrame, parts: int, reused: int, model: int, given: int) -> dict:
+    """The stage's counts: clips, captioned, failed, truncated, tokens, parts..."""
     failed = table.error.notna()
-    counts = {
+    return {
         "clips": len(table),
         "captioned": int((~failed).sum()),
         "failed": int(failed.sum()),
@@ -432,10 +532,6 @@ def run_caption(
         "tokens": int(table.tokens.sum()),
         "parts": parts,
         "parts_reused": reused,
-        "model": len(todo),
-        "given": len(given),
+        "model": model,
+        "given": given,
     }
-    kinds = table.error.dropna().str.split(":").str[0].value_counts().to_dict()
-    stats = {"rejections": kinds, "sources": table.source.value_counts().to_dict(), **given_stats}
-    result = StageResult("caption", key, str(out), counts, stats=stats)
-    return ws.finish(result, started)

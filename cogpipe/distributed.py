@@ -24,8 +24,11 @@ GPUs resumes on one.
 `launch` starts the processes with the spawn method (a parent that touched CUDA cannot
 fork), relays rank 0's progress calls to the parent's callback one at a time (a callback
 that raises stops the run at that step, as it does in-process), and when a rank raises or
-dies, stops the others and raises an error that names that rank. A rank whose parent
-dies exits by itself.
+dies, stops the others and raises an error that names that rank. A rank never outlives
+its parent: on Linux the kernel kills it when the parent dies (SIGKILL included:
+PR_SET_PDEATHSIG), elsewhere it polls; so a killed `cogpipe train` frees its run folder
+(`Workspace.hold`) only once no rank of it can write there. A parent stopped by Ctrl-C
+(KeyboardInterrupt) stops its ranks on the way out.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from cogpipe.workspace import Progress, no_progress
 if TYPE_CHECKING:
     from cogpipe.config import TrainConfig
 
+PR_SET_PDEATHSIG = 1  # prctl option: the signal this process gets when its parent dies
 GRACE_S = 10.0  # after a rank fails, how long the others get to report before they are stopped
 TIMEOUT_S = 2 * 3600  # collective timeout: rank 0 may validate or write a 5B checkpoint meanwhile
 # Errors a rank raises because another one went away: the cause is elsewhere.
@@ -343,7 +347,17 @@ class _ParentProgress:
 
 
 def _exit_with_parent(parent: int) -> None:
-    """Exit when the launching process is gone (killed with its Prefect flow run, say)."""
+    """Die with the launching process (killed with its Prefect flow run, say): SIGKILL
+    from the kernel the moment it dies (Linux; strictly, when the thread that started this
+    process ends: `launch` waits in that thread), and a thread that polls as a fallback."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the poll below
+        pass
+    if os.getppid() != parent:  # it died before the kernel was told
+        os._exit(1)
 
     def watch() -> None:
         while os.getppid() == parent:

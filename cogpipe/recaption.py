@@ -15,6 +15,8 @@ What is notable:
   pass key being the round's caption settings and the clips it re-captions: a re-run, or
   another gate that rejects the same clips, reuses every committed part.
 - retries 0 (or `caption.existing: use`) copies the caption table: no model, no tokenizer.
+- Parts have one writer across processes, as in captioning (`caption_pass`), and so does
+  the merged table: two runs of one config share the rounds' parts and one merges.
 
     cogpipe recaption configs/demo.yaml             # every shard, then the merge
     cogpipe recaption configs/demo.yaml --shard 1   # one shard's rounds (one GPU worker)
@@ -135,7 +137,7 @@ def later_rounds(
         cc = on_shard_device(retry_config(cfg, round_).model_copy(update={"shards": 1}), shard)
         folder, todo = pass_dir(ws, cc, round_, still), clips[clips.clip_id.isin(still)]
         try:
-            n, r = caption_pass(folder, todo, cc, [0], progress=progress, merge_only=merge_only)
+            n, r = caption_pass(ws, folder, todo, cc, [0], progress=progress, merge_only=merge_only)
         except ShardsIncomplete as e:  # its parts are all "shard 0" of the round's folder
             raise ShardsIncomplete(f"recaption shard {shard}, round {round_}: {e}") from None
         rows, parts, reused = merge_parts(folder, todo), parts + n, reused + r
@@ -158,7 +160,9 @@ def run_rounds(
     cc = retry_config(cfg, 1)
     todo = clips[clips.clip_id.isin(rejected)]
     folder = pass_dir(ws, cc, 1, rejected)
-    parts, reused = caption_pass(folder, todo, cc, shards, progress=progress, merge_only=merge_only)
+    parts, reused = caption_pass(
+        ws, folder, todo, cc, shards, progress=progress, merge_only=merge_only
+    )
     rounds = []
     for s in shards:
         ids = [c for batch in shard_batches(todo, cc, s) for c in batch.clip_id]
@@ -215,10 +219,13 @@ def copy_captions(
     ws: Workspace, key: str, out: Path, captions: pd.DataFrame, started: float
 ) -> StageResult:
     """Nothing to re-caption by config: the caption table with attempt 0."""
-    table = assemble(captions, pd.DataFrame(), FilterConfig(), count=None)
-    write_table(out / "captions.parquet", table)
-    result = StageResult("recaption", key, str(out), {"clips": len(table), "recaptioned": 0})
-    return ws.finish(result, started)
+    with ws.hold(f"recaption-{key}-merge"):
+        if ws.done(out):
+            return ws.result("recaption", out)
+        table = assemble(captions, pd.DataFrame(), FilterConfig(), count=None)
+        write_table(out / "captions.parquet", table)
+        result = StageResult("recaption", key, str(out), {"clips": len(table), "recaptioned": 0})
+        return ws.finish(result, started)
 
 
 def run_recaption(
@@ -274,8 +281,11 @@ def run_recaption(
         )
     if shard is not None:
         return None
-    table = assemble(captions, retried, cfg.filter, count)
-    write_table(out / "captions.parquet", table)
-    counts = recaption_counts(table, retried, verdicts, parts, reused)
-    stats = {"rejections": rejection_kinds(verdicts)}
-    return ws.finish(StageResult("recaption", key, str(out), counts, stats=stats), started)
+    with ws.hold(f"recaption-{key}-merge"):  # one writer of the table; a second finds it done
+        if ws.done(out):
+            return ws.result("recaption", out)
+        table = assemble(captions, retried, cfg.filter, count)
+        write_table(out / "captions.parquet", table)
+        counts = recaption_counts(table, retried, verdicts, parts, reused)
+        stats = {"rejections": rejection_kinds(verdicts)}
+        return ws.finish(StageResult("recaption", key, str(out), counts, stats=stats), started)

@@ -26,7 +26,15 @@ What makes a resumed run identical to an uninterrupted one:
 - every random draw of step s (timesteps, noise) comes from a generator seeded with
   (seed, s), so no RNG stream needs saving;
 - a checkpoint holds the LoRA weights (fp32), the optimizer, the LR schedule and the
-  grad scaler; resuming loads them and continues at step + 1.
+  grad scaler; resuming loads them and continues at step + 1. The global RNG states it
+  also saves start from the seed, so a resumed run's checkpoints are byte-equal too.
+
+One process trains a run folder at a time (`Workspace.hold`, freed when it dies): a second
+`cogpipe train` of the run, or a Prefect retry while the first still runs, waits (and
+logs who holds it), then finds the run done or resumes it. The training states of all
+but the last `keep_states` checkpoints are pruned after each checkpoint and when a run
+starts (a kill may fall between the two). A write that fails on a full disk names the
+file and the space left (`cogpipe.errors.writing`).
 
 Several GPUs (`train.strategy`, `train.num_processes`; see `cogpipe.distributed`): the
 stage spawns one process per GPU, which split each step's micro-batches (the global batch
@@ -49,8 +57,11 @@ The run folder is `train/<name>/` (the config's `name`, defaulting to the key):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +70,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from cogpipe.config import LORA_MODES, PipelineConfig, TicFtConfig, TrainConfig
+from cogpipe.errors import writing
 from cogpipe.workspace import (
     SUCCESS,
     Progress,
@@ -66,6 +78,7 @@ from cogpipe.workspace import (
     Workspace,
     atomic_path,
     clean_stale_tmp,
+    fault_point,
     model_fingerprint,
     no_progress,
     read_table,
@@ -77,6 +90,7 @@ from cogpipe.workspace import (
 
 VERSION = 1
 STATE_FILE = "training_state.pt"
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
@@ -417,7 +431,15 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, replicated
             grad_norm = grad_norm.full_tensor()
         lr = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()  # the grad scaler skips it after an fp16 overflow
+        try:
+            self.optimizer.step()  # the grad scaler skips it after an fp16 overflow
+        except RuntimeError as e:  # "value cannot be converted to type float without overflow"
+            if "overflow" not in str(e):
+                raise
+            raise TrainingDiverged(
+                f"train.learning_rate {t.learning_rate:g} overflows the optimizer's update at"
+                f" step {step} ({e}); use a learning rate of about 1e-4..1e-3"
+            ) from e
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm, lr
@@ -554,14 +576,28 @@ def save_checkpoint(
     training_state = {"step": state["step"], "micro_batch": state["micro_batch"],
                       "optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
                       "scaler": scaler, "rng": rng, "rng_ranks": ranks}  # fmt: skip
-    with atomic_path(folder) as tmp:
+    weights_name = cogvideox.FULL_FOLDER if t.mode == "full" else cogvideox.LORA_FILE
+    with atomic_path(folder) as tmp:  # a failed write leaves no temporary behind
         tmp.mkdir()
-        if t.mode == "full":
-            cogvideox.save_full(tmp, model, weights)
-        else:
-            cogvideox.save_lora(tmp, model, t.rank, t.alpha)
-        torch.save(training_state, tmp / STATE_FILE)
-        write_json(tmp / "state.json", state)
+        with writing(folder / weights_name):
+            if t.mode == "full":
+                cogvideox.save_full(tmp, model, weights)
+            else:
+                cogvideox.save_lora(tmp, model, t.rank, t.alpha)
+        with writing(folder / STATE_FILE):
+            torch.save(training_state, tmp / STATE_FILE)
+        with writing(folder / "state.json"):
+            write_json(tmp / "state.json", state)
+
+
+def prune_states(out: Path, keep: int) -> None:
+    """Delete the training states of all but the newest `keep` checkpoints (their LoRA or
+    weights stay). Run after every checkpoint and when a run starts, so a kill between a
+    checkpoint and its pruning never leaves a state too many behind."""
+    with_state = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
+    for old in with_state[:-keep]:
+        fault_point("prune", old / STATE_FILE)
+        (old / STATE_FILE).unlink(missing_ok=True)
 
 
 def rng_state(accelerator) -> dict:
@@ -596,12 +632,32 @@ def restore_rng(saved: dict, accelerator) -> None:
         torch.cuda.set_rng_state(cuda, accelerator.device)
 
 
+def _interned(state):
+    """A loaded training state with its dict keys interned, as the optimizer's and the
+    scheduler's own are: pickle writes a string once per object, so a resumed run's next
+    checkpoint is then byte-equal to an uninterrupted run's, not only equal in value."""
+    if isinstance(state, dict):
+        return {sys.intern(k) if isinstance(k, str) else k: _interned(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_interned(v) for v in state)
+    return state
+
+
 def _truncate_losses(path: Path, step: int) -> None:
-    """Drop loss lines past `step` (written by the run that crashed after that checkpoint)."""
+    """Drop loss lines past `step` (written by the run that crashed after that checkpoint),
+    and a torn last line (a kill in the middle of writing it)."""
     lines = path.read_text().splitlines() if path.is_file() else []
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    with atomic_path(path) as tmp:
+    kept = [line for line in lines if _step_of(line) <= step]
+    with writing(path), atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> float:
+    """The step of a losses.jsonl line; infinity for a line that is not whole."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def run_train(
@@ -629,19 +685,46 @@ def run_train(
 
     Raises:
         RunFolderTaken: the run folder belongs to another key.
-        TrainingDiverged: a non-finite loss or gradient norm; checkpoints stay intact.
+        TrainingDiverged: a non-finite loss or gradient norm, or a learning rate whose
+            update overflows (the message names train.learning_rate); checkpoints stay intact.
+        OSError: ENOSPC naming the file being written when the disk is full.
         ValueError: samples the mode cannot use (see `check_samples`).
         distributed.RankFailed: a process of a multi-process run raised or died (named).
     """
     started = time.time()
-    t = cfg.train
-    pre = Path(upstream["precompute"].path)
     key = key_of(cfg, {"precompute": upstream["precompute"].key})
     out = output_dir(ws, cfg, key)
     claim(out, key)
     if ws.done(out):
         return ws.result("train", out)  # before the heavy imports: a reused run takes ms
+    # One run per folder: a second process (another `cogpipe train`, a Prefect retry while
+    # the first still runs) waits, then finds the run done or resumes it.
+    with ws.hold(f"train-{out.name}", on_wait=_waiting(out)):
+        claim(out, key)
+        if ws.done(out):
+            return ws.result("train", out)
+        return _train(ws, cfg, upstream, progress, key, out, started)
+
+
+def _waiting(out: Path):
+    """The message of a run that waits for the process holding its run folder."""
+
+    def say(holder: str) -> None:
+        log.warning(
+            "train: waiting for %s, held by %s; this run goes on when that one ends (it"
+            " resumes from the last checkpoint or finds the run done)", out, holder
+        )  # fmt: skip
+
+    return say
+
+
+def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
+           progress: Progress, key: str, out: Path, started: float) -> StageResult:  # fmt: skip
+    """run_train's work, with the run folder held by this process."""
+    t = cfg.train
+    pre = Path(upstream["precompute"].path)
     clean_stale_tmp(out)
+    prune_states(out, t.keep_states)  # a kill between a checkpoint and its pruning
 
     import torch
 
@@ -659,7 +742,8 @@ def run_train(
         "inputs": {"precompute": upstream["precompute"].key},
         "config": cfg.model_dump(mode="json"),
     }
-    write_json(out / "run.json", run)
+    with writing(out / "run.json"):
+        write_json(out / "run.json", run)
     args = (ws.root, cfg, upstream, key, out, device, strategy)
     if processes == 1:
         stats = _train_rank(0, progress, *args)
@@ -728,6 +812,7 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
     if resume is not None:
         # mmap: a rank reads only what it uses (not rank 0's gathered optimizer states)
         saved = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        saved = _interned(saved)
         model = accelerator.unwrap_model(trainer.transformer)
         if t.mode == "full":
             names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -742,10 +827,14 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
         start = saved["step"]
         micro = saved.get("micro_batch", start * accum)  # data position
         losses = json.loads((resume / "state.json").read_text())["losses"]
+        if main:
+            progress(start, t.max_steps, f"resuming from {resume.name}")
+    else:  # the global RNG states a checkpoint saves: the same whatever the process did before
+        torch.manual_seed(int(sha256_json(("global", cfg.seed, rank))[:15], 16))
     if main:
         _truncate_losses(out / "losses.jsonl", start)
         writer = SummaryWriter(str(out / "logs"), purge_step=start + 1)
-        log = open(out / "losses.jsonl", "a")
+        losses_file = open(out / "losses.jsonl", "a")
     step_seconds: list[float] = []
     last_read = time.perf_counter()
 
@@ -762,11 +851,13 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
             clips = list(samples.clip_id.iloc[[i for rows in q.rows for i in rows]])
             raise TrainingDiverged(
                 f"loss is {loss} at step {q.step} (clips {clips}); last checkpoint: {last}. "
-                f"Lower train.learning_rate or look for non-finite values in the precompute shards"
+                f"Lower train.learning_rate (now {t.learning_rate:g}) or look for non-finite"
+                f" values in the precompute shards"
             )
         if not math.isfinite(grad_norm) and accelerator.scaler is None:
             raise TrainingDiverged(
-                f"gradient norm is {grad_norm} at step {q.step}; last checkpoint: {last}"
+                f"gradient norm is {grad_norm} at step {q.step}; last checkpoint: {last}. "
+                f"Lower train.learning_rate (now {t.learning_rate:g})"
             )
         now = time.perf_counter()
         seconds, last_read = now - last_read, now  # the GPU's time for this step, once warm
@@ -776,8 +867,9 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
             return
         record = {"step": q.step, "loss": loss, "lr": q.lr, "grad_norm": grad_norm,
                   "seconds": round(seconds, 4)}  # fmt: skip
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        with writing(out / "losses.jsonl"):
+            losses_file.write(json.dumps(record) + "\n")
+            losses_file.flush()
         for name in ("loss", "lr", "grad_norm", "seconds"):
             writer.add_scalar(f"train/{name}", record[name], q.step)
         if cuda:
@@ -816,9 +908,8 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
                 state = {"key": key, "step": step, "micro_batch": micro, "losses": losses}
                 save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, trainer.transformer,
                                 trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
-                with_state = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
-                for old in with_state[: -t.keep_states] if main else []:
-                    (old / STATE_FILE).unlink()  # its weights stay; only the full state goes
+                if main:
+                    prune_states(out, t.keep_states)
             if validating:
                 report = validate.run(
                     validation, accelerator.unwrap_model(trainer.transformer), out, step
@@ -828,7 +919,8 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
             progress(step, t.max_steps, f"loss {losses[-1]:.4f}")
     finally:
         if main:
-            log.close()
+            with contextlib.suppress(OSError):  # a failed flush: its error is on its way
+                losses_file.close()
             writer.close()
         accelerator.free_memory()  # a worker process goes on to other runs
 

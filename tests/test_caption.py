@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from cogpipe import caption, vlm
 from cogpipe.config import CaptionConfig
@@ -337,3 +338,66 @@ def test_each_architecture_captions_real_clips(arch, captioners, checked, monkey
             assert f == frames and "pixel_values" not in inputs
         else:  # num_frames images per clip (LLaVA-NeXT: each with its anyres tiles)
             assert inputs["pixel_values"][0] == frames * inputs["input_ids"][0]
+
+
+# Captions like `cogpipe caption` once the file argv[2] exists (two runs start together,
+# past their imports: each says "ready"), each generate slowed so that the runs overlap.
+TOGETHER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from cogpipe import caption
+    from cogpipe.config import PipelineConfig
+    from cogpipe.pipeline import run_stage
+
+    cfg = PipelineConfig.model_validate_json(open(sys.argv[1]).read())
+    generate = caption.generate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return generate(*args, **kwargs)
+
+    caption.generate = slow
+    print("ready", flush=True)
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.01)
+    run_stage(cfg, "caption")
+    """
+)
+
+
+def test_two_runs_at_once_share_the_parts_and_equal_one(checked, tmp_path):
+    cfg = checked("together", batch_size=1)
+    shutil.copytree(cfg.workspace, tmp_path / "alone")
+    cfg_json, go = tmp_path / "config.json", tmp_path / "go"
+    cfg_json.write_text(cfg.model_dump_json())
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", TOGETHER, str(cfg_json), str(go)],
+                             env=env | {"COGPIPE_FAULT_LOG": str(tmp_path / f"points-{n}")},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+            for n in (0, 1)]  # fmt: skip
+    assert [run.stdout.readline() for run in runs] == [b"ready\n"] * 2
+    go.touch()
+    for run in runs:
+        output = run.communicate(timeout=300)[0].decode()
+        assert run.returncode == 0, output[-3000:]
+
+    # Every part, the table and the done marker written once, by one run or the other.
+    written = [[Path(p.split(" ", 1)[1]).name for p in (tmp_path / f"points-{n}").read_text().split("\n") if p]
+               for n in (0, 1)]  # fmt: skip
+    ids = kept_ids(cfg)
+    parts = [f"part-000-{i:05d}.parquet" for i in range(len(ids))]
+    assert sorted(written[0] + written[1]) == sorted([*parts, "captions.parquet", SUCCESS])
+    assert all(set(w) & set(parts) for w in written)  # both captioned some
+
+    out = cfg.workspace / "caption" / plan(cfg, "caption")["caption"]
+    assert not list(out.glob(".tmp-*"))
+    together = read_table(out / "captions.parquet")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the two runs: the same float sums
+    try:
+        alone = run_stage(cfg.model_copy(update={"workspace": tmp_path / "alone"}), "caption")
+    finally:
+        torch.set_num_threads(threads)
+    alone = read_table(Path(alone.path) / "captions.parquet")
+    pd.testing.assert_frame_equal(together.drop(columns="seconds"), alone.drop(columns="seconds"))

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import ast
 import inspect
+import os
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +24,7 @@ from cogpipe import caption, recaption
 from cogpipe import filter as filter_module
 from cogpipe.filter import judge_captions, token_counter
 from cogpipe.pipeline import plan, run_stage
-from cogpipe.workspace import SUCCESS, ShardsIncomplete, read_table
+from cogpipe.workspace import SUCCESS, ShardsIncomplete, Workspace, read_table
 
 CAPTION = {"num_frames": 4, "max_new_tokens": 24, "batch_size": 2}
 
@@ -192,3 +196,31 @@ def test_moving_the_model_folders_keeps_every_key(demo_config, tiny_models, tmp_
         cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"retries": 2})}),
         {"caption": "a", "check": "b"},
     )
+
+
+def test_a_part_another_process_holds_is_waited_for_then_captioned_if_left(captioned):
+    cfg, bad = rejecting(captioned("held"))
+    ws = Workspace(cfg.workspace)
+    folder = recaption.pass_dir(ws, recaption.retry_config(cfg, 1), 1, bad)
+    notes: list[str] = []
+    with ExitStack() as other, ThreadPoolExecutor(1) as pool:
+        other.enter_context(ws.hold(caption.part_lock(ws, folder, 0, 0)))  # as another process
+        run = pool.submit(
+            run_stage, cfg, "recaption", progress=lambda d, t, note: notes.append(note)
+        )
+        deadline = time.monotonic() + 120
+        while not any("waiting for part-000-00000.parquet" in n for n in notes):
+            assert not run.done() and time.monotonic() < deadline, notes
+            time.sleep(0.05)
+        assert f"held by pid {os.getpid()} on " in notes[-1]
+        assert not (folder / "part-000-00000.parquet").exists()  # never written under a lock held
+        other.close()  # its holder ends without committing it: the waiting run captions it
+        res = run.result(timeout=120)
+    table = read_table(Path(res.path) / "captions.parquet")
+    assert sorted(read_table(folder / "part-000-00000.parquet").clip_id) == bad[:2]
+
+    # The same as a run nobody got in the way of.
+    shutil.rmtree(res.path)
+    shutil.rmtree(folder)
+    again = read_table(Path(run_stage(cfg, "recaption").path) / "captions.parquet")
+    pd.testing.assert_frame_equal(table.drop(columns="seconds"), again.drop(columns="seconds"))

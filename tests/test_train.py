@@ -1,4 +1,6 @@
-"""Training on the tiny CogVideoX: exact resume, LoRA export at the right scale, NaN stops.
+"""Training on the tiny CogVideoX: exact resume, LoRA export at the right scale, NaN stops,
+one process per run folder, clear errors for a full disk or an absurd learning rate, and
+no training process outliving the one that launched it.
 
 The precompute output is written by the test (seeded random latents and embeddings in
 the real shard and index format), so pinned losses do not depend on video decoding.
@@ -6,8 +8,16 @@ the real shard and index format), so pinned losses do not depend on video decodi
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -15,12 +25,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cogpipe import train
+from cogpipe import errors, train
 from cogpipe.config import PipelineConfig, TrainConfig
 from cogpipe.precompute import shard_name, write_shard
 from cogpipe.workspace import StageResult, Workspace, write_table
 
 LORA = "pytorch_lora_weights.safetensors"
+REPO = Path(__file__).resolve().parents[1]
 TRAIN = dict(rank=4, alpha=8, learning_rate=1e-3, lr_warmup_steps=0, max_steps=6, checkpoint_every=3,
              batch_size=2, mixed_precision="no", gradient_checkpointing="off", device="cpu")  # fmt: skip
 
@@ -362,3 +373,137 @@ def test_adamw8bit_trains_and_resumes_on_gpu(setup):
         train.run_train(ws, cfg, upstream, _stop_at(4))
     resumed = _losses(Path(train.run_train(ws, cfg, upstream).path))
     assert [g["loss"] for g in resumed] == pytest.approx([e["loss"] for e in full], rel=1e-4)
+
+
+def _wait_until(ready, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+# Trains the config argv[1] (JSON) on the precompute output argv[2], 1 s per step.
+SLOW_RUN = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from cogpipe import train
+    from cogpipe.config import PipelineConfig
+    from cogpipe.workspace import StageResult, Workspace
+
+    cfg = PipelineConfig.model_validate_json(Path(sys.argv[1]).read_text())
+    upstream = {"precompute": StageResult("precompute", "p1", sys.argv[2])}
+    train.run_train(Workspace(cfg.workspace), cfg, upstream, lambda *a: time.sleep(1))
+    """
+)
+
+
+def test_a_second_run_waits_for_the_first_then_resumes_where_it_died(setup, tmp_path, caplog):
+    ws, make, upstream = setup
+    expected = _losses(Path(train.run_train(ws, make("alone"), upstream).path))
+    cfg = make("shared")
+    run = train.output_dir(ws, cfg, train.key_of(cfg, {"precompute": "p1"}))
+    (tmp_path / "config.json").write_text(cfg.model_dump_json())
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-c", SLOW_RUN, str(tmp_path / "config.json"), upstream["precompute"].path],
+            env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    lock = ws.lock_path("train-shared")
+
+    def holds() -> bool:
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        return lock.is_file() and f"pid {first.pid} " in lock.read_text()
+
+    _wait_until(holds, "the first run holds the run folder")
+    with ThreadPoolExecutor(1) as pool:
+        second = pool.submit(train.run_train, ws, cfg, upstream)
+        _wait_until(lambda: "waiting for" in caplog.text, "second waits")
+        assert f"train: waiting for {run}, held by pid {first.pid} on " in caplog.text
+        assert not second.done()
+        lines = run / "losses.jsonl"  # whole lines: the first run may be writing one
+        _wait_until(lambda: lines.is_file() and lines.read_text().count("\n") >= 4, "step 4")
+        first.kill()  # after checkpoint 3, before checkpoint 6
+        assert first.wait(timeout=30) == -signal.SIGKILL
+        resumed = second.result(timeout=300)
+
+    assert resumed.stats["resumed_from_step"] == 3
+    assert [g["loss"] for g in _losses(run)] == [e["loss"] for e in expected]
+    assert [c.name for c in train.checkpoints(run)] == ["checkpoint-000003", "checkpoint-000006"]
+    assert not list(run.rglob(".tmp-*"))
+
+
+def test_a_full_disk_names_the_checkpoint_file_and_the_space_left(setup, monkeypatch):
+    ws, make, upstream = setup
+    cfg = make("full-disk")
+    run = train.output_dir(ws, cfg, train.key_of(cfg, {"precompute": "p1"}))
+
+    def save(*args, **kwargs):  # what torch's zip writer says when the disk fills up
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:783] . unexpected pos 32448 vs 32336"
+        )
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(errors, "free_mib", lambda path: 0)
+    with pytest.raises(OSError) as raised:
+        train.run_train(ws, cfg, upstream)
+    state = run / "checkpoint-000003" / train.STATE_FILE
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(state))
+    assert errors.describe(raised.value) == f"disk full writing {state} (0 MiB free)"
+    assert errors.is_permanent(raised.value)  # Prefect does not retry it
+    assert not train.checkpoints(run) and not list(run.rglob(".tmp-*"))
+    assert [g["step"] for g in _losses(run)] == [1, 2, 3]  # a run once there is space resumes
+
+
+def test_an_absurd_learning_rate_fails_naming_the_field(setup):
+    ws, make, upstream = setup
+    cfg = make("absurd")
+    for lr, error in [
+        (1e39, r"^train.learning_rate 1e\+39 overflows the optimizer's update at step 1 \("),
+        (1e30, r"^loss is nan at step 2 .* Lower train.learning_rate \(now 1e\+30\)"),
+    ]:  # past any bound the config sets: the run itself says which field
+        bad = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": lr})})
+        with pytest.raises(train.TrainingDiverged, match=error):
+            train.run_train(ws, bad.model_copy(update={"name": f"lr-{lr:g}"}), upstream)
+
+
+# Launches two ranks that sleep; prints their pids.
+LAUNCHER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import launch_targets
+    from cogpipe import distributed
+
+    distributed.launch(launch_targets.fail_on, (-1,), 2)  # no rank fails: both sleep
+    """
+)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
+def test_no_rank_outlives_its_launcher(signum):
+    import psutil
+
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(REPO / "tests")],
+                                env=os.environ | {"PYTHONPATH": str(REPO)})  # fmt: skip
+    parent = psutil.Process(launcher.pid)
+
+    def ranks() -> list:
+        return [p for p in parent.children() if "--multiprocessing-fork" in p.cmdline()]
+
+    _wait_until(lambda: len(ranks()) == 2, "two ranks")
+    pids = [p.pid for p in ranks()]
+    time.sleep(1)  # the ranks are past their start-up
+    launcher.send_signal(signum)
+    launcher.wait(timeout=30)
+    gone = time.monotonic()
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    _wait_until(lambda: not any(alive(pid) for pid in pids), "ranks gone", timeout=15)
+    if signum == signal.SIGKILL:  # the kernel kills them with it, not a poll seconds later
+        assert time.monotonic() - gone < 1.0
