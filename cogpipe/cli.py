@@ -82,6 +82,11 @@ class _ProgressLine:
         now = time.time()
         if self.started is None:
             self.started, self.baseline = now, done
+        if note.startswith("waiting for "):  # on a line of its own, whole and never skipped
+            sys.stderr.write(("\n" if self.open else "") + f"{self.stage}: {note}\n")
+            sys.stderr.flush()
+            self.open = False
+            return
         if done < total and now - self.last < 0.5:
             return
         self.last = now

@@ -904,18 +904,20 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
             if not (checkpoint or validating):
                 continue
             read(queued.pop())
-            if checkpoint:
-                state = {"key": key, "step": step, "micro_batch": micro, "losses": losses}
-                save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, trainer.transformer,
-                                trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
-                if main:
-                    prune_states(out, t.keep_states)
+            # Validation first: a run killed before its checkpoint redoes this step and so its
+            # validation; killed after, it has both.
             if validating:
                 report = validate.run(
                     validation, accelerator.unwrap_model(trainer.transformer), out, step
                 )
                 writer.add_scalar("validation/seconds", report["seconds"], step)
                 last_read = time.perf_counter()  # the next step's time is its own
+            if checkpoint:
+                state = {"key": key, "step": step, "micro_batch": micro, "losses": losses}
+                save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, trainer.transformer,
+                                trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
+                if main:
+                    prune_states(out, t.keep_states)
             progress(step, t.max_steps, f"loss {losses[-1]:.4f}")
     finally:
         if main:

@@ -232,9 +232,10 @@ def _alive(pid: int, since: float) -> bool:
     import psutil
 
     try:
-        return psutil.Process(pid).create_time() <= since + 1
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() <= since + 1
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
+        return False  # gone, or killed and not yet reaped: it writes nothing more
 
 
 FAULT_ENV = "COGPIPE_FAULT"  # "N" or "N:text": SIGKILL this process at the Nth fault point (whose path contains text)
@@ -377,16 +378,26 @@ def hold_lock(
         me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{me}: {' '.join(sys.argv)[:200]}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # nobody holds it now; the next holder writes itself
     finally:
         os.close(fd)  # releases the lock
 
 
-def _holder(path: Path) -> str:
-    try:
-        return path.read_text().strip() or "another process"
-    except OSError:
-        return "another process"
+def _holder(path: Path, patience_s: float = 1.0) -> str:
+    """Who holds the lock, as its holder wrote it; the holder writes it just after taking
+    the lock, so a process arriving at that moment waits a little for it."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text or time.monotonic() > deadline:
+            return text or "another process"
+        time.sleep(0.05)
 
 
 def resolve_device(device: str) -> str:

@@ -316,13 +316,6 @@ def test_two_evaluations_at_once_share_the_units_and_equal_one(forker, start, re
     assert (temporaries(folder), snapshot(folder)) == ([], snapshot(ref))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,  # validation/step-000002 is not there
-    reason="cogpipe/train.py commits checkpoint-N before validating step N, so a run killed at "
-    "the validation's rename resumes after N and never makes validation/step-N (validating "
-    "before saving the checkpoint of the same step fixes it)",
-)
 def test_a_kill_at_a_validation_commit_is_made_again(forker, start, tmp_path):
     folder = tmp_path / "validation"
     top = {".locks", "train", "evaluate"}  # trained again, with validation
