@@ -61,6 +61,7 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_UI_ENABLED", "true")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cogpipe")  # its warnings in run logs
 
 
 class _ProgressLine:

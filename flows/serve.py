@@ -175,6 +175,8 @@ def worker_env(pool: str, api_url: str, devices: list[str] | None) -> dict[str, 
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S)
         ),
         "PYTHONUNBUFFERED": "1",
+        # cogpipe's own warnings ("waiting for shard ..., held by ...") in the run's log
+        "PREFECT_LOGGING_EXTRA_LOGGERS": os.environ.get("PREFECT_LOGGING_EXTRA_LOGGERS", "cogpipe"),
     }
     if devices is not None:  # a GPU worker: these GPUs only
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
