@@ -12,6 +12,7 @@ ask "is this stage done for this config?" in milliseconds.
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,6 +37,14 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "train": ("precompute",),
     "evaluate": ("train", "check", "filter"),  # filter: the captions of a held-out suite
 }
+
+log = logging.getLogger(__name__)
+
+
+# Stages done in one piece (seconds of CPU work): a second run of the same key waits for
+# the first and then finds it done. The others lock their own units (caption parts,
+# precompute shards, the training run, evaluation units), so two runs share the work.
+WHOLE_STAGES = ("ingest", "check", "filter")
 
 
 def module(stage: str) -> ModuleType:
@@ -116,7 +125,16 @@ def run_stage(
     ws = Workspace(cfg.workspace)
     sweep_temporaries(ws.root)  # what a killed run left, even where this stage is done
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)
-    return getattr(module(stage), f"run_{stage}")(ws, cfg, upstream, progress, **options)
+    run = getattr(module(stage), f"run_{stage}")
+    if stage not in WHOLE_STAGES:  # one writer per unit, held inside the stage
+        return run(ws, cfg, upstream, progress, **options)
+    key = module(stage).key_of(cfg, {up: r.key for up, r in upstream.items()})
+
+    def waiting(holder: str) -> None:
+        log.warning("%s %s: waiting for %s; then this run reuses its result", stage, key, holder)
+
+    with ws.hold(f"{stage}-{key}", on_wait=waiting):
+        return run(ws, cfg, upstream, progress, **options)
 
 
 def run_all(
