@@ -240,7 +240,9 @@ def _alive(pid: int, since: float) -> bool:
 
 FAULT_ENV = "COGPIPE_FAULT"  # "N" or "N:text": SIGKILL this process at the Nth fault point (whose path contains text)
 FAULT_LOG_ENV = "COGPIPE_FAULT_LOG"  # a file: every fault point reached is appended to it
+PAUSE_ENV = "COGPIPE_PAUSE"  # "N:text": at that point, create the file COGPIPE_PAUSE_FILE and sleep
 _faults_seen = 0
+_pauses_seen = 0
 
 
 def fault_point(label: str, path: Path | str = "") -> None:
@@ -251,6 +253,8 @@ def fault_point(label: str, path: Path | str = "") -> None:
     """
     global _faults_seen
     spec, log = os.environ.get(FAULT_ENV), os.environ.get(FAULT_LOG_ENV)
+    if os.environ.get(PAUSE_ENV):
+        _pause(f"{label} {path}")
     if not spec and not log:
         return
     where = f"{label} {path}"
@@ -263,6 +267,18 @@ def fault_point(label: str, path: Path | str = "") -> None:
             _faults_seen += 1
             if _faults_seen == int(n):
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pause(where: str) -> None:
+    """Hold still at a commit point (COGPIPE_PAUSE), so a test can interrupt the process
+    there: what Ctrl-C in the middle of a stage meets."""
+    global _pauses_seen
+    n, _, text = os.environ[PAUSE_ENV].partition(":")
+    if text in where:
+        _pauses_seen += 1
+        if _pauses_seen == int(n):
+            Path(os.environ["COGPIPE_PAUSE_FILE"]).write_text(where)
+            time.sleep(600)
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from cogpipe.cli import main
 from cogpipe.config import PipelineConfig
 from cogpipe.demo import DEMO_CONFIG
 from cogpipe.pipeline import UPSTREAM, plan, run_all, run_stage, stage_path
-from cogpipe.workspace import Workspace
+from cogpipe.workspace import Workspace, read_table
 
 pytestmark = pytest.mark.prefect
 
@@ -268,3 +268,69 @@ def test_a_stage_error_under_run_is_one_line_naming_the_log(upstream, tmp_path):
     assert errors[0].startswith(f"cogpipe: error: train: {taken} holds training run another")
     log = Path(errors[0].rsplit("; log: ", 1)[1])
     assert log.parent == Path(cfg.workspace) / "logs" and "Traceback" in log.read_text()
+
+
+# Where each GPU stage is held still for the Ctrl-C: after its first unit is committed,
+# before the next one's rename (COGPIPE_PAUSE), and what the interrupted and the next run say.
+PAUSES = {
+    "caption": ("1:/part-000-00001", "caption: 2 of 6 clips committed",
+                "caption: 2 of 6 clips already committed"),
+    "precompute": ("1:/shard-00001", "precompute: 1 of 3 shards committed",
+                   "precompute: 1 of 3 shards already committed"),
+    "evaluate": ("2:evaluate/index.parquet", "evaluate: 2 of 3 ",
+                 "evaluate: 2 of 3 "),
+}  # fmt: skip
+
+
+def stage_outputs(cfg: PipelineConfig, stage: str) -> dict[str, bytes | list]:
+    """A stage's committed files, its done marker and evaluate's index without wall times."""
+    folder = output(cfg, stage)
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.suffix in (".safetensors", ".mp4", ".png")}  # fmt: skip
+    tables = {str(p.relative_to(folder)): read_table(p).drop(columns=["seconds"], errors="ignore")
+              .astype(str).to_dict("records") for p in sorted(folder.rglob("*.parquet"))}  # fmt: skip
+    if stage == "evaluate":
+        index = read_table(Path(cfg.workspace) / "evaluate" / "index.parquet")
+        tables["index"] = index.drop(columns=["evaluated_at"]).astype(str).to_dict("records")
+    return files | tables
+
+
+@pytest.mark.parametrize("stage", list(PAUSES))
+def test_ctrl_c_in_each_gpu_stage_says_what_was_committed_and_resumes(stage, upstream, tmp_path):
+    raw = copy.deepcopy(upstream[0]) | {"workspace": str(tmp_path / "run" / "workspace")}
+    raw["train"] |= {"max_steps": 4}  # evaluate: the base and checkpoints 2 and 4
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    path = cwd / "config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cfg = PipelineConfig.model_validate(raw)
+    if stage == "evaluate":  # the stages before it, done in-process (they are not the test)
+        run_all(cfg, "train")
+    pause, committed, resuming = PAUSES[stage]
+    paused = cwd / "paused"
+    os.environ |= {"COGPIPE_PAUSE": pause, "COGPIPE_PAUSE_FILE": str(paused)}
+    try:
+        proc = start("run", str(path), "--until", stage, cwd=cwd)
+    finally:
+        del os.environ["COGPIPE_PAUSE"], os.environ["COGPIPE_PAUSE_FILE"]
+    deadline = time.monotonic() + 240
+    while not paused.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, outputs(cwd)
+        time.sleep(0.1)
+    tree = process_tree(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=10) == 130
+    assert left_over(tree, within=2) == []
+    stderr = outputs(cwd)[1]
+    last = stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"interrupted; {committed}") and last.endswith("run again to resume")
+    assert "Traceback" not in stderr, stderr
+
+    proc = start("run", str(path), "--until", stage, cwd=cwd)
+    assert proc.wait(timeout=300) == 0, outputs(cwd)
+    assert resuming in outputs(cwd)[0]
+    assert list(Path(cfg.workspace).rglob(".tmp-*")) == []
+
+    ref = PipelineConfig.model_validate(raw | {"workspace": str(tmp_path / "ref" / "workspace")})
+    run_all(ref, stage)
+    assert stage_outputs(cfg, stage) == stage_outputs(ref, stage)
