@@ -277,9 +277,12 @@ PAUSES = {
                 "caption: 2 of 6 clips already committed"),
     "precompute": ("1:/shard-00001", "precompute: 1 of 3 shards committed",
                    "precompute: 1 of 3 shards already committed"),
+    "recaption": ("2:/cache/recaption/", "recaption: 2 of 6 clips (round 1) committed",
+                  "recaption: 2 of 6 clips (round 1) already committed"),
     "evaluate": ("2:evaluate/index.parquet", "evaluate: 2 of 3 ",
                  "evaluate: 2 of 3 "),
 }  # fmt: skip
+REJECT_ALL = {"min_words": 1000, "max_words": 2000}  # recaption: every caption goes again
 
 
 def stage_outputs(cfg: PipelineConfig, stage: str) -> dict[str, bytes | list]:
@@ -299,6 +302,8 @@ def stage_outputs(cfg: PipelineConfig, stage: str) -> dict[str, bytes | list]:
 def test_ctrl_c_in_each_gpu_stage_says_what_was_committed_and_resumes(stage, upstream, tmp_path):
     raw = copy.deepcopy(upstream[0]) | {"workspace": str(tmp_path / "run" / "workspace")}
     raw["train"] |= {"max_steps": 4}  # evaluate: the base and checkpoints 2 and 4
+    if stage == "recaption":
+        raw["filter"] |= REJECT_ALL
     cwd = tmp_path / "run"
     cwd.mkdir()
     path = cwd / "config.yaml"
