@@ -25,8 +25,8 @@ What is notable:
   an empty caption; the stage goes on. A failure of `generate` itself (out of memory)
   stops the stage and leaves every committed part intact.
 
-    cogpipe caption configs/demo.yaml             # every shard, then the merge
-    cogpipe caption configs/demo.yaml --shard 3   # one shard (one GPU worker)
+    cogpipe caption demo/demo.yaml             # every shard, then the merge
+    cogpipe caption demo/demo.yaml --shard 3   # one shard (one GPU worker)
 """
 
 from __future__ import annotations

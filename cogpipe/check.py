@@ -33,7 +33,7 @@ record it in `dup_of`; the held-out split is drawn per group of clips that share
 video or are near duplicates, so no held-out clip has a near duplicate in training. Every
 clip keeps its row, with its reasons.
 
-    cogpipe check configs/demo.yaml
+    cogpipe check demo/demo.yaml
 """
 
 from __future__ import annotations

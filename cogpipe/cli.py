@@ -1,4 +1,5 @@
-"""The `cogpipe` command.
+"""cogpipe: a folder of videos to an evaluated CogVideoX fine-tune; every stage caches its
+result by content and resumes after any interruption.
 
     cogpipe demo [--workspace DIR]         sample videos + tiny models, then the whole pipeline
     cogpipe run CONFIG [--until STAGE]     the full pipeline as a Prefect flow
@@ -541,7 +542,11 @@ DEBUG_HELP = "show tracebacks and Prefect's full console output"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.split("\n\n")[0])
+    intro, commands = __doc__.split("\n\n")[:2]
+    parser = argparse.ArgumentParser(
+        prog="cogpipe", description=intro, epilog="commands:\n" + commands,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 

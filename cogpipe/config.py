@@ -11,7 +11,7 @@ caption can depend on the other clips of its batch.) Models enter keys by finger
 (`workspace.model_fingerprint`), never by path, so moving a model folder keeps every key.
 
     from cogpipe.config import load_config
-    cfg = load_config("configs/demo.yaml")
+    cfg = load_config("demo/demo.yaml")
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Export the curated training set as a dataset another trainer reads.
 
-    cogpipe export-dataset configs/demo.yaml --format finetrainers exported/
-    cogpipe export-dataset configs/demo.yaml --format diffusers exported-diffusers/
+    cogpipe export-dataset demo/demo.yaml --format finetrainers exported/
+    cogpipe export-dataset demo/demo.yaml --format diffusers exported-diffusers/
 
     result = export_dataset(cfg, "exported/", "jsonl")   # ExportedDataset(clips=7, written=7, ...)
 

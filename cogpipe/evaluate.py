@@ -53,7 +53,7 @@ A training run keeps adding checkpoints under the same train key, so the done ma
 alone cannot say "done": it also records the checkpoints it covers, and a call that
 finds new ones on disk evaluates just those and rewrites the marker.
 
-    cogpipe evaluate configs/demo.yaml
+    cogpipe evaluate demo/demo.yaml
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ round-robin over (category, motion group) (`curate`), so a small group gets its 
 instead of losing every slot to the best-scoring one. With N = 0 every accepted caption is
 selected.
 
-    cogpipe filter configs/demo.yaml
+    cogpipe filter demo/demo.yaml
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ is a listing error (fixing the permission changes the listing, so the key), a fa
 is not cached, and a probe that timed out is probed again under a longer timeout (see
 `key_of`). An ingest that accepts no video fails (EmptyStage) and is not done.
 
-    cogpipe ingest configs/demo.yaml
+    cogpipe ingest demo/demo.yaml
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ The check catches gross mistakes (another model's scaling factor: ~15 dB; NaN; a
 latent layout), not subtle ones: scaling_factor applied twice costs even a lossless
 autoencoder only ~30 dB, the order of a real video VAE's own reconstruction error.
 
-    cogpipe precompute configs/demo.yaml
+    cogpipe precompute demo/demo.yaml
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ Checked, for the stages up to `until` that are not done yet for this config:
 The model checks are also what the loaders (`cogpipe.vlm`, `cogpipe.models.cogvideox`)
 run when a load fails, so their error names the field and the missing file too.
 
-    preflight(load_config("configs/demo.yaml"), until="train")
+    preflight(load_config("demo/demo.yaml"), until="train")
 """
 
 from __future__ import annotations

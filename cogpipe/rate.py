@@ -1,8 +1,8 @@
 """`cogpipe rate CONFIG`: a web page where people rate checkpoint videos against the base
 model's, blind, at the same prompt and seed.
 
-    cogpipe rate configs/demo.yaml                 # http://127.0.0.1:8700/ until Ctrl-C
-    cogpipe rate configs/demo.yaml --port 0 --run other-run
+    cogpipe rate demo/demo.yaml                 # http://127.0.0.1:8700/ until Ctrl-C
+    cogpipe rate demo/demo.yaml --port 0 --run other-run
 
 A pair is one checkpoint's video and the base model's video of the same prompt and seed,
 from `evaluate/<ekey>/<run>/`. The two are shown side by side, left and right drawn at

@@ -18,8 +18,8 @@ What is notable:
 - Parts have one writer across processes, as in captioning (`caption_pass`), and so does
   the merged table: two runs of one config share the rounds' parts and one merges.
 
-    cogpipe recaption configs/demo.yaml             # every shard, then the merge
-    cogpipe recaption configs/demo.yaml --shard 1   # one shard's rounds (one GPU worker)
+    cogpipe recaption demo/demo.yaml             # every shard, then the merge
+    cogpipe recaption demo/demo.yaml --shard 1   # one shard's rounds (one GPU worker)
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ The run folder is `train/<name>/` (the config's `name`, defaulting to the key):
                                    weights' dtype, every checkpoint) instead of the LoRA
     _SUCCESS.json
 
-    cogpipe train configs/demo.yaml
+    cogpipe train demo/demo.yaml
 """
 
 from __future__ import annotations

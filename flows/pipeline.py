@@ -2,7 +2,7 @@
 precompute → train → evaluate. Each task is cached by its stage key, so a re-run of a finished
 pipeline costs seconds and a changed config recomputes only what it touches.
 
-    cogpipe run configs/demo.yaml            # CLI, on a temporary server of its own
+    cogpipe run demo/demo.yaml            # CLI, on a temporary server of its own
     python -m cogpipe_flows.pipeline CONFIG  # the same on Prefect's ephemeral server
 
 Deployed (deployments/prefect.yaml) it runs on the `cpu` pool with `gpu_pool: gpu`: the

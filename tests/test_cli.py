@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from cogpipe.cli import main
@@ -61,3 +62,13 @@ def test_bad_config_and_missing_source_are_clear_errors(tmp_path, sample_videos,
     missing = write_config(tmp_path, sample_videos, ingest={"source": str(tmp_path / "nope")})
     assert main(["ingest", str(missing)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_help_says_what_the_tool_is_and_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as ended:
+        main(["--help"])
+    assert ended.value.code == 0
+    text = capsys.readouterr().out
+    assert "a folder of videos to an evaluated CogVideoX fine-tune" in text
+    for command in ("demo", "run CONFIG", "status CONFIG", "generate", "serve", "worker"):
+        assert f"cogpipe {command}" in text, command
