@@ -41,19 +41,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from forker import ONE_THREAD, REPO, Forker
 
 from cogpipe.config import PipelineConfig
 from cogpipe.demo import DEMO_CONFIG
 from cogpipe.pipeline import run_stage
 from cogpipe.workspace import SUCCESS, read_table
 
-REPO = Path(__file__).resolve().parents[1]
 CAPTION = {"num_frames": 4, "max_new_tokens": 24, "batch_size": 2}  # 6 clips: 3 parts
 # 2 checkpoints, and the first one's training state pruned after the second
 TRAIN = {"rank": 4, "alpha": 4, "max_steps": 4, "checkpoint_every": 2, "keep_states": 1}
@@ -61,7 +60,8 @@ TRAIN = {"rank": 4, "alpha": 4, "max_steps": 4, "checkpoint_every": 2, "keep_sta
 REJECT_ALL = {"min_words": 50, "max_words": 80, "retries": 2}
 WRITER = re.compile(r"-h[A-Za-z0-9]+p\d+r[0-9a-f]{8}")  # a temporary's writer token
 PARALLEL = 2  # killed runs at once
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+PRELOAD = ["torch", "transformers", "diffusers", "accelerate", "peft", "torch.utils.tensorboard",
+           "cogpipe.caption", "cogpipe.recaption", "cogpipe.filter", "cogpipe.train"]  # fmt: skip
 VOLATILE = ("seconds", "finished_at", "counts.parts_reused", "stats.seconds_per_step",
             "stats.resumed_from_step")  # fmt: skip
 
@@ -96,69 +96,6 @@ def write_config(cfg: PipelineConfig, folder: Path) -> Path:
     config = folder / "config.yaml"  # in field order: filter.categories' order is keyed
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return config
-
-
-# Reads a JSON list of jobs {argv, env, log} per line; runs each as `cogpipe.cli.main(argv)`
-# in a forked child (PARALLEL at once), its output to `log`; answers their exit codes.
-FORKER = textwrap.dedent(
-    """
-    import json, os, sys, traceback
-    import torch, transformers, diffusers, accelerate, peft, torch.utils.tensorboard
-    from transformers import LlavaForConditionalGeneration
-    from diffusers import CogVideoXTransformer3DModel
-    import cogpipe.cli, cogpipe.caption, cogpipe.recaption, cogpipe.filter, cogpipe.train
-
-    def start(job):
-        pid = os.fork()
-        if pid:
-            return pid
-        os.environ.update(job["env"])
-        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        try:
-            code = cogpipe.cli.main(job["argv"])
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
-
-    print("ready", flush=True)
-    for line in sys.stdin:
-        jobs, running, codes = json.loads(line), {}, {}
-        for i, job in enumerate(jobs):
-            if len(running) >= int(sys.argv[1]):
-                pid, status = os.wait()
-                codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-            running[start(job)] = i
-        while running:
-            pid, status = os.wait()
-            codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-        print(json.dumps([codes[i] for i in range(len(jobs))]), flush=True)
-    """
-)
-
-
-class Forker:
-    """The process `FORKER` runs in: stage commands without a fresh interpreter each."""
-
-    def __init__(self):
-        env = os.environ | {"PYTHONPATH": str(REPO)} | ONE_THREAD
-        self.proc = subprocess.Popen([sys.executable, "-c", FORKER, str(PARALLEL)], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
-        assert self.proc.stdout.readline() == "ready\n"
-
-    def run(self, jobs: list[dict]) -> list[int]:
-        """Each job's exit code (-9: killed by SIGKILL)."""
-        self.proc.stdin.write(json.dumps(jobs) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 def points_of(log: Path, cfg: PipelineConfig) -> list[str]:
@@ -286,7 +223,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def forker(one_thread):
-    forker = Forker()
+    forker = Forker(PRELOAD, PARALLEL)
     yield forker
     forker.close()
 

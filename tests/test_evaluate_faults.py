@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
-import textwrap
 import threading
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import yaml
+from forker import Forker
 
 from cogpipe import base_suite, evaluate
 from cogpipe.config import PipelineConfig
@@ -50,79 +47,12 @@ from cogpipe.pipeline import plan, run_stage, stage_path
 from cogpipe.ratings import BEGIN, END, refresh_report, report_lock
 from cogpipe.workspace import SUCCESS, Workspace, read_table, sweep_temporaries
 
-REPO = Path(__file__).resolve().parents[1]
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PROMPTS = ["a fighter slaps his opponent"]
 WRITER = re.compile(r"-h[A-Za-z0-9]+p\d+r[0-9a-f]{8}")  # a temporary's writer token
 HEX_KEY = re.compile(r"\b[0-9a-f]{12,}\b")  # stage and store keys
 VOLATILE = {"metrics.parquet": ["seconds"], "index.parquet": ["evaluated_at"]}
 VOLATILE_JSON = {SUCCESS: ["finished_at", "seconds", "counts.checkpoints_evaluated",
                            "counts.videos"], "*.json": ["seconds"]}  # fmt: skip
-
-# Reads a JSON list of jobs {argv, env, log} per line; runs each as `cogpipe.cli.main(argv)`
-# in a forked child (two at once), its output to `log`; answers their exit codes.
-FORKER = textwrap.dedent(
-    """
-    import json, os, sys, traceback
-    import torch, transformers, diffusers, matplotlib.pyplot, av
-    from transformers import CLIPModel
-    from diffusers import CogVideoXPipeline
-    import cogpipe.cli, cogpipe.evaluate, cogpipe.pipeline
-
-    def start(job):
-        pid = os.fork()
-        if pid:
-            return pid
-        os.environ.update(job["env"])
-        log = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        try:
-            code = cogpipe.cli.main(job["argv"])
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code or 0)
-
-    print("ready", flush=True)
-    for line in sys.stdin:
-        jobs, running, codes = json.loads(line), {}, {}
-        for i, job in enumerate(jobs):
-            if len(running) >= 2:
-                pid, status = os.wait()
-                codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-            running[start(job)] = i
-        while running:
-            pid, status = os.wait()
-            codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
-        print(json.dumps([codes[i] for i in range(len(jobs))]), flush=True)
-    """
-)
-
-
-class Forker:
-    """The process `FORKER` runs in: `cogpipe evaluate` without a fresh interpreter each."""
-
-    def __init__(self):
-        env = os.environ | {"PYTHONPATH": str(REPO)} | ONE_THREAD
-        self.proc = subprocess.Popen([sys.executable, "-c", FORKER], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
-        self.ready = False  # it imports while the upstream stages run
-
-    def run(self, jobs: list[dict]) -> list[int]:
-        """Each job's exit code (-9: killed by SIGKILL)."""
-        if not self.ready:
-            assert self.proc.stdout.readline() == "ready\n"
-            self.ready = True
-        self.proc.stdin.write(json.dumps(jobs) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
 
 
 def job(folder: Path, log: str, stage: str = "evaluate", **env: str) -> dict:
@@ -155,7 +85,17 @@ def start(tmp_path_factory, sample_videos, tiny_models) -> Path:
 
 @pytest.fixture(scope="module")
 def forker():
-    f = Forker()
+    f = Forker(
+        [
+            "torch",
+            "transformers",
+            "diffusers",
+            "matplotlib.pyplot",
+            "av",
+            "cogpipe.evaluate",
+            "cogpipe.pipeline",
+        ]
+    )
     yield f
     f.close()
 
