@@ -13,6 +13,8 @@ every stage key stays the same and the whole pipeline is reused.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -88,10 +90,30 @@ def prepare_demo(root: Path) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     write_sample_videos(root / "videos")
-    write_tiny_models(root / "models")
+    with quiet_model_writing():
+        write_tiny_models(root / "models")
     path = root / "demo.yaml"
     text = "# Written by `cogpipe demo`: tiny random models, sample videos.\n"
     text += yaml.safe_dump(DEMO_CONFIG, sort_keys=False)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
+
+
+@contextmanager
+def quiet_model_writing() -> Iterator[None]:
+    """transformers' output while the tiny random models are written, off for the block:
+    its "Writing model shards" bars and its notices that an image processor falls back to
+    PIL without torchvision mean nothing to someone trying the demo (nothing is downloaded
+    here, so no download progress is hidden). Restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from cogpipe.config import EvaluateConfig
+from cogpipe.models import quiet_local_load
 from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
 
 
@@ -38,7 +39,8 @@ def load_clip(name: str, device: str) -> Clip:
     """CLIP model, tokenizer and image processor from a hub id or a local folder (fp32)."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model = CLIPModel.from_pretrained(name).to(device).eval()
+    with quiet_local_load(name):
+        model = CLIPModel.from_pretrained(name).to(device).eval()
     processor = AutoImageProcessor.from_pretrained(name)
     return Clip(model, AutoTokenizer.from_pretrained(name), processor, device)
 
@@ -48,8 +50,9 @@ def load_pipeline(model: str, device: str):
     from diffusers import CogVideoXPipeline
 
     dtype = weight_dtype("auto", transformer_config(model), device)
-    # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
-    pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    # `dtype`: diffusers 0.42.0 and later take it; `torch_dtype` warns as deprecated.
+    with quiet_local_load(model):
+        pipe = CogVideoXPipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()  # 49x480x720 decodes in tiles; a no-op below the tile size
     return pipe
@@ -109,7 +112,7 @@ def full_weights(pipe, checkpoint: Path):
     base = pipe.transformer
     device, dtype = base.device, base.dtype
     loaded = CogVideoXTransformer3DModel.from_pretrained(
-        str(Path(checkpoint) / FULL_FOLDER), torch_dtype=dtype
+        str(Path(checkpoint) / FULL_FOLDER), dtype=dtype
     )
     if device.type == "cuda":
         base.to("cpu")  # one transformer on the GPU at a time

@@ -12,6 +12,9 @@ What is notable:
 - `report.md` says how the suite was sampled: for IC-LoRA and TIC-FT runs, which held-out
   clip conditioned each prompt, and that the A/B sets the conditioned checkpoint against
   the unconditioned base (the base model has no conditioned mode).
+- `metrics_vs_step.png` draws each metric at its own scale (`metric_limits`): every
+  interval in view, and a y-span of at least 5% of the metric's range, so differences
+  inside the intervals do not fill the panel.
 - `sheet_row` is one labelled row of a contact sheet or A/B grid: frames spread over the
   video, thumbnails never upscaled.
 
@@ -239,38 +242,84 @@ def against_base(out: Path, scores: pd.DataFrame, names: list[str], resamples: i
     return lines
 
 
-def plot_metrics(scores: pd.DataFrame, names: list[str], path: Path) -> None:
-    """One panel per metric against the training step: checkpoints as a line with their 95%
-    band, the base model as a dashed horizontal line with its band."""
-    import matplotlib
+# What each per-video metric can take (`cogpipe.metrics`); a Fréchet distance is >= 0.
+METRIC_RANGE = {"clip_score": (0.0, 100.0), "temporal_consistency": (-1.0, 1.0),
+                "dynamic_degree": (0.0, 1.0)}  # fmt: skip
+MIN_SPAN = 0.05  # the least y-span: of the metric's range, or of a Fréchet distance's size
+PAD = 0.08  # of the span, above and below
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def metric_limits(metric: str, values: np.ndarray) -> tuple[float, float]:
+    """The y-range of a metric's panel: every value and interval bound with padding, and
+    never narrower than MIN_SPAN of the metric's range (a Fréchet distance: of its largest
+    value), kept inside that range: differences well inside the intervals then look as
+    small as they are instead of filling the panel."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return 0.0, 1.0
+    lo, hi = float(values.min()), float(values.max())
+    bottom, top = METRIC_RANGE.get(metric, (0.0, np.inf))
+    scale = top - bottom if np.isfinite(top) else max(abs(lo), abs(hi), 1e-9)
+    span = max(hi - lo, MIN_SPAN * scale)
+    mid = (lo + hi) / 2
+    lo, hi = mid - span * (0.5 + PAD), mid + span * (0.5 + PAD)
+    if hi > top:  # slide inside the metric's range
+        lo, hi = lo - (hi - top), top
+    if lo < bottom:
+        lo, hi = bottom, min(hi + (bottom - lo), top)
+    return lo, hi
+
+
+def _plot_metric(ax, tuned: pd.DataFrame, base: pd.DataFrame, m: str) -> None:
+    """One panel: checkpoints against the step with their 95% intervals, the base model as a
+    dashed line with its band."""
+    from cogpipe.plots import count_axis
+
+    value = tuned[m].astype(float).to_numpy()
+    low, high = tuned[f"{m}_low"].astype(float), tuned[f"{m}_high"].astype(float)
+    bounds = [value, low.to_numpy(), high.to_numpy()]
+    ax.fill_between(tuned.step, low, high, alpha=0.25, label="checkpoint 95% interval")
+    err = np.abs(np.vstack([value - low, high - value]))
+    ax.errorbar(
+        tuned.step, value, yerr=np.nan_to_num(err), marker="o", capsize=3, label="checkpoint"
+    )
+    if len(base) and np.isfinite(base[m].iloc[0]):
+        b = base.iloc[0]
+        ax.axhline(b[m], color="grey", linestyle="--", label="base")
+        if np.isfinite(b[f"{m}_low"]):
+            ax.axhspan(
+                b[f"{m}_low"], b[f"{m}_high"], color="grey", alpha=0.15, label="base 95% interval"
+            )
+        bounds.append(np.array([b[m], b[f"{m}_low"], b[f"{m}_high"]], float))
+    ax.set_ylim(*metric_limits(m, np.concatenate(bounds).astype(float)))
+    ax.set_xlabel("step")
+    ax.set_xlim(0, max(ax.get_xlim()[1], 1))  # the base model is step 0; steps are whole
+    count_axis(ax.xaxis)
+    ax.set_title(m.replace("_", " ") + (" (lower is better)" if not higher_is_better(m) else ""))
+    ax.grid(alpha=0.3)
+
+
+def metrics_figure(scores: pd.DataFrame, names: list[str]):
+    """The figure of `plot_metrics`: one panel per metric with a value (legend on the first)."""
+    from cogpipe.plots import figure
 
     shown = [m for m in names if scores[m].notna().any()]
-    fig, axes = plt.subplots(
-        1, max(len(shown), 1), figsize=(4 * max(len(shown), 1), 3), squeeze=False
-    )
+    fig = figure(4 * max(len(shown), 1), 3.4)
+    axes = fig.subplots(1, max(len(shown), 1), squeeze=False)[0]
     tuned, base = scores[scores.checkpoint != BASE], scores[scores.checkpoint == BASE]
-    for ax, m in zip(axes[0], shown, strict=False):
-        low, high = tuned[f"{m}_low"].astype(float), tuned[f"{m}_high"].astype(float)
-        ax.fill_between(tuned.step, low, high, alpha=0.25, label="95% interval")
-        ax.plot(tuned.step, tuned[m], marker="o", label="checkpoint")
-        if len(base) and np.isfinite(base[m].iloc[0]):
-            b = base.iloc[0]
-            ax.axhline(b[m], color="grey", linestyle="--", label="base")
-            if np.isfinite(b[f"{m}_low"]):
-                ax.axhspan(b[f"{m}_low"], b[f"{m}_high"], color="grey", alpha=0.15)
-        ax.set_xlabel("step")
-        ax.set_title(
-            m.replace("_", " ") + (" (lower is better)" if not higher_is_better(m) else "")
-        )
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    for ax, m in zip(axes, shown, strict=False):
+        _plot_metric(ax, tuned, base, m)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=8)  # off the data
+    return fig
+
+
+def plot_metrics(scores: pd.DataFrame, names: list[str], path: Path) -> None:
+    """`metrics_vs_step.png`: each metric against the training step, checkpoints with their
+    95% intervals, the base model as a dashed line with its band."""
+    from cogpipe.plots import save
+
+    save(metrics_figure(scores, names), path)
 
 
 # --------------------------------------------------------------------------- sheets

@@ -37,7 +37,7 @@ from cogpipe.config import FilterConfig, PipelineConfig
 from cogpipe.errors import EmptyStage
 from cogpipe.models.cogvideox import component_fingerprint
 from cogpipe.overrides import apply_overrides, resolve
-from cogpipe.report import write_caption_report
+from cogpipe.report import reason_kind, write_caption_report
 from cogpipe.workspace import (
     Progress,
     StageResult,
@@ -194,13 +194,18 @@ def judge(
 
 
 def token_counter(cfg: PipelineConfig) -> Callable[[str], int] | None:
-    """The video model's T5 tokenizer as a counter (hub id or folder; `tokenizer/`)."""
+    """The video model's T5 tokenizer as a counter (hub id or folder; `tokenizer/`).
+
+    Counting is the point: a caption over the model's length is measured, not encoded, so
+    the tokenizer's "sequence length is longer than the specified maximum" warning is
+    turned off for the call (`verbose=False`); `judge` names the excess in its reason.
+    """
     if not cfg.filter.max_tokens:
         return None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, subfolder="tokenizer")
-    return lambda text: len(tokenizer(text, add_special_tokens=True).input_ids)
+    return lambda text: len(tokenizer(text, add_special_tokens=True, verbose=False).input_ids)
 
 
 def judge_captions(
@@ -221,7 +226,8 @@ def judged_table(
     captions: pd.DataFrame, judged: list[tuple[float, list[str]]], fc: FilterConfig
 ) -> pd.DataFrame:
     """One row per caption: its verdict, category, and where it came from (`attempt`: the
-    re-caption round, 0 for the caption stage's; `source`: model, dataset or import)."""
+    re-caption round, 0 for the caption stage's; `source`: model, dataset or import;
+    `truncated`: the captioner stopped at its token limit)."""
     n = len(captions)
     return pd.DataFrame(
         {
@@ -233,8 +239,9 @@ def judged_table(
             "reasons": ["; ".join(r) for _, r in judged],
             "attempt": captions["attempt"] if "attempt" in captions else [0] * n,
             "source": captions["source"] if "source" in captions else ["model"] * n,
+            "truncated": captions["truncated"].eq(True) if "truncated" in captions else False,
         }
-    ).astype({"accepted": bool, "attempt": int, "reasons": str})  # even when empty
+    ).astype({"accepted": bool, "attempt": int, "reasons": str, "truncated": bool})  # if empty
 
 
 def select(table: pd.DataFrame, clips: pd.DataFrame | None, fc: FilterConfig) -> pd.DataFrame:
@@ -328,12 +335,72 @@ def run_filter(
     table = select(table, clips, cfg.filter)
     names = [*cfg.filter.categories, "other"]
     write_table(out / "curated.parquet", table)
-    write_caption_report(out, table, names)
+    write_caption_report(out, table, names, notes=headline(table, cfg))
     progress(len(table), len(table), "judged")
     result = filter_result(key, out, table, names)
     if not result.counts["selected"]:  # written for a look, but not done
         raise _nothing_selected(result)
     return ws.finish(result, started)
+
+
+# The setting behind each kind of rejection (`report.reason_kind`), named in the report
+# when that kind rejected most of the rejected captions.
+REASON_SETTINGS = {
+    "empty caption": "caption.prompt and caption.model",
+    "caption failed": "the caption stage's errors (its captions.parquet, column error)",
+    "too few words": "filter.min_words",
+    "too many words": "filter.max_words",
+    "truncated": "caption.max_new_tokens, or filter.reject_truncated",
+    "repetitive": "filter.max_repetition, or caption.no_repeat_ngram_size",
+    "refusal phrase": "filter.refusal_phrases",
+    "assistant phrase": "filter.assistant_phrases",
+    "still-image phrase": "filter.still_image_phrases",
+    "not English": "filter.min_english",
+    "off-domain": "filter.domain_terms and filter.min_domain_terms",
+    "too many tokens": "filter.max_tokens (what the video model reads)",
+}
+DOMINANT_MIN = 3  # rejected captions before one kind of rejection is worth a headline
+
+
+def headline(table: pd.DataFrame, cfg: PipelineConfig) -> list[str]:
+    """Plain sentences for the top of the report, on what a reader would otherwise miss in
+    the tables: most captions were cut at the captioner's token limit, or one kind of
+    rejection rejected most of the rejected captions (and which setting governs it)."""
+    notes = truncation_note(table, cfg)
+    kinds = table.loc[~table.accepted.astype(bool), "reasons"].map(
+        lambda r: set(map(reason_kind, str(r).split("; ")))
+    )
+    counts = pd.Series([k for row in kinds for k in row], dtype=object).value_counts()
+    if len(kinds) >= DOMINANT_MIN and counts.iloc[0] * 2 > len(kinds):
+        kind, n = counts.index[0], int(counts.iloc[0])
+        if not (kind == "truncated" and notes):  # already said
+            setting = REASON_SETTINGS.get(kind, "the filter section of the config")
+            notes.append(f"**{n} of {len(kinds)} rejected captions ({n / len(kinds):.0%}) "
+                         f"were rejected as {kind}**; the setting behind it: {setting}.")  # fmt: skip
+    return notes
+
+
+def truncation_note(table: pd.DataFrame, cfg: PipelineConfig) -> list[str]:
+    """The sentence saying most captions were truncated (none when half or fewer were)."""
+    if "truncated" not in table or not len(table):
+        return []
+    cut = table.truncated.astype(bool)
+    if "override" in table:  # a caption a person wrote is whole
+        cut &= ~table.override.astype(bool)
+    n, total = int(cut.sum()), len(table)
+    if n * 2 <= total:
+        return []
+    verdict = (
+        "they were rejected (filter.reject_truncated)"
+        if cfg.filter.reject_truncated
+        else "they were kept, cut mid-sentence, because filter.reject_truncated is off"
+    )
+    return [
+        f"**{n} of {total} captions ({n / total:.0%}) were truncated**: the captioner hit its "
+        f"token limit (caption.max_new_tokens = {cfg.caption.max_new_tokens}) before it "
+        f"finished, and {verdict}. Raise caption.max_new_tokens, or ask for a shorter "
+        "caption in caption.prompt."
+    ]
 
 
 def _with_columns(captions: pd.DataFrame) -> pd.DataFrame:

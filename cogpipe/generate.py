@@ -60,7 +60,7 @@ from cogpipe import evaluate, sampling
 from cogpipe.config import EvaluateConfig, TicFtConfig
 from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
 from cogpipe.video import probe_video, read_frames, resize_center_crop, write_mp4
-from cogpipe.workspace import atomic_path, resolve_device
+from cogpipe.workspace import Progress, atomic_path, no_progress, resolve_device
 
 MODEL_ALIASES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
 ADAPTER = "lora"  # the adapter name of `--lora` on the pipeline
@@ -330,10 +330,10 @@ def load(options: GenerateOptions):
             from diffusers import CogVideoXTransformer3DModel
 
             components["transformer"] = CogVideoXTransformer3DModel.from_pretrained(
-                str(full), torch_dtype=dtype
+                str(full), dtype=dtype
             )
-        # torch_dtype works across the pinned diffusers range (0.42 prefers `dtype` and warns).
-        pipe = CogVideoXPipeline.from_pretrained(model, torch_dtype=dtype, **components)
+        # `dtype`: diffusers 0.42.0 and later take it; `torch_dtype` warns as deprecated.
+        pipe = CogVideoXPipeline.from_pretrained(model, dtype=dtype, **components)
     except OSError as e:  # hub id unknown or unreachable, files missing
         raise GenerateError(f"--model {model}: cannot load: {str(e).strip()[:300]}") from e
     pipe.set_progress_bar_config(disable=True)
@@ -447,7 +447,11 @@ def sampler_settings(options: GenerateOptions) -> EvaluateConfig:
 
 
 def generate_one(
-    pipe, prompt: str, options: GenerateOptions, condition: sampling.Condition | None = None
+    pipe,
+    prompt: str,
+    options: GenerateOptions,
+    condition: sampling.Condition | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """One video of `prompt` with the per-video options (size, steps, guidance, seed, LoRA scale).
 
@@ -456,6 +460,7 @@ def generate_one(
         prompt: the text.
         options: the settings of this video.
         condition: the video's condition; None: `condition_of(options)` (read per call).
+        on_step: called as (denoising steps done, steps) at the start and after each step.
 
     Returns:
         [F, H, W, 3] uint8 RGB (tic-ft: the target frames).
@@ -469,7 +474,7 @@ def generate_one(
     device = resolve_device(options.device)  # offloaded pipelines sample on the GPU too
     condition = condition if condition is not None else condition_of(options)
     request = sampling.request_for(options, prompt, options.seed, condition=condition)
-    return sampling.sample(pipe, request, device)
+    return sampling.sample(pipe, request, device, on_step)
 
 
 def side_path(path: Path) -> Path:
@@ -489,6 +494,7 @@ def run_generate(
     options: GenerateOptions,
     output: str | Path | None = None,
     on_video: Callable[[Path, float], None] | None = None,
+    on_step: Progress = no_progress,
 ) -> list[Path]:
     """Generate one video per prompt with one loaded pipeline; existing files are overwritten.
 
@@ -497,6 +503,8 @@ def run_generate(
         options: model, sampler, LoRA, device, memory and speed options.
         output: an .mp4 path for one prompt, else a folder (default `generated/`).
         on_video: called with (path, seconds of sampling) after each video is written.
+        on_step: called as (denoising steps done, steps, output name) at the start of each
+            video and after each of its steps: sampling takes minutes on a CPU.
 
     Returns:
         The written paths, in prompt order (a conditioned video's `-side.mp4` not listed).
@@ -512,7 +520,8 @@ def run_generate(
     try:
         for name, prompt in prompts.items():
             t0 = time.time()
-            frames = generate_one(pipe, prompt, options, condition)
+            step = lambda done, steps, name=name: on_step(done, steps, name)  # noqa: E731
+            frames = generate_one(pipe, prompt, options, condition, step)
             seconds = time.time() - t0
             written.append(write_video(paths[name], frames, options.fps))
             if condition is not None:  # condition | result, beside the result alone

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from cogpipe.models import quiet_local_load
 from cogpipe.video import even_indices
 
 if TYPE_CHECKING:
@@ -249,7 +250,8 @@ class VideoMAEFeatures:
         """
         from transformers import AutoImageProcessor, VideoMAEModel
 
-        self.model = VideoMAEModel.from_pretrained(model).to(device).eval()  # fp32
+        with quiet_local_load(model):
+            self.model = VideoMAEModel.from_pretrained(model).to(device).eval()  # fp32
         self.processor = AutoImageProcessor.from_pretrained(model)
         self.device = device
         self.batch_size = batch_size

@@ -2,7 +2,9 @@
 
 `check/<key>/report.md` covers ingest and check (counts and reasons, duration and
 resolution distributions); `filter/<key>/report.md` adds the caption-length histogram,
-the selected captions per category and a table of every rejected caption with its reasons.
+the selected captions per category and a table of every rejected caption with its reasons,
+under a plain headline when most captions were truncated or one rejection dominates.
+Plots come from `cogpipe.plots` (integer count axes, groups side by side, `128x96`).
 Images are linked by file name, so the folder reads on its own; the Prefect task layer
 publishes the same markdown as an artifact with the images inlined.
 """
@@ -12,66 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _hist(path: Path, groups: dict[str, np.ndarray], xlabel: str, title: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    values = [v for v in groups.values() if len(v)]
-    if values:
-        both = np.concatenate(values)
-        bins = np.histogram_bin_edges(both, bins=min(30, max(5, len(both) // 3)))
-        for label, v in groups.items():
-            if len(v):
-                ax.hist(v, bins=bins, alpha=0.7, label=f"{label} ({len(v)})")
-        ax.legend()
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("count")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
-
-
-def _bars(path: Path, counts: pd.Series, title: str) -> str:
-    plt = _plt()
-    counts = counts.sort_values()
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(counts) + 1.2), dpi=100)
-    ax.barh([label[:60] for label in counts.index], counts.to_numpy())
-    ax.set_xlabel("count")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
-
-
-def _scatter(path: Path, videos: pd.DataFrame, title: str) -> str:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    sizes = videos.groupby(["width", "height"]).size()
-    if len(sizes):
-        w, h = zip(*sizes.index, strict=True)
-        ax.scatter(w, h, s=20 + 80 * sizes.to_numpy() / sizes.max(), alpha=0.7)
-    ax.set_xlabel("width (px)")
-    ax.set_ylabel("height (px)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path.name
+from cogpipe.plots import dims, hbars, histogram, sizes
 
 
 def _table(counts: pd.Series, what: str) -> list[str]:
@@ -118,18 +63,18 @@ def write_check_report(out: Path, manifest: pd.DataFrame, clips: pd.DataFrame) -
     both = pd.concat([ingest_reasons.rename(lambda k: f"ingest: {k}"),
                       check_reasons.rename(lambda k: f"check: {k}")])  # fmt: skip
     if len(both):
-        lines += [f"![rejections]({_bars(out / 'rejections.png', both, 'Rejections')})", ""]
+        lines += [f"![rejections]({hbars(out / 'rejections.png', both, 'Rejections')})", ""]
     if len(clips):
         durations = {
             "kept": clips.duration[keep].to_numpy(),
             "rejected": clips.duration[~keep].to_numpy(),
         }
         lines += ["## Clip durations", ""]
-        lines += [f"![durations]({_hist(out / 'durations.png', durations, 'seconds', 'Clip durations')})", ""]  # fmt: skip
+        lines += [f"![durations]({histogram(out / 'durations.png', durations, 'seconds', 'Clip durations')})", ""]  # fmt: skip
     if len(ok):
         lines += ["## Video resolutions", ""]
-        lines += [f"![resolutions]({_scatter(out / 'resolutions.png', ok, 'Video resolutions')})", ""]  # fmt: skip
-        res = (ok.width.astype(str) + "x" + ok.height.astype(str)).value_counts().head(10)
+        lines += [f"![resolutions]({sizes(out / 'resolutions.png', ok, 'Video resolutions')})", ""]  # fmt: skip
+        res = pd.Series(map(dims, ok.width, ok.height)).value_counts().head(10)
         lines += _table(res, "resolution")
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
@@ -190,7 +135,11 @@ def _override_lines(table: pd.DataFrame) -> list[str]:
 
 
 def write_caption_report(
-    out: Path, table: pd.DataFrame, categories: Sequence[str] = (), max_rows: int = 200
+    out: Path,
+    table: pd.DataFrame,
+    categories: Sequence[str] = (),
+    max_rows: int = 200,
+    notes: Sequence[str] = (),
 ) -> Path:
     """Write `report.md` into `out` (filter's folder): the caption-length histogram, the
     rejections (counted by kind, then one row per clip) and the selection per category.
@@ -200,6 +149,8 @@ def write_caption_report(
         table: the curated table (clip_id, caption, category, accepted, selected, reasons).
         categories: category names in the order to list them (others follow by name).
         max_rows: rejected clips listed one per row; the rest are counted.
+        notes: sentences to put right under the counts (`filter.headline`: most captions
+            truncated, one rejection kind dominating).
     """
     words = table.caption.map(lambda c: len(c.split()) if isinstance(c, str) else 0)
     acc, sel = table.accepted.astype(bool), table.selected.astype(bool)
@@ -211,12 +162,13 @@ def write_caption_report(
         f"- words per selected caption: median {words[sel].median() if sel.any() else 0:.0f}",
         "",
     ]
+    lines += [line for note in notes for line in (note, "")]
     groups = {
         "selected": words[sel].to_numpy(),
         "accepted, not selected": words[acc & ~sel].to_numpy(),
         "rejected": words[~acc].to_numpy(),
     }
-    name = _hist(out / "caption_words.png", groups, "words", "Caption length")
+    name = histogram(out / "caption_words.png", groups, "words", "Caption length")
     lines += [f"![caption length]({name})", "", "## Selection by category", ""]
     names = [*categories, *sorted(set(table.category) - set(categories))]
     by = table.groupby("category")

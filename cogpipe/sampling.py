@@ -38,7 +38,7 @@ and `side_by_side(condition_frames, frames)` puts condition and result in one vi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ import numpy as np
 from cogpipe.config import PipelineConfig, TicFtConfig
 
 TEMPORAL = 4  # video frames per latent frame after the first (CogVideoX VAE)
+StepCallback = Callable[[int, int], None] | None  # (denoising steps done, steps)
 
 
 @dataclass(frozen=True)
@@ -94,29 +95,33 @@ def request_for(settings, prompt: str, seed: int, **fields) -> SampleRequest:
     return SampleRequest(prompt, seed, **{n: getattr(settings, n) for n in names} | fields)
 
 
-def sample(pipe, request: SampleRequest, device=None) -> np.ndarray:
+def sample(pipe, request: SampleRequest, device=None, on_step: StepCallback = None) -> np.ndarray:
     """One video. Returns [F, H, W, 3] uint8 (tic-ft: the target frames only).
 
     Args:
         pipe: a CogVideoXPipeline (a text encoder only when `request.embeds` is None).
         device: where the noise is drawn; default the pipeline's execution device.
+        on_step: called as (steps done, steps) at the start and after every denoising step.
 
     Raises:
         FloatingPointError: non-finite pixels (fp16 overflow, a broken LoRA).
         ValueError: a condition that does not fit the request (see `Condition`).
     """
-    return decode(pipe, denoise(pipe, request, device), request)
+    return decode(pipe, denoise(pipe, request, device, on_step), request)
 
 
-def denoise(pipe, request: SampleRequest, device=None):
-    """The denoised latents to decode: [1, F', C, h, w] (tic-ft: the whole sequence)."""
+def denoise(pipe, request: SampleRequest, device=None, on_step: StepCallback = None):
+    """The denoised latents to decode: [1, F', C, h, w] (tic-ft: the whole sequence).
+    `on_step(steps done, steps)`: at the start and after every step (a person waits)."""
     import torch
 
     device = torch.device(device or pipe._execution_device)
+    on_step = on_step or (lambda done, steps: None)
+    on_step(0, request.steps)
     with torch.no_grad():
         if request.condition is None:
-            return _plain(pipe, request, device)
-        return _conditioned(pipe, request, device)
+            return _plain(pipe, request, device, on_step)
+        return _conditioned(pipe, request, device, on_step)
 
 
 def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
@@ -136,9 +141,13 @@ def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
     return frames
 
 
-def _plain(pipe, request: SampleRequest, device):
+def _plain(pipe, request: SampleRequest, device, on_step: Callable[[int, int], None]):
     """Text-to-video through the pipeline's own call: [1, F', C, h, w], padding dropped."""
     import torch
+
+    def stepped(pipe, i: int, t, tensors: dict) -> dict:  # diffusers' callback_on_step_end
+        on_step(i + 1, request.steps)
+        return tensors
 
     text = {"prompt": request.prompt,
             "max_sequence_length": pipe.transformer.config.max_text_seq_length}  # fmt: skip
@@ -154,6 +163,7 @@ def _plain(pipe, request: SampleRequest, device):
         guidance_scale=request.guidance,
         generator=torch.Generator(device).manual_seed(request.seed),
         output_type="latent",
+        callback_on_step_end=stepped,
     ).frames  # [1, F' + padding, C, h, w]
     # CogVideoX 1.5 pads F' to whole temporal patches in front; the pipeline drops the
     # padding only when it decodes itself.
@@ -219,7 +229,7 @@ def condition_latents(pipe, request: SampleRequest, needed: int, device, dtype):
     return latents.to(device, dtype)
 
 
-def _conditioned(pipe, request: SampleRequest, device):
+def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, int], None]):
     """IC-LoRA or TIC-FT: the sequence of `Condition`, denoised by `_loop`.
 
     Returns ic-lora: the target latents [1, F', C, h, w]; tic-ft: the whole sequence
@@ -263,11 +273,11 @@ def _conditioned(pipe, request: SampleRequest, device):
         n = scheduler.config.num_train_timesteps
         return frame_levels(t, prefix, buffer, target, n).to(device)
 
-    x = _loop(pipe, x, prefix, levels, embeds, request, g)
+    x = _loop(pipe, x, prefix, levels, embeds, request, g, on_step)
     return x[:, prefix:] if c.mode == "ic-lora" else x
 
 
-def _loop(pipe, x, fixed: int, levels, embeds, request: SampleRequest, generator):
+def _loop(pipe, x, fixed: int, levels, embeds, request: SampleRequest, generator, on_step):
     """The denoising loop of `CogVideoXPipeline.__call__` over a whole sequence x [1, L, C, h, w]
     whose first `fixed` frames stay as given; `levels(t)` gives every frame's timestep [L]."""
     from cogpipe.models.cogvideox import rotary_embeddings
@@ -283,6 +293,7 @@ def _loop(pipe, x, fixed: int, levels, embeds, request: SampleRequest, generator
         v = velocity(pipe.transformer, x, t, embeds, rotary, request.guidance)
         back = timesteps[i - 1] if i > 0 else None
         x, x0 = _step(scheduler, x, v, levels(t), levels(t - stride), (t, back, x0, fixed), extra)
+        on_step(i + 1, len(timesteps))
     return x
 
 

@@ -21,16 +21,48 @@ def stage_markdown(result: StageResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def table(results: list[StageResult]) -> str:
-    """A fixed-width table: one line per stage with its key, state, time and counts."""
-    lines = [f"{'stage':<11} {'key':<12} {'state':<9} {'seconds':>8}  counts"]
+def table(results: list[StageResult], width: int | None = None) -> str:
+    """The CLI's summary: one row per stage with its key, state, time and counts, then a
+    row per rejection reason (`render`)."""
+    rows = []
     for r in results:
         state = "reused" if r.reused else "computed"
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
-        lines.append(f"{r.stage:<11} {r.key:<12} {state:<9} {r.seconds:>8.1f}  {counts}")
-        for reason, n in r.stats.get("rejections", {}).items():
-            lines.append(f"{'':<11} {'':<12} {'':<9} {'':>8}    rejected {n}: {reason}")
-    return "\n".join(lines)
+        rows.append([r.stage, r.key, state, f"{r.seconds:.1f}", counts])
+        rows += [["", "", "", "", f"rejected {n}: {reason}"]
+                 for reason, n in r.stats.get("rejections", {}).items()]  # fmt: skip
+    return render(
+        ["stage", "key", "state", "seconds", "counts"], rows, width, right=frozenset({"seconds"})
+    )
+
+
+def render(
+    columns: list[str],
+    rows: list[list[str]],
+    width: int | None = None,
+    right: frozenset[str] = frozenset(),
+) -> str:
+    """A plain-text table drawn by rich, at most `width` columns (a long cell wraps); by
+    default the terminal's width on a terminal, else as wide as its content, so a log's
+    lines are never broken."""
+    import io
+    import shutil
+    import sys
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    grid = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name in columns:
+        grid.add_column(name, justify="right" if name in right else "left")
+    for row in rows:
+        grid.add_row(*row)
+    if width is None:
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else 1000
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None, highlight=False, markup=False).print(grid)
+    return "\n".join(line.rstrip() for line in out.getvalue().splitlines())
 
 
 def pipeline_markdown(results: list[StageResult], where: dict[str, str] | None = None) -> str:

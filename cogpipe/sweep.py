@@ -184,12 +184,16 @@ def _reused(cell: Cell, name: str, text: str, path: Path, previous: dict[str, An
                 skipped=True, error="", **scores)  # fmt: skip
 
 
-def _generated(pipe, cell: Cell, name: str, text: str, path: Path,
-               metrics: Mapping[str, Metric]) -> dict[str, Any]:  # fmt: skip
-    """Generate, score and write one video; a NaN video is a row with its error, no file."""
+def _generated(pipe, cell: Cell, name: str, text: str, path: Path, metrics: Mapping[str, Metric],
+               on_step: Progress = no_progress) -> dict[str, Any]:  # fmt: skip
+    """Generate, score and write one video; a NaN video is a row with its error, no file.
+    `on_step` hears (steps done, steps, "<cell>/<prompt>") as it samples."""
     t0 = time.time()
+    label = f"{cell.name}/{name}"
     try:
-        frames = generate.generate_one(pipe, text, cell.options)  # [F, H, W, 3] uint8
+        frames = generate.generate_one(  # [F, H, W, 3] uint8
+            pipe, text, cell.options, on_step=lambda done, steps: on_step(done, steps, label)
+        )
     except FloatingPointError as e:
         seconds = round(time.time() - t0, 3)
         return _row(cell, name, path, seconds=seconds, file_bytes=0, skipped=False,
@@ -290,6 +294,7 @@ def run_sweep(
     experiment: str,
     metrics: Mapping[str, Metric] | None = None,
     progress: Progress = no_progress,
+    on_step: Progress = no_progress,
 ) -> pd.DataFrame:
     """Generate every prompt for every cell of the grid that is not on disk yet.
 
@@ -302,6 +307,8 @@ def run_sweep(
         metrics: {column: fn(frames [F, H, W, 3] uint8, prompt) -> float}.
         progress: called as (videos done, videos in the grid, "path seconds" or "path skipped")
             after each video is committed and the table rewritten.
+        on_step: called as (denoising steps done, steps, "<cell>/<prompt>") at the start of
+            each video generated and after each of its steps.
 
     Returns:
         The results table: cell, grid parameters, prompt, file, seconds, file_bytes,
@@ -332,7 +339,7 @@ def run_sweep(
                 else:
                     if pipe is None:  # at the first missing video: a finished sweep never loads
                         pipe = generate.load(options)
-                    row = _generated(pipe, cell, name, text, path, metrics)
+                    row = _generated(pipe, cell, name, text, path, metrics, on_step)
                     note = f"{path} {row['seconds']:.1f}s" + (" error" if row["error"] else "")
                 rows[cell.name, name] = row
                 # Rows not reached yet keep the last run's values: a killed rerun loses none.

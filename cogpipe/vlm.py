@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from cogpipe.models import quiet_local_load
+
 VIDEO_MODEL_TYPES = {"llava_next_video", "llava_onevision"}  # take frames as one video
 ARCHITECTURES = {"llava", "llava_next", "llava_next_video", "llava_onevision"}
 
@@ -100,9 +102,10 @@ def _load_captioner(model_id: str, revision: str | None, device: str, dtype: str
         )
     processor = load_processor(model_id, revision, config.model_type)
     processor.tokenizer.padding_side = "left"  # generation appends on the right
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_id, revision=revision, dtype=dtype_of(dtype, device), attn_implementation="sdpa"
-    )
+    with quiet_local_load(model_id):
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_id, revision=revision, dtype=dtype_of(dtype, device), attn_implementation="sdpa"
+        )
     model = model.to(device).eval()
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}

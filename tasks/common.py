@@ -23,9 +23,11 @@ from prefect.artifacts import (
 )
 from prefect.context import TaskRunContext
 
+from cogpipe import progress
 from cogpipe.config import PipelineConfig
 from cogpipe.errors import is_permanent, writing
 from cogpipe.pipeline import UPSTREAM, finished, module, run_stage
+from cogpipe.progress import Rate
 from cogpipe.summary import stage_markdown, stage_rows
 from cogpipe.workspace import StageResult, Workspace
 
@@ -66,29 +68,26 @@ def cache_key(stage: str):
 
 
 class ProgressArtifact:
-    """Turns the library's progress callback into a Prefect progress artifact with rate and ETA.
+    """Turns the library's progress callback into a Prefect progress artifact whose text is
+    `cogpipe.progress.Rate`'s (the CLI's), and sends every report to the console display
+    the CLI installed (`cogpipe.progress.report`: `cogpipe run` runs its tasks in-process).
 
     The artifact is created at the first report, so a reused stage makes no API call.
     """
 
     def __init__(self, stage: str):
         self.stage = stage
-        self.started: float | None = None
-        self.baseline = 0  # found committed at the first report (a resumed run)
+        self.rate = Rate()  # the first report is the baseline (a resumed run)
         self.last = 0.0
         self.artifact_id = None
 
     def __call__(self, done: int, total: int, note: str = "") -> None:
-        now = time.time()
-        if self.started is None:
-            self.started, self.baseline = now, done
+        progress.report(self.stage, done, total, note)
+        now = time.monotonic()
+        text = self.rate.line(self.stage, done, total, note)  # every report: the rate's start
         if self.artifact_id is not None and done < total and now - self.last < PROGRESS_EVERY_S:
             return
         self.last = now
-        rate = (done - self.baseline) / max(now - self.started, 1e-6)
-        eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA -"
-        text = f"{self.stage}: {done}/{total}, {rate * 3600:.0f}/hour, {eta}"
-        text += f" ({note})" if note else ""
         percent = 100.0 * done / max(total, 1)
         if self.artifact_id is None:
             key = f"{self.stage}-progress"

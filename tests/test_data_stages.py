@@ -389,7 +389,8 @@ def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
     result = run_filter(Workspace(tmp_path), cfg, upstream)
     table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
     assert list(table.columns) == ["caption", "score", "category", "accepted", "selected",
-                                   "reasons", "attempt", "source", "override"]  # fmt: skip
+                                   "reasons", "attempt", "source", "truncated",
+                                   "override"]  # fmt: skip
     assert table.category.to_dict() == {"a-long": "strike", "b1": "block", "k1": "knockout",
         "r1": "referee", "s1": "strike", "s2": "strike", "x1": "strike", "x2": "other"}  # fmt: skip
     assert table.accepted.tolist() == [True] * 6 + [False] * 2

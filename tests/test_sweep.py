@@ -132,10 +132,10 @@ def test_interrupted_sweep_resumes_and_skips_finished_cells(tmp_path, opts, monk
 def test_nan_video_is_a_row_with_its_error_and_is_retried(tmp_path, opts, monkeypatch):
     real = generate.generate_one
 
-    def overflow_at_guidance_6(pipe, prompt, options):
+    def overflow_at_guidance_6(pipe, prompt, options, on_step=None):
         if options.guidance == 6:
             raise FloatingPointError("non-finite pixels: precision overflow?")
-        return real(pipe, prompt, options)
+        return real(pipe, prompt, options, on_step=on_step)
 
     monkeypatch.setattr(generate, "generate_one", overflow_at_guidance_6)
     grid = {"guidance": [1, 6], "steps": [1]}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where it is used: computing keys must not pay for it
     import torch
 
+from cogpipe.models import quiet_local_load
 from cogpipe.workspace import model_fingerprint
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -71,9 +72,10 @@ def loading(model: str, components: dict[str, bool], field: str = "model") -> It
     """Turn a failed load of `components` ({subfolder: weights read}) into a ModelLoadError
     naming `field` and, where the preflight check finds it, the missing or wrong file
     (diffusers' own message names `diffusion_pytorch_model.bin` in the model's root for a
-    VAE whose safetensors file is missing)."""
+    VAE whose safetensors file is missing). A local folder loads without library bars."""
     try:
-        yield
+        with quiet_local_load(model):
+            yield
     except (OSError, ValueError) as e:
         from cogpipe.config import ConfigError
         from cogpipe.errors import ModelLoadError, load_failed
@@ -106,7 +108,7 @@ def load_vae(model: str, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderKLCogVideoX
 
     with loading(model, {"vae": True}):
-        vae = AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        vae = AutoencoderKLCogVideoX.from_pretrained(model, subfolder="vae", dtype=dtype)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -126,7 +128,7 @@ def load_transformer(model: str, device: str, dtype: torch.dtype):
 
     with loading(model, {"transformer": True}):
         transformer = CogVideoXTransformer3DModel.from_pretrained(
-            model, subfolder="transformer", torch_dtype=dtype
+            model, subfolder="transformer", dtype=dtype
         )
     return transformer.requires_grad_(False).to(device)
 
