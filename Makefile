@@ -17,11 +17,11 @@ browser:  ## headless Chromium for the browser test, where apt-get can install i
 test: setup browser  ## the CPU test suite (GPU tests are skipped without a GPU)
 	$(BIN)/python -m pytest -q
 
-serve: setup  ## Prefect server + pools + deployments + workers on 127.0.0.1:4200; Ctrl-C stops
+serve: setup  ## Prefect server + pools + deployments + workers on 127.0.0.1:4200 (home: .cogpipe-serve/prefect); Ctrl-C stops
 	$(BIN)/cogpipe serve
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf demo .pytest_cache .ruff_cache
+	rm -rf demo .cogpipe-serve .pytest_cache .ruff_cache

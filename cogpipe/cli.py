@@ -1,33 +1,28 @@
 """cogpipe: a folder of videos to an evaluated CogVideoX fine-tune; every stage caches its
 result by content and resumes after any interruption.
 
-    cogpipe demo [--workspace DIR]         sample videos + tiny models, then the whole pipeline
-    cogpipe run CONFIG [--until STAGE]     the full pipeline as a Prefect flow
-    cogpipe <stage> CONFIG                 one stage: ingest check caption recaption filter precompute train evaluate
-    cogpipe caption CONFIG --shard K       one caption shard (a GPU worker's share), no merge
-    cogpipe recaption CONFIG --shard K     every re-caption round of one shard, no merge
-    cogpipe precompute CONFIG --part K     one precompute part (a GPU worker's shards), no index
-    cogpipe status CONFIG [--json]         per stage: key, output path, done or not, counts
-    cogpipe generate --prompt TEXT [...]   text-to-video with a base model and optional LoRA
-    cogpipe sweep --grid NAME=V1,V2 [...]  an ablation grid over generation parameters
-    cogpipe export LORA --out PATH [...]   a LoRA for diffusers, SAT, ComfyUI, or merged weights
-    cogpipe captions CONFIG --export FILE  the current captions as a file to edit (filter.overrides)
-    cogpipe export-dataset CONFIG --format finetrainers|diffusers|jsonl OUT   the curated clips
-    cogpipe rate CONFIG [--port P] [--run NAME]   a page to rate checkpoint vs base videos, blind
-    cogpipe serve [--port P] [--expose]    Prefect server, pools, deployments and workers
-    cogpipe setup [--api URL]              pools, automation and deployments on a running server
-    cogpipe worker --pool cpu|gpu          one worker (a GPU worker's GPUs: CUDA_VISIBLE_DEVICES)
+`cogpipe COMMAND --help` says what a command reads and writes, with an example. A first
+session:
 
-Stage commands call the library directly (no Prefect); `run` and `demo` import the flow
-lazily and run it on a temporary Prefect server of their own (on PREFECT_HOME's SQLite
-database; it ends with the command, SIGKILL included) unless PREFECT_API_URL points at a
-server. Their console shows Prefect's progress lines; everything, tracebacks included,
-goes to `<workspace>/logs/run-<time>.log`, and an error to one line naming that file
-(`--debug`: the traceback and Prefect's full console output).
+  cogpipe demo                       # sample videos + tiny models, then every stage (CPU)
+  cogpipe status demo/demo.yaml      # per stage: done or not, counts, output folder
+  cogpipe generate --config demo/demo.yaml --latest --prompt "a slap"   # the trained LoRA
+  cogpipe run CONFIG                 # your videos: write a config like demo/demo.yaml
+  cogpipe status CONFIG
+  cogpipe serve                      # production: Prefect UI, deployments, cogpipe worker
 
-Ctrl-C (run, demo, stage commands, generate, sweep) stops within seconds with one line
-saying what was committed, exit code 130 (`cogpipe.interrupt`); the next run says what it
-resumes from, and `status` shows what unfinished stages committed (`cogpipe.partial`).
+Stage commands call the library directly (no Prefect); `run`, `demo`, `sweep-train` and
+`evaluate-checkpoints` import their flow lazily and run it on a temporary Prefect server of
+their own (on the SQLite database of PREFECT_HOME, by default `<workspace>/.prefect`; it
+ends with the command, SIGKILL included) unless PREFECT_API_URL points at a server.
+Their console shows each running stage's progress (a bar per stage on a terminal, else a
+plain line at most every COGPIPE_PROGRESS_EVERY seconds, default 30) and Prefect's log lines.
+Everything they log, tracebacks included, goes to `<workspace>/logs/run-<time>.log`, and an
+error to one line naming that file (`--debug`: the traceback and Prefect's full console).
+
+Ctrl-C (run, demo, stage commands, generate, sweep, sweep-train) stops within seconds with
+one line saying what was committed, exit code 130 (`cogpipe.interrupt`); the next run says
+what it resumes from, and `status` shows what unfinished stages committed.
 """
 
 from __future__ import annotations
@@ -39,6 +34,7 @@ import logging
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Iterator
@@ -65,47 +61,28 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cogpipe")  # its warnings in run logs
 
 
-class _ProgressLine:
-    """A one-line progress bar on stderr for stage commands, with rate and ETA.
+def _prefect_home(folder: Path) -> Path:
+    """Keep this command's Prefect database and results in `folder` (a run's, the demo's,
+    serve's own) rather than the shared ~/.prefect; an explicit PREFECT_HOME wins. Set
+    before Prefect is imported, which reads it once."""
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(folder))).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
 
-    The rate counts only work done in this run: what a resumed run found committed at its
-    first report is its baseline, not its speed.
-    """
 
-    WIDTH = 24
+def _with_progress(call):
+    """`call()` with the running stages' progress on the console (`cogpipe.progress`: bars
+    on a terminal, plain periodic lines otherwise): the flow's tasks run in this process
+    and report to the display installed here. Returns what `call` returns."""
+    from cogpipe.progress import console_display, show
 
-    def __init__(self, stage: str):
-        self.stage, self.last = stage, 0.0
-        self.started: float | None = None
-        self.baseline = 0
-        self.open = False  # a bar is on screen without its newline
+    with show(console_display()):
+        return call()
 
-    def __call__(self, done: int, total: int, note: str = "") -> None:
-        now = time.time()
-        if self.started is None:
-            self.started, self.baseline = now, done
-        if note.startswith("waiting for "):  # on a line of its own, whole and never skipped
-            sys.stderr.write(("\n" if self.open else "") + f"{self.stage}: {note}\n")
-            sys.stderr.flush()
-            self.open = False
-            return
-        if done < total and now - self.last < 0.5:
-            return
-        self.last = now
-        rate = (done - self.baseline) / max(now - self.started, 1e-6)
-        eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA -"
-        filled = round(self.WIDTH * done / max(total, 1))
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        end = "\n" if done >= total else ""
-        sys.stderr.write(
-            f"\r{self.stage} [{bar}] {done}/{total} {rate * 3600:.0f}/h {eta} {note[-32:]:<32}{end}"
-        )
-        sys.stderr.flush()
-        self.open = not end
 
-    def after(self, line: str) -> str:
-        """`line` on a line of its own, below an unfinished bar."""
-        return "\n" + line if self.open else line
+def _steps(display):
+    """A library's (steps done, steps, video name) calls as one progress bar per video."""
+    return lambda done, steps, name: display.stage(name, unit="steps")(done, steps)
 
 
 def run_pipeline(cfg: PipelineConfig, until: str = "evaluate") -> tuple[list[StageResult], float]:
@@ -122,7 +99,7 @@ def run_pipeline(cfg: PipelineConfig, until: str = "evaluate") -> tuple[list[Sta
     from cogpipe_flows.pipeline import cli_tags, pipeline
 
     with tags(*cli_tags()):  # who runs it: a later run can tell if this process was killed
-        state = pipeline(cfg, until=until, return_state=True)
+        state = pipeline(config=cfg, until=until, return_state=True)
     records = state.result()  # raises the flow's error if it failed
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
@@ -237,9 +214,7 @@ def _run_logging(log_file: Path, debug: bool) -> Iterator[None]:
 def _run_flow(
     cfg: PipelineConfig, until: str, debug: bool
 ) -> tuple[list[StageResult], float] | None:
-    """The pipeline flow for `run` and `demo`: resume lines first, Ctrl-C as one line
-    (exit 130), a failure as one line naming the log file (None; `debug`: the traceback too)."""
-    log_file = _run_log(cfg)
+    """The pipeline flow for `run` and `demo`: resume lines first, then `_in_prefect`."""
 
     def meanwhile() -> None:
         from cogpipe.partial import resume_lines
@@ -249,10 +224,23 @@ def _run_flow(
             print(line, flush=True)
         import cogpipe_flows.pipeline  # noqa: F401 - the imports, while the server starts
 
-    with Guard(lambda: _run_interrupted(cfg, until), log_file) as guard:
+    return _in_prefect(
+        cfg, lambda: _with_progress(lambda: run_pipeline(cfg, until)), meanwhile, debug,
+        on_interrupt=lambda: _run_interrupted(cfg, until),
+        error_line=lambda e: _error_line(cfg, until, e),
+    )  # fmt: skip
+
+
+def _in_prefect(cfg: PipelineConfig, call, meanwhile, debug: bool, on_interrupt, error_line):
+    """`call()` (a flow run in-process) as `run` runs the pipeline: on `_prefect_api`'s
+    server (`meanwhile()` while it starts), logged to `<workspace>/logs/run-*.log`, Ctrl-C
+    as the one line `on_interrupt()` gives (exit 130), a failure as `error_line(error)` and
+    the log file (returns None; `debug`: the traceback too). Returns what `call` returns."""
+    log_file = _run_log(cfg)
+    with Guard(on_interrupt, log_file) as guard:
         try:
             with _prefect_api(log_file, meanwhile), _run_logging(log_file, debug):
-                return run_pipeline(cfg, until)
+                return call()
         except Exception as e:
             if guard.requested is not None:  # the interrupt, as Prefect re-raised it
                 raise
@@ -260,7 +248,7 @@ def _run_flow(
                 traceback.print_exc(file=log)
             if debug:
                 traceback.print_exc()
-            print(f"cogpipe: error: {_error_line(cfg, until, e)}; log: {log_file}", file=sys.stderr)
+            print(f"cogpipe: error: {error_line(e)}; log: {log_file}", file=sys.stderr)
             return None
 
 
@@ -307,6 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
+    _prefect_home(cfg.workspace / ".prefect")
     preflight(cfg, args.until)
     outcome = _run_flow(cfg, args.until, _debug(args))
     if outcome is None:
@@ -320,6 +309,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     from cogpipe.partial import partial_progress
     from cogpipe.pipeline import plan, run_stage, upstream_results
+    from cogpipe.progress import console_display, show
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
@@ -332,9 +322,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     found = partial_progress(cfg, args.command, keys)
     if found is not None:
         print(found.resuming(), flush=True)
-    progress = _ProgressLine(args.command)
-    with Guard(lambda: progress.after(_stage_interrupted(cfg, args.command, keys))):
-        result = run_stage(cfg, args.command, upstream, progress=progress, **options)
+    with Guard(lambda: _stage_interrupted(cfg, args.command, keys)), show(console_display()) as d:
+        result = run_stage(cfg, args.command, upstream, progress=d.stage(args.command), **options)
     if result is None and shard is not None:  # its parts are committed; the merge comes later
         print(f"{args.command} shard {shard} of {cfg.caption.shards}: every part committed")
         return 0
@@ -375,6 +364,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with Guard(lambda: interrupted("demo: files written so far are kept")):
         config_path = prepare_demo(root)
     cfg = load_config(config_path)
+    _prefect_home(cfg.workspace / ".prefect")
     preflight(cfg, "evaluate")
     outcome = _run_flow(cfg, "evaluate", _debug(args))
     if outcome is None:
@@ -392,25 +382,192 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+def _grid_value(text: str):
+    """A `--grid` value as YAML would type it: '1e-4' -> 0.0001, '64' -> 64, 'true' -> True,
+    'adamw' stays text (so cell names match a grid given in Python)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _train_grid(specs: list[str]) -> dict[str, list]:
+    """`--grid train.rank=4,8` as {"train.rank": [4, 8]}; none given: the flow's default grid."""
+    from cogpipe.sweep import parse_grid
+
+    if not specs:
+        from cogpipe_flows.train_sweep import DEFAULT_GRID
+
+        return DEFAULT_GRID
+    return {path: [_grid_value(v) for v in values] for path, values in parse_grid(specs).items()}
+
+
+def _sweep_interrupted(cfg: PipelineConfig, cells: list[tuple[str, PipelineConfig]]) -> str:
+    """The Ctrl-C line of a training sweep: the shared stage or the cell it stopped in."""
+    from cogpipe.partial import running_stage
+    from cogpipe.pipeline import plan
+
+    shared = plan(cfg, "precompute")
+    stage = running_stage(cfg, shared)
+    if stage is not None:
+        return _stage_interrupted(cfg, stage, shared)
+    for k, (name, cell) in enumerate(cells):
+        keys = plan(cell, "evaluate")
+        stage = running_stage(cell, keys)
+        if stage is not None:
+            where = f"interrupted in cell {k + 1} of {len(cells)} ({name}); "
+            return _stage_interrupted(cell, stage, keys).replace("interrupted; ", where, 1)
+    return "interrupted after every cell had been trained and evaluated"
+
+
+def _print_table(columns: list[str], rows: list[list[str]]) -> None:
+    from cogpipe.summary import render
+
+    print(render(columns, rows))
+
+
+def _sweep_rows(records: list[dict], grid: dict[str, list], metric: str) -> list[list[str]]:
+    """One row per cell, best first: run, grid values, best checkpoint, metric [95% interval]."""
+    rows = []
+    for r in records:
+        value, low, high = r.get(metric), r.get(f"{metric}_low"), r.get(f"{metric}_high")
+        score = "-" if value is None or math.isnan(value) else f"{value:.4f}"
+        if score != "-" and low is not None and not math.isnan(low):
+            score += f" [{low:.4f}, {high:.4f}]"
+        values = [str(r.get(path, "")) for path in grid]
+        rows.append([r["run"], *values, str(r.get("checkpoint") or "-"), score])
+    return rows
+
+
+def cmd_sweep_train(args: argparse.Namespace) -> int:
+    from cogpipe import train_sweep as sweeps
+    from cogpipe.evaluate import metric_names
+    from cogpipe.preflight import check_stage_models
+    from cogpipe.workspace import Workspace
+
+    cfg = load_config(args.config)
+    _prefect_home(cfg.workspace / ".prefect")  # as `run` on this config: one record of its runs
+    grid = _train_grid(args.grid)
+    cells = sweeps.cells(cfg, grid)  # a bad grid fails here, before anything runs
+    if args.metric not in metric_names(cfg.evaluate):
+        raise ConfigError(f"--metric {args.metric}: not one of "
+                          f"{', '.join(metric_names(cfg.evaluate))} for this config")  # fmt: skip
+    preflight(cfg, "precompute")
+    for stage in ("train", "evaluate"):
+        check_stage_models(cfg, stage)
+    print(f"train-sweep: {len(cells)} cells: {', '.join(name for name, _ in cells)}", flush=True)
+
+    def call():
+        from cogpipe_flows.train_sweep import train_sweep
+
+        return train_sweep(config=cfg, grid=grid, metric=args.metric)
+
+    def meanwhile() -> None:
+        import cogpipe_flows.train_sweep  # noqa: F401 - the imports, while the server starts
+
+    records = _in_prefect(
+        cfg, lambda: _with_progress(call), meanwhile, _debug(args),
+        on_interrupt=lambda: _sweep_interrupted(cfg, cells), error_line=describe,
+    )  # fmt: skip
+    if records is None:
+        return 1
+    columns = ["run", *grid, "best checkpoint", args.metric]
+    _print_table(columns, _sweep_rows(records, grid, args.metric))
+    report = Workspace(cfg.workspace).root / "sweeps" / "train" / (cfg.name or "sweep")
+    print(f"report: {report / 'report.md'} (table: results.parquet)")
+    return 0
+
+
+def _nightly_interrupted(cfg: PipelineConfig) -> str:
+    """The Ctrl-C line of evaluate-checkpoints: checkpoints in the index against all."""
+    from cogpipe.evaluate import eval_key, list_checkpoints
+    from cogpipe.workspace import Workspace
+    from cogpipe_flows.evaluate_checkpoints import evaluated, run_config, training_runs
+
+    ws = Workspace(cfg.workspace)
+    done = total = 0
+    for run, record in training_runs(ws).items():
+        total += len(list_checkpoints(ws.root / "train" / run))
+        try:
+            done += evaluated(ws, eval_key(run_config(cfg, run, record)), run)
+        except Exception:  # noqa: BLE001 - a run that no longer validates counts as not done
+            continue
+    return interrupted(f"evaluate-checkpoints: {done} of {total} checkpoints in "
+                       f"{ws.root / 'evaluate' / 'index.parquet'}")  # fmt: skip
+
+
+def cmd_evaluate_checkpoints(args: argparse.Namespace) -> int:
+    from cogpipe.preflight import check_stage_models, check_workspace
+
+    cfg = load_config(args.config)
+    _prefect_home(cfg.workspace / ".prefect")  # as `run` on this config: one record of its runs
+    check_workspace(cfg.workspace)
+    check_stage_models(cfg, "evaluate")
+
+    def call():
+        from cogpipe_flows.evaluate_checkpoints import evaluate_checkpoints
+
+        return evaluate_checkpoints(config=cfg)
+
+    def meanwhile() -> None:
+        import cogpipe_flows.evaluate_checkpoints  # noqa: F401 - the imports, while the server starts
+
+    new = _in_prefect(cfg, lambda: _with_progress(call), meanwhile, _debug(args),
+                      on_interrupt=lambda: _nightly_interrupted(cfg), error_line=describe)  # fmt: skip
+    if new is None:
+        return 1
+    _print_table(["run", "checkpoints evaluated now"], [[run, str(n)] for run, n in new.items()])
+    print(f"index: {Path(cfg.workspace) / 'evaluate' / 'index.parquet'}")
+    return 0
+
+
+def _flag_help(field, config_field: str | None) -> str:
+    """A field's description as flag help: 'sampler steps; default: 50 (--config: evaluate.steps)'."""
+    text = (field.description or "").rstrip(".").replace("%", "%%")
+    first = text.split(" ", 1)[0]
+    if len(first) == 1 or first[1:].islower():  # "Sampler", "A" lower case; "CPU", "LoRA" stay
+        text = text[:1].lower() + text[1:]
+    if field.annotation is bool:
+        text += f"; default: {'on' if field.default else 'off'}"
+    elif field.default is not None:
+        text += f"; default: {field.default}"
+    return text + (f" (--config: its {config_field})" if config_field else "")
+
+
+def _metavar(annotation) -> str | None:
+    """PATH, N or X for a path, integer or number flag (choices show themselves)."""
+    if Path in (annotation, *get_args(annotation)):
+        return "PATH"
+    return {int: "N", float: "X"}.get(annotation)
+
+
+def _add_model_options(
+    parser: argparse.ArgumentParser,
+    model: type[BaseModel],
+    from_config: dict[str, str] | None = None,
+) -> None:
     """One flag per field of a pydantic model (`lora_scale` -> `--lora-scale`).
 
-    Help and choices come from the field; defaults stay in the model (an option not given
-    is not passed), and pydantic converts and validates the strings.
+    Help and choices come from the field (and `from_config`: field -> where `--config` holds
+    it); defaults stay in the model (an option not given is not passed), and pydantic
+    converts and validates the strings.
     """
     for name, field in model.model_fields.items():
         kwargs = {"dest": name, "default": argparse.SUPPRESS,
-                  "help": f"{field.description} Default: {field.default}."}  # fmt: skip
+                  "help": _flag_help(field, (from_config or {}).get(name))}  # fmt: skip
         if field.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(field.annotation) is Literal:
             kwargs["choices"] = get_args(field.annotation)
+        else:
+            kwargs["metavar"] = _metavar(field.annotation)
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    """--prompt, --prompt-file or --prompts-dir: exactly one."""
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", help="a prompt as text")
+    group.add_argument("--prompt", metavar="TEXT", help="a prompt as text")
     group.add_argument(
         "--prompt-file", metavar="NAME", help="prompts/NAME.txt (from the current folder) or a path"
     )
@@ -419,17 +576,74 @@ def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """--config and --latest: generate as a config's evaluation samples."""
+    parser.add_argument(
+        "--config", metavar="CONFIG",
+        help="a pipeline config YAML: its model and evaluate settings (frames, size, steps, "
+        "guidance, fps, first seed, device) are the defaults; flags given win",
+    )  # fmt: skip
+    parser.add_argument(
+        "--latest", action="store_true",
+        help="with --config: the newest checkpoint of the config's training run "
+        "(train/<run>/checkpoint-NNNNNN) as --lora, or as --transformer for a full fine-tune",
+    )  # fmt: skip
+
+
 def _generate_options(args: argparse.Namespace) -> GenerateOptions:
-    """The options given on the command line; a bad value is an error naming its flag."""
-    values = {k: v for k, v in vars(args).items() if k in GenerateOptions.model_fields}
+    """The config's settings (`--config`, `--latest`), then the flags given, which win; a bad
+    value is an error naming its flag or config field. A CPU asked for full-size video gets
+    a warning here, once, before anything loads (hours, where a user expects minutes)."""
+    from cogpipe import generate_config
+    from cogpipe.workspace import resolve_device
+
+    values, source = _config_values(args), {}
+    given = {k: v for k, v in vars(args).items() if k in GenerateOptions.model_fields}
+    if getattr(args, "latest", False) and {"lora", "transformer"} & set(given):
+        raise GenerateError("give --latest or --lora / --transformer, not both")
+    if getattr(args, "config", None):
+        source = {k: f"{args.config}: {generate_config.CONFIG_FIELDS.get(k, k)}" for k in values}
+    values |= given
     try:
-        return GenerateOptions(**values)
+        options = GenerateOptions(**values)
     except ValidationError as e:
-        lines = [
-            f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        ]
+        lines = []
+        for err in e.errors():
+            name = str(err["loc"][0])
+            flag = "--" + name.replace("_", "-")
+            where = flag if name in given else source.get(name, flag)
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         raise GenerateError("; ".join(lines)) from None
+    warning = generate_config.cpu_warning(options, resolve_device(options.device), _grid(args))
+    if warning:
+        print(f"cogpipe: {warning}", file=sys.stderr, flush=True)
+    return options
+
+
+def _config_values(args: argparse.Namespace) -> dict:
+    """The GenerateOptions values of `--config` (and its run's `--latest` checkpoint)."""
+    from cogpipe import generate_config
+
+    config = getattr(args, "config", None)
+    if not config:
+        if getattr(args, "latest", False):
+            raise GenerateError("--latest needs --config (the run whose newest checkpoint to use)")
+        return {}
+    cfg = load_config(config)
+    values = generate_config.config_values(cfg)
+    if getattr(args, "latest", False):
+        values |= generate_config.checkpoint_values(generate_config.latest_checkpoint(cfg))
+    return values
+
+
+def _grid(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """A generation sweep's `--grid` (None for generate, or a grid the sweep will refuse)."""
+    from cogpipe.sweep import parse_grid
+
+    try:
+        return parse_grid(getattr(args, "grid", None) or [])
+    except GenerateError:
+        return None
 
 
 def _print_video(path: Path, seconds: float) -> None:
@@ -438,6 +652,7 @@ def _print_video(path: Path, seconds: float) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from cogpipe.generate import read_prompts, run_generate
+    from cogpipe.progress import console_display, show
 
     options = _generate_options(args)
     prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
@@ -452,13 +667,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return (f"interrupted; generate: {len(written)} of {n} videos written (listed above); "
                 f"running again makes all {n} (existing files are overwritten)")  # fmt: skip
 
-    with Guard(summary):
-        run_generate(prompts, options, args.output, on_video=on_video)
+    with Guard(summary), show(console_display()) as display:  # a bar per video: its steps
+        run_generate(prompts, options, args.output, on_video=on_video, on_step=_steps(display))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from cogpipe.generate import read_prompts
+    from cogpipe.progress import console_display, show
     from cogpipe.sweep import clip_metric, parse_grid, run_sweep
 
     options = _generate_options(args)
@@ -466,8 +682,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     grid = parse_grid(args.grid)
     experiment = args.experiment or "-".join(sorted(grid))
     metrics = {}
-    if args.clip_model:
-        metrics["clip_score"] = clip_metric(args.clip_model, options.device)
+    clip_model = args.clip_model or (load_config(args.config).evaluate.clip_model
+                                     if args.config else None)  # fmt: skip
+    if clip_model:
+        metrics["clip_score"] = clip_metric(clip_model, options.device)
     folder = Path(args.out) / experiment
     reached = [0, len(prompts) * math.prod(len(v) for v in grid.values())]  # done, total
 
@@ -479,8 +697,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         done, total = reached
         return interrupted(f"sweep: {done} of {total} videos done in {folder} (results.csv)")
 
-    with Guard(summary):
-        table = run_sweep(prompts, options, grid, args.out, experiment, metrics, progress=progress)
+    with Guard(summary), show(console_display()) as display:  # a bar per video: its steps
+        table = run_sweep(prompts, options, grid, args.out, experiment, metrics,
+                          progress=progress, on_step=_steps(display))  # fmt: skip
     skipped, errors = int(table.skipped.sum()), int((table.error != "").sum())
     print(f"{folder}: {len(table)} videos ({len(table) - skipped - errors} generated, "
           f"{skipped} skipped, {errors} failed); results.csv, grid.png, timing.png")  # fmt: skip
@@ -498,11 +717,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_export_dataset(args: argparse.Namespace) -> int:
     from cogpipe.dataset import DatasetExportError, export_dataset
+    from cogpipe.progress import console_display, show
 
     cfg = load_config(args.config)
     try:
-        r = export_dataset(cfg, args.out, args.format, args.force, args.workers,
-                           progress=_ProgressLine("export-dataset"))  # fmt: skip
+        with show(console_display()) as display:
+            r = export_dataset(cfg, args.out, args.format, args.force, args.workers,
+                               progress=display.stage("export-dataset"))  # fmt: skip
     except DatasetExportError as e:
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2
@@ -539,119 +760,333 @@ def cmd_rate(args: argparse.Namespace) -> int:
 
 
 DEBUG_HELP = "show tracebacks and Prefect's full console output"
+CONFIG_HELP = "the pipeline config YAML (e.g. demo/demo.yaml, written by `cogpipe demo`)"
+
+# One line each (`cogpipe --help`), then what `cogpipe STAGE --help` adds.
+STAGE_HELP = {
+    "ingest": "probe every input video into one manifest row, or a rejection with its reason",
+    "check": "clips: trimmed, split at shots, scored for black/frozen/motion, deduplicated, held out",
+    "caption": "caption the clips with a LLaVA model, batch by batch (resumable, sharded)",
+    "recaption": "caption again, with the stricter prompt, the clips the filter's gate rejects",
+    "filter": "the caption quality gate, your overrides, and the training selection",
+    "precompute": "VAE latents and T5 embeddings of the curated clips, in safetensors shards",
+    "train": "train the LoRA (or full fine-tune) on the precomputed shards; resumes from a checkpoint",
+    "evaluate": "generate and score the base model and every checkpoint of the run",
+}
+STAGE_WRITES = {
+    "ingest": "ingest/<key>/videos.parquet",
+    "check": "check/<key>/clips.parquet and report.md",
+    "caption": "caption/<key>/part-*.parquet and captions.parquet",
+    "recaption": "recaption/<key>/captions.parquet",
+    "filter": "filter/<key>/curated.parquet and report.md",
+    "precompute": "precompute/<key>/shard-*.safetensors and index.parquet",
+    "train": "train/<run>/checkpoint-NNNNNN/ folders and run.json",
+    "evaluate": "evaluate/<ekey>/<run>/<checkpoint>/ videos, metrics and report.md",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    intro, commands = __doc__.split("\n\n")[:2]
-    parser = argparse.ArgumentParser(
-        prog="cogpipe", description=intro, epilog="commands:\n" + commands,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _command(sub, name: str, help: str, about: str, fn) -> argparse.ArgumentParser:
+    """A subcommand: `help` is its line in `cogpipe --help`, `about` (what it reads and
+    writes, an example) follows it in `cogpipe NAME --help`."""
+    p = sub.add_parser(
+        name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\n{about.strip()}",
+        formatter_class=_Formatter,
     )  # fmt: skip
-    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
-    sub = parser.add_subparsers(dest="command", required=True)
+    p.set_defaults(fn=fn)
+    return p
 
-    p = sub.add_parser("demo", help="sample videos + tiny models, then the whole pipeline")
-    p.add_argument(
-        "--workspace", default="demo", help="folder for videos, models, config, workspace"
-    )
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (examples keep their lines); room for long command names."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        """As argparse's, counting the commands' own indent (argparse leaves it out, which
+        puts the help of `evaluate-checkpoints` on a line of its own)."""
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction) and action.help is not argparse.SUPPRESS:
+            longest = max(map(len, action.choices), default=0)
+            indent = self._current_indent + 2 * self._indent_increment
+            self._action_max_length = max(self._action_max_length, longest + indent)
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    p.set_defaults(fn=cmd_demo)
 
-    p = sub.add_parser("run", help="the full pipeline as a Prefect flow")
-    p.add_argument("config")
-    p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-    p.set_defaults(fn=cmd_run)
 
-    for stage in STAGES:
-        p = sub.add_parser(stage, help=f"run the {stage} stage alone (its inputs must be done)")
-        p.add_argument("config")
+def _add_stage_commands(sub) -> None:
+    """One command per pipeline stage (library calls, no Prefect)."""
+    for k, stage in enumerate(STAGES):
+        before = f"`cogpipe run CONFIG --until {STAGES[k - 1]}`" if k else "nothing"
+        about = textwrap.fill(
+            f"Runs the {stage} stage alone, in this process and without Prefect. It reads the"
+            f" finished stages before it (needs: {before}) and writes {STAGE_WRITES[stage]}"
+            " under the workspace. Run again after an interruption and it resumes from what"
+            " was committed.", width=88,
+        )  # fmt: skip
+        example = f"example:\n  cogpipe {stage} demo/demo.yaml"
+        p = _command(sub, stage, STAGE_HELP[stage], f"{about}\n\n{example}", cmd_stage)
+        p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
         if stage in ("caption", "recaption"):
-            p.add_argument(
-                "--shard", type=int, help=f"{stage} only this shard (0..caption.shards-1)"
-            )
+            p.add_argument("--shard", type=int, metavar="K",
+                           help=f"{stage} only shard K (0..caption.shards-1) and skip the merge")  # fmt: skip
         if stage == "precompute":
-            p.add_argument(
-                "--part", type=int, help="encode only this part (0..precompute.workers-1)"
-            )
-        p.set_defaults(fn=cmd_stage)
+            p.add_argument("--part", type=int, metavar="K",
+                           help="encode only part K (0..precompute.workers-1) and skip the index")  # fmt: skip
 
-    p = sub.add_parser("status", help="per stage: key, output path, done or not, counts")
-    p.add_argument("config")
-    p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
-    p.set_defaults(fn=cmd_status)
 
-    p = sub.add_parser("generate", help="text-to-video with a base model and optional LoRA")
+def _add_generate_commands(sub) -> None:
+    """generate and sweep: sampling outside the pipeline, optionally as a config samples."""
+    from cogpipe.generate_config import CONFIG_FIELDS
+
+    p = _command(sub, "generate", "text-to-video with a base model and optional LoRA", """
+Writes one mp4 per prompt with CogVideoX (a hub id, 2b, 5b or a diffusers folder) and an
+optional LoRA, sampled exactly as `evaluate` samples. With --config, the model and the
+sampling settings come from the config's `evaluate` section and --latest adds its run's
+newest checkpoint; flags given win. A CPU at full size (49x480x720, 50 steps) takes hours.
+
+examples:
+  cogpipe generate --config demo/demo.yaml --latest --prompt "a fighter slaps" --output slap.mp4
+  cogpipe generate --prompt "A fighter slaps his opponent." --model 2b --output slap.mp4
+""", cmd_generate)  # fmt: skip
     _add_prompt_options(p)
-    p.add_argument("--output", help="an .mp4 for one prompt, else a folder (default: generated/)")
-    _add_model_options(p, GenerateOptions)
-    p.set_defaults(fn=cmd_generate)
+    p.add_argument("--output", metavar="PATH",
+                   help="an .mp4 for one prompt, else a folder (default: generated/)")  # fmt: skip
+    _add_config_options(p)
+    _add_model_options(p, GenerateOptions, CONFIG_FIELDS)
 
-    p = sub.add_parser("sweep", help="an ablation grid over generation parameters")
+    p = _command(sub, "sweep", "an ablation grid over generation parameters", """
+Generates every prompt at every combination of the grid's values with one loaded model,
+into <out>/<experiment>/<param>=<value>,.../<prompt>.mp4 with results.csv (seconds, size,
+CLIP score with --clip-model), grid.png and timing.png. Run it again after an interruption
+and only the missing videos are made. --config and flags as for generate.
+
+example:
+  cogpipe sweep --config demo/demo.yaml --latest --grid lora-scale=0,1 --prompt "a slap" --out /tmp/sweeps
+""", cmd_sweep)  # fmt: skip
     _add_prompt_options(p)
     p.add_argument(
         "--grid", action="append", default=[], metavar="NAME=V1,V2",
         help="a per-video option and its values, e.g. guidance=1,6,12 (repeatable)",
     )  # fmt: skip
-    p.add_argument("--out", default="sweeps", help="sweeps folder (default: sweeps/)")
-    p.add_argument("--experiment", help="experiment folder name (default: the grid's names)")
-    p.add_argument("--clip-model", help="add a CLIP score column (hub id or folder)")
-    _add_model_options(p, GenerateOptions)
-    p.set_defaults(fn=cmd_sweep)
+    p.add_argument(
+        "--out", default="sweeps", metavar="DIR", help="sweeps folder (default: sweeps/)"
+    )
+    p.add_argument("--experiment", metavar="NAME",
+                   help="experiment folder name (default: the grid's names)")  # fmt: skip
+    p.add_argument("--clip-model", metavar="MODEL",
+                   help="add a CLIP score column (hub id or folder)")  # fmt: skip
+    _add_config_options(p)
+    _add_model_options(p, GenerateOptions, CONFIG_FIELDS)
 
-    p = sub.add_parser("export", help="a LoRA for diffusers, SAT, ComfyUI, or merged weights")
+
+def _add_flow_commands(sub) -> None:
+    """The training sweep and the nightly evaluation, in-process as `run` runs the pipeline."""
+    p = _command(sub, "sweep-train", "train and evaluate a grid of config values, then rank them", """
+Runs the train-sweep flow in this process (as `run` runs the pipeline): the stages up to
+precompute once, then per grid cell a training run train/<name>-<field><value>.../ and its
+evaluation, then sweeps/train/<name>/report.md ranking the cells by their best checkpoint
+(a best cell only when its 95% interval clears the runner-up's). Cells done before are
+reused, so adding a value trains only the new cells. Without --grid: train.learning_rate
+1e-4,5e-4,1e-3 x train.rank 64,128,256.
+
+example:
+  cogpipe sweep-train demo/demo.yaml --grid train.learning_rate=1e-3,1e-2 --grid train.max_steps=2
+""", cmd_sweep_train)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    p.add_argument(
+        "--grid", action="append", default=[], metavar="FIELD=V1,V2",
+        help="a dotted config field and its values, e.g. train.rank=64,128 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--metric", default="clip_score",
+                   help="what ranks the cells: clip_score (default), temporal_consistency, "
+                   "dynamic_degree, or fd_videomae (with evaluate.video_features; lowest first)")  # fmt: skip
+    _debug_flag(p)
+
+    p = _command(sub, "evaluate-checkpoints", "evaluate the new checkpoints of every training run", """
+The nightly evaluation, run now in this process (no deployment needed): every run under
+the workspace's train/ with checkpoints not yet in evaluate/index.parquet is evaluated with
+its own run.json (base model, mode) and the config's evaluate settings. The check stage
+must be done for the config. One run's failure is reported and the others go on.
+
+example:
+  cogpipe evaluate-checkpoints demo/demo.yaml
+""", cmd_evaluate_checkpoints)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    _debug_flag(p)
+
+
+def _add_data_commands(sub) -> None:
+    """export, captions, export-dataset and rate: what a person takes out or puts in."""
+    p = _command(sub, "export", "a LoRA for diffusers, SAT, ComfyUI, or merged weights", """
+Reads a checkpoint folder or a LoRA file in any of these layouts and writes it as diffusers
+(default), sat (CogVideo's SwissArmyTransformer), comfyui, or merged into the base model's
+transformer weights (needs --model).
+
+example:
+  cogpipe export demo/workspace/train/<run>/checkpoint-000006 --format comfyui --out slap.safetensors
+""", cmd_export)  # fmt: skip
     p.add_argument("lora", help="a checkpoint folder, a LoRA file, or a SAT checkpoint")
     p.add_argument("--format", choices=FORMATS, default="diffusers", help="default: diffusers")
-    p.add_argument("--out", required=True, help="NAME.safetensors for one file, else a folder")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="NAME.safetensors for one file, else a folder")  # fmt: skip
     p.add_argument("--model", help="base model (hub id, folder, 2b, 5b): the LoRA must fit it; "
                    "merged needs it, sat takes num_layers from it")  # fmt: skip
-    p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("captions", help="write the current captions as an overrides file")
-    p.add_argument("config")
+    p = _command(sub, "captions", "write the current captions as an overrides file to edit", """
+Writes the filter stage's captions as a YAML file, clip_id -> caption. Edit a caption or
+replace it with {reject: reason}, set filter.overrides to the file, and run again: only
+the filter and the stages after it are redone.
+
+example:
+  cogpipe captions demo/demo.yaml --export overrides.yaml
+""", cmd_captions)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument("--export", required=True, metavar="FILE",
                    help="a YAML file: clip_id -> caption or {reject: reason}")  # fmt: skip
-    p.set_defaults(fn=cmd_captions)
 
-    p = sub.add_parser("export-dataset", help="the curated training clips as a dataset folder")
-    p.add_argument("config")
+    p = _command(sub, "export-dataset", "the curated training clips as a dataset folder", """
+Writes the filter stage's curated clips with their captions as a dataset other trainers
+read: finetrainers (metadata.csv), diffusers (prompts.txt + videos.txt) or jsonl (with
+provenance). An earlier export of the format is updated.
+
+example:
+  cogpipe export-dataset demo/demo.yaml --format finetrainers /tmp/slaps-dataset
+""", cmd_export_dataset)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument("--format", required=True, choices=("finetrainers", "diffusers", "jsonl"),
                    help="finetrainers: metadata.csv; diffusers: prompts.txt + videos.txt; "
                    "jsonl: metadata.jsonl with provenance")  # fmt: skip
     p.add_argument("out", help="the export folder (an earlier export of the format is updated)")
     p.add_argument("--force", action="store_true",
                    help="export into a folder that holds something else")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="clips encoded at once (default: one per CPU core, at most 8)")  # fmt: skip
-    p.set_defaults(fn=cmd_export_dataset)
 
-    p = sub.add_parser("rate", help="a page to rate checkpoint vs base videos; Ctrl-C stops")
-    p.add_argument("config")
+    p = _command(sub, "rate", "a page to rate checkpoint vs base videos, blind; Ctrl-C stops", """
+Serves a page where people judge a checkpoint's video against the base model's at the same
+prompt and seed (sides drawn at random), after `cogpipe evaluate CONFIG`. Ratings go to
+evaluate/ratings.parquet; the evaluation report shows the win rates.
+
+example:
+  cogpipe rate demo/demo.yaml --port 0
+""", cmd_rate)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument("--port", type=int, default=8700, help="default 8700; 0 picks a free port")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--run", help="a run folder under evaluate/<ekey>/ (default: the config's run)")
-    p.set_defaults(fn=cmd_rate)
 
-    p = sub.add_parser("serve", help="Prefect server, pools, deployments and workers; Ctrl-C stops")
+
+def _add_serve_commands(sub) -> None:
+    """serve, setup and worker: the production Prefect setup."""
+    p = _command(sub, "serve", "Prefect server, pools, deployments and workers; Ctrl-C stops", """
+Starts a Prefect server with the UI, the cpu and gpu work pools, the deployments of
+deployments/prefect.yaml and one worker per pool (a gpu worker per GPU group), all in the
+foreground until Ctrl-C. Logs go to --logs.
+
+example:
+  cogpipe serve --port 4200
+""", cmd_serve)  # fmt: skip
     p.add_argument("--port", type=int, default=4200, help="UI and API port (default 4200)")
     p.add_argument(
         "--expose", action="store_true",
         help="bind 0.0.0.0 instead of 127.0.0.1 (the API has no authentication: a trusted network only)",
     )  # fmt: skip
-    p.add_argument(
-        "--logs", default=".cogpipe-serve", help="server and worker logs (default .cogpipe-serve/)"
-    )
-    p.set_defaults(fn=cmd_serve)
+    p.add_argument("--logs", default=".cogpipe-serve", metavar="DIR",
+                   help="server and worker logs (default .cogpipe-serve/)")  # fmt: skip
 
-    p = sub.add_parser("setup", help="pools, stuck-run automation and deployments on a server")
-    p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
-    p.set_defaults(fn=cmd_setup)
+    p = _command(sub, "setup", "pools, stuck-run automation and deployments on a server", """
+Creates the work pools, the automation that marks stuck runs Crashed, and the deployments
+on a Prefect server that is already running (yours, not `cogpipe serve`'s).
 
-    p = sub.add_parser("worker", help="one Prefect worker for a cogpipe pool")
-    p.add_argument("--pool", choices=["cpu", "gpu"], required=True)
-    p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
+example:
+  cogpipe setup --api http://127.0.0.1:4200/api
+""", cmd_setup)  # fmt: skip
+    p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
+
+    p = _command(sub, "worker", "one Prefect worker for a cogpipe pool", """
+Starts one worker that runs the cpu or gpu pool's flow runs; a gpu worker takes the GPUs
+of CUDA_VISIBLE_DEVICES and runs one GPU job at a time on them.
+
+example:
+  CUDA_VISIBLE_DEVICES=0,1 cogpipe worker --pool gpu --api http://127.0.0.1:4200/api
+""", cmd_worker)  # fmt: skip
+    p.add_argument("--pool", choices=["cpu", "gpu"], required=True, help="the work pool to serve")
+    p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
     p.add_argument("--name", help="worker name (default: pool, host and GPUs)")
-    p.set_defaults(fn=cmd_worker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line. `cogpipe --help` lists every subcommand with its `help` line
+    (argparse's own list: a new subparser appears there by itself)."""
+    intro, *notes = __doc__.split("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="cogpipe", description=intro, epilog="\n\n".join(notes).strip(),
+        formatter_class=_Formatter,
+    )  # fmt: skip
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+
+    p = _command(sub, "demo", "sample videos + tiny models, then the whole pipeline", """
+Writes sample videos, tiny random models (in the real diffusers / transformers layouts)
+and demo.yaml under --workspace, then runs every stage on them as `cogpipe run` does. About
+two minutes on a CPU the first time; a second run reuses every stage.
+
+example:
+  cogpipe demo --workspace demo
+""", cmd_demo)  # fmt: skip
+    p.add_argument("--workspace", default="demo", metavar="DIR",
+                   help="folder for videos, models, config and workspace (default: demo/)")  # fmt: skip
+    _debug_flag(p)
+
+    p = _command(sub, "run", "the full pipeline as a Prefect flow, in this process", """
+Runs the stages up to --until as one Prefect flow on a temporary server of its own (or on
+PREFECT_API_URL's). Every stage caches its result by content: a second run reuses what
+is done and resumes what was interrupted. Logs go to <workspace>/logs/run-<time>.log.
+
+example:
+  cogpipe run demo/demo.yaml --until filter
+""", cmd_run)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    p.add_argument("--until", choices=STAGES, default="evaluate",
+                   help="last stage to run (default: evaluate)")  # fmt: skip
+    _debug_flag(p)
+
+    _add_stage_commands(sub)
+    p = _command(sub, "status", "per stage: key, output path, done or not, counts", """
+Reads the workspace without running anything: each stage's key, folder, whether it is
+done for this config, its counts, and what an unfinished stage has committed.
+
+example:
+  cogpipe status demo/demo.yaml --json
+""", cmd_status)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
+
+    _add_generate_commands(sub)
+    _add_flow_commands(sub)
+    _add_data_commands(sub)
+    _add_serve_commands(sub)
+
+    p = sub.add_parser(
+        "submit", help="start a run of the deployed pipeline (cogpipe serve) on a config file",
+        description="Start a run of the deployed cogpipe-pipeline/pipeline on CONFIG, by its "
+        "absolute path (the workers share this filesystem), and print the run's UI link. The "
+        "config and every --set are checked here first.",
+    )  # fmt: skip
+    p.add_argument("config", help="the YAML config (a path the workers can read)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="sets",
+        help="override one dotted config field, e.g. train.max_steps=500 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
+    p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
+    p.add_argument(
+        "--wait", action="store_true", help="wait for the run; exit 1 unless it completes"
+    )
+    p.set_defaults(fn=cmd_submit)
     return parser
 
 
@@ -668,14 +1103,16 @@ def _serving(command) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    logs = Path(args.logs).resolve()
+    _prefect_home(logs / "prefect")
     from cogpipe_flows.serve import serve_forever
 
     host = "0.0.0.0" if args.expose else "127.0.0.1"
-    return _serving(lambda: serve_forever(host, args.port, Path(args.logs).resolve()))
+    return _serving(lambda: serve_forever(host, args.port, logs))
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from cogpipe_flows.serve import ServeError, setup
+    from cogpipe_flows.serve import ServeError, arm_schedules, setup, using
 
     def command() -> int:
         api = args.api or os.environ.get("PREFECT_API_URL")
@@ -683,9 +1120,35 @@ def cmd_setup(args: argparse.Namespace) -> int:
             raise ServeError("cogpipe setup: set PREFECT_API_URL or pass --api (the server's /api)")
         setup(api, gpu_groups=[])  # GPU workers create their own slots when they start
         print(f"cogpipe: pools, automation and deployments are set up on {api}")
+        with using(api) as client:  # schedules on only where their paths exist from here
+            for line in arm_schedules(client):
+                print(f"cogpipe: {line}")
         return 0
 
     return _serving(command)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Send a config to the deployed pipeline; a bad config or --set fails before sending."""
+    _prefect_env()
+    from cogpipe_flows.submit import SubmitError, parse_sets, submit, wait
+
+    api = args.api or os.environ.get("PREFECT_API_URL")
+    if not api:
+        print("cogpipe: error: no server given: export the PREFECT_API_URL that `cogpipe serve` "
+              "prints, or pass --api URL", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        run_id, link = submit(Path(args.config), parse_sets(args.sets), args.until, api)
+        print(f"submitted: {link}", flush=True)
+        if not args.wait:
+            return 0
+        state, message = wait(run_id, api)
+    except SubmitError as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{state}: {link}" + (f" ({message})" if message and state != "Completed" else ""))
+    return 0 if state == "Completed" else 1
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -695,7 +1158,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; a user's mistake is one line and exit 2, Ctrl-C exit 130."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # `cogpipe` alone: the command list, not argparse's "required: COMMAND"
+        parser.print_help()
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.fn(args)
     except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError,

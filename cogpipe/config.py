@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 
 STAGES = (
     "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate",
@@ -546,6 +553,15 @@ TrainMode = Literal["lora", "full", "ic-lora", "tic-ft"]
 LORA_MODES = ("lora", "ic-lora", "tic-ft")  # modes that train a LoRA adapter
 
 
+CHECKPOINTING = ("off", "full", "selective", "attention")
+# The schema the UI validates against also takes the legacy booleans the loader maps to
+# full / off (TrainConfig._checkpointing_bool), so a pasted older config is not refused.
+Checkpointing = Annotated[
+    Literal["off", "full", "selective", "attention"],
+    WithJsonSchema({"enum": [*CHECKPOINTING, True, False]}),
+]
+
+
 class TrainConfig(Section):
     @model_validator(mode="before")
     @classmethod
@@ -599,13 +615,14 @@ class TrainConfig(Section):
     mixed_precision: Precision = Field(
         "auto", description="auto: fp16 for 2B-type, bf16 for 5B-type models on GPU; no on CPU."
     )
-    gradient_checkpointing: Literal["off", "full", "selective", "attention"] = _unkeyed(
+    gradient_checkpointing: Checkpointing = _unkeyed(
         default="selective",
         description=(
             "Activation recomputation in the backward pass. off: keep everything (fastest, most"
             " memory); selective: keep attention and narrow matmul outputs, recompute the"
             " feed-forward up-projection and elementwise ops; attention: keep only attention"
             " outputs; full: recompute each checkpointed block (least memory, slowest)."
+            " true / false (older configs) mean full / off."
         ),
     )
     checkpointed_blocks: float = _unkeyed(

@@ -44,6 +44,7 @@ from pydantic import ValidationError
 
 from cogpipe import evaluate, generate
 from cogpipe.generate import PER_VIDEO, GenerateError, GenerateOptions
+from cogpipe.plots import figure, save
 from cogpipe.video import VideoReader, even_indices
 from cogpipe.workspace import (
     Progress,
@@ -229,25 +230,10 @@ def _strip(path: Path) -> np.ndarray:
     return np.concatenate([np.asarray(p) for p in picks], axis=1)
 
 
-def _figure(width: float, height: float):
-    """A matplotlib figure on the Agg canvas (no pyplot: nothing global, nothing to close)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-
-
 def write_grid(folder: Path, table: pd.DataFrame, path: Path) -> None:
     """The comparison grid: a row per cell, a column per prompt, a few frames per video."""
     cells, prompts = list(dict.fromkeys(table.cell)), list(dict.fromkeys(table.prompt))
-    fig = _figure(2.0 + 0.9 * GRID_FRAMES * len(prompts), 0.4 + 1.1 * len(cells))
+    fig = figure(2.0 + 0.9 * GRID_FRAMES * len(prompts), 0.4 + 1.1 * len(cells))
     axes = fig.subplots(len(cells), len(prompts), squeeze=False)
     files = {(r.cell, r.prompt): r.file for r in table.itertuples(index=False)}
     for (i, cell), (j, prompt) in itertools.product(enumerate(cells), enumerate(prompts)):
@@ -263,15 +249,14 @@ def write_grid(folder: Path, table: pd.DataFrame, path: Path) -> None:
             ax.set_title(prompt[:40], fontsize=8)
         if j == 0:
             ax.set_ylabel(cell.replace(",", "\n"), fontsize=8, rotation=0, ha="right", va="center")
-    fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 def write_timing(table: pd.DataFrame, path: Path) -> None:
     """Seconds per video, mean over the prompts of each cell, as horizontal bars."""
     done = table[table.error == ""]
     seconds = done.groupby("cell", sort=False).seconds.mean()
-    fig = _figure(6.0, 1.0 + 0.3 * len(seconds))
+    fig = figure(6.0, 1.0 + 0.3 * len(seconds))
     ax = fig.subplots()
     ax.barh(list(seconds.index), seconds.fillna(0).to_numpy())
     for y, s in enumerate(seconds):
@@ -279,8 +264,7 @@ def write_timing(table: pd.DataFrame, path: Path) -> None:
     ax.invert_yaxis()  # the first cell on top, as in the grid
     ax.set_xlabel("seconds per video (mean over prompts)")
     ax.set_title(f"{path.parent.name}: sampling time per cell")
-    fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 # --------------------------------------------------------------------------- run

@@ -14,7 +14,7 @@ A checkpoint being written is a hidden temporary folder until it is renamed into
 so a run never sees it half-done; the next run picks it up. Checkpoints already
 evaluated are never generated again, so a night with no new checkpoints costs seconds.
 
-    python -m cogpipe_flows.evaluate_checkpoints CONFIG
+    cogpipe evaluate-checkpoints CONFIG   # in-process (python -m cogpipe_flows.evaluate_checkpoints CONFIG)
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from cogpipe.config import PipelineConfig, load_config
 from cogpipe.evaluate import BASE
 from cogpipe.pipeline import UPSTREAM, finished, plan, stage_path
 from cogpipe.workspace import StageNotReady, StageResult, Workspace
+from cogpipe_flows.submit import run_config as config_of
 from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.gpu import gpu_slots
 from cogpipe_tasks.secrets import use_hub_token
@@ -106,16 +107,24 @@ def evaluate_run(ws: Workspace, config: PipelineConfig, run: str, record: dict,
 
 
 @flow(name="evaluate-checkpoints", log_prints=True)
-def evaluate_checkpoints(config: PipelineConfig) -> dict[str, int]:
+def evaluate_checkpoints(
+    config: PipelineConfig | None = None, config_file: str = ""
+) -> dict[str, int]:
     """Evaluate what is new in every training run; returns {run: checkpoints evaluated now}.
 
+    Args:
+        config: The whole nightly config (or give config_file instead).
+        config_file: The YAML config, a path every worker sees (relative: to the checkout).
+
     Raises:
+        ConfigError: neither or both of config and config_file, or a missing file.
         StageNotReady: the config's check stage is not finished (its split is the
             held-out reference).
         RunsFailed: after every run was tried, naming the runs that failed and why.
     """
     logger = get_run_logger()
     logger.info("hub token: %s", use_hub_token())
+    config = config_of(config_file, config)
     ws = Workspace(config.workspace)
     data = data_stages(ws, config)
     new, failed = {}, {}

@@ -4,9 +4,12 @@ pipeline costs seconds and a changed config recomputes only what it touches.
 
     cogpipe run demo/demo.yaml            # CLI, on a temporary server of its own
     python -m cogpipe_flows.pipeline CONFIG  # the same on Prefect's ephemeral server
+    cogpipe submit demo/demo.yaml         # a run of the deployed pipeline (cogpipe serve)
 
 Deployed (deployments/prefect.yaml) it runs on the `cpu` pool with `gpu_pool: gpu`: the
-GPU stages become runs of `cogpipe-stage/gpu` on GPU workers (flows/stage.py).
+GPU stages become runs of `cogpipe-stage/gpu` on GPU workers (flows/stage.py). Its Run
+form takes `config_file` (a YAML path the workers see) and a few common overrides; the
+whole config stays available as `config`.
 
 A run the CLI starts carries tags naming its process (`cli_tags`): the next CLI run on
 the same Prefect home marks Crashed those whose process was killed and left them Running
@@ -19,13 +22,15 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from cogpipe.config import STAGES, PipelineConfig, Stage, load_config
+from cogpipe.config import STAGES, PipelineConfig, Stage
 from cogpipe.summary import pipeline_markdown
 from cogpipe.workspace import StageResult
+from cogpipe_flows.submit import COMMON, run_config
 from cogpipe_tasks.caption import caption, caption_shard
 from cogpipe_tasks.check import check
 from cogpipe_tasks.evaluate import evaluate
@@ -42,14 +47,37 @@ GPU_STAGES = ("caption", "recaption", "precompute", "train", "evaluate")
 
 @flow(name="cogpipe-pipeline", log_prints=True)
 def pipeline(
-    config: PipelineConfig, until: Stage = "evaluate", gpu_pool: str | None = None
+    config_file: str = "",
+    until: Stage = "evaluate",
+    workspace: str = "",
+    source: str = "",
+    name: str = "",
+    max_steps: int = 0,
+    overrides: dict[str, Any] | None = None,
+    config: PipelineConfig | None = None,
+    gpu_pool: str | None = None,
 ) -> dict[str, dict]:
     """Run every stage up to `until`; returns each stage's result record.
 
     With `gpu_pool`, caption, recaption, precompute, train and evaluate run as flow runs of
     the deployment `cogpipe-stage/<gpu_pool>` on that pool's workers (caption and
     recaption shards as separate runs, N at once on N workers); the rest runs here.
+
+    Args:
+        config_file: The YAML config, a path every worker sees (relative: to the checkout,
+            e.g. demo/demo.yaml). Its relative paths are relative to the file.
+        until: The last stage to run.
+        workspace: Set the config's workspace (empty: the file's).
+        source: Set ingest.source, the videos (empty: the file's).
+        name: Set the training run's name (empty: the file's).
+        max_steps: Set train.max_steps (0: the file's).
+        overrides: Any other fields, dotted, e.g. {"train.learning_rate": 0.0005}.
+        config: The whole config instead of config_file (not both).
+        gpu_pool: The work pool of the GPU stages (empty: run them here).
     """
+    common = {"workspace": workspace, "source": source, "name": name, "max_steps": max_steps}
+    fields = {COMMON[k]: v for k, v in common.items() if v} | (overrides or {})
+    config = run_config(config_file, config, fields)  # a missing file fails here, naming it
     get_run_logger().info("hub token: %s", use_hub_token())
     last = STAGES.index(until)
     done: dict[str, dict] = {}
@@ -154,4 +182,4 @@ def crash_killed_runs() -> list[str]:
 
 
 if __name__ == "__main__":
-    pipeline(load_config(sys.argv[1]))
+    pipeline(sys.argv[1])

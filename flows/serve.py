@@ -28,6 +28,12 @@ last renewal. At start, `cogpipe serve` also frees the GPU slots the database co
 stored lease holds, taken under a server that kept its leases in memory
 (cogpipe_tasks.lease_storage.reconcile_gpu_slots).
 
+Schedules: deployments/prefect.yaml ships them off; `serve` turns one on only when its
+run would find its config file and workspace (arm_schedules), and turns them all off again,
+deleting the runs they scheduled, when it stops (disarm_schedules): a server started later
+on the same database runs nothing by itself. `cogpipe serve` keeps that database in its
+own Prefect home, `<logs>/prefect`, unless PREFECT_HOME is set.
+
 Stuck runs: flow runs send a heartbeat every `HEARTBEAT_S` seconds; the automation Prefect
 documents for self-hosted servers marks a run that stops sending them (its worker died)
 Crashed after `ZOMBIE_WITHIN_S`, so it can be retried.
@@ -230,6 +236,7 @@ class Server:
     gpu_workers: int = 1  # GPU workers on this host: they share its CPUs (cpu_threads)
     leases: Path | None = None  # the server's lease folder (None: leases it keeps elsewhere)
     freed: dict[str, int] = field(default_factory=dict)  # GPU slots freed at start
+    schedules: list[str] = field(default_factory=list)  # per scheduled deployment: on or why off
 
     @property
     def api_url(self) -> str:
@@ -258,7 +265,15 @@ class Server:
         proc.wait(timeout=60)
 
     def stop(self) -> None:
-        """SIGTERM the workers and their flow runs (SIGKILL after 20 s), then the server."""
+        """Pause the schedules (a later server on this database then starts nothing by
+        itself), SIGTERM the workers and their flow runs (SIGKILL after 20 s), then the
+        server."""
+        if self.server is not None and self.server.poll() is None:
+            try:
+                with using(self.api_url) as client:
+                    disarm_schedules(client)
+            except Exception as e:  # noqa: BLE001 - stopping must not fail on housekeeping
+                print(f"cogpipe: could not pause the schedules: {e}", file=sys.stderr)
         trees = {name: [p.pid, *descendants(p.pid)] for name, p in self.workers.items()}
         for pids in trees.values():
             _signal(pids, signal.SIGTERM)
@@ -277,6 +292,87 @@ class Server:
             except subprocess.TimeoutExpired:
                 signal_tree(self.server.pid, signal.SIGKILL)
                 self.server.wait()
+
+
+@contextlib.contextmanager
+def using(api_url: str):
+    """A sync Prefect client of `api_url`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        yield client
+
+
+def schedule_problem(parameters: dict) -> str | None:
+    """Why a scheduled run with these deployment parameters would fail now (no config, a
+    config file or workspace that does not exist), or None. Relative paths: the checkout."""
+    from cogpipe.config import ConfigError, PipelineConfig
+    from cogpipe_flows.submit import run_config
+
+    try:
+        full = parameters.get("config")
+        config = PipelineConfig.model_validate(full) if full else None
+        cfg = run_config(parameters.get("config_file"), config, root=ROOT)
+    except (ConfigError, ValueError) as e:
+        return str(e).splitlines()[0]
+    if not cfg.workspace.is_dir():
+        return f"workspace {cfg.workspace} does not exist"
+    return None
+
+
+def arm_schedules(client) -> list[str]:
+    """Turn on the schedule of each deployment whose runs would find their config and
+    workspace, and keep the others off (deployments/prefect.yaml ships them off); returns
+    one line per scheduled deployment saying which and why."""
+    lines = []
+    for deployment in client.read_deployments():
+        if not deployment.schedules:
+            continue
+        problem = schedule_problem(deployment.parameters)
+        for schedule in deployment.schedules:
+            client.update_deployment_schedule(deployment.id, schedule.id, active=not problem)
+        if problem:
+            _drop_scheduled_runs(client, [deployment.id])
+            lines.append(f"schedule of {deployment.name} paused: {problem}; set its config_file "
+                         "in deployments/prefect.yaml, then serve (or set up) again")  # fmt: skip
+        else:
+            lines.append(
+                f"schedule of {deployment.name} on: {deployment.parameters.get('config_file')}"
+            )
+    return lines
+
+
+def disarm_schedules(client) -> int:
+    """Pause every deployment schedule and delete the runs they scheduled that have not
+    started; returns how many were deleted."""
+    ids = []
+    for deployment in client.read_deployments():
+        for schedule in deployment.schedules:
+            if schedule.active:
+                client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+        ids += [deployment.id] if deployment.schedules else []
+    return _drop_scheduled_runs(client, ids) if ids else 0
+
+
+def _drop_scheduled_runs(client, deployment_ids: list) -> int:
+    """Delete the not yet started runs that schedules made for these deployments."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    flt = FlowRunFilter(
+        deployment_id=FlowRunFilterDeploymentId(any_=deployment_ids),
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+    )
+    runs = [r for r in client.read_flow_runs(flow_run_filter=flt) if r.auto_scheduled]
+    for run in runs:
+        client.delete_flow_run(run.id)
+    return len(runs)
 
 
 def descendants(pid: int) -> list[int]:
@@ -383,6 +479,8 @@ def serve(
         groups = [[g] for g in gpus] or [[]]
         server.gpu_workers = len(groups)
         server.freed = setup(server.api_url, groups, zombie_within_s, server.leases)
+        with using(server.api_url) as client:
+            server.schedules = arm_schedules(client)
         server.start_worker(CPU_POOL)
         for devices in groups:
             server.start_worker(GPU_POOL, devices)
@@ -401,7 +499,17 @@ def serve_forever(host: str, port: int, logs: Path) -> int:
         print(
             f"cogpipe: freed GPU slot {name} ({slots} taken by no run: the server had forgotten it)"
         )
-    print(f"cogpipe: logs in {logs}; Ctrl-C stops the workers and the server", flush=True)
+    for line in server.schedules:
+        print(f"cogpipe: {line}")
+    print(
+        f"cogpipe: Prefect home {os.environ.get('PREFECT_HOME', '~/.prefect')}; logs in {logs}\n"
+        "cogpipe: run the pipeline from the UI (Deployments > pipeline > Run > Custom run,"
+        " config_file: demo/demo.yaml) or, in another terminal:\n"
+        f"  export PREFECT_API_URL={server.api_url}\n"
+        "  cogpipe submit demo/demo.yaml --wait\n"
+        "cogpipe: Ctrl-C stops the workers and the server (and pauses the schedules)",
+        flush=True,
+    )
     try:
         while True:
             for name, proc in list(server.workers.items()):

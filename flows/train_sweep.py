@@ -7,7 +7,7 @@ after another. Cells already trained and evaluated are reused, so a grid can gro
 base model's videos are generated once for all cells (evaluate's shared base store). A
 best cell is named only when its 95% interval clears the runner-up's.
 
-    python -m cogpipe_flows.train_sweep CONFIG   # the default grid, in-process
+    cogpipe sweep-train CONFIG   # the default grid, in-process (python -m cogpipe_flows.train_sweep CONFIG)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from cogpipe import train_sweep as sweeps
 from cogpipe.config import PipelineConfig, load_config
 from cogpipe.workspace import Workspace
 from cogpipe_flows.pipeline import pipeline
+from cogpipe_flows.submit import run_config
 from cogpipe_tasks.evaluate import evaluate
 from cogpipe_tasks.remote import remote_stage
 from cogpipe_tasks.secrets import use_hub_token
@@ -33,18 +34,28 @@ Metric = Literal["clip_score", "temporal_consistency", "dynamic_degree", "fd_vid
 
 @flow(name="train-sweep", log_prints=True)
 def train_sweep(
-    config: PipelineConfig,
+    config: PipelineConfig | None = None,
     grid: dict[str, list[Any]] = DEFAULT_GRID,
     metric: Metric = "clip_score",
     gpu_pool: str | None = None,
+    config_file: str = "",
 ) -> list[dict[str, Any]]:
     """Train and evaluate every cell of `grid` (dotted config fields -> values); returns
     the cells ranked by `metric`, best first (also the `train-sweep-report` artifact and
-    `sweeps/train/<sweep>/report.md` in the workspace)."""
+    `sweeps/train/<sweep>/report.md` in the workspace).
+
+    Args:
+        config: The whole config (or give config_file instead).
+        grid: Dotted config fields -> the values to try, e.g. {"train.rank": [64, 128]}.
+        metric: The evaluation metric that ranks the cells.
+        gpu_pool: The work pool of the cells' train and evaluate runs (empty: run here).
+        config_file: The YAML config, a path every worker sees (relative: to the checkout).
+    """
     logger = get_run_logger()
     logger.info("hub token: %s", use_hub_token())
+    config = run_config(config_file, config)
     cells = sweeps.cells(config, grid)  # a bad grid fails here, before anything runs
-    shared = pipeline(config, until="precompute", gpu_pool=gpu_pool)
+    shared = pipeline(config=config, until="precompute", gpu_pool=gpu_pool)
     check, filtered, precompute = shared["check"], shared["filter"], shared["precompute"]
 
     if gpu_pool:  # every cell at once; each evaluation waits for its own training

@@ -96,20 +96,21 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def served_demo(served, tmp_path_factory) -> Path:
-    """The demo's videos, tiny models and config, set as the pipeline deployment's default
-    parameters (what a site admin does so the UI's Run form starts from their paths)."""
-    from prefect.client.schemas.actions import DeploymentUpdate
-
-    from cogpipe.config import load_config
+def served_demo_file(tmp_path_factory) -> Path:
+    """The demo's videos, tiny models and `demo.yaml`, as `cogpipe demo` writes them: the
+    file a user gives the Run form's `config_file` (the deployment itself is left as
+    `cogpipe serve` deploys it)."""
     from cogpipe.demo import prepare_demo
 
-    config = load_config(prepare_demo(tmp_path_factory.mktemp("served-demo")))
-    with prefect_client(served) as client:
-        deployment = client.read_deployment_by_name("cogpipe-pipeline/pipeline")
-        params = deployment.parameters | {"config": config.model_dump(mode="json")}
-        client.update_deployment(deployment.id, DeploymentUpdate(parameters=params))
-    return config
+    return prepare_demo(tmp_path_factory.mktemp("served-demo"))
+
+
+@pytest.fixture(scope="session")
+def served_demo(served_demo_file):
+    """The config of `served_demo_file`, loaded."""
+    from cogpipe.config import load_config
+
+    return load_config(served_demo_file)
 
 
 @contextlib.contextmanager

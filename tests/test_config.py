@@ -134,8 +134,10 @@ def test_deployment_parameters_validate_against_their_flows():
         module, _, fn = deployment["entrypoint"].partition(":")
         assert (ROOT / module).is_file(), module
         flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
-        params = flow.validate_parameters(deployment.get("parameters", {}))
-        assert isinstance(params["config"], PipelineConfig)
+        # A run supplies its config: the form a file, the pipeline its stage runs the whole.
+        run = {"config": {}} if deployment["name"] == "gpu" else {"config_file": "demo/demo.yaml"}
+        params = flow.validate_parameters((deployment.get("parameters") or {}) | run)
+        assert params.get("config_file") or isinstance(params["config"], PipelineConfig)
         pools[deployment["name"]] = deployment["work_pool"]["name"]
         for schedule in deployment.get("schedules", []):
             assert schedule["timezone"] and schedule["cron"], deployment["name"]

@@ -56,8 +56,10 @@ def artifacts_of(client, runs: list[UUID]) -> dict[str, str]:
     return {a.key: a.data for a in client.read_artifacts(artifact_filter=flt) if a.key}
 
 
-def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(served, served_demo, api):
-    """Triggered through the API as the UI's Run button does, on the deployment's defaults;
+def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(
+    served, served_demo, served_demo_file, api
+):
+    """Triggered through the API as the UI's Run button does, with the demo's config file;
     the hub token comes from a Secret block and shows up in no parameter, log or artifact."""
     from prefect.blocks.system import Secret
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -66,7 +68,8 @@ def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(served
     with temporary_settings({PREFECT_API_URL: served.api_url}):
         Secret(value=TOKEN).save(SECRET_BLOCK, overwrite=True)
     deployment = api.read_deployment_by_name("cogpipe-pipeline/pipeline")
-    run = api.create_flow_run_from_deployment(deployment.id)
+    params = {"config_file": str(served_demo_file)}
+    run = api.create_flow_run_from_deployment(deployment.id, parameters=params)
     run = wait_final(api, run.id, timeout=1200)
     assert run.state.is_completed(), run.state.message
     assert run.work_pool_name == "cpu"
@@ -95,7 +98,8 @@ def test_full_pipeline_from_its_deployment_runs_gpu_stages_on_gpu_workers(served
     assert all(s["done"] for s in status(served_demo).values())
 
     # A second run of the finished pipeline starts no GPU run: every stage is cached.
-    again = wait_final(api, api.create_flow_run_from_deployment(deployment.id).id, timeout=600)
+    again = api.create_flow_run_from_deployment(deployment.id, parameters=params)
+    again = wait_final(api, again.id, timeout=600)
     assert again.state.is_completed(), again.state.message
     assert children(api, again.id) == []
 
@@ -249,22 +253,48 @@ def test_gpu_workers_split_the_hosts_cpus_as_torch_threads(served):
     assert environ("cpu").get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS")
 
 
-def test_nightly_deployment_has_scheduled_runs_at_two_utc(api):
+def test_nightly_schedule_is_on_only_while_its_config_exists_and_runs_at_two_utc(
+    api, served_demo, tmp_path
+):
+    """As deployed (no config_file) the nightly schedule is off and has no runs; given a
+    config whose workspace exists it is turned on and scheduled once a night at 02:00 UTC;
+    turned off (as serve does when it stops), its scheduled runs are gone."""
+    from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    from cogpipe.config import dump_config
+    from cogpipe_flows.serve import arm_schedules, disarm_schedules
 
     deployment = api.read_deployment_by_name("evaluate-checkpoints/evaluate-checkpoints-nightly")
     assert deployment.work_pool_name == "gpu"
+    assert [s.active for s in deployment.schedules] == [False]
     flt = FlowRunFilter(deployment_id=FlowRunFilterDeploymentId(any_=[deployment.id]))
-    deadline = time.time() + 120
-    while not (runs := api.read_flow_runs(flow_run_filter=flt)):
-        assert time.time() < deadline, "the scheduler made no runs for the nightly deployment"
-        time.sleep(2)
-    assert all(r.state.type.value == "SCHEDULED" for r in runs)
-    times = sorted(r.expected_start_time for r in runs)
-    assert all(
-        (t.hour, t.minute, t.tzinfo.utcoffset(t).total_seconds()) == (2, 0, 0) for t in times
-    )
-    assert len({t.date() for t in times}) == len(times)  # one a night
+    assert api.read_flow_runs(flow_run_filter=flt) == []
+
+    config = tmp_path / "nightly.yaml"
+    config.write_text(dump_config(served_demo.model_copy(update={"workspace": tmp_path / "ws"})))
+    (tmp_path / "ws").mkdir()
+    params = {"config_file": str(config)}
+    api.update_deployment(deployment.id, DeploymentUpdate(parameters=params))
+    try:
+        assert f"schedule of {deployment.name} on: {config}" in arm_schedules(api)
+        deadline = time.time() + 120
+        while not (runs := api.read_flow_runs(flow_run_filter=flt)):
+            assert time.time() < deadline, "the scheduler made no runs for the nightly deployment"
+            time.sleep(2)
+        assert all(r.state.type.value == "SCHEDULED" for r in runs)
+        assert all(r.parameters == params for r in runs)
+        times = sorted(r.expected_start_time for r in runs)
+        assert all(
+            (t.hour, t.minute, t.tzinfo.utcoffset(t).total_seconds()) == (2, 0, 0) for t in times
+        )
+        assert len({t.date() for t in times}) == len(times)  # one a night
+    finally:
+        disarm_schedules(api)  # what serve does when it stops
+        api.update_deployment(deployment.id, DeploymentUpdate(parameters={}))
+    after = api.read_deployment(deployment.id)
+    assert [s.active for s in after.schedules] == [False]
+    assert api.read_flow_runs(flow_run_filter=flt) == []
 
 
 def test_cogpipe_serve_prints_the_ui_address_and_stops_on_ctrl_c(tmp_path):

@@ -1,5 +1,8 @@
-"""The Prefect UI in headless Chromium: the full pipeline's Run form, submitted, until the
-run completes, with screenshots of the form, the finished run and its artifacts.
+"""The Prefect UI in headless Chromium: the full pipeline's Run form as `cogpipe serve`
+deploys it (deployments/prefect.yaml, nothing filled in by the test), with only
+`config_file` set to the demo's config, submitted, until the run completes, with
+screenshots of the form, the finished run and its artifacts; then `cogpipe submit` of the
+same file from the command line, on the same server.
 
 Screenshots go to the test's tmp folder; with COGPIPE_SCREENSHOTS=docs/screenshots they
 are also written there (the README shows those). Needs Debian's `chromium` and
@@ -10,12 +13,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 from test_serve import wait_final
+
+from cogpipe.pipeline import status
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
@@ -74,8 +81,22 @@ def shoot(browser, folder: Path, name: str) -> Path:
     return path
 
 
-def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
-    served, served_demo, api, browser, tmp_path
+def form_input(browser, field: str):
+    """The text box of a top-level form field, found by its label ('config_file (Optional)')."""
+    from selenium.webdriver.common.by import By
+
+    label = (
+        f"//span[@class='schema-form-property__label'][starts-with(normalize-space(.), '{field} ')]"
+    )
+    box = "//*[self::input or self::textarea]"
+    return browser.find_element(
+        By.XPATH,
+        f"({label}/ancestor::div[contains(concat(' ', @class, ' '), ' p-label ')][1]{box})[1]",
+    )
+
+
+def test_run_form_with_only_config_file_runs_the_demo_and_shows_its_artifacts(
+    served, served_demo, served_demo_file, api, browser, tmp_path
 ):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -83,10 +104,13 @@ def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
 
     wait = WebDriverWait(browser, 120)
     deployment = api.read_deployment_by_name("cogpipe-pipeline/pipeline")
+    assert set(deployment.parameters) == {"until", "gpu_pool"}  # as deployed: no paths
     browser.get(f"{served.url}/deployments/deployment/{deployment.id}/run")
     submit = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "button[type=submit]")))
-    # The form starts from the deployment's parameters: the demo's workspace and videos.
-    wait.until(lambda b: str(served_demo.workspace) in field_values(b))
+    field = wait.until(lambda b: form_input(b, "config_file"))
+    assert field.get_attribute("value") == ""
+    field.send_keys(str(served_demo_file))
+    wait.until(lambda b: str(served_demo_file) in field_values(b))
     time.sleep(1)  # let the form finish laying out before the picture
     shoot(browser, tmp_path, "run-form.png")
 
@@ -102,7 +126,9 @@ def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
     run = wait_final(api, run_id, timeout=1200)
     assert run.state.is_completed(), run.state.message
     assert run.deployment_id == deployment.id
-    assert run.parameters["config"]["workspace"] == str(served_demo.workspace)
+    assert run.parameters["config_file"] == str(served_demo_file)
+    assert run.parameters.get("config") is None  # the form sent the file, not a config
+    assert all(s["done"] for s in status(served_demo).values())
 
     browser.get(f"{served.url}/runs/flow-run/{run_id}")
     wait.until(lambda b: "Completed" in b.find_element(By.TAG_NAME, "body").text)
@@ -128,3 +154,22 @@ def test_run_form_submits_the_pipeline_and_the_finished_run_shows_its_artifacts(
                   "evaluate"):  # fmt: skip
         assert stage in text, stage
     assert "pool gpu" in text  # the GPU stages ran on the gpu pool
+
+
+def test_submit_sends_the_demo_config_to_the_deployed_pipeline_and_waits(
+    served, served_demo, served_demo_file, api
+):
+    """`cogpipe submit demo.yaml --set ... --wait` against the served server: the run's UI
+    link, then its final state; the override reaches the run."""
+    env = os.environ | {"PREFECT_API_URL": served.api_url}
+    cmd = [sys.executable, "-m", "cogpipe.cli", "submit", str(served_demo_file), "--wait",
+           "--set", f"train.max_steps={served_demo.train.max_steps}"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    link = f"{served.url}/runs/flow-run/"
+    assert lines[0].startswith(f"submitted: {link}") and lines[-1].startswith(f"Completed: {link}")
+    run = api.read_flow_run(UUID(lines[0].rsplit("/", 1)[1]))
+    assert run.parameters["config_file"] == str(served_demo_file.resolve())
+    assert run.parameters["overrides"] == {"train.max_steps": served_demo.train.max_steps}
+    assert run.state.is_completed()
