@@ -1131,15 +1131,17 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Send a config to the deployed pipeline; a bad config or --set fails before sending."""
     _prefect_env()
-    from cogpipe_flows.submit import SubmitError, parse_sets, submit, wait
+    from cogpipe_flows.submit import SubmitError, parse_sets, run_config, submit, wait
 
+    sets = parse_sets(args.sets)
+    run_config(str(Path(args.config).expanduser().resolve()), overrides=sets)  # before a server
     api = args.api or os.environ.get("PREFECT_API_URL")
     if not api:
         print("cogpipe: error: no server given: export the PREFECT_API_URL that `cogpipe serve` "
               "prints, or pass --api URL", file=sys.stderr)  # fmt: skip
         return 2
     try:
-        run_id, link = submit(Path(args.config), parse_sets(args.sets), args.until, api)
+        run_id, link = submit(Path(args.config), sets, args.until, api)
         print(f"submitted: {link}", flush=True)
         if not args.wait:
             return 0

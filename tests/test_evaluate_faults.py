@@ -33,6 +33,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -220,6 +221,9 @@ def committed(folder: Path, names: list[str]) -> bool:
     return all((out / n / "summary.json").is_file() for n in names)
 
 
+AT_WORK = re.compile(r"^evaluate: [\d,]+/[\d,]+ ", re.M)  # its first progress line
+
+
 def test_two_evaluations_at_once_share_the_units_and_equal_one(forker, start, reference, tmp_path):
     """Both start while a third holder (this test) has the base unit: they split the
     checkpoints, wait for the base, and one of them makes it once the holder lets go
@@ -235,9 +239,14 @@ def test_two_evaluations_at_once_share_the_units_and_equal_one(forker, start, re
     ended = threading.Event()
 
     def let_go() -> None:  # once every checkpoint is in and both runs are at work
-        while not ended.wait(0.2) and not (
-            committed(folder, ["checkpoint-000002", "checkpoint-000004"])
-            and all(log.is_file() and "evaluate [" in log.read_text() for log in logs)
+        deadline = time.monotonic() + 300  # then the test fails on its asserts, not hangs
+        while (
+            not ended.wait(0.2)
+            and time.monotonic() < deadline
+            and not (
+                committed(folder, ["checkpoint-000002", "checkpoint-000004"])
+                and all(log.is_file() and AT_WORK.search(log.read_text()) for log in logs)
+            )
         ):
             pass
         held.close()
