@@ -48,6 +48,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -264,16 +265,21 @@ class Server:
         signal_tree(proc.pid, sig)
         proc.wait(timeout=60)
 
+    def _disarm(self, timeout: float) -> None:
+        """`disarm_schedules` on this server, waiting at most `timeout` seconds for it."""
+        worker = threading.Thread(target=_disarm_in, args=(self.api_url,), daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            print(f"cogpipe: pausing the schedules took over {timeout:.0f}s; stopping anyway",
+                  file=sys.stderr)  # fmt: skip
+
     def stop(self) -> None:
         """Pause the schedules (a later server on this database then starts nothing by
         itself), SIGTERM the workers and their flow runs (SIGKILL after 20 s), then the
         server."""
         if self.server is not None and self.server.poll() is None:
-            try:
-                with using(self.api_url) as client:
-                    disarm_schedules(client)
-            except Exception as e:  # noqa: BLE001 - stopping must not fail on housekeeping
-                print(f"cogpipe: could not pause the schedules: {e}", file=sys.stderr)
+            self._disarm(timeout=DISARM_S)
         trees = {name: [p.pid, *descendants(p.pid)] for name, p in self.workers.items()}
         for pids in trees.values():
             _signal(pids, signal.SIGTERM)
@@ -294,13 +300,26 @@ class Server:
                 self.server.wait()
 
 
-@contextlib.contextmanager
-def using(api_url: str):
-    """A sync Prefect client of `api_url`."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+DISARM_S = 20  # at most this long pausing schedules at stop: a busy server must not hold it
 
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+
+def _disarm_in(api_url: str) -> None:
+    try:
+        with using(api_url, retries=1) as client:
+            disarm_schedules(client)
+    except Exception as e:  # noqa: BLE001 - stopping must not fail on housekeeping
+        print(f"cogpipe: could not pause the schedules: {e}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def using(api_url: str, retries: int | None = None):
+    """A sync Prefect client of `api_url` (`retries`: of a failed request, else Prefect's)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    changes = {PREFECT_API_URL: api_url}
+    changes |= {PREFECT_CLIENT_MAX_RETRIES: retries} if retries is not None else {}
+    with temporary_settings(changes), get_client(sync_client=True) as client:
         yield client
 
 

@@ -223,7 +223,12 @@ def test_cpu_warning_for_full_size_video_only(demo_config, tmp_path, capsys):
 
 @pytest.fixture
 def no_server(monkeypatch):
-    """A PREFECT_API_URL: `_prefect_api` starts no server (the fake flows send nothing)."""
+    """A PREFECT_API_URL: `_prefect_api` starts no server (the fake flows send nothing).
+
+    Prefect is imported first: it reads its settings from the environment once, at import,
+    and a dead URL read then would stay for every later test in this process."""
+    import prefect.context  # noqa: F401
+
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
 
 
