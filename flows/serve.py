@@ -28,10 +28,9 @@ last renewal. At start, `cogpipe serve` also frees the GPU slots the database co
 stored lease holds, taken under a server that kept its leases in memory
 (cogpipe_tasks.lease_storage.reconcile_gpu_slots).
 
-Schedules: deployments/prefect.yaml ships them off; `serve` turns one on only when its
-run would find its config file and workspace (arm_schedules), and turns them all off again,
-deleting the runs they scheduled, when it stops (disarm_schedules): a server started later
-on the same database runs nothing by itself. `cogpipe serve` keeps that database in its
+Schedules: deployments/prefect.yaml ships them off; `serve` (and `setup`) turns one on only
+when its run would find its config file and workspace, and turns off, deleting the runs it
+had scheduled, any whose config or workspace is gone (arm_schedules). `cogpipe serve` keeps that database in its
 own Prefect home, `<logs>/prefect`, unless PREFECT_HOME is set.
 
 Stuck runs: flow runs send a heartbeat every `HEARTBEAT_S` seconds; the automation Prefect
@@ -48,7 +47,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -265,21 +263,8 @@ class Server:
         signal_tree(proc.pid, sig)
         proc.wait(timeout=60)
 
-    def _disarm(self, timeout: float) -> None:
-        """`disarm_schedules` on this server, waiting at most `timeout` seconds for it."""
-        worker = threading.Thread(target=_disarm_in, args=(self.api_url,), daemon=True)
-        worker.start()
-        worker.join(timeout)
-        if worker.is_alive():
-            print(f"cogpipe: pausing the schedules took over {timeout:.0f}s; stopping anyway",
-                  file=sys.stderr)  # fmt: skip
-
     def stop(self) -> None:
-        """Pause the schedules (a later server on this database then starts nothing by
-        itself), SIGTERM the workers and their flow runs (SIGKILL after 20 s), then the
-        server."""
-        if self.server is not None and self.server.poll() is None:
-            self._disarm(timeout=DISARM_S)
+        """SIGTERM the workers and their flow runs (SIGKILL after 20 s), then the server."""
         trees = {name: [p.pid, *descendants(p.pid)] for name, p in self.workers.items()}
         for pids in trees.values():
             _signal(pids, signal.SIGTERM)
@@ -298,17 +283,6 @@ class Server:
             except subprocess.TimeoutExpired:
                 signal_tree(self.server.pid, signal.SIGKILL)
                 self.server.wait()
-
-
-DISARM_S = 20  # at most this long pausing schedules at stop: a busy server must not hold it
-
-
-def _disarm_in(api_url: str) -> None:
-    try:
-        with using(api_url, retries=1) as client:
-            disarm_schedules(client)
-    except Exception as e:  # noqa: BLE001 - stopping must not fail on housekeeping
-        print(f"cogpipe: could not pause the schedules: {e}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -526,7 +500,7 @@ def serve_forever(host: str, port: int, logs: Path) -> int:
         " config_file: demo/demo.yaml) or, in another terminal:\n"
         f"  export PREFECT_API_URL={server.api_url}\n"
         "  cogpipe submit demo/demo.yaml --wait\n"
-        "cogpipe: Ctrl-C stops the workers and the server (and pauses the schedules)",
+        "cogpipe: Ctrl-C stops the workers and the server",
         flush=True,
     )
     try:
