@@ -935,6 +935,35 @@ def load_config(path: str | Path) -> PipelineConfig:
     return resolve_paths(cfg, path.parent)
 
 
+def with_fields(
+    cfg: PipelineConfig, values: dict[str, Any], base: Path | None = None, what: str = "override"
+) -> PipelineConfig:
+    """`cfg` with dotted fields (`train.learning_rate`) set and the whole validated again;
+    relative paths in the new values resolve against `base` when given (the config
+    file's folder). `what` starts every error message ("override", "sweep grid").
+
+    Raises:
+        ConfigError: a field that does not exist, or a value that does not validate (the
+            message names the field and why).
+    """
+    raw = cfg.model_dump(mode="json")
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"{what}: {dotted!r} is not a config field")
+        node[leaf] = value
+    try:
+        new = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(
+            f"{what}: " + "; ".join(_field_error(err) for err in e.errors())
+        ) from None
+    return resolve_paths(new, base) if base is not None else new
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from cogpipe.config import ConfigError, PipelineConfig
+from cogpipe.config import ConfigError, PipelineConfig, with_fields
 from cogpipe.evaluate import BASE, eval_key, higher_is_better, metric_names, read_index
 from cogpipe.workspace import Workspace, atomic_path, write_table
 
@@ -40,28 +40,6 @@ def cell_name(sweep: str, values: dict[str, Any]) -> str:
     """A run name from the cell's values: 'sweep-learning_rate0.0005-rank128'."""
     parts = [f"{path.rsplit('.', 1)[-1]}{_value_text(v)}" for path, v in values.items()]
     return "-".join([sweep, *parts])
-
-
-def with_values(cfg: PipelineConfig, values: dict[str, Any], name: str) -> PipelineConfig:
-    """`cfg` with dotted fields set (validated) and the run name `name`.
-
-    Raises:
-        ConfigError: a path names no field, or a value does not validate (field and why).
-    """
-    raw = cfg.model_dump(mode="json")
-    for path, value in values.items():
-        *parents, leaf = path.split(".")
-        node: Any = raw
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f"sweep grid: {path!r} is not a config field")
-        node[leaf] = value
-    raw["name"] = name
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValueError as e:
-        raise ConfigError(f"sweep grid {values}: {e}") from None
 
 
 def cells(
@@ -79,7 +57,7 @@ def cells(
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo, strict=True))
         name = cell_name(sweep, values)
-        out.append((name, with_values(cfg, values, name)))
+        out.append((name, with_fields(cfg, values | {"name": name}, what="sweep grid")))
     return out
 
 

@@ -20,7 +20,7 @@ from uuid import UUID
 
 import yaml
 
-from cogpipe.config import ConfigError, PipelineConfig, _field_error, load_config, resolve_paths
+from cogpipe.config import ConfigError, PipelineConfig, load_config, with_fields
 
 DEPLOYMENT = "cogpipe-pipeline/pipeline"
 # The run form's short fields -> the config field each sets.
@@ -68,33 +68,6 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def with_overrides(cfg: PipelineConfig, overrides: dict[str, Any], base: Path) -> PipelineConfig:
-    """`cfg` with dotted fields set and validated; relative paths in them resolve against
-    `base` (the config file's folder).
-
-    Raises:
-        ConfigError: a field that does not exist, or a value that does not validate (the
-            message names the field and why).
-    """
-    if not overrides:
-        return cfg
-    raw = cfg.model_dump(mode="json")
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node: Any = raw
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f"override {dotted}: not a config field")
-        node[leaf] = value
-    try:
-        return resolve_paths(PipelineConfig.model_validate(raw), base)
-    except ValueError as e:
-        errors = getattr(e, "errors", lambda: [])()
-        text = "; ".join(_field_error(err) for err in errors) or str(e)
-        raise ConfigError(f"override: {text}") from None
-
-
 def run_config(
     config_file: str | None,
     config: PipelineConfig | None = None,
@@ -118,7 +91,7 @@ def run_config(
     else:
         raise ConfigError("config_file is required: a YAML config path every worker sees")
     chosen = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return with_overrides(cfg, chosen, base)
+    return with_fields(cfg, chosen, base)
 
 
 class SubmitError(RuntimeError):

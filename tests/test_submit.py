@@ -58,8 +58,8 @@ def test_config_file_or_config_is_required_and_not_both(config_file):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"train.max_step": 5}, "override train.max_step: not a config field"),
-        ({"nosuch.field": 5}, "override nosuch.field: not a config field"),
+        ({"train.max_step": 5}, "override: 'train.max_step' is not a config field"),
+        ({"nosuch.field": 5}, "override: 'nosuch.field' is not a config field"),
         ({"train.max_steps": "many"}, "train.max_steps: Input should be a valid integer"),
         ({"train.learning_rate": 5}, "train.learning_rate: Input should be less than or equal"),
     ],
