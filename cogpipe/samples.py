@@ -17,9 +17,10 @@ renamed into place, so an interrupted run never leaves something that looks comp
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -277,11 +278,32 @@ def _write_atomically(target: Path, marker: str, write) -> Path:
     return target
 
 
-def _write_cogvideox(folder: Path) -> None:
-    """A CogVideoX-2b-shaped pipeline: 8x spatial / 4x temporal VAE, 2-layer transformer."""
+# The shapes that tell CogVideoX generations apart, on a tiny transformer. Sizes in
+# latent units (pixels / 8). On the hub: 2B (no RoPE, fp16), 5B (RoPE), 5B-I2V (RoPE and
+# learned positional embeddings fixed at 60x90, image latents on the channels), 1.5-5B
+# (RoPE at a 300x300 base grid, temporal patch 2), 1.5-5B-I2V (and an `ofs` embedding).
+# RoPE splits a head into 1/4 time, 3/8 height, 3/8 width, each even: heads of 16.
+_ROPE = dict(use_rotary_positional_embeddings=True, num_attention_heads=2, attention_head_dim=16)
+TINY_VARIANTS: dict[str, dict[str, Any]] = {
+    "2b": {},
+    "1.5": dict(**_ROPE, patch_size_t=2, patch_bias=False,
+                sample_width=32, sample_height=32, sample_frames=81),
+    "i2v": dict(**_ROPE, use_learned_positional_embeddings=True,
+                in_channels=8),
+    "1.5-i2v": dict(**_ROPE, patch_size_t=2, patch_bias=False,
+                    sample_width=32, sample_height=32, sample_frames=81, in_channels=8,
+                    time_embed_dim=8, ofs_embed_dim=8),  # ofs adds to the time embedding
+}  # fmt: skip
+
+
+def _write_cogvideox(folder: Path, variant: str = "2b") -> None:
+    """A tiny CogVideoX pipeline of the given generation (`TINY_VARIANTS`): 8x spatial /
+    4x temporal VAE with 4 latent channels, 2-layer transformer; image-to-video variants
+    are saved as a `CogVideoXImageToVideoPipeline`."""
     from diffusers import (
         AutoencoderKLCogVideoX,
         CogVideoXDPMScheduler,
+        CogVideoXImageToVideoPipeline,
         CogVideoXPipeline,
         CogVideoXTransformer3DModel,
     )
@@ -295,7 +317,7 @@ def _write_cogvideox(folder: Path) -> None:
         T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=len(tokenizer))
     )
     # latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1; sample_* are in latent units.
-    transformer = CogVideoXTransformer3DModel(
+    shape = dict(
         num_attention_heads=4,
         attention_head_dim=8,
         num_layers=2,
@@ -310,6 +332,7 @@ def _write_cogvideox(folder: Path) -> None:
         temporal_compression_ratio=4,
         max_text_seq_length=16,
     )
+    transformer = CogVideoXTransformer3DModel(**(shape | TINY_VARIANTS[variant]))
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,
@@ -332,7 +355,18 @@ def _write_cogvideox(folder: Path) -> None:
         snr_shift_scale=3.0,
     )
     components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
-    CogVideoXPipeline(transformer=transformer, **components).save_pretrained(folder)
+    image_to_video = transformer.config.in_channels == 2 * vae.config.latent_channels
+    pipeline = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    pipeline(transformer=transformer, **components).save_pretrained(folder)
+
+
+def write_tiny_cogvideox(folder: Path, variant: str = "2b") -> Path:
+    """A tiny random CogVideoX of one generation (a key of `TINY_VARIANTS`) in diffusers
+    layout, written once (skipped when complete)."""
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"unknown CogVideoX variant {variant!r}; one of {sorted(TINY_VARIANTS)}")
+    write = functools.partial(_write_cogvideox, variant=variant)
+    return _write_atomically(Path(folder), "model_index.json", write)
 
 
 def _vision(arch: str):
@@ -549,7 +583,7 @@ def write_tiny_models(folder: Path) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return {
-        "cogvideox": _write_atomically(folder / "cogvideox", "model_index.json", _write_cogvideox),
+        "cogvideox": write_tiny_cogvideox(folder / "cogvideox"),
         "llava": write_tiny_captioner(folder / "llava", "llava"),
         "clip": _write_atomically(folder / "clip", "config.json", _write_clip),
     }

@@ -52,6 +52,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random CogVideoX of every generation: {"1.5", "i2v", "1.5-i2v"} -> folder
+    (the 2B-shaped one is `tiny_models["cogvideox"]`); see `samples.TINY_VARIANTS`."""
+    from cogpipe.samples import write_tiny_cogvideox
+
+    root = tmp_path_factory.mktemp("family")
+    return {v: write_tiny_cogvideox(root / v, v) for v in ("1.5", "i2v", "1.5-i2v")}
+
+
 @pytest.fixture
 def demo_config(tmp_path, sample_videos, tiny_models):
     """A factory for the demo config on a fresh workspace; keyword overrides per section."""
