@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     ValidationError,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -854,7 +855,9 @@ class PipelineConfig(BaseModel):
     )
     seed: int = Field(42, description="Seed for splits, noise and data order.")
     model: str = Field(
-        "THUDM/CogVideoX-2b", description="Base CogVideoX: hub id or local diffusers folder."
+        "THUDM/CogVideoX-2b",
+        description="Base CogVideoX: 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v, a hub id or a local"
+        " diffusers folder.",
     )
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     check: CheckConfig = Field(default_factory=CheckConfig)
@@ -863,6 +866,14 @@ class PipelineConfig(BaseModel):
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _hub_id(cls, model: str) -> str:
+        """A short name is its hub id from here on, so keys and logs name the real model."""
+        from cogpipe.models.cogvideox import hub_id
+
+        return hub_id(model)
 
     @model_validator(mode="after")
     def _mode_needs(self) -> PipelineConfig:

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 if TYPE_CHECKING:
     import torch
 
-from cogpipe.models.cogvideox import LORA_FILE, lora_metadata
+from cogpipe.models.cogvideox import LORA_FILE, hub_id, lora_metadata
 from cogpipe.workspace import atomic_path
 
 Format = Literal["diffusers", "sat", "comfyui", "merged"]
@@ -297,9 +297,7 @@ def transformer_dir(model: str, weights: bool = False) -> Path:
     Raises:
         ExportError: not a CogVideoX model folder, or a hub id that cannot be fetched.
     """
-    from cogpipe.generate import MODEL_ALIASES
-
-    model = MODEL_ALIASES.get(model.lower(), model)
+    model = hub_id(model)
     path = Path(model).expanduser()
     if not path.exists() and not model.startswith(("/", ".", "~")) and model.count("/") == 1:
         from huggingface_hub import snapshot_download

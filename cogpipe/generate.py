@@ -58,11 +58,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogpipe import evaluate, sampling
 from cogpipe.config import EvaluateConfig, TicFtConfig
-from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
+from cogpipe.models.cogvideox import (
+    FULL_FOLDER,
+    LORA_FILE,
+    hub_id,
+    transformer_config,
+    weight_dtype,
+)
 from cogpipe.video import probe_video, read_frames, resize_center_crop, write_mp4
 from cogpipe.workspace import Progress, atomic_path, no_progress, resolve_device
 
-MODEL_ALIASES = {"2b": "THUDM/CogVideoX-2b", "5b": "THUDM/CogVideoX-5b"}
 ADAPTER = "lora"  # the adapter name of `--lora` on the pipeline
 DEFAULT_OUTPUT = Path("generated")
 # Options read per video (a sweep may vary them); the others decide how the pipeline loads.
@@ -78,7 +83,10 @@ class GenerateOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field("2b", description="2b, 5b, a hub id or a local diffusers folder.")
+    model: str = Field(
+        "2b",
+        description="2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v, a hub id or a local diffusers folder.",
+    )
     steps: int = Field(50, ge=1, description="Sampler steps.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
     frames: int = Field(49, ge=1, description="Frames per video (8k+1).")
@@ -235,7 +243,7 @@ def resolve_model(model: str) -> str:
     Raises:
         GenerateError: a local path that does not exist or holds no diffusers pipeline.
     """
-    model = MODEL_ALIASES.get(model.lower(), model)
+    model = hub_id(model)
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,53 @@ from cogpipe.workspace import model_fingerprint
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 VAE_SCALE_SPATIAL = 8  # every CogVideoX VAE: 8x spatial, 4x temporal compression
+
+
+# Short names for the hub's CogVideoX models, accepted wherever a model is named.
+MODELS = {
+    "2b": "THUDM/CogVideoX-2b",
+    "5b": "THUDM/CogVideoX-5b",
+    "5b-i2v": "THUDM/CogVideoX-5b-I2V",
+    "1.5-5b": "THUDM/CogVideoX1.5-5B",
+    "1.5-5b-i2v": "THUDM/CogVideoX1.5-5B-I2V",
+}
+
+
+def hub_id(model: str) -> str:
+    """The hub id of a short name (`1.5-5b` -> `THUDM/CogVideoX1.5-5B`); anything else as given."""
+    return MODELS.get(model.lower(), model)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What sets a CogVideoX generation apart, read from its configs, never its name.
+
+    - image_to_video: the transformer takes the image latents on the channels (its
+      in_channels are twice the VAE's latent channels).
+    - temporal_patch: latent frames per token (2 for CogVideoX 1.5, else 1); the latent
+      frame count is padded up to a multiple of it.
+    - ofs: the transformer has an `ofs` embedding (1.5-I2V) and must be given one.
+    - fixed_size: (height, width) in pixels where learned positional embeddings fix the
+      size (5B-I2V: 480x720), else None.
+    """
+
+    image_to_video: bool
+    temporal_patch: int
+    ofs: bool
+    fixed_size: tuple[int, int] | None
+
+
+def model_shape(transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> Shape:
+    t = transformer_config
+    learned = bool(t.get("use_learned_positional_embeddings"))
+    return Shape(
+        image_to_video=t["in_channels"] == 2 * vae_config["latent_channels"],
+        temporal_patch=t.get("patch_size_t") or 1,
+        ofs=t.get("ofs_embed_dim") is not None,
+        fixed_size=(t["sample_height"] * VAE_SCALE_SPATIAL, t["sample_width"] * VAE_SCALE_SPATIAL)
+        if learned
+        else None,
+    )
 
 
 def is_5b_type(transformer_config) -> bool:
