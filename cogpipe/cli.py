@@ -43,7 +43,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
-from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config
+from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config, parse_sets, with_fields
 from cogpipe.errors import EmptyStage, describe, is_permanent
 from cogpipe.export import FORMATS, ExportError
 from cogpipe.generate import GenerateError, GenerateOptions
@@ -295,6 +295,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cogpipe.summary import table
 
     cfg = load_config(args.config)
+    if args.sets:
+        cfg = with_fields(cfg, parse_sets(args.sets), base=Path(args.config).parent)
     _prefect_home(cfg.workspace / ".prefect")
     preflight(cfg, args.until)
     outcome = _run_flow(cfg, args.until, _debug(args))
@@ -1048,8 +1050,10 @@ is done and resumes what was interrupted. Logs go to <workspace>/logs/run-<time>
 
 example:
   cogpipe run demo/demo.yaml --until filter
+  cogpipe run demo/demo.yaml --set train.max_steps=12 --set train.learning_rate=5e-4
 """, cmd_run)  # fmt: skip
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    _set_flag(p)
     p.add_argument("--until", choices=STAGES, default="evaluate",
                    help="last stage to run (default: evaluate)")  # fmt: skip
     _debug_flag(p)
@@ -1077,10 +1081,7 @@ example:
         "config and every --set are checked here first.",
     )  # fmt: skip
     p.add_argument("config", help="the YAML config (a path the workers can read)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="sets",
-        help="override one dotted config field, e.g. train.max_steps=500 (repeatable)",
-    )  # fmt: skip
+    _set_flag(p)
     p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
     p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
     p.add_argument(
@@ -1088,6 +1089,14 @@ example:
     )
     p.set_defaults(fn=cmd_submit)
     return parser
+
+
+def _set_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="sets",
+        help="override one dotted config field, e.g. train.max_steps=500 (repeatable); the"
+        " value is read as YAML",
+    )  # fmt: skip
 
 
 def _serving(command) -> int:
@@ -1131,7 +1140,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Send a config to the deployed pipeline; a bad config or --set fails before sending."""
     _prefect_env()
-    from cogpipe_flows.submit import SubmitError, parse_sets, run_config, submit, wait
+    from cogpipe_flows.submit import SubmitError, run_config, submit, wait
 
     sets = parse_sets(args.sets)
     run_config(str(Path(args.config).expanduser().resolve()), overrides=sets)  # before a server

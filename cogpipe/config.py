@@ -975,6 +975,25 @@ def with_fields(
     return resolve_paths(new, base) if base is not None else new
 
 
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`["train.max_steps=500", "train.target_modules=[to_q]"]` -> {field: value}; each value
+    is read as YAML (numbers, booleans, lists), as in the config file.
+
+    Raises:
+        ConfigError: an item without `=` or with an empty field name.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.max_steps=500")
+        try:
+            out[field.strip()] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError:
+            out[field.strip()] = text
+    return out
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import yaml
-
 from cogpipe.config import ConfigError, PipelineConfig, load_config, with_fields
 
 DEPLOYMENT = "cogpipe-pipeline/pipeline"
@@ -47,25 +45,6 @@ def config_path(config_file: str, root: Path | None = None) -> Path:
         raise ConfigError(f"config_file {config_file}: no such file ({path}); give a YAML path "
                           "every worker sees, absolute or relative to the checkout")  # fmt: skip
     return path
-
-
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """`["train.max_steps=500", "train.target_modules=[to_q]"]` -> {field: value}; each value
-    is read as YAML (numbers, booleans, lists), as in the config file.
-
-    Raises:
-        ConfigError: an item without `=` or with an empty field name.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        field, sep, text = item.partition("=")
-        if not sep or not field.strip():
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. train.max_steps=500")
-        try:
-            out[field.strip()] = yaml.safe_load(text) if text.strip() else text
-        except yaml.YAMLError:
-            out[field.strip()] = text
-    return out
 
 
 def run_config(

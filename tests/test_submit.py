@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cogpipe.cli import main
-from cogpipe.config import ConfigError, PipelineConfig
+from cogpipe.config import ConfigError, PipelineConfig, parse_sets
 from cogpipe.demo import DEMO_CONFIG
-from cogpipe_flows.submit import parse_sets, run_config
+from cogpipe_flows.submit import run_config
 
 
 @pytest.fixture
@@ -125,3 +126,27 @@ def load(path: Path) -> PipelineConfig:
     from cogpipe.config import load_config
 
     return load_config(path)
+
+
+def test_run_takes_the_same_sets_and_checks_them_before_starting(config_file, capsys):
+    assert main(["run", str(config_file), "--set", "train.nosuch=1"]) == 2
+    assert "override: 'train.nosuch' is not a config field" in capsys.readouterr().err
+    assert not (config_file.parent / "workspace").exists()  # nothing started
+
+
+def test_run_with_a_set_runs_the_overridden_config(demo_config, tmp_path):
+    import subprocess
+    import sys
+
+    from cogpipe.config import dump_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_config(demo_config()))
+    other = tmp_path / "elsewhere"
+    env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "cogpipe.cli", "run", str(path), "--until", "ingest",
+           "--set", f"workspace={other}"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert list((other / "ingest").glob("*/_SUCCESS.json"))
+    assert not (Path(demo_config().workspace) / "ingest").exists()
