@@ -3,6 +3,7 @@
     cogpipe export train/run/checkpoint-004000 --format sat --out slap-sat.safetensors
     cogpipe export train/run/checkpoint-004000 --format comfyui --out slap-comfyui.safetensors
     cogpipe export train/run/checkpoint-004000 --format merged --model 2b --out slap-transformer/
+    cogpipe export train/run/checkpoint-004000 --format sat-merged --model 1.5-5b --out slap-sat/
     cogpipe export slap-sat.safetensors --format diffusers --out back/      # and back again
 
     lora = read_lora("train/run/checkpoint-004000")    # any of the three layouts below
@@ -10,7 +11,9 @@
 
 Every layout holds the same tensors under other names: A [r, in] and B [out, r] per adapted
 Linear, the update being (alpha / r) * B @ A. Reading any layout and writing another one
-moves tensors without touching them, so round trips give back equal tensors.
+moves tensors without touching them, so round trips give back equal tensors. Every format
+works for every generation (2B, 5B, 5B-I2V, 1.5-5B, 1.5-5B-I2V): the layouts follow the
+model's layer count and module shapes, never its name.
 
 - **diffusers** (default): what the trainer writes and `CogVideoXPipeline.load_lora_weights`
   reads: `transformer.<module>.lora_A.weight` / `.lora_B.weight`, rank and alpha in the
@@ -28,7 +31,8 @@ moves tensors without touching them, so round trips give back equal tensors.
   file without them is read with alpha 1, SAT's default. Sources:
   https://github.com/THUDM/SwissArmyTransformer/blob/main/sat/model/finetune/lora2.py
   (matrix_A [r, in], matrix_B [out / partition, r], scaling), and the SAT -> diffusers
-  key map of https://github.com/THUDM/CogVideo/blob/main/tools/export_sat_lora_weight.py.
+  key map of https://github.com/THUDM/CogVideo/blob/main/tools/export_sat_lora_weight.py
+  (which hard-codes 2B's 240 keys, so it reads back 2B LoRAs only).
 - **comfyui**: what ComfyUI's own LoRA loader applies to its native CogVideoX
   (`comfy/ldm/cogvideo/model.py`): `diffusion_model.<ComfyUI module>.lora_down.weight` (A),
   `.lora_up.weight` (B) and `.alpha` (a scalar; ComfyUI scales by alpha / rank). ComfyUI
@@ -46,12 +50,25 @@ moves tensors without touching them, so round trips give back equal tensors.
   the base weights' own dtype: a diffusers transformer folder (`--out DIR`, the base's
   files with merged tensors, for `CogVideoXTransformer3DModel.from_pretrained(DIR)`) or one
   safetensors file of the whole transformer (`--out FILE.safetensors`).
+- **sat-merged**: the merged transformer in the SAT model's names and layout (`to_sat_model`,
+  the inverse of CogVideo's tools/convert_weight_sat2hf.py: q/k/v stacked into
+  query_key_value, norm1/norm2.linear interleaved into adaLN_modulations, the rest renamed),
+  as the checkpoint folder sat/sample_video.py loads (`load: DIR` in its inference.yaml),
+  with a README.txt naming the sat/configs yaml and the CogVideo version (tag v1.0 for the
+  1.0 models, whose patch embedding is a Conv2d; main for 1.5). SAT's own computed tables
+  (RoPE frequencies, 2B's sincos positions) and the rotary models' unused
+  `transformer.position_embeddings` are not weights of the diffusers model and are not
+  written; SAT builds them (inference.yaml's `force_inference: True` lets them, and T5 and
+  the VAE, load from elsewhere). Checked by hand on tiny models of all four generations:
+  CogVideo's own DiffusionTransformer loads it with no unexpected key and its forward equals
+  diffusers' on the merged weights to 5e-5.
 
 An output path ending in `.safetensors` gets one file; any other path a folder (diffusers:
 `DIR/pytorch_lora_weights.safetensors`; sat: SAT's checkpoint layout, `DIR/latest` naming
-`DIR/1/mp_rank_00_model_states.pt` = {"module": keys}). SAT itself saves a LoRA inside the
-full model checkpoint (the adapted Linears' base weights under `.original.weight`); this
-export holds the LoRA keys alone, and reading a full SAT checkpoint takes its LoRA keys.
+`DIR/1/mp_rank_00_model_states.pt` = {"module": keys}; sat-merged: that folder only). SAT
+itself saves a LoRA inside the full model checkpoint (the adapted Linears' base weights
+under `.original.weight`); the sat export holds the LoRA keys alone, and reading a full SAT
+checkpoint takes its LoRA keys.
 Outputs are written under a temporary name and renamed.
 """
 
@@ -67,12 +84,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
 from cogpipe.models.cogvideox import LORA_FILE, hub_id, lora_metadata
 from cogpipe.workspace import atomic_path
 
-Format = Literal["diffusers", "sat", "comfyui", "merged"]
+Format = Literal["diffusers", "sat", "comfyui", "merged", "sat-merged"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
 SAT_PREFIX = "model.diffusion_model.transformer.layers"
@@ -103,6 +122,39 @@ COMFY_TOP = {  # the Linears outside the blocks; the others keep diffusers' name
 }
 COMFY_KEEP = ("patch_embed.proj", "patch_embed.text_proj", "norm_out.linear", "proj_out")
 BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
+# The SAT model's own names for the diffusers modules (sat/dit_video_concat.py), the inverse of
+# CogVideo's tools/convert_weight_sat2hf.py; every key is under SAT_MODEL.
+SAT_MODEL = "model.diffusion_model."
+SAT_TOP = {  # diffusers module outside the blocks -> SAT module
+    "patch_embed.proj": "mixins.patch_embed.proj",  # 1.0: Conv2d [D, C, p, p]; 1.5: Linear
+    "patch_embed.text_proj": "mixins.patch_embed.text_proj",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "ofs_embedding.linear_1": "ofs_embed.0",  # 1.5-I2V
+    "ofs_embedding.linear_2": "ofs_embed.2",
+    "norm_final": "transformer.final_layernorm",
+    "norm_out.norm": "mixins.final_layer.norm_final",
+    "norm_out.linear": "mixins.final_layer.adaLN_modulation.1",
+    "proj_out": "mixins.final_layer.linear",
+}
+SAT_BLOCK = {  # diffusers module in transformer_blocks.{i} -> SAT module of layer {i}
+    "norm1.norm": "transformer.layers.{i}.input_layernorm",
+    "norm2.norm": "transformer.layers.{i}.post_attention_layernorm",
+    "attn1.to_out.0": "transformer.layers.{i}.attention.dense",
+    "ff.net.0.proj": "transformer.layers.{i}.mlp.dense_h_to_4h",
+    "ff.net.2": "transformer.layers.{i}.mlp.dense_4h_to_h",
+    "attn1.norm_q": "mixins.adaln_layer.query_layernorm_list.{i}",
+    "attn1.norm_k": "mixins.adaln_layer.key_layernorm_list.{i}",
+}
+SAT_FUSED = {  # diffusers module in block {i} -> (the one SAT module it is part of, part index)
+    "attn1.to_q": ("transformer.layers.{i}.attention.query_key_value", 0),
+    "attn1.to_k": ("transformer.layers.{i}.attention.query_key_value", 1),
+    "attn1.to_v": ("transformer.layers.{i}.attention.query_key_value", 2),
+    "norm1.linear": ("mixins.adaln_layer.adaLN_modulations.{i}.1", 0),
+    "norm2.linear": ("mixins.adaln_layer.adaLN_modulations.{i}.1", 1),
+}
+SAT_POS_EMBEDDING = ("patch_embed.pos_embedding", "mixins.pos_embed.pos_embedding")  # 5B-I2V
+SAT_README = "README.txt"
 
 
 class ExportError(ValueError):
@@ -292,7 +344,8 @@ def _diffusers_name(key: str, path: Path) -> str:
 
 def transformer_dir(model: str, weights: bool = False) -> Path:
     """The local transformer folder of a model: a diffusers model folder, its transformer
-    folder, `2b` / `5b` or a hub id (fetched through the Hugging Face cache).
+    folder, a short name (`2b`, `1.5-5b-i2v`, ...) or a hub id (fetched through the Hugging
+    Face cache).
 
     Raises:
         ExportError: not a CogVideoX model folder, or a hub id that cannot be fetched.
@@ -392,6 +445,55 @@ def to_comfyui(lora: Lora) -> dict[str, torch.Tensor]:
     return out
 
 
+def to_sat_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers CogVideoX transformer's tensors in the SAT model's names and layout, the
+    inverse of CogVideo's tools/convert_weight_sat2hf.py (which reads them back exactly).
+
+    q, k and v stack into SAT's one query_key_value [3 D, D] (and its bias); norm1.linear and
+    norm2.linear (6 chunks each: shift, scale, gate of the video tokens, then of the text, for
+    attention and for the MLP) interleave into SAT's 12-chunk adaLN_modulations: attention's
+    video chunks, the MLP's video chunks, attention's text chunks, the MLP's text chunks. Every
+    other tensor keeps its shape: the patch embedding's Conv2d (1.0) or Linear over 2x2x2 patches
+    (1.5) is laid out as the SAT code of the same generation has it. The fixed sincos tables
+    (2B's positional embedding, RoPE's frequencies) are not weights of the diffusers model: SAT
+    computes them when it builds the model.
+
+    Raises:
+        ExportError: a tensor SAT's CogVideoX has no place for, or a fused one with a part missing.
+    """
+    out, parts = {}, {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        block = BLOCK.fullmatch(module)
+        inner, layer = (block.group(2), block.group(1)) if block else (None, None)
+        if key == SAT_POS_EMBEDDING[0]:
+            out[SAT_MODEL + SAT_POS_EMBEDDING[1]] = tensor  # [1, text + patches, D]
+        elif module in SAT_TOP:
+            out[f"{SAT_MODEL}{SAT_TOP[module]}.{param}"] = tensor
+        elif inner in SAT_BLOCK:
+            out[f"{SAT_MODEL}{SAT_BLOCK[inner].format(i=layer)}.{param}"] = tensor
+        elif inner in SAT_FUSED:
+            fused, part = SAT_FUSED[inner]
+            parts.setdefault(f"{SAT_MODEL}{fused.format(i=layer)}.{param}", {})[part] = tensor
+        else:
+            raise ExportError(f"{key}: the diffusers transformer's tensor has no place in SAT's")
+    out |= {key: _fuse(key, group) for key, group in parts.items()}
+    return dict(sorted(out.items()))
+
+
+def _fuse(key: str, group: dict[int, torch.Tensor]) -> torch.Tensor:
+    """SAT's one tensor of the diffusers parts {index: tensor} (see `to_sat_model`)."""
+    import torch
+
+    qkv = ".query_key_value." in key
+    if sorted(group) != list(range(3 if qkv else 2)):
+        raise ExportError(f"{key}: needs every part of it, the transformer has {sorted(group)}")
+    if qkv:
+        return torch.cat([group[0], group[1], group[2]])  # q, k, v: [3 D, D]
+    attention, mlp = group[0].chunk(6), group[1].chunk(6)  # norm1.linear, norm2.linear
+    return torch.cat([*attention[:3], *mlp[:3], *attention[3:], *mlp[3:]])  # [12 D, ...]
+
+
 def _targets(lora: Lora) -> list[str]:
     """peft target_modules that select exactly the LoRA's modules (suffixes within a block)."""
     return sorted({m.group(2) if (m := BLOCK.fullmatch(n)) else n for n in lora.modules})
@@ -458,6 +560,31 @@ def write_comfyui(lora: Lora, out: Path) -> Path:
     return out
 
 
+def _merged_shards(lora: Lora, src: Path) -> Iterator[tuple[Path, dict, dict[str, str]]]:
+    """(file, tensors, metadata) of every safetensors shard of the transformer folder `src`,
+    each adapted Linear's weight replaced by base + (alpha / r) * B @ A in the base's dtype.
+
+    Raises:
+        ExportError: after the last shard, when some module of the LoRA had no weight.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    merged = set()
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as handle:
+            metadata = handle.metadata() or {"format": "pt"}
+        state = load_file(f)
+        for key, weight in state.items():
+            name = key.removesuffix(".weight")
+            if key.endswith(".weight") and name in lora.modules:
+                state[key] = (weight.float() + delta(lora, name)).to(weight.dtype)
+                merged.add(name)
+        yield f, state, metadata
+    if missing := sorted(set(lora.modules) - merged):
+        raise ExportError(f"{lora.source}: {src} holds no weight of {missing[:3]}")
+
+
 def write_merged(lora: Lora, model: str, out: Path) -> Path:
     """Base weights + (alpha / r) * B @ A, in the base's dtype: its transformer folder with merged
     tensors, or one .safetensors file of the whole transformer.
@@ -465,36 +592,102 @@ def write_merged(lora: Lora, model: str, out: Path) -> Path:
     Raises:
         ExportError: the LoRA does not fit the model.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     check_fits(lora, model)
     src = transformer_dir(model, weights=True)
-    merged, everything = set(), {}
+    everything = {}
     with atomic_path(out) as tmp:
         if out.suffix != ".safetensors":
             tmp.mkdir()
-        for f in sorted(src.iterdir()):
-            if f.suffix != ".safetensors":
-                if out.suffix != ".safetensors" and f.is_file():
-                    shutil.copyfile(f, tmp / f.name)  # config.json, the shard index
-                continue
-            with safe_open(str(f), "pt") as handle:
-                metadata = handle.metadata() or {"format": "pt"}
-            state = load_file(f)
-            for key, weight in state.items():
-                name = key.removesuffix(".weight")
-                if key.endswith(".weight") and name in lora.modules:
-                    state[key] = (weight.float() + delta(lora, name)).to(weight.dtype)
-                    merged.add(name)
+            for f in sorted(src.iterdir()):  # config.json, the shard index
+                if f.is_file() and f.suffix != ".safetensors":
+                    shutil.copyfile(f, tmp / f.name)
+        for f, state, metadata in _merged_shards(lora, src):
             if out.suffix == ".safetensors":
                 everything |= state
             else:
                 save_file(state, str(tmp / f.name), metadata=metadata)
-        if missing := sorted(set(lora.modules) - merged):
-            raise ExportError(f"{lora.source}: {src} holds no weight of {missing[:3]}")
         if out.suffix == ".safetensors":
             save_file(everything, str(tmp), metadata={"format": "pt"})
+    return out
+
+
+def _sat_config(config: dict[str, Any]) -> tuple[str, str]:
+    """(CogVideo's sat/configs yaml, the CogVideo code to run it) of a transformer config."""
+    i2v = config["in_channels"] == 2 * config["out_channels"]  # image latents on the channels
+    if config.get("patch_size_t"):  # 1.5: main's sat/, whose patch embedding is 3D
+        return ("cogvideox1.5_5b_i2v.yaml" if i2v else "cogvideox1.5_5b.yaml"), "main"
+    if i2v:
+        return "cogvideox_5b_i2v.yaml", "v1.0"
+    rope = config.get("use_rotary_positional_embeddings")
+    return ("cogvideox_5b.yaml" if rope else "cogvideox_2b.yaml"), "v1.0"
+
+
+def _sat_readme(lora: Lora, model: str, config: dict, out: Path, state: dict) -> str:
+    """How to point CogVideo's sat/sample_video.py at the checkpoint folder `out`."""
+    yaml, ref = _sat_config(config)
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    flag = {"float16": "fp16: True", "bfloat16": "bf16: True"}.get(dtype, "# float32: no flag")
+    code = (
+        "its main branch: sat/ there runs the CogVideoX 1.5 configs"
+        if ref == "main"
+        else "its tag v1.0 (git checkout v1.0): main's sat/ embeds 2x2x2 patches with a "
+        "Linear and runs only the 1.5 configs; v1.0's Conv2d patch embedding is this model's"
+    )
+    i2v = config["in_channels"] == 2 * config["out_channels"]
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    ofs = f", ofs_embed_dim {config['ofs_embed_dim']}" if config.get("ofs_embed_dim") else ""
+    lines = [
+        f"{hub_id(model)} with the LoRA {lora.source} merged in: W + (alpha / r) * B @ A, "
+        f"rank {lora.rank}, alpha {lora.alpha:g}.",
+        f"CogVideo's SAT checkpoint layout: `latest` names the iteration folder 1, and "
+        f'1/{SAT_CHECKPOINT} holds {{"module": {{key: tensor}}}}, {len(state)} {dtype} '
+        f"tensors named {SAT_MODEL}<SAT module>. Written by `cogpipe export --format sat-merged`.",
+        "",
+        "To sample with CogVideo's SAT code (https://github.com/THUDM/CogVideo, folder sat/):",
+        f"1. Use {code}.",
+        f"2. Base config: sat/configs/{yaml}, without a lora_config (the LoRA is in the "
+        f"weights). Its network_config must match this model (the yaml has the released "
+        f"one's): num_layers {config['num_layers']}, hidden_size {width}, "
+        f"num_attention_heads {config['num_attention_heads']}, in_channels "
+        f"{config['in_channels']}, out_channels {config['out_channels']}, time_embed_dim "
+        f"{config['time_embed_dim']}{ofs}.",
+        "3. In sat/configs/inference.yaml set:",
+        f'     load: "{out.resolve()}"',
+        "     force_inference: True  # the folder holds the transformer; T5 and the VAE "
+        "load from the yaml's paths",
+        f"     {flag}",
+        *(["     image2video: True"] if i2v else []),
+        f"4. cd sat && python sample_video.py --base configs/{yaml} configs/inference.yaml",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_sat_merged(lora: Lora, model: str, out: Path) -> Path:
+    """The base transformer with the LoRA merged in, in the SAT model's names and layout
+    (`to_sat_model`), as the checkpoint folder CogVideo's sat/sample_video.py loads (`--load`
+    / `load:`), with a README.txt saying how. It holds the whole transformer in memory, and
+    the stacked q/k/v and adaLN tensors once more (about a third more for the 5B models).
+
+    Raises:
+        ExportError: the LoRA does not fit the model, or `out` names a file.
+    """
+    import torch
+
+    if out.suffix in (".safetensors", ".pt", ".pth"):
+        raise ExportError(f"--out {out}: SAT loads a checkpoint folder (load: DIR); give a folder")
+    config = check_fits(lora, model)
+    state = {}
+    for _, shard, _ in _merged_shards(lora, transformer_dir(model, weights=True)):
+        state |= shard
+    sat = to_sat_model(state)
+    del state  # the renamed tensors live on in `sat`; the fused parts are copies
+    with atomic_path(out) as tmp:
+        (tmp / "1").mkdir(parents=True)
+        (tmp / "latest").write_text("1")  # SAT reads the iteration folder's name from here
+        torch.save({"module": sat}, tmp / "1" / SAT_CHECKPOINT)
+        (tmp / SAT_README).write_text(_sat_readme(lora, model, config, out, sat))
     return out
 
 
@@ -506,9 +699,10 @@ def run_export(
     Args:
         source: a checkpoint folder, a LoRA file or a SAT checkpoint (see `read_lora`).
         out: the file or folder to write (see the module docstring).
-        format: diffusers, sat, comfyui, or merged (needs `model`).
-        model: the base model (hub id, folder, `2b` / `5b`). The LoRA must fit it; for sat,
-            its config gives num_layers (without it, the LoRA's last adapted block does).
+        format: diffusers, sat, comfyui, merged or sat-merged (both need `model`).
+        model: the base model (hub id, folder, or a short name: `2b`, `5b`, `5b-i2v`,
+            `1.5-5b`, `1.5-5b-i2v`). The LoRA must fit it; for sat, its config gives
+            num_layers (without it, the LoRA's last adapted block does).
 
     Returns:
         (the path written, the LoRA read).
@@ -519,10 +713,11 @@ def run_export(
     if format not in FORMATS:
         raise ExportError(f"--format {format}: one of {', '.join(FORMATS)}")
     lora, out = read_lora(source), Path(out).expanduser()
-    if format == "merged":
+    if format in ("merged", "sat-merged"):
         if model is None:
-            raise ExportError("--format merged needs --model: the base weights to merge into")
-        return write_merged(lora, model, out), lora
+            raise ExportError(f"--format {format} needs --model: the base weights to merge into")
+        write = write_merged if format == "merged" else write_sat_merged
+        return write(lora, model, out), lora
     config = check_fits(lora, model) if model is not None else {}
     if format == "sat":
         return write_sat(lora, out, config.get("num_layers") or lora.num_layers()), lora

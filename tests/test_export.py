@@ -1,8 +1,11 @@
-"""LoRA exports on tiny 2B- and 5B-shaped transformers (30 and 42 layers, tiny widths).
+"""LoRA exports on tiny 2B- and 5B-shaped transformers (30 and 42 layers, tiny widths) and
+on tiny models of every generation (`tiny_family`: 1.5, 5B-I2V, 1.5-I2V; 2 and 3 layers).
 
 SAT keys number num_layers x 8 and convert back to equal tensors; ComfyUI keys are the
 kohya layout with alpha; merged weights equal base + (alpha / r) * B @ A, as computed here
-and as peft's own fuse_lora computes them; bad input is a clear error.
+and as peft's own fuse_lora computes them; the merged SAT checkpoint has the keys and shapes
+of CogVideo's SAT model and CogVideo's own sat2hf rules turn it back into the merged weights;
+bad input is a clear error.
 """
 
 from __future__ import annotations
@@ -306,3 +309,249 @@ def test_cli_bad_input_is_a_clear_error_naming_the_file(models, loras, tmp_path,
     err = error(str(loras["2b"]), "--format", "comfyui", "--out", str(tmp_path / "dir"))
     assert "name it NAME.safetensors" in err
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------- the whole family
+
+WIDE = [*ATTENTION, "norm1.linear", "norm2.linear", "ff.net.0.proj", "proj_out"]
+EXTRA = {"1.5": ["patch_embed.proj"], "1.5-i2v": ["patch_embed.proj", "ofs_embedding.linear_1"]}
+SAT_YAML = {"2b": "cogvideox_2b.yaml", "1.5": "cogvideox1.5_5b.yaml",
+            "i2v": "cogvideox_5b_i2v.yaml", "1.5-i2v": "cogvideox1.5_5b_i2v.yaml"}  # fmt: skip
+
+
+def generation(name: str) -> str:
+    """The generation of a `family` model: "1.5-i2v-3" is a 3-layer 1.5-i2v."""
+    return name.removesuffix("-3")
+
+
+def model_config(model: Path) -> dict:
+    import json
+
+    return json.loads((model / "transformer" / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def family(tiny_family, tmp_path_factory) -> dict[str, Path]:
+    """Tiny models of every generation (2 layers), and a 3-layer 1.5-I2V-shaped one."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogpipe.samples import write_tiny_cogvideox
+
+    root = tmp_path_factory.mktemp("family-export")
+    three = model_config(tiny_family["1.5-i2v"]) | {"num_layers": 3}
+    torch.manual_seed(3)
+    CogVideoXTransformer3DModel.from_config(three).save_pretrained(root / "3" / "transformer")
+    return {"2b": write_tiny_cogvideox(root / "2b", "2b"), **tiny_family, "1.5-i2v-3": root / "3"}
+
+
+@pytest.fixture(scope="module")
+def family_loras(family, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """{model: {"attention": LoRA on to_q/k/v/out, "wide": also adaLN, MLP, proj_out and, on 1.5,
+    the patch embedding (a Linear there) and the ofs embedding}}."""
+    root = tmp_path_factory.mktemp("family-loras")
+    return {
+        name: {
+            "attention": make_lora(model, root / name / "attention"),
+            "wide": make_lora(
+                model, root / name / "wide", WIDE + EXTRA.get(generation(name), []), 1
+            ),
+        }
+        for name, model in family.items()
+    }
+
+
+def transformer_output(transformer) -> torch.Tensor:
+    """One seeded forward at the model's own latent size (5B-I2V's learned positions fix it)."""
+    c = transformer.config
+    g = torch.Generator().manual_seed(0)
+    frames = 2 * (c.patch_size_t or 1)  # latent frames, whole temporal patches
+    x = torch.randn(1, frames, c.in_channels, c.sample_height, c.sample_width, generator=g)
+    text = torch.randn(1, c.max_text_seq_length, c.text_embed_dim, generator=g)
+    ofs = {"ofs": torch.tensor([2.0])} if c.ofs_embed_dim else {}
+    with torch.no_grad():
+        return transformer(x, text, torch.tensor([500]), **ofs, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("name", ["1.5", "i2v", "1.5-i2v"])
+def test_every_lora_export_works_for_the_new_generations(family, family_loras, tmp_path, name):
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    model, lora = family[name], family_loras[name]
+    sat, _ = run_export(lora["attention"], tmp_path / "sat.safetensors", "sat", model=str(model))
+    keys = load_file(sat)
+    assert sorted({k.split(".")[4] for k in keys}) == ["0", "1"] and len(keys) == 2 * 8
+    back, _ = run_export(sat, tmp_path / "sat-back.safetensors", "diffusers")
+    assert_same_tensors(lora_tensors(back), lora_tensors(lora["attention"]))
+
+    comfy, _ = run_export(lora["wide"], tmp_path / "comfy.safetensors", "comfyui")
+    back, _ = run_export(comfy, tmp_path / "comfy-back.safetensors", "diffusers")
+    assert_same_tensors(lora_tensors(back), lora_tensors(lora["wide"]))
+
+    # The diffusers export loads with the generation's own pipeline and changes its output
+    # exactly as the merged export's weights do.
+    exported, _ = run_export(lora["wide"], tmp_path / "lora.safetensors", "diffusers")
+    pipeline = CogVideoXImageToVideoPipeline if "i2v" in name else CogVideoXPipeline
+    pipe = pipeline.from_pretrained(model)
+    base = transformer_output(pipe.transformer)
+    pipe.load_lora_weights(str(exported))
+    adapted = transformer_output(pipe.transformer)
+    merged, _ = run_export(lora["wide"], tmp_path / "merged", "merged", model=str(model))
+    from diffusers import CogVideoXTransformer3DModel
+
+    folded = transformer_output(CogVideoXTransformer3DModel.from_pretrained(merged))
+    assert (adapted - base).abs().mean() > 1e-2
+    torch.testing.assert_close(folded, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_sat_lora_keys_follow_the_layer_count_and_misfits_are_clear(family, family_loras, tmp_path):
+    three, two = family_loras["1.5-i2v-3"]["attention"], family_loras["1.5-i2v"]["attention"]
+    for model in (str(family["1.5-i2v-3"]), None):  # num_layers from the config, or the LoRA
+        sat, _ = run_export(three, tmp_path / "sat.safetensors", "sat", model=model)
+        assert len(load_file(sat)) == 3 * 8
+
+    with pytest.raises(ExportError, match=r"does not fit .*\(2 transformer blocks\)"):
+        run_export(three, tmp_path / "x.safetensors", "sat", model=str(family["1.5-i2v"]))
+    with pytest.raises(ExportError, match=r"of all 3 layers; the LoRA lacks 4 of those"):
+        run_export(two, tmp_path / "x.safetensors", "sat", model=str(family["1.5-i2v-3"]))
+    wide_15, wide_15_i2v = family_loras["1.5"]["wide"], family_loras["1.5-i2v"]["wide"]
+    with pytest.raises(ExportError, match=r"not in it, e.g. ofs_embedding.linear_1"):
+        run_export(wide_15_i2v, tmp_path / "m", "sat-merged", model=str(family["1.5"]))
+    with pytest.raises(  # 1.5-I2V's patches carry twice the latent channels
+        ExportError, match=r"patch_embed.proj is \[32, 64\] there, the LoRA's B @ A is \[32, 32\]"
+    ):
+        run_export(wide_15, tmp_path / "m", "sat-merged", model=str(family["1.5-i2v"]))
+    assert not (tmp_path / "m").exists()
+
+
+def sat_layout(config: dict) -> dict[str, tuple[int, ...]]:
+    """{key: shape} of the transformer of CogVideo's SAT model for a diffusers config, from
+    sat/dit_video_concat.py (DiffusionTransformer and its mixins) and SwissArmyTransformer's
+    BaseTransformer (layers of input_layernorm, attention.query_key_value / dense,
+    post_attention_layernorm, mlp.dense_h_to_4h / dense_4h_to_h; final_layernorm)."""
+    d, head = (
+        config["num_attention_heads"] * config["attention_head_dim"],
+        config["attention_head_dim"],
+    )
+    t, p, pt = config["time_embed_dim"], config["patch_size"], config["patch_size_t"]
+    cin, cout = config["in_channels"], config["out_channels"]
+    linears = {  # module: weight shape; each has a bias [weight's first dim]
+        "time_embed.0": (t, d), "time_embed.2": (t, t),
+        "mixins.patch_embed.proj": (d, cin * p * p * pt) if pt else (d, cin, p, p),
+        "mixins.patch_embed.text_proj": (d, config["text_embed_dim"]),
+        "transformer.final_layernorm": (d,), "mixins.final_layer.norm_final": (d,),
+        "mixins.final_layer.linear": (p * p * (pt or 1) * cout, d),
+        "mixins.final_layer.adaLN_modulation.1": (2 * d, t),
+    }  # fmt: skip
+    if o := config.get("ofs_embed_dim"):
+        linears |= {"ofs_embed.0": (o, o), "ofs_embed.2": (o, o)}
+    for i in range(config["num_layers"]):
+        layer, adaln = f"transformer.layers.{i}", "mixins.adaln_layer"
+        linears |= {
+            f"{layer}.input_layernorm": (d,), f"{layer}.post_attention_layernorm": (d,),
+            f"{layer}.attention.query_key_value": (3 * d, d), f"{layer}.attention.dense": (d, d),
+            f"{layer}.mlp.dense_h_to_4h": (4 * d, d), f"{layer}.mlp.dense_4h_to_h": (d, 4 * d),
+            f"{adaln}.adaLN_modulations.{i}.1": (12 * d, t),
+            f"{adaln}.query_layernorm_list.{i}": (head,),
+            f"{adaln}.key_layernorm_list.{i}": (head,),
+        }  # fmt: skip
+    shapes = {f"{m}.weight": s for m, s in linears.items()} | {
+        f"{m}.bias": s[:1] for m, s in linears.items()
+    }
+    if config.get("use_learned_positional_embeddings"):  # 5B-I2V: text tokens, then patches
+        frames = (config["sample_frames"] - 1) // config["temporal_compression_ratio"] + 1
+        patches = config["sample_height"] // p * (config["sample_width"] // p) * frames
+        shapes["mixins.pos_embed.pos_embedding"] = (1, config["max_text_seq_length"] + patches, d)
+    return {f"model.diffusion_model.{k}": s for k, s in shapes.items()}
+
+
+# THUDM/CogVideo tools/convert_weight_sat2hf.py: its renames, applied to each key in this order.
+SAT2HF_RENAMES = [
+    ("transformer.final_layernorm", "norm_final"), ("transformer", "transformer_blocks"),
+    ("attention", "attn1"), ("mlp", "ff.net"), ("dense_h_to_4h", "0.proj"),
+    ("dense_4h_to_h", "2"), (".layers", ""), ("dense", "to_out.0"),
+    ("input_layernorm", "norm1.norm"), ("post_attn1_layernorm", "norm2.norm"),
+    ("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
+    ("ofs_embed.0", "ofs_embedding.linear_1"), ("ofs_embed.2", "ofs_embedding.linear_2"),
+    ("mixins.patch_embed", "patch_embed"), ("mixins.final_layer.norm_final", "norm_out.norm"),
+    ("mixins.final_layer.linear", "proj_out"),
+    ("mixins.final_layer.adaLN_modulation.1", "norm_out.linear"),
+    ("mixins.pos_embed.pos_embedding", "patch_embed.pos_embedding"),
+]  # fmt: skip
+
+
+def sat_to_diffusers(module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """convert_weight_sat2hf.py's transformer conversion: renames, then q/k/v split in 3 along
+    dim 0, the q/k layernorm lists moved into the blocks, the 12 adaLN chunks split into
+    norm1 (chunks 0-2, 6-8) and norm2 (chunks 3-5, 9-11)."""
+    out = {}
+    for key, tensor in module.items():
+        name = key.removeprefix("model.diffusion_model.")
+        for old, new in SAT2HF_RENAMES:
+            name = name.replace(old, new)
+        if "query_key_value" in name:
+            for part, chunk in zip(("to_q", "to_k", "to_v"), tensor.chunk(3), strict=True):
+                out[name.replace("query_key_value", part)] = chunk
+        elif "layernorm_list" in name:
+            layer, param = name.split(".")[-2:]
+            norm = "norm_q" if "query" in name else "norm_k"
+            out[f"transformer_blocks.{layer}.attn1.{norm}.{param}"] = tensor
+        elif "adaLN_modulations" in name:
+            layer, _, param = name.split(".")[-3:]
+            c = tensor.chunk(12)
+            out[f"transformer_blocks.{layer}.norm1.linear.{param}"] = torch.cat(c[0:3] + c[6:9])
+            out[f"transformer_blocks.{layer}.norm2.linear.{param}"] = torch.cat(c[3:6] + c[9:12])
+        else:
+            out[name] = tensor
+    return out
+
+
+@pytest.mark.parametrize("name", ["2b", "1.5", "i2v", "1.5-i2v", "1.5-i2v-3"])
+def test_sat_merged_is_sats_layout_and_converts_back_to_the_merged_weights(
+    family, family_loras, tmp_path, name
+):
+    from diffusers import CogVideoXTransformer3DModel
+
+    model, lora = family[name], family_loras[name]["wide"]
+    out, _ = run_export(lora, tmp_path / "sat", "sat-merged", model=str(model))
+    assert (out / "latest").read_text() == "1"
+    module = torch.load(out / "1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    config = model_config(model)
+    assert {k: tuple(v.shape) for k, v in module.items()} == sat_layout(config)
+
+    back = sat_to_diffusers(module)
+    merged, _ = run_export(lora, tmp_path / "merged.safetensors", "merged", model=str(model))
+    assert_same_tensors(back, load_file(merged))  # base + (alpha / r) * B @ A, every tensor
+    CogVideoXTransformer3DModel.from_config(config).load_state_dict(back, strict=True)
+
+    readme = (out / "README.txt").read_text()
+    assert f'load: "{out.resolve()}"' in readme and "force_inference: True" in readme
+    assert f"sat/configs/{SAT_YAML[generation(name)]}" in readme
+    assert ("image2video: True" in readme) == ("i2v" in name)
+    assert ("tag v1.0" in readme) == (not name.startswith("1.5"))
+    assert f"num_layers {config['num_layers']}," in readme
+
+
+def test_sat_merged_of_a_5b_keeps_bf16_and_names_its_yaml(models, loras, tmp_path):
+    out, _ = run_export(loras["5b"], tmp_path / "sat", "sat-merged", model=str(models["5b"]))
+    module = torch.load(out / "1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert len(module) == 42 * 18 + 16  # 18 tensors a layer, 16 outside them
+    assert {v.dtype for v in module.values()} == {torch.bfloat16}
+    readme = (out / "README.txt").read_text()
+    assert "sat/configs/cogvideox_5b.yaml" in readme and "bf16: True" in readme
+
+
+def test_cli_sat_merged_writes_and_refuses_clearly(family, family_loras, tmp_path, capsys):
+    lora, model = family_loras["i2v"]["wide"], str(family["i2v"])
+    out = tmp_path / "slap-sat"
+    assert main(["export", str(lora), "--format", "sat-merged", "--model", model,
+                 "--out", str(out)]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith(f"{out}: sat-merged export of ")
+    assert (out / "1" / "mp_rank_00_model_states.pt").is_file()
+
+    assert main(["export", str(lora), "--format", "sat-merged", "--out", str(out)]) == 2
+    assert "--format sat-merged needs --model" in capsys.readouterr().err
+    file = tmp_path / "slap.safetensors"
+    assert main(["export", str(lora), "--format", "sat-merged", "--model", model,
+                 "--out", str(file)]) == 2  # fmt: skip
+    assert f"--out {file}: SAT loads a checkpoint folder" in capsys.readouterr().err
+    assert not file.exists()
