@@ -12,14 +12,19 @@ window and, with `windows: all | N`, split long clips into spans of about one wi
 each, so here every clip gives the window at its start. A clip too short all the same
 (an upstream table not made by check) or one that fails to decode keeps its row in the
 index with the reason.
-A model whose transformer patches 2 latent frames at once (CogVideoX 1.5) takes only
-16k+1 frame counts: others are refused before anything is encoded.
+What the model cannot take is refused before anything is encoded
+(`cogvideox.check_fits`): a transformer that patches 2 latent frames at once (CogVideoX
+1.5) takes only 16k+1 frame counts, learned positional embeddings (5B-I2V) only their
+own size, an image-to-video model no ic-lora or tic-ft training.
 
 Work units are shards of `shard_size` samples, `shard-{i:05d}.safetensors`, each holding
 `<clip_id>.latents` [F', C, H/8, W/8] and `<clip_id>.prompt_embeds` [L, D]; a restart
 skips committed shards. With `reference` (IC-LoRA), each sample also holds
 `<clip_id>.reference_latents` [F', C, H/8, W/8]: the latents of the condition function's
 output for the same decoded frames (`cogpipe.condition`), run in the decode threads.
+An image-to-video model's samples also hold `<clip_id>.image_latents` [1, C, H/8, W/8]:
+the window's first frame encoded as a 1-frame video (`cogvideox.encode_image`), with
+its own per-clip noise; for a text-to-video model nothing changes (keys, caches, files).
 A shard may mix buckets: every row of index.parquet carries its own `frames`, `height`,
 `width` and `latent_frames`; each VAE call takes one shape, and training batches by them.
 Tensors keep the encoders' dtype: fp32 on CPU, the model's weight dtype on GPU (fp16 for
@@ -189,6 +194,7 @@ class _Model:
     """What precompute needs to know of the model before loading any weights."""
 
     max_len: int  # T5 tokens per caption (max_text_seq_length)
+    image: bool  # image-to-video: each sample also stores its first frame's latents
     ratio: int  # VAE temporal compression: 4 frames per latent frame after the first
     vae_fp: str  # fingerprints: the caches' keys
     text_fp: str
@@ -198,27 +204,23 @@ class _Model:
 
 
 def _model(cfg: PipelineConfig) -> _Model:
-    """The model's settings; refuses frame counts its transformer cannot take.
+    """The model's settings; refuses what its transformer cannot take (`cogvideox.check_fits`).
 
     Raises:
-        ConfigError: a temporal patch of 2 (CogVideoX 1.5) and a frame count not 16k+1.
+        ConfigError: a frame count, bucket or training mode the model cannot take.
     """
     from cogpipe.models import cogvideox
 
     p = cfg.precompute
-    tcfg = cogvideox.transformer_config(cfg.model)
-    bad = [n for n in p.frame_counts() if (n - 1) % 16]
-    if tcfg.get("patch_size_t") == 2 and bad:
-        raise ConfigError(
-            f"precompute: {cfg.model} has a temporal patch of 2 (CogVideoX 1.5): every frame"
-            f" count must be 16k+1 (17, 33, 49, 65, 81, ...); {', '.join(map(str, bad))} of"
-            f" frames {p.frames} and frame_buckets {p.frame_buckets} are not"
-        )
+    tcfg, vcfg = cogvideox.transformer_config(cfg.model), cogvideox.vae_config(cfg.model)
+    shape = cogvideox.model_shape(tcfg, vcfg)
+    cogvideox.check_fits(cfg, shape)
     device = resolve_device(p.device)
     reference_fp = condition.fingerprint(p.reference, p.reference_options) if p.reference else None
     return _Model(
         max_len=tcfg["max_text_seq_length"],
-        ratio=cogvideox.vae_config(cfg.model)["temporal_compression_ratio"],  # 4 for CogVideoX
+        image=shape.image_to_video,
+        ratio=vcfg["temporal_compression_ratio"],  # 4 for CogVideoX
         vae_fp=cogvideox.component_fingerprint(cfg.model, "vae"),
         text_fp=cogvideox.component_fingerprint(cfg.model, "tokenizer", "text_encoder"),
         reference_fp=reference_fp,
@@ -285,6 +287,8 @@ def _cache_keys(plan: pd.DataFrame, p: PrecomputeConfig, m: _Model) -> None:
         plan["reference_cache"] = [
             sha256_json(f | {"reference": m.reference_fp}) for f in latents_fields
         ]
+    if m.image:  # the window's first frame alone, encoded as a 1-frame video
+        plan["image_cache"] = [sha256_json(f | {"image": "first-frame"}) for f in latents_fields]
     plan["embeds_cache"] = [
         sha256_json({"caption": c, "text_encoder": m.text_fp, "max_len": m.max_len})
         for c in plan.caption
@@ -340,6 +344,9 @@ def _index(plan: pd.DataFrame, out: Path) -> pd.DataFrame:
     if "reference_cache" in plan:  # tensor name and content key of the reference latents
         index["reference_key"] = (plan.clip_id + ".reference_latents").where(ok, None)
         index["reference_cache"] = plan.reference_cache
+    if "image_cache" in plan:  # image-to-video: the first frame's latents
+        index["image_key"] = (plan.clip_id + ".image_latents").where(ok, None)
+        index["image_cache"] = plan.image_cache
     return index
 
 
@@ -428,6 +435,10 @@ def _seed(row, *kind: str):
 
 def _reference_seed(row):
     return _seed(row, "reference")
+
+
+def _image_seed(row):
+    return _seed(row, "image")
 
 
 class Reference:
@@ -533,13 +544,15 @@ def _encode_batch(
     vae, batch: pd.DataFrame, frames: list[np.ndarray], column: str = "latents_cache", seed=_seed
 ):
     """{cache key (from `column`): CPU latents [F', C, h, w]} of one batch, in one
-    `vae.encode` call; each clip's sample noise from `seed(row)`."""
+    `vae.encode` call; each clip's sample noise from `seed(row)`. Frames [H, W, 3] are
+    images (image-to-video conditions), encoded to [1, C, h, w] each."""
     import torch
 
     from cogpipe.models import cogvideox
 
-    pixels = torch.from_numpy(np.stack(frames))  # [B, F, H, W, 3] uint8
-    latents = cogvideox.encode_video(vae, pixels, [seed(r) for r in batch.itertuples()])
+    pixels = torch.from_numpy(np.stack(frames))  # [B, F, H, W, 3] or [B, H, W, 3] uint8
+    encode = cogvideox.encode_image if pixels.ndim == 4 else cogvideox.encode_video
+    latents = encode(vae, pixels, [seed(r) for r in batch.itertuples()])
     return dict(zip(batch[column], latents.cpu(), strict=True))
 
 
@@ -557,7 +570,7 @@ def _take(decoded: Iterator, name: str, row) -> tuple:
 def _encode_shard(run: _Run, name: str, batches: list[pd.DataFrame], decoded: Iterator):
     """Encode one claimed shard's batches from the decoded frames (in the same order): the
     target latents of the rows marked `need_latents`, the references of those marked
-    `need_reference`.
+    `need_reference`, the first frames' latents of those marked `need_image`.
 
     Returns:
         ({cache key: CPU latents}, (row, cache key, frames) of the first video encoded or
@@ -575,16 +588,20 @@ def _encode_shard(run: _Run, name: str, batches: list[pd.DataFrame], decoded: It
             continue
         batch, frames = batch[good], [f for f in frames if f[0] is not None]
         jobs = [("latents_cache", "need_latents", 0, _seed),
-                ("reference_cache", "need_reference", 1, _reference_seed)]  # fmt: skip
+                ("reference_cache", "need_reference", 1, _reference_seed),
+                ("image_cache", "need_image", 0, _image_seed)]  # fmt: skip
         for column, need, part, seed in jobs:
             mask = batch[need].to_numpy() if need in batch else np.zeros(len(batch), bool)
             if not mask.any():
                 continue
             pixels = [f[part] for f, m in zip(frames, mask, strict=True) if m]
+            if column == "image_cache":
+                pixels = [p[0] for p in pixels]  # the first frame [H, W, 3]
             with _timed(run.seconds, "vae_encode"):
                 latents |= _encode_batch(run.vae, batch[mask], pixels, column, seed)
-            row = next(batch[mask].itertuples())
-            first = first or (row, getattr(row, column), pixels[0])
+            if column != "image_cache":  # the spot check compares videos
+                row = next(batch[mask].itertuples())
+                first = first or (row, getattr(row, column), pixels[0])
     return latents, first
 
 
@@ -625,14 +642,15 @@ def _shard_tensors(rows: pd.DataFrame, new: dict, failed: dict, latents_dir: Pat
         names = {
             "latents": r.latents_cache,
             "reference_latents": getattr(r, "reference_cache", None),
+            "image_latents": getattr(r, "image_cache", None),
         }
         for suffix, key in names.items():
-            if key is None:  # no references in this run
+            if key is None:  # no references (images) in this run
                 continue
             latents = new.get(key)
             if latents is None:
                 latents = _cache_get(latents_dir, key)
-            tensors[f"{r.clip_id}.{suffix}"] = latents.contiguous()  # [F', C, h, w]
+            tensors[f"{r.clip_id}.{suffix}"] = latents.contiguous()  # [F', C, h, w]; image [1, ...]
         tensors[f"{r.clip_id}.prompt_embeds"] = _cache_get(text_dir, r.embeds_cache)  # [L, D]
     return tensors, rejected
 
@@ -692,17 +710,18 @@ def _claimed(run: _Run, names: list[str], wait: bool, held: dict[str, ExitStack]
 def _shard_batches(run: _Run, name: str) -> list[pd.DataFrame]:
     """A claimed shard's VAE batches: its distinct samples missing from the latents cache
     (exact copies of an earlier shard's are that shard's), marked `need_latents` /
-    `need_reference`; the cache hits are counted."""
+    `need_reference` / `need_image`; the cache hits are counted."""
     latents_dir = run.caches[0]
     videos = run.plan[run.plan.shard == name].drop_duplicates("latents_cache")
     videos = videos[~videos.latents_cache.isin(run.planned)].copy()
     run.planned.update(videos.latents_cache)
     videos["need_latents"] = need = ~_cached(latents_dir, videos.latents_cache)
     run.counts["latents_cache_hits"] += int((~need).sum())
-    if "reference_cache" in videos:
-        videos["need_reference"] = ~_cached(latents_dir, videos.reference_cache)
-        run.counts["reference_cache_hits"] += int((~videos.need_reference).sum())
-        need = need | videos.need_reference
+    for kind in ("reference", "image"):
+        if f"{kind}_cache" in videos:
+            videos[f"need_{kind}"] = ~_cached(latents_dir, videos[f"{kind}_cache"])
+            run.counts[f"{kind}_cache_hits"] += int((~videos[f"need_{kind}"]).sum())
+            need = need | videos[f"need_{kind}"]
     return _batches(videos[need], run.cfg.precompute.batch_size)
 
 
@@ -713,7 +732,8 @@ def _backfill(run: _Run, name: str) -> None:
     from safetensors import safe_open
 
     rows = run.plan[run.plan.shard == name]
-    columns = {"latents": "latents_cache", "reference_latents": "reference_cache"}
+    columns = {"latents": "latents_cache", "reference_latents": "reference_cache",
+               "image_latents": "image_cache"}  # fmt: skip
     wanted = {f"{r.clip_id}.{suffix}": getattr(r, column) for r in rows.itertuples()
               for suffix, column in columns.items() if column in rows}  # fmt: skip
     missing = {t: k for t, k in wanted.items() if not _cache_file(run.caches[0], k).is_file()}
@@ -758,10 +778,11 @@ def _commit_shard(run: _Run, name: str, new: dict, first) -> None:
     tensors, rejected = _shard_tensors(rows, new, run.failed, *run.caches)
     write_shard(run.out / name, tensors, rejected, check)
     _cache_store(run.ws, run.caches[0], new)  # checked and committed: now they serve other keys
-    targets = len(set(new) & set(rows.latents_cache))  # the rest are references
-    run.counts["encoded_videos"] += targets
-    if "encoded_references" in run.counts:
-        run.counts["encoded_references"] += len(new) - targets
+    for count, column in [("encoded_videos", "latents_cache"),
+                          ("encoded_references", "reference_cache"),
+                          ("encoded_images", "image_cache")]:  # fmt: skip
+        if column in rows:
+            run.counts[count] += len(set(new) & set(rows[column]))
 
 
 def _encode_all(run: _Run, names: list[str], wait: bool) -> list[str]:
@@ -831,6 +852,8 @@ def _counts(plan: pd.DataFrame) -> dict[str, int]:
     names = ["encoded_videos", "encoded_texts", "latents_cache_hits", "text_cache_hits"]
     if "reference_cache" in plan:
         names += ["encoded_references", "reference_cache_hits"]
+    if "image_cache" in plan:
+        names += ["encoded_images", "image_cache_hits"]
     return dict.fromkeys(names, 0)
 
 
@@ -863,13 +886,15 @@ def run_precompute(
         run's seconds per part.
 
         With `precompute.reference`, counts also hold encoded_references and
-        reference_cache_hits.
+        reference_cache_hits; for an image-to-video model, encoded_images and
+        image_cache_hits.
 
     Raises:
         SpotCheckError: a shard's spot check came out under `min_psnr`.
         ConditionError: the condition function does not load, fails or returns another shape.
         ShardsIncomplete: `merge_only`, and a shard is not committed.
-        ConfigError: `part` out of range; a frame count the model cannot take.
+        ConfigError: `part` out of range; a frame count, bucket or train.mode the model
+            cannot take (`cogvideox.check_fits`).
     """
     started = time.time()
     key = key_of(cfg, {"filter": upstream["filter"].key, "check": upstream["check"].key})

@@ -20,6 +20,14 @@ Modes (`train.mode`), all on that objective:
   position (`buffer_timesteps`) and target frames at the sampled timestep; the model is
   told the target's timestep, and the loss covers the target frames only.
 
+The model's generation (`cogvideox.Shape`, read from its configs) adds, as CogVideo's own
+trainers do (`diffusion_loss`): CogVideoX 1.5 (temporal patch 2) gets its 21 latent frames
+padded to 22 with a copy of the first in front, and the loss covers all 22; a model with
+an `ofs` embedding (1.5-I2V) gets ofs = 2.0; an image-to-video model (5B-I2V, 1.5-I2V)
+gets each sample's first-frame latents (precompute's `image_latents`), noised by
+exp(N(-3, 0.5)), in the first latent frame and zeros after, along channels. Modes: lora
+and full for every model; ic-lora and tic-ft for text-to-video ones (`cogvideox.check_fits`).
+
 What makes a resumed run identical to an uninterrupted one:
 - batch composition is a pure function of the index and the config: samples of one
   bucket per batch, epoch e ordered by a generator seeded with (seed, e);
@@ -179,14 +187,23 @@ def load_samples(precompute_dir: Path) -> pd.DataFrame:
     return samples
 
 
-def check_samples(precompute_dir: Path, samples: pd.DataFrame, t: TrainConfig) -> None:
-    """Refuse samples the training mode cannot use.
+def check_samples(
+    precompute_dir: Path, samples: pd.DataFrame, t: TrainConfig, image: bool = False
+) -> None:
+    """Refuse samples the training mode (and with `image`, an image-to-video model) cannot use.
 
     Raises:
         ValueError: ic-lora without reference latents in the index; tic-ft samples whose
-            latent frames are not the layout's condition + buffer + target.
+            latent frames are not the layout's condition + buffer + target; an
+            image-to-video model without image latents in the index.
     """
     index = precompute_dir / "index.parquet"
+    if image and ("image_key" not in samples or samples.image_key.isna().any()):
+        raise ValueError(
+            f"{index} has no image latents: the model is image-to-video and this precompute"
+            f" output was made without them (by an older cogpipe); delete {precompute_dir}"
+            f" and run precompute again"
+        )
     if t.mode == "ic-lora" and (
         "reference_key" not in samples or samples.reference_key.isna().any()
     ):
@@ -207,22 +224,28 @@ def check_samples(precompute_dir: Path, samples: pd.DataFrame, t: TrainConfig) -
 
 
 def load_batch(
-    precompute_dir: Path, samples: pd.DataFrame, rows: list[int], reference: bool = False
+    precompute_dir: Path,
+    samples: pd.DataFrame,
+    rows: list[int],
+    reference: bool = False,
+    image: bool = False,
 ):
     """(latents [B, F', C, h, w], prompt_embeds [B, L, D]) of the given sample positions,
-    and with `reference` their reference latents [B, F', C, h, w] third."""
+    and third with `reference` their reference latents [B, F', C, h, w], with `image`
+    their first frames' latents [B, 1, C, h, w] (image-to-video)."""
     import torch
     from safetensors import safe_open
 
-    latents, embeds, references = [], [], []
+    extra = "reference_key" if reference else "image_key" if image else None
+    latents, embeds, extras = [], [], []
     for r in samples.iloc[rows].itertuples():
         with safe_open(str(precompute_dir / r.shard), "pt") as f:
             latents.append(f.get_tensor(r.latents_key))
             embeds.append(f.get_tensor(r.embeds_key))
-            if reference:
-                references.append(f.get_tensor(r.reference_key))
-    if reference:
-        return torch.stack(latents), torch.stack(embeds), torch.stack(references)
+            if extra:
+                extras.append(f.get_tensor(getattr(r, extra)))
+    if extra:
+        return torch.stack(latents), torch.stack(embeds), torch.stack(extras)
     return torch.stack(latents), torch.stack(embeds)
 
 
@@ -269,9 +292,11 @@ def tic_ft_sequence(scheduler, latents, noise, timesteps, layout: TicFtConfig):
     return torch.cat([latents[:, :c], *buffers, target], dim=1)
 
 
-def draws(g, shape: tuple[int, ...], num_train_timesteps: int):
+def draws(g, shape: tuple[int, ...], num_train_timesteps: int, image: bool = False):
     """A micro-batch's random draws from its step's generator, in this order: timesteps
-    int64 [B], then noise of the latents' shape [B, F', C, h, w] (fp32, on the CPU).
+    int64 [B], then noise of the latents' shape as fed [B, F', C, h, w] (after
+    `cogvideox.pad_frames`), and with `image` (image-to-video) the image latents' noise
+    level sigma [1] = exp(N(-3, 0.5)) and their noise [B, 1, C, h, w]; fp32, on the CPU.
 
     A rank of a multi-process run makes, and drops, the draws of the step's micro-batches
     before its own, so every micro-batch gets the numbers one process would give it.
@@ -279,23 +304,57 @@ def draws(g, shape: tuple[int, ...], num_train_timesteps: int):
     import torch
 
     timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=g)
-    return timesteps, torch.randn(shape, generator=g)
+    noise = torch.randn(shape, generator=g)
+    if not image:
+        return timesteps, noise
+    sigma = torch.normal(-3.0, 0.5, (1,), generator=g).exp()
+    return timesteps, noise, sigma, torch.randn((shape[0], 1, *shape[2:]), generator=g)
+
+
+def skip_draws(g, skipped: list[tuple], shape, num_train_timesteps: int) -> None:
+    """Make, and drop, the draws `diffusion_loss` makes for micro-batches of latents of the
+    `skipped` shapes [B, F', C, h, w] (as stored: a 1.5 model's padded as it pads them), so
+    a rank's own micro-batches get the numbers one process would give them.
+
+    Args:
+        shape: the model's `cogvideox.Shape` (temporal patch; image latents or not).
+    """
+    for b, frames, *rest in skipped:
+        padded = frames + -frames % shape.temporal_patch
+        draws(g, (b, padded, *rest), num_train_timesteps, shape.image_to_video)
 
 
 def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, reference=None,
-                   tic_ft: TicFtConfig | None = None):  # fmt: skip
-    """The CogVideoX LoRA example's objective for one micro-batch.
+                   tic_ft: TicFtConfig | None = None, image=None, shape=None):  # fmt: skip
+    """The CogVideoX LoRA example's objective for one micro-batch, with the CogVideo 1.5
+    and image-to-video trainers' inputs.
+
+    A model with a temporal patch of 2 (CogVideoX 1.5) gets its latents (and references)
+    padded to an even frame count with copies of the first latent frame in front
+    (`cogvideox.pad_frames`, 21 -> 22), and, as in CogVideo's trainers, the noise, the
+    model's input and the loss cover the whole padded sequence (the copy included).
+    A model with an `ofs` embedding (1.5-I2V) is given ofs = 2.0, as diffusers' I2V
+    pipeline and CogVideo's trainer give it.
 
     Args:
         latents: clean scaled latents [B, F', C, h, w] in the weights' dtype.
         prompt_embeds: [B, L, D] in the weights' dtype.
-        rotary: (cos, sin) for 5B-type models (for the frames fed: 2F' with `reference`),
-            else None.
+        rotary: (cos, sin) for 5B-type models (for the frames fed, padded: 2x with
+            `reference`), else None.
         g: the CPU generator of this step; timesteps and noise are drawn from it.
         reference: ic-lora: clean reference latents [B, F', C, h, w], fed before the noised
             target; their outputs are dropped, so the loss covers the target only.
         tic_ft: tic-ft: the layout of `latents`; its condition and buffer frames are fed as
-            `tic_ft_sequence` makes them and the loss covers the target frames only.
+            `tic_ft_sequence` makes them and the loss covers the target frames only (a
+            padding copy counts as one more condition frame).
+        image: image-to-video: the first frames' latents [B, 1, C, h, w]. They get the
+            reference trainers' noise augmentation, noise * sigma with sigma =
+            exp(N(-3, 0.5)) per micro-batch, drawn from `g` (so a resumed run draws the
+            same); the reference adds it to the pixels before an in-loop VAE encode,
+            cogpipe precomputes, so it is added to the latents. Then, as the reference
+            orders it: the video latents padded, the image latents in frame 0 of the
+            padded sequence and zeros in the others, concatenated along channels.
+        shape: the model's `cogvideox.Shape` (None: read from the transformer's config).
 
     Returns:
         mean over the batch of the 1 / (1 - alphas_cumprod[t])-weighted squared error
@@ -303,17 +362,40 @@ def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, re
     """
     import torch
 
+    from cogpipe.models import cogvideox
+
+    shape = shape or cogvideox.model_shape(getattr(transformer, "module", transformer).config)
+    if shape.image_to_video != (image is not None):
+        raise ValueError(
+            "diffusion_loss: an image-to-video transformer takes the first frames' latents"
+            " (`image`) and only it does; got "
+            f"{'none' if image is None else 'image latents for a text-to-video model'}"
+        )
+    pad = -latents.shape[1] % shape.temporal_patch  # first-frame copies in front
+    latents = cogvideox.pad_frames(latents, shape.temporal_patch)  # [B, F' + pad, C, h, w]
     b, device = latents.shape[0], latents.device
-    timesteps, noise = draws(g, latents.shape, scheduler.config.num_train_timesteps)
+    timesteps, noise, *augment = draws(
+        g, latents.shape, scheduler.config.num_train_timesteps, image is not None
+    )
     timesteps, noise = timesteps.to(device), noise.to(device, latents.dtype)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     first = 0  # the first latent frame the loss covers
     if tic_ft is not None:
-        noisy = tic_ft_sequence(scheduler, latents, noise, timesteps, tic_ft)
-        first = tic_ft.condition_frames + tic_ft.buffer_frames
-    hidden = noisy if reference is None else torch.cat([reference, noisy], dim=1)  # [B, 2F', ...]
+        layout = tic_ft.model_copy(update={"condition_frames": tic_ft.condition_frames + pad})
+        noisy = tic_ft_sequence(scheduler, latents, noise, timesteps, layout)
+        first = layout.condition_frames + layout.buffer_frames
+    hidden = noisy
+    if image is not None:
+        sigma, image_noise = (x.to(device, image.dtype) for x in augment)
+        image = image + image_noise * sigma  # [B, 1, C, h, w]
+        condition = cogvideox.image_condition(image, latents.shape[1])  # [B, F', C, h, w]
+        hidden = torch.cat([noisy, condition], dim=2)  # [B, F', 2C, h, w]
+    if reference is not None:
+        reference = cogvideox.pad_frames(reference, shape.temporal_patch)
+        hidden = torch.cat([reference, hidden], dim=1)  # [B, 2F', C, h, w]
+    extra = {"ofs": latents.new_full((1,), 2.0)} if shape.ofs else {}
     v = transformer(hidden_states=hidden, encoder_hidden_states=prompt_embeds, timestep=timesteps,
-                    image_rotary_emb=rotary, return_dict=False)[0]  # fmt: skip
+                    image_rotary_emb=rotary, return_dict=False, **extra)[0]  # fmt: skip
     v = v[:, hidden.shape[1] - latents.shape[1] :]  # the target's outputs ([B, F', C, h, w])
     pred = scheduler.get_velocity(v, noisy, timesteps)  # v-prediction -> clean latents
     alphas_cumprod = scheduler.alphas_cumprod.to(device)[timesteps]  # [B]
@@ -386,11 +468,14 @@ class Trainer:
 
     def step(self, step: int, micro_batches: list[tuple], skipped: list[tuple] = ()):
         """One optimizer step over `(latents, prompt_embeds, bucket)` micro-batches on the CPU
-        (ic-lora: `(latents, prompt_embeds, bucket, reference latents)`).
+        (ic-lora: `(latents, prompt_embeds, bucket, reference latents)`; an image-to-video
+        model: `(latents, prompt_embeds, bucket, image latents [B, 1, C, h, w])`). Latents
+        are [B, F', C, h, w] as precompute stores them: a 1.5 model's are padded here.
 
         Args:
-            skipped: in a multi-process run, the latent shapes of the step's micro-batches
-                that lower ranks take; their draws come first from the step's generator.
+            skipped: in a multi-process run, the latent shapes [B, F', C, h, w] (as stored,
+                C the latent channels) of the step's micro-batches that lower ranks take;
+                their draws come first from the step's generator.
 
         Returns:
             (mean loss over every process's micro-batches, gradient norm before clipping,
@@ -403,14 +488,16 @@ class Trainer:
         from cogpipe.models import cogvideox, speed
 
         t, tconfig = self.config, self.accelerator.unwrap_model(self.transformer).config
+        shape = cogvideox.model_shape(tconfig)
         g = generator("step", self.seed, step)  # every random draw of this step
-        for shape in skipped:
-            draws(g, shape, self.noise_scheduler.config.num_train_timesteps)
+        skip_draws(g, skipped, shape, self.noise_scheduler.config.num_train_timesteps)
         total = torch.zeros((), device=self.device)
         tic_ft = t.tic_ft if t.mode == "tic-ft" else None
-        for k, (latents, prompt_embeds, bucket, *reference) in enumerate(micro_batches):
-            reference = self._to_device(reference[0]) if reference else None
-            fed = (*bucket[:2], bucket[2] * (2 if reference is not None else 1))  # frames fed
+        for k, (latents, prompt_embeds, bucket, *extra) in enumerate(micro_batches):
+            extra = self._to_device(extra[0]) if extra else None
+            reference, image = (None, extra) if shape.image_to_video else (extra, None)
+            frames = bucket[2] + -bucket[2] % shape.temporal_patch  # latent frames fed, padded
+            fed = (*bucket[:2], frames * (2 if reference is not None else 1))
             if fed not in self.rotary:
                 self.rotary[fed] = cogvideox.rotary_embeddings(tconfig, *fed, self.device)
             # DDP averages gradients over processes at each one's last micro-batch only.
@@ -421,7 +508,8 @@ class Trainer:
             with sync, speed.attention_kernel(t.attention_backend):
                 loss = diffusion_loss(self.transformer, self.noise_scheduler,
                                       self._to_device(latents), self._to_device(prompt_embeds),
-                                      self.rotary[fed], g, reference, tic_ft)  # fmt: skip
+                                      self.rotary[fed], g, reference, tic_ft, image,
+                                      shape)  # fmt: skip
                 self.accelerator.backward(loss / len(micro_batches))
             total += loss.detach() / len(micro_batches)
         if self.accelerator.num_processes > 1:
@@ -729,13 +817,16 @@ def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
     import torch
 
     from cogpipe import distributed
+    from cogpipe.models import cogvideox
 
     device = resolve_device(t.device)
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"train.device {device!r}: use auto, cpu or cuda (a visible GPU; "
                          f"choose which with CUDA_VISIBLE_DEVICES)")  # fmt: skip
     samples = load_samples(pre)
-    check_samples(pre, samples, t)
+    shape = cogvideox.shape_of(cfg.model)
+    cogvideox.check_fits(cfg, shape)  # a mode the model cannot take, as precompute refuses it
+    check_samples(pre, samples, t, shape.image_to_video)
     strategy, processes = distributed.plan(t, device)
     run = {
         "key": key,
@@ -786,6 +877,7 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
     buckets = list(zip(samples.height, samples.width, samples.latent_frames, strict=True))
     accum = t.gradient_accumulation_steps
     with_reference = t.mode == "ic-lora"
+    with_image = cogvideox.shape_of(cfg.model).image_to_video  # image latents in every batch
 
     conditions = None  # ic-lora, tic-ft: prompt i of the validation is conditioned on sample i
     validating_run = bool(t.validation_every) and main  # ddp: rank 0 validates, the rest wait
@@ -804,7 +896,7 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
     accelerator, cuda = trainer.accelerator, trainer.device.type == "cuda"
     processes = accelerator.num_processes
     mine = distributed.share(accum, rank, processes)  # this rank's micro-batches of each step
-    channels = accelerator.unwrap_model(trainer.transformer).config.in_channels
+    channels = accelerator.unwrap_model(trainer.transformer).config.out_channels  # latent
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
@@ -890,7 +982,7 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
             # [B, F', C, h, w] and [B, L, D], all of one bucket
             batches = []
             for m in mine:
-                loaded = load_batch(pre, samples, rows[m], with_reference)
+                loaded = load_batch(pre, samples, rows[m], with_reference, with_image)
                 batches.append((*loaded[:2], buckets[rows[m][0]], *loaded[2:]))
             queued.append(Queued(step, *trainer.step(step, batches, skipped), rows))
             # A step's numbers are read once the next step is queued, so the GPU never waits

@@ -7,7 +7,11 @@ layout, through the same `from_pretrained(model, subfolder=...)` calls.
 
 Layouts follow the diffusers CogVideoX LoRA example: pixels are uint8 `[B, F, H, W, 3]`,
 latents are stored and fed to the transformer as `[B, F', C, H/8, W/8]` with
-F' = (F - 1) / 4 + 1, already multiplied by the VAE's `scaling_factor`.
+F' = (F - 1) / 4 + 1, already multiplied by the VAE's `scaling_factor`. CogVideoX 1.5
+(temporal patch 2) is fed F' padded to even with copies of the first latent frame in front
+(`pad_frames`); an image-to-video model is fed its first frame's latents [B, 1, C, h, w]
+(`encode_image`) in the first latent frame and zeros after, on the channels
+(`image_condition`). What sets a generation apart is read from its configs (`Shape`).
 
 LoRA files carry their adapter config (rank, alpha, targets) as safetensors metadata,
 so `CogVideoXPipeline.load_lora_weights(folder)` applies scale alpha / rank by itself.
@@ -65,17 +69,69 @@ class Shape:
     fixed_size: tuple[int, int] | None
 
 
-def model_shape(transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> Shape:
+def model_shape(
+    transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any] | None = None
+) -> Shape:
+    """The Shape of a model from its configs.
+
+    Without `vae_config` (a trainer holds only the transformer), the latent channels are
+    the transformer's `out_channels`: every CogVideoX predicts as many as its VAE makes.
+    """
     t = transformer_config
+    latent_channels = (vae_config or {}).get("latent_channels", t["out_channels"])
     learned = bool(t.get("use_learned_positional_embeddings"))
     return Shape(
-        image_to_video=t["in_channels"] == 2 * vae_config["latent_channels"],
+        image_to_video=t["in_channels"] == 2 * latent_channels,
         temporal_patch=t.get("patch_size_t") or 1,
         ofs=t.get("ofs_embed_dim") is not None,
         fixed_size=(t["sample_height"] * VAE_SCALE_SPATIAL, t["sample_width"] * VAE_SCALE_SPATIAL)
         if learned
         else None,
     )
+
+
+def shape_of(model: str) -> Shape:
+    """The Shape of a model (hub id or folder), from its transformer and VAE configs."""
+    return model_shape(transformer_config(model), vae_config(model))
+
+
+def check_fits(cfg, shape: Shape) -> None:
+    """Refuse settings the model cannot take, before anything is encoded or trained.
+
+    Args:
+        cfg: the PipelineConfig (uses `model`, `precompute` and `train.mode`).
+        shape: the model's Shape.
+
+    Raises:
+        ConfigError: one line naming the field: a temporal patch of 2 (CogVideoX 1.5) and
+            a frame count not 16k+1; learned positional embeddings (5B-I2V) and a bucket
+            other than their size; an image-to-video model and a mode that feeds other
+            frames before the video's first (ic-lora, tic-ft).
+    """
+    from cogpipe.config import ConfigError
+
+    p, mode = cfg.precompute, cfg.train.mode
+    bad = [n for n in p.frame_counts() if (n - 1) % 16]
+    if shape.temporal_patch == 2 and bad:
+        raise ConfigError(
+            f"precompute: {cfg.model} has a temporal patch of 2 (CogVideoX 1.5): every frame"
+            f" count must be 16k+1 (17, 33, 49, 65, 81, ...); {', '.join(map(str, bad))} of"
+            f" frames {p.frames} and frame_buckets {p.frame_buckets} are not"
+        )
+    other = [f"{h}x{w}" for h, w in p.all_buckets() if (h, w) != shape.fixed_size]
+    if shape.fixed_size is not None and other:
+        h, w = shape.fixed_size
+        raise ConfigError(
+            f"precompute: {cfg.model} has learned positional embeddings fixed at {h}x{w}"
+            f" (CogVideoX-5B-I2V): precompute.height/width and precompute.buckets must all be"
+            f" {h}x{w}; {', '.join(other)} are not"
+        )
+    if shape.image_to_video and mode in ("ic-lora", "tic-ft"):
+        raise ConfigError(
+            f"train.mode {mode}: {cfg.model} is image-to-video, its image latents condition"
+            f" the first latent frame, where {mode} puts its condition frames; use mode lora"
+            f" or full with this model, or {mode} with a text-to-video model"
+        )
 
 
 def is_5b_type(transformer_config) -> bool:
@@ -193,7 +249,10 @@ def load_scheduler(model: str):
 
 
 def encode_video(
-    vae, frames: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+    vae,
+    frames: torch.Tensor,
+    generators: Sequence[torch.Generator] | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled VAE latents of uint8 videos, all of them in one `vae.encode` call.
 
@@ -202,6 +261,7 @@ def encode_video(
         frames: uint8 [B, F, H, W, 3], F = 4k + 1, H and W multiples of 8.
         generators: B CPU generators, one per clip, seeding each clip's sample from the
             latent distribution (None: the global RNG).
+        scale: what the latents are multiplied by; None: the VAE's `scaling_factor`.
 
     Returns:
         [B, F', C, H/8, W/8] in the VAE's dtype, F' = (F - 1) / 4 + 1.
@@ -217,8 +277,75 @@ def encode_video(
     # batch. So a clip's latents are the same on every device, dtype and batch size.
     shape = dist.mean.shape[1:]  # [C, F', h, w]
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators or [None] * len(x)])
-    latents = (dist.mean + dist.std * noise.to(dist.mean)) * vae.config.scaling_factor
+    scale = vae.config.scaling_factor if scale is None else scale
+    latents = (dist.mean + dist.std * noise.to(dist.mean)) * scale
     return latents.permute(0, 2, 1, 3, 4).contiguous()  # [B, C, F', h, w] -> [B, F', C, h, w]
+
+
+def image_scale(vae_config: Mapping[str, Any]) -> float:
+    """What image latents are multiplied by: the VAE's `scaling_factor`, or its inverse
+    where the VAE config sets `invert_scale_latents` (CogVideoX1.5-5B-I2V), as
+    `CogVideoXImageToVideoPipeline` does, so training feeds what inference will
+    (CogVideo's finetune trainers multiply by `scaling_factor` for every I2V model, then
+    validate through this pipeline, which for 1.5-I2V divides).
+
+    Takes `vae.config` (a FrozenDict) or the dict `vae_config()` reads.
+    """
+    factor = vae_config["scaling_factor"]
+    return 1 / factor if vae_config.get("invert_scale_latents", False) else factor
+
+
+def encode_image(
+    vae, images: torch.Tensor, generators: Sequence[torch.Generator] | None = None
+) -> torch.Tensor:
+    """Image-to-video condition latents: each image encoded as a 1-frame video.
+
+    Args:
+        vae: an AutoencoderKLCogVideoX.
+        images: uint8 [B, H, W, 3] (a sample's first frame).
+        generators: B CPU generators, one per image (see `encode_video`).
+
+    Returns:
+        [B, 1, C, H/8, W/8] in the VAE's dtype, scaled by `image_scale`.
+    """
+    return encode_video(vae, images[:, None], generators, image_scale(vae.config))
+
+
+def pad_frames(latents: torch.Tensor, temporal_patch: int) -> torch.Tensor:
+    """Latents padded to a multiple of the temporal patch with copies of their first frame
+    in front, as CogVideo's 1.5 trainers pad them (81 frames: 21 latent frames -> 22).
+
+    Args:
+        latents: [B, F', C, h, w].
+        temporal_patch: latent frames per token (`Shape.temporal_patch`; 1: unchanged).
+
+    Returns:
+        [B, F' + n, C, h, w], n = -F' mod temporal_patch (the reference's F' mod 2 for a
+        patch of 2); the input itself when n is 0.
+    """
+    import torch
+
+    n = -latents.shape[1] % temporal_patch
+    if n == 0:
+        return latents
+    return torch.cat([latents[:, :1].expand(-1, n, -1, -1, -1), latents], dim=1)
+
+
+def image_condition(image_latents: torch.Tensor, frames: int) -> torch.Tensor:
+    """The channels an image-to-video transformer takes beside the video latents: the image
+    latents in the first latent frame, zeros in the others.
+
+    Args:
+        image_latents: [B, 1, C, h, w].
+        frames: latent frames fed (after `pad_frames`).
+
+    Returns:
+        [B, frames, C, h, w], to concatenate after the noisy latents along dim 2.
+    """
+    import torch
+
+    zeros = image_latents.new_zeros((image_latents.shape[0], frames - 1, *image_latents.shape[2:]))
+    return torch.cat([image_latents, zeros], dim=1)
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
