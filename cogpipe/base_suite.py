@@ -17,6 +17,7 @@ IC-LoRA or TIC-FT run is the same video as a LoRA run's.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -37,13 +38,19 @@ BASE_VERSION = 1  # of the base store's keys
 
 def base_key(cfg: PipelineConfig, request) -> str:
     """What decides a base-model video: model weights, video settings, prompt and seed
-    (`request`: anything with .prompt and .seed)."""
+    (`request`: anything with .prompt and .seed), and for an image-to-video model the
+    image's pixels (`request.image`), so another held-out image is another video.
+    Text-to-video keys are as before."""
     ec = cfg.evaluate
-    return sha256_json({
+    key = {
         "v": BASE_VERSION, "model_fp": model_fingerprint(cfg.model),
         "settings": {f: getattr(ec, f) for f in VIDEO_FIELDS},
         "prompt": request.prompt, "seed": request.seed,
-    })[:16]  # fmt: skip
+    }  # fmt: skip
+    image = getattr(request, "image", None)
+    if image is not None:
+        key["image"] = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
+    return sha256_json(key)[:16]
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int) -> None:

@@ -540,7 +540,8 @@ def _metavar(annotation) -> str | None:
     """PATH, N or X for a path, integer or number flag (choices show themselves)."""
     if Path in (annotation, *get_args(annotation)):
         return "PATH"
-    return {int: "N", float: "X"}.get(annotation)
+    given = [a for a in get_args(annotation) if a is not type(None)]  # int | None: the model's
+    return {int: "N", float: "X"}.get(given[0] if len(given) == 1 else annotation)
 
 
 def _add_model_options(
@@ -843,15 +844,18 @@ def _add_generate_commands(sub) -> None:
     """generate and sweep: sampling outside the pipeline, optionally as a config samples."""
     from cogpipe.generate_config import CONFIG_FIELDS
 
-    p = _command(sub, "generate", "text-to-video with a base model and optional LoRA", """
-Writes one mp4 per prompt with CogVideoX (a hub id, 2b, 5b or a diffusers folder) and an
-optional LoRA, sampled exactly as `evaluate` samples. With --config, the model and the
-sampling settings come from the config's `evaluate` section and --latest adds its run's
-newest checkpoint; flags given win. A CPU at full size (49x480x720, 50 steps) takes hours.
+    p = _command(sub, "generate", "text- or image-to-video with a base model and optional LoRA", """
+Writes one mp4 per prompt with CogVideoX (a hub id, 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v or a
+diffusers folder) and an optional LoRA, sampled exactly as `evaluate` samples. Frames, size
+and fps not given are the model's own (CogVideoX 1.5: 81x768x1360); an image-to-video
+model needs --image. With --config, the model and the sampling settings come from the
+config's `evaluate` section and --latest adds its run's newest checkpoint; flags given
+win. A CPU at full size (49x480x720, 50 steps) takes hours.
 
 examples:
   cogpipe generate --config demo/demo.yaml --latest --prompt "a fighter slaps" --output slap.mp4
   cogpipe generate --prompt "A fighter slaps his opponent." --model 2b --output slap.mp4
+  cogpipe generate --model 5b-i2v --image first.png --prompt "The fighter turns." --output t.mp4
 """, cmd_generate)  # fmt: skip
     _add_prompt_options(p)
     p.add_argument("--output", metavar="PATH",
@@ -924,8 +928,9 @@ def _add_data_commands(sub) -> None:
     """export, captions, export-dataset and rate: what a person takes out or puts in."""
     p = _command(sub, "export", "a LoRA for diffusers, SAT, ComfyUI, or merged weights", """
 Reads a checkpoint folder or a LoRA file in any of these layouts and writes it as diffusers
-(default), sat (CogVideo's SwissArmyTransformer), comfyui, or merged into the base model's
-transformer weights (needs --model).
+(default), sat (CogVideo's SwissArmyTransformer), comfyui, merged into the base model's
+transformer weights, or sat-merged: those weights as the SAT checkpoint folder CogVideo's
+sat/sample_video.py loads (both need --model).
 
 example:
   cogpipe export demo/workspace/train/<run>/checkpoint-000006 --format comfyui --out slap.safetensors
@@ -934,8 +939,9 @@ example:
     p.add_argument("--format", choices=FORMATS, default="diffusers", help="default: diffusers")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="NAME.safetensors for one file, else a folder")  # fmt: skip
-    p.add_argument("--model", help="base model (hub id, folder, 2b, 5b): the LoRA must fit it; "
-                   "merged needs it, sat takes num_layers from it")  # fmt: skip
+    p.add_argument("--model", help="base model (hub id, folder, 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v):"
+                   " the LoRA must fit it; merged and sat-merged need it, sat takes num_layers"
+                   " from it")  # fmt: skip
 
     p = _command(sub, "captions", "write the current captions as an overrides file to edit", """
 Writes the filter stage's captions as a YAML file, clip_id -> caption. Edit a caption or

@@ -1,4 +1,7 @@
-"""The models evaluation loads: CLIP, the base CogVideoXPipeline, a checkpoint on it.
+"""The models evaluation loads: CLIP, the base pipeline, a checkpoint on it.
+
+The base pipeline is the model's own class (`sampling.pipeline_class`, from its configs):
+CogVideoXImageToVideoPipeline for an image-to-video model, else CogVideoXPipeline.
 
 A checkpoint is a LoRA loaded onto the base pipeline for a block and unloaded after
 (`lora`; the unload is checked: no `lora_` module may be left), or a full fine-tune's
@@ -46,13 +49,15 @@ def load_clip(name: str, device: str) -> Clip:
 
 
 def load_pipeline(model: str, device: str):
-    """The base CogVideoXPipeline at its weight dtype (fp16 2B / bf16 5B on GPU, fp32 on CPU)."""
-    from diffusers import CogVideoXPipeline
+    """The base pipeline of the model's class at its weight dtype (fp16 2B / bf16 5B on
+    GPU, fp32 on CPU)."""
+    from cogpipe.sampling import model_traits, pipeline_class
 
     dtype = weight_dtype("auto", transformer_config(model), device)
+    pipeline = pipeline_class(model_traits(model).shape)
     # `dtype`: diffusers 0.42.0 and later take it; `torch_dtype` warns as deprecated.
     with quiet_local_load(model):
-        pipe = CogVideoXPipeline.from_pretrained(model, dtype=dtype).to(device)
+        pipe = pipeline.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()  # 49x480x720 decodes in tiles; a no-op below the tile size
     return pipe
@@ -88,13 +93,21 @@ def to_uint8(video: np.ndarray, prompt: str, seed: int) -> np.ndarray:
     return (video * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str) -> np.ndarray:
-    """One video for (prompt, seed) with whatever adapter is loaded. Returns [F, H, W, 3] uint8.
+def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str,
+             image: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """One video for (prompt, seed) with whatever adapter is loaded (an image-to-video
+    pipeline: from `image`, uint8 [H, W, 3] at the video's size). Returns [F, H, W, 3] uint8.
 
     Raises:
         FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
     """
+    given = {}
+    if image is not None:  # already at the video's size: the pipeline's resize is a no-op
+        from PIL import Image
+
+        given["image"] = Image.fromarray(image)
     video = pipe(
+        **given,
         prompt=prompt,
         **sampler_args(ec, seed, device),
         max_sequence_length=pipe.transformer.config.max_text_seq_length,

@@ -31,6 +31,16 @@ What is notable:
   videos are shorter than `evaluate.frames`: scoring and drawing read the frames in the
   file. Beside each result `pNN-sS.mp4` (what is scored) lies `pNN-sS-side.mp4`
   (condition | result). The base stays text-to-video: it has no conditioned mode.
+- An image-to-video model (5B-I2V, 1.5-5B-I2V: `sampling.model_traits`, from its configs)
+  is sampled with CogVideoXImageToVideoPipeline, base and checkpoints alike, each request
+  from the first frame of its held-out clip (paired as for IC-LoRA: with `prompts:
+  heldout` the clip its caption belongs to, else prompt i takes reference clip i mod N),
+  resized and centre-cropped to evaluate's size (`heldout.first_frames`). The contact
+  sheets show image | result. Conditioned modes are text-to-video only. The eval key is
+  unchanged: the model fingerprint already tells image-to-video models apart.
+- `evaluate.frames`, `height` and `width` must fit the model (`sampling.check_fits`:
+  CogVideoX 1.5's 16k+1 frames up to 768x1360, 5B-I2V's fixed 480x720), checked before
+  anything loads.
 - Every metric carries a seeded 95% bootstrap interval; the report and its comparisons
   (`cogpipe.eval_report`) call a difference only when its interval excludes 0. The models
   (CLIP, base pipeline, a checkpoint's LoRA or full transformer) load in
@@ -101,7 +111,14 @@ from cogpipe.eval_report import (  # noqa: F401  (re-exported: PER_VIDEO, higher
     summarise,
     write_report,
 )
-from cogpipe.heldout import conditions, heldout_clips, paired_clips, real_features, reference_clips
+from cogpipe.heldout import (
+    conditions,
+    first_frames,
+    heldout_clips,
+    paired_clips,
+    real_features,
+    reference_clips,
+)
 from cogpipe.metrics import clip_score, video_metrics
 from cogpipe.models.cogvideox import LORA_FILE
 from cogpipe.ratings import report_lock
@@ -214,7 +231,8 @@ class Request(NamedTuple):
     settings: EvaluateConfig  # frames, size, steps, guidance
     device: str
     condition: sampling.Condition | None = None  # ic-lora, tic-ft checkpoints: a held-out clip's
-    clip_id: str | None = None  # the held-out clip the condition comes from
+    clip_id: str | None = None  # the held-out clip the condition (or image) comes from
+    image: np.ndarray | None = None  # image-to-video: uint8 [H, W, 3], its clip's first frame
 
     @property
     def video(self) -> str:
@@ -227,8 +245,9 @@ class Request(NamedTuple):
 
     @property
     def plain(self) -> Request:
-        """The same prompt and seed text-to-video: what the base model is asked."""
-        return self._replace(condition=None, clip_id=None)
+        """The same prompt and seed without a condition (an image-to-video model keeps its
+        image): what the base model is asked."""
+        return self._replace(condition=None, clip_id=None if self.image is None else self.clip_id)
 
 
 def video_name(prompt_index: int, seed: int) -> str:
@@ -245,7 +264,8 @@ def sample(pipe, request: Request) -> np.ndarray:
     """
     c = request.condition
     if c is None:
-        return generate(pipe, request.settings, request.prompt, request.seed, request.device)
+        return generate(pipe, request.settings, request.prompt, request.seed, request.device,
+                        request.image)  # fmt: skip
     fields = {"frames": c.layout.video_frames} if c.mode == "tic-ft" else {}
     sampled = sampling.request_for(request.settings, request.prompt, request.seed,
                                    condition=c, **fields)  # fmt: skip
@@ -254,23 +274,31 @@ def sample(pipe, request: Request) -> np.ndarray:
 
 class Suite(NamedTuple):
     """What a run is evaluated on: the prompts, the held-out suite's clips (prompts: heldout;
-    else None) and, for ic-lora and tic-ft runs, the held-out clip of each prompt."""
+    else None) and, for ic-lora and tic-ft runs and image-to-video models, the held-out clip
+    of each prompt."""
 
     prompts: list[str]
     clips: pd.DataFrame | None = None  # clip_id, caption, path, start, end
     paired: pd.DataFrame | None = None  # one clip row per prompt; None: text-to-video
     reference: int = 0  # the held-out clips the prompts are paired with (i mod this)
+    image_to_video: bool = False  # each prompt's image: its paired clip's first frame
+
+    @property
+    def conditioned(self) -> list[str] | None:
+        """The clip_id each prompt is conditioned on (ic-lora, tic-ft), for the report."""
+        return None if self.paired is None or self.image_to_video else list(self.paired.clip_id)
 
 
 def suite_requests(ec: EvaluateConfig, prompts: list[str], device: str,
                    paired: pd.DataFrame | None = None,
-                   given: list[sampling.Condition] | None = None) -> list[Request]:  # fmt: skip
-    """Every (prompt, seed) of the suite, with its prompt's condition and clip if `given`."""
-    if given is None:
-        return [Request(p, prompt, seed, ec, device) for p, prompt in enumerate(prompts)
-                for seed in ec.seeds]  # fmt: skip
-    ids = list(paired.clip_id)
-    return [Request(p, prompt, seed, ec, device, given[p], ids[p])
+                   given: list[sampling.Condition] | None = None,
+                   images: list[np.ndarray] | None = None) -> list[Request]:  # fmt: skip
+    """Every (prompt, seed) of the suite, with its prompt's condition or image, and clip,
+    where `given` or `images`."""
+    ids = [None] * len(prompts) if paired is None else list(paired.clip_id)
+    given = given or [None] * len(prompts)
+    images = images or [None] * len(prompts)
+    return [Request(p, prompt, seed, ec, device, given[p], ids[p], images[p])
             for p, prompt in enumerate(prompts) for seed in ec.seeds]  # fmt: skip
 
 
@@ -371,6 +399,9 @@ def draw(ev: Evaluation, name: str, folder: Path, base: dict[str, Path] | None) 
         row = sheet_row(read_video(folder / r.video, ec, SHEET_FRAMES), label(name, r))
         if name != BASE and r.condition is not None:
             given = sheet_row(r.condition.frames, f"condition {r.clip_id}")
+            row = np.concatenate([given, row], axis=1)
+        elif r.image is not None:  # image-to-video: the first frame it was given
+            given = sheet_row(r.image[None], f"image {r.clip_id}")
             row = np.concatenate([given, row], axis=1)
         sheet.append(row)
         if base is not None:
@@ -486,8 +517,12 @@ def prepare(ws: Workspace, cfg: PipelineConfig, ekey: str, upstream: dict[str, S
     `video_features`) the reference clips' features; `tick(note)` after every video."""
     ec, device = cfg.evaluate, resolve_device(cfg.evaluate.device)
     suite = load_suite(cfg, upstream)
-    given = None if suite.paired is None else conditions(cfg, suite.paired)
-    requests = suite_requests(ec, suite.prompts, device, suite.paired, given)
+    given, images = None, None
+    if suite.image_to_video:
+        images = first_frames(suite.paired, ec.height, ec.width)
+    elif suite.paired is not None:
+        given = conditions(cfg, suite.paired)
+    requests = suite_requests(ec, suite.prompts, device, suite.paired, given, images)
     ev = Evaluation(ws, cfg, device, requests, clip=None, tick=tick)
     if ec.video_features:
         ev.features = stats.load_features(ec.feature_extractor, ec.video_features, device)
@@ -500,16 +535,41 @@ def prepare(ws: Workspace, cfg: PipelineConfig, ekey: str, upstream: dict[str, S
 
 def load_suite(cfg: PipelineConfig, upstream: dict[str, StageResult]) -> Suite:
     """The suite's prompts, for a held-out suite its clips (`heldout_clips`), and for an
-    ic-lora or tic-ft run each prompt's held-out clip (`paired_clips`)."""
+    ic-lora or tic-ft run or an image-to-video model each prompt's held-out clip
+    (`paired_clips`).
+
+    Raises:
+        ValueError: evaluate's frames or size do not fit the model, or a conditioned mode
+            on an image-to-video model.
+    """
     ec = cfg.evaluate
-    suite = Suite(list(ec.prompts))
+    image_to_video = fit_model(cfg)
+    suite = Suite(list(ec.prompts), image_to_video=image_to_video)
     if ec.heldout:
         clips = heldout_clips(upstream["check"], upstream.get("filter"), ec.heldout_clips)
-        suite = Suite(list(clips.caption), clips)
-    if cfg.train.mode not in CONDITIONED:
+        suite = suite._replace(prompts=list(clips.caption), clips=clips)
+    if cfg.train.mode not in CONDITIONED and not image_to_video:
         return suite
     paired, reference = paired_clips(cfg, upstream["check"], suite.clips, suite.prompts)
     return suite._replace(paired=paired, reference=reference)
+
+
+def fit_model(cfg: PipelineConfig) -> bool:
+    """Whether the model is image-to-video, after checking evaluate's frames and size fit it.
+
+    Raises:
+        ValueError: a setting the model cannot take, or a conditioned mode (ic-lora,
+            tic-ft: text-to-video only) on an image-to-video model.
+    """
+    ec, traits = cfg.evaluate, sampling.model_traits(cfg.model)
+    wrong = sampling.check_fits(traits.shape, ec.frames, ec.height, ec.width)
+    if wrong is not None:
+        field = "evaluate.frames" if wrong[0] == "frames" else "evaluate.height/width"
+        raise ValueError(f"{field} {wrong[1]} (model {cfg.model})")
+    if traits.shape.image_to_video and cfg.train.mode in CONDITIONED:
+        raise ValueError(f"train.mode {cfg.train.mode}: its evaluation is text-to-video only, "
+                         f"and model {cfg.model} is image-to-video")  # fmt: skip
+    return traits.shape.image_to_video
 
 
 def run_evaluate(
@@ -566,7 +626,7 @@ def run_evaluate(
         .assign(order=lambda d: d.checkpoint.map(wanted.index))
         .sort_values("order")
     )
-    paired = None if suite.paired is None else list(suite.paired.clip_id)
+    paired = suite.conditioned
     counts = {
         "checkpoints_evaluated": len([n for n in made if n != BASE]),
         "checkpoints_total": len(checkpoints),

@@ -1,7 +1,9 @@
-"""Generate: text-to-video with a base CogVideoX and an optional LoRA, from Python or the CLI.
+"""Generate: text- or image-to-video with a base CogVideoX and an optional LoRA, from Python
+or the CLI.
 
     cogpipe generate --prompt "A fighter slaps his opponent." --model 2b --output slap.mp4
     cogpipe generate --prompts-dir prompts/ --lora train/run/checkpoint-004000 --output out/
+    cogpipe generate --model 5b-i2v --image first.png --prompt "The fighter turns." --output t.mp4
 
     options = GenerateOptions(model="5b", lora="train/run/checkpoint-004000", seed=7)
     pipe = load(options)
@@ -13,6 +15,14 @@ seed give the video the evaluation of that checkpoint wrote. What is notable:
 
 - frames must be 8k+1: the VAE decodes an even number of latent frames into 4 per
   latent frame, 3 more than 4k+1 (13 frames would come out as 16);
+- the model's generation is read from its configs (`sampling.model_traits`): frames,
+  height, width and fps not given are the model's own (49x480x720 at 8 fps; CogVideoX 1.5:
+  81x768x1360 at 16); CogVideoX 1.5 takes 16k+1 frames up to 768x1360 in either
+  orientation, 5B-I2V only its fixed 480x720 (`fit`);
+- an image-to-video model (5B-I2V, 1.5-5B-I2V) loads as CogVideoXImageToVideoPipeline and
+  needs `--image`: a PNG/JPEG (or a video: its first frame) resized and centre-cropped to
+  the video's size, the same image for every prompt (and every sweep cell); a
+  text-to-video model refuses one;
 - weights load at the model's own precision on a GPU (fp16 for 2B-type, bf16 for
   5B-type: `cogvideox.weight_dtype`) and in fp32 on the CPU;
 - a LoRA's scale defaults to 1.0, which is the alpha / rank stored in its file; the
@@ -65,6 +75,7 @@ from cogpipe.models.cogvideox import (
     transformer_config,
     weight_dtype,
 )
+from cogpipe.sampling import IMAGE_SUFFIXES
 from cogpipe.video import probe_video, read_frames, resize_center_crop, write_mp4
 from cogpipe.workspace import Progress, atomic_path, no_progress, resolve_device
 
@@ -89,11 +100,41 @@ class GenerateOptions(BaseModel):
     )
     steps: int = Field(50, ge=1, description="Sampler steps.")
     guidance: float = Field(6.0, ge=0, description="Classifier-free guidance scale.")
-    frames: int = Field(49, ge=1, description="Frames per video (8k+1).")
-    height: int = Field(480, ge=16, description="Height in pixels (a multiple of 16).")
-    width: int = Field(720, ge=16, description="Width in pixels (a multiple of 16).")
-    fps: int = Field(8, ge=1, description="Frame rate of the written mp4.")
+    frames: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Frames per video (8k+1; 16k+1 for CogVideoX 1.5); default: the model's (49, 81"
+            " for 1.5)."
+        ),
+    )
+    height: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Height in pixels (a multiple of 16); default: the model's (480, 768 for 1.5)."
+        ),
+    )
+    width: int | None = Field(
+        None,
+        ge=16,
+        description=(
+            "Width in pixels (a multiple of 16); default: the model's (720, 1360 for 1.5)."
+        ),
+    )
+    fps: int | None = Field(
+        None,
+        ge=1,
+        description="Frame rate of the written mp4; default: the model's (8, 16 for 1.5).",
+    )
     seed: int = Field(42, description="Seed of the sampling noise.")
+    image: Path | None = Field(
+        None,
+        description=(
+            "An image-to-video model's first frame: an image, or a video (its first frame),"
+            " resized and centre-cropped to height x width."
+        ),
+    )
     lora: Path | None = Field(
         None, description="A LoRA: a checkpoint folder or its .safetensors file."
     )
@@ -133,7 +174,9 @@ class GenerateOptions(BaseModel):
 
     @field_validator("frames")
     @classmethod
-    def _frames(cls, v: int) -> int:
+    def _frames(cls, v: int | None) -> int | None:
+        if v is None:
+            return v
         # 4 frames per latent frame after the first, and the VAE decodes latent frames in
         # pairs after an odd first batch: an even count (13 frames: 4) decodes to 4 per
         # latent frame (16 frames). 8k+1 gives exactly the frames asked for.
@@ -144,8 +187,8 @@ class GenerateOptions(BaseModel):
 
     @field_validator("height", "width")
     @classmethod
-    def _size(cls, v: int) -> int:
-        if v % 16:
+    def _size(cls, v: int | None) -> int | None:
+        if v is not None and v % 16:
             raise ValueError(f"must be a multiple of 16, got {v}")
         return v
 
@@ -317,20 +360,63 @@ def check_device(options: GenerateOptions, device: str) -> None:
         )
 
 
+def model_traits(model: str) -> sampling.Traits:
+    """The model's generation and native settings, from its configs.
+
+    Raises:
+        GenerateError: the model or its configs cannot be found.
+    """
+    model = resolve_model(model)
+    try:
+        return sampling.model_traits(model)
+    except (OSError, ValueError) as e:  # hub id unknown or unreachable, config missing
+        raise GenerateError(
+            f"--model {model}: cannot read its configs: {str(e).strip()[:300]}"
+        ) from e
+
+
+def fit(options: GenerateOptions, traits: sampling.Traits) -> GenerateOptions:
+    """The options with the model's native frames, height, width and fps where none are given,
+    checked against the model: its frame counts and sizes, an image exactly for an
+    image-to-video model.
+
+    Raises:
+        GenerateError: a setting the model cannot take, or an image missing or extra.
+    """
+    native = dict(zip(("frames", "height", "width"), traits.native, strict=True))
+    native["fps"] = traits.fps
+    update = {k: v for k, v in native.items() if getattr(options, k) is None}
+    fitted = options.model_copy(update=update)
+    if traits.shape.image_to_video and fitted.image is None:
+        raise GenerateError(f"model {options.model} is image-to-video: give --image")
+    if not traits.shape.image_to_video and fitted.image is not None:
+        raise GenerateError(f"--image: model {options.model} is text-to-video; it takes no image")
+    wrong = sampling.check_fits(traits.shape, fitted.frames, fitted.height, fitted.width)
+    if wrong is not None:
+        flag = "--frames" if wrong[0] == "frames" else "--height/--width"
+        raise GenerateError(f"{flag} {wrong[1]} (model {options.model})")
+    return fitted
+
+
+def fit_model(options: GenerateOptions) -> GenerateOptions:
+    """`fit` with the traits of `options.model` (its configs are read, no weights)."""
+    return fit(options, model_traits(options.model))
+
+
 def load(options: GenerateOptions):
-    """The CogVideoXPipeline `options` describe, with its LoRA, offload, VAE and compile settings.
+    """The pipeline `options` describe (CogVideoXImageToVideoPipeline for an image-to-video
+    model, else CogVideoXPipeline), with its LoRA, offload, VAE and compile settings.
 
     Raises:
         GenerateError: the model or LoRA cannot be found or loaded, or the device cannot
             honour the options.
     """
-    from diffusers import CogVideoXPipeline
-
     device = resolve_device(options.device)
     check_device(options, device)
     model = resolve_model(options.model)
     lora = lora_file(options.lora) if options.lora is not None else None
     full = transformer_folder(options.transformer) if options.transformer is not None else None
+    pipeline = sampling.pipeline_class(model_traits(model).shape)
     try:
         dtype = weight_dtype("auto", transformer_config(model), device)
         components = {}
@@ -341,7 +427,7 @@ def load(options: GenerateOptions):
                 str(full), dtype=dtype
             )
         # `dtype`: diffusers 0.42.0 and later take it; `torch_dtype` warns as deprecated.
-        pipe = CogVideoXPipeline.from_pretrained(model, dtype=dtype, **components)
+        pipe = pipeline.from_pretrained(model, dtype=dtype, **components)
     except OSError as e:  # hub id unknown or unreachable, files missing
         raise GenerateError(f"--model {model}: cannot load: {str(e).strip()[:300]}") from e
     pipe.set_progress_bar_config(disable=True)
@@ -365,8 +451,6 @@ def load(options: GenerateOptions):
 
 
 # --------------------------------------------------------------------------- conditions
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def trained_mode(checkpoint: str | Path) -> tuple[str, TicFtConfig] | None:
@@ -396,7 +480,7 @@ def read_input(path: Path, count: int, options: GenerateOptions, flag: str) -> n
     if path.suffix.lower() in IMAGE_SUFFIXES:
         from PIL import Image
 
-        frames = np.asarray(Image.open(path).convert("RGB"))[None]
+        frames = np.array(Image.open(path).convert("RGB"))[None]  # writable, for torch
     else:
         info, reason = probe_video(path)
         need = (count - 1) / options.fps
@@ -447,11 +531,28 @@ def condition_of(options: GenerateOptions) -> sampling.Condition | None:
 
 
 def sampler_settings(options: GenerateOptions) -> EvaluateConfig:
-    """The options as evaluate's sampler settings, so both sample a video the same way."""
+    """The options as evaluate's sampler settings, so both sample a video the same way
+    (frames, size and fps not given: the model's own, `fit_model`)."""
+    if None in (options.frames, options.height, options.width, options.fps):
+        options = fit_model(options)
     return EvaluateConfig(
         steps=options.steps, guidance=options.guidance, frames=options.frames,
         height=options.height, width=options.width, fps=options.fps, device=options.device,
     )  # fmt: skip
+
+
+def image_of(options: GenerateOptions) -> np.ndarray | None:
+    """`--image` at the video's size, uint8 [H, W, 3] (None without one); `options` fitted.
+
+    Raises:
+        GenerateError: the file is missing or cannot be decoded.
+    """
+    if options.image is None:
+        return None
+    try:
+        return sampling.read_image(options.image, options.height, options.width)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
 
 
 def generate_one(
@@ -460,29 +561,40 @@ def generate_one(
     options: GenerateOptions,
     condition: sampling.Condition | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    image: np.ndarray | None = None,
 ) -> np.ndarray:
     """One video of `prompt` with the per-video options (size, steps, guidance, seed, LoRA scale).
 
     Args:
         pipe: from `load`; options that decide loading (model, LoRA, offload) are not read.
         prompt: the text.
-        options: the settings of this video.
+        options: the settings of this video; frames and size not given are the model's
+            own (`fit`, from the pipeline's configs).
         condition: the video's condition; None: `condition_of(options)` (read per call).
         on_step: called as (denoising steps done, steps) at the start and after each step.
+        image: an image-to-video model's first frame at the video's size; None: `--image`
+            read now.
 
     Returns:
         [F, H, W, 3] uint8 RGB (tic-ft: the target frames).
 
     Raises:
         FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
-        GenerateError: a condition the checkpoint's mode does not take (`condition_of`).
+        GenerateError: a condition the checkpoint's mode does not take (`condition_of`), a
+            setting or image the model does not take (`fit`).
     """
+    traits = sampling.traits_of(pipe.transformer.config, pipe.vae.config)
+    options = fit(options, traits)
     if ADAPTER in getattr(pipe.transformer, "peft_config", {}):
         pipe.set_adapters([ADAPTER], [options.lora_scale])
     device = resolve_device(options.device)  # offloaded pipelines sample on the GPU too
     condition = condition if condition is not None else condition_of(options)
-    request = sampling.request_for(options, prompt, options.seed, condition=condition)
-    return sampling.sample(pipe, request, device, on_step)
+    image = image if image is not None else image_of(options)
+    request = sampling.request_for(options, prompt, options.seed, condition=condition, image=image)
+    try:
+        return sampling.sample(pipe, request, device, on_step)
+    except ValueError as e:  # a condition on an image-to-video model
+        raise GenerateError(str(e)) from None
 
 
 def side_path(path: Path) -> Path:
@@ -522,14 +634,16 @@ def run_generate(
     """
     paths = output_paths(list(prompts), output)
     device = resolve_device(options.device)
+    options = fit_model(options)  # the model's configs only: a wrong size fails in seconds
     condition = condition_of(options)  # before loading: a wrong flag fails in milliseconds
+    image = image_of(options)
     pipe = load(options)
     written = []
     try:
         for name, prompt in prompts.items():
             t0 = time.time()
             step = lambda done, steps, name=name: on_step(done, steps, name)  # noqa: E731
-            frames = generate_one(pipe, prompt, options, condition, step)
+            frames = generate_one(pipe, prompt, options, condition, step, image)
             seconds = time.time() - t0
             written.append(write_video(paths[name], frames, options.fps))
             if condition is not None:  # condition | result, beside the result alone

@@ -38,6 +38,9 @@ CONFIG_FIELDS = {
 # 1/20 of CogVideoX's native 49x480x720 at 50 steps. The 2B model needs about 2e14 FLOPs
 # per step there, hours on a CPU; a twentieth of it is still many minutes.
 CPU_WARN_WORK = 49 * 480 * 720 * 50 // 20
+# Frames and size left to the model (`generate.fit`) count as the smallest native video,
+# 49x480x720 (CogVideoX 1.5's is 81x768x1360): the warning needs no model config.
+UNSET_GUESS = {"frames": 49, "height": 480, "width": 720}
 
 
 def config_values(cfg: PipelineConfig) -> dict[str, Any]:
@@ -91,7 +94,7 @@ def largest(
     value of each that it varies."""
     sizes = []
     for name in ("frames", "height", "width", "steps"):
-        values = [getattr(options, name)]
+        values = [getattr(options, name) or UNSET_GUESS.get(name, 1)]
         for value in (grid or {}).get(name, []):
             try:
                 values.append(int(float(value)))

@@ -7,8 +7,9 @@ are exactly the Fréchet reference; otherwise the reference is the first `real_c
 held-out clips (`reference_clips`). An IC-LoRA or TIC-FT run pairs each prompt with one of
 them (`paired_clips`: prompt i takes clip i mod N, so a held-out suite's caption keeps its
 own clip) and samples on that clip's condition (`conditions`, via
-`sampling.condition_for`). Real clips are cut like the generated videos and their
-features cached per eval key and clip list (`real_features`).
+`sampling.condition_for`); an image-to-video model pairs them the same way and starts
+each video from its clip's first frame (`first_frames`). Real clips are cut like the
+generated videos and their features cached per eval key and clip list (`real_features`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 
 from cogpipe import sampling
 from cogpipe.config import EvaluateConfig, PipelineConfig
-from cogpipe.video import even_times, read_frames, window_times
+from cogpipe.video import even_times, read_frames, resize_center_crop, window_times
 from cogpipe.workspace import StageResult, Workspace, atomic_path, read_table, sha256_json
 
 
@@ -62,9 +63,9 @@ def reference_clips(cfg: PipelineConfig, check: StageResult, suite: pd.DataFrame
 
 def paired_clips(cfg: PipelineConfig, check: StageResult, clips: pd.DataFrame | None,
                  prompts: list[str]) -> tuple[pd.DataFrame, int]:  # fmt: skip
-    """The held-out clip of each prompt of an ic-lora or tic-ft run, and how many there
-    were to pair with: prompt i takes clip i mod N of the held-out suite's clips (its own)
-    or of the reference clips (`reference_clips`).
+    """The held-out clip of each prompt of an ic-lora or tic-ft run or an image-to-video
+    model, and how many there were to pair with: prompt i takes clip i mod N of the
+    held-out suite's clips (its own) or of the reference clips (`reference_clips`).
 
     Raises:
         ValueError: no kept held-out clip (with the counts and the way out).
@@ -73,8 +74,12 @@ def paired_clips(cfg: PipelineConfig, check: StageResult, clips: pd.DataFrame | 
     if not len(pool):
         table = read_table(Path(check.path) / "clips.parquet")
         held = table.split == "heldout"
+        why = (f"train.mode {cfg.train.mode} is evaluated on held-out clips' conditions"
+               if cfg.train.mode in ("ic-lora", "tic-ft") else
+               f"model {cfg.model} is image-to-video: each prompt's image is a held-out clip's "
+               f"first frame")  # fmt: skip
         raise ValueError(
-            f"train.mode {cfg.train.mode} is evaluated on held-out clips' conditions, but "
+            f"{why}, but "
             f"{check.path}/clips.parquet has no kept held-out clip ({len(table)} clips, "
             f"{int(table.keep.sum())} kept, {int(held.sum())} held out, "
             f"{int((held & table.keep).sum())} of them kept): raise check.heldout_fraction "
@@ -91,6 +96,22 @@ def conditions(cfg: PipelineConfig, paired: pd.DataFrame) -> list[sampling.Condi
     for row in paired.itertuples():
         if row.clip_id not in made:
             made[row.clip_id] = sampling.condition_for(cfg, row)
+    return [made[c] for c in paired.clip_id]
+
+
+def first_frames(paired: pd.DataFrame, height: int, width: int) -> list[np.ndarray]:
+    """Each prompt's image for an image-to-video model: its held-out clip's frame at the
+    clip's start, resized and centre-cropped to height x width, uint8 [H, W, 3] (a clip
+    paired with several prompts decoded once).
+
+    Raises:
+        VideoError: a clip cannot be decoded.
+    """
+    made = {}
+    for row in paired.itertuples():
+        if row.clip_id not in made:
+            frame = read_frames(row.path, [float(row.start)])
+            made[row.clip_id] = resize_center_crop(frame, height, width)[0]
     return [made[c] for c in paired.clip_id]
 
 

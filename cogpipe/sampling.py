@@ -34,19 +34,38 @@ classifier-free guidance against the empty prompt:
 
 For evaluation: `condition_for(cfg, clip)` turns a held-out clip into its mode's condition,
 and `side_by_side(condition_frames, frames)` puts condition and result in one video.
+
+The model's generation decides the rest, read from its configs (`model_traits`), never
+its name:
+
+- image-to-video (5B-I2V, 1.5-5B-I2V): `CogVideoXImageToVideoPipeline` (`pipeline_class`),
+  and every plain request carries its image (`SampleRequest.image`, uint8 [H, W, 3] at the
+  request's size), which the pipeline encodes into the first latent frame; a text-to-video
+  pipeline refuses one. Conditioned modes (IC-LoRA, TIC-FT) are text-to-video only.
+- CogVideoX 1.5 (temporal patch 2) takes 16k+1 frames and sizes up to 768x1360 in either
+  orientation; the pipeline pads the latent frames to whole temporal patches and `_plain`
+  drops the padding. Learned positional embeddings (5B-I2V) fix the size (`check_fits`).
+- without settings of its own, a video takes the model's native ones (`native`): the
+  transformer's `sample_frames` (49, 81 for 1.5) and 480x720, 768x1360 for 1.5, at 8 fps
+  (16 for 1.5).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from cogpipe.config import PipelineConfig, TicFtConfig
+from cogpipe.models.cogvideox import VAE_SCALE_SPATIAL, Shape, model_shape
 
 TEMPORAL = 4  # video frames per latent frame after the first (CogVideoX VAE)
+LARGEST_15 = (768, 1360)  # CogVideoX 1.5's largest trained size (short side, long side)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 StepCallback = Callable[[int, int], None] | None  # (denoising steps done, steps)
 
 
@@ -87,6 +106,7 @@ class SampleRequest:
     fps: int = 8  # of the written mp4 (not read by the sampler)
     condition: Condition | None = None
     embeds: tuple | None = None  # (prompt [1, L, D], empty prompt [1, L, D]); None: T5 here
+    image: np.ndarray | None = None  # image-to-video: uint8 [height, width, 3], the first frame
 
 
 def request_for(settings, prompt: str, seed: int, **fields) -> SampleRequest:
@@ -115,6 +135,7 @@ def denoise(pipe, request: SampleRequest, device=None, on_step: StepCallback = N
     `on_step(steps done, steps)`: at the start and after every step (a person waits)."""
     import torch
 
+    check_image(pipe, request)
     device = torch.device(device or pipe._execution_device)
     on_step = on_step or (lambda done, steps: None)
     on_step(0, request.steps)
@@ -122,6 +143,32 @@ def denoise(pipe, request: SampleRequest, device=None, on_step: StepCallback = N
         if request.condition is None:
             return _plain(pipe, request, device, on_step)
         return _conditioned(pipe, request, device, on_step)
+
+
+def is_image_to_video(pipe) -> bool:
+    """Whether a pipeline's transformer takes image latents (from its and the VAE's configs)."""
+    return model_shape(pipe.transformer.config, pipe.vae.config).image_to_video
+
+
+def check_image(pipe, request: SampleRequest) -> None:
+    """Refuse a request whose image does not fit the model: none for an image-to-video
+    model, one for a text-to-video model, one of another size, or a condition with one.
+
+    Raises:
+        ValueError: naming what is missing or extra.
+    """
+    wanted, image = is_image_to_video(pipe), request.image
+    if wanted and request.condition is not None:
+        raise ValueError(
+            f"{request.condition.mode} sampling is text-to-video only; this model is image-to-video"
+        )
+    if wanted and image is None:
+        raise ValueError("the model is image-to-video: the request needs an image")
+    if not wanted and image is not None:
+        raise ValueError("the model is text-to-video: the request takes no image")
+    if image is not None and image.shape != (request.height, request.width, 3):
+        raise ValueError(f"image of shape {list(image.shape)}, the request is "
+                         f"{request.height}x{request.width} RGB")  # fmt: skip
 
 
 def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
@@ -154,6 +201,10 @@ def _plain(pipe, request: SampleRequest, device, on_step: Callable[[int, int], N
     if request.embeds is not None:
         text = {"prompt_embeds": request.embeds[0].to(device),
                 "negative_prompt_embeds": request.embeds[1].to(device)}  # fmt: skip
+    if request.image is not None:  # already at the request's size: the pipeline's resize is a no-op
+        from PIL import Image
+
+        text["image"] = Image.fromarray(request.image)
     latents = pipe(
         **text,
         num_frames=request.frames,
@@ -232,12 +283,18 @@ def condition_latents(pipe, request: SampleRequest, needed: int, device, dtype):
 def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, int], None]):
     """IC-LoRA or TIC-FT: the sequence of `Condition`, denoised by `_loop`.
 
+    With a temporal patch of 2 (CogVideoX 1.5) the sequence is padded as training pads it
+    (`cogvideox.pad_frames`): ic-lora, the reference and the target each get copies of
+    their first frame in front; tic-ft, the whole sequence does, one more clean condition
+    frame. The padding is stripped from what is returned.
+
     Returns ic-lora: the target latents [1, F', C, h, w]; tic-ft: the whole sequence
     [1, condition + buffer + target, C, h, w].
     """
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
+    from cogpipe.models.cogvideox import pad_frames
     from cogpipe.train import tic_ft_sequence
 
     c, scheduler = request.condition, pipe.scheduler
@@ -246,16 +303,20 @@ def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, i
     t0 = scheduler.timesteps[:1].long()  # [1]: where every sequence starts
     g = torch.Generator(device).manual_seed(request.seed)
     frames = (request.frames - 1) // TEMPORAL + 1  # latent frames of the request
+    patch = pipe.transformer.config.patch_size_t or 1
+    pad = -frames % patch  # frames put in front of the target (ic-lora) or the sequence
     shape = (1, frames, pipe.transformer.config.in_channels,
              request.height // pipe.vae_scale_factor_spatial,
              request.width // pipe.vae_scale_factor_spatial)  # fmt: skip
-    noise = randn_tensor(shape, generator=g, device=device, dtype=embeds.dtype)
+    noise = randn_tensor((1, frames + pad, *shape[2:]), generator=g, device=device,
+                         dtype=embeds.dtype)  # fmt: skip
     if c.mode == "ic-lora":
-        prefix, buffer, target = frames, 0, frames
+        prefix, buffer, target = frames + pad, 0, frames + pad
         reference = condition_latents(pipe, request, frames, device, embeds.dtype)
-        if reference.shape != noise.shape:
+        if reference.shape != shape:
             raise ValueError(f"ic-lora reference latents {list(reference.shape[1:])} do not fit "
                              f"the request's {list(shape[1:])} (frames, height, width)")  # fmt: skip
+        reference = pad_frames(reference, patch)
         x = torch.cat([reference, noise * scheduler.init_noise_sigma], dim=1)  # [1, 2F', C, h, w]
     else:
         prefix, buffer = c.layout.condition_frames, c.layout.buffer_frames
@@ -265,6 +326,7 @@ def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, i
                              f"for a target after {prefix} condition + {buffer} buffer frames")  # fmt: skip
         context = condition_latents(pipe, request, prefix + buffer, device, embeds.dtype)
         clean = torch.cat([context[:, : prefix + buffer], torch.zeros_like(noise[:, :target])], 1)
+        clean, prefix = pad_frames(clean, patch), prefix + pad
         layout = TicFtConfig(condition_frames=prefix, buffer_frames=buffer, target_frames=target)
         x = tic_ft_sequence(scheduler, clean, noise, t0, layout)  # buffer at the training levels
         x[:, prefix + buffer :] = noise[:, prefix + buffer :] * scheduler.init_noise_sigma
@@ -274,7 +336,7 @@ def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, i
         return frame_levels(t, prefix, buffer, target, n).to(device)
 
     x = _loop(pipe, x, prefix, levels, embeds, request, g, on_step)
-    return x[:, prefix:] if c.mode == "ic-lora" else x
+    return x[:, prefix + pad :] if c.mode == "ic-lora" else x[:, pad:]
 
 
 def _loop(pipe, x, fixed: int, levels, embeds, request: SampleRequest, generator, on_step):
@@ -347,6 +409,96 @@ def ddim(scheduler, x, v, level: int, to: int):
     clean = a**0.5 * x.float() - (1 - a) ** 0.5 * v  # v-prediction -> x0 and noise
     noise = (1 - a) ** 0.5 * x.float() + a**0.5 * v
     return (b**0.5 * clean + (1 - b) ** 0.5 * noise).to(x.dtype), clean
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What sampling needs to know of a model: its generation and its native settings."""
+
+    shape: Shape
+    native: tuple[int, int, int]  # (frames, height, width) a video takes by default
+    fps: int = 8  # of its videos: 16 for CogVideoX 1.5, else 8
+
+
+def native(shape: Shape, transformer_config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(frames, height, width) of a model's own videos: the transformer's `sample_frames`
+    (49; 81 for 1.5), its fixed size, 768x1360 for 1.5 (whose `sample_*` is a RoPE grid of
+    2400 px, not a video size) or else its `sample_*` size (480x720)."""
+    frames = transformer_config["sample_frames"]
+    if shape.fixed_size is not None:
+        return (frames, *shape.fixed_size)
+    if shape.temporal_patch > 1:
+        return (frames, *LARGEST_15)
+    t = transformer_config
+    return frames, t["sample_height"] * VAE_SCALE_SPATIAL, t["sample_width"] * VAE_SCALE_SPATIAL
+
+
+def traits_of(transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> Traits:
+    shape = model_shape(transformer_config, vae_config)
+    return Traits(shape, native(shape, transformer_config), 16 if shape.temporal_patch > 1 else 8)
+
+
+@lru_cache(maxsize=16)
+def model_traits(model: str) -> Traits:
+    """A model's `Traits` from its transformer and VAE configs (a hub id or a folder)."""
+    from cogpipe.models.cogvideox import transformer_config, vae_config
+
+    return traits_of(transformer_config(model), vae_config(model))
+
+
+def pipeline_class(shape: Shape):
+    """CogVideoXImageToVideoPipeline for an image-to-video model, else CogVideoXPipeline."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+    return CogVideoXImageToVideoPipeline if shape.image_to_video else CogVideoXPipeline
+
+
+def check_fits(shape: Shape, frames: int, height: int, width: int) -> tuple[str, str] | None:
+    """Why a model cannot make videos of this length or size: (the setting, the reason),
+    or None. Sizes and 8k+1 frames are checked where they are given; this adds the
+    model's own limits."""
+    size = f"{height}x{width}"
+    if shape.temporal_patch > 1 and (frames - 1) % (TEMPORAL * 4):
+        return "frames", (f"{frames}: CogVideoX 1.5 (temporal patch {shape.temporal_patch}) "
+                          f"takes 16k+1 frames (17, 33, 49, 65, 81)")  # fmt: skip
+    short, long = LARGEST_15
+    if shape.temporal_patch > 1 and (min(height, width) > short or max(height, width) > long):
+        return "size", f"{size}: CogVideoX 1.5 makes videos up to {short}x{long} or {long}x{short}"
+    if shape.fixed_size is not None and (height, width) != shape.fixed_size:
+        h, w = shape.fixed_size
+        return "size", (f"{size}: the model's learned positional embeddings fix its size "
+                        f"at {h}x{w}")  # fmt: skip
+    return None
+
+
+def read_image(path: str | Path, height: int, width: int, flag: str = "--image") -> np.ndarray:
+    """An image file, or a video's first frame, resized and centre-cropped to height x width:
+    uint8 [H, W, 3].
+
+    Raises:
+        ValueError: the file is missing or cannot be decoded (naming `flag` and the file).
+    """
+    from cogpipe.video import probe_video, read_frames, resize_center_crop
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            frame = np.array(Image.open(path).convert("RGB"))  # writable, for torch
+        except (OSError, UnidentifiedImageError) as e:
+            raise ValueError(f"{flag} {path}: not a readable image ({e})") from None
+    else:
+        _, reason = probe_video(path)
+        if reason:
+            raise ValueError(f"{flag} {path}: {reason}")
+        frame = read_frames(path, [0.0])[0]
+    return resize_center_crop(frame[None], height, width)[0]
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -13,8 +13,10 @@ cell is one video, made by `cogpipe.generate` with the fixed options plus the ce
 
 Grid parameters are the options read per video (`generate.PER_VIDEO`: steps, guidance,
 frames, height, width, fps, seed, lora_scale): the pipeline loads once, and only when a
-video is missing. Values are validated before anything loads and named canonically
-(`guidance=1` and `guidance=1.0` are one cell).
+video is missing. Values are validated before anything loads, against the model too
+(`generate.fit`: CogVideoX 1.5's 16k+1 frames, 5B-I2V's fixed size), and named
+canonically (`guidance=1` and `guidance=1.0` are one cell). An image-to-video model takes
+`--image` for every cell, cropped to each cell's size.
 
 Resume: a video is written under a temporary name and renamed, so a file on disk is
 complete, and a rerun skips it. The table is rewritten after every video: a skipped
@@ -306,7 +308,9 @@ def run_sweep(
         raise GenerateError(f"--experiment {experiment!r}: use letters, digits and _ . = , -")
     device = resolve_device(options.device)
     generate.check_device(options, device)  # bad options fail now, not at the first missing video
-    generate.resolve_model(options.model)
+    traits = generate.model_traits(options.model)  # configs only: the model loads later
+    plan = [cell._replace(options=generate.fit(cell.options, traits)) for cell in plan]
+    generate.image_of(plan[0].options)  # a missing or unreadable --image fails now too
     if options.lora is not None:
         generate.lora_file(options.lora)
     folder, metrics = Path(out) / experiment, metrics or {}

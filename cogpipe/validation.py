@@ -14,7 +14,8 @@ of `checkpoint-{N:06d}` up to numerics. What keeps training as it was:
 
 - the transformer is sampled under `torch.no_grad` with compiled blocks forced eager
   (no recompilation), in eval mode, and every module's mode is restored afterwards;
-- denoising and decoding are two phases, the VAE is on the GPU only for the second, and
+- denoising and decoding are two phases, the VAE is on the GPU only for the second (an
+  image-to-video model's for both: the pipeline encodes the image), and
   afterwards the pipeline goes, garbage is collected and the CUDA cache emptied (other
   trainers hold 8-10 GB more after validation);
 - every draw comes from the explicit generators and the global RNG is forked, so a run
@@ -37,6 +38,11 @@ sample i % samples for prompt i) and the sample's size and length instead of eva
 
 A full fine-tune (`train.mode: full`) samples its fp32 weights under autocast to the
 frozen weights' dtype on a GPU.
+
+An image-to-video model (5B-I2V, 1.5-5B-I2V; read from its configs) samples through
+CogVideoXImageToVideoPipeline, as evaluate does: prompt i starts from the first frame of
+held-out clip i mod N of check's reference clips (`heldout_images`), resized to the
+validation size. Evaluate's frames and size must fit the model (`check_shape`).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class Validation:
     autocast: bool = False  # full fine-tune on a GPU: weights in another dtype than `dtype`
     mode: str = "lora"  # train.mode
     layout: TicFtConfig | None = None  # tic-ft: condition and buffer latent frames
+    images: list[np.ndarray] | None = None  # image-to-video: uint8 [H, W, 3] per prompt
 
 
 def folder_of(out: Path, step: int) -> Path:
@@ -84,14 +91,17 @@ def folder_of(out: Path, step: int) -> Path:
     return Path(out) / FOLDER / f"step-{step:06d}"
 
 
-def check_shape(ec: EvaluateConfig, transformer_config: dict[str, Any]) -> None:
+def check_shape(
+    ec: EvaluateConfig, transformer_config: dict[str, Any], vae_config: dict[str, Any] | None = None
+) -> None:
     """Fail before training when the model cannot generate `ec`'s videos.
 
     EvaluateConfig has already checked 4k+1 frames and sizes in multiples of 16; this adds
-    what depends on the model: sizes in whole transformer patches of VAE pixels.
+    what depends on the model: sizes in whole transformer patches of VAE pixels and, with
+    the VAE's config, the generation's own limits (`sampling.check_fits`).
 
     Raises:
-        ValueError: naming the size and the multiple the model needs.
+        ValueError: naming the setting and what the model needs.
     """
     multiple = cogvideox.VAE_SCALE_SPATIAL * transformer_config["patch_size"]
     if ec.height % multiple or ec.width % multiple:
@@ -99,6 +109,36 @@ def check_shape(ec: EvaluateConfig, transformer_config: dict[str, Any]) -> None:
             f"evaluate height and width must be multiples of {multiple} for this model "
             f"(VAE 8x, patch {transformer_config['patch_size']}), got {ec.height}x{ec.width}"
         )
+    if vae_config is None:
+        return
+    shape = cogvideox.model_shape(transformer_config, vae_config)
+    wrong = sampler.check_fits(shape, ec.frames, ec.height, ec.width)
+    if wrong is not None:
+        field = "evaluate.frames" if wrong[0] == "frames" else "evaluate.height/width"
+        raise ValueError(f"{field} {wrong[1]}")
+
+
+def heldout_images(cfg: PipelineConfig, ec: EvaluateConfig, check=None) -> list[np.ndarray]:
+    """An image-to-video model's validation images: prompt i's is the first frame of
+    held-out clip i mod N of check's reference clips, at `ec`'s size, uint8 [H, W, 3].
+
+    Args:
+        check: check's StageResult; None: this config's, finished.
+
+    Raises:
+        ValueError: check has not finished for this config, or kept no held-out clip.
+    """
+    from cogpipe.heldout import first_frames, paired_clips
+    from cogpipe.pipeline import upstream_results
+    from cogpipe.workspace import StageNotReady
+
+    try:
+        check = check or upstream_results(cfg, "precompute")["check"]
+    except (StageNotReady, OSError) as e:  # not run yet; its source gone
+        raise ValueError(f"validation of image-to-video model {cfg.model} takes its images from "
+                         f"check's held-out clips: {e}") from None  # fmt: skip
+    paired, _ = paired_clips(cfg, check, None, list(ec.prompts))
+    return first_frames(paired, ec.height, ec.width)
 
 
 def load_sampler(model: str):
@@ -134,7 +174,9 @@ def encode_prompts(model: str, prompts: list[str], device, dtype: torch.dtype):
     return torch.cat(rows), negative
 
 
-def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, conditions=None) -> Validation:
+def prepare(
+    cfg: PipelineConfig, device, dtype: torch.dtype, conditions=None, images=None
+) -> Validation:
     """Everything validation needs, once, before training starts.
 
     Args:
@@ -144,22 +186,37 @@ def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, conditions=None) ->
         conditions: ic-lora and tic-ft: one training sample's latents [F', C, h, w] per
             prompt (CPU tensors): ic-lora its reference latents, tic-ft its own latents
             (their condition and buffer frames are used).
+        images: an image-to-video model's first frame per prompt, uint8 [H, W, 3] at
+            evaluate's size; None: `heldout_images`.
 
     Returns:
         A Validation holding CPU tensors and modules only.
 
     Raises:
         ValueError: the model cannot generate evaluate's frames, height and width; or
-            conditions missing in a conditioned mode, or not one per prompt.
+            conditions missing in a conditioned mode, or not one per prompt; an
+            image-to-video model without its images (`heldout_images`) or in a conditioned
+            mode.
     """
     import torch
 
     ec, mode = cfg.train.validation_settings(cfg.evaluate), cfg.train.mode
-    check_shape(ec, cogvideox.transformer_config(cfg.model))
+    transformer_config = cogvideox.transformer_config(cfg.model)
+    vae_config = cogvideox.vae_config(cfg.model)
+    check_shape(ec, transformer_config, vae_config)
     conditioned = mode in ("ic-lora", "tic-ft")
     if conditioned and (conditions is None or len(conditions) != len(ec.prompts)):
         count = "no" if conditions is None else len(conditions)
         raise ValueError(f"mode {mode}: {count} condition latents for {len(ec.prompts)} prompts")
+    if cogvideox.model_shape(transformer_config, vae_config).image_to_video:
+        if conditioned:
+            raise ValueError(f"train.mode {mode}: validation samples it text-to-video only, and "
+                             f"model {cfg.model} is image-to-video")  # fmt: skip
+        images = images if images is not None else heldout_images(cfg, ec)
+        if len(images) != len(ec.prompts):
+            raise ValueError(f"{len(images)} validation images for {len(ec.prompts)} prompts")
+    else:
+        images = None
     embeds, negative = encode_prompts(cfg.model, ec.prompts, device, dtype)
     vae = cogvideox.load_vae(cfg.model, "cpu", dtype)
     vae.enable_tiling()  # as evaluate's pipeline: 49x480x720 decodes in tiles
@@ -168,7 +225,8 @@ def prepare(cfg: PipelineConfig, device, dtype: torch.dtype, conditions=None) ->
     autocast = mode == "full" and device.type == "cuda"
     layout = cfg.train.tic_ft if mode == "tic-ft" else None
     return Validation(ec, embeds, negative, vae, scheduler, device, dtype,
-                      conditions if conditioned else None, autocast, mode, layout)  # fmt: skip
+                      conditions if conditioned else None, autocast, mode, layout,
+                      images)  # fmt: skip
 
 
 @contextmanager
@@ -245,10 +303,10 @@ def with_reference(transformer, reference: torch.Tensor):
 
 
 def pipeline(v: Validation, transformer):
-    """A CogVideoXPipeline over the training transformer, without a text encoder."""
-    from diffusers import CogVideoXPipeline
-
-    pipe = CogVideoXPipeline(
+    """The model's pipeline (CogVideoXImageToVideoPipeline for an image-to-video model, else
+    CogVideoXPipeline) over the training transformer, without a text encoder."""
+    shape = cogvideox.model_shape(transformer.config, v.vae.config)
+    pipe = sampler.pipeline_class(shape)(
         tokenizer=None, text_encoder=None, vae=v.vae, transformer=transformer, scheduler=v.scheduler
     )
     pipe.set_progress_bar_config(disable=True)
@@ -260,6 +318,8 @@ def request(v: Validation, index: int, seed: int) -> sampler.SampleRequest:
     condition the size and length of the condition's training sample."""
     ec = v.settings
     fields: dict[str, Any] = {"embeds": (v.prompt_embeds[index : index + 1], v.negative_embeds)}
+    if v.images is not None:
+        fields["image"] = v.images[index]
     if v.conditions is not None:
         latents = v.conditions[index]  # [F', C, h, w]
         f, _, h, w = latents.shape
@@ -327,7 +387,9 @@ def run(v: Validation, transformer, out: Path, step: int) -> dict[str, Any]:
     try:
         with torch.random.fork_rng(devices=devices), sampling(transformer, autocast):
             jobs = [(i, request(v, i, s)) for i in range(len(ec.prompts)) for s in ec.seeds]
-            for _, job in jobs:  # all before the VAE moves
+            if v.images is not None:  # the pipeline encodes each image on the device
+                v.vae.to(v.device)
+            for _, job in jobs:  # all before the VAE moves (image-to-video: it has)
                 latents.append(sampler.denoise(pipe, job, v.device))
             v.vae.to(v.device)
             with atomic_path(folder_of(out, step)) as tmp:
