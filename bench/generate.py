@@ -1,19 +1,24 @@
-"""Seconds per generated video of full-size CogVideoX-2b and -5b, 50 steps, 49x480x720.
+"""Seconds per generated video of full-size CogVideoX-2b and -5b (50 steps, 49x480x720)
+and CogVideoX1.5-5B (50 steps, 81x768x1360).
 
 The pipeline is `CogVideoXPipeline` built from full-size random-weight components made
 on the GPU (speed does not depend on weight values): the transformer configs of
 bench/train_step.py, the VAE and T5-XXL of bench/precompute.py, a local word-level
 tokenizer, and the DDIM scheduler the models ship with. Both variants sample through
-`cogpipe.generate.generate_one`, the code `cogpipe generate` runs:
+`cogpipe.generate.generate_one`, the code `cogpipe generate` runs, at the size
+bench/train_step.py trains the model at (1.5: 21 latent frames, which the pipeline pads
+to 22 for the temporal patch of 2 and drops after denoising):
 
-- plain: the weights at the model's precision (fp16 2B, bf16 5B), VAE tiling;
+- plain: the weights at the model's precision (fp16 2B, bf16 5B and 1.5-5B), VAE tiling;
 - compile: the same with the transformer blocks compiled (`GenerateOptions.compile`);
   one untimed 2-step video first (compilation; shapes do not depend on the steps).
 
-Anchors: about 45 s (2B) and 90 s (5B) per video on an H100 per the model cards.
+Anchors: about 45 s (2B), 90 s (5B) and 550 s (1.5-5B) per video on an H100 per the
+model cards. A 1.5-5B video takes minutes: run its variants one per command
+(`--variants plain`, then `--variants compile`) to stay within a time limit.
 
-    python bench/generate.py [--models 2b,5b] [--steps 50]
-    python bench/generate.py --dry     # tiny models on the CPU, to try the script
+    python bench/generate.py [--models 2b,5b,1.5-5b] [--steps 50] [--variants plain,compile]
+    python bench/generate.py --models 2b,1.5-5b --dry   # tiny models on the CPU, to try the script
 """
 
 from __future__ import annotations
@@ -21,9 +26,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -56,52 +61,90 @@ def build_pipeline(model: str, dry: bool):
     return pipe, torch.device(device)
 
 
+def video_size(model: str, dry: bool) -> dict:
+    """Frames, height and width of the model's videos: those bench/train_step.py trains at."""
+    from train_step import shapes, transformer_config
+
+    s = shapes(transformer_config(model, dry), dry)
+    return {"frames": s["pixel_frames"], "height": s["height"], "width": s["width"]}
+
+
 def seconds_per_video(pipe, options, repeats: int) -> float:
+    """Mean seconds of `repeats` videos; each must have the frames and size asked for (a
+    1.5 video whose padding frame was not dropped would not).
+
+    Raises:
+        RuntimeError: a video of another shape.
+    """
     from cogpipe.generate import generate_one
 
+    want = (options.frames, options.height, options.width, 3)
     tic = time.perf_counter()
     for _ in range(repeats):
-        generate_one(pipe, PROMPT, options)  # returns uint8 on the CPU: waits for the GPU
+        video = generate_one(pipe, PROMPT, options)  # uint8 on the CPU: waits for the GPU
+        if video.shape != want:
+            raise RuntimeError(
+                f"generated a video of shape {list(video.shape)}, asked {list(want)}"
+            )
     return (time.perf_counter() - tic) / repeats
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="2b,5b")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--dry", action="store_true", help="tiny models on the CPU")
-    args = parser.parse_args()
-
+def model_lines(model: str, args) -> Iterator[dict]:
+    """The result lines of one model: plain, then compiled (its ratio against plain)."""
     import torch
 
     from cogpipe.generate import GenerateOptions
     from cogpipe.models import speed
 
-    size = dict(frames=9, height=64, width=64) if args.dry else {}
-    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
-    common = {"device": device, "date": datetime.date.today().isoformat(),
-              "commit": os.environ.get("COMMIT", "unknown")}  # fmt: skip
-    for model in args.models.split(","):
-        pipe, dev = build_pipeline(model, args.dry)
-        options = GenerateOptions(model=model, steps=args.steps, device=dev.type, **size)
-        case = f"cogvideox-{model} {options.steps} steps {options.frames}x{options.height}x{options.width}"
+    pipe, dev = build_pipeline(model, args.dry)
+    options = GenerateOptions(model=model, steps=args.steps, device=dev.type,
+                              **video_size(model, args.dry))  # fmt: skip
+    case = (
+        f"cogvideox-{model} {options.steps} steps {options.frames}x{options.height}x{options.width}"
+    )
+    plain = None
+    if "plain" in args.variants:
         plain = seconds_per_video(pipe, options, args.repeats)
-        line = {"bench": "generate", "case": f"{case} plain", "metric": "s_per_video",
-                "value": round(plain, 2), "reference": round(plain, 2), "ratio": 1.0}  # fmt: skip
-        print(json.dumps(line | common), flush=True)
-        if args.dry:
-            continue  # compile needs a GPU
+        yield {"bench": "generate", "case": f"{case} plain", "metric": "s_per_video",
+               "value": round(plain, 2), "reference": round(plain, 2), "ratio": 1.0}  # fmt: skip
+    if "compile" in args.variants and not args.dry:  # compile needs a GPU
         speed.compile_blocks(pipe.transformer)
         # Compiles: the shapes do not depend on the step count, so 2 steps compile it all.
         seconds_per_video(pipe, options.model_copy(update={"steps": 2}), 1)
         fast = seconds_per_video(pipe, options, args.repeats)
-        line = {"bench": "generate", "case": f"{case} compile", "metric": "s_per_video",
-                "value": round(fast, 2), "reference": round(plain, 2),
-                "ratio": round(plain / fast, 3)}  # fmt: skip
-        print(json.dumps(line | common), flush=True)
-        del pipe
+        yield {"bench": "generate", "case": f"{case} compile", "metric": "s_per_video",
+               "value": round(fast, 2), "reference": plain and round(plain, 2),
+               "ratio": plain and round(plain / fast, 3)}  # fmt: skip
+    del pipe
+    if not args.dry:
         torch.cuda.empty_cache()
+
+
+def main() -> None:
+    from train_step import MODELS, commit, image_to_video
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="2b,5b")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--variants", default="plain,compile", help="plain, compile or both")
+    parser.add_argument("--dry", action="store_true", help="tiny models on the CPU")
+    args = parser.parse_args()
+    args.variants = args.variants.split(",")
+    text_models = [m for m, config in MODELS.items() if not image_to_video(config)]
+    models = args.models.split(",")
+    if unknown := [m for m in models if m not in text_models]:
+        parser.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(text_models)}")
+    if unknown := [v for v in args.variants if v not in ("plain", "compile")]:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: plain, compile")
+
+    import torch
+
+    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
+    common = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit()}
+    for model in models:
+        for line in model_lines(model, args):
+            print(json.dumps(line | common), flush=True)
 
 
 if __name__ == "__main__":

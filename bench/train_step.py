@@ -1,20 +1,29 @@
-"""Seconds per LoRA training step of full-size CogVideoX-2b and -5b at 49x480x720, batch 1.
+"""Seconds per LoRA training step of full-size CogVideoX models at their native size, batch 1:
+2B, 5B and 5B-I2V at 49x480x720, CogVideoX1.5-5B (and 1.5-5B-I2V) at 81x768x1360.
 
 The reference is the naive diffusers + peft step the CogVideoX LoRA example takes: bf16
 weights, autocast, the transformer's own gradient checkpointing, a foreach AdamW and a
 loss read every step. The cogpipe variants run `cogpipe.train.build_trainer` and
 `Trainer.step`, the code a training run executes, with the settings named in the case.
 Every variant runs in its own process (a clean peak-memory count, no compiled code
-shared in memory) on the same random inputs; weights are random (speed does not depend
-on their values).
+shared in memory) on the same random weights and inputs (speed does not depend on their
+values; the cogpipe variants' losses agree up to rounding); image-to-video models get
+random first-frame image latents too.
 
 MFU counts the model FLOPs of a step: the linears forward plus their input gradients
-(frozen weights need no weight gradients) and attention forward plus backward (2x):
-312.8 TFLOP for 2B and 827.5 TFLOP for 5B, over 989 TFLOP/s of dense bf16 (H100/H200).
+(frozen weights need no weight gradients) and attention forward plus backward (2x), over
+the tokens a block sees: 226 text tokens and latent frames / temporal patch x h/2 x w/2
+video tokens. 49x480x720 is 13 x 30 x 45 video tokens: 312.8 TFLOP for 2B, 827.4 for 5B
+and 5B-I2V (its wider input touches only the patch embedding). 81x768x1360 is 21 latent
+frames padded to 22, so 11 x 48 x 85: 4008.2 TFLOP for 1.5-5B, attention about 79% of it.
+Peak dense bf16 is 989 TFLOP/s (H100/H200). `fits_80gb` says whether the peak memory is
+at most 75 GiB, which leaves an 80 GB H100 room for the CUDA context and fragmentation:
+the budget the shipped configs keep.
 
-    python bench/train_step.py                      # every model and variant
+    python bench/train_step.py                      # 2B and 5B, every variant
     python bench/train_step.py --models 2b --variants naive-ckpt,compile-selective
-    python bench/train_step.py --dry                # a tiny model on the CPU, to try the script
+    python bench/train_step.py --models 1.5-5b --variants compile-attention --warmup 2 --steps 3
+    python bench/train_step.py --models 1.5-5b,5b-i2v --dry   # tiny models on the CPU
 
 One JSON line per measurement on stdout, as DESIGN.md's Benchmarks section says.
 """
@@ -28,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,11 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 REFERENCE = "naive-ckpt"
 
-# The transformer configs of THUDM/CogVideoX-2b and -5b (diffusers' defaults are the 2b's).
+FITS_GIB = 75.0  # what fits an 80 GB H100, with room for the CUDA context and fragmentation
+
+# The transformer configs of the hub models (transformer/config.json) where they differ
+# from diffusers' defaults, which are CogVideoX-2b's.
+_5B = {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
+_1_5 = _5B | {"patch_size_t": 2, "patch_bias": False, "sample_height": 300, "sample_width": 300,
+              "sample_frames": 81}  # fmt: skip
 MODELS = {
     "2b": {"num_attention_heads": 30, "num_layers": 30, "use_rotary_positional_embeddings": False},
-    "5b": {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True},
+    "5b": _5B,
+    "5b-i2v": _5B | {"in_channels": 32, "use_learned_positional_embeddings": True},
+    "1.5-5b": _1_5,
+    "1.5-5b-i2v": _1_5 | {"in_channels": 32, "ofs_embed_dim": 512},
 }
+# Tiny sizes for a dry run, each model's generation kept (`transformer_config`): image-to-video
+# doubles the latent channels, 1.5-I2V's ofs embedding is as wide as the time embedding.
 TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "in_channels": 4,
         "out_channels": 4, "time_embed_dim": 8, "text_embed_dim": 32, "max_text_seq_length": 16,
         "sample_width": 8, "sample_height": 8, "sample_frames": 9}  # fmt: skip
@@ -54,6 +75,18 @@ VARIANTS = {
     "compile-full": ("cogpipe", {"gradient_checkpointing": "full"}),
     "compile-selective": ("cogpipe", {"gradient_checkpointing": "selective"}),
     "compile-attention": ("cogpipe", {"gradient_checkpointing": "attention"}),
+    "compile-attention-0.9": (
+        "cogpipe",
+        {"gradient_checkpointing": "attention", "checkpointed_blocks": 0.9},
+    ),
+    "compile-attention-0.8": (
+        "cogpipe",
+        {"gradient_checkpointing": "attention", "checkpointed_blocks": 0.8},
+    ),
+    "compile-attention-0.7": (
+        "cogpipe",
+        {"gradient_checkpointing": "attention", "checkpointed_blocks": 0.7},
+    ),
     "compile-selective-half": (
         "cogpipe",
         {"gradient_checkpointing": "selective", "checkpointed_blocks": 0.5},
@@ -79,14 +112,34 @@ VARIANTS = {
 
 def transformer_config(model: str, dry: bool) -> dict:
     """Constructor arguments: the model's own, tiny sizes for a dry run."""
-    return MODELS[model] | (TINY if dry else {})
+    config = MODELS[model]
+    if not dry:
+        return dict(config)
+    tiny = TINY | {"in_channels": TINY["in_channels"] * (config.get("in_channels", 16) // 16)}
+    if config.get("ofs_embed_dim"):
+        tiny["ofs_embed_dim"] = TINY["time_embed_dim"]
+    return config | tiny
+
+
+def image_to_video(config: dict) -> bool:
+    """Whether the transformer takes image latents beside the video's (twice the channels)."""
+    return config.get("in_channels", 16) == 2 * config.get("out_channels", 16)
 
 
 def shapes(config: dict, dry: bool) -> dict:
-    """Latent frames, height and width, pixel height and width, text length."""
+    """Latent frames, height and width, pixel frames, height and width, text length: the
+    native size of the config's generation (a temporal patch of 2 is CogVideoX 1.5's).
+
+    A dry run keeps the generation's latent frame count where it needs padding (1.5's 21).
+    """
+    wide = config.get("patch_size_t") == 2
     if dry:
-        return {"frames": 3, "h": 8, "w": 8, "height": 64, "width": 64, "text": 16}
-    return {"frames": 13, "h": 60, "w": 90, "height": 480, "width": 720, "text": 226}
+        frames = 81 if wide else 9
+        return {"frames": (frames - 1) // 4 + 1, "h": 8, "w": 8, "pixel_frames": frames,
+                "height": 64, "width": 64, "text": 16}  # fmt: skip
+    frames, height, width = (81, 768, 1360) if wide else (49, 480, 720)
+    return {"frames": (frames - 1) // 4 + 1, "h": height // 8, "w": width // 8,
+            "pixel_frames": frames, "height": height, "width": width, "text": 226}  # fmt: skip
 
 
 def model_tflops(config: dict, s: dict) -> float:
@@ -94,7 +147,8 @@ def model_tflops(config: dict, s: dict) -> float:
     heads = config.get("num_attention_heads", 30)
     d = heads * config.get("attention_head_dim", 64)
     layers = config.get("num_layers", 30)
-    tokens = s["text"] + s["frames"] * (s["h"] // 2) * (s["w"] // 2)
+    p, p_t = config.get("patch_size", 2), config.get("patch_size_t") or 1
+    tokens = s["text"] + -(-s["frames"] // p_t) * (s["h"] // p) * (s["w"] // p)
     linear_params = layers * (4 * d * d + 2 * d * 4 * d)  # q, k, v, out; feed-forward 4x
     linear = 2 * 2 * linear_params * tokens  # forward + input gradient
     attention = 3 * 4 * tokens**2 * d * layers  # QK^T and PV, forward + 2x backward
@@ -102,11 +156,13 @@ def model_tflops(config: dict, s: dict) -> float:
 
 
 def build(model: str, dry: bool, dtype):
-    """A randomly initialised transformer in `dtype` and the training noise schedule."""
+    """A randomly initialised transformer in `dtype` and the training noise schedule; the
+    same weights in every process (seed 0), so every variant's loss can be compared."""
     import torch
     from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
     device = "cpu" if dry else "cuda"
+    torch.manual_seed(0)
     with torch.device(device):
         transformer = CogVideoXTransformer3DModel(**transformer_config(model, dry))
     transformer = transformer.to(dtype).requires_grad_(False)
@@ -116,20 +172,31 @@ def build(model: str, dry: bool, dtype):
     return transformer, scheduler
 
 
-def inputs(config: dict, s: dict):
-    """(latents [1, F', C, h, w], prompt embeds [1, L, D]) on the CPU, fixed by a seed."""
+def inputs(config, s: dict):
+    """(latents [1, F', C, h, w], prompt embeds [1, L, D]) on the CPU, fixed by a seed; C
+    is the latent channels (the transformer's output channels)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(
-        1, s["frames"], config.get("in_channels", 16), s["h"], s["w"], generator=g
-    )
+    channels = config.get("out_channels", 16)
+    latents = torch.randn(1, s["frames"], channels, s["h"], s["w"], generator=g)
     embeds = torch.randn(1, s["text"], config.get("text_embed_dim", 4096), generator=g)
     return latents, embeds
 
 
+def image_inputs(config, s: dict):
+    """First-frame image latents [1, 1, C, h, w] of an image-to-video model, else None."""
+    import torch
+
+    if not image_to_video(dict(config)):
+        return None
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, 1, config.get("out_channels", 16), s["h"], s["w"], generator=g)
+
+
 def naive_steps(model: str, overrides: dict, dry: bool, steps: int):
-    """The diffusers example's step; yields after each one."""
+    """The diffusers example's step (with CogVideo's trainers' 1.5 padding and image
+    latents, which `diffusion_loss` adds from the model's config); yields after each one."""
     import torch
     from peft import LoraConfig
 
@@ -150,11 +217,14 @@ def naive_steps(model: str, overrides: dict, dry: bool, steps: int):
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, eps=1e-8)
     device = next(transformer.parameters()).device
     latents, embeds = (x.to(device, dtype) for x in inputs(config, s))
+    image = image_inputs(config, s)
+    extra = {} if image is None else {"image": image.to(device, dtype)}
     rotary = cogvideox.rotary_embeddings(config, s["height"], s["width"], s["frames"], device)
     yield transformer
     for step in range(steps):
         with torch.autocast(device.type, dtype=dtype, enabled=not dry):
-            loss = diffusion_loss(transformer, scheduler, latents, embeds, rotary, generator(step))
+            loss = diffusion_loss(transformer, scheduler, latents, embeds, rotary, generator(step),
+                                  **extra)  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -177,12 +247,20 @@ def cogpipe_steps(model: str, overrides: dict, dry: bool, steps: int):
     t = TrainConfig(**({"max_steps": steps, "lr_warmup_steps": 0, "device": device} | overrides))
     trainer = build_trainer(transformer, scheduler, t, seed=0, device=device)
     s = shapes(config, dry)
-    latents, embeds = inputs(transformer.config, s)
-    bucket = (s["height"], s["width"], s["frames"])
+    batch = micro_batch(transformer.config, s)
     yield transformer
     for step in range(1, steps + 1):
-        loss, _, _ = trainer.step(step, [(latents, embeds, bucket)])
+        loss, _, _ = trainer.step(step, [batch])
         yield loss
+
+
+def micro_batch(config, s: dict) -> tuple:
+    """A `Trainer.step` micro-batch on the CPU: (latents, prompt embeds, bucket), and for an
+    image-to-video model the first frame's latents fourth."""
+    latents, embeds = inputs(config, s)
+    image = image_inputs(config, s)
+    bucket = (s["height"], s["width"], s["frames"])  # latent frames as stored (unpadded)
+    return (latents, embeds, bucket) + (() if image is None else (image,))
 
 
 def write_profile(run, path: Path) -> None:
@@ -254,6 +332,34 @@ def commit() -> str:
     return git.stdout.strip() or "unknown"
 
 
+def model_lines(model: str, variants: list[str], args) -> Iterator[dict]:
+    """The result lines of one model: the reference variant first, each line its ratio."""
+    config = transformer_config(model, args.dry)
+    s = shapes(config, args.dry)
+    tflops = model_tflops(config, s)
+    size = f"{s['pixel_frames']}x{s['height']}x{s['width']}"
+    reference = None
+    for variant in [REFERENCE] + [v for v in variants if v != REFERENCE]:
+        if variant.startswith("naive") and variant != REFERENCE and model != "2b":
+            continue  # the unchecked naive step of a 5B-size model needs over 80 GB
+        got = run_variant(model, variant, args)
+        case = f"cogvideox-{model} lora r128 {size} bs1 {variant}"
+        if "error" in got:
+            yield {"bench": "train_step", "case": case, "metric": "s_per_step", "value": None,
+                   "error": got["error"]}  # fmt: skip
+            continue
+        seconds, peak = got["s_per_step"], got["peak_mem_gb"]
+        reference = reference or seconds  # the reference runs first
+        yield {"bench": "train_step", "case": case, "metric": "s_per_step",
+               "value": round(seconds, 4), "reference": round(reference, 4),
+               "ratio": round(reference / seconds, 3),
+               "mfu": round(tflops / seconds / PEAK_TFLOPS, 4),
+               "peak_mem_gb": peak and round(peak, 2),
+               "fits_80gb": None if peak is None else peak <= FITS_GIB,
+               "model_tflop": round(tflops, 1), "dtype": got["dtype"],
+               "warmup_s": round(got["warmup_s"], 1), "loss": got["loss"]}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="2b,5b")
@@ -269,35 +375,17 @@ def main() -> None:
         print(json.dumps(measure(*args.one, args.dry, args.warmup, args.steps, args.profile)))
         return
 
+    models, variants = args.models.split(","), args.variants.split(",")
+    for name, given, known in [("models", models, MODELS), ("variants", variants, VARIANTS)]:
+        if unknown := [x for x in given if x not in known]:
+            parser.error(f"--{name}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+
     import torch
 
     device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
-    variants = args.variants.split(",")
-    if REFERENCE not in variants:
-        variants.insert(0, REFERENCE)
     common = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit()}
-    for model in args.models.split(","):
-        config = transformer_config(model, args.dry)
-        tflops = model_tflops(config, shapes(config, args.dry))
-        reference = None
-        for variant in [REFERENCE] + [v for v in variants if v != REFERENCE]:
-            if variant.startswith("naive") and variant != REFERENCE and model == "5b":
-                continue  # the unchecked naive 5B step needs over 80 GB
-            got = run_variant(model, variant, args)
-            case = f"cogvideox-{model} lora r128 49x480x720 bs1 {variant}"
-            if "error" in got:
-                print(json.dumps({"bench": "train_step", "case": case, "metric": "s_per_step",
-                                  "value": None, "error": got["error"]} | common), flush=True)  # fmt: skip
-                continue
-            seconds = got["s_per_step"]
-            reference = reference or seconds  # the reference runs first
-            line = {"bench": "train_step", "case": case, "metric": "s_per_step",
-                    "value": round(seconds, 4), "reference": round(reference, 4),
-                    "ratio": round(reference / seconds, 3),
-                    "mfu": round(tflops / seconds / PEAK_TFLOPS, 4),
-                    "peak_mem_gb": got["peak_mem_gb"] and round(got["peak_mem_gb"], 2),
-                    "model_tflop": round(tflops, 1), "dtype": got["dtype"],
-                    "warmup_s": round(got["warmup_s"], 1), "loss": got["loss"]}  # fmt: skip
+    for model in models:
+        for line in model_lines(model, variants, args):
             print(json.dumps(line | common), flush=True)
 
 

@@ -206,3 +206,62 @@ def test_a_prompt_file_replaces_the_prompt_and_keys_its_text(tmp_path):
     path.write_text("caption:\n  prompt_file: prompts/mine.txt\n  prompt: Two.\n")
     with pytest.raises(ConfigError, match="give prompt or prompt_file, not both"):
         load_config(path)
+
+
+def test_shipped_family_configs_train_at_their_models_native_shapes():
+    """The 1.5-5B config trains at 81 frames (16k+1 for its temporal patch of 2) and up to
+    768x1360 in both orientations; the 5B-I2V config only at the 480x720 its learned
+    positional embeddings fix. Both name their model by short name: it must resolve."""
+    from cogpipe.models.cogvideox import hub_id
+
+    wide = load_config(ROOT / "configs" / "cogvideox1.5-5b-lora.yaml")
+    assert wide.model == hub_id("1.5-5b") == "THUDM/CogVideoX1.5-5B"
+    p = wide.precompute
+    assert p.frames == 81 and (p.frames - 1) % 16 == 0
+    assert {(768, 1360), (1360, 768)} <= set(p.all_buckets())
+    assert max(max(b) for b in p.all_buckets()) == 1360
+    assert wide.train.mixed_precision == "bf16"
+    assert (wide.evaluate.frames, wide.evaluate.height, wide.evaluate.width) == (81, 768, 1360)
+
+    i2v = load_config(ROOT / "configs" / "cogvideox-5b-i2v-lora.yaml")
+    assert i2v.model == hub_id("5b-i2v") == "THUDM/CogVideoX-5b-I2V"
+    assert i2v.precompute.all_buckets() == [(480, 720)] and i2v.precompute.frames == 49
+    assert i2v.evaluate.prompts == "heldout"  # each image comes with its own clip's caption
+    assert (i2v.evaluate.frames, i2v.evaluate.height, i2v.evaluate.width) == (49, 480, 720)
+    assert i2v.train.mixed_precision == "bf16"
+
+
+def _hub_transformer_config(model: str) -> dict:
+    """A hub model's transformer config.json as bench/train_step.py writes it down (the
+    values that differ from diffusers' defaults) over those defaults."""
+    import importlib.util
+    import inspect
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    path = ROOT / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    params = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    return defaults | bench.MODELS[model]
+
+
+def test_shipped_family_configs_pass_their_models_shape_checks():
+    """Precompute's check of the model's traits (cogvideox.check_fits) accepts each shipped
+    config with the real config of the model it names, and refuses the 1.5 config's sizes
+    for 5B-I2V, whose learned positional embeddings fix 480x720."""
+    from cogpipe.models import cogvideox
+
+    vae = {"latent_channels": 16}
+    wide = load_config(ROOT / "configs" / "cogvideox1.5-5b-lora.yaml")
+    i2v = load_config(ROOT / "configs" / "cogvideox-5b-i2v-lora.yaml")
+    wide_shape = cogvideox.model_shape(_hub_transformer_config("1.5-5b"), vae)
+    i2v_shape = cogvideox.model_shape(_hub_transformer_config("5b-i2v"), vae)
+    assert (wide_shape.temporal_patch, wide_shape.image_to_video) == (2, False)
+    assert (i2v_shape.fixed_size, i2v_shape.image_to_video) == ((480, 720), True)
+    cogvideox.check_fits(wide, wide_shape)
+    cogvideox.check_fits(i2v, i2v_shape)
+    with pytest.raises(ConfigError, match="480x720"):
+        cogvideox.check_fits(wide, i2v_shape)
