@@ -42,6 +42,10 @@ def family_config(tmp_path_factory, sample_videos, tiny_models, tiny_family):
         raw["caption"]["model"] = str(tiny_models["llava"])
         raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
         raw["filter"] |= {"select_top": 3}  # 3 samples: 2 shards, batches of 1
+        raw["check"] |= {
+            "heldout_fraction": 0.4
+        }  # held-out clips: image-to-video evaluates on them
+        raw["evaluate"] |= {"frames": FRAMES, "prompts": raw["evaluate"]["prompts"][:1]}
         raw["precompute"] |= {"frames": FRAMES, "fps": FPS, "device": "cpu"}
         raw["train"] |= STEPS
         for section, values in sections.items():
@@ -280,3 +284,15 @@ def test_a_rank_skips_exactly_the_draws_of_lower_ranks_micro_batches(tiny_models
     train.skip_draws(skipped, [tuple(latents.shape)], shape, 1000)
     assert torch.equal(made.get_state(), skipped.get_state())
     assert not torch.equal(made.get_state(), torch.Generator().manual_seed(9).get_state())
+
+
+def test_image_to_video_runs_through_evaluate_at_81_frames(trained, family_config):
+    """The whole pipeline, evaluate included, on the 1.5-I2V tiny model at its native 81
+    frames: base and both checkpoints sampled from held-out clips' first frames."""
+    cfg, _, _, _ = trained("1.5-i2v")
+    result = run_all(cfg, until="evaluate")[-1]
+    assert result.counts["checkpoints_evaluated"] == 2
+    index = read_table(cfg.workspace / "evaluate" / "index.parquet")
+    assert set(index.checkpoint) >= {"checkpoint-000001", "checkpoint-000002"}
+    videos = sorted(Path(result.path).rglob("*.mp4"))
+    assert videos
