@@ -1024,6 +1024,41 @@ example:
     p.add_argument("--pool", choices=["cpu", "gpu"], required=True, help="the work pool to serve")
     p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
     p.add_argument("--name", help="worker name (default: pool, host and GPUs)")
+    _add_serve_api(sub)
+
+
+def _add_serve_api(sub) -> None:
+    """serve-api: the inference service (cogpipe.service), one process per GPU."""
+    p = _command(sub, "serve-api", "the inference service: one warm pipeline, LoRAs by name", """
+Loads the base model once and serves text/image-to-video over HTTP (FastAPI, docs at
+/docs) until Ctrl-C: POST /v1/videos queues a job, GET /v1/videos/ID reports it, GET
+/v1/videos/ID/content is the mp4. LoRAs stay resident and switch per request; more are
+added with POST /v1/loras. Jobs and results persist in --folder across restarts. With
+COGPIPE_API_KEY set, every /v1 request needs `Authorization: Bearer <key>`.
+
+example:
+  cogpipe serve-api demo/demo.yaml --lora slap=demo/workspace/train/demo/checkpoint-000006
+  cogpipe serve-api --model 2b --lora a=runs/a.safetensors --port 8001 --folder /data/api1
+""", cmd_serve_api)  # fmt: skip
+    p.add_argument("config", nargs="?", metavar="CONFIG",
+                   help="a pipeline config: its model and evaluate settings are the defaults")  # fmt: skip
+    p.add_argument("--model", help="the base model (wins over CONFIG's): 2b, 5b, hub id, folder")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="a LoRA to load at start: checkpoint folder or .safetensors (repeatable)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    p.add_argument("--folder", default=".cogpipe-api", metavar="DIR",
+                   help="jobs database and videos (default .cogpipe-api/)")  # fmt: skip
+    p.add_argument("--templates", metavar="YAML", help="prompt templates (default: shipped)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (or CONFIG's)")
+    p.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
+    p.add_argument("--paused", action="store_true", help="accept jobs, run none until resumed")
+    for name, default, what in (("frames", 81, "frames a request may ask"),
+                                ("pixels", 768 * 1360, "height x width a request may ask"),
+                                ("steps", 100, "steps a request may ask"),
+                                ("queue", 100, "jobs waiting; more get 429")):  # fmt: skip
+        p.add_argument(f"--max-{name}", type=int, default=default, metavar="N",
+                       help=f"the most {what} (default {default})")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1172,6 +1207,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cogpipe_flows.serve import run_worker
 
     return _serving(lambda: run_worker(args.pool, args.api, args.name))
+
+
+def cmd_serve_api(args: argparse.Namespace) -> int:
+    """The inference service in the foreground; a bad flag or file is one line and exit 2."""
+    from cogpipe import service
+    from cogpipe.templates import TemplateError, load_templates
+
+    try:
+        templates = load_templates(Path(args.templates) if args.templates else None)
+        loras = service.parse_loras(args.lora)
+        defaults = service.defaults_for(args.config, args.model, args.device, args.compile)
+        limits = service.Limits(args.max_frames, args.max_pixels, args.max_steps, args.max_queue)
+        svc = service.Service(Path(args.folder), defaults, templates, limits, args.paused)
+        service.serve(svc, loras, args.host, args.port, on_line=lambda x: print(x, flush=True))
+    except (service.ServiceError, TemplateError) as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,12 +275,12 @@ def serve(state: Ratings, host: str, port: int, on_url: Callable[[str], None] = 
     on_url(f"http://{shown}:{sock.getsockname()[1]}/")
     config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=3)  # fmt: skip
-    with _quiet_stop():
+    with quiet_stop():
         uvicorn.Server(config).run(sockets=[sock])
 
 
 @contextmanager
-def _quiet_stop():
+def quiet_stop():
     """uvicorn raises the signal that stopped it again once it has shut down; with these
     handlers in place, that ends `serve` normally (exit status 0, no traceback)."""
     signals = (signal.SIGINT, signal.SIGTERM)

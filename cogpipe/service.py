@@ -1,0 +1,645 @@
+"""`cogpipe serve-api`: one long-lived process per GPU holding a CogVideoX pipeline, serving
+text- and image-to-video over HTTP with LoRAs hot-swapped by name and a job queue that
+survives restarts.
+
+    cogpipe serve-api demo/demo.yaml --lora slap=demo/workspace/train/run/checkpoint-000006
+    curl -X POST 127.0.0.1:8000/v1/videos -d '{"prompt": "A fighter slaps.", "lora": "slap"}'
+    curl 127.0.0.1:8000/v1/videos/<id>              # state, queue position, step progress
+    curl -o slap.mp4 127.0.0.1:8000/v1/videos/<id>/content
+
+Routes (under /v1; with COGPIPE_API_KEY set each needs `Authorization: Bearer <key>`):
+`POST /videos` (prompt, or template + slots; lora, lora_scale, seed, steps, guidance,
+frames, height, width, fps; image as base64 for an image-to-video model) -> 202 and a job,
+or 200 and a stored result; `GET /videos/{id}`, `GET /videos/{id}/content` (the mp4),
+`DELETE /videos/{id}` (cancels a queued job); `GET|POST /loras`; `GET /templates`;
+`GET|POST /queue` (pause and resume the worker). `GET /health` and `/docs` need no key.
+
+What is notable:
+- a video equals `cogpipe generate`'s with the same model, LoRA, scale, seed and settings:
+  the worker calls `generate.generate_one` and `generate.write_video` on a pipeline that
+  `generate.load` loaded once; a LoRA is a diffusers adapter on it, set per job (the base
+  model's jobs run with the adapters disabled), so switching LoRAs reloads nothing;
+- one worker thread takes the jobs one at a time: the oldest first, then queued jobs of
+  the same LoRA back to back (at most `STREAK` in a row, so no LoRA waits for ever);
+- every job's key hashes the model (files and dtype), the LoRA file's sha256, the scale,
+  the settings, the seed, the prompt and the image: a request whose video is already
+  stored is answered at once (`cached: true`), and one already queued returns that job;
+- jobs, results (`videos/<key>.mp4`) and LoRAs added through the API live in the service
+  folder (`service_jobs.JobStore`); a restart re-queues what was queued or running;
+- `POST /v1/loras` changes the pipeline's modules, so it waits for the video in flight.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cogpipe import generate
+from cogpipe.generate import GenerateError, GenerateOptions
+from cogpipe.rate import quiet_stop
+from cogpipe.service_jobs import JobStore
+from cogpipe.templates import Template, TemplateError, render
+from cogpipe.workspace import model_fingerprint, sha256_json
+
+KEY_ENV = "COGPIPE_API_KEY"
+STREAK = 8  # at most this many jobs of one LoRA in a row while others wait
+SAMPLER = ("steps", "guidance", "frames", "height", "width", "fps", "seed")
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a LoRA's name in requests and URLs
+MAX_IMAGE = 32 << 20  # bytes of an image-to-video request's first frame
+IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
+
+
+class ServiceError(RuntimeError):
+    """The service cannot start: a port taken, a LoRA or templates file that does not load."""
+
+
+class RequestError(Exception):
+    """A request the service refuses: the HTTP status and the reason, one line."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Stopping(Exception):
+    """The process is stopping: the video in flight goes back to the queue."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest job the service takes, and how many may wait."""
+
+    frames: int = 81
+    pixels: int = 768 * 1360  # height x width of one frame
+    steps: int = 100
+    queue: int = 100
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A resident LoRA: its request name, file, content hash and adapter name on the pipeline."""
+
+    name: str
+    path: Path
+    sha256: str
+
+    @property
+    def adapter(self) -> str:
+        """Named by content (never generate's "lora"): one file under two names loads once."""
+        return f"sha_{self.sha256[:16]}"
+
+
+class VideoRequest(BaseModel):
+    """POST /v1/videos: what to generate; settings not given are the service's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(
+        None, max_length=4000, description="The prompt; or give template and slots."
+    )
+    template: str | None = Field(None, description="A template's name (GET /v1/templates).")
+    slots: dict[str, str] = Field(default_factory=dict, description="The template's slots.")
+    lora: str | None = Field(None, description="A loaded LoRA's name (GET /v1/loras); none: base.")
+    lora_scale: float = Field(1.0, description="1.0 applies the file's alpha/rank; 0 is off.")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = None
+    guidance: float | None = None
+    frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    fps: int | None = None
+    image: str | None = Field(None, description="Image-to-video: the first frame, base64 PNG/JPEG.")
+
+
+class LoraRequest(BaseModel):
+    """POST /v1/loras: a name and a checkpoint folder or LoRA .safetensors file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME)
+    path: str
+
+
+class QueueRequest(BaseModel):
+    """POST /v1/queue: pause (jobs are still accepted) or resume the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    paused: bool
+
+
+def sha256_file(path: Path) -> str:
+    """A file's sha256, read in 1 MiB blocks (a 5B rank-256 LoRA is ~1 GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plan(queued: list[dict], current: str | None, streak: int) -> list[dict]:
+    """The order the worker takes `queued` (in submission order) in: the oldest first, then
+    the same LoRA's jobs back to back; after STREAK in a row, another LoRA's oldest job.
+
+    Args:
+        current: the LoRA of the job that ran last (None: the base model).
+        streak: how many jobs of `current` ran in a row.
+    """
+    waiting, order = list(queued), []
+    while waiting:
+        if streak < STREAK:  # the same LoRA's next job, else the oldest
+            preferred = [j for j in waiting if j["lora"] == current]
+        else:  # its turn is over: the oldest job of any other
+            preferred = [j for j in waiting if j["lora"] != current]
+        job = preferred[0] if preferred else waiting[0]
+        streak = streak + 1 if job["lora"] == current else 1
+        current = job["lora"]
+        waiting.remove(job)
+        order.append(job)
+    return order
+
+
+def activate(pipe, adapter: str | None, scale: float) -> None:
+    """Make one adapter the pipeline's LoRA at `scale`, or none (the base model exactly)."""
+    if not getattr(pipe.transformer, "peft_config", None):
+        return  # no LoRA loaded yet: the base model
+    if adapter is None:
+        pipe.disable_lora()
+        return
+    pipe.enable_lora()
+    pipe.set_adapters([adapter], [scale])
+
+
+class Service:
+    """The pipeline, its LoRAs, the job store and the worker thread of one process."""
+
+    def __init__(self, folder: Path, defaults: GenerateOptions, templates: dict[str, Template],
+                 limits: Limits = Limits(), paused: bool = False) -> None:  # fmt: skip
+        self.folder = Path(folder)
+        self.store = JobStore(self.folder / "jobs.sqlite")
+        self.defaults = defaults.model_copy(update={"lora": None, "image": None})
+        self.traits = generate.model_traits(defaults.model)
+        self.templates, self.limits = templates, limits
+        self.loras: dict[str, Lora] = {}
+        self.pipe, self.fingerprint = None, ""
+        self.lock = threading.Lock()  # the pipeline: one video or one LoRA load at a time
+        self.stop, self.wake = threading.Event(), threading.Event()
+        self.paused = paused
+        self.progress: dict[str, tuple[int, int]] = {}  # running job -> (steps done, steps)
+        self.last: tuple[str | None, int] = ("", 0)  # (LoRA of the last job, run length);
+        # "" before the first job: no LoRA's name (None is the base model's)
+        self.worker = threading.Thread(target=self._work, name="cogpipe-gpu", daemon=True)
+
+    # ----------------------------------------------------------------------- lifecycle
+
+    def start(self, loras: dict[str, Path], on_line: Callable[[str], None] = print) -> None:
+        """Load the pipeline and the LoRAs (those added before a restart, then `loras`),
+        then start the worker.
+
+        Raises:
+            ServiceError: a LoRA given here does not load.
+        """
+        self.pipe = generate.load(self.defaults)
+        dtype = str(self.pipe.transformer.dtype)
+        self.fingerprint = sha256_json(
+            [model_fingerprint(generate.resolve_model(self.defaults.model)), str(dtype)]
+        )
+        for row in self.store.loras():
+            if row["name"] in loras:
+                continue
+            try:
+                self.add_lora(row["name"], row["path"])
+            except RequestError as e:  # its file moved or changed since: jobs naming it fail
+                on_line(f"serve-api: LoRA {row['name']} not reloaded: {e}")
+        for name, path in loras.items():
+            try:
+                self.add_lora(name, str(path), replace=True)
+            except RequestError as e:
+                raise ServiceError(f"--lora {name}={path}: {e}") from None
+        self.worker.start()
+
+    def shutdown(self) -> None:
+        """Stop the worker; a video in flight goes back to the queue for the next start."""
+        self.stop.set()
+        self.wake.set()
+        if self.worker.is_alive():
+            self.worker.join(timeout=60)
+
+    # ----------------------------------------------------------------------- LoRAs
+
+    def add_lora(self, name: str, path: str, replace: bool = False) -> Lora:
+        """Load a LoRA (a checkpoint folder or its file) as a named adapter, without reloading
+        the base; the same file under the same name again is a no-op.
+
+        Raises:
+            RequestError: 422 when the path is not a plain LoRA of this model, 409 when the
+                name is taken by another file (unless `replace`).
+        """
+        if not re.match(NAME, name):
+            raise RequestError(422, f"LoRA name {name!r}: letters, digits, '_', '.', '-' only")
+        try:
+            file = generate.lora_file(path)
+        except GenerateError as e:
+            raise RequestError(422, str(e).removeprefix("--lora ")) from None
+        mode = generate.trained_mode(file)
+        if mode is not None and mode[0] != "lora":
+            raise RequestError(422, f"{path}: trained in mode {mode[0]}, which needs a "
+                               "condition; the service serves plain LoRAs")  # fmt: skip
+        lora = Lora(name, file.resolve(), sha256_file(file))
+        old = self.loras.get(name)
+        if old is not None and old.sha256 != lora.sha256 and not replace:
+            raise RequestError(409, f"LoRA {name!r} is already {old.path}; pick another name")
+        with self.lock:
+            self._load_adapter(lora)
+        self.loras[name] = lora
+        self.store.put_lora(name, str(lora.path), lora.sha256)
+        return lora
+
+    def _load_adapter(self, lora: Lora) -> None:
+        """Load the file as an adapter unless one of that content is resident."""
+        if lora.adapter in getattr(self.pipe.transformer, "peft_config", {}):
+            return
+        try:
+            self.pipe.load_lora_weights(
+                str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter
+            )
+        except Exception as e:  # wrong model, rank mismatch, not a LoRA file
+            if lora.adapter in getattr(self.pipe.transformer, "peft_config", {}):
+                self.pipe.delete_adapters(lora.adapter)
+            raise RequestError(422, f"{lora.path}: not a LoRA of this model: {e}"[:400]) from None
+
+    # ----------------------------------------------------------------------- requests
+
+    def submit(self, req: VideoRequest) -> tuple[dict, int]:
+        """A job for the request: (job, 202) queued, or (job, 200) a stored result.
+
+        Raises:
+            RequestError: 422 naming what is wrong with the request, 429 when the queue is full.
+        """
+        prompt = self._prompt(req)
+        lora = self._lora(req.lora)
+        options = self._options(req)
+        key = self._key(prompt, options, lora)
+        spec = {"prompt": prompt, "options": options.model_dump(mode="json"),
+                "lora_sha256": lora.sha256 if lora else None}  # fmt: skip
+        name = lora.name if lora else None
+        done = self.store.find(key, ("done",))
+        if done is not None and (self.folder / done["result"]).is_file():
+            return self.store.add(key, name, spec, done_as=done), 200
+        pending = self.store.find(key, ("queued", "running"))
+        if pending is not None:
+            return pending, 202
+        if self.store.counts()["queued"] >= self.limits.queue:
+            raise RequestError(429, f"the queue is full ({self.limits.queue} jobs); retry later")
+        job = self.store.add(key, name, spec)
+        self.wake.set()
+        return job, 202
+
+    def _prompt(self, req: VideoRequest) -> str:
+        """The request's prompt, or its template filled in (422 naming what is wrong)."""
+        if (req.prompt is None) == (req.template is None):
+            raise RequestError(422, "give prompt, or template and slots (exactly one of them)")
+        if req.prompt is not None:
+            if not req.prompt.strip():
+                raise RequestError(422, "prompt: empty")
+            return " ".join(req.prompt.split())
+        try:
+            return render(self.templates, req.template, req.slots)
+        except TemplateError as e:
+            raise RequestError(422, str(e)) from None
+
+    def _lora(self, name: str | None) -> Lora | None:
+        """The named resident LoRA (None: the base model), or a 422 listing the loaded ones."""
+        if name is None:
+            return None
+        if name not in self.loras:
+            known = ", ".join(sorted(self.loras)) or "none (POST /v1/loras adds one)"
+            raise RequestError(422, f"unknown LoRA {name!r}; loaded: {known}")
+        return self.loras[name]
+
+    def _options(self, req: VideoRequest) -> GenerateOptions:
+        """The request's settings over the defaults, checked against the model and the limits."""
+        given = {k: getattr(req, k) for k in SAMPLER if getattr(req, k) is not None}
+        values = self.defaults.model_dump() | given | {"lora_scale": req.lora_scale}
+        if req.image is not None:
+            values["image"] = self._save_image(req.image)
+        try:
+            options = generate.fit(GenerateOptions(**values), self.traits)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise RequestError(422, f"{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}"
+                               ) from None  # fmt: skip
+        except GenerateError as e:
+            raise RequestError(422, str(e).replace("--", "")) from None
+        self._check_limits(options)
+        return options
+
+    def _check_limits(self, options: GenerateOptions) -> None:
+        """Refuse (422) frames, size or steps over the service's limits."""
+        limits = self.limits
+        if options.frames > limits.frames:
+            raise RequestError(422, f"frames {options.frames}: at most {limits.frames}")
+        if options.height * options.width > limits.pixels:
+            raise RequestError(422, f"size {options.height}x{options.width}: at most "
+                               f"{limits.pixels} pixels a frame")  # fmt: skip
+        if options.steps > limits.steps:
+            raise RequestError(422, f"steps {options.steps}: at most {limits.steps}")
+
+    def _save_image(self, data: str) -> str:
+        """A base64 image, checked and stored by content under `images/`; its path."""
+        from PIL import Image, UnidentifiedImageError
+
+        if len(data) > MAX_IMAGE * 4 // 3 + 4:
+            raise RequestError(422, f"image: larger than {MAX_IMAGE >> 20} MiB")
+        try:
+            raw = base64.b64decode(data, validate=True)
+            with Image.open(io.BytesIO(raw)) as img:
+                img.verify()
+                suffix = IMAGE_FORMATS.get(img.format or "")
+        except (binascii.Error, ValueError):
+            raise RequestError(422, "image: not base64") from None
+        except (OSError, UnidentifiedImageError) as e:
+            raise RequestError(422, f"image: not a readable image ({e})") from None
+        if suffix is None:
+            raise RequestError(422, f"image: {img.format} is not PNG, JPEG, WebP or BMP")
+        path = self.folder / "images" / f"{hashlib.sha256(raw).hexdigest()}{suffix}"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(raw)
+            tmp.replace(path)
+        return str(path)
+
+    def _key(self, prompt: str, options: GenerateOptions, lora: Lora | None) -> str:
+        """The hash of everything the video depends on (the image by its content-named file)."""
+        parts = {
+            "model": self.fingerprint, "lora": lora.sha256 if lora else None,
+            "scale": options.lora_scale if lora else None, "prompt": prompt,
+            "settings": {k: getattr(options, k) for k in SAMPLER},
+            "image": Path(options.image).stem if options.image else None,
+        }  # fmt: skip
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+    def view(self, job: dict) -> dict:
+        """A job as the API shows it: state, queue position, step progress, seconds."""
+        names = ("id", "state", "lora", "cached", "error", "created", "started", "finished")
+        out = {k: job[k] for k in names}
+        out["prompt"] = job["spec"]["prompt"]
+        out["position"] = None
+        if job["state"] == "queued":
+            order = [j["id"] for j in plan(self.store.queued(), *self.last)]
+            out["position"] = order.index(job["id"]) + 1 if job["id"] in order else None
+        done, steps = self.progress.get(job["id"], (0, job["spec"]["options"]["steps"]))
+        out["step"], out["steps"] = (steps if job["state"] == "done" else done), steps
+        if job["state"] == "running":
+            out["seconds"] = round(time.time() - job["started"], 3)
+        else:
+            out["seconds"] = job["seconds"]
+        out["content"] = f"/v1/videos/{job['id']}/content" if job["state"] == "done" else None
+        return out
+
+    # ----------------------------------------------------------------------- the worker
+
+    def _work(self) -> None:
+        """Take jobs one at a time until stopped; a job that raises fails alone."""
+        while not self.stop.is_set():
+            order = [] if self.paused else plan(self.store.queued(), *self.last)
+            if not order:
+                self.wake.wait(timeout=1.0)
+                self.wake.clear()
+                continue
+            try:
+                self._run(order[0])
+            except Exception as e:  # noqa: BLE001 - the store failed (disk full): keep serving
+                print(f"serve-api: job {order[0]['id']}: {e}", file=sys.stderr, flush=True)
+                self.stop.wait(timeout=5.0)
+
+    def _run(self, job: dict) -> None:
+        """One job: claimed, generated, written, recorded (done, failed, or queued again)."""
+        if not self.store.claim(job["id"]):
+            return  # cancelled meanwhile
+        current, streak = self.last
+        self.last = (job["lora"], streak + 1 if job["lora"] == current else 1)
+        t0 = time.time()
+        try:
+            frames = self._generate(job)
+            result = f"videos/{job['key']}.mp4"
+            generate.write_video(self.folder / result, frames, job["spec"]["options"]["fps"])
+            self.store.finish(job["id"], result, time.time() - t0)
+        except Stopping:
+            self.store.requeue(job["id"])
+        except Exception as e:  # noqa: BLE001 - the job's failure, never the worker's
+            self.store.fail(job["id"], f"{type(e).__name__}: {e}"[:500])
+        finally:
+            self.progress.pop(job["id"], None)
+
+    def _generate(self, job: dict):
+        """The job's frames, [F, H, W, 3] uint8, with its LoRA active (generate's sampling).
+
+        Raises:
+            RequestError: the job's LoRA is gone or its file changed since it was queued.
+            Stopping: the service is stopping (checked at every step).
+        """
+        spec, job_id = job["spec"], job["id"]
+        options = GenerateOptions(**spec["options"])
+        lora = self.loras.get(job["lora"]) if job["lora"] else None
+        if job["lora"] and (lora is None or lora.sha256 != spec["lora_sha256"]):
+            raise RequestError(409, f"LoRA {job['lora']!r} is no longer the file it was")
+
+        def on_step(done: int, steps: int) -> None:
+            if self.stop.is_set():
+                raise Stopping
+            self.progress[job_id] = (done, steps)
+
+        with self.lock:
+            activate(self.pipe, lora.adapter if lora else None, options.lora_scale)
+            return generate.generate_one(self.pipe, spec["prompt"], options, on_step=on_step)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def create_app(service: Service) -> FastAPI:
+    """The FastAPI app: /v1 routes behind the API key (when set), /health and /docs open."""
+    app = FastAPI(title="cogpipe inference service", version="1")
+    app.add_exception_handler(RequestError, _refused)
+    key = os.environ.get(KEY_ENV) or None
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(key))])
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"ok": True, "model": service.defaults.model, "loras": sorted(service.loras)}
+
+    @v1.post("/videos", status_code=202)
+    def post_video(req: VideoRequest) -> JSONResponse:
+        job, status = service.submit(req)
+        return JSONResponse(service.view(job), status_code=status)
+
+    @v1.get("/videos/{job_id}")
+    def get_video(job_id: str) -> dict:
+        return service.view(_job(service, job_id))
+
+    @v1.get("/videos/{job_id}/content")
+    def get_content(job_id: str) -> FileResponse:
+        job = _job(service, job_id)
+        if job["state"] != "done":
+            raise RequestError(409, f"job {job_id} is {job['state']}, not done")
+        if not (service.folder / job["result"]).is_file():
+            raise RequestError(404, f"job {job_id}: its video {job['result']} was removed")
+        return FileResponse(service.folder / job["result"], media_type="video/mp4")
+
+    @v1.delete("/videos/{job_id}")
+    def delete_video(job_id: str) -> dict:
+        job = _job(service, job_id)
+        if not service.store.cancel(job_id):
+            raise RequestError(409, f"job {job_id} is {job['state']}; only a queued job cancels")
+        return service.view(_job(service, job_id))
+
+    @v1.get("/loras")
+    def get_loras() -> list[dict]:
+        return [_lora_view(x) for x in sorted(service.loras.values(), key=lambda x: x.name)]
+
+    @v1.post("/loras", status_code=201)
+    def post_lora(req: LoraRequest) -> dict:
+        return _lora_view(service.add_lora(req.name, req.path))
+
+    @v1.get("/templates")
+    def get_templates() -> list[dict]:
+        return [t.as_dict() for t in service.templates.values()]
+
+    @v1.get("/queue")
+    def get_queue() -> dict:
+        order = [j["id"] for j in plan(service.store.queued(), *service.last)]
+        return {"paused": service.paused, "counts": service.store.counts(), "order": order}
+
+    @v1.post("/queue")
+    def post_queue(req: QueueRequest) -> dict:
+        service.paused = req.paused
+        service.wake.set()
+        return get_queue()
+
+    app.include_router(v1)
+    return app
+
+
+def _auth(key: str | None):
+    """A dependency that refuses a request without `Authorization: Bearer <key>` (401)."""
+
+    def check(request: Request) -> None:
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise RequestError(401, f"missing or wrong API key (Authorization: Bearer ${KEY_ENV})")
+
+    return check
+
+
+def _refused(request: Request, e: RequestError) -> JSONResponse:
+    """A RequestError as FastAPI's own errors look: `{"detail": reason}` with its status."""
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse({"detail": str(e)}, status_code=e.status, headers=headers)
+
+
+def _job(service: Service, job_id: str) -> dict:
+    """The job of a URL's id, or a 404 naming it."""
+    job = service.store.get(job_id)
+    if job is None:
+        raise RequestError(404, f"no job {job_id}")
+    return job
+
+
+def _lora_view(lora: Lora) -> dict:
+    return {"name": lora.name, "path": str(lora.path), "sha256": lora.sha256}
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def parse_loras(items: list[str]) -> dict[str, Path]:
+    """`--lora NAME=PATH` flags as {name: path}.
+
+    Raises:
+        ServiceError: a flag without `=`, a bad or repeated name.
+    """
+    loras: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not path or not re.match(NAME, name):
+            raise ServiceError(f"--lora {item}: expected NAME=PATH (NAME: letters, digits, _.-)")
+        if name in loras:
+            raise ServiceError(f"--lora {item}: the name {name} is given twice")
+        loras[name] = Path(path)
+    return loras
+
+
+def serve(service: Service, loras: dict[str, Path], host: str, port: int,
+          on_line: Callable[[str], None] = print) -> None:  # fmt: skip
+    """Load the pipeline, then serve until SIGINT or SIGTERM; `port` 0 picks a free one.
+
+    Raises:
+        ServiceError: the port is taken, or a LoRA does not load.
+    """
+    import uvicorn
+
+    sock = _listen(host, port)
+    try:
+        service.start(loras, on_line)
+        shown = f"[{host}]" if ":" in host else host
+        on_line(f"serve-api: http://{shown}:{sock.getsockname()[1]}/ (docs at /docs)")
+        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=3)  # fmt: skip
+        with quiet_stop():
+            uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        service.shutdown()
+        sock.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the model loads: a port taken fails in a second."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen()
+    except OSError as e:
+        sock.close()
+        raise ServiceError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
+                           "(0: any free one)") from e  # fmt: skip
+    return sock
+
+
+def defaults_for(config: str | None, model: str | None, device: str | None,
+                 compile: bool = False) -> GenerateOptions:  # fmt: skip
+    """The service's settings for requests that give none: a config's model and evaluation
+    sampling (as `generate --config`), else generate's defaults; `model` and `device` win.
+
+    Raises:
+        ServiceError: neither a config nor a model is given.
+    """
+    from cogpipe.config import load_config
+    from cogpipe.generate_config import config_values
+
+    values = config_values(load_config(config)) if config else {}
+    values |= {k: v for k, v in (("model", model), ("device", device)) if v is not None}
+    if "model" not in values:
+        raise ServiceError("serve-api: give a CONFIG or --model (the base model to serve)")
+    return GenerateOptions(**values, compile=compile)
