@@ -1037,7 +1037,7 @@ added with POST /v1/loras. Jobs and results persist in --folder across restarts.
 COGPIPE_API_KEY set, every /v1 request needs `Authorization: Bearer <key>`.
 
 example:
-  cogpipe serve-api demo/demo.yaml --lora slap=demo/workspace/train/demo/checkpoint-000006
+  cogpipe serve-api demo/demo.yaml --lora slap=demo/workspace/train/<run>/checkpoint-000006
   cogpipe serve-api --model 2b --lora a=runs/a.safetensors --port 8001 --folder /data/api1
 """, cmd_serve_api)  # fmt: skip
     p.add_argument("config", nargs="?", metavar="CONFIG",
