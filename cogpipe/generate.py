@@ -68,6 +68,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogpipe import evaluate, sampling
 from cogpipe.config import EvaluateConfig, TicFtConfig
+from cogpipe.models import quiet_local_load
 from cogpipe.models.cogvideox import (
     FULL_FOLDER,
     LORA_FILE,
@@ -427,7 +428,8 @@ def load(options: GenerateOptions):
                 str(full), dtype=dtype
             )
         # `dtype`: diffusers 0.42.0 and later take it; `torch_dtype` warns as deprecated.
-        pipe = pipeline.from_pretrained(model, dtype=dtype, **components)
+        with quiet_local_load(model):  # a local folder: no library bars beside ours
+            pipe = pipeline.from_pretrained(model, dtype=dtype, **components)
     except OSError as e:  # hub id unknown or unreachable, files missing
         raise GenerateError(f"--model {model}: cannot load: {str(e).strip()[:300]}") from e
     pipe.set_progress_bar_config(disable=True)
