@@ -6,30 +6,34 @@ Per model, in one run:
 1. a random-weight pipeline (bench/generate.py's components) is saved in diffusers layout
    with 3 random rank-64 LoRAs (alpha 64, B drawn so each changes the video), since
    both the service and the CLI load a model folder from disk;
-2. switch: in this process, the pipeline with the 3 LoRAs resident as named adapters;
-   the seconds of a switch (`cogpipe.service.activate`: `set_adapters`, or `disable_lora`
-   for the base) against loading the LoRA from its file per request (`load_lora_weights`
-   + `delete_adapters`); and a 2-step video right after each switch against the same
-   video again, which shows a recompilation when the transformer is compiled;
-3. service: `cogpipe serve-api` started as its own process with the 3 LoRAs; N requests
-   posted at once over HTTP, cycling LoRA 0, 1, 2, base, each a shipped prompt template
-   (cogpipe/prompts/templates.yaml) and its own seed (no request repeats, so none is served
-   from the store); polled until each is done (the service runs queued jobs of one LoRA
-   back to back, so it switches once per LoRA, not once per request);
+2. switch, per mode: in this process, the pipeline with the 3 LoRAs as the service holds
+   them (`cogpipe.service_adapters`): eager, resident adapters switched by `set_adapters`;
+   compile, the blocks compiled and one hot-swap slot the LoRAs are copied into. The
+   seconds of a switch (the base model is in the cycle) against loading the LoRA from its
+   file per request; a 2-step 9-frame video right after each switch against the same video
+   again; and the graphs torch.compile made after a warm-up round (0: no switch recompiled);
+3. service, per mode: `cogpipe serve-api` (with `--compile` in compile mode) started as its
+   own process with the 3 LoRAs; N requests posted at once over HTTP, cycling LoRA 0, 1, 2,
+   base, each a shipped prompt template (cogpipe/prompts/templates.yaml) and its own seed
+   (no request repeats, so none is served from the store); polled until each is done (the
+   service runs queued jobs of one LoRA back to back, so it switches once per LoRA);
 4. reference: `cogpipe generate` run once per request (a process that loads the model,
-   makes one video, exits) on the same N requests, one after another; never compiled
-   (compiling for one video costs more than it saves), whatever `--compile` says.
+   makes one video, exits) on the same N requests, one after another, eager (compiling
+   for one video costs more than it saves).
 
-Lines (`ratio` > 1: the service is better): `first_video_s` (process start to the first
-finished video), `p50_s_per_video` (service: median gap between finished videos after the
-first; CLI: median seconds of one process), `videos_per_hour` (N over the wall time, the
-service's start included), `lora_switch_s` and `s_per_video_after_switch` (medians,
-step 2; a switch costs `value - reference` of the latter). `outputs_equal` counts the
-service's mp4s that are byte-identical to the CLI's for the same request.
+Lines (`ratio` > 1: the service is better): `lora_switch_s` and `s_per_video_after_switch`
+(medians, step 2; a switch costs `value - reference` of the latter); `first_video_s`
+(process start to the first finished video), `p50_s_per_video` (service: median gap
+between finished videos after the first; CLI: median seconds of one process),
+`videos_per_hour` (N over the wall time, the service's start and compilation included)
+and `videos_per_hour_warm` (3600 over the p50: a service starts once, then runs for days).
+Stream lines carry `outputs_equal` (the service's mp4s byte-identical to the CLI's for the
+same request) and `min_psnr_db` (the lowest PSNR between the two: compiled kernels round
+apart from eager ones).
 
-    python bench/serve.py [--models 2b,5b] [--videos 8] [--steps 50] [--compile]
+    python bench/serve.py [--models 2b,5b] [--modes eager,compile] [--videos 8] [--steps 50]
     python bench/serve.py --models 2b --videos 4 --steps 25 --switch-rounds 1   # shorter
-    python bench/serve.py --dry   # tiny 2B on the CPU, 4 videos of 2 steps, to try the script
+    python bench/serve.py --dry   # tiny 2B on the CPU, eager, 4 videos of 2 steps
 
 Goals (issue 22): a switch under 1 s without recompilation; videos per hour at least 1.3x
 the per-request CLI at 2B.
@@ -54,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RANK = 64  # the smallest rank the user's plan allows
+SWITCH_FRAMES = 9  # the switch's short videos: 2 steps of 9 frames at the model's size
 LORAS = ("slap-a", "slap-b", "slap-c")
 SCENES = ("strike", "defensive_absorb", "referee_stop", "knockout")
 SLOTS = {"striker": "a bald fighter in black shorts", "receiver": "a bearded man in red shorts"}
@@ -130,27 +135,43 @@ def synced(device: str):
     return now
 
 
-def switch_times(model_dir: Path, loras: dict[str, Path], options, args) -> dict:
-    """Median seconds, in this process, of: a switch between resident adapters (the
-    service's `activate`); loading the LoRA from its file per request instead (the
-    reference); a 2-step video right after a switch and the same video again (with
-    `--compile`, a switch that recompiles shows as the gap between the two)."""
+def graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process so far (a recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def switch_times(model_dir: Path, loras: dict[str, Path], options, compile: bool, args) -> dict:
+    """Median seconds, in this process, of: a switch between the LoRAs (the service's own
+    `service_adapters`: `Resident`'s `set_adapters` eager, `Slot`'s in-place hot-swap
+    compiled; the base model in the cycle); loading the LoRA from its file per request
+    instead (the reference); a short video right after a switch and the same video again;
+    and the graphs compiled after the warm-up round (0: no switch recompiled)."""
     import torch
 
-    from cogpipe.generate import generate_one, load
+    from cogpipe.generate import generate_one, load, lora_file
     from cogpipe.models.cogvideox import LORA_FILE
-    from cogpipe.service import activate
+    from cogpipe.service import sha256_file
+    from cogpipe.service_adapters import Lora, Resident, Slot
 
-    pipe = load(options.model_copy(update={"model": str(model_dir), "compile": args.compile}))
+    pipe = load(options.model_copy(update={"model": str(model_dir), "compile": compile}))
     now = synced(args.device)
+    adapters = Slot(pipe, RANK if not args.dry else 4) if compile else Resident(pipe)
+    resident = []
     for name, path in loras.items():
-        pipe.load_lora_weights(str(path), weight_name=LORA_FILE, adapter_name=name)
-    short = options.model_copy(update={"steps": 2})
+        file = lora_file(str(path))
+        resident.append(Lora(name, file, sha256_file(file)))
+        adapters.add(resident[-1])
+    short = options.model_copy(update={"steps": 2, "frames": SWITCH_FRAMES if not args.dry
+                                       else options.frames})  # fmt: skip
     times: dict[str, list[float]] = {"switch": [], "after": [], "again": [], "reload": []}
-    for round_ in range(args.switch_rounds + 1):  # round 0 warms up (compiles) every adapter
-        for name in [*loras, None]:
+    graphs = 0
+    for round_ in range(args.switch_rounds + 1):  # round 0 warms up (compiles) every variant
+        graphs = graphs_compiled()
+        for lora in [*resident, None]:
             t0 = now()
-            activate(pipe, name, 1.0)
+            adapters.activate(lora, 1.0)
             t1 = now()
             generate_one(pipe, PROMPT, short)
             t2 = now()
@@ -159,17 +180,17 @@ def switch_times(model_dir: Path, loras: dict[str, Path], options, args) -> dict
                 times["switch"].append(t1 - t0)
                 times["after"].append(t2 - t1)
                 times["again"].append(now() - t2)
-    pipe.delete_adapters(list(loras))
+    graphs = graphs_compiled() - graphs  # in the last round, after the warm-up
     for _ in range(args.switch_rounds):
         for name, path in loras.items():
             t0 = now()
             pipe.load_lora_weights(str(path), weight_name=LORA_FILE, adapter_name=name)
             pipe.delete_adapters([name])  # a per-request load unloads after the video
             times["reload"].append(now() - t0)
-    del pipe
+    del pipe, adapters
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()} | {"graphs": graphs}
 
 
 # --------------------------------------------------------------------------- service
@@ -210,7 +231,8 @@ def wait_ready(client, process, timeout: float) -> None:
     raise RuntimeError(f"cogpipe serve-api did not answer within {timeout:.0f} s")
 
 
-def service_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, args) -> dict:
+def service_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, mode: str,
+                args) -> dict:  # fmt: skip
     """Start the service, post every request, wait for all: finish times from the start,
     and the mp4 of each request.
 
@@ -223,7 +245,8 @@ def service_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, ar
     command = [*cogpipe_command(), "serve-api", "--model", str(model_dir), "--port", str(port),
                "--folder", str(work / "api")]  # fmt: skip
     command += [f"--lora={name}={path}" for name, path in loras.items()]
-    command += ["--device", args.device] + (["--compile"] if args.compile else [])
+    command += ["--device", args.device] + (["--compile"] if mode == "compile" else [])
+    work.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {os.environ['COGPIPE_API_KEY']}"} if os.environ.get(
         "COGPIPE_API_KEY") else {}  # fmt: skip
     log = open(work / "service.log", "w")  # noqa: SIM115 (closed in finally)
@@ -310,8 +333,57 @@ def line(case: str, metric: str, value: float, reference: float, lower_is_better
             "reference": round(reference, 4), "ratio": round(ratio, 3)}  # fmt: skip
 
 
-def model_lines(model: str, args) -> list[dict]:
-    """Every line of one model: the switch, then the stream against the per-request CLI."""
+def psnr(a: bytes, b: bytes) -> float:
+    """PSNR in dB of two mp4s' frames (inf: equal)."""
+    import numpy as np
+
+    from cogpipe.sweep import read_video
+
+    with tempfile.TemporaryDirectory() as tmp:
+        frames = []
+        for name, data in (("a.mp4", a), ("b.mp4", b)):
+            (Path(tmp) / name).write_bytes(data)
+            frames.append(read_video(Path(tmp) / name).astype(np.float64))
+    mse = float(np.mean((frames[0] - frames[1]) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def agreement(served: list[bytes], cli: list[bytes]) -> dict:
+    """How the service's videos compare with the CLI's: equal count, and the lowest PSNR."""
+    equal = sum(a == b for a, b in zip(served, cli, strict=True))
+    low = min(psnr(a, b) for a, b in zip(served, cli, strict=True))
+    return {"outputs_equal": f"{equal}/{len(cli)}",
+            "min_psnr_db": None if low == float("inf") else round(low, 2)}  # None: all equal
+
+
+def switch_lines(case: str, switch: dict) -> list[dict]:
+    """The switch against loading per request; a short video after a switch against again."""
+    graphs = {"graphs_compiled_after_warmup": switch["graphs"]}
+    return [
+        line(f"{case} switch vs load per request", "lora_switch_s", switch["switch"],
+             switch["reload"]) | graphs,
+        line(f"{case} {SWITCH_FRAMES}-frame 2-step video after a switch vs again",
+             "s_per_video_after_switch", switch["after"], switch["again"]) | graphs,
+    ]  # fmt: skip
+
+
+def stream_lines(case: str, done: list[float], cli_seconds: list[float]) -> list[dict]:
+    """First video, median gap, and videos per hour with the service's start and without
+    (its rate once warm: a service starts once and then runs for days)."""
+    n, gaps = len(done), [b - a for a, b in zip(done, done[1:], strict=False)]
+    p50, cli_p50 = statistics.median(gaps or done), statistics.median(cli_seconds)
+    return [
+        line(case, "first_video_s", done[0], cli_seconds[0]),
+        line(case, "p50_s_per_video", p50, cli_p50),
+        line(case, "videos_per_hour", 3600 * n / done[-1], 3600 * n / sum(cli_seconds),
+             lower_is_better=False),
+        line(case, "videos_per_hour_warm", 3600 / p50, 3600 / cli_p50, lower_is_better=False),
+    ]  # fmt: skip
+
+
+def model_lines(model: str, args):
+    """Every line of one model, yielded as each is measured: per mode the switch, then the
+    stream of each mode against the per-request CLI (run once, eager)."""
     from generate import video_size
 
     from cogpipe.generate import GenerateOptions
@@ -319,41 +391,21 @@ def model_lines(model: str, args) -> list[dict]:
     options = GenerateOptions(steps=args.steps, device=args.device, **video_size(model, args.dry))
     size = f"{options.frames}x{options.height}x{options.width}"
     case = f"cogvideox-{model} {options.steps} steps {size} 3 loras r{4 if args.dry else RANK}"
-    case += " compile" if args.compile else ""
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         model_dir, loras = write_model(work, model, args.dry)
-        switch = switch_times(model_dir, loras, options, args)
-        lines = [
-            line(f"{case} set_adapters vs load per request", "lora_switch_s",
-                 switch["switch"], switch["reload"]),
-            line(f"{case} 2-step video after a switch vs again", "s_per_video_after_switch",
-                 switch["after"], switch["again"]),
-        ]  # fmt: skip
-        bodies = requests(args.videos, options)
-        served = service_run(model_dir, loras, bodies, work, args)
-        cli = cli_run(model_dir, loras, bodies, work, args)
-    stream = f"{case} {len(bodies)} videos service vs generate per request"
-    gaps = [b - a for a, b in zip(served["done"], served["done"][1:], strict=False)]
-    n, cli_wall = len(bodies), sum(cli["seconds"])
-    lines += [
-        line(stream, "first_video_s", served["done"][0], cli["seconds"][0]),
-        line(
-            stream,
-            "p50_s_per_video",
-            statistics.median(gaps or served["done"]),
-            statistics.median(cli["seconds"]),
-        ),  # fmt: skip
-        line(
-            stream,
-            "videos_per_hour",
-            3600 * n / served["done"][-1],
-            3600 * n / cli_wall,
-            lower_is_better=False,
-        ),  # fmt: skip
-    ]
-    equal = sum(a == b for a, b in zip(served["videos"], cli["videos"], strict=True))
-    return [x | {"outputs_equal": f"{equal}/{n}"} for x in lines]
+        for mode in args.modes:
+            switch = switch_times(model_dir, loras, options, mode == "compile", args)
+            yield from switch_lines(f"{case} {mode}", switch)
+        bodies, streams = requests(args.videos, options), {}
+        stream = f"{len(bodies)} videos service vs generate per request"
+        for mode in args.modes:
+            streams[mode] = service_run(model_dir, loras, bodies, work / mode, mode, args)
+            if mode == args.modes[0]:
+                cli = cli_run(model_dir, loras, bodies, work, args)
+            for x in stream_lines(f"{case} {mode} {stream}", streams[mode]["done"],
+                                  cli["seconds"]):  # fmt: skip
+                yield x | agreement(streams[mode]["videos"], cli["videos"])
 
 
 def main() -> None:
@@ -364,16 +416,19 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8, help="requests in the stream")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--switch-rounds", type=int, default=3, help="after a warm-up round")
-    parser.add_argument("--compile", action="store_true", help="both sides compile (GPU)")
+    parser.add_argument("--modes", default="eager,compile",
+                        help="the service's modes: eager (resident adapters), compile (hot-swap)")  # fmt: skip
     parser.add_argument("--start-timeout", type=float, default=900.0, help="service start, s")
     parser.add_argument("--workdir", help="where model folders go (default: the temp folder)")
     parser.add_argument("--dry", action="store_true", help="tiny 2B on the CPU, 4 videos")
     args = parser.parse_args()
-    models = args.models.split(",")
+    models, args.modes = args.models.split(","), args.modes.split(",")
     if unknown := [m for m in models if m not in ("2b", "5b")]:
         parser.error(f"--models: unknown {', '.join(unknown)}; known: 2b, 5b")
-    if args.dry:
-        models, args.videos, args.steps, args.compile = ["2b"], min(args.videos, 4), 2, False
+    if unknown := [m for m in args.modes if m not in ("eager", "compile")]:
+        parser.error(f"--modes: unknown {', '.join(unknown)}; known: eager, compile")
+    if args.dry:  # compiling needs a GPU
+        models, args.videos, args.steps, args.modes = ["2b"], min(args.videos, 4), 2, ["eager"]
     args.device = "cpu" if args.dry else "cuda"
 
     import torch

@@ -299,6 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = with_fields(cfg, parse_sets(args.sets), base=Path(args.config).parent)
     _prefect_home(cfg.workspace / ".prefect")
     preflight(cfg, args.until)
+    _print_estimate(cfg, args.until)
     outcome = _run_flow(cfg, args.until, _debug(args))
     if outcome is None:
         return 1
@@ -354,6 +355,130 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{stage:<11} {s['key']:<12} {state:<9} {counts}")
         print(f"{'':<11} {s['path']}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from cogpipe.estimate import estimate, remember_stats_from
+
+    cfg = load_config(args.config)
+    if args.sets:
+        cfg = with_fields(cfg, parse_sets(args.sets), base=Path(args.config).parent)
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus}: a plan needs at least one GPU")
+    if args.stats_from:  # remembered: the `cogpipe run` that follows predicts from them too
+        remember_stats_from(cfg, args.stats_from)
+    est = estimate(cfg, gpus=args.gpus, gpu=args.gpu)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else est.text())
+    return 0
+
+
+def _print_estimate(cfg: PipelineConfig, until: str) -> None:
+    """What `cogpipe plan` says, printed before a run starts; the run's done markers then
+    record each prediction against what the stage took. An estimate never stops a run."""
+    from cogpipe.estimate import estimate, save_predictions
+
+    try:
+        est = estimate(cfg, stages=list(STAGES[: STAGES.index(until) + 1]))
+        save_predictions(cfg, est)
+    except Exception as e:  # a broken measurement file must not cost the run
+        print(f"estimate: none ({type(e).__name__}: {e})", flush=True)
+        return
+    print(est.text(), flush=True)
+
+
+def _add_plan(sub) -> None:
+    p = _command(sub, "plan", "per stage: work, predicted GPU-hours, wall time and disk", """
+Predicts each stage of CONFIG before a run: its work (files, clips, samples, steps,
+videos), wall time on --gpus GPUs, GPU-hours and disk, as setup seconds + seconds per item.
+The throughput comes from this workspace's finished runs of the same stage, device and
+settings (and of each --stats-from workspace, remembered for this workspace's later plans
+and runs), else from bench/results of the same model and GPU; the last column says which.
+A stage already done here costs 0 (reused).
+
+example:
+  cogpipe plan configs/power-slap-conservative.yaml --gpus 8 --gpu h200
+  cogpipe plan demo/demo.yaml --stats-from pilot/workspace --json
+""", cmd_plan)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    _set_flag(p)
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="GPUs to spread over (default: this machine's, at least 1)")  # fmt: skip
+    p.add_argument("--gpu", choices=["h100", "h200"], default=None,
+                   help="GPU kind (default: this machine's; without one, the last run's)")  # fmt: skip
+    p.add_argument("--stats-from", action="append", default=[], type=Path, metavar="WORKSPACE",
+                   help="another workspace whose finished runs count as measurements, remembered"
+                   " for this workspace's later plans and runs (repeatable)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="the estimate as one JSON object")
+
+
+def _disk_configs(paths: list[str]) -> dict[str, PipelineConfig]:
+    """du's and gc's configs by the path given; a file that is not a config is one line."""
+    out = {}
+    for path in paths:
+        try:
+            out[path] = load_config(path)
+        except ConfigError as e:
+            first, *more = str(e).splitlines()
+            if more:  # field errors or YAML's context: the first, and how many more
+                first += f" {more[0].strip()}" + (f" (+{len(more) - 1} more)" if more[1:] else "")
+            raise ConfigError(first) from None
+    return out
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    from cogpipe.disk import DiskError, collect, format_usage, usage_json
+
+    try:
+        usage = collect(_disk_configs(args.configs))
+    except DiskError as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+    if not usage.items:
+        print(f"du: workspace {usage.root} is empty")
+        return 0
+    print(json.dumps(usage_json(usage), indent=2) if args.json else format_usage(usage))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from cogpipe.disk import DiskError, format_freed, gc
+
+    try:
+        freed = gc(_disk_configs(args.configs), args.dry_run, args.checkpoints)
+    except DiskError as e:
+        print(f"cogpipe: error: {e}", file=sys.stderr)
+        return 2
+    print(format_freed(freed))
+    return 0
+
+
+def _add_du(sub) -> None:
+    p = _command(sub, "du", "what each stage key, cache and run holds; which the configs use", """
+Measures the workspace without running anything: every stage key, training run, evaluation
+and cache store (files, bytes), marked with the configs that use it (their keys computed as
+`cogpipe status` does), and what `cogpipe gc` would free. Give every config you keep.
+
+example:
+  cogpipe du demo/demo.yaml configs/other.yaml
+""", cmd_du)  # fmt: skip
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="configs of one workspace")
+    p.add_argument("--json", action="store_true", help="one JSON object: items, keys, sizes")
+
+
+def _add_gc(sub) -> None:
+    p = _command(sub, "gc", "remove the outputs and cache items no given config uses", """
+Removes the stage keys, evaluations, cache entries (latents, text embeddings, recaption
+passes, base videos) and stale temporaries that none of the given configs uses, and the
+training states of runs none uses; their LoRA checkpoints (and evaluations) only with
+--checkpoints. Prints each item and the total freed. Refuses while a stage runs.
+
+example:
+  cogpipe gc demo/demo.yaml configs/other.yaml --dry-run
+""", cmd_gc)  # fmt: skip
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="every config to keep")
+    p.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="also remove unused runs whole: their LoRA checkpoints and evaluations")  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1051,7 +1176,11 @@ example:
                    help="jobs database and videos (default .cogpipe-api/)")  # fmt: skip
     p.add_argument("--templates", metavar="YAML", help="prompt templates (default: shipped)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (or CONFIG's)")
-    p.add_argument("--compile", action="store_true", help="compile the transformer blocks (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer blocks (GPU); LoRAs then hot-swap in one slot")  # fmt: skip
+    p.add_argument("--max-rank", type=int, metavar="R",
+                   help="with --compile: the slot's rank, the largest a LoRA may have "
+                   "(default: the largest --lora's, else 128)")  # fmt: skip
     p.add_argument("--paused", action="store_true", help="accept jobs, run none until resumed")
     for name, default, what in (("frames", 81, "frames a request may ask"),
                                 ("pixels", 768 * 1360, "height x width a request may ask"),
@@ -1109,6 +1238,9 @@ example:
 """, cmd_status)  # fmt: skip
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
+    _add_du(sub)
+    _add_gc(sub)
+    _add_plan(sub)
 
     _add_generate_commands(sub)
     _add_flow_commands(sub)
@@ -1212,6 +1344,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_serve_api(args: argparse.Namespace) -> int:
     """The inference service in the foreground; a bad flag or file is one line and exit 2."""
     from cogpipe import service
+    from cogpipe.service_http import serve
     from cogpipe.templates import TemplateError, load_templates
 
     try:
@@ -1219,8 +1352,9 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
         loras = service.parse_loras(args.lora)
         defaults = service.defaults_for(args.config, args.model, args.device, args.compile)
         limits = service.Limits(args.max_frames, args.max_pixels, args.max_steps, args.max_queue)
-        svc = service.Service(Path(args.folder), defaults, templates, limits, args.paused)
-        service.serve(svc, loras, args.host, args.port, on_line=lambda x: print(x, flush=True))
+        svc = service.Service(Path(args.folder), defaults, templates, limits, args.paused,
+                              max_rank=args.max_rank)  # fmt: skip
+        serve(svc, loras, args.host, args.port, on_line=lambda x: print(x, flush=True))
     except (service.ServiceError, TemplateError) as e:
         print(f"cogpipe: error: {e}", file=sys.stderr)
         return 2

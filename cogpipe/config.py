@@ -677,6 +677,17 @@ class TrainConfig(Section):
         default_factory=TicFtConfig,
         description="mode tic-ft: condition, buffer and target latent frames of each sample.",
     )
+    init_from: Path | None = Field(
+        None,
+        description=(
+            "Existing weights to start from instead of the base model: a LoRA file"
+            " (.safetensors), a checkpoint folder, a run folder (its last checkpoint), a"
+            " training sweep's folder (sweeps/train/<sweep>: its first-ranked cell's best"
+            " checkpoint) or, for mode full, a folder holding transformer/. The optimizer,"
+            " schedule and step count start fresh; the weights enter the key by content."
+            " A run that has its own checkpoints resumes from them instead."
+        ),
+    )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
     strategy: Literal["auto", "single", "ddp", "fsdp"] = _unkeyed(
         default="auto",
@@ -729,7 +740,8 @@ class TrainConfig(Section):
 
     def key_fields(self) -> dict[str, Any]:
         """As Section's, with only the fields of the configured mode: a LoRA config keeps the
-        key it had before modes existed, and a full fine-tune ignores the LoRA fields."""
+        key it had before modes existed, and a full fine-tune ignores the LoRA fields;
+        `init_from` by the content of its weights, and only when given."""
         data = super().key_fields()
         if self.mode == "lora":
             data.pop("mode")
@@ -740,7 +752,18 @@ class TrainConfig(Section):
             data.pop("master_weights")
         if self.mode != "tic-ft":
             data.pop("tic_ft")
+        if self.init_from is None:
+            data.pop("init_from")  # a run from the base model keeps its key
+        else:
+            data["init_from"] = self._init_fingerprint()
         return data
+
+    def _init_fingerprint(self) -> str:
+        """`init_from` by the content of the weights it resolves to, never by path: the same
+        weights anywhere give the same key, new weights in the same place another one."""
+        from cogpipe import train  # the run and checkpoint layout lives there
+
+        return train.init_fingerprint(train.init_source(self.init_from, self.mode))
 
 
 class EvaluateConfig(Section):
@@ -931,6 +954,8 @@ def load_config(path: str | Path) -> PipelineConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config (not text)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(raw, dict):
@@ -1067,6 +1092,7 @@ def resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
             "filter": cfg.filter.model_copy(
                 update={"overrides": _file(cfg.filter.overrides, base)}
             ),
+            "train": cfg.train.model_copy(update={"init_from": _file(cfg.train.init_from, base)}),
             "evaluate": cfg.evaluate.model_copy(
                 update={"clip_model": _local(cfg.evaluate.clip_model, base)}
             ),

@@ -433,14 +433,14 @@ def load(options: GenerateOptions):
     except OSError as e:  # hub id unknown or unreachable, files missing
         raise GenerateError(f"--model {model}: cannot load: {str(e).strip()[:300]}") from e
     pipe.set_progress_bar_config(disable=True)
+    if options.offload == "none":  # placed first: the LoRA loads as the service loads one
+        pipe.to(device)  # (onto the placed pipeline): the same adapter weights, bit for bit
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
     if options.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif options.offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     if options.vae_slicing:

@@ -24,6 +24,7 @@ from cogpipe.workspace import (
     StageResult,
     Workspace,
     no_progress,
+    stage_clock,
     sweep_temporaries,
 )
 
@@ -122,6 +123,25 @@ def run_stage(
     `options` go to the stage's run function (caption, recaption: `shard=K` runs one shard
     only; precompute: `part=K`; `merge_only=True` merges committed shards).
     """
+    from cogpipe.disk import in_use
+    from cogpipe.estimate import StageClock
+
+    clock = StageClock(cfg, stage, progress)  # the done marker's timing: setup, per item
+    token = stage_clock.set(clock)
+    try:
+        with in_use(Workspace(cfg.workspace)):  # `cogpipe gc` refuses while this is held
+            return _run_stage(cfg, stage, upstream, clock.progress, **options)
+    finally:
+        stage_clock.reset(token)
+
+
+def _run_stage(
+    cfg: PipelineConfig,
+    stage: str,
+    upstream: dict[str, StageResult] | None,
+    progress: Progress,
+    **options: Any,
+) -> StageResult:
     ws = Workspace(cfg.workspace)
     sweep_temporaries(ws.root)  # what a killed run left, even where this stage is done
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)
@@ -141,10 +161,13 @@ def run_all(
     cfg: PipelineConfig, until: str = "evaluate", progress: Progress = no_progress
 ) -> list[StageResult]:
     """The whole pipeline in-process, without Prefect (scripts, notebooks, tests)."""
+    from cogpipe.disk import in_use
+
     results: dict[str, StageResult] = {}
-    for stage in STAGES[: STAGES.index(until) + 1]:
-        ups = {up: results[up] for up in UPSTREAM[stage]}
-        results[stage] = run_stage(cfg, stage, ups, progress)
+    with in_use(Workspace(cfg.workspace)):  # also between stages: gc waits for the run
+        for stage in STAGES[: STAGES.index(until) + 1]:
+            ups = {up: results[up] for up in UPSTREAM[stage]}
+            results[stage] = run_stage(cfg, stage, ups, progress)
     return list(results.values())
 
 

@@ -7,12 +7,7 @@ survives restarts.
     curl 127.0.0.1:8000/v1/videos/<id>              # state, queue position, step progress
     curl -o slap.mp4 127.0.0.1:8000/v1/videos/<id>/content
 
-Routes (under /v1; with COGPIPE_API_KEY set each needs `Authorization: Bearer <key>`):
-`POST /videos` (prompt, or template + slots; lora, lora_scale, seed, steps, guidance,
-frames, height, width, fps; image as base64 for an image-to-video model) -> 202 and a job,
-or 200 and a stored result; `GET /videos/{id}`, `GET /videos/{id}/content` (the mp4),
-`DELETE /videos/{id}` (cancels a queued job); `GET|POST /loras`; `GET /templates`;
-`GET|POST /queue` (pause and resume the worker). `GET /health` and `/docs` need no key.
+The HTTP routes are in `service_http`.
 
 What is notable:
 - a video equals `cogpipe generate`'s with the same model, LoRA, scale, seed and settings:
@@ -34,12 +29,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import io
 import json
-import os
 import re
-import socket
 import sys
 import threading
 import time
@@ -47,18 +39,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cogpipe import generate
 from cogpipe.generate import GenerateError, GenerateOptions
-from cogpipe.rate import quiet_stop
+from cogpipe.service_adapters import Lora, RequestError, Resident, Slot, lora_layout
 from cogpipe.service_jobs import JobStore
 from cogpipe.templates import Template, TemplateError, render
 from cogpipe.workspace import model_fingerprint, sha256_json
 
-KEY_ENV = "COGPIPE_API_KEY"
+SLOT_RANK = 128  # a hot-swap slot's rank when no LoRA is given at the start
 STREAK = 8  # at most this many jobs of one LoRA in a row while others wait
 SAMPLER = ("steps", "guidance", "frames", "height", "width", "fps", "seed")
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a LoRA's name in requests and URLs
@@ -68,14 +58,6 @@ IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
 class ServiceError(RuntimeError):
     """The service cannot start: a port taken, a LoRA or templates file that does not load."""
-
-
-class RequestError(Exception):
-    """A request the service refuses: the HTTP status and the reason, one line."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Stopping(Exception):
@@ -90,20 +72,6 @@ class Limits:
     pixels: int = 768 * 1360  # height x width of one frame
     steps: int = 100
     queue: int = 100
-
-
-@dataclass(frozen=True)
-class Lora:
-    """A resident LoRA: its request name, file, content hash and adapter name on the pipeline."""
-
-    name: str
-    path: Path
-    sha256: str
-
-    @property
-    def adapter(self) -> str:
-        """Named by content (never generate's "lora"): one file under two names loads once."""
-        return f"sha_{self.sha256[:16]}"
 
 
 class VideoRequest(BaseModel):
@@ -128,23 +96,6 @@ class VideoRequest(BaseModel):
     image: str | None = Field(None, description="Image-to-video: the first frame, base64 PNG/JPEG.")
 
 
-class LoraRequest(BaseModel):
-    """POST /v1/loras: a name and a checkpoint folder or LoRA .safetensors file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME)
-    path: str
-
-
-class QueueRequest(BaseModel):
-    """POST /v1/queue: pause (jobs are still accepted) or resume the worker."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    paused: bool
-
-
 def sha256_file(path: Path) -> str:
     """A file's sha256, read in 1 MiB blocks (a 5B rank-256 LoRA is ~1 GB)."""
     digest = hashlib.sha256()
@@ -154,7 +105,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def plan(queued: list[dict], current: str | None, streak: int) -> list[dict]:
+def job_order(queued: list[dict], current: str | None, streak: int) -> list[dict]:
     """The order the worker takes `queued` (in submission order) in: the oldest first, then
     the same LoRA's jobs back to back; after STREAK in a row, another LoRA's oldest job.
 
@@ -176,23 +127,18 @@ def plan(queued: list[dict], current: str | None, streak: int) -> list[dict]:
     return order
 
 
-def activate(pipe, adapter: str | None, scale: float) -> None:
-    """Make one adapter the pipeline's LoRA at `scale`, or none (the base model exactly)."""
-    if not getattr(pipe.transformer, "peft_config", None):
-        return  # no LoRA loaded yet: the base model
-    if adapter is None:
-        pipe.disable_lora()
-        return
-    pipe.enable_lora()
-    pipe.set_adapters([adapter], [scale])
-
-
 class Service:
     """The pipeline, its LoRAs, the job store and the worker thread of one process."""
 
     def __init__(self, folder: Path, defaults: GenerateOptions, templates: dict[str, Template],
-                 limits: Limits = Limits(), paused: bool = False) -> None:  # fmt: skip
+                 limits: Limits = Limits(), paused: bool = False,
+                 max_rank: int | None = None, hotswap: bool | None = None) -> None:  # fmt: skip
+        """`hotswap` (default: when the pipeline is compiled) keeps one LoRA slot of
+        `max_rank` (default: the largest rank of the LoRAs the service starts with, else
+        `SLOT_RANK`) instead of one adapter per LoRA (`service_adapters`)."""
         self.folder = Path(folder)
+        self.hotswap = defaults.compile if hotswap is None else hotswap
+        self.max_rank, self.adapters = max_rank, None
         self.store = JobStore(self.folder / "jobs.sqlite")
         self.defaults = defaults.model_copy(update={"lora": None, "image": None})
         self.traits = generate.model_traits(defaults.model)
@@ -217,23 +163,40 @@ class Service:
             ServiceError: a LoRA given here does not load.
         """
         self.pipe = generate.load(self.defaults)
+        stored = {
+            row["name"]: row["path"] for row in self.store.loras() if row["name"] not in loras
+        }
+        self.adapters = self._adapters([*stored.values(), *loras.values()])
         dtype = str(self.pipe.transformer.dtype)
         self.fingerprint = sha256_json(
             [model_fingerprint(generate.resolve_model(self.defaults.model)), str(dtype)]
         )
-        for row in self.store.loras():
-            if row["name"] in loras:
-                continue
+        for name, path in stored.items():
             try:
-                self.add_lora(row["name"], row["path"])
+                self.add_lora(name, path)
             except RequestError as e:  # its file moved or changed since: jobs naming it fail
-                on_line(f"serve-api: LoRA {row['name']} not reloaded: {e}")
+                on_line(f"serve-api: LoRA {name} not reloaded: {e}")
         for name, path in loras.items():
             try:
                 self.add_lora(name, str(path), replace=True)
             except RequestError as e:
                 raise ServiceError(f"--lora {name}={path}: {e}") from None
         self.worker.start()
+
+    def _adapters(self, paths: list) -> Resident | Slot:
+        """How LoRAs live on the pipeline: one slot of the largest rank among `paths` (files
+        that do not read count as nothing: `add_lora` says why) when hot-swapping."""
+        if not self.hotswap:
+            return Resident(self.pipe)
+        if self.max_rank is None:
+            ranks = []
+            for path in paths:
+                try:
+                    ranks.append(lora_layout(generate.lora_file(str(path)))[0])
+                except Exception:  # noqa: BLE001, S112 - reported when it is added
+                    continue
+            self.max_rank = max(ranks, default=SLOT_RANK)
+        return Slot(self.pipe, self.max_rank)
 
     def shutdown(self) -> None:
         """Stop the worker; a video in flight goes back to the queue for the next start."""
@@ -267,23 +230,10 @@ class Service:
         if old is not None and old.sha256 != lora.sha256 and not replace:
             raise RequestError(409, f"LoRA {name!r} is already {old.path}; pick another name")
         with self.lock:
-            self._load_adapter(lora)
+            self.adapters.add(lora)
         self.loras[name] = lora
         self.store.put_lora(name, str(lora.path), lora.sha256)
         return lora
-
-    def _load_adapter(self, lora: Lora) -> None:
-        """Load the file as an adapter unless one of that content is resident."""
-        if lora.adapter in getattr(self.pipe.transformer, "peft_config", {}):
-            return
-        try:
-            self.pipe.load_lora_weights(
-                str(lora.path.parent), weight_name=lora.path.name, adapter_name=lora.adapter
-            )
-        except Exception as e:  # wrong model, rank mismatch, not a LoRA file
-            if lora.adapter in getattr(self.pipe.transformer, "peft_config", {}):
-                self.pipe.delete_adapters(lora.adapter)
-            raise RequestError(422, f"{lora.path}: not a LoRA of this model: {e}"[:400]) from None
 
     # ----------------------------------------------------------------------- requests
 
@@ -404,7 +354,7 @@ class Service:
         out["prompt"] = job["spec"]["prompt"]
         out["position"] = None
         if job["state"] == "queued":
-            order = [j["id"] for j in plan(self.store.queued(), *self.last)]
+            order = [j["id"] for j in job_order(self.store.queued(), *self.last)]
             out["position"] = order.index(job["id"]) + 1 if job["id"] in order else None
         done, steps = self.progress.get(job["id"], (0, job["spec"]["options"]["steps"]))
         out["step"], out["steps"] = (steps if job["state"] == "done" else done), steps
@@ -420,7 +370,7 @@ class Service:
     def _work(self) -> None:
         """Take jobs one at a time until stopped; a job that raises fails alone."""
         while not self.stop.is_set():
-            order = [] if self.paused else plan(self.store.queued(), *self.last)
+            order = [] if self.paused else job_order(self.store.queued(), *self.last)
             if not order:
                 self.wake.wait(timeout=1.0)
                 self.wake.clear()
@@ -469,105 +419,8 @@ class Service:
             self.progress[job_id] = (done, steps)
 
         with self.lock:
-            activate(self.pipe, lora.adapter if lora else None, options.lora_scale)
+            self.adapters.activate(lora, options.lora_scale)
             return generate.generate_one(self.pipe, spec["prompt"], options, on_step=on_step)
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI app: /v1 routes behind the API key (when set), /health and /docs open."""
-    app = FastAPI(title="cogpipe inference service", version="1")
-    app.add_exception_handler(RequestError, _refused)
-    key = os.environ.get(KEY_ENV) or None
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(key))])
-
-    @app.get("/health")
-    def health() -> dict:
-        return {"ok": True, "model": service.defaults.model, "loras": sorted(service.loras)}
-
-    @v1.post("/videos", status_code=202)
-    def post_video(req: VideoRequest) -> JSONResponse:
-        job, status = service.submit(req)
-        return JSONResponse(service.view(job), status_code=status)
-
-    @v1.get("/videos/{job_id}")
-    def get_video(job_id: str) -> dict:
-        return service.view(_job(service, job_id))
-
-    @v1.get("/videos/{job_id}/content")
-    def get_content(job_id: str) -> FileResponse:
-        job = _job(service, job_id)
-        if job["state"] != "done":
-            raise RequestError(409, f"job {job_id} is {job['state']}, not done")
-        if not (service.folder / job["result"]).is_file():
-            raise RequestError(404, f"job {job_id}: its video {job['result']} was removed")
-        return FileResponse(service.folder / job["result"], media_type="video/mp4")
-
-    @v1.delete("/videos/{job_id}")
-    def delete_video(job_id: str) -> dict:
-        job = _job(service, job_id)
-        if not service.store.cancel(job_id):
-            raise RequestError(409, f"job {job_id} is {job['state']}; only a queued job cancels")
-        return service.view(_job(service, job_id))
-
-    @v1.get("/loras")
-    def get_loras() -> list[dict]:
-        return [_lora_view(x) for x in sorted(service.loras.values(), key=lambda x: x.name)]
-
-    @v1.post("/loras", status_code=201)
-    def post_lora(req: LoraRequest) -> dict:
-        return _lora_view(service.add_lora(req.name, req.path))
-
-    @v1.get("/templates")
-    def get_templates() -> list[dict]:
-        return [t.as_dict() for t in service.templates.values()]
-
-    @v1.get("/queue")
-    def get_queue() -> dict:
-        order = [j["id"] for j in plan(service.store.queued(), *service.last)]
-        return {"paused": service.paused, "counts": service.store.counts(), "order": order}
-
-    @v1.post("/queue")
-    def post_queue(req: QueueRequest) -> dict:
-        service.paused = req.paused
-        service.wake.set()
-        return get_queue()
-
-    app.include_router(v1)
-    return app
-
-
-def _auth(key: str | None):
-    """A dependency that refuses a request without `Authorization: Bearer <key>` (401)."""
-
-    def check(request: Request) -> None:
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise RequestError(401, f"missing or wrong API key (Authorization: Bearer ${KEY_ENV})")
-
-    return check
-
-
-def _refused(request: Request, e: RequestError) -> JSONResponse:
-    """A RequestError as FastAPI's own errors look: `{"detail": reason}` with its status."""
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse({"detail": str(e)}, status_code=e.status, headers=headers)
-
-
-def _job(service: Service, job_id: str) -> dict:
-    """The job of a URL's id, or a 404 naming it."""
-    job = service.store.get(job_id)
-    if job is None:
-        raise RequestError(404, f"no job {job_id}")
-    return job
-
-
-def _lora_view(lora: Lora) -> dict:
-    return {"name": lora.name, "path": str(lora.path), "sha256": lora.sha256}
 
 
 # --------------------------------------------------------------------------- serving
@@ -588,43 +441,6 @@ def parse_loras(items: list[str]) -> dict[str, Path]:
             raise ServiceError(f"--lora {item}: the name {name} is given twice")
         loras[name] = Path(path)
     return loras
-
-
-def serve(service: Service, loras: dict[str, Path], host: str, port: int,
-          on_line: Callable[[str], None] = print) -> None:  # fmt: skip
-    """Load the pipeline, then serve until SIGINT or SIGTERM; `port` 0 picks a free one.
-
-    Raises:
-        ServiceError: the port is taken, or a LoRA does not load.
-    """
-    import uvicorn
-
-    sock = _listen(host, port)
-    try:
-        service.start(loras, on_line)
-        shown = f"[{host}]" if ":" in host else host
-        on_line(f"serve-api: http://{shown}:{sock.getsockname()[1]}/ (docs at /docs)")
-        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=3)  # fmt: skip
-        with quiet_stop():
-            uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        service.shutdown()
-        sock.close()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket, bound before the model loads: a port taken fails in a second."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen()
-    except OSError as e:
-        sock.close()
-        raise ServiceError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
-                           "(0: any free one)") from e  # fmt: skip
-    return sock
 
 
 def defaults_for(config: str | None, model: str | None, device: str | None,

@@ -28,6 +28,13 @@ gets each sample's first-frame latents (precompute's `image_latents`), noised by
 exp(N(-3, 0.5)), in the first latent frame and zeros after, along channels. Modes: lora
 and full for every model; ic-lora and tic-ft for text-to-video ones (`cogvideox.check_fits`).
 
+`train.init_from` starts a new run from existing weights instead of the base model (a
+LoRA file, a checkpoint, a run's last checkpoint, a training sweep's best; mode full: a
+folder holding transformer/) with a fresh optimizer, schedule and step count. The
+weights' content is in the key (`init_source`, `init_fingerprint`); another rank, alpha,
+targets or architecture fails before the model loads (`check_init`); once the run has
+checkpoints of its own, it resumes from those.
+
 What makes a resumed run identical to an uninterrupted one:
 - batch composition is a pure function of the index and the config: samples of one
   bucket per batch, epoch e ordered by a generator seeded with (seed, e);
@@ -77,7 +84,7 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from cogpipe.config import LORA_MODES, PipelineConfig, TicFtConfig, TrainConfig
+from cogpipe.config import LORA_MODES, ConfigError, PipelineConfig, TicFtConfig, TrainConfig
 from cogpipe.errors import writing
 from cogpipe.workspace import (
     SUCCESS,
@@ -135,6 +142,179 @@ def claim(out: Path, key: str) -> None:
                 f"{out} holds training run {recorded} ({name}), but this config's train key is "
                 f"{key}; pick another `name` in the config or delete the folder"
             )
+
+
+# --------------------------------------------------------------------------- init_from
+
+
+class InitSource(NamedTuple):
+    """The weights `train.init_from` names, resolved: what a new run starts from."""
+
+    kind: str  # "lora": a LoRA file; "full": a folder whose transformer/ holds the weights
+    weights: Path  # the LoRA file, or the folder holding transformer/
+    chosen: str  # which weights and why, for the log and run.json
+
+
+def init_source(path: Path, mode: str) -> InitSource:
+    """Resolve `train.init_from`: a LoRA file, a checkpoint, a run folder (its last
+    checkpoint: runs record no best one), a training sweep's folder (its first-ranked
+    cell's best checkpoint), a folder holding transformer/, or a transformer/ folder.
+
+    Raises:
+        ConfigError: nothing usable there, or weights of the other kind than `mode` trains.
+    """
+    from cogpipe.models import cogvideox
+
+    path = Path(path).expanduser()
+    if (path / "results.parquet").is_file():
+        best = _sweep_best(path)
+        chosen = f"{best} (the best checkpoint of sweep {path.name}'s first-ranked cell)"
+        return init_source(best, mode)._replace(chosen=chosen)
+    if path.is_dir() and checkpoints(path):
+        last = checkpoints(path)[-1]
+        chosen = f"{last} (the last checkpoint of run {path.name})"
+        return init_source(last, mode)._replace(chosen=chosen)
+    if path.is_file() and path.suffix == ".safetensors":
+        found = InitSource("lora", path, f"{path} (a LoRA file)")
+    elif (path / cogvideox.LORA_FILE).is_file():
+        found = InitSource("lora", path / cogvideox.LORA_FILE, f"{path} (a LoRA checkpoint)")
+    elif (path / cogvideox.FULL_FOLDER / "config.json").is_file():
+        found = InitSource("full", path, f"{path / cogvideox.FULL_FOLDER} (a full transformer)")
+    elif path.name == cogvideox.FULL_FOLDER and (path / "config.json").is_file():
+        found = InitSource("full", path.parent, f"{path} (a full transformer)")
+    elif not path.exists():
+        raise ConfigError(f"train.init_from: {path} does not exist")
+    elif (path / "run.json").is_file():
+        raise ConfigError(f"train.init_from: run {path} has no checkpoint yet")
+    else:
+        raise ConfigError(
+            f"train.init_from: {path} is not a LoRA .safetensors file, a checkpoint, a run, a"
+            f" training sweep or a folder holding transformer/ (diffusers layout)"
+        )
+    return _checked_kind(found, mode)
+
+
+def _checked_kind(found: InitSource, mode: str) -> InitSource:
+    """Refuse a LoRA for a full fine-tune, or full weights for a LoRA mode."""
+    if found.kind == "lora" and mode == "full":
+        raise ConfigError(
+            f"train.init_from: {found.weights} is a LoRA, but train.mode full starts from a whole"
+            f" transformer (a full run's checkpoint or a folder holding transformer/)"
+        )
+    if found.kind == "full" and mode in LORA_MODES:
+        raise ConfigError(
+            f"train.init_from: {found.weights} holds a whole transformer, but train.mode {mode}"
+            f" starts from a LoRA (a LoRA run's checkpoint or its .safetensors file)"
+        )
+    return found
+
+
+def _sweep_best(folder: Path) -> Path:
+    """A training sweep's report folder (`<workspace>/sweeps/train/<sweep>/`): the best
+    checkpoint of its first-ranked cell (`train_sweep.results` ranks them), a run folder
+    of the same workspace."""
+    table = read_table(folder / "results.parquet")
+    if not {"run", "checkpoint"} <= set(table.columns) or len(folder.resolve().parents) < 3:
+        raise ConfigError(
+            f"train.init_from: {folder} is not a training sweep's report folder"
+            f" (<workspace>/sweeps/train/<sweep>, whose results.parquet names runs and checkpoints)"
+        )
+    if table.empty or pd.isna(table.checkpoint.iloc[0]):
+        raise ConfigError(
+            f"train.init_from: sweep {folder} has no evaluated cell yet (results.parquet)"
+        )
+    best = table.iloc[0]
+    ckpt = folder.resolve().parents[2] / "train" / best.run / best.checkpoint
+    if not ckpt.is_dir():
+        raise ConfigError(
+            f"train.init_from: sweep {folder} ranks {best.run}/{best.checkpoint} first, but"
+            f" {ckpt} does not exist"
+        )
+    return ckpt
+
+
+def init_fingerprint(source: InitSource) -> str:
+    """The content of the weights (not where they are): the key's `init_from`."""
+    from cogpipe.config import file_fingerprint
+    from cogpipe.models import cogvideox
+
+    if source.kind == "lora":
+        return file_fingerprint(source.weights, "train.init_from")
+    return sha256_json(model_fingerprint(str(source.weights / cogvideox.FULL_FOLDER)))[:16]
+
+
+def check_init(source: InitSource, cfg: PipelineConfig) -> None:
+    """Refuse weights the configured adapter or model cannot take, before anything loads:
+    a LoRA of another rank, alpha or targets (from its metadata), a transformer of another
+    architecture (its config.json against the model's).
+
+    Raises:
+        ConfigError: one line naming the file, the field and both values.
+    """
+    from cogpipe.models import cogvideox
+
+    t = cfg.train
+    if source.kind == "full":
+        config = source.weights / cogvideox.FULL_FOLDER / "config.json"
+        theirs = _architecture(json.loads(config.read_text()))
+        ours = _architecture(cogvideox.transformer_config(cfg.model))
+        for name, value in ours.items():
+            if theirs[name] != value:
+                raise ConfigError(
+                    f"train.init_from: {config} has {name} {theirs[name]}, the model"
+                    f" ({cfg.model}) {value}: another architecture"
+                )
+        return
+    found = lora_settings(source.weights)
+    if "alpha" not in found:
+        log.warning("train.init_from: %s records no alpha (no adapter metadata); taking"
+                    " train.alpha %g", source.weights, t.alpha)  # fmt: skip
+    wanted = {"rank": t.rank, "alpha": t.alpha, "target_modules": sorted(t.target_modules)}
+    for name, value in wanted.items():
+        if name in found and found[name] != value:
+            raise ConfigError(
+                f"train.init_from: {source.weights} is a LoRA with {name} {found[name]},"
+                f" train.{name} is {value}"
+            )
+
+
+def _architecture(config: dict) -> dict[str, Any]:
+    """A transformer config.json's constructor arguments, defaults filled in: configs
+    written by different diffusers releases list different keys for the same model."""
+    import inspect
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    params = inspect.signature(CogVideoXTransformer3DModel.__init__).parameters
+    filled = {n: config.get(n, p.default) for n, p in params.items() if n != "self"}
+    return json.loads(json.dumps(filled))  # tuples as lists, as the file has them
+
+
+def lora_settings(file: Path) -> dict[str, Any]:
+    """A LoRA file's rank, alpha and targets from its safetensors header (no tensor read):
+    its adapter metadata, else the rank from a lora_A shape (alpha and targets unknown)."""
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = json.loads(header.get("__metadata__", {}).get("lora_adapter_metadata", "{}"))
+    meta = {k.removeprefix("transformer."): v for k, v in meta.items()}
+    if "r" in meta:
+        return {"rank": meta["r"], "alpha": meta["lora_alpha"],
+                "target_modules": sorted(meta["target_modules"])}  # fmt: skip
+    shapes = [v["shape"] for k, v in header.items() if k.endswith("lora_A.weight")]
+    return {"rank": shapes[0][0]} if shapes else {}
+
+
+def load_init(transformer, source: InitSource) -> None:
+    """Load a new run's starting weights into its adapter (LoRA modes) or transformer."""
+    from cogpipe.models import cogvideox
+
+    try:
+        if source.kind == "full":
+            cogvideox.load_full(transformer, source.weights)
+        else:
+            cogvideox.load_lora_checked(transformer, source.weights)
+    except ValueError as e:
+        raise ConfigError(f"train.init_from: {e}") from e
 
 
 def generator(*parts: Any):
@@ -547,7 +727,8 @@ def trainable(transformer, t: TrainConfig, seed: int) -> list:
 
 
 def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, device,
-                  strategy: str = "single", weights: Path | None = None) -> Trainer:  # fmt: skip
+                  strategy: str = "single", weights: Path | None = None,
+                  init: InitSource | None = None) -> Trainer:  # fmt: skip
     """Give a loaded transformer its LoRA (or trainable weights), recomputation, compiled
     blocks and optimizer, and spread it over the processes of the run.
 
@@ -561,6 +742,7 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
         strategy: single, or (in a process `distributed.launch` started) ddp or fsdp.
         weights: a checkpoint whose LoRA (mode full: transformer) to start from; loaded
             before the model is wrapped or sharded.
+        init: without `weights`, a new run's starting weights (`train.init_from`).
     """
     from datetime import timedelta
 
@@ -592,6 +774,8 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
     if weights is not None:
         load = cogvideox.load_full if t.mode == "full" else cogvideox.load_lora
         load(transformer, weights)
+    elif init is not None:
+        load_init(transformer, init)
     speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
     if t.compile and cuda:
         speed.compile_blocks(transformer)
@@ -832,7 +1016,7 @@ def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
         "key": key,
         "inputs": {"precompute": upstream["precompute"].key},
         "config": cfg.model_dump(mode="json"),
-    }
+    } | _starting_weights(cfg, out)
     with writing(out / "run.json"):
         write_json(out / "run.json", run)
     args = (ws.root, cfg, upstream, key, out, device, strategy)
@@ -845,6 +1029,23 @@ def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
     if t.validation_every:
         counts["validations"] = t.max_steps // t.validation_every
     return ws.finish(StageResult("train", key, str(out), counts, stats=stats), started)
+
+
+def _starting_weights(cfg: PipelineConfig, out: Path) -> dict:
+    """run.json's `init_from` (the weights a run started from, and which), checked against
+    the config before anything loads; logged, with a note when the run resumes instead."""
+    if cfg.train.init_from is None:
+        return {}
+    source = init_source(cfg.train.init_from, cfg.train.mode)
+    check_init(source, cfg)
+    if any((c / STATE_FILE).is_file() for c in checkpoints(out)):
+        log.info("train: %s resumes from its own checkpoints; it started from %s", out.name,
+                 source.chosen)  # fmt: skip
+    else:
+        log.info("train: %s starts from %s, with a new optimizer at step 0", out.name,
+                 source.chosen)  # fmt: skip
+    return {"init_from": {"given": str(cfg.train.init_from), "weights": str(source.weights),
+                          "kind": source.kind, "chosen": source.chosen}}  # fmt: skip
 
 
 def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
@@ -890,9 +1091,10 @@ def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
     # Resume from the newest checkpoint that still has its training state.
     resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
     resume = resumable[-1] if resumable else None
+    init = init_source(t.init_from, t.mode) if t.init_from and resume is None else None
     trainer = build_trainer(cogvideox.load_transformer(cfg.model, device, dtype),
                             cogvideox.load_scheduler(cfg.model), t, cfg.seed, device, strategy,
-                            weights=resume)  # fmt: skip
+                            weights=resume, init=init)  # fmt: skip
     accelerator, cuda = trainer.accelerator, trainer.device.type == "cuda"
     processes = accelerator.num_processes
     mine = distributed.share(accum, rank, processes)  # this rank's micro-batches of each step

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,13 @@ Progress = Callable[[int, int, str], None]
 
 def no_progress(done: int, total: int, note: str = "") -> None:
     pass
+
+
+# The stage runner's clock (`cogpipe.estimate.StageClock`, set by `pipeline.run_stage`):
+# `finish` adds what it measured (setup and per-item seconds, predicted) to the marker.
+stage_clock: ContextVar[Callable[[Any], dict[str, Any] | None] | None] = ContextVar(
+    "stage_clock", default=None
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -178,6 +186,10 @@ class Workspace:
             "versions": library_versions(),
         }
         record.pop("reused", None)
+        clock = stage_clock.get()
+        timing = clock(result) if clock is not None else None
+        if timing is not None:
+            record["timing"] = timing
         write_json(Path(result.path) / SUCCESS, record)
         return result
 

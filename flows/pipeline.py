@@ -28,8 +28,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from cogpipe.config import STAGES, PipelineConfig, Stage
+from cogpipe.disk import in_use
 from cogpipe.summary import pipeline_markdown
-from cogpipe.workspace import StageResult
+from cogpipe.workspace import StageResult, Workspace
 from cogpipe_flows.submit import COMMON, run_config
 from cogpipe_tasks.caption import caption, caption_shard
 from cogpipe_tasks.check import check
@@ -79,7 +80,18 @@ def pipeline(
     fields = {COMMON[k]: v for k, v in common.items() if v} | (overrides or {})
     config = run_config(config_file, config, fields)  # a missing file fails here, naming it
     get_run_logger().info("hub token: %s", use_hub_token())
-    last = STAGES.index(until)
+    publish_estimate(config, until)
+    with in_use(Workspace(config.workspace)):  # `cogpipe gc` waits for the whole run
+        done = run_stages(config, STAGES.index(until), gpu_pool)
+    results = [StageResult.from_dict(r) for r in done.values()]
+    where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and s in GPU_STAGES}
+    create_markdown_artifact(pipeline_markdown(results, where), key="pipeline-summary")
+    return done
+
+
+def run_stages(config: PipelineConfig, last: int, gpu_pool: str | None) -> dict[str, dict]:
+    """The stage tasks up to STAGES[last], each given its upstream records by name; GPU
+    stages on `gpu_pool`'s workers when one is named."""
     done: dict[str, dict] = {}
 
     def gpu(stage: str, local, *upstream: str) -> dict:
@@ -107,10 +119,22 @@ def pipeline(
         done["train"] = gpu("train", train, "precompute")
     if last >= 7:
         done["evaluate"] = gpu("evaluate", evaluate, "train", "check", "filter")
-    results = [StageResult.from_dict(r) for r in done.values()]
-    where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and s in GPU_STAGES}
-    create_markdown_artifact(pipeline_markdown(results, where), key="pipeline-summary")
     return done
+
+
+def publish_estimate(config: PipelineConfig, until: str) -> None:
+    """The run's first artifact: each stage's predicted work, time, GPU-hours and disk
+    (`cogpipe.estimate`), also written where the stages' done markers pick it up to
+    record predicted against actual. An estimate that fails is a warning, not a failure."""
+    from cogpipe.estimate import estimate, save_predictions
+
+    try:
+        est = estimate(config, stages=list(STAGES[: STAGES.index(until) + 1]))
+        save_predictions(config, est)
+    except Exception as e:  # a broken measurement file must not cost the run
+        get_run_logger().warning("no estimate: %s: %s", type(e).__name__, e)
+        return
+    create_markdown_artifact(est.markdown(), key="pipeline-estimate")
 
 
 def run_shards(shard_task, config: PipelineConfig, *upstream: dict) -> None:

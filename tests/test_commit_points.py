@@ -63,7 +63,7 @@ PARALLEL = 2  # killed runs at once
 PRELOAD = ["torch", "transformers", "diffusers", "accelerate", "peft", "torch.utils.tensorboard",
            "cogpipe.caption", "cogpipe.recaption", "cogpipe.filter", "cogpipe.train"]  # fmt: skip
 VOLATILE = ("seconds", "finished_at", "counts.parts_reused", "stats.seconds_per_step",
-            "stats.resumed_from_step")  # fmt: skip
+            "stats.resumed_from_step", "timing")  # fmt: skip
 
 
 @dataclass

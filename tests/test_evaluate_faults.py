@@ -53,7 +53,7 @@ WRITER = re.compile(r"-h[A-Za-z0-9]+p\d+r[0-9a-f]{8}")  # a temporary's writer t
 HEX_KEY = re.compile(r"\b[0-9a-f]{12,}\b")  # stage and store keys
 VOLATILE = {"metrics.parquet": ["seconds"], "index.parquet": ["evaluated_at"]}
 VOLATILE_JSON = {SUCCESS: ["finished_at", "seconds", "counts.checkpoints_evaluated",
-                           "counts.videos"], "*.json": ["seconds"]}  # fmt: skip
+                           "counts.videos", "timing"], "*.json": ["seconds"]}  # fmt: skip
 
 
 def job(folder: Path, log: str, stage: str = "evaluate", **env: str) -> dict:

@@ -13,10 +13,12 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from test_evaluate import make_lora
 
 from cogpipe import generate
@@ -251,14 +253,14 @@ def test_restart_keeps_queue_results_and_loras_and_api_key_guards(tmp_path, tiny
             assert client.get(f"/v1/videos/{waiting[0]}").json()["lora"] == "a"
 
 
-def test_plan_groups_a_loras_jobs_but_lets_no_lora_wait_for_ever():
-    from cogpipe.service import STREAK, plan
+def test_job_order_groups_a_loras_jobs_but_lets_no_lora_wait_for_ever():
+    from cogpipe.service import STREAK, job_order
 
     jobs = [{"id": i, "lora": lora} for i, lora in enumerate(["a", None, "b", "a", None, "a"])]
-    assert [j["id"] for j in plan(jobs, "", 0)] == [0, 3, 5, 1, 4, 2]
-    assert [j["id"] for j in plan(jobs, None, 1)] == [1, 4, 0, 3, 5, 2]  # base ran last
+    assert [j["id"] for j in job_order(jobs, "", 0)] == [0, 3, 5, 1, 4, 2]
+    assert [j["id"] for j in job_order(jobs, None, 1)] == [1, 4, 0, 3, 5, 2]  # base ran last
     many = [{"id": i, "lora": "a"} for i in range(STREAK + 2)] + [{"id": "b", "lora": "b"}]
-    order = [j["id"] for j in plan(many[1:], "a", 1)]  # one a ran already
+    order = [j["id"] for j in job_order(many[1:], "a", 1)]  # one a ran already
     assert order.index("b") == STREAK - 1  # after STREAK a's in a row, b's turn
 
 
@@ -300,7 +302,8 @@ def test_image_to_video_job_equals_generate_and_15_takes_16k_plus_1(tmp_path, ti
 
     from fastapi.testclient import TestClient
 
-    from cogpipe.service import Limits, Service, create_app
+    from cogpipe.service import Limits, Service
+    from cogpipe.service_http import create_app
 
     png = _png()
     image = tmp_path / "first.png"
@@ -341,7 +344,8 @@ def test_worker_fails_a_raising_job_alone_and_requeues_the_one_in_flight_on_stop
     reason and the next one runs; stopping mid-video puts that job back in the queue."""
     from fastapi.testclient import TestClient
 
-    from cogpipe.service import Service, create_app
+    from cogpipe.service import Service
+    from cogpipe.service_http import create_app
 
     calls = []
 
@@ -355,11 +359,11 @@ def test_worker_fails_a_raising_job_alone_and_requeues_the_one_in_flight_on_stop
         return np.zeros((9, 64, 64, 3), np.uint8)
 
     monkeypatch.setattr(generate, "generate_one", fake)
-    monkeypatch.setattr("cogpipe.service.activate", lambda *a: None)
     options = generate.GenerateOptions(
         model=str(tiny_models["cogvideox"]), device="cpu", **SETTINGS
     )
     svc = Service(tmp_path / "api", options, templates={})
+    svc.adapters = SimpleNamespace(activate=lambda *a: None)  # no pipeline: never started
     svc.worker.start()  # the pipeline is never touched: generation is the stub
     client = TestClient(create_app(svc))
     ids = [client.post("/v1/videos", json={"prompt": p}).json()["id"] for p in ("boom", "ok")]
@@ -376,3 +380,62 @@ def test_worker_fails_a_raising_job_alone_and_requeues_the_one_in_flight_on_stop
     assert not svc.worker.is_alive()
     assert client.get(f"/v1/videos/{slow}").json()["state"] == "queued"
     assert calls == ["boom", "ok", "slow"]
+
+
+def _lora(model_dir: Path, out_dir: Path, seed: int, rank: int, targets: list[str]) -> Path:
+    """A LoRA of `rank` (alpha 4) on `targets` of the tiny transformer, non-zero B."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=4, target_modules=targets))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    CogVideoXPipeline.save_lora_weights(
+        out_dir,
+        transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )
+    return out_dir / generate.LORA_FILE
+
+
+def test_hot_swap_slot_videos_equal_generate_and_misfits_are_refused(tmp_path, tiny_models, loras):
+    """A compiled service's LoRA slot (here eager on the CPU: the swap logic is the same):
+    LoRAs of another rank and alpha/rank, a subset of the modules, scales and the base,
+    interleaved, each video equal to `generate`'s loading that LoRA alone (a LoRA of a lower
+    rank than the slot's to rounding: ±1 in a few pixels); a LoRA of a larger rank or of
+    modules the slot lacks is a 422 and leaves the slot serving."""
+    from cogpipe.service import Service
+    from cogpipe.service_adapters import RequestError, Slot
+
+    model = tiny_models["cogvideox"]
+    small = _lora(model, tmp_path / "small", seed=7, rank=2, targets=["to_q", "to_v"])
+    options = generate.GenerateOptions(model=str(model), device="cpu", **SETTINGS, seed=5)
+    svc = Service(tmp_path / "api", options, templates={}, hotswap=True)
+    svc.start({"a": loras["a"], "small": small, "b": loras["b"]}, on_line=lambda x: None)
+    try:
+        assert isinstance(svc.adapters, Slot) and svc.max_rank == 4
+        for name, scale in [("a", 1.0), ("small", 0.5), (None, 1.0), ("b", 1.0), ("a", 0.5)]:
+            lora = svc.loras[name] if name else None
+            svc.adapters.activate(lora, scale)
+            got = generate.generate_one(svc.pipe, PROMPT, options)
+            ref = options.model_copy(update={"lora": lora.path if lora else None,
+                                             "lora_scale": scale})  # fmt: skip
+            want = generate.generate_one(generate.load(ref), PROMPT, ref)
+            if name != "small":
+                np.testing.assert_array_equal(got, want, err_msg=f"{name} at {scale}")
+            else:  # padded to rank 4 with zeros: a matmul of another shape rounds apart
+                diff = np.abs(got.astype(int) - want.astype(int))
+                assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), diff.mean())
+        big = _lora(model, tmp_path / "big", seed=8, rank=8, targets=["to_q"])
+        with pytest.raises(RequestError, match="rank 8 is over this service's --max-rank 4"):
+            svc.add_lora("big", str(big))
+        wide = _lora(model, tmp_path / "wide", seed=9, rank=2, targets=["to_q", "proj_out"])
+        with pytest.raises(RequestError, match="adapts proj_out .* that the first LoRA does not"):
+            svc.add_lora("wide", str(wide))
+        assert sorted(svc.loras) == ["a", "b", "small"]
+    finally:
+        svc.shutdown()

@@ -511,6 +511,39 @@ def load_lora(transformer, path: Path) -> None:
         )
 
 
+def load_lora_checked(transformer, file: Path) -> None:
+    """`load_lora` from a LoRA file made elsewhere (another run, another model), checked
+    tensor by tensor first, so a LoRA of another architecture or other targets fails
+    naming the tensor and both shapes instead of deep inside peft.
+
+    Raises:
+        ValueError: a tensor the adapter lacks, one it needs that the file lacks, or one
+            of another shape (one line, naming the file).
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    ours = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(transformer).items()}
+    with safe_open(str(file), "pt") as f:
+        theirs = {k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape())
+                  for k in f.keys()}  # fmt: skip
+    extra, lacking = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
+    if extra or lacking:
+        where = f"has {extra[0]}, which" if extra else f"lacks {lacking[0]}, which"
+        raise ValueError(
+            f"{file} {where} the model's adapter {'does not have' if extra else 'needs'}"
+            f" ({len(extra)} extra, {len(lacking)} missing tensors): other targets or another"
+            f" architecture"
+        )
+    for name, shape in ours.items():
+        if theirs[name] != shape:
+            raise ValueError(
+                f"{file}: {name} is {list(theirs[name])}, the model's adapter needs"
+                f" {list(shape)}: another architecture"
+            )
+    load_lora(transformer, file)
+
+
 # --------------------------------------------------------------------------- full weights
 
 FULL_FOLDER = "transformer"  # a full fine-tune checkpoint's weights, in diffusers layout
