@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: setup browser demo test serve lint clean
+.PHONY: setup browser demo test serve lint clean docker-test
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -15,7 +15,10 @@ browser:  ## headless Chromium for the browser test, where apt-get can install i
 	@scripts/browser.sh
 
 test: setup browser  ## the CPU test suite (GPU tests are skipped without a GPU)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+docker-test: setup  ## build docker/'s images here and run the compose stack (PostgreSQL) through the demo
+	@PYTHON=$(BIN)/python scripts/docker_test.sh
 
 serve: setup  ## Prefect server + pools + deployments + workers on 127.0.0.1:4200 (home: .cogpipe-serve/prefect); Ctrl-C stops
 	$(BIN)/cogpipe serve
