@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from cogpipe.config import PipelineConfig, Stage
 from cogpipe.pipeline import run_stage, upstream_results
+from cogpipe.stages import STAGE_SPECS
 from cogpipe_tasks.common import ProgressArtifact, run
 from cogpipe_tasks.gpu import gpu_slots
 from cogpipe_tasks.remote import logging_loads
@@ -29,16 +30,29 @@ def _run_name() -> str:
 
 
 @flow(name="cogpipe-stage", flow_run_name=_run_name, log_prints=True)
-def stage(config: PipelineConfig, stage: Stage = "caption", shard: int | None = None) -> dict:
+def stage(
+    config: PipelineConfig,
+    stage: Stage = "caption",
+    shard: int | None = None,
+    category_order: list[str] | None = None,
+) -> dict:
     """Run `stage` (its inputs must be done); with `shard`, commit only that caption or
     recaption shard's parts or that precompute part's shards (no merge, no index).
+    `category_order`: filter.categories' names in the config's order (a server on
+    PostgreSQL returns parameters with object keys sorted).
     Returns the stage's result record ({} for a shard)."""
+    if category_order:
+        cats = config.filter.categories
+        ordered = {name: cats[name] for name in category_order}
+        config = config.model_copy(
+            update={"filter": config.filter.model_copy(update={"categories": ordered})}
+        )
     get_run_logger().info("hub token: %s", use_hub_token())
     with gpu_slots():
         if shard is None:
             upstream = upstream_results(config, stage)
-            return run(stage, config, **{up: r.to_dict() for up, r in upstream.items()})
-        option = {"caption": "shard", "recaption": "shard", "precompute": "part"}.get(stage)
+            return run(stage, config, {up: r.to_dict() for up, r in upstream.items()})
+        option = STAGE_SPECS[stage].shard_option
         if option is None:
             raise ValueError(
                 f"{stage} is not split into shards (caption, recaption and precompute are)"

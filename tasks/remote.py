@@ -23,7 +23,8 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import finished, module, run_stage
+from cogpipe.pipeline import finished, run_stage
+from cogpipe.stages import STAGE_SPECS
 from cogpipe.workspace import Progress, ShardsIncomplete, Workspace, no_progress
 from cogpipe_tasks.common import cache_key, publish, retry_unless
 
@@ -60,7 +61,7 @@ def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[s
     workspace holds it."""
     logger = get_run_logger()
     ws, inputs = Workspace(config.workspace), {up: r["key"] for up, r in upstream.items()}
-    key = module(stage).key_of(config, inputs)
+    key = STAGE_SPECS[stage].key(config, inputs)
     if (done := finished(ws, config, stage, key, inputs)) is not None:
         logger.info("%s %s: done on disk, no %s run", stage, key, pool)
         return done.to_dict()
@@ -108,6 +109,9 @@ def merge_here(config: PipelineConfig, stage: str) -> dict | None:
 def start(deployment: str, config: PipelineConfig, stage: str, shard: int | None) -> UUID:
     """Schedule one run of the stage deployment now; returns its flow run id."""
     params = {"config": config.model_dump(mode="json"), "stage": stage, "shard": shard}
+    # a server on PostgreSQL stores parameters as jsonb, which sorts object keys: the
+    # categories' order (it breaks ties, and is in the filter key) travels as a list
+    params["category_order"] = list(config.filter.categories)
     run = run_deployment(deployment, parameters=params, timeout=0)
     get_run_logger().info("%s: started flow run %s on %s", stage, run.name, deployment)
     return run.id
