@@ -19,7 +19,6 @@ from typing import Any
 from uuid import UUID
 
 from cogpipe.config import ConfigError, PipelineConfig, load_config, with_fields
-from cogpipe.errors import UserError
 
 DEPLOYMENT = "cogpipe-pipeline/pipeline"
 # The run form's short fields -> the config field each sets.
@@ -74,7 +73,7 @@ def run_config(
     return with_fields(cfg, chosen, base)
 
 
-class SubmitError(UserError, RuntimeError):
+class SubmitError(RuntimeError):
     """No server, no deployment, or a run that did not complete."""
 
 

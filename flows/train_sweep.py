@@ -76,11 +76,8 @@ def train_sweep(
             future.result()
     else:
         for name, cell in cells:
-            trained = train.with_options(task_run_name=f"{name}-train")(
-                cell, {"precompute": precompute}
-            )
-            upstream = {"train": trained, "check": check, "filter": filtered}
-            evaluate.with_options(task_run_name=f"{name}-evaluate")(cell, upstream)
+            trained = train.with_options(task_run_name=f"{name}-train")(cell, precompute)
+            evaluate.with_options(task_run_name=f"{name}-evaluate")(cell, trained, check, filtered)
 
     ws = Workspace(config.workspace)
     table = sweeps.results(ws, config, grid, metric)

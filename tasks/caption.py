@@ -7,7 +7,9 @@ captions whatever shard is still missing, merges the parts and marks the stage d
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe_tasks.common import cache_key, retry_unless, run, run_shard
+from cogpipe.pipeline import run_stage
+from cogpipe.workspace import StageResult
+from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
 
 
 @task(
@@ -20,9 +22,9 @@ from cogpipe_tasks.common import cache_key, retry_unless, run, run_shard
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def caption(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
+def caption(config: PipelineConfig, check: dict) -> dict:
     """Caption every kept clip; committed parts survive a crash and are skipped on retry."""
-    return run("caption", config, upstream)
+    return run("caption", config, check=check)
 
 
 @task(
@@ -33,6 +35,8 @@ def caption(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def caption_shard(config: PipelineConfig, upstream: dict[str, dict], shard: int) -> int:
+def caption_shard(config: PipelineConfig, check: dict, shard: int) -> int:
     """Commit every part of one shard (no merge); returns the shard."""
-    return run_shard("caption", config, upstream, shard)
+    upstream = {"check": StageResult.from_dict(check)}
+    run_stage(config, "caption", upstream, ProgressArtifact(f"caption-shard-{shard}"), shard=shard)
+    return shard

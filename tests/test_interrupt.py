@@ -25,7 +25,7 @@ import yaml
 from cogpipe.cli import main
 from cogpipe.config import PipelineConfig
 from cogpipe.demo import DEMO_CONFIG
-from cogpipe.pipeline import UPSTREAM, run_all, run_stage, stage_keys, stage_path
+from cogpipe.pipeline import UPSTREAM, plan, run_all, run_stage, stage_path
 from cogpipe.workspace import Workspace, read_table
 
 pytestmark = pytest.mark.prefect
@@ -62,7 +62,7 @@ def copy_config(
 
 
 def output(cfg: PipelineConfig, stage: str) -> Path:
-    keys = stage_keys(cfg, stage)
+    keys = plan(cfg, stage)
     inputs = {up: keys[up] for up in UPSTREAM[stage]}
     return stage_path(Workspace(cfg.workspace), cfg, stage, keys[stage], inputs)
 

@@ -26,8 +26,6 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
-from cogpipe.compat import dynamo_config
-
 if TYPE_CHECKING:
     import torch
 
@@ -141,7 +139,9 @@ def set_checkpointing(transformer, mode: Checkpointing, fraction: float = 1.0) -
 
 def compile_static(module) -> None:
     """`torch.compile` a module with static shapes: one graph per input shape it meets."""
-    config = dynamo_config()
+    import torch
+
+    config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     module.compile(dynamic=False)
 
