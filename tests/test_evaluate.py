@@ -27,14 +27,16 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-def make_lora(model_dir: Path, out_dir: Path, seed: int) -> Path:
-    """A LoRA on the tiny transformer with random non-zero lora_B, saved like the trainer does."""
+def make_lora(model_dir: Path, out_dir: Path, seed: int, rank: int = 4,
+              targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:  # fmt: skip
+    """A LoRA of `rank` (alpha 4) on the tiny transformer's `targets` with random non-zero
+    lora_B, saved like the trainer does."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer")
     transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        LoraConfig(r=rank, lora_alpha=4, target_modules=list(targets))
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

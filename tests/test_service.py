@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-import torch
 from test_evaluate import make_lora
 
 from cogpipe import generate
@@ -382,26 +381,6 @@ def test_worker_fails_a_raising_job_alone_and_requeues_the_one_in_flight_on_stop
     assert calls == ["boom", "ok", "slow"]
 
 
-def _lora(model_dir: Path, out_dir: Path, seed: int, rank: int, targets: list[str]) -> Path:
-    """A LoRA of `rank` (alpha 4) on `targets` of the tiny transformer, non-zero B."""
-    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer")
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=4, target_modules=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    CogVideoXPipeline.save_lora_weights(
-        out_dir,
-        transformer_lora_layers=get_peft_model_state_dict(transformer),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
-    )
-    return out_dir / generate.LORA_FILE
-
-
 def test_hot_swap_slot_videos_equal_generate_and_misfits_are_refused(tmp_path, tiny_models, loras):
     """A compiled service's LoRA slot (here eager on the CPU: the swap logic is the same):
     LoRAs of another rank and alpha/rank, a subset of the modules, scales and the base,
@@ -412,7 +391,7 @@ def test_hot_swap_slot_videos_equal_generate_and_misfits_are_refused(tmp_path, t
     from cogpipe.service_adapters import RequestError, Slot
 
     model = tiny_models["cogvideox"]
-    small = _lora(model, tmp_path / "small", seed=7, rank=2, targets=["to_q", "to_v"])
+    small = make_lora(model, tmp_path / "small", seed=7, rank=2, targets=("to_q", "to_v"))
     options = generate.GenerateOptions(model=str(model), device="cpu", **SETTINGS, seed=5)
     svc = Service(tmp_path / "api", options, templates={}, hotswap=True)
     svc.start({"a": loras["a"], "small": small, "b": loras["b"]}, on_line=lambda x: None)
@@ -430,10 +409,10 @@ def test_hot_swap_slot_videos_equal_generate_and_misfits_are_refused(tmp_path, t
             else:  # padded to rank 4 with zeros: a matmul of another shape rounds apart
                 diff = np.abs(got.astype(int) - want.astype(int))
                 assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), diff.mean())
-        big = _lora(model, tmp_path / "big", seed=8, rank=8, targets=["to_q"])
+        big = make_lora(model, tmp_path / "big", seed=8, rank=8, targets=("to_q",))
         with pytest.raises(RequestError, match="rank 8 is over this service's --max-rank 4"):
             svc.add_lora("big", str(big))
-        wide = _lora(model, tmp_path / "wide", seed=9, rank=2, targets=["to_q", "proj_out"])
+        wide = make_lora(model, tmp_path / "wide", seed=9, rank=2, targets=("to_q", "proj_out"))
         with pytest.raises(RequestError, match="adapts proj_out .* that the first LoRA does not"):
             svc.add_lora("wide", str(wide))
         assert sorted(svc.loras) == ["a", "b", "small"]
