@@ -46,7 +46,6 @@ import datetime
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cogpipe.net import free_port  # noqa: E402 - after the path above
 
 RANK = 64  # the smallest rank the user's plan allows
 SWITCH_FRAMES = 9  # the switch's short videos: 2 steps of 9 frames at the model's size
@@ -194,13 +195,6 @@ def switch_times(model_dir: Path, loras: dict[str, Path], options, compile: bool
 
 
 # --------------------------------------------------------------------------- service
-
-
-def free_port() -> int:
-    """A port free now, so the bench knows where the service listens without reading its log."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cogpipe_command() -> list[str]:

@@ -55,7 +55,7 @@ def measure(rank: int, progress, case: str, processes: int, dry: bool, accum: in
     model, overrides = CASES[case]
     device = "cpu" if dry else f"cuda:{rank}"
     if dry:
-        torch.set_num_threads(1)  # as accelerate sets CPU ranks: the 1-process run too
+        torch.set_num_threads(1)  # as cogpipe.distributed.init_group sets CPU ranks: the 1-process run too
     else:
         torch.cuda.set_device(device)
     config = transformer_config(model, dry)

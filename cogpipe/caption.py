@@ -45,6 +45,7 @@ import pandas as pd
 
 from cogpipe.captions_in import existing_captions
 from cogpipe.config import CaptionConfig, ConfigError, PipelineConfig
+from cogpipe.errors import first_line
 from cogpipe.video import even_times, read_frames
 from cogpipe.vlm import Captioner, chat_text, release
 from cogpipe.vlm import load_captioner as _load
@@ -136,8 +137,7 @@ def decode_batch(
         try:
             out.append((decode_clip(clip, num_frames), None))
         except Exception as e:  # VideoError, OSError...
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            out.append((None, f"cannot decode frames: {first}"))
+            out.append((None, f"cannot decode frames: {first_line(e)}"))
     return out
 
 
@@ -482,8 +482,7 @@ def run_caption(
             loaded; a GPU pipeline merges on its CPU worker).
 
     Returns:
-        The stage result (None for a single shard); counts hold clips, captioned, failed,
-        parts and parts_reused.
+        The stage result (None for a single shard), with `_counts` and `_stats`.
 
     Raises:
         ConfigError: `shard` is not in [0, shards).
@@ -515,14 +514,21 @@ def run_caption(
         table = _with_existing(merge_parts(out, todo), kept, given, cc.existing)
         write_table(out / "captions.parquet", table)
         counts = _counts(table, parts, reused, model=len(todo), given=len(given))
-        kinds = table.error.dropna().str.split(":").str[0].value_counts().to_dict()
-        sources = table.source.value_counts().to_dict()
-        stats = {"rejections": kinds, "sources": sources, **given_stats}
+        stats = _stats(table, given_stats)
         return ws.finish(StageResult("caption", key, str(out), counts, stats=stats), started)
 
 
+def _stats(table: pd.DataFrame, given_stats: dict) -> dict:
+    """The stage's stats: failures by kind, captions by source, and `existing_captions`'."""
+    kinds = table.error.dropna().str.split(":").str[0].value_counts().to_dict()
+    sources = table.source.value_counts().to_dict()
+    return {"rejections": kinds, "sources": sources, **given_stats}
+
+
 def _counts(table: pd.DataFrame, parts: int, reused: int, model: int, given: int) -> dict:
-    """The stage's counts: clips, captioned, failed, truncated, tokens, parts..."""
+    """The stage's counts: clips, captioned, failed, truncated, tokens, parts (committed),
+    parts_reused (committed before this run), model (clips for the model) and given (clips
+    that came captioned)."""
     failed = table.error.notna()
     return {
         "clips": len(table),

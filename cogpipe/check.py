@@ -28,8 +28,8 @@ frames`, or its shortest `frame_buckets` count, at `fps`) is rejected with the n
 here, before anything is captioned, so `kept` counts training samples. Exact duplicates
 (same video bytes and span) and near duplicates (mean pHash Hamming distance; window
 spans of one video only where every hash point matches, as a replay or a loop does;
-union-find clusters) keep their best member (resolution, then bitrate, then length) and
-record it in `dup_of`; the held-out split is drawn per group of clips that share a source
+clustered as the connected components of those pairs) keep their best member
+(resolution, then bitrate, then length) and record it in `dup_of`; the held-out split is drawn per group of clips that share a source
 video or are near duplicates, so no held-out clip has a near duplicate in training. Every
 clip keeps its row, with its reasons.
 
@@ -149,7 +149,7 @@ def decode_cost(times: list[float], keyframes: list[float], fps: float) -> float
     return cost
 
 
-def plan_samples(
+def sample_times(
     keyframes: list[float], duration: float, fps: float, count: int, budget: float
 ) -> list[float]:
     """Sample times for a video.
@@ -303,7 +303,7 @@ def _pairs(reader: VideoReader, times: list[float]) -> list[tuple[float, np.ndar
 
 
 def _sample_count(duration: float, c: CheckConfig, windows: Windows | None) -> int:
-    """Frame pairs to plan: `sample_frames` per max_duration piece, or per training window
+    """Frame pairs to sample: `sample_frames` per max_duration piece, or per training window
     where long pieces are split into windows (more spans, each scored by its own samples)."""
     spans = math.ceil(duration / c.max_duration)
     if windows is not None and windows.split:
@@ -393,7 +393,7 @@ def inspect_video(path: str, info: dict, c: CheckConfig, windows: Windows | None
     budget = c.max_decode_fraction * info["frames"]
     count = _sample_count(duration, c, windows)
     with VideoReader(path, size=PROBE_SIZE, keyframes=keyframes) as r:
-        samples = _pairs(r, plan_samples(keyframes, duration, fps, count, budget))
+        samples = _pairs(r, sample_times(keyframes, duration, fps, count, budget))
         start, end, cuts = _edges(r, samples, duration, fps, c)
         trimmed = start > 0 or end < duration
         edges = [start, *cuts, end]
@@ -406,18 +406,15 @@ def inspect_video(path: str, info: dict, c: CheckConfig, windows: Windows | None
 
 
 # -- over all clips ----------------------------------------------------------------------
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
+def components(n: int, pairs: list[tuple[int, int]]) -> np.ndarray:
+    """A label per node 0..n-1, shared by the nodes `pairs` join directly or through
+    others (scipy's connected components); labels number components by smallest node."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        self.parent[self.find(i)] = self.find(j)
+    a, b = np.array(pairs, dtype=np.int64).reshape(-1, 2).T
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def near_pairs(
@@ -476,12 +473,9 @@ def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
     live = [i for i in clips.index if not clips.at[i, "reasons"] and len(clips.at[i, "hashes"])]
     if not live:
         return clips
-    uf = _UnionFind(len(live))
-    for a, b in _dup_pairs(clips, live, c):
-        uf.union(a, b)
     groups: dict[int, list[int]] = {}
-    for pos, i in enumerate(live):
-        groups.setdefault(uf.find(pos), []).append(i)
+    for label, i in zip(components(len(live), _dup_pairs(clips, live, c)), live, strict=True):
+        groups.setdefault(label, []).append(i)
     for members in groups.values():
         if len(members) == 1:
             continue
@@ -501,19 +495,19 @@ def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
 def _split(clips: pd.DataFrame, fraction: float) -> list[str]:
     """'heldout' or 'train' per clip, drawn per group of clips that share a source video or
     a duplicate group, stable by the group's smallest clip_id."""
-    uf = _UnionFind(len(clips))
     first: dict[str, int] = {}
+    pairs = []
     for pos, (video, group) in enumerate(zip(clips.video_id, clips.dup_group, strict=True)):
         for label in (f"v:{video}", f"g:{group}" if group else None):
             if label is not None:
-                uf.union(pos, first.setdefault(label, pos))
+                pairs.append((pos, first.setdefault(label, pos)))
+    labels = components(len(clips), pairs)
     names: dict[int, str] = {}
-    for pos, cid in enumerate(clips.clip_id):
-        root = uf.find(pos)
-        names[root] = min(names.get(root, cid), cid)
+    for label, cid in zip(labels, clips.clip_id, strict=True):
+        names[label] = min(names.get(label, cid), cid)
     out = []
-    for pos in range(len(clips)):
-        u = int(hashlib.sha256(names[uf.find(pos)].encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+    for label in labels:
+        u = int(hashlib.sha256(names[label].encode()).hexdigest()[:8], 16) / 0x1_0000_0000
         out.append("heldout" if u < fraction else "train")
     return out
 

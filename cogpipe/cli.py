@@ -39,18 +39,19 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
-
+from cogpipe.cli_data import add_data_commands, add_workspace_commands
+from cogpipe.cli_generate import add_generate_commands, add_serve_api
+from cogpipe.cli_parser import CONFIG_HELP, DEBUG_HELP, command, debug_flag, set_flag
+from cogpipe.compat import HelpFormatter
 from cogpipe.config import STAGES, ConfigError, PipelineConfig, load_config, parse_sets, with_fields
-from cogpipe.errors import EmptyStage, describe, is_permanent
-from cogpipe.export import FORMATS, ExportError
-from cogpipe.generate import GenerateError, GenerateOptions
+from cogpipe.errors import EmptyStage, UserError, describe, is_permanent
+from cogpipe.export import ExportError
+from cogpipe.generate import GenerateError
 from cogpipe.interrupt import Guard, interrupted
 from cogpipe.preflight import preflight
 from cogpipe.sources import SourceError
-from cogpipe.workspace import StageNotReady, StageResult, read_table
+from cogpipe.workspace import StageNotReady, StageResult
 
 
 def _prefect_env() -> None:
@@ -78,11 +79,6 @@ def _with_progress(call):
 
     with show(console_display()):
         return call()
-
-
-def _steps(display):
-    """A library's (steps done, steps, video name) calls as one progress bar per video."""
-    return lambda done, steps, name: display.stage(name, unit="steps")(done, steps)
 
 
 def run_pipeline(cfg: PipelineConfig, until: str = "evaluate") -> tuple[list[StageResult], float]:
@@ -218,9 +214,9 @@ def _run_flow(
 
     def meanwhile() -> None:
         from cogpipe.partial import resume_lines
-        from cogpipe.pipeline import plan
+        from cogpipe.pipeline import stage_keys
 
-        for line in resume_lines(cfg, plan(cfg, until)):
+        for line in resume_lines(cfg, stage_keys(cfg, until)):
             print(line, flush=True)
         import cogpipe_flows.pipeline  # noqa: F401 - the imports, while the server starts
 
@@ -255,11 +251,11 @@ def _in_prefect(cfg: PipelineConfig, call, meanwhile, debug: bool, on_interrupt,
 def _error_line(cfg: PipelineConfig, until: str, error: BaseException) -> str:
     """The error in one line, after the stage it stopped (when it does not name it)."""
     from cogpipe.partial import running_stage
-    from cogpipe.pipeline import plan
+    from cogpipe.pipeline import stage_keys
 
     text = describe(error)
     try:
-        stage = running_stage(cfg, plan(cfg, until))
+        stage = running_stage(cfg, stage_keys(cfg, until))
     except Exception:  # noqa: BLE001 - the error itself is what matters
         stage = None
     return f"{stage}: {text}" if stage and not text.startswith(stage) else text
@@ -268,9 +264,9 @@ def _error_line(cfg: PipelineConfig, until: str, error: BaseException) -> str:
 def _run_interrupted(cfg: PipelineConfig, until: str) -> str:
     """The Ctrl-C line of a pipeline run: what the stage it was in had committed."""
     from cogpipe.partial import running_stage
-    from cogpipe.pipeline import plan
+    from cogpipe.pipeline import stage_keys
 
-    keys = plan(cfg, until)
+    keys = stage_keys(cfg, until)
     stage = running_stage(cfg, keys)
     if stage is None:
         return f"interrupted after every stage up to {until} had finished"
@@ -311,7 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from cogpipe.partial import partial_progress
-    from cogpipe.pipeline import plan, run_stage, upstream_results
+    from cogpipe.pipeline import run_stage, stage_keys, upstream_results
     from cogpipe.progress import console_display, show
     from cogpipe.summary import table
 
@@ -319,7 +315,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     shard, part = getattr(args, "shard", None), getattr(args, "part", None)
     options = {"shard": shard} if shard is not None else {}
     options |= {"part": part} if part is not None else {}
-    keys = plan(cfg, args.command)
+    keys = stage_keys(cfg, args.command)
     upstream = upstream_results(cfg, args.command, keys)  # first: "run X first" says most
     preflight(cfg, args.command)  # the stages upstream are done: this one's fields
     found = partial_progress(cfg, args.command, keys)
@@ -354,22 +350,38 @@ def cmd_status(args: argparse.Namespace) -> int:
             counts = f"partial: {s['partial']['text']}"
         print(f"{stage:<11} {s['key']:<12} {state:<9} {counts}")
         print(f"{'':<11} {s['path']}")
+    if any(not s.get("done", True) for s in report.values()):
+        print(f"why a stage's key is new: cogpipe explain-key {args.config} STAGE")
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from cogpipe.estimate import estimate, remember_stats_from
+def cmd_explain_key(args: argparse.Namespace) -> int:
+    from cogpipe.pipeline import explain_key, explain_text
 
-    cfg = load_config(args.config)
-    if args.sets:
-        cfg = with_fields(cfg, parse_sets(args.sets), base=Path(args.config).parent)
-    if args.gpus is not None and args.gpus < 1:
-        raise ConfigError(f"--gpus {args.gpus}: a plan needs at least one GPU")
-    if args.stats_from:  # remembered: the `cogpipe run` that follows predicts from them too
-        remember_stats_from(cfg, args.stats_from)
-    est = estimate(cfg, gpus=args.gpus, gpu=args.gpu)
-    print(json.dumps(est.to_dict(), indent=2) if args.json else est.text())
+    report = explain_key(load_config(args.config), args.stage)
+    print(json.dumps(report, indent=2) if args.json else explain_text(report))
     return 0
+
+
+EXPLAIN_KEY_ABOUT = """
+Computes STAGE's key for CONFIG without running anything and prints what went into it:
+the config fields by dotted name (long values by hash), the model fingerprints, the keys
+of the stages it reads and the stage's VERSION. When the workspace holds an earlier run
+of STAGE under another key, it names the fields that changed since then, and says for
+every stage upstream whether its key is the one that run read.
+
+example:
+  cogpipe explain-key demo/demo.yaml caption
+  cogpipe explain-key demo/demo.yaml train --json
+"""
+
+
+def _add_explain_key(sub) -> None:
+    help = "what went into a stage's key, and what changed since its last run"
+    p = command(sub, "explain-key", help, EXPLAIN_KEY_ABOUT, cmd_explain_key)
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    p.add_argument("stage", metavar="STAGE", choices=STAGES, help=f"one of {', '.join(STAGES)}")
+    p.add_argument("--json", action="store_true", help="the explanation as one JSON object")
 
 
 def _print_estimate(cfg: PipelineConfig, until: str) -> None:
@@ -384,101 +396,6 @@ def _print_estimate(cfg: PipelineConfig, until: str) -> None:
         print(f"estimate: none ({type(e).__name__}: {e})", flush=True)
         return
     print(est.text(), flush=True)
-
-
-def _add_plan(sub) -> None:
-    p = _command(sub, "plan", "per stage: work, predicted GPU-hours, wall time and disk", """
-Predicts each stage of CONFIG before a run: its work (files, clips, samples, steps,
-videos), wall time on --gpus GPUs, GPU-hours and disk, as setup seconds + seconds per item.
-The throughput comes from this workspace's finished runs of the same stage, device and
-settings (and of each --stats-from workspace, remembered for this workspace's later plans
-and runs), else from bench/results of the same model and GPU; the last column says which.
-A stage already done here costs 0 (reused).
-
-example:
-  cogpipe plan configs/power-slap-conservative.yaml --gpus 8 --gpu h200
-  cogpipe plan demo/demo.yaml --stats-from pilot/workspace --json
-""", cmd_plan)  # fmt: skip
-    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    _set_flag(p)
-    p.add_argument("--gpus", type=int, default=None, metavar="N",
-                   help="GPUs to spread over (default: this machine's, at least 1)")  # fmt: skip
-    p.add_argument("--gpu", choices=["h100", "h200"], default=None,
-                   help="GPU kind (default: this machine's; without one, the last run's)")  # fmt: skip
-    p.add_argument("--stats-from", action="append", default=[], type=Path, metavar="WORKSPACE",
-                   help="another workspace whose finished runs count as measurements, remembered"
-                   " for this workspace's later plans and runs (repeatable)")  # fmt: skip
-    p.add_argument("--json", action="store_true", help="the estimate as one JSON object")
-
-
-def _disk_configs(paths: list[str]) -> dict[str, PipelineConfig]:
-    """du's and gc's configs by the path given; a file that is not a config is one line."""
-    out = {}
-    for path in paths:
-        try:
-            out[path] = load_config(path)
-        except ConfigError as e:
-            first, *more = str(e).splitlines()
-            if more:  # field errors or YAML's context: the first, and how many more
-                first += f" {more[0].strip()}" + (f" (+{len(more) - 1} more)" if more[1:] else "")
-            raise ConfigError(first) from None
-    return out
-
-
-def cmd_du(args: argparse.Namespace) -> int:
-    from cogpipe.disk import DiskError, collect, format_usage, usage_json
-
-    try:
-        usage = collect(_disk_configs(args.configs))
-    except DiskError as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
-    if not usage.items:
-        print(f"du: workspace {usage.root} is empty")
-        return 0
-    print(json.dumps(usage_json(usage), indent=2) if args.json else format_usage(usage))
-    return 0
-
-
-def cmd_gc(args: argparse.Namespace) -> int:
-    from cogpipe.disk import DiskError, format_freed, gc
-
-    try:
-        freed = gc(_disk_configs(args.configs), args.dry_run, args.checkpoints)
-    except DiskError as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
-    print(format_freed(freed))
-    return 0
-
-
-def _add_du(sub) -> None:
-    p = _command(sub, "du", "what each stage key, cache and run holds; which the configs use", """
-Measures the workspace without running anything: every stage key, training run, evaluation
-and cache store (files, bytes), marked with the configs that use it (their keys computed as
-`cogpipe status` does), and what `cogpipe gc` would free. Give every config you keep.
-
-example:
-  cogpipe du demo/demo.yaml configs/other.yaml
-""", cmd_du)  # fmt: skip
-    p.add_argument("configs", nargs="+", metavar="CONFIG", help="configs of one workspace")
-    p.add_argument("--json", action="store_true", help="one JSON object: items, keys, sizes")
-
-
-def _add_gc(sub) -> None:
-    p = _command(sub, "gc", "remove the outputs and cache items no given config uses", """
-Removes the stage keys, evaluations, cache entries (latents, text embeddings, recaption
-passes, base videos) and stale temporaries that none of the given configs uses, and the
-training states of runs none uses; their LoRA checkpoints (and evaluations) only with
---checkpoints. Prints each item and the total freed. Refuses while a stage runs.
-
-example:
-  cogpipe gc demo/demo.yaml configs/other.yaml --dry-run
-""", cmd_gc)  # fmt: skip
-    p.add_argument("configs", nargs="+", metavar="CONFIG", help="every config to keep")
-    p.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
-    p.add_argument("--checkpoints", action="store_true",
-                   help="also remove unused runs whole: their LoRA checkpoints and evaluations")  # fmt: skip
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -532,14 +449,14 @@ def _train_grid(specs: list[str]) -> dict[str, list]:
 def _sweep_interrupted(cfg: PipelineConfig, cells: list[tuple[str, PipelineConfig]]) -> str:
     """The Ctrl-C line of a training sweep: the shared stage or the cell it stopped in."""
     from cogpipe.partial import running_stage
-    from cogpipe.pipeline import plan
+    from cogpipe.pipeline import stage_keys
 
-    shared = plan(cfg, "precompute")
+    shared = stage_keys(cfg, "precompute")
     stage = running_stage(cfg, shared)
     if stage is not None:
         return _stage_interrupted(cfg, stage, shared)
     for k, (name, cell) in enumerate(cells):
-        keys = plan(cell, "evaluate")
+        keys = stage_keys(cell, "evaluate")
         stage = running_stage(cell, keys)
         if stage is not None:
             where = f"interrupted in cell {k + 1} of {len(cells)} ({name}); "
@@ -648,248 +565,6 @@ def cmd_evaluate_checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
-def _flag_help(field, config_field: str | None) -> str:
-    """A field's description as flag help: 'sampler steps; default: 50 (--config: evaluate.steps)'."""
-    text = (field.description or "").rstrip(".").replace("%", "%%")
-    first = text.split(" ", 1)[0]
-    if len(first) == 1 or first[1:].islower():  # "Sampler", "A" lower case; "CPU", "LoRA" stay
-        text = text[:1].lower() + text[1:]
-    if field.annotation is bool:
-        text += f"; default: {'on' if field.default else 'off'}"
-    elif field.default is not None:
-        text += f"; default: {field.default}"
-    return text + (f" (--config: its {config_field})" if config_field else "")
-
-
-def _metavar(annotation) -> str | None:
-    """PATH, N or X for a path, integer or number flag (choices show themselves)."""
-    if Path in (annotation, *get_args(annotation)):
-        return "PATH"
-    given = [a for a in get_args(annotation) if a is not type(None)]  # int | None: the model's
-    return {int: "N", float: "X"}.get(given[0] if len(given) == 1 else annotation)
-
-
-def _add_model_options(
-    parser: argparse.ArgumentParser,
-    model: type[BaseModel],
-    from_config: dict[str, str] | None = None,
-) -> None:
-    """One flag per field of a pydantic model (`lora_scale` -> `--lora-scale`).
-
-    Help and choices come from the field (and `from_config`: field -> where `--config` holds
-    it); defaults stay in the model (an option not given is not passed), and pydantic
-    converts and validates the strings.
-    """
-    for name, field in model.model_fields.items():
-        kwargs = {"dest": name, "default": argparse.SUPPRESS,
-                  "help": _flag_help(field, (from_config or {}).get(name))}  # fmt: skip
-        if field.annotation is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(field.annotation) is Literal:
-            kwargs["choices"] = get_args(field.annotation)
-        else:
-            kwargs["metavar"] = _metavar(field.annotation)
-        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
-
-
-def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
-    """--prompt, --prompt-file or --prompts-dir: exactly one."""
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", metavar="TEXT", help="a prompt as text")
-    group.add_argument(
-        "--prompt-file", metavar="NAME", help="prompts/NAME.txt (from the current folder) or a path"
-    )
-    group.add_argument(
-        "--prompts-dir", metavar="DIR", help="every .txt in DIR: one prompt each, named by its stem"
-    )
-
-
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """--config and --latest: generate as a config's evaluation samples."""
-    parser.add_argument(
-        "--config", metavar="CONFIG",
-        help="a pipeline config YAML: its model and evaluate settings (frames, size, steps, "
-        "guidance, fps, first seed, device) are the defaults; flags given win",
-    )  # fmt: skip
-    parser.add_argument(
-        "--latest", action="store_true",
-        help="with --config: the newest checkpoint of the config's training run "
-        "(train/<run>/checkpoint-NNNNNN) as --lora, or as --transformer for a full fine-tune",
-    )  # fmt: skip
-
-
-def _generate_options(args: argparse.Namespace) -> GenerateOptions:
-    """The config's settings (`--config`, `--latest`), then the flags given, which win; a bad
-    value is an error naming its flag or config field. A CPU asked for full-size video gets
-    a warning here, once, before anything loads (hours, where a user expects minutes)."""
-    from cogpipe import generate_config
-    from cogpipe.workspace import resolve_device
-
-    values, source = _config_values(args), {}
-    given = {k: v for k, v in vars(args).items() if k in GenerateOptions.model_fields}
-    if getattr(args, "latest", False) and {"lora", "transformer"} & set(given):
-        raise GenerateError("give --latest or --lora / --transformer, not both")
-    if getattr(args, "config", None):
-        source = {k: f"{args.config}: {generate_config.CONFIG_FIELDS.get(k, k)}" for k in values}
-    values |= given
-    try:
-        options = GenerateOptions(**values)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            name = str(err["loc"][0])
-            flag = "--" + name.replace("_", "-")
-            where = flag if name in given else source.get(name, flag)
-            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-        raise GenerateError("; ".join(lines)) from None
-    warning = generate_config.cpu_warning(options, resolve_device(options.device), _grid(args))
-    if warning:
-        print(f"cogpipe: {warning}", file=sys.stderr, flush=True)
-    return options
-
-
-def _config_values(args: argparse.Namespace) -> dict:
-    """The GenerateOptions values of `--config` (and its run's `--latest` checkpoint)."""
-    from cogpipe import generate_config
-
-    config = getattr(args, "config", None)
-    if not config:
-        if getattr(args, "latest", False):
-            raise GenerateError("--latest needs --config (the run whose newest checkpoint to use)")
-        return {}
-    cfg = load_config(config)
-    values = generate_config.config_values(cfg)
-    if getattr(args, "latest", False):
-        values |= generate_config.checkpoint_values(generate_config.latest_checkpoint(cfg))
-    return values
-
-
-def _grid(args: argparse.Namespace) -> dict[str, list[str]] | None:
-    """A generation sweep's `--grid` (None for generate, or a grid the sweep will refuse)."""
-    from cogpipe.sweep import parse_grid
-
-    try:
-        return parse_grid(getattr(args, "grid", None) or [])
-    except GenerateError:
-        return None
-
-
-def _print_video(path: Path, seconds: float) -> None:
-    print(f"{path} {seconds:.1f}s", flush=True)
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from cogpipe.generate import read_prompts, run_generate
-    from cogpipe.progress import console_display, show
-
-    options = _generate_options(args)
-    prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
-    written: list[Path] = []
-
-    def on_video(path: Path, seconds: float) -> None:
-        written.append(path)
-        _print_video(path, seconds)
-
-    def summary() -> str:  # generate overwrites: nothing to resume from
-        n = len(prompts)
-        return (f"interrupted; generate: {len(written)} of {n} videos written (listed above); "
-                f"running again makes all {n} (existing files are overwritten)")  # fmt: skip
-
-    with Guard(summary), show(console_display()) as display:  # a bar per video: its steps
-        run_generate(prompts, options, args.output, on_video=on_video, on_step=_steps(display))
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from cogpipe.generate import read_prompts
-    from cogpipe.progress import console_display, show
-    from cogpipe.sweep import clip_metric, parse_grid, run_sweep
-
-    options = _generate_options(args)
-    prompts = read_prompts(args.prompt, args.prompt_file, args.prompts_dir)
-    grid = parse_grid(args.grid)
-    experiment = args.experiment or "-".join(sorted(grid))
-    metrics = {}
-    clip_model = args.clip_model or (load_config(args.config).evaluate.clip_model
-                                     if args.config else None)  # fmt: skip
-    if clip_model:
-        metrics["clip_score"] = clip_metric(clip_model, options.device)
-    folder = Path(args.out) / experiment
-    reached = [0, len(prompts) * math.prod(len(v) for v in grid.values())]  # done, total
-
-    def progress(done: int, total: int, note: str) -> None:
-        reached[:] = [done, total]
-        print(f"[{done}/{total}] {note}", flush=True)
-
-    def summary() -> str:
-        done, total = reached
-        return interrupted(f"sweep: {done} of {total} videos done in {folder} (results.csv)")
-
-    with Guard(summary), show(console_display()) as display:  # a bar per video: its steps
-        table = run_sweep(prompts, options, grid, args.out, experiment, metrics,
-                          progress=progress, on_step=_steps(display))  # fmt: skip
-    skipped, errors = int(table.skipped.sum()), int((table.error != "").sum())
-    print(f"{folder}: {len(table)} videos ({len(table) - skipped - errors} generated, "
-          f"{skipped} skipped, {errors} failed); results.csv, grid.png, timing.png")  # fmt: skip
-    return 1 if errors else 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from cogpipe.export import run_export
-
-    path, lora = run_export(args.lora, args.out, args.format, args.model)
-    print(f"{path}: {args.format} export of {lora.source} ({len(lora.modules)} modules, "
-          f"rank {lora.rank}, alpha {lora.alpha:g})")  # fmt: skip
-    return 0
-
-
-def cmd_export_dataset(args: argparse.Namespace) -> int:
-    from cogpipe.dataset import DatasetExportError, export_dataset
-    from cogpipe.progress import console_display, show
-
-    cfg = load_config(args.config)
-    try:
-        with show(console_display()) as display:
-            r = export_dataset(cfg, args.out, args.format, args.force, args.workers,
-                               progress=display.stage("export-dataset"))  # fmt: skip
-    except DatasetExportError as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
-    print(f"export-dataset: {r.clips} clips ({r.written} written, {r.reused} reused, "
-          f"{r.removed} removed) in {r.seconds:.1f}s -> {r.out} ({r.format})")  # fmt: skip
-    return 0
-
-
-def cmd_captions(args: argparse.Namespace) -> int:
-    from cogpipe.overrides import export_captions
-    from cogpipe.pipeline import plan, upstream_results
-
-    cfg = load_config(args.config)
-    keys = plan(cfg, "precompute")
-    curated = Path(upstream_results(cfg, "precompute", keys)["filter"].path) / "curated.parquet"
-    n = export_captions(read_table(curated), Path(args.export))
-    print(f"{args.export}: {n} captions of {curated}; edit, then set filter.overrides to it")
-    return 0
-
-
-def cmd_rate(args: argparse.Namespace) -> int:
-    from cogpipe.rate import RateError, Ratings, run_folder, serve
-
-    try:
-        ws, ekey, folder = run_folder(load_config(args.config), args.run)
-        state = Ratings(ws, ekey, folder)
-        print(f"rate: {len(state.pairs)} pairs of run {state.run} (eval key {ekey}); ratings go "
-              f"to {ws.root / 'evaluate' / 'ratings.parquet'}; Ctrl-C stops", flush=True)  # fmt: skip
-        serve(state, args.host, args.port, on_url=lambda url: print(f"rate: {url}", flush=True))
-    except RateError as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-DEBUG_HELP = "show tracebacks and Prefect's full console output"
-CONFIG_HELP = "the pipeline config YAML (e.g. demo/demo.yaml, written by `cogpipe demo`)"
-
 # One line each (`cogpipe --help`), then what `cogpipe STAGE --help` adds.
 STAGE_HELP = {
     "ingest": "probe every input video into one manifest row, or a rejection with its reason",
@@ -913,37 +588,6 @@ STAGE_WRITES = {
 }
 
 
-def _command(sub, name: str, help: str, about: str, fn) -> argparse.ArgumentParser:
-    """A subcommand: `help` is its line in `cogpipe --help`, `about` (what it reads and
-    writes, an example) follows it in `cogpipe NAME --help`."""
-    p = sub.add_parser(
-        name, help=help, description=f"{help[0].upper()}{help[1:]}.\n\n{about.strip()}",
-        formatter_class=_Formatter,
-    )  # fmt: skip
-    p.set_defaults(fn=fn)
-    return p
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written (examples keep their lines); room for long command names."""
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=30)
-
-    def add_argument(self, action: argparse.Action) -> None:
-        """As argparse's, counting the commands' own indent (argparse leaves it out, which
-        puts the help of `evaluate-checkpoints` on a line of its own)."""
-        super().add_argument(action)
-        if isinstance(action, argparse._SubParsersAction) and action.help is not argparse.SUPPRESS:
-            longest = max(map(len, action.choices), default=0)
-            indent = self._current_indent + 2 * self._indent_increment
-            self._action_max_length = max(self._action_max_length, longest + indent)
-
-
-def _debug_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
-
-
 def _add_stage_commands(sub) -> None:
     """One command per pipeline stage (library calls, no Prefect)."""
     for k, stage in enumerate(STAGES):
@@ -955,7 +599,7 @@ def _add_stage_commands(sub) -> None:
             " was committed.", width=88,
         )  # fmt: skip
         example = f"example:\n  cogpipe {stage} demo/demo.yaml"
-        p = _command(sub, stage, STAGE_HELP[stage], f"{about}\n\n{example}", cmd_stage)
+        p = command(sub, stage, STAGE_HELP[stage], f"{about}\n\n{example}", cmd_stage)
         p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
         if stage in ("caption", "recaption"):
             p.add_argument("--shard", type=int, metavar="K",
@@ -965,57 +609,9 @@ def _add_stage_commands(sub) -> None:
                            help="encode only part K (0..precompute.workers-1) and skip the index")  # fmt: skip
 
 
-def _add_generate_commands(sub) -> None:
-    """generate and sweep: sampling outside the pipeline, optionally as a config samples."""
-    from cogpipe.generate_config import CONFIG_FIELDS
-
-    p = _command(sub, "generate", "text- or image-to-video with a base model and optional LoRA", """
-Writes one mp4 per prompt with CogVideoX (a hub id, 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v or a
-diffusers folder) and an optional LoRA, sampled exactly as `evaluate` samples. Frames, size
-and fps not given are the model's own (CogVideoX 1.5: 81x768x1360); an image-to-video
-model needs --image. With --config, the model and the sampling settings come from the
-config's `evaluate` section and --latest adds its run's newest checkpoint; flags given
-win. A CPU at full size (49x480x720, 50 steps) takes hours.
-
-examples:
-  cogpipe generate --config demo/demo.yaml --latest --prompt "a fighter slaps" --output slap.mp4
-  cogpipe generate --prompt "A fighter slaps his opponent." --model 2b --output slap.mp4
-  cogpipe generate --model 5b-i2v --image first.png --prompt "The fighter turns." --output t.mp4
-""", cmd_generate)  # fmt: skip
-    _add_prompt_options(p)
-    p.add_argument("--output", metavar="PATH",
-                   help="an .mp4 for one prompt, else a folder (default: generated/)")  # fmt: skip
-    _add_config_options(p)
-    _add_model_options(p, GenerateOptions, CONFIG_FIELDS)
-
-    p = _command(sub, "sweep", "an ablation grid over generation parameters", """
-Generates every prompt at every combination of the grid's values with one loaded model,
-into <out>/<experiment>/<param>=<value>,.../<prompt>.mp4 with results.csv (seconds, size,
-CLIP score with --clip-model), grid.png and timing.png. Run it again after an interruption
-and only the missing videos are made. --config and flags as for generate.
-
-example:
-  cogpipe sweep --config demo/demo.yaml --latest --grid lora-scale=0,1 --prompt "a slap" --out /tmp/sweeps
-""", cmd_sweep)  # fmt: skip
-    _add_prompt_options(p)
-    p.add_argument(
-        "--grid", action="append", default=[], metavar="NAME=V1,V2",
-        help="a per-video option and its values, e.g. guidance=1,6,12 (repeatable)",
-    )  # fmt: skip
-    p.add_argument(
-        "--out", default="sweeps", metavar="DIR", help="sweeps folder (default: sweeps/)"
-    )
-    p.add_argument("--experiment", metavar="NAME",
-                   help="experiment folder name (default: the grid's names)")  # fmt: skip
-    p.add_argument("--clip-model", metavar="MODEL",
-                   help="add a CLIP score column (hub id or folder)")  # fmt: skip
-    _add_config_options(p)
-    _add_model_options(p, GenerateOptions, CONFIG_FIELDS)
-
-
 def _add_flow_commands(sub) -> None:
     """The training sweep and the nightly evaluation, in-process as `run` runs the pipeline."""
-    p = _command(sub, "sweep-train", "train and evaluate a grid of config values, then rank them", """
+    p = command(sub, "sweep-train", "train and evaluate a grid of config values, then rank them", """
 Runs the train-sweep flow in this process (as `run` runs the pipeline): the stages up to
 precompute once, then per grid cell a training run train/<name>-<field><value>.../ and its
 evaluation, then sweeps/train/<name>/report.md ranking the cells by their best checkpoint
@@ -1034,9 +630,9 @@ example:
     p.add_argument("--metric", default="clip_score",
                    help="what ranks the cells: clip_score (default), temporal_consistency, "
                    "dynamic_degree, or fd_videomae (with evaluate.video_features; lowest first)")  # fmt: skip
-    _debug_flag(p)
+    debug_flag(p)
 
-    p = _command(sub, "evaluate-checkpoints", "evaluate the new checkpoints of every training run", """
+    p = command(sub, "evaluate-checkpoints", "evaluate the new checkpoints of every training run", """
 The nightly evaluation, run now in this process (no deployment needed): every run under
 the workspace's train/ with checkpoints not yet in evaluate/index.parquet is evaluated with
 its own run.json (base model, mode) and the config's evaluate settings. The check stage
@@ -1046,75 +642,12 @@ example:
   cogpipe evaluate-checkpoints demo/demo.yaml
 """, cmd_evaluate_checkpoints)  # fmt: skip
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    _debug_flag(p)
-
-
-def _add_data_commands(sub) -> None:
-    """export, captions, export-dataset and rate: what a person takes out or puts in."""
-    p = _command(sub, "export", "a LoRA for diffusers, SAT, ComfyUI, or merged weights", """
-Reads a checkpoint folder or a LoRA file in any of these layouts and writes it as diffusers
-(default), sat (CogVideo's SwissArmyTransformer), comfyui, merged into the base model's
-transformer weights, or sat-merged: those weights as the SAT checkpoint folder CogVideo's
-sat/sample_video.py loads (both need --model).
-
-example:
-  cogpipe export demo/workspace/train/<run>/checkpoint-000006 --format comfyui --out slap.safetensors
-""", cmd_export)  # fmt: skip
-    p.add_argument("lora", help="a checkpoint folder, a LoRA file, or a SAT checkpoint")
-    p.add_argument("--format", choices=FORMATS, default="diffusers", help="default: diffusers")
-    p.add_argument("--out", required=True, metavar="PATH",
-                   help="NAME.safetensors for one file, else a folder")  # fmt: skip
-    p.add_argument("--model", help="base model (hub id, folder, 2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v):"
-                   " the LoRA must fit it; merged and sat-merged need it, sat takes num_layers"
-                   " from it")  # fmt: skip
-
-    p = _command(sub, "captions", "write the current captions as an overrides file to edit", """
-Writes the filter stage's captions as a YAML file, clip_id -> caption. Edit a caption or
-replace it with {reject: reason}, set filter.overrides to the file, and run again: only
-the filter and the stages after it are redone.
-
-example:
-  cogpipe captions demo/demo.yaml --export overrides.yaml
-""", cmd_captions)  # fmt: skip
-    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    p.add_argument("--export", required=True, metavar="FILE",
-                   help="a YAML file: clip_id -> caption or {reject: reason}")  # fmt: skip
-
-    p = _command(sub, "export-dataset", "the curated training clips as a dataset folder", """
-Writes the filter stage's curated clips with their captions as a dataset other trainers
-read: finetrainers (metadata.csv), diffusers (prompts.txt + videos.txt) or jsonl (with
-provenance). An earlier export of the format is updated.
-
-example:
-  cogpipe export-dataset demo/demo.yaml --format finetrainers /tmp/slaps-dataset
-""", cmd_export_dataset)  # fmt: skip
-    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    p.add_argument("--format", required=True, choices=("finetrainers", "diffusers", "jsonl"),
-                   help="finetrainers: metadata.csv; diffusers: prompts.txt + videos.txt; "
-                   "jsonl: metadata.jsonl with provenance")  # fmt: skip
-    p.add_argument("out", help="the export folder (an earlier export of the format is updated)")
-    p.add_argument("--force", action="store_true",
-                   help="export into a folder that holds something else")  # fmt: skip
-    p.add_argument("--workers", type=int, default=0, metavar="N",
-                   help="clips encoded at once (default: one per CPU core, at most 8)")  # fmt: skip
-
-    p = _command(sub, "rate", "a page to rate checkpoint vs base videos, blind; Ctrl-C stops", """
-Serves a page where people judge a checkpoint's video against the base model's at the same
-prompt and seed (sides drawn at random), after `cogpipe evaluate CONFIG`. Ratings go to
-evaluate/ratings.parquet; the evaluation report shows the win rates.
-
-example:
-  cogpipe rate demo/demo.yaml --port 0
-""", cmd_rate)  # fmt: skip
-    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    p.add_argument("--port", type=int, default=8700, help="default 8700; 0 picks a free port")
-    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--run", help="a run folder under evaluate/<ekey>/ (default: the config's run)")
+    debug_flag(p)
 
 
 def _add_serve_commands(sub) -> None:
     """serve, setup and worker: the production Prefect setup."""
-    p = _command(sub, "serve", "Prefect server, pools, deployments and workers; Ctrl-C stops", """
+    p = command(sub, "serve", "Prefect server, pools, deployments and workers; Ctrl-C stops", """
 Starts a Prefect server with the UI, the cpu and gpu work pools, the deployments of
 deployments/prefect.yaml and one worker per pool (a gpu worker per GPU group), all in the
 foreground until Ctrl-C. Logs go to --logs.
@@ -1130,7 +663,7 @@ example:
     p.add_argument("--logs", default=".cogpipe-serve", metavar="DIR",
                    help="server and worker logs (default .cogpipe-serve/)")  # fmt: skip
 
-    p = _command(sub, "setup", "pools, stuck-run automation and deployments on a server", """
+    p = command(sub, "setup", "pools, stuck-run automation and deployments on a server", """
 Creates the work pools, the automation that marks stuck runs Crashed, and the deployments
 on a Prefect server that is already running (yours, not `cogpipe serve`'s).
 
@@ -1139,7 +672,7 @@ example:
 """, cmd_setup)  # fmt: skip
     p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
 
-    p = _command(sub, "worker", "one Prefect worker for a cogpipe pool", """
+    p = command(sub, "worker", "one Prefect worker for a cogpipe pool", """
 Starts one worker that runs the cpu or gpu pool's flow runs; a gpu worker takes the GPUs
 of CUDA_VISIBLE_DEVICES and runs one GPU job at a time on them.
 
@@ -1149,45 +682,7 @@ example:
     p.add_argument("--pool", choices=["cpu", "gpu"], required=True, help="the work pool to serve")
     p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
     p.add_argument("--name", help="worker name (default: pool, host and GPUs)")
-    _add_serve_api(sub)
-
-
-def _add_serve_api(sub) -> None:
-    """serve-api: the inference service (cogpipe.service), one process per GPU."""
-    p = _command(sub, "serve-api", "the inference service: one warm pipeline, LoRAs by name", """
-Loads the base model once and serves text/image-to-video over HTTP (FastAPI, docs at
-/docs) until Ctrl-C: POST /v1/videos queues a job, GET /v1/videos/ID reports it, GET
-/v1/videos/ID/content is the mp4. LoRAs stay resident and switch per request; more are
-added with POST /v1/loras. Jobs and results persist in --folder across restarts. With
-COGPIPE_API_KEY set, every /v1 request needs `Authorization: Bearer <key>`.
-
-example:
-  cogpipe serve-api demo/demo.yaml --lora slap=demo/workspace/train/<run>/checkpoint-000006
-  cogpipe serve-api --model 2b --lora a=runs/a.safetensors --port 8001 --folder /data/api1
-""", cmd_serve_api)  # fmt: skip
-    p.add_argument("config", nargs="?", metavar="CONFIG",
-                   help="a pipeline config: its model and evaluate settings are the defaults")  # fmt: skip
-    p.add_argument("--model", help="the base model (wins over CONFIG's): 2b, 5b, hub id, folder")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                   help="a LoRA to load at start: checkpoint folder or .safetensors (repeatable)")  # fmt: skip
-    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
-    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
-    p.add_argument("--folder", default=".cogpipe-api", metavar="DIR",
-                   help="jobs database and videos (default .cogpipe-api/)")  # fmt: skip
-    p.add_argument("--templates", metavar="YAML", help="prompt templates (default: shipped)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto (or CONFIG's)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the transformer blocks (GPU); LoRAs then hot-swap in one slot")  # fmt: skip
-    p.add_argument("--max-rank", type=int, metavar="R",
-                   help="with --compile: the slot's rank, the largest a LoRA may have "
-                   "(default: the largest --lora's, else 128)")  # fmt: skip
-    p.add_argument("--paused", action="store_true", help="accept jobs, run none until resumed")
-    for name, default, what in (("frames", 81, "frames a request may ask"),
-                                ("pixels", 768 * 1360, "height x width a request may ask"),
-                                ("steps", 100, "steps a request may ask"),
-                                ("queue", 100, "jobs waiting; more get 429")):  # fmt: skip
-        p.add_argument(f"--max-{name}", type=int, default=default, metavar="N",
-                       help=f"the most {what} (default {default})")  # fmt: skip
+    add_serve_api(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1196,12 +691,36 @@ def build_parser() -> argparse.ArgumentParser:
     intro, *notes = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
         prog="cogpipe", description=intro, epilog="\n\n".join(notes).strip(),
-        formatter_class=_Formatter,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    p = _command(sub, "demo", "sample videos + tiny models, then the whole pipeline", """
+    _add_run_commands(sub)
+    _add_stage_commands(sub)
+    p = command(sub, "status", "per stage: key, output path, done or not, counts", """
+Reads the workspace without running anything: each stage's key, folder, whether it is
+done for this config, its counts, and what an unfinished stage has committed.
+
+example:
+  cogpipe status demo/demo.yaml --json
+""", cmd_status)  # fmt: skip
+    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
+    p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
+    _add_explain_key(sub)
+    add_workspace_commands(sub)
+
+    add_generate_commands(sub)
+    _add_flow_commands(sub)
+    add_data_commands(sub)
+    _add_serve_commands(sub)
+    _add_submit(sub)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """demo and run: the whole pipeline as a Prefect flow, in this process."""
+    p = command(sub, "demo", "sample videos + tiny models, then the whole pipeline", """
 Writes sample videos, tiny random models (in the real diffusers / transformers layouts)
 and demo.yaml under --workspace, then runs every stage on them as `cogpipe run` does. About
 two minutes on a CPU the first time; a second run reuses every stage.
@@ -1211,9 +730,9 @@ example:
 """, cmd_demo)  # fmt: skip
     p.add_argument("--workspace", default="demo", metavar="DIR",
                    help="folder for videos, models, config and workspace (default: demo/)")  # fmt: skip
-    _debug_flag(p)
+    debug_flag(p)
 
-    p = _command(sub, "run", "the full pipeline as a Prefect flow, in this process", """
+    p = command(sub, "run", "the full pipeline as a Prefect flow, in this process", """
 Runs the stages up to --until as one Prefect flow on a temporary server of its own (or on
 PREFECT_API_URL's). Every stage caches its result by content: a second run reuses what
 is done and resumes what was interrupted. Logs go to <workspace>/logs/run-<time>.log.
@@ -1223,30 +742,14 @@ example:
   cogpipe run demo/demo.yaml --set train.max_steps=12 --set train.learning_rate=5e-4
 """, cmd_run)  # fmt: skip
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    _set_flag(p)
+    set_flag(p)
     p.add_argument("--until", choices=STAGES, default="evaluate",
                    help="last stage to run (default: evaluate)")  # fmt: skip
-    _debug_flag(p)
+    debug_flag(p)
 
-    _add_stage_commands(sub)
-    p = _command(sub, "status", "per stage: key, output path, done or not, counts", """
-Reads the workspace without running anything: each stage's key, folder, whether it is
-done for this config, its counts, and what an unfinished stage has committed.
 
-example:
-  cogpipe status demo/demo.yaml --json
-""", cmd_status)  # fmt: skip
-    p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-    p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
-    _add_du(sub)
-    _add_gc(sub)
-    _add_plan(sub)
-
-    _add_generate_commands(sub)
-    _add_flow_commands(sub)
-    _add_data_commands(sub)
-    _add_serve_commands(sub)
-
+def _add_submit(sub) -> None:
+    """submit: a run of the deployed pipeline, on the server `cogpipe serve` started."""
     p = sub.add_parser(
         "submit", help="start a run of the deployed pipeline (cogpipe serve) on a config file",
         description="Start a run of the deployed cogpipe-pipeline/pipeline on CONFIG, by its "
@@ -1254,34 +757,19 @@ example:
         "config and every --set are checked here first.",
     )  # fmt: skip
     p.add_argument("config", help="the YAML config (a path the workers can read)")
-    _set_flag(p)
+    set_flag(p)
     p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
     p.add_argument("--api", help="the server's API URL (default: PREFECT_API_URL)")
     p.add_argument(
         "--wait", action="store_true", help="wait for the run; exit 1 unless it completes"
     )
     p.set_defaults(fn=cmd_submit)
-    return parser
 
 
-def _set_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="sets",
-        help="override one dotted config field, e.g. train.max_steps=500 (repeatable); the"
-        " value is read as YAML",
-    )  # fmt: skip
-
-
-def _serving(command) -> int:
-    """Run a serve, setup or worker command; a ServeError is a clean error, like the others."""
-    from cogpipe_flows.serve import ServeError
-
+def _serving(call) -> int:
+    """Run a serve, setup or worker command with Prefect's offline defaults."""
     _prefect_env()
-    try:
-        return command()
-    except ServeError as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
+    return call()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -1313,7 +801,7 @@ def cmd_setup(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Send a config to the deployed pipeline; a bad config or --set fails before sending."""
     _prefect_env()
-    from cogpipe_flows.submit import SubmitError, run_config, submit, wait
+    from cogpipe_flows.submit import run_config, submit, wait
 
     sets = parse_sets(args.sets)
     run_config(str(Path(args.config).expanduser().resolve()), overrides=sets)  # before a server
@@ -1322,15 +810,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print("cogpipe: error: no server given: export the PREFECT_API_URL that `cogpipe serve` "
               "prints, or pass --api URL", file=sys.stderr)  # fmt: skip
         return 2
-    try:
-        run_id, link = submit(Path(args.config), sets, args.until, api)
-        print(f"submitted: {link}", flush=True)
-        if not args.wait:
-            return 0
-        state, message = wait(run_id, api)
-    except SubmitError as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
+    run_id, link = submit(Path(args.config), sets, args.until, api)
+    print(f"submitted: {link}", flush=True)
+    if not args.wait:
+        return 0
+    state, message = wait(run_id, api)
     print(f"{state}: {link}" + (f" ({message})" if message and state != "Completed" else ""))
     return 0 if state == "Completed" else 1
 
@@ -1341,24 +825,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return _serving(lambda: run_worker(args.pool, args.api, args.name))
 
 
-def cmd_serve_api(args: argparse.Namespace) -> int:
-    """The inference service in the foreground; a bad flag or file is one line and exit 2."""
-    from cogpipe import service
-    from cogpipe.service_http import serve
-    from cogpipe.templates import TemplateError, load_templates
-
-    try:
-        templates = load_templates(Path(args.templates) if args.templates else None)
-        loras = service.parse_loras(args.lora)
-        defaults = service.defaults_for(args.config, args.model, args.device, args.compile)
-        limits = service.Limits(args.max_frames, args.max_pixels, args.max_steps, args.max_queue)
-        svc = service.Service(Path(args.folder), defaults, templates, limits, args.paused,
-                              max_rank=args.max_rank)  # fmt: skip
-        serve(svc, loras, args.host, args.port, on_line=lambda x: print(x, flush=True))
-    except (service.ServiceError, TemplateError) as e:
-        print(f"cogpipe: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+# A person's mistake, which the message alone lets them fix: one line, exit 2.
+ONE_LINE_ERRORS = (
+    ConfigError,
+    StageNotReady,
+    FileNotFoundError,
+    SourceError,
+    GenerateError,
+    ExportError,
+    EmptyStage,
+    UserError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1371,8 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, StageNotReady, FileNotFoundError, SourceError, GenerateError,
-            ExportError, EmptyStage) as e:  # fmt: skip
+    except ONE_LINE_ERRORS as e:
         print(f"cogpipe: error: {describe(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, read-only, permission: one line naming the file

@@ -63,7 +63,8 @@ import numpy as np
 import pandas as pd
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import UPSTREAM, finished, plan
+from cogpipe.errors import UserError
+from cogpipe.pipeline import UPSTREAM, finished, stage_keys
 from cogpipe.video import VideoReader
 from cogpipe.workspace import (
     Progress,
@@ -95,7 +96,7 @@ LAYOUT_FILES = (
 PROVENANCE = ("source_clip_id", "source_path", "start", "end", "category", "score")
 
 
-class DatasetExportError(RuntimeError):
+class DatasetExportError(UserError, RuntimeError):
     """An export that cannot go ahead; the message says what to do."""
 
 
@@ -124,7 +125,7 @@ def selected_clips(cfg: PipelineConfig) -> pd.DataFrame:
         DatasetExportError: no selected clip is in the train split.
     """
     ws = Workspace(cfg.workspace)
-    keys = plan(cfg, "filter")
+    keys = stage_keys(cfg, "filter")
     paths = {}
     for stage in ("check", "filter"):
         res = finished(ws, cfg, stage, keys[stage], {u: keys[u] for u in UPSTREAM[stage]})

@@ -2,7 +2,7 @@
 
 A workspace only grows: every changed config adds stage keys, cache entries and runs.
 Which of them a config still uses is computed from the config alone, with the pipeline's
-own key functions (`pipeline.plan`, `pipeline.stage_path`), never by running anything:
+own key functions (`pipeline.stage_keys`, `pipeline.stage_path`), never by running anything:
 
 - stage outputs: `<stage>/<key>/`, `train/<run>/`, `evaluate/<ekey>/<run>/`;
 - `cache/latents`, `cache/text`: the content keys in the `index.parquet` of a used
@@ -40,6 +40,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from cogpipe.config import PipelineConfig
+from cogpipe.errors import UserError
 from cogpipe.workspace import (
     TMP_PREFIX,
     Busy,
@@ -58,7 +59,7 @@ LATENT_COLUMNS = ("latents_cache", "reference_cache", "image_cache")
 RUN_LOCK = "workspace"  # .locks/workspace.lock: shared by runs (`in_use`), exclusive for gc
 
 
-class DiskError(RuntimeError):
+class DiskError(UserError, RuntimeError):
     """A du or gc that cannot go on: mixed workspaces, a running stage, unknown keys."""
 
 
@@ -184,10 +185,10 @@ class _References:
 
     def add(self, ws: Workspace, label: str, cfg: PipelineConfig) -> dict[str, str]:
         """Record what one config uses; returns its keys."""
-        from cogpipe.pipeline import UPSTREAM, plan, stage_path
+        from cogpipe.pipeline import UPSTREAM, stage_keys, stage_path
 
         try:
-            keys = plan(cfg)
+            keys = stage_keys(cfg)
         except (OSError, ValueError) as e:  # no source, a bad layout (SourceError)
             raise DiskError(f"{label}: cannot compute its keys: {e}") from None
         for stage, key in keys.items():
@@ -246,7 +247,7 @@ def _precompute_plan(ws: Workspace, cfg: PipelineConfig, keys: dict[str, str]):
         return None
     from cogpipe import precompute as pc
 
-    return pc._plan(cfg, ups, pc._model(cfg))
+    return pc.sample_table(cfg, ups)
 
 
 def _recaption_passes(ws: Workspace, cfg: PipelineConfig, keys: dict[str, str]) -> set[str]:

@@ -10,16 +10,16 @@ generator. So `num_processes` and `strategy` are not in the train key: one, two 
 GPUs give the same run up to floating-point summation order, and a run started on two
 GPUs resumes on one.
 
-- ddp (LoRA modes): accelerate's DistributedDataParallel; each process holds the model,
+- ddp (LoRA modes): torch's DistributedDataParallel; each process holds the model,
   gradients are all-reduced at a process's last micro-batch of a step (`no_sync` before).
-- fsdp (mode full): torch's FSDP2 `fully_shard` on every transformer block and the root,
-  called here rather than through accelerate: accelerate 1.15 turns FSDP on only for GPU
-  process groups (so the CPU tests could not run the GPU code path) and its FSDP2
-  preparation casts trainable weights to fp32 under mixed precision, which would undo
-  `master_weights: bf16`. Accelerate still sets up the process group, autocast and the
-  grad scaler. Checkpoints gather the full weights and optimizer states on rank 0 (CPU)
-  and write the layout a single process writes: `transformer/` in diffusers layout and
-  the optimizer states keyed by parameter name.
+- fsdp (mode full): torch's FSDP2 `fully_shard` on every transformer block and the root.
+  Its mixed precision is the trainer's own autocast around the forward, so
+  `master_weights: bf16` keeps bf16 weights. Checkpoints gather the full weights and
+  optimizer states on rank 0 (CPU) and write the layout a single process writes:
+  `transformer/` in diffusers layout and the optimizer states keyed by parameter name.
+
+The process group (NCCL on GPUs, gloo on the CPU) is set up from the environment `launch`
+gives each rank (`init_group`).
 
 `launch` starts the processes with the spawn method (a parent that touched CUDA cannot
 fork), relays rank 0's progress calls to the parent's callback one at a time (a callback
@@ -41,6 +41,7 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from cogpipe.net import free_port
 from cogpipe.workspace import Progress, no_progress
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def visible_gpus(env: dict[str, str] | None = None) -> int:
     return len(gpu_devices(env))
 
 
-def plan(t: TrainConfig, device: str, env: dict[str, str] | None = None) -> tuple[str, int]:
+def parallelism(t: TrainConfig, device: str, env: dict[str, str] | None = None) -> tuple[str, int]:
     """(strategy, processes) of a run: `single` with one process, else `ddp` or `fsdp`.
 
     `num_processes: 0` takes one per visible GPU (one on the CPU), lowered to the largest
@@ -126,6 +127,57 @@ def share(count: int, rank: int, processes: int) -> range:
     """Positions of a step's `count` micro-batches that rank `rank` takes (contiguous)."""
     each = count // processes
     return range(rank * each, (rank + 1) * each)
+
+
+# --------------------------------------------------------------------------- process group
+
+
+def init_group(device):
+    """Join this rank's process group (NCCL for a GPU, gloo for the CPU) from the
+    environment `launch` set, a group already there (a test's, a caller's) kept; returns
+    this rank's torch.device (a bare "cuda": its LOCAL_RANK's GPU, made current).
+
+    CPU ranks share the cores: without OMP_NUM_THREADS each takes its part of them, as
+    `accelerate launch` sets it, so two ranks on one machine do not oversubscribe it.
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    device, local = torch.device(device), int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        import psutil
+
+        share = (psutil.cpu_count(logical=False) or 1) // int(
+            os.environ.get("LOCAL_WORLD_SIZE", "1")
+        )
+        torch.set_num_threads(max(share, 1))
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
+    return device
+
+
+def world() -> tuple[int, int]:
+    """(rank, processes) of this process: (0, 1) outside a process group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def wrap_ddp(model, device):
+    """`model` in DistributedDataParallel: gradients averaged over the processes."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids and ids[0])
 
 
 # --------------------------------------------------------------------------- FSDP
@@ -190,15 +242,13 @@ def load_optimizer_state(model, optimizer, state: dict, names: list[str]) -> Non
 # --------------------------------------------------------------------------- launching
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(target, args: tuple, processes: int, progress: Progress = no_progress) -> list[Any]:
+def launch(
+    target,
+    args: tuple,
+    processes: int,
+    progress: Progress = no_progress,
+    raises: tuple[type[Exception], ...] = (ValueError,),
+) -> list[Any]:
     """Run `target(rank, progress, *args)` in `processes` spawned processes, one per rank.
 
     Each process gets the torch.distributed environment (RANK, LOCAL_RANK, WORLD_SIZE,
@@ -211,7 +261,8 @@ def launch(target, args: tuple, processes: int, progress: Progress = no_progress
     Raises:
         RankFailed: a rank raised or died; names that rank (the one that failed first by
             its own fault, not because a peer went away) and its traceback. A rank's
-            TrainingDiverged, ValueError or RunFolderTaken is raised as that type instead.
+            error of a type in `raises` (the caller's own errors, e.g. a ValueError
+            about its config) is raised as that type instead.
         Whatever `progress` raises, after every rank is stopped.
     """
     import multiprocessing as mp
@@ -222,18 +273,18 @@ def launch(target, args: tuple, processes: int, progress: Progress = no_progress
     try:
         for rank in range(processes):
             mine, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_rank_main, name=f"cogpipe-train-rank{rank}",
-                               args=(target, rank, processes, port, parent, theirs, args))  # fmt: skip
+            spec = (target, rank, processes, port, parent, theirs, args)
+            proc = ctx.Process(target=_rank_main, name=f"cogpipe-train-rank{rank}", args=spec)
             proc.start()
             theirs.close()
             procs.append(proc)
             conns.append(mine)
-        return _supervise(procs, conns, progress)
+        return _supervise(procs, conns, progress, raises)
     finally:
         _stop(procs)
 
 
-def _supervise(procs: list, conns: list, progress: Progress) -> list[Any]:
+def _supervise(procs: list, conns: list, progress: Progress, raises: tuple) -> list[Any]:
     """Serve rank 0's progress calls and collect results until every rank is done or one
     failed (then wait GRACE_S for the others' reports)."""
     from multiprocessing.connection import wait
@@ -270,7 +321,7 @@ def _supervise(procs: list, conns: list, progress: Progress) -> list[Any]:
 
     while len(results) < n:
         if failures and (not running or time.monotonic() - failed_at > GRACE_S):
-            raise _failure(failures, n)
+            raise _failure(failures, n, raises)
         for ready in wait([*open_conns, *running], timeout=1.0):
             if ready in open_conns:
                 drain(ready)
@@ -295,10 +346,10 @@ def _is_peer_error(kind: str, message: str) -> bool:
     return kind in PEER_ERRORS or any(m in message for m in PEER_MESSAGES)
 
 
-def _failure(failures: dict[int, tuple[str, str, str]], n: int) -> Exception:
+def _failure(failures: dict[int, tuple[str, str, str]], n: int, raises: tuple = ()) -> Exception:
     """The error to raise: the rank that died, else one that raised on its own, else the
-    first; the other ranks' errors are named on one line each."""
-    from cogpipe.train import RunFolderTaken, TrainingDiverged
+    first; the other ranks' errors are named on one line each. An error of a type in
+    `raises` is raised as that type, with its message only."""
 
     def evidence(rank: int) -> int:
         kind, message, _ = failures[rank]
@@ -308,14 +359,16 @@ def _failure(failures: dict[int, tuple[str, str, str]], n: int) -> Exception:
     kind, message, trace = failures[cause]
     what = message if kind == "died" else f"{kind}: {message}"
     text = f"train rank {cause} of {n} failed: {what}"
-    others = [f"rank {r}: {k}: {m.splitlines()[0] if m else ''}"
-              for r, (k, m, _) in failures.items() if r != cause]  # fmt: skip
+    others = [
+        f"rank {r}: {k}: {m.splitlines()[0] if m else ''}"
+        for r, (k, m, _) in failures.items()
+        if r != cause
+    ]
     if others:
         text += "\n(then " + "; ".join(others) + ")"
     if trace:
         text += f"\n\nrank {cause}'s traceback:\n{trace}"
-    known = {"TrainingDiverged": TrainingDiverged, "RunFolderTaken": RunFolderTaken,
-             "ValueError": ValueError}  # fmt: skip
+    known = {error.__name__: error for error in raises}
     if kind in known:
         return known[kind](f"train rank {cause} of {n}: {message}")
     return RankFailed(text)

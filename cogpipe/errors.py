@@ -30,6 +30,11 @@ FULL_BELOW_MIB = 1  # MiB free under which a failed write is taken for a full di
 OFFLINE_TEXT = ("couldn't connect", "Connection", "timed out", "Temporary failure")
 
 
+class UserError(Exception):
+    """A mistake a person fixes from the message alone (a bad flag, file or workspace
+    state): the CLI prints it as one line, `cogpipe: error: ...`, and exits 2."""
+
+
 class EmptyStage(RuntimeError):
     """A stage ended with nothing for the next one (no video, every clip rejected, no
     caption selected); it is not recorded as done."""
@@ -46,13 +51,20 @@ class ModelLoadError(ConfigError):
         self.transient = transient
 
 
+def first_line(error: BaseException, limit: int | None = 200, strerror: bool = False) -> str:
+    """`error`'s message as a table's reason or a log line: its first line, at most `limit`
+    characters, or its type's name when it says nothing. `strerror`: an OSError's reason
+    alone (FFmpeg's errors put no errno or file in it, and the caller names the file)."""
+    text = ((getattr(error, "strerror", None) if strerror else None) or str(error)).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def load_failed(field: str, model: str, error: BaseException) -> ModelLoadError:
     """A loader's error as a ModelLoadError naming the config field and the model; one
     that came from the network (no connection, a timeout) is transient."""
     if isinstance(error, ModelLoadError):
         return error
-    lines = str(error).strip().splitlines()
-    reason = lines[0] if lines else type(error).__name__
+    reason = first_line(error, limit=None)
     transient = any(isinstance(e, ConnectionError | TimeoutError) for e in chain(error))
     transient = transient or any(text in str(error) for text in OFFLINE_TEXT)
     return ModelLoadError(f"{field}: cannot load {model}: {reason}", transient)

@@ -637,10 +637,10 @@ def estimate(
             this one's (e.g. a pilot run's workspace).
         stages: only these stages (default: all).
     """
-    from cogpipe.pipeline import UPSTREAM, finished, plan
+    from cogpipe.pipeline import UPSTREAM, finished, stage_keys
 
     ws = Workspace(cfg.workspace)
-    keys = plan(cfg)
+    keys = stage_keys(cfg)
     others = [Path(p).resolve() for p in [*(stats_from or []), *remembered_stats_from(ws)]]
     records = timed_records([ws.root, *dict.fromkeys(others)])
     device = resolve_device(gpu, records)

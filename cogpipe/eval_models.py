@@ -8,7 +8,7 @@ A checkpoint is a LoRA loaded onto the base pipeline for a block and unloaded af
 `transformer/` swapped in for the block (`full_weights`; on a GPU the base transformer
 waits on the CPU, so one transformer holds GPU memory at a time). `generate` is plain
 text-to-video through the pipeline's own call, the numbers `sampling.sample` reproduces
-for an unconditioned request; `to_uint8` refuses NaN or inf pixels rather than writing
+for an unconditioned request; `video.to_uint8` refuses NaN or inf pixels rather than writing
 black frames that would then be scored. Re-exported by `cogpipe.evaluate`.
 """
 
@@ -24,6 +24,7 @@ import numpy as np
 from cogpipe.config import EvaluateConfig
 from cogpipe.models import quiet_local_load
 from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE, transformer_config, weight_dtype
+from cogpipe.video import to_uint8
 
 
 def is_full(checkpoint: Path) -> bool:
@@ -54,10 +55,10 @@ def load_pipeline(model: str, device: str):
     from cogpipe.sampling import model_traits, pipeline_class
 
     dtype = weight_dtype("auto", transformer_config(model), device)
-    pipeline = pipeline_class(model_traits(model).shape)
+    pipe_class = pipeline_class(model_traits(model).shape)  # a diffusers pipeline class
     # `dtype`: diffusers 0.42.0 and later take it; `torch_dtype` warns as deprecated.
     with quiet_local_load(model):
-        pipe = pipeline.from_pretrained(model, dtype=dtype).to(device)
+        pipe = pipe_class.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()  # 49x480x720 decodes in tiles; a no-op below the tile size
     return pipe
@@ -78,19 +79,6 @@ def sampler_args(ec: EvaluateConfig, seed: int, device) -> dict[str, Any]:
         guidance_scale=ec.guidance,
         generator=torch.Generator(device).manual_seed(seed),
     )
-
-
-def to_uint8(video: np.ndarray, prompt: str, seed: int) -> np.ndarray:
-    """[F, H, W, 3] float pixels in [0, 1] -> uint8.
-
-    Raises:
-        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
-    """
-    if not np.isfinite(video).all():  # would be written as black frames and scored
-        raise FloatingPointError(
-            f"non-finite pixels for prompt {prompt[:40]!r}, seed {seed}: precision overflow?"
-        )
-    return (video * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str,

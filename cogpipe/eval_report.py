@@ -34,7 +34,6 @@ from cogpipe import metrics as stats
 from cogpipe.config import EvaluateConfig, PipelineConfig
 from cogpipe.metrics import features_name
 from cogpipe.ratings import ratings_section
-from cogpipe.video import even_indices
 from cogpipe.workspace import Workspace, atomic_path, read_table
 
 BASE = "base"  # the checkpoint name of the base model (step 0: an untrained LoRA is the base)
@@ -330,12 +329,10 @@ def sheet_row(frames: np.ndarray, text: str) -> np.ndarray:
     `text` on a dark band in its top-left corner."""
     from PIL import Image, ImageDraw
 
-    f, h, w, _ = frames.shape
-    tw = min(THUMB_WIDTH, w)
-    th = max(round(h * tw / w), 1)
-    indices = even_indices(0, f, min(SHEET_FRAMES, f))
-    picks = [Image.fromarray(frames[i]).resize((tw, th)) for i in indices]
-    row = Image.fromarray(np.concatenate([np.asarray(x) for x in picks], axis=1))  # [th, n * tw, 3]
+    from cogpipe.plots import frame_strip
+
+    strip = frame_strip(frames, min(SHEET_FRAMES, len(frames)), THUMB_WIDTH)
+    row = Image.fromarray(strip)  # [th, n * tw, 3]
     pen = ImageDraw.Draw(row)
     box = pen.textbbox((2, 1), text)
     pen.rectangle((0, 0, box[2] + 2, box[3] + 1), fill=(0, 0, 0))

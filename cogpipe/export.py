@@ -7,7 +7,7 @@
     cogpipe export slap-sat.safetensors --format diffusers --out back/      # and back again
 
     lora = read_lora("train/run/checkpoint-004000")    # any of the three layouts below
-    sat = to_sat(lora, num_layers=42)                   # {SAT key: tensor}, 42 x 8 = 336 keys
+    sat = to_sat(lora.modules, 42, lora.source)         # {SAT key: tensor}, 42 x 8 = 336 keys
 
 Every layout holds the same tensors under other names: A [r, in] and B [out, r] per adapted
 Linear, the update being (alpha / r) * B @ A. Reading any layout and writing another one
@@ -69,7 +69,8 @@ An output path ending in `.safetensors` gets one file; any other path a folder (
 itself saves a LoRA inside the full model checkpoint (the adapted Linears' base weights
 under `.original.weight`); the sat export holds the LoRA keys alone, and reading a full SAT
 checkpoint takes its LoRA keys.
-Outputs are written under a temporary name and renamed.
+Outputs are written under a temporary name and renamed. SAT's key names, renames and
+checkpoint folder are in `cogpipe.export_sat`.
 """
 
 from __future__ import annotations
@@ -88,21 +89,22 @@ if TYPE_CHECKING:
 
     import torch
 
+from cogpipe.export_sat import (  # noqa: F401  (ExportError, to_sat, to_sat_model re-exported)
+    BLOCK,
+    SAT_CHECKPOINT,
+    ExportError,
+    from_sat,
+    sat_readme,
+    to_sat,
+    to_sat_model,
+    write_checkpoint,
+)
 from cogpipe.models.cogvideox import LORA_FILE, hub_id, lora_metadata
 from cogpipe.workspace import atomic_path
 
 Format = Literal["diffusers", "sat", "comfyui", "merged", "sat-merged"]
 FORMATS: tuple[str, ...] = get_args(Format)
 
-SAT_PREFIX = "model.diffusion_model.transformer.layers"
-SAT_MODULES = {  # diffusers module in block i -> (SAT linear, partition index)
-    "attn1.to_q": ("attention.query_key_value", 0),
-    "attn1.to_k": ("attention.query_key_value", 1),
-    "attn1.to_v": ("attention.query_key_value", 2),
-    "attn1.to_out.0": ("attention.dense", 0),
-}
-SAT_CHECKPOINT = "mp_rank_00_model_states.pt"  # SAT's file name for model-parallel rank 0
-SAT_ALPHA = 1.0  # LoraMixin's default lora_alpha
 COMFY_PREFIX = "diffusion_model."
 COMFY_BLOCK = {  # diffusers module in transformer_blocks.{i} -> ComfyUI's in blocks.{i}
     "attn1.to_q": "q",
@@ -121,44 +123,6 @@ COMFY_TOP = {  # the Linears outside the blocks; the others keep diffusers' name
     "ofs_embedding.linear_2": "ofs_embedding_linear_2",
 }
 COMFY_KEEP = ("patch_embed.proj", "patch_embed.text_proj", "norm_out.linear", "proj_out")
-BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
-# The SAT model's own names for the diffusers modules (sat/dit_video_concat.py), the inverse of
-# CogVideo's tools/convert_weight_sat2hf.py; every key is under SAT_MODEL.
-SAT_MODEL = "model.diffusion_model."
-SAT_TOP = {  # diffusers module outside the blocks -> SAT module
-    "patch_embed.proj": "mixins.patch_embed.proj",  # 1.0: Conv2d [D, C, p, p]; 1.5: Linear
-    "patch_embed.text_proj": "mixins.patch_embed.text_proj",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "ofs_embedding.linear_1": "ofs_embed.0",  # 1.5-I2V
-    "ofs_embedding.linear_2": "ofs_embed.2",
-    "norm_final": "transformer.final_layernorm",
-    "norm_out.norm": "mixins.final_layer.norm_final",
-    "norm_out.linear": "mixins.final_layer.adaLN_modulation.1",
-    "proj_out": "mixins.final_layer.linear",
-}
-SAT_BLOCK = {  # diffusers module in transformer_blocks.{i} -> SAT module of layer {i}
-    "norm1.norm": "transformer.layers.{i}.input_layernorm",
-    "norm2.norm": "transformer.layers.{i}.post_attention_layernorm",
-    "attn1.to_out.0": "transformer.layers.{i}.attention.dense",
-    "ff.net.0.proj": "transformer.layers.{i}.mlp.dense_h_to_4h",
-    "ff.net.2": "transformer.layers.{i}.mlp.dense_4h_to_h",
-    "attn1.norm_q": "mixins.adaln_layer.query_layernorm_list.{i}",
-    "attn1.norm_k": "mixins.adaln_layer.key_layernorm_list.{i}",
-}
-SAT_FUSED = {  # diffusers module in block {i} -> (the one SAT module it is part of, part index)
-    "attn1.to_q": ("transformer.layers.{i}.attention.query_key_value", 0),
-    "attn1.to_k": ("transformer.layers.{i}.attention.query_key_value", 1),
-    "attn1.to_v": ("transformer.layers.{i}.attention.query_key_value", 2),
-    "norm1.linear": ("mixins.adaln_layer.adaLN_modulations.{i}.1", 0),
-    "norm2.linear": ("mixins.adaln_layer.adaLN_modulations.{i}.1", 1),
-}
-SAT_POS_EMBEDDING = ("patch_embed.pos_embedding", "mixins.pos_embed.pos_embedding")  # 5B-I2V
-SAT_README = "README.txt"
-
-
-class ExportError(ValueError):
-    """A LoRA that cannot be read or exported: no such file, not a LoRA, the wrong model."""
 
 
 @dataclass
@@ -245,22 +209,6 @@ def _from_diffusers(state: dict, metadata: dict, path: Path) -> tuple[dict, floa
     return modules, None if alpha is None else float(alpha)
 
 
-def _from_sat(state: dict, metadata: dict, path: Path) -> tuple[dict, float | None]:
-    modules = {}
-    pattern = re.compile(re.escape(SAT_PREFIX) + r"\.(\d+)\.(.+)\.matrix_A\.(\d+)")
-    for key in state:
-        if not (m := pattern.fullmatch(key)):
-            continue
-        layer, linear, part = int(m.group(1)), m.group(2), int(m.group(3))
-        name = next((d for d, s in SAT_MODULES.items() if s == (linear, part)), None)
-        b_key = key.replace(".matrix_A.", ".matrix_B.")
-        if name is None or b_key not in state:
-            raise ExportError(f"{path}: {key} is not a CogVideoX SAT LoRA key or lacks its B")
-        modules[f"transformer_blocks.{layer}.{name}"] = (state[key], state[b_key])
-    alpha = metadata.get("lora_alpha")
-    return modules, SAT_ALPHA if alpha is None else float(alpha)
-
-
 def _from_comfyui(state: dict, path: Path) -> tuple[dict, float | None]:
     pairs = _pairs(state, ".lora_down.weight", ".lora_up.weight", path)
     modules, alphas = {}, set()
@@ -287,7 +235,7 @@ def read_lora(path: str | Path) -> Lora:
     if any(k.endswith(".lora_A.weight") for k in state):
         layout, (modules, alpha) = "diffusers", _from_diffusers(state, metadata, file)
     elif any(".matrix_A." in k for k in state):
-        layout, (modules, alpha) = "sat", _from_sat(state, metadata, file)
+        layout, (modules, alpha) = "sat", from_sat(state, metadata, file)
     elif any(k.endswith(".lora_down.weight") for k in state):
         layout, (modules, alpha) = "comfyui", _from_comfyui(state, file)
     else:
@@ -404,30 +352,6 @@ def to_diffusers(lora: Lora) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_sat(lora: Lora, num_layers: int) -> dict[str, torch.Tensor]:
-    """SAT keys for every layer: num_layers x 8 tensors.
-
-    Raises:
-        ExportError: the LoRA does not adapt exactly to_q, to_k, to_v and to_out.0 of each of
-            the `num_layers` blocks (SAT's LoraMixin adapts those and nothing else).
-    """
-    wanted = {f"transformer_blocks.{i}.{m}" for i in range(num_layers) for m in SAT_MODULES}
-    missing, extra = sorted(wanted - set(lora.modules)), sorted(set(lora.modules) - wanted)
-    if missing or extra:
-        raise ExportError(
-            f"{lora.source}: SAT adapts to_q, to_k, to_v and to_out.0 of all {num_layers} "
-            f"layers; the LoRA lacks {len(missing)} of those {missing[:2]} and has "
-            f"{len(extra)} others {extra[:2]}"
-        )
-    out = {}
-    for i in range(num_layers):
-        for name, (linear, part) in SAT_MODULES.items():
-            a, b = lora.modules[f"transformer_blocks.{i}.{name}"]
-            out[f"{SAT_PREFIX}.{i}.{linear}.matrix_A.{part}"] = a  # [r, in]
-            out[f"{SAT_PREFIX}.{i}.{linear}.matrix_B.{part}"] = b  # [out / partition, r]
-    return out
-
-
 def to_comfyui(lora: Lora) -> dict[str, torch.Tensor]:
     """{`diffusion_model.<ComfyUI module>.lora_down.weight`: A, `.lora_up.weight`: B, `.alpha`}.
 
@@ -443,55 +367,6 @@ def to_comfyui(lora: Lora) -> dict[str, torch.Tensor]:
         out[f"{key}.lora_up.weight"] = b
         out[f"{key}.alpha"] = torch.tensor(float(lora.alpha))
     return out
-
-
-def to_sat_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers CogVideoX transformer's tensors in the SAT model's names and layout, the
-    inverse of CogVideo's tools/convert_weight_sat2hf.py (which reads them back exactly).
-
-    q, k and v stack into SAT's one query_key_value [3 D, D] (and its bias); norm1.linear and
-    norm2.linear (6 chunks each: shift, scale, gate of the video tokens, then of the text, for
-    attention and for the MLP) interleave into SAT's 12-chunk adaLN_modulations: attention's
-    video chunks, the MLP's video chunks, attention's text chunks, the MLP's text chunks. Every
-    other tensor keeps its shape: the patch embedding's Conv2d (1.0) or Linear over 2x2x2 patches
-    (1.5) is laid out as the SAT code of the same generation has it. The fixed sincos tables
-    (2B's positional embedding, RoPE's frequencies) are not weights of the diffusers model: SAT
-    computes them when it builds the model.
-
-    Raises:
-        ExportError: a tensor SAT's CogVideoX has no place for, or a fused one with a part missing.
-    """
-    out, parts = {}, {}
-    for key, tensor in state.items():
-        module, _, param = key.rpartition(".")
-        block = BLOCK.fullmatch(module)
-        inner, layer = (block.group(2), block.group(1)) if block else (None, None)
-        if key == SAT_POS_EMBEDDING[0]:
-            out[SAT_MODEL + SAT_POS_EMBEDDING[1]] = tensor  # [1, text + patches, D]
-        elif module in SAT_TOP:
-            out[f"{SAT_MODEL}{SAT_TOP[module]}.{param}"] = tensor
-        elif inner in SAT_BLOCK:
-            out[f"{SAT_MODEL}{SAT_BLOCK[inner].format(i=layer)}.{param}"] = tensor
-        elif inner in SAT_FUSED:
-            fused, part = SAT_FUSED[inner]
-            parts.setdefault(f"{SAT_MODEL}{fused.format(i=layer)}.{param}", {})[part] = tensor
-        else:
-            raise ExportError(f"{key}: the diffusers transformer's tensor has no place in SAT's")
-    out |= {key: _fuse(key, group) for key, group in parts.items()}
-    return dict(sorted(out.items()))
-
-
-def _fuse(key: str, group: dict[int, torch.Tensor]) -> torch.Tensor:
-    """SAT's one tensor of the diffusers parts {index: tensor} (see `to_sat_model`)."""
-    import torch
-
-    qkv = ".query_key_value." in key
-    if sorted(group) != list(range(3 if qkv else 2)):
-        raise ExportError(f"{key}: needs every part of it, the transformer has {sorted(group)}")
-    if qkv:
-        return torch.cat([group[0], group[1], group[2]])  # q, k, v: [3 D, D]
-    attention, mlp = group[0].chunk(6), group[1].chunk(6)  # norm1.linear, norm2.linear
-    return torch.cat([*attention[:3], *mlp[:3], *attention[3:], *mlp[3:]])  # [12 D, ...]
 
 
 def _targets(lora: Lora) -> list[str]:
@@ -539,18 +414,12 @@ def write_diffusers(lora: Lora, out: Path) -> Path:
 
 def write_sat(lora: Lora, out: Path, num_layers: int) -> Path:
     """SAT keys in one safetensors file, or in SAT's checkpoint layout (`out/latest`, `out/1/...`)."""
-    import torch
-
-    state = to_sat(lora, num_layers)
+    state = to_sat(lora.modules, num_layers, lora.source)
     config = {"r": lora.rank, "lora_alpha": lora.alpha, "num_layers": num_layers}
     if out.suffix == ".safetensors":
         _save_safetensors(out, state, {k: str(v) for k, v in config.items()} | {"format": "pt"})
         return out
-    with atomic_path(out) as tmp:
-        (tmp / "1").mkdir(parents=True)
-        (tmp / "latest").write_text("1")  # SAT reads the iteration folder's name from here
-        torch.save({"module": state, "lora_config": config}, tmp / "1" / SAT_CHECKPOINT)
-    return out
+    return write_checkpoint(out, {"module": state, "lora_config": config})
 
 
 def write_comfyui(lora: Lora, out: Path) -> Path:
@@ -613,57 +482,6 @@ def write_merged(lora: Lora, model: str, out: Path) -> Path:
     return out
 
 
-def _sat_config(config: dict[str, Any]) -> tuple[str, str]:
-    """(CogVideo's sat/configs yaml, the CogVideo code to run it) of a transformer config."""
-    i2v = config["in_channels"] == 2 * config["out_channels"]  # image latents on the channels
-    if config.get("patch_size_t"):  # 1.5: main's sat/, whose patch embedding is 3D
-        return ("cogvideox1.5_5b_i2v.yaml" if i2v else "cogvideox1.5_5b.yaml"), "main"
-    if i2v:
-        return "cogvideox_5b_i2v.yaml", "v1.0"
-    rope = config.get("use_rotary_positional_embeddings")
-    return ("cogvideox_5b.yaml" if rope else "cogvideox_2b.yaml"), "v1.0"
-
-
-def _sat_readme(lora: Lora, model: str, config: dict, out: Path, state: dict) -> str:
-    """How to point CogVideo's sat/sample_video.py at the checkpoint folder `out`."""
-    yaml, ref = _sat_config(config)
-    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    flag = {"float16": "fp16: True", "bfloat16": "bf16: True"}.get(dtype, "# float32: no flag")
-    code = (
-        "its main branch: sat/ there runs the CogVideoX 1.5 configs"
-        if ref == "main"
-        else "its tag v1.0 (git checkout v1.0): main's sat/ embeds 2x2x2 patches with a "
-        "Linear and runs only the 1.5 configs; v1.0's Conv2d patch embedding is this model's"
-    )
-    i2v = config["in_channels"] == 2 * config["out_channels"]
-    width = config["num_attention_heads"] * config["attention_head_dim"]
-    ofs = f", ofs_embed_dim {config['ofs_embed_dim']}" if config.get("ofs_embed_dim") else ""
-    lines = [
-        f"{hub_id(model)} with the LoRA {lora.source} merged in: W + (alpha / r) * B @ A, "
-        f"rank {lora.rank}, alpha {lora.alpha:g}.",
-        f"CogVideo's SAT checkpoint layout: `latest` names the iteration folder 1, and "
-        f'1/{SAT_CHECKPOINT} holds {{"module": {{key: tensor}}}}, {len(state)} {dtype} '
-        f"tensors named {SAT_MODEL}<SAT module>. Written by `cogpipe export --format sat-merged`.",
-        "",
-        "To sample with CogVideo's SAT code (https://github.com/THUDM/CogVideo, folder sat/):",
-        f"1. Use {code}.",
-        f"2. Base config: sat/configs/{yaml}, without a lora_config (the LoRA is in the "
-        f"weights). Its network_config must match this model (the yaml has the released "
-        f"one's): num_layers {config['num_layers']}, hidden_size {width}, "
-        f"num_attention_heads {config['num_attention_heads']}, in_channels "
-        f"{config['in_channels']}, out_channels {config['out_channels']}, time_embed_dim "
-        f"{config['time_embed_dim']}{ofs}.",
-        "3. In sat/configs/inference.yaml set:",
-        f'     load: "{out.resolve()}"',
-        "     force_inference: True  # the folder holds the transformer; T5 and the VAE "
-        "load from the yaml's paths",
-        f"     {flag}",
-        *(["     image2video: True"] if i2v else []),
-        f"4. cd sat && python sample_video.py --base configs/{yaml} configs/inference.yaml",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def write_sat_merged(lora: Lora, model: str, out: Path) -> Path:
     """The base transformer with the LoRA merged in, in the SAT model's names and layout
     (`to_sat_model`), as the checkpoint folder CogVideo's sat/sample_video.py loads (`--load`
@@ -673,8 +491,6 @@ def write_sat_merged(lora: Lora, model: str, out: Path) -> Path:
     Raises:
         ExportError: the LoRA does not fit the model, or `out` names a file.
     """
-    import torch
-
     if out.suffix in (".safetensors", ".pt", ".pth"):
         raise ExportError(f"--out {out}: SAT loads a checkpoint folder (load: DIR); give a folder")
     config = check_fits(lora, model)
@@ -683,12 +499,11 @@ def write_sat_merged(lora: Lora, model: str, out: Path) -> Path:
         state |= shard
     sat = to_sat_model(state)
     del state  # the renamed tensors live on in `sat`; the fused parts are copies
-    with atomic_path(out) as tmp:
-        (tmp / "1").mkdir(parents=True)
-        (tmp / "latest").write_text("1")  # SAT reads the iteration folder's name from here
-        torch.save({"module": sat}, tmp / "1" / SAT_CHECKPOINT)
-        (tmp / SAT_README).write_text(_sat_readme(lora, model, config, out, sat))
-    return out
+    merged = (
+        f"{hub_id(model)} with the LoRA {lora.source} merged in: W + (alpha / r) * B @ A, "
+        f"rank {lora.rank}, alpha {lora.alpha:g}."
+    )
+    return write_checkpoint(out, {"module": sat}, sat_readme(merged, config, out, sat))
 
 
 def run_export(

@@ -55,10 +55,10 @@ def config_values(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run_folder(cfg: PipelineConfig) -> Path:
     """The config's training run folder, `train/<name or train key>/` (it may not exist)."""
-    from cogpipe.pipeline import UPSTREAM, plan, stage_path
+    from cogpipe.pipeline import UPSTREAM, stage_keys, stage_path
     from cogpipe.workspace import Workspace
 
-    keys = plan(cfg, "train")
+    keys = stage_keys(cfg, "train")
     inputs = {up: keys[up] for up in UPSTREAM["train"]}
     return stage_path(Workspace(cfg.workspace), cfg, "train", keys["train"], inputs)
 

@@ -183,6 +183,43 @@ def _no_video(source: Path, table: pd.DataFrame) -> EmptyStage:
 
 
 # -- the stage ---------------------------------------------------------------------------
+def _cached_probes(listing: list, cached: dict) -> tuple[list[dict | None], list[int]]:
+    """(a probe per listed file: its cached one, a rejection for a listing error, or None;
+    the indices of the Nones, still to probe)."""
+    probes: list[dict | None] = []
+    todo: list[int] = []
+    for i, (path, size, mtime, _, error) in enumerate(listing):
+        hit = cached.get((path, size, mtime))
+        if error:
+            hit = {**dict.fromkeys(PROBE_COLUMNS), "status": "rejected", "reason": error}
+        elif hit is None:
+            todo.append(i)
+        probes.append(hit)
+    return probes, todo
+
+
+def _probe(
+    cfg: PipelineConfig, listing: list, probes: list, todo: list[int], progress: Progress
+) -> list[float]:
+    """Probe the files `todo` in worker processes into `probes`; a timeout or a crash is a
+    rejected row with the reason. Returns per file the timeout its probe timed out under
+    (NaN: it did not)."""
+    done = len(listing) - len(todo)
+    progress(done, len(listing), "cached")
+    extensions = [e.lower() for e in cfg.ingest.extensions]
+    jobs = [(listing[i][0], extensions) for i in todo]
+    workers = _workers(cfg.ingest.workers)
+    limits = [float("nan")] * len(listing)
+    for j, value, error in map_files(probe_file, jobs, workers, cfg.ingest.timeout):
+        if error:
+            value = _failed(error, cfg.ingest.timeout)
+            limits[todo[j]] = value.pop("timeout")
+        probes[todo[j]] = value
+        done += 1
+        progress(done, len(listing), listing[todo[j]][0])
+    return limits
+
+
 def run_ingest(
     ws: Workspace,
     cfg: PipelineConfig,
@@ -212,30 +249,8 @@ def run_ingest(
 
     cache_path = ws.cache_dir("probe") / "probes.parquet"
     cached = _read_cache(cache_path, cfg.ingest.timeout)
-    extensions = [e.lower() for e in cfg.ingest.extensions]
-
-    probes: list[dict | None] = []
-    todo: list[int] = []
-    for i, (path, size, mtime, _, error) in enumerate(listing):
-        hit = cached.get((path, size, mtime))
-        if error:
-            hit = {**dict.fromkeys(PROBE_COLUMNS), "status": "rejected", "reason": error}
-        elif hit is None:
-            todo.append(i)
-        probes.append(hit)
-    done = len(listing) - len(todo)
-    progress(done, len(listing), "cached")
-    jobs = [(listing[i][0], extensions) for i in todo]
-    workers = _workers(cfg.ingest.workers)
-    limits = [float("nan")] * len(listing)  # the timeout a probe timed out under
-    for j, value, error in map_files(probe_file, jobs, workers, cfg.ingest.timeout):
-        if error:  # a timeout or crash: the file is still a row, with the reason
-            value = _failed(error, cfg.ingest.timeout)
-            limits[todo[j]] = value.pop("timeout")
-        probes[todo[j]] = value
-        done += 1
-        progress(done, len(listing), listing[todo[j]][0])
-
+    probes, todo = _cached_probes(listing, cached)
+    limits = _probe(cfg, listing, probes, todo, progress)
     head = pd.DataFrame(
         [e[:4] for e in listing], columns=["path", "size", "mtime_ns", "source_caption"]
     )

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+import psutil
+
 GRACE_S = 4.0  # after a Ctrl-C, how long the command gets to unwind before it is cut short
 STOP_GRACE_S = 3.0  # how long child processes get after SIGTERM before SIGKILL
 EXIT_CODE = 128 + signal.SIGINT  # 130, what a shell reports for a process ended by Ctrl-C
@@ -126,31 +128,25 @@ def stop_children(grace_s: float = STOP_GRACE_S) -> None:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, whatever its session (Linux /proc; none elsewhere)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
-    found, frontier = [], {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found.extend(sorted(frontier))
-    return found
+    """Every process below `pid`, whatever its session; none when `pid` is gone. psutil
+    also leaves out a process whose pid was reused (started before `pid`)."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie waiting to be reaped."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    return state not in ("Z", "X")
 
 
 def ignores(pid: int, sig: int) -> bool:
-    """Whether process `pid` ignores `sig` (its SigIgn mask in /proc)."""
+    """Whether process `pid` ignores `sig` (its SigIgn mask in /proc: psutil does not read
+    signal masks)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigIgn:"):

@@ -4,7 +4,7 @@ and the Fréchet distance between two sets of clips.
 Every metric is a pure function of uint8 RGB videos `[F, H, W, 3]` and of the models it is
 handed; nothing here reads or writes the workspace.
 
-    from cogpipe.evaluate import load_clip
+    from cogpipe.eval_models import load_clip
     from cogpipe.metrics import VideoMAEFeatures, frechet_distance, video_metrics
 
     clip = load_clip("openai/clip-vit-base-patch32", "cuda")
@@ -17,13 +17,12 @@ What is notable:
   into chunks that each fit the text tower (BOS + ids + EOS), and the prompt's embedding
   is the renormalised mean of the chunks' unit embeddings. A prompt that fits is one chunk
   and scores exactly as a plain CLIPScore does.
-- The Fréchet distance needs no scipy: tr((S_a S_b)^1/2) is the sum of the square roots of
-  the eigenvalues of sqrt(S_a) S_b sqrt(S_a), a symmetric PSD matrix, so it stays real and
-  finite when a covariance is singular (fewer clips than feature dimensions, the usual case
-  for an evaluation suite against a 768-dim extractor). With fewer samples than dimensions
-  it is the nuclear norm of the small cross-product A B^T of the centred feature rows
-  instead, so a bootstrap of a 32-clip suite against 768-dim features is a few
-  milliseconds per resample, not a 768x768 eigendecomposition.
+- The Fréchet distance with fewer samples than dimensions (the usual case for an
+  evaluation suite against a 768-dim extractor, where both covariances are singular) never
+  forms a covariance: tr((S_a S_b)^1/2) is then the nuclear norm of the small
+  cross-product A B^T of the centred feature rows, real and finite, so a bootstrap of a
+  32-clip suite is a few milliseconds per resample, not a 768x768 matrix square root.
+  With more samples than dimensions it is scipy's matrix square root of S_a S_b.
 - Intervals are percentile bootstraps over videos (`bootstrap_mean`, `bootstrap_frechet`:
   both sets resampled), seeded. A comparison of two checkpoints is a paired bootstrap of
   the difference (`paired_difference`): both are resampled with the same (prompt, seed)
@@ -39,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -50,7 +50,7 @@ from cogpipe.video import even_indices
 if TYPE_CHECKING:
     import torch
 
-    from cogpipe.evaluate import Clip
+    from cogpipe.eval_models import Clip
 
 MOTION_SIZE = 64  # pixels: dynamic degree compares frames as 64x64 grayscale
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as PIL's "L" mode
@@ -78,7 +78,7 @@ def clip_embeddings(clip: Clip, frames: np.ndarray, text: str) -> tuple[torch.Te
     """Unit CLIP embeddings of every frame and of the (possibly long) prompt, in one pass.
 
     Args:
-        clip: from `cogpipe.evaluate.load_clip`.
+        clip: from `cogpipe.eval_models.load_clip`.
         frames: [F, H, W, 3] uint8 RGB.
         text: the prompt, any length (see `text_chunks`).
 
@@ -134,7 +134,7 @@ def clip_score(clip: Clip, frames: np.ndarray, text: str) -> float:
     plain truncating CLIPScore.
 
     Args:
-        clip: from `cogpipe.evaluate.load_clip`.
+        clip: from `cogpipe.eval_models.load_clip`.
         frames: [F, H, W, 3] uint8 RGB.
         text: the prompt.
 
@@ -148,7 +148,7 @@ def temporal_consistency(clip: Clip, frames: np.ndarray) -> float:
     """Mean cosine similarity of the CLIP image embeddings of adjacent frames.
 
     Args:
-        clip: from `cogpipe.evaluate.load_clip`.
+        clip: from `cogpipe.eval_models.load_clip`.
         frames: [F, H, W, 3] uint8 RGB, F >= 2.
 
     Returns:
@@ -201,7 +201,7 @@ def video_metrics(clip: Clip, frames: np.ndarray, prompt: str) -> dict[str, floa
     """The per-video metrics of one generated video, with one CLIP forward pass.
 
     Args:
-        clip: from `cogpipe.evaluate.load_clip`.
+        clip: from `cogpipe.eval_models.load_clip`.
         frames: [F, H, W, 3] uint8 RGB, F >= 2.
         prompt: the prompt it was generated from.
 
@@ -285,27 +285,19 @@ def _gaussian(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
-    """tr((S_a S_b)^1/2) for symmetric PSD S_a, S_b, singular ones included.
+    """tr((S_a S_b)^1/2) for symmetric PSD S_a, S_b (`scipy.linalg.sqrtm`).
 
-    S_a S_b = sqrt(S_a) (sqrt(S_a) S_b) has the eigenvalues of (sqrt(S_a) S_b) sqrt(S_a),
-    which is symmetric PSD: its eigenvalues are real and >= 0 up to rounding (clipped).
+    S_a S_b has real eigenvalues >= 0, so the root's trace is real up to rounding (its
+    imaginary part, ~1e-9, is dropped). A constant feature makes a covariance singular:
+    scipy warns that the root may be inaccurate, yet its trace stays right (the singular
+    directions add 0), so that warning is silenced.
     """
-    w, v = np.linalg.eigh(cov_a)
-    root_a = (v * np.sqrt(_nonnegative(w))) @ v.T  # sqrt(S_a), symmetric
-    m = root_a @ cov_b @ root_a
-    eig = np.linalg.eigvalsh((m + m.T) / 2)  # symmetrised against rounding
-    return float(np.sqrt(_nonnegative(eig)).sum())
+    import scipy.linalg
 
-
-def _nonnegative(eig: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a PSD matrix with rounding noise set to 0.
-
-    A singular covariance has eigenvalues of +-1e-16 x the largest instead of 0; their
-    square roots (1e-8) would add up over hundreds of dimensions, so values below the
-    rounding level of the largest one count as 0.
-    """
-    tol = np.abs(eig).max(initial=0.0) * len(eig) * np.finfo(eig.dtype).eps
-    return np.where(eig > tol, eig, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    return float(np.trace(root).real)
 
 
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
@@ -313,8 +305,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 
     d = ||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a S_b)^1/2), with sample means and
     covariances (ddof 1), computed in float64. With fewer samples than dimensions the
-    covariances are singular; the eigenvalue route (`_trace_sqrt_product`) handles that
-    without NaN, but the estimate is then biased: compare distances at equal set sizes.
+    covariances are singular; the cross-product route handles that without NaN, but the
+    estimate is then biased: compare distances at equal set sizes.
 
     Args:
         feats_a: [N_a, D] features, N_a >= 2 (e.g. `VideoMAEFeatures` of generated clips).

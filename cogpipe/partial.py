@@ -16,7 +16,7 @@ The units each stage commits (see the stage modules):
 ingest, check and filter write their output in one go: they have no partial progress.
 
     from cogpipe.partial import partial_progress
-    p = partial_progress(cfg, "train", plan(cfg))
+    p = partial_progress(cfg, "train", stage_keys(cfg))
     p.resuming()   # "resuming train from checkpoint-000100"
 """
 
@@ -79,7 +79,7 @@ class Partial:
 
 
 def partial_progress(cfg: PipelineConfig, stage: str, keys: dict[str, str]) -> Partial | None:
-    """What `stage` has committed for this config (`keys`: `pipeline.plan(cfg)`), or None
+    """What `stage` has committed for this config (`keys`: `pipeline.stage_keys(cfg)`), or None
     when it is finished, has nothing committed, or commits in one go.
 
     Reading never fails the caller: a folder it cannot make sense of (written by another
@@ -184,10 +184,10 @@ def _precompute(ws: Workspace, cfg: PipelineConfig, keys: dict[str, str]) -> Par
         return Partial("precompute", len(shards), None, "shards") if shards else None
     from cogpipe import precompute as pc
 
-    plan = pc._plan(cfg, ups, pc._model(cfg))
+    plan = pc.sample_table(cfg, ups)
     waiting = plan[plan.shard.notna() & ~plan.shard.isin(shards)]
     latents = ws.root / "cache" / "latents"
-    cached = sum(pc._cache_file(latents, k).is_file() for k in waiting.latents_cache.unique())
+    cached = sum(pc.cache_file(latents, k).is_file() for k in waiting.latents_cache.unique())
     note = f"latents of {cached} more clip{'s' * (cached != 1)} cached" if cached else ""
     return Partial("precompute", len(shards), plan.shard.nunique(), "shards", note=note)
 

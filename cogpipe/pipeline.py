@@ -1,66 +1,49 @@
 """The stage graph: which stage reads which, every stage's key, and running one stage.
 
-Keys are computed front to back without running anything (ingest lists the source
-folder, the rest hash configs and upstream keys), so `status` and the Prefect cache can
-ask "is this stage done for this config?" in milliseconds.
+The contract of each stage (upstream, key, run, output place, freshness) is its spec in
+`cogpipe.stages.STAGE_SPECS`; this module runs it. Keys are computed front to back
+without running anything (ingest lists the source folder, the rest hash configs and
+upstream keys), so `status` and the Prefect cache can ask "is this stage done for this
+config?" in milliseconds, and `explain_key` says what went into a key and what changed.
 
-    from cogpipe.pipeline import plan, run_stage, run_all
-    keys = plan(cfg)                 # {"ingest": "3f2a...", "check": ...}
+    from cogpipe.pipeline import stage_keys, run_stage, run_all
+    keys = stage_keys(cfg)           # {"ingest": "3f2a...", "check": ...}
     result = run_stage(cfg, "check") # reads ingest's finished output from disk
 """
 
 from __future__ import annotations
 
-import importlib
+import json
 import logging
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from cogpipe.config import STAGES, PipelineConfig
+from cogpipe.stages import STAGE_SPECS, changed_fields, spec_of
 from cogpipe.workspace import (
+    SUCCESS,
     Progress,
     StageNotReady,
     StageResult,
     Workspace,
     no_progress,
     stage_clock,
+    stage_key_inputs,
     sweep_temporaries,
 )
 
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "check": ("ingest",),
-    "caption": ("check",),
-    "recaption": ("caption", "check"),
-    "filter": ("recaption", "check"),
-    "precompute": ("filter", "check"),
-    "train": ("precompute",),
-    "evaluate": ("train", "check", "filter"),  # filter: the captions of a held-out suite
-}
+# The stage graph's edges (from STAGE_SPECS), for readers that need only those.
+UPSTREAM: dict[str, tuple[str, ...]] = {name: s.upstream for name, s in STAGE_SPECS.items()}
 
 log = logging.getLogger(__name__)
 
 
-# Stages done in one piece (seconds of CPU work): a second run of the same key waits for
-# the first and then finds it done. The others lock their own units (caption parts,
-# precompute shards, the training run, evaluation units), so two runs share the work.
-WHOLE_STAGES = ("ingest", "check", "filter")
-
-
-def module(stage: str) -> ModuleType:
-    """The stage's library module (`cogpipe.<stage>`), imported on first use."""
-    if stage not in UPSTREAM:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
-    return importlib.import_module(f"cogpipe.{stage}")
-
-
-def plan(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
+def stage_keys(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
     """Every stage's key up to `until`, computed without running anything."""
     keys: dict[str, str] = {}
     for stage in STAGES[: STAGES.index(until) + 1]:
-        inputs = {up: keys[up] for up in UPSTREAM[stage]}
-        keys[stage] = module(stage).key_of(cfg, inputs)
+        spec = STAGE_SPECS[stage]
+        keys[stage] = spec.key(cfg, spec.inputs(keys))
     return keys
 
 
@@ -68,8 +51,7 @@ def stage_path(
     ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
 ) -> Path:
     """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
-    fn = getattr(module(stage), "output_dir", None)
-    return fn(ws, cfg, key, inputs) if fn else ws.stage_dir(stage, key)
+    return spec_of(stage).output(ws, cfg, key, inputs)
 
 
 def finished(
@@ -78,14 +60,13 @@ def finished(
     """The recorded result of a stage done for exactly this key (and still current), else None.
 
     A stage whose output can go stale under the same key (evaluate, while its run gains
-    checkpoints) says so through its module's `is_current(ws, cfg, record)`.
+    checkpoints) says so through its spec's `is_current`.
     """
     path = stage_path(ws, cfg, stage, key, inputs)
     record = ws.read_success(path)
     if record is None or record.get("key") != key:
         return None
-    is_current = getattr(module(stage), "is_current", None)
-    if is_current is not None and not is_current(ws, cfg, record):
+    if not spec_of(stage).fresh(ws, cfg, record):
         return None
     return ws.result(stage, path)
 
@@ -99,13 +80,14 @@ def upstream_results(
         StageNotReady: an upstream stage has not finished for this config.
     """
     ws = Workspace(cfg.workspace)
-    keys = keys or plan(cfg, stage)
+    keys = keys or stage_keys(cfg, stage)
     out = {}
-    for up in UPSTREAM[stage]:
-        res = finished(ws, cfg, up, keys[up], {u: keys[u] for u in UPSTREAM[up]})
+    for up in spec_of(stage).upstream:
+        res = finished(ws, cfg, up, keys[up], STAGE_SPECS[up].inputs(keys))
         if res is None:
             raise StageNotReady(
-                f"stage {stage!r} needs {up!r} to be finished for this config; run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first"
+                f"stage {stage!r} needs {up!r} to be finished for this config;"
+                f" run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first"
             )
         out[up] = res
     return out
@@ -142,19 +124,24 @@ def _run_stage(
     progress: Progress,
     **options: Any,
 ) -> StageResult:
-    ws = Workspace(cfg.workspace)
+    ws, spec = Workspace(cfg.workspace), spec_of(stage)
     sweep_temporaries(ws.root)  # what a killed run left, even where this stage is done
     upstream = upstream if upstream is not None else upstream_results(cfg, stage)
-    run = getattr(module(stage), f"run_{stage}")
-    if stage not in WHOLE_STAGES:  # one writer per unit, held inside the stage
-        return run(ws, cfg, upstream, progress, **options)
-    key = module(stage).key_of(cfg, {up: r.key for up, r in upstream.items()})
+    key, inputs = spec.key_inputs(cfg, {up: r.key for up, r in upstream.items()})
+    token = stage_key_inputs.set({"stage": stage, "key": key, "inputs": inputs})
+    try:
+        if not spec.whole:  # one writer per unit, held inside the stage
+            return spec.run(ws, cfg, upstream, progress, **options)
 
-    def waiting(holder: str) -> None:
-        log.warning("%s %s: waiting for %s; then this run reuses its result", stage, key, holder)
+        def waiting(holder: str) -> None:
+            log.warning(
+                "%s %s: waiting for %s; then this run reuses its result", stage, key, holder
+            )
 
-    with ws.hold(f"{stage}-{key}", on_wait=waiting):
-        return run(ws, cfg, upstream, progress, **options)
+        with ws.hold(f"{stage}-{key}", on_wait=waiting):
+            return spec.run(ws, cfg, upstream, progress, **options)
+    finally:
+        stage_key_inputs.reset(token)
 
 
 def run_all(
@@ -166,7 +153,7 @@ def run_all(
     results: dict[str, StageResult] = {}
     with in_use(Workspace(cfg.workspace)):  # also between stages: gc waits for the run
         for stage in STAGES[: STAGES.index(until) + 1]:
-            ups = {up: results[up] for up in UPSTREAM[stage]}
+            ups = {up: results[up] for up in STAGE_SPECS[stage].upstream}
             results[stage] = run_stage(cfg, stage, ups, progress)
     return list(results.values())
 
@@ -179,12 +166,12 @@ def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
 
     ws = Workspace(cfg.workspace)
     try:
-        keys = plan(cfg)
+        keys = stage_keys(cfg)
     except (FileNotFoundError, ValueError) as e:  # no source, a bad layout (SourceError)
         return {"error": {"message": str(e)}}
     out: dict[str, dict[str, Any]] = {}
     for stage, key in keys.items():
-        inputs = {up: keys[up] for up in UPSTREAM[stage]}
+        inputs = STAGE_SPECS[stage].inputs(keys)
         path = stage_path(ws, cfg, stage, key, inputs)
         record = ws.read_success(path) or {}
         done = finished(ws, cfg, stage, key, inputs) is not None
@@ -202,3 +189,137 @@ def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
         if found is not None:
             out[stage]["partial"] = found.to_dict()
     return out
+
+
+def explain_key(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """What went into `stage`'s key for this config and what changed since the stage's
+    last run in the workspace (its newest done marker under another key).
+
+    Returns {"stage", "key", "done", "path", "version", "fields", "upstream": {stage:
+    {"key", "done", "was", "changed"}} for every stage upstream of it, "last_run": None or
+    {"key", "path", "finished_at", "recorded", "changed"}}. `was` and `changed` are None
+    where the last run did not record its key inputs.
+    """
+    spec, ws = spec_of(stage), Workspace(cfg.workspace)
+    keys = stage_keys(cfg, stage)
+    key, now = spec.key_inputs(cfg, spec.inputs(keys))
+    last = next(((p, r) for p, r in _markers(ws, stage) if r.get("key") != key), None)
+    then = _keys_then(ws, last[1]) if last else {}
+    upstream = {}
+    for up in _ancestors(stage):
+        was = then.get(up)
+        done = finished(ws, cfg, up, keys[up], STAGE_SPECS[up].inputs(keys)) is not None
+        upstream[up] = {
+            "key": keys[up],
+            "done": done,
+            "was": was,
+            "changed": _differ(was, keys[up]),
+        }
+    return {
+        "stage": stage,
+        "key": key,
+        "done": finished(ws, cfg, stage, key, spec.inputs(keys)) is not None,
+        "path": str(stage_path(ws, cfg, stage, key, spec.inputs(keys))),
+        **now,
+        "upstream": upstream,
+        "last_run": _last_run(last, now),
+    }
+
+
+def _differ(was: str | None, now: str) -> bool | None:
+    return None if was is None else was != now
+
+
+def _last_run(last: tuple[Path, dict] | None, now: dict[str, Any]) -> dict[str, Any] | None:
+    """The last run's key, place and time, and what differs from `now` (None where it did
+    not record its key inputs: markers written before they were recorded)."""
+    if last is None:
+        return None
+    path, record = last
+    before = record.get("key_inputs")
+    return {
+        "key": record.get("key"),
+        "path": str(path),
+        "finished_at": record.get("finished_at"),
+        "recorded": before is not None,
+        "changed": changed_fields(before, now) if before is not None else None,
+    }
+
+
+def _ancestors(stage: str) -> list[str]:
+    """Every stage `stage` reads, directly or through others, in pipeline order."""
+    seen: set[str] = set()
+    todo = list(STAGE_SPECS[stage].upstream)
+    while todo:
+        up = todo.pop()
+        if up not in seen:
+            seen.add(up)
+            todo.extend(STAGE_SPECS[up].upstream)
+    return [s for s in STAGES if s in seen]
+
+
+def _markers(ws: Workspace, stage: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The stage's done markers in the workspace (`<stage>/<key>/`, `train/<run>/`,
+    `evaluate/<ekey>/<run>/`), newest first, as (folder, record)."""
+    base = ws.root / stage
+    found = [*base.glob(f"*/{SUCCESS}"), *base.glob(f"*/*/{SUCCESS}")]
+    found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    out = []
+    for marker in found:
+        record = ws.read_success(marker.parent)
+        if record is not None and record.get("stage") == stage:
+            out.append((marker.parent, record))
+    return out
+
+
+def _keys_then(ws: Workspace, record: dict[str, Any]) -> dict[str, str]:
+    """The upstream keys a past run read: its marker's recorded upstream keys, and theirs
+    in turn from their own markers (as far as markers recorded them)."""
+    found: dict[str, str] = {}
+    todo = [record]
+    while todo:
+        ups = (todo.pop().get("key_inputs") or {}).get("upstream", {})
+        for up, key in ups.items():
+            if up in found:
+                continue
+            found[up] = key
+            marker = next((r for _, r in _markers(ws, up) if r.get("key") == key), None)
+            if marker is not None:
+                todo.append(marker)
+    return found
+
+
+def explain_text(report: dict[str, Any]) -> str:
+    """`explain_key`'s report as the lines `cogpipe explain-key` prints."""
+    stage, last = report["stage"], report["last_run"]
+    state = "done" if report["done"] else "not done"
+    lines = [f"{stage} {report['key']}  {state}  {report['path']}"]
+    lines += _last_run_lines(stage, last)
+    changed = (last or {}).get("changed") or {}
+    lines.append(f"\nkey inputs (version {report['version']}):")
+    width = max(map(len, report["fields"]), default=0)
+    for name, value in report["fields"].items():
+        was = f"   was {_value(changed[name]['was'])}" if name in changed else ""
+        lines.append(f"  {name:<{width}}  {_value(value)}{was}")
+    lines.append(f"upstream keys (* read by {stage} directly):")
+    unknown = "unknown then" if last else ""
+    for up, u in report["upstream"].items():
+        known = {None: unknown, True: f"changed (was {u['was']})", False: "unchanged"}
+        done = "done" if u["done"] else "not done"
+        name = f"*{up}" if up in STAGE_SPECS[stage].upstream else f" {up}"
+        lines.append(f"  {name:<11} {u['key']}  {done:<8}  {known[u['changed']]}".rstrip())
+    return "\n".join(lines)
+
+
+def _last_run_lines(stage: str, last: dict[str, Any] | None) -> list[str]:
+    if last is None:
+        return [f"no earlier run of {stage} in this workspace (a done marker under another key)"]
+    lines = [f"last run: {last['key']}, finished {last['finished_at']} ({last['path']})"]
+    if not last["recorded"]:
+        return [*lines, "the last run did not record its key inputs"]
+    names = ", ".join(last["changed"]) or "nothing (same inputs)"
+    return [*lines, f"changed since the last run: {names}"]
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cogpipe.video import even_indices
 from cogpipe.workspace import atomic_path
 
 DPI = 100
@@ -48,6 +49,18 @@ def count_axis(axis) -> None:
     from matplotlib.ticker import MaxNLocator
 
     axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def frame_strip(frames: np.ndarray, count: int, width: int) -> np.ndarray:
+    """[F, H, W, 3] -> [h, count * w, 3]: `count` frames spread over the video, side by side,
+    each at most `width` pixels wide (never upscaled): a contact sheet's or a grid's row."""
+    from PIL import Image
+
+    f, h, w, _ = frames.shape
+    tw = min(width, w)
+    th = max(round(h * tw / w), 1)
+    picks = [Image.fromarray(frames[i]).resize((tw, th)) for i in even_indices(0, f, count)]
+    return np.concatenate([np.asarray(p) for p in picks], axis=1)
 
 
 def dims(width: float, height: float) -> str:

@@ -20,12 +20,13 @@ from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from cogpipe.errors import first_line
+
 Outcome = tuple[int, Any, str]  # (index into the items, value or None, error or "")
 
 
 def _error_text(e: BaseException) -> str:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {first[:300]}" if first else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e, 300)}" if str(e).strip() else type(e).__name__
 
 
 def _serve(inbox: Connection, outbox: Connection, fn: Callable) -> None:
@@ -94,13 +95,8 @@ def map_files(
     With `workers=0` calls run in this process, without a time limit (for debugging).
     """
     if workers <= 0:
-        for i, args in enumerate(items):
-            try:
-                yield i, fn(*args), ""
-            except Exception as e:
-                yield i, None, _error_text(e)
+        yield from _in_process(fn, items)
         return
-
     pending = list(range(len(items)))[::-1]  # popped from the end: first item first
     pool = [_Worker(fn) for _ in range(min(workers, len(items)))]
     try:
@@ -114,33 +110,53 @@ def map_files(
             left = min(w.deadline for w in busy) - time.monotonic()
             ready = wait([w.inbox for w in busy], timeout=max(left, 0.0))
             for i, w in enumerate(pool):
-                if w.job is None:
-                    continue
-                if w.inbox in ready:
-                    try:
-                        index, value, error = w.inbox.recv()
-                    except (EOFError, OSError):
-                        code = w.process.wait()
-                        yield w.job, None, f"worker crashed (exit code {code}) reading this file"
-                        w.close()
-                        pool[i] = _Worker(fn)
-                        continue
-                    w.job = None
-                    yield index, value, error
-                elif time.monotonic() >= w.deadline:
-                    yield w.job, None, f"timed out after {timeout:g}s"
-                    w.kill()
-                    pool[i] = _Worker(fn)
+                if w.job is not None and (outcome := _outcome(pool, i, ready, fn, timeout)):
+                    yield outcome
     finally:
-        for w in pool:
-            try:
-                w.outbox.send(None)
-            except OSError:
-                pass
-        for w in pool:
-            try:
-                w.process.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                w.process.kill()
-                w.process.wait()
+        _shut_down(pool)
+
+
+def _in_process(fn: Callable, items: Sequence[tuple]) -> Iterator[Outcome]:
+    """`map_files` with no workers: every call here, in order, without a time limit."""
+    for i, args in enumerate(items):
+        try:
+            yield i, fn(*args), ""
+        except Exception as e:
+            yield i, None, _error_text(e)
+
+
+def _outcome(pool: list[_Worker], i: int, ready: list, fn: Callable, timeout: float):
+    """What busy worker `pool[i]` has to report: its answer, or a crash or a timeout (it
+    is then replaced by a fresh worker); None while it is still within its time."""
+    w = pool[i]
+    if w.inbox in ready:
+        try:
+            index, value, error = w.inbox.recv()
+        except (EOFError, OSError):
+            code = w.process.wait()
             w.close()
+            pool[i] = _Worker(fn)
+            return w.job, None, f"worker crashed (exit code {code}) reading this file"
+        w.job = None
+        return index, value, error
+    if time.monotonic() >= w.deadline:
+        w.kill()
+        pool[i] = _Worker(fn)
+        return w.job, None, f"timed out after {timeout:g}s"
+    return None
+
+
+def _shut_down(pool: list[_Worker]) -> None:
+    """Ask every worker to stop, then kill any that has not within 2 s."""
+    for w in pool:
+        try:
+            w.outbox.send(None)
+        except OSError:
+            pass
+    for w in pool:
+        try:
+            w.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            w.process.kill()
+            w.process.wait()
+        w.close()

@@ -49,7 +49,7 @@ Commit order, so a kill anywhere redoes a unit exactly as an uninterrupted run d
 shard's file is renamed into place before its new latents are stored in the cache (a
 redone shard re-encodes the same clips and keeps its spot check; a committed shard whose
 cache stores were cut short fills them from its own tensors at the next run), and the
-captions are T5-encoded in fixed chunks of the plan's distinct captions (a resumed run
+captions are T5-encoded in fixed chunks of the sample table's distinct captions (a resumed run
 encodes the same chunks, so the same numbers).
 
 Speed: the missing captions are T5-encoded first, `TEXT_BATCH` distinct captions per
@@ -98,6 +98,7 @@ import pandas as pd
 
 from cogpipe import condition
 from cogpipe.config import ConfigError, PipelineConfig, PrecomputeConfig
+from cogpipe.errors import first_line
 from cogpipe.video import read_frames, resize_center_crop, window_times
 from cogpipe.workspace import (
     Busy,
@@ -237,13 +238,15 @@ def _selected(cfg: PipelineConfig, upstream: dict[str, StageResult]) -> pd.DataF
     clips = read_table(Path(upstream["check"].path) / "clips.parquet")
     clips = clips[clips.keep & clips.split.isin(p.splits)]
     cols = ["clip_id", "video_id", "path", "start", "end", "fps", "width", "height"]
-    plan = curated.loc[curated.selected, ["clip_id", "caption"]].merge(clips[cols], on="clip_id")
-    plan = plan.sort_values("clip_id", ignore_index=True)
+    samples = curated.loc[curated.selected, ["clip_id", "caption"]].merge(clips[cols], on="clip_id")
+    samples = samples.sort_values("clip_id", ignore_index=True)
     # From here on height x width is the sample's bucket, no longer the clip's display size.
     buckets = p.all_buckets()
-    sizes = [nearest_bucket(w, h, buckets) for w, h in zip(plan.width, plan.height, strict=True)]
-    plan["height"], plan["width"] = [h for h, _ in sizes], [w for _, w in sizes]
-    return plan
+    sizes = [
+        nearest_bucket(w, h, buckets) for w, h in zip(samples.width, samples.height, strict=True)
+    ]
+    samples["height"], samples["width"] = [h for h, _ in sizes], [w for _, w in sizes]
+    return samples
 
 
 def frames_for(start: float, end: float, p: PrecomputeConfig) -> int | None:
@@ -252,124 +255,137 @@ def frames_for(start: float, end: float, p: PrecomputeConfig) -> int | None:
     return next(fits, None)
 
 
-def _fit_windows(plan: pd.DataFrame, p: PrecomputeConfig, ratio: int) -> None:
+def _fit_windows(samples: pd.DataFrame, p: PrecomputeConfig, ratio: int) -> None:
     """Each row's frame count (its frame bucket), latent frames and window times, or the
     reason it has none (shorter than the shortest count's window)."""
     fewest = min(p.frame_counts())
-    frames = [frames_for(r.start, r.end, p) for r in plan.itertuples()]
-    plan["frames"] = [n or fewest for n in frames]
-    plan["latent_frames"] = (plan.frames - 1) // ratio + 1  # the first frame alone, then 4 each
-    plan["times"] = [
+    frames = [frames_for(r.start, r.end, p) for r in samples.itertuples()]
+    samples["frames"] = [n or fewest for n in frames]
+    # The first frame alone, then `ratio` (4) each.
+    samples["latent_frames"] = (samples.frames - 1) // ratio + 1
+    samples["times"] = [
         window_times(r.start, r.end, p.fps, r.frames) if n else None
-        for r, n in zip(plan.itertuples(), frames, strict=True)
+        for r, n in zip(samples.itertuples(), frames, strict=True)
     ]
-    plan["status"], plan["reason"] = "ok", ""
-    short = plan.times.isna()
-    plan.loc[short, "status"] = "rejected"
+    samples["status"], samples["reason"] = "ok", ""
+    short = samples.times.isna()
+    samples.loc[short, "status"] = "rejected"
     need = f"{fewest} frames at {p.fps:g} fps"
-    plan.loc[short, "reason"] = [
+    samples.loc[short, "reason"] = [
         f"too short for {need}: {e - s:.2f} s (needs {p.window_seconds(fewest):.2f} s)"
-        for s, e in zip(plan.start[short], plan.end[short], strict=True)
+        for s, e in zip(samples.start[short], samples.end[short], strict=True)
     ]
 
 
-def _cache_keys(plan: pd.DataFrame, p: PrecomputeConfig, m: _Model) -> None:
+def _cache_keys(samples: pd.DataFrame, p: PrecomputeConfig, m: _Model) -> None:
     """Content keys of each row's latents (video, span, frames, bucket, tiling, VAE), its
     references' and its caption's embeddings."""
     latents_fields = [
         {"video_id": r.video_id, "start": r.start, "end": r.end, "frames": r.frames,
          "fps": p.fps, "height": r.height, "width": r.width, "vae_tiling": p.vae_tiling,
          "vae": m.vae_fp}
-        for r in plan.itertuples()
+        for r in samples.itertuples()
     ]  # fmt: skip
-    plan["latents_cache"] = [sha256_json(f) for f in latents_fields]
+    samples["latents_cache"] = [sha256_json(f) for f in latents_fields]
     if m.reference_fp is not None:
-        plan["reference_cache"] = [
+        samples["reference_cache"] = [
             sha256_json(f | {"reference": m.reference_fp}) for f in latents_fields
         ]
     if m.image:  # the window's first frame alone, encoded as a 1-frame video
-        plan["image_cache"] = [sha256_json(f | {"image": "first-frame"}) for f in latents_fields]
-    plan["embeds_cache"] = [
+        samples["image_cache"] = [sha256_json(f | {"image": "first-frame"}) for f in latents_fields]
+    samples["embeds_cache"] = [
         sha256_json({"caption": c, "text_encoder": m.text_fp, "max_len": m.max_len})
-        for c in plan.caption
+        for c in samples.caption
     ]
 
 
-def _plan(cfg: PipelineConfig, upstream: dict[str, StageResult], m: _Model) -> pd.DataFrame:
+def sample_table(
+    cfg: PipelineConfig, upstream: dict[str, StageResult], m: _Model | None = None
+) -> pd.DataFrame:
     """One row per selected clip of the configured splits, sorted by clip_id: its bucket
     (height, width, frames), its frame window (or why it has none), its cache keys and its
-    shard (`shard_size` samples with a window each, in clip_id order)."""
+    shard (`shard_size` samples with a window each, in clip_id order). `m`: the model's
+    settings (`_model`), read from its configs when not given.
+
+    Raises:
+        ConfigError: a frame count, bucket or training mode the model cannot take.
+    """
+    m = _model(cfg) if m is None else m
     p = cfg.precompute
-    plan = _selected(cfg, upstream)
-    _fit_windows(plan, p, m.ratio)
-    _cache_keys(plan, p, m)
-    plan["shard"] = None
-    ok = plan.index[plan.status == "ok"]
+    samples = _selected(cfg, upstream)
+    _fit_windows(samples, p, m.ratio)
+    _cache_keys(samples, p, m)
+    samples["shard"] = None
+    ok = samples.index[samples.status == "ok"]
     for i in range(0, len(ok), p.shard_size):
-        plan.loc[ok[i : i + p.shard_size], "shard"] = shard_name(i // p.shard_size)
-    return plan
+        samples.loc[ok[i : i + p.shard_size], "shard"] = shard_name(i // p.shard_size)
+    return samples
 
 
-def _index(plan: pd.DataFrame, out: Path) -> pd.DataFrame:
+def _index(samples: pd.DataFrame, out: Path) -> pd.DataFrame:
     """index.parquet: the clips that failed inside committed shards marked rejected, and
     the PSNR of each shard's spot-checked clip."""
-    plan = plan.copy()
-    plan["psnr"] = np.nan
-    for shard in plan.shard.dropna().unique():
+    samples = samples.copy()
+    samples["psnr"] = np.nan
+    for shard in samples.shard.dropna().unique():
         rejected, check = shard_record(out / shard)
         for clip_id, reason in rejected.items():
-            row = plan.clip_id == clip_id
-            plan.loc[row, ["status", "reason", "shard"]] = ["rejected", reason, None]
+            row = samples.clip_id == clip_id
+            samples.loc[row, ["status", "reason", "shard"]] = ["rejected", reason, None]
         if check is not None:
-            plan.loc[plan.clip_id == check["clip_id"], "psnr"] = check["psnr"]
-    ok = plan.status == "ok"
+            samples.loc[samples.clip_id == check["clip_id"], "psnr"] = check["psnr"]
+    ok = samples.status == "ok"
     index = pd.DataFrame(
         {
-            "clip_id": plan.clip_id,
-            "caption": plan.caption,
-            "shard": plan.shard,
-            "latents_key": (plan.clip_id + ".latents").where(ok, None),  # tensor names in the shard
-            "embeds_key": (plan.clip_id + ".prompt_embeds").where(ok, None),
-            "frames": plan.frames,  # the sample's frame bucket (rejected: the shortest asked)
-            "height": plan.height,  # the bucket, pixels
-            "width": plan.width,
-            "latent_frames": plan.latent_frames,
-            "status": plan.status,
-            "reason": plan.reason,
-            "psnr": plan.psnr,  # dB, decode-back spot check; one clip per shard encoded
-            "latents_cache": plan.latents_cache,  # content keys in cache/latents and cache/text
-            "embeds_cache": plan.embeds_cache,
+            "clip_id": samples.clip_id,
+            "caption": samples.caption,
+            "shard": samples.shard,
+            "latents_key": (samples.clip_id + ".latents").where(
+                ok, None
+            ),  # tensor names in the shard
+            "embeds_key": (samples.clip_id + ".prompt_embeds").where(ok, None),
+            "frames": samples.frames,  # the sample's frame bucket (rejected: the shortest asked)
+            "height": samples.height,  # the bucket, pixels
+            "width": samples.width,
+            "latent_frames": samples.latent_frames,
+            "status": samples.status,
+            "reason": samples.reason,
+            "psnr": samples.psnr,  # dB, decode-back spot check; one clip per shard encoded
+            "latents_cache": samples.latents_cache,  # content keys in cache/latents and cache/text
+            "embeds_cache": samples.embeds_cache,
         }
     )
-    if "reference_cache" in plan:  # tensor name and content key of the reference latents
-        index["reference_key"] = (plan.clip_id + ".reference_latents").where(ok, None)
-        index["reference_cache"] = plan.reference_cache
-    if "image_cache" in plan:  # image-to-video: the first frame's latents
-        index["image_key"] = (plan.clip_id + ".image_latents").where(ok, None)
-        index["image_cache"] = plan.image_cache
+    if "reference_cache" in samples:  # tensor name and content key of the reference latents
+        index["reference_key"] = (samples.clip_id + ".reference_latents").where(ok, None)
+        index["reference_cache"] = samples.reference_cache
+    if "image_cache" in samples:  # image-to-video: the first frame's latents
+        index["image_key"] = (samples.clip_id + ".image_latents").where(ok, None)
+        index["image_cache"] = samples.image_cache
     return index
 
 
-def _cache_file(folder: Path, key: str) -> Path:
+def cache_file(folder: Path, key: str) -> Path:
+    """Where a content key's tensors live in a cache folder: sharded by its first 2 hex
+    characters, so no folder holds more than 1/256 of the entries."""
     return folder / key[:2] / f"{key}.safetensors"
 
 
 def _cache_get(folder: Path, key: str):
     from safetensors.torch import load_file
 
-    path = _cache_file(folder, key)
+    path = cache_file(folder, key)
     return load_file(path)["value"] if path.is_file() else None
 
 
 def _cache_put(folder: Path, key: str, value) -> None:
     from safetensors.torch import save_file
 
-    with atomic_path(_cache_file(folder, key)) as tmp:
+    with atomic_path(cache_file(folder, key)) as tmp:
         save_file({"value": value.contiguous()}, str(tmp))
 
 
 def _cached(folder: Path, keys: pd.Series) -> pd.Series:
-    return keys.map(lambda k: _cache_file(folder, k).is_file()).astype(bool)  # bool when empty
+    return keys.map(lambda k: cache_file(folder, k).is_file()).astype(bool)  # bool when empty
 
 
 def _cache_store(ws: Workspace, folder: Path, entries: dict[str, Any]) -> None:
@@ -379,7 +395,7 @@ def _cache_store(ws: Workspace, folder: Path, entries: dict[str, Any]) -> None:
         return
     with ws.hold(f"cache-{folder.name}", on_wait=_waiting(f"the {folder.name} cache")):
         for key, value in entries.items():
-            if not _cache_file(folder, key).is_file():
+            if not cache_file(folder, key).is_file():
                 _cache_put(folder, key, value)
 
 
@@ -464,8 +480,7 @@ def _decode(row, reference: Reference | None = None):
     try:
         frames = resize_center_crop(read_frames(row.path, row.times), row.height, row.width)
     except Exception as e:  # a video decodable at probe time can still break further in
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return None, None, f"decode failed: {first[:200]}"
+        return None, None, f"decode failed: {first_line(e)}"
     if reference is None or not getattr(row, "need_reference", False):
         return frames, None, ""
     try:
@@ -481,19 +496,19 @@ def _decode(row, reference: Reference | None = None):
 
 def _batches(videos: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
     """One shard's VAE batches: up to `batch_size` clips of one shape (height, width,
-    frames), in plan order."""
+    frames), in samples order."""
     out: list[pd.DataFrame] = []
     for _, same in videos.groupby(["height", "width", "frames"], sort=False):
         out.extend(same.iloc[i : i + batch_size] for i in range(0, len(same), batch_size))
     return out
 
 
-def _text_chunks(plan: pd.DataFrame, text_dir: Path, wanted: set[str]) -> list[pd.DataFrame]:
-    """The chunks of `TEXT_BATCH` of the plan's distinct captions (plan order) that hold a
-    caption of `wanted` still missing from the text cache. The chunks depend on the plan
+def _text_chunks(samples: pd.DataFrame, text_dir: Path, wanted: set[str]) -> list[pd.DataFrame]:
+    """The chunks of `TEXT_BATCH` of the table's distinct captions (table order) that hold a
+    caption of `wanted` still missing from the text cache. The chunks depend on the table
     only, so a resumed run encodes each caption in the same batch as an uninterrupted
     run (a batch's shape can change the float rounding of every caption in it)."""
-    distinct = plan[plan.shard.notna()].drop_duplicates("embeds_cache")
+    distinct = samples[samples.shard.notna()].drop_duplicates("embeds_cache")
     chunks = [distinct.iloc[i : i + TEXT_BATCH] for i in range(0, len(distinct), TEXT_BATCH)]
     return [
         c
@@ -520,7 +535,7 @@ def _encode_texts(run: _Run, todo: pd.DataFrame) -> int:
         return 0
     stored = 0
     with run.ws.hold("cache-text", on_wait=_waiting("the text cache")):
-        chunks = _text_chunks(run.plan, text_dir, wanted)  # another run may have stored some
+        chunks = _text_chunks(run.samples, text_dir, wanted)  # another run may have stored some
         if not chunks:
             return 0
         with _timed(run.seconds, "text_encode"):
@@ -657,14 +672,14 @@ def _shard_tensors(rows: pd.DataFrame, new: dict, failed: dict, latents_dir: Pat
 
 @dataclass
 class _Run:
-    """What the claim, encode and commit steps of one run share: its plan, caches and
+    """What the claim, encode and commit steps of one run share: its samples, caches and
     tallies."""
 
     ws: Workspace
     key: str
     cfg: PipelineConfig
     m: _Model
-    plan: pd.DataFrame
+    samples: pd.DataFrame
     out: Path
     caches: tuple[Path, Path]  # cache/latents, cache/text
     counts: dict[str, int]
@@ -672,7 +687,7 @@ class _Run:
     total: int  # this run's shards
     seconds: dict[str, float] = field(default_factory=dict)
     settled: int = 0  # shards committed, here or by another process
-    planned: set[str] = field(default_factory=set)  # latents keys encoded or found cached here
+    claimed: set[str] = field(default_factory=set)  # latents keys encoded or found cached here
     failed: dict[str, str] = field(default_factory=dict)  # latents key -> why it did not decode
     vae: Any = None  # loaded at the first shard with something to encode
 
@@ -712,9 +727,9 @@ def _shard_batches(run: _Run, name: str) -> list[pd.DataFrame]:
     (exact copies of an earlier shard's are that shard's), marked `need_latents` /
     `need_reference` / `need_image`; the cache hits are counted."""
     latents_dir = run.caches[0]
-    videos = run.plan[run.plan.shard == name].drop_duplicates("latents_cache")
-    videos = videos[~videos.latents_cache.isin(run.planned)].copy()
-    run.planned.update(videos.latents_cache)
+    videos = run.samples[run.samples.shard == name].drop_duplicates("latents_cache")
+    videos = videos[~videos.latents_cache.isin(run.claimed)].copy()
+    run.claimed.update(videos.latents_cache)
     videos["need_latents"] = need = ~_cached(latents_dir, videos.latents_cache)
     run.counts["latents_cache_hits"] += int((~need).sum())
     for kind in ("reference", "image"):
@@ -731,12 +746,12 @@ def _backfill(run: _Run, name: str) -> None:
     the same latents, so the same bytes)."""
     from safetensors import safe_open
 
-    rows = run.plan[run.plan.shard == name]
+    rows = run.samples[run.samples.shard == name]
     columns = {"latents": "latents_cache", "reference_latents": "reference_cache",
                "image_latents": "image_cache"}  # fmt: skip
     wanted = {f"{r.clip_id}.{suffix}": getattr(r, column) for r in rows.itertuples()
               for suffix, column in columns.items() if column in rows}  # fmt: skip
-    missing = {t: k for t, k in wanted.items() if not _cache_file(run.caches[0], k).is_file()}
+    missing = {t: k for t, k in wanted.items() if not cache_file(run.caches[0], k).is_file()}
     if not missing:
         return
     with safe_open(str(run.out / name), "pt") as f:
@@ -774,7 +789,7 @@ def _commit_shard(run: _Run, name: str, new: dict, first) -> None:
         with _timed(run.seconds, "spot_check"):
             min_psnr = run.cfg.precompute.min_psnr
             check = _spot_check(run.vae, name, row, new[cache_key], frames, min_psnr)
-    rows = run.plan[run.plan.shard == name]
+    rows = run.samples[run.samples.shard == name]
     tensors, rejected = _shard_tensors(rows, new, run.failed, *run.caches)
     write_shard(run.out / name, tensors, rejected, check)
     _cache_store(run.ws, run.caches[0], new)  # checked and committed: now they serve other keys
@@ -822,15 +837,15 @@ def _encode_all(run: _Run, names: list[str], wait: bool) -> list[str]:
 def _write_index(run: _Run, started: float) -> StageResult:
     """Write index.parquet and the done marker: counts of samples, stats of rejections,
     buckets, frame counts, spot checks and seconds."""
-    plan = run.plan
-    index = _index(plan, run.out)
+    samples = run.samples
+    index = _index(samples, run.out)
     write_table(run.out / "index.parquet", index)
     ok = index[index.status == "ok"]
     counts = {
         "samples": len(index),
         "ok": len(ok),
         "rejected": len(index) - len(ok),
-        "shards": plan.shard.nunique(),
+        "shards": samples.shard.nunique(),
     } | run.counts
     kinds = index.loc[index.status != "ok", "reason"].str.split(":").str[0]
     checked = index[index.psnr.notna()]
@@ -847,14 +862,46 @@ def _write_index(run: _Run, started: float) -> StageResult:
     return run.ws.finish(result, started)
 
 
-def _counts(plan: pd.DataFrame) -> dict[str, int]:
-    """This run's tallies, all 0: distinct videos and captions encoded or found cached."""
+def _counts(samples: pd.DataFrame) -> dict[str, int]:
+    """This run's tallies, all 0: distinct videos and captions encoded or found cached
+    (encoded_videos, encoded_texts, latents_cache_hits, text_cache_hits); with
+    `precompute.reference` also encoded_references and reference_cache_hits, for an
+    image-to-video model encoded_images and image_cache_hits."""
     names = ["encoded_videos", "encoded_texts", "latents_cache_hits", "text_cache_hits"]
-    if "reference_cache" in plan:
+    if "reference_cache" in samples:
         names += ["encoded_references", "reference_cache_hits"]
-    if "image_cache" in plan:
+    if "image_cache" in samples:
         names += ["encoded_images", "image_cache_hits"]
     return dict.fromkeys(names, 0)
+
+
+def _part_shards(
+    samples: pd.DataFrame, out: Path, part: int | None, workers: int, merge_only: bool
+) -> list[str]:
+    """The shards this run encodes (shard i is in part i mod `workers`), their temporaries
+    of a killed run cleaned (other parts' may be live, so only these).
+
+    Raises:
+        ShardsIncomplete: `merge_only`, and one of them is not committed.
+    """
+    shards = sorted(samples.shard.dropna().unique())
+    mine = [s for i, s in enumerate(shards) if part is None or i % workers == part]
+    if merge_only and (missing := [s for s in mine if not (out / s).is_file()]):
+        raise ShardsIncomplete(
+            f"{out}: {len(missing)} of {len(mine)} shards are not committed ({', '.join(missing)})"
+        )
+    for name in mine:
+        clean_stale_tmp(out, f".tmp-{name}-*")
+    return mine
+
+
+def _encode_captions(run: _Run, shards: list[str]) -> None:
+    """T5-encode the captions of `shards`' uncommitted samples missing from the text cache,
+    first, so that the encoder is freed before the VAE loads; counted in `run.counts`."""
+    todo = run.samples[run.samples.shard.isin([s for s in shards if not (run.out / s).is_file()])]
+    cached = _cached(run.caches[1], todo.embeds_cache.drop_duplicates())
+    run.counts["text_cache_hits"] = int(cached.sum())
+    run.counts["encoded_texts"] = _encode_texts(run, todo)
 
 
 def run_precompute(
@@ -879,15 +926,10 @@ def run_precompute(
             loaded; a GPU pipeline indexes on its CPU worker).
 
     Returns:
-        The stage result; counts hold samples, ok, rejected, shards, and distinct videos
-        and captions encoded or found in the caches (encoded_videos, encoded_texts,
-        latents_cache_hits, text_cache_hits); stats hold rejections by kind, samples per
-        bucket and per frame count, spot_checks ({shard: {"clip_id", "psnr"}}) and this
-        run's seconds per part.
-
-        With `precompute.reference`, counts also hold encoded_references and
-        reference_cache_hits; for an image-to-video model, encoded_images and
-        image_cache_hits.
+        The stage result; counts hold samples, ok, rejected, shards and `_counts`' tallies
+        of distinct videos, captions, references and first frames encoded or found cached;
+        stats hold rejections by kind, samples per bucket and per frame count, spot_checks
+        ({shard: {"clip_id", "psnr"}}) and this run's seconds per part.
 
     Raises:
         SpotCheckError: a shard's spot check came out under `min_psnr`.
@@ -906,23 +948,11 @@ def run_precompute(
         return None if part is not None else ws.result("precompute", out)
 
     m = _model(cfg)
-    plan = _plan(cfg, upstream, m)
-    shards = sorted(plan.shard.dropna().unique())
-    mine = [s for i, s in enumerate(shards) if part is None or i % p.workers == part]
-    if merge_only and (missing := [s for s in mine if not (out / s).is_file()]):
-        raise ShardsIncomplete(
-            f"{out}: {len(missing)} of {len(mine)} shards are not committed ({', '.join(missing)})"
-        )
-    for name in mine:  # temporaries of a killed run of these shards; other parts may be live
-        clean_stale_tmp(out, f".tmp-{name}-*")
-
+    samples = sample_table(cfg, upstream, m)
+    mine = _part_shards(samples, out, part, p.workers, merge_only)
     caches = ws.cache_dir("latents"), ws.cache_dir("text")
-    run = _Run(ws, key, cfg, m, plan, out, caches, _counts(plan), progress, len(mine))
-    todo = plan[plan.shard.isin([s for s in mine if not (out / s).is_file()])]
-    run.counts["text_cache_hits"] = int(
-        _cached(caches[1], todo.embeds_cache.drop_duplicates()).sum()
-    )
-    run.counts["encoded_texts"] = _encode_texts(run, todo)
+    run = _Run(ws, key, cfg, m, samples, out, caches, _counts(samples), progress, len(mine))
+    _encode_captions(run, mine)
     if busy := _encode_all(run, mine, wait=False):  # other processes' shards: theirs first
         _encode_all(run, busy, wait=True)  # then any they did not commit (they died)
     if part is not None:

@@ -135,11 +135,12 @@ def check_source(cfg: PipelineConfig) -> list:
 
 
 def stage_keys(cfg: PipelineConfig, until: str, listing: list) -> tuple[dict[str, str], list[str]]:
-    """Every stage's key up to `until` (as `cogpipe.pipeline.plan`, from the listing
+    """Every stage's key up to `until` (as `cogpipe.pipeline.stage_keys`, from the listing
     already read) and the stages not done for them."""
     from cogpipe import ingest
     from cogpipe.errors import describe
-    from cogpipe.pipeline import UPSTREAM, finished, module
+    from cogpipe.pipeline import UPSTREAM, finished
+    from cogpipe.stages import STAGE_SPECS
 
     ws, keys, todo = Workspace(cfg.workspace), {}, []
     for stage in STAGES[: STAGES.index(until) + 1]:
@@ -148,7 +149,7 @@ def stage_keys(cfg: PipelineConfig, until: str, listing: list) -> tuple[dict[str
             keys[stage] = (
                 ingest.key_of(cfg, listing=listing)
                 if stage == "ingest"
-                else module(stage).key_of(cfg, inputs)
+                else STAGE_SPECS[stage].key(cfg, inputs)
             )
         except ConfigError:
             raise

@@ -39,6 +39,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from cogpipe.config import PipelineConfig
+from cogpipe.errors import UserError
 from cogpipe.evaluate import BASE, eval_key
 from cogpipe.ratings import (
     HEADER,
@@ -56,7 +57,7 @@ CHOICES = ("left", "right", "tie")  # what the page sends per question
 MAX_RATER = 64  # characters of a rater name
 
 
-class RateError(RuntimeError):
+class RateError(UserError, RuntimeError):
     """Nothing to rate for this config (no evaluation, no checkpoint, unknown run)."""
 
 
@@ -106,10 +107,10 @@ def run_folder(cfg: PipelineConfig, run: str | None = None) -> tuple[Workspace, 
 
 
 def _train_key(cfg: PipelineConfig) -> str:
-    from cogpipe.pipeline import plan
+    from cogpipe.pipeline import stage_keys
 
     try:
-        return plan(cfg, "train")["train"]
+        return stage_keys(cfg, "train")["train"]
     except (FileNotFoundError, ValueError) as e:  # no source to list (SourceError)
         raise RateError(f"cannot tell the run's folder ({e}); set `name` or pass --run") from e
 

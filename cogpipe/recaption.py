@@ -146,10 +146,11 @@ def later_rounds(
 
 
 def run_rounds(
-    ws: Workspace, cfg: PipelineConfig, clips: pd.DataFrame, rejected: list[str],
+    ws: Workspace, cfg: PipelineConfig, check: StageResult, rejected: list[str],
     shards: list[int], count: Counter, progress: Progress, merge_only: bool,
 ) -> tuple[pd.DataFrame, int, int]:  # fmt: skip
-    """Every round of the given shards (round 1 of them all with one model load).
+    """Every round of the given shards over the `rejected` clips of `check`'s table (round 1
+    of them all with one model load); nothing when no clip is rejected.
 
     Returns:
         (the re-captions with `attempt`, the round; parts; parts that were committed).
@@ -157,6 +158,9 @@ def run_rounds(
     Raises:
         ShardsIncomplete: with `merge_only`, a part is missing (nothing is loaded).
     """
+    if not rejected:
+        return pd.DataFrame(), 0, 0
+    clips = read_table(Path(check.path) / "clips.parquet")
     cc = retry_config(cfg, 1)
     todo = clips[clips.clip_id.isin(rejected)]
     folder = pass_dir(ws, cc, 1, rejected)
@@ -273,12 +277,9 @@ def run_recaption(
     verdicts = judge_captions(captions, cfg.filter, count)
     rejected = rejected_ids(captions, verdicts)
     shards = [shard] if shard is not None else list(range(cfg.caption.shards))
-    retried, parts, reused = pd.DataFrame(), 0, 0
-    if rejected:
-        clips = read_table(Path(check.path) / "clips.parquet")
-        retried, parts, reused = run_rounds(
-            ws, cfg, clips, rejected, shards, count, progress, merge_only
-        )
+    retried, parts, reused = run_rounds(
+        ws, cfg, check, rejected, shards, count, progress, merge_only
+    )
     if shard is not None:
         return None
     with ws.hold(f"recaption-{key}-merge"):  # one writer of the table; a second finds it done

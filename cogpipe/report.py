@@ -134,6 +134,38 @@ def _override_lines(table: pd.DataFrame) -> list[str]:
     return [*lines, ""]
 
 
+def _category_lines(table: pd.DataFrame, categories: Sequence[str]) -> list[str]:
+    """Accepted and selected captions per category with any accepted: `categories` first,
+    in their order, then the others by name."""
+    lines = ["## Selection by category", ""]
+    names = [*categories, *sorted(set(table.category) - set(categories))]
+    by = table.groupby("category")
+    rows = [(c, int(by.accepted.sum().get(c, 0)), int(by.selected.sum().get(c, 0))) for c in names]
+    rows = [r for r in rows if r[1]]
+    if not rows:
+        return [*lines, "No accepted captions.", ""]
+    lines += ["| category | accepted | selected |", "|---|---:|---:|"]
+    lines += [f"| {c} | {a} | {s} |" for c, a, s in rows]
+    return [*lines, ""]
+
+
+def _rejection_lines(rejected: pd.DataFrame, max_rows: int) -> list[str]:
+    """Rejected captions counted by kind, then the first `max_rows` one per row."""
+    lines = ["## Caption rejections", ""]
+    kinds = rejected.reasons.str.split("; ").explode().map(reason_kind)
+    lines += _table(kinds.value_counts(), "reason")
+    if not len(rejected):
+        return lines
+    lines += ["| clip_id | reasons | caption |", "|---|---|---|"]
+    lines += [
+        f"| {_cell(r.clip_id)} | {_cell(r.reasons)} | {_cell(r.caption, 80)} |"
+        for r in rejected.head(max_rows).itertuples()
+    ]
+    if len(rejected) > max_rows:
+        lines += ["", f"{len(rejected) - max_rows} more rejected clips: see curated.parquet."]
+    return [*lines, ""]
+
+
 def write_caption_report(
     out: Path,
     table: pd.DataFrame,
@@ -169,32 +201,11 @@ def write_caption_report(
         "rejected": words[~acc].to_numpy(),
     }
     name = histogram(out / "caption_words.png", groups, "words", "Caption length")
-    lines += [f"![caption length]({name})", "", "## Selection by category", ""]
-    names = [*categories, *sorted(set(table.category) - set(categories))]
-    by = table.groupby("category")
-    rows = [(c, int(by.accepted.sum().get(c, 0)), int(by.selected.sum().get(c, 0))) for c in names]
-    rows = [r for r in rows if r[1]]
-    if rows:
-        lines += ["| category | accepted | selected |", "|---|---:|---:|"]
-        lines += [f"| {c} | {a} | {s} |" for c, a, s in rows]
-        lines += [""]
-    else:
-        lines += ["No accepted captions.", ""]
+    lines += [f"![caption length]({name})", ""]
+    lines += _category_lines(table, categories)
     lines += _motion_lines(table, acc, sel)
     lines += _source_lines(table, acc, sel)
     lines += _override_lines(table)
-    lines += ["## Caption rejections", ""]
-    rejected = table[~acc]
-    kinds = rejected.reasons.str.split("; ").explode().map(reason_kind)
-    lines += _table(kinds.value_counts(), "reason")
-    if len(rejected):
-        lines += ["| clip_id | reasons | caption |", "|---|---|---|"]
-        lines += [
-            f"| {_cell(r.clip_id)} | {_cell(r.reasons)} | {_cell(r.caption, 80)} |"
-            for r in rejected.head(max_rows).itertuples()
-        ]
-        if len(rejected) > max_rows:
-            lines += ["", f"{len(rejected) - max_rows} more rejected clips: see curated.parquet."]
-        lines += [""]
+    lines += _rejection_lines(table[~acc], max_rows)
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"

@@ -296,6 +296,37 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+# The 2B-shaped tiny transformer: latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1;
+# sample_* are in latent units. `TINY_VARIANTS` changes it into the other generations.
+TINY_TRANSFORMER: dict[str, Any] = dict(
+    num_attention_heads=4,
+    attention_head_dim=8,
+    num_layers=2,
+    in_channels=4,
+    out_channels=4,
+    time_embed_dim=2,
+    text_embed_dim=32,
+    sample_width=8,
+    sample_height=8,
+    sample_frames=9,
+    patch_size=2,
+    temporal_compression_ratio=4,
+    max_text_seq_length=16,
+)
+SCHEDULER_2B: dict[str, Any] = dict(  # THUDM/CogVideoX-2b scheduler_config.json
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    rescale_betas_zero_snr=True,
+    timestep_spacing="trailing",
+    set_alpha_to_one=True,
+    clip_sample=False,
+    snr_shift_scale=3.0,
+)
+
+
 def _write_cogvideox(folder: Path, variant: str = "2b") -> None:
     """A tiny CogVideoX pipeline of the given generation (`TINY_VARIANTS`): 8x spatial /
     4x temporal VAE with 4 latent channels, 2-layer transformer; image-to-video variants
@@ -316,23 +347,7 @@ def _write_cogvideox(folder: Path, variant: str = "2b") -> None:
     text_encoder = T5EncoderModel(
         T5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=len(tokenizer))
     )
-    # latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1; sample_* are in latent units.
-    shape = dict(
-        num_attention_heads=4,
-        attention_head_dim=8,
-        num_layers=2,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=32,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=16,
-    )
-    transformer = CogVideoXTransformer3DModel(**(shape | TINY_VARIANTS[variant]))
+    transformer = CogVideoXTransformer3DModel(**(TINY_TRANSFORMER | TINY_VARIANTS[variant]))
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,
@@ -342,22 +357,11 @@ def _write_cogvideox(folder: Path, variant: str = "2b") -> None:
         norm_num_groups=2,
         temporal_compression_ratio=4,
     )
-    scheduler = CogVideoXDPMScheduler(  # THUDM/CogVideoX-2b scheduler_config.json
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-        set_alpha_to_one=True,
-        clip_sample=False,
-        snr_shift_scale=3.0,
-    )
+    scheduler = CogVideoXDPMScheduler(**SCHEDULER_2B)
     components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler)
     image_to_video = transformer.config.in_channels == 2 * vae.config.latent_channels
-    pipeline = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
-    pipeline(transformer=transformer, **components).save_pretrained(folder)
+    pipeline_class = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    pipeline_class(transformer=transformer, **components).save_pretrained(folder)
 
 
 def write_tiny_cogvideox(folder: Path, variant: str = "2b") -> Path:

@@ -60,6 +60,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cogpipe.compat import execution_device
 from cogpipe.config import PipelineConfig, TicFtConfig
 from cogpipe.models.cogvideox import VAE_SCALE_SPATIAL, Shape, model_shape
 
@@ -136,7 +137,7 @@ def denoise(pipe, request: SampleRequest, device=None, on_step: StepCallback = N
     import torch
 
     check_image(pipe, request)
-    device = torch.device(device or pipe._execution_device)
+    device = torch.device(device or execution_device(pipe))
     on_step = on_step or (lambda done, steps: None)
     on_step(0, request.steps)
     with torch.no_grad():
@@ -175,7 +176,7 @@ def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
     """[1, F', C, h, w] latents -> [F, H, W, 3] uint8 (the VAE must be on their device)."""
     import torch
 
-    from cogpipe.eval_models import to_uint8
+    from cogpipe.video import to_uint8
 
     with torch.no_grad():
         video = pipe.decode_latents(latents)  # [1, 3, F, H, W] in [-1, 1]

@@ -42,6 +42,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cogpipe import generate
+from cogpipe.errors import UserError
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.service_adapters import Lora, RequestError, Resident, Slot, lora_layout
 from cogpipe.service_jobs import JobStore
@@ -56,7 +57,7 @@ MAX_IMAGE = 32 << 20  # bytes of an image-to-video request's first frame
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
 
-class ServiceError(RuntimeError):
+class ServiceError(UserError, RuntimeError):
     """The service cannot start: a port taken, a LoRA or templates file that does not load."""
 
 

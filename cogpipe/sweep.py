@@ -46,8 +46,8 @@ from pydantic import ValidationError
 
 from cogpipe import evaluate, generate
 from cogpipe.generate import PER_VIDEO, GenerateError, GenerateOptions
-from cogpipe.plots import figure, save
-from cogpipe.video import VideoReader, even_indices
+from cogpipe.plots import figure, frame_strip, save
+from cogpipe.video import VideoReader
 from cogpipe.workspace import (
     Progress,
     atomic_path,
@@ -96,7 +96,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def plan_cells(options: GenerateOptions, grid: Mapping[str, Sequence[Any]]) -> list[Cell]:
+def grid_cells(options: GenerateOptions, grid: Mapping[str, Sequence[Any]]) -> list[Cell]:
     """Every combination of grid values, parameters sorted by name, values in the given order.
 
     Raises:
@@ -222,14 +222,7 @@ def write_results(folder: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def _strip(path: Path) -> np.ndarray:
     """GRID_FRAMES frames spread over a video, side by side: [h, n * w, 3]."""
-    from PIL import Image
-
-    frames = read_video(path)
-    f, h, w, _ = frames.shape
-    tw = min(THUMB_WIDTH, w)
-    th = max(round(h * tw / w), 1)
-    picks = [Image.fromarray(frames[i]).resize((tw, th)) for i in even_indices(0, f, GRID_FRAMES)]
-    return np.concatenate([np.asarray(p) for p in picks], axis=1)
+    return frame_strip(read_video(path), GRID_FRAMES, THUMB_WIDTH)
 
 
 def write_grid(folder: Path, table: pd.DataFrame, path: Path) -> None:
@@ -272,6 +265,29 @@ def write_timing(table: pd.DataFrame, path: Path) -> None:
 # --------------------------------------------------------------------------- run
 
 
+def _checked_cells(
+    options: GenerateOptions, grid: Mapping[str, Sequence[Any]], experiment: str
+) -> tuple[list[Cell], str]:
+    """(the grid's cells with options fitted to the model, the device), once the grid, the
+    experiment name, the device, an --image and a --lora check out: bad options fail now,
+    not at the first missing video. Reads the model's configs only, not its weights.
+
+    Raises:
+        GenerateError: naming the option and why.
+    """
+    cells = grid_cells(options, grid)
+    if not re.fullmatch(r"[A-Za-z0-9_.=,-]+", experiment):
+        raise GenerateError(f"--experiment {experiment!r}: use letters, digits and _ . = , -")
+    device = resolve_device(options.device)
+    generate.check_device(options, device)
+    traits = generate.model_traits(options.model)
+    cells = [cell._replace(options=generate.fit(cell.options, traits)) for cell in cells]
+    generate.image_of(cells[0].options)  # a missing or unreadable --image
+    if options.lora is not None:
+        generate.lora_file(options.lora)
+    return cells, device
+
+
 def run_sweep(
     prompts: dict[str, str],
     options: GenerateOptions,
@@ -303,21 +319,12 @@ def run_sweep(
     Raises:
         GenerateError: bad grid, experiment name or options, before anything is generated.
     """
-    plan = plan_cells(options, grid)
-    if not re.fullmatch(r"[A-Za-z0-9_.=,-]+", experiment):
-        raise GenerateError(f"--experiment {experiment!r}: use letters, digits and _ . = , -")
-    device = resolve_device(options.device)
-    generate.check_device(options, device)  # bad options fail now, not at the first missing video
-    traits = generate.model_traits(options.model)  # configs only: the model loads later
-    plan = [cell._replace(options=generate.fit(cell.options, traits)) for cell in plan]
-    generate.image_of(plan[0].options)  # a missing or unreadable --image fails now too
-    if options.lora is not None:
-        generate.lora_file(options.lora)
+    cells, device = _checked_cells(options, grid, experiment)
     folder, metrics = Path(out) / experiment, metrics or {}
     previous, rows = _previous(folder), {}
-    total, pipe = len(plan) * len(prompts), None
+    keys, pipe = _keys(cells, prompts), None
     try:
-        for cell in plan:
+        for cell in cells:
             clean_stale_tmp(folder / cell.name)  # temporaries of a killed run
             for name, text in prompts.items():
                 path = folder / cell.name / f"{name}.mp4"
@@ -330,20 +337,24 @@ def run_sweep(
                     row = _generated(pipe, cell, name, text, path, metrics, on_step)
                     note = f"{path} {row['seconds']:.1f}s" + (" error" if row["error"] else "")
                 rows[cell.name, name] = row
-                # Rows not reached yet keep the last run's values: a killed rerun loses none.
-                write_results(folder, [rows.get(k) or previous[k] for k in _keys(plan, prompts)
-                                       if k in rows or k in previous])  # fmt: skip
-                progress(len(rows), total, note)
+                _write_known(folder, keys, rows, previous)
+                progress(len(rows), len(keys), note)
     finally:
         if pipe is not None:
             pipe = None
             evaluate.release_memory(device)
-    table = write_results(folder, [rows[k] for k in _keys(plan, prompts)])
+    table = write_results(folder, [rows[k] for k in keys])
     write_grid(folder, table, folder / "grid.png")
     write_timing(table, folder / "timing.png")
     return table
 
 
-def _keys(plan: list[Cell], prompts: dict[str, str]) -> list[tuple[str, str]]:
+def _write_known(folder: Path, keys: list[tuple], rows: dict, previous: dict) -> None:
+    """The results table so far: rows not reached yet keep the last run's values, so a
+    killed rerun loses none."""
+    write_results(folder, [rows.get(k) or previous[k] for k in keys if k in rows or k in previous])
+
+
+def _keys(cells: list[Cell], prompts: dict[str, str]) -> list[tuple[str, str]]:
     """(cell, prompt) in table order: cells in grid order, prompts in the given order."""
-    return [(cell.name, name) for cell in plan for name in prompts]
+    return [(cell.name, name) for cell in cells for name in prompts]

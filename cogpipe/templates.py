@@ -34,12 +34,14 @@ from types import MappingProxyType
 
 import yaml
 
+from cogpipe.errors import UserError
+
 SHIPPED = Path(__file__).parent / "prompts" / "templates.yaml"
 MAX_SLOT_CHARS = 200  # ~40 words: one slot cannot push a prompt past the 226-token limit
 _FIELDS = {"text", "description", "defaults"}
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """An unknown template, a missing or unknown slot, or a bad templates file."""
 
 

@@ -504,8 +504,19 @@ def skip_draws(g, skipped: list[tuple], shape, num_train_timesteps: int) -> None
         draws(g, (b, padded, *rest), num_train_timesteps, shape.image_to_video)
 
 
-def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, reference=None,
-                   tic_ft: TicFtConfig | None = None, image=None, shape=None):  # fmt: skip
+def diffusion_loss(
+    transformer,
+    scheduler,
+    latents,
+    prompt_embeds,
+    rotary,
+    g,
+    reference=None,
+    tic_ft: TicFtConfig | None = None,
+    image=None,
+    shape=None,
+    autocast=None,
+):
     """The CogVideoX LoRA example's objective for one micro-batch, with the CogVideo 1.5
     and image-to-video trainers' inputs.
 
@@ -527,14 +538,11 @@ def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, re
         tic_ft: tic-ft: the layout of `latents`; its condition and buffer frames are fed as
             `tic_ft_sequence` makes them and the loss covers the target frames only (a
             padding copy counts as one more condition frame).
-        image: image-to-video: the first frames' latents [B, 1, C, h, w]. They get the
-            reference trainers' noise augmentation, noise * sigma with sigma =
-            exp(N(-3, 0.5)) per micro-batch, drawn from `g` (so a resumed run draws the
-            same); the reference adds it to the pixels before an in-loop VAE encode,
-            cogpipe precomputes, so it is added to the latents. Then, as the reference
-            orders it: the video latents padded, the image latents in frame 0 of the
-            padded sequence and zeros in the others, concatenated along channels.
+        image: image-to-video: the first frames' latents [B, 1, C, h, w], noised and fed
+            along channels (`image_input`).
         shape: the model's `cogvideox.Shape` (None: read from the transformer's config).
+        autocast: mixed precision: the forward runs under torch.autocast to this dtype
+            and its output is taken in fp32; None: as the weights are.
 
     Returns:
         mean over the batch of the 1 / (1 - alphas_cumprod[t])-weighted squared error
@@ -558,30 +566,73 @@ def diffusion_loss(transformer, scheduler, latents, prompt_embeds, rotary, g, re
         g, latents.shape, scheduler.config.num_train_timesteps, image is not None
     )
     timesteps, noise = timesteps.to(device), noise.to(device, latents.dtype)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    first = 0  # the first latent frame the loss covers
-    if tic_ft is not None:
-        layout = tic_ft.model_copy(update={"condition_frames": tic_ft.condition_frames + pad})
-        noisy = tic_ft_sequence(scheduler, latents, noise, timesteps, layout)
-        first = layout.condition_frames + layout.buffer_frames
-    hidden = noisy
-    if image is not None:
-        sigma, image_noise = (x.to(device, image.dtype) for x in augment)
-        image = image + image_noise * sigma  # [B, 1, C, h, w]
-        condition = cogvideox.image_condition(image, latents.shape[1])  # [B, F', C, h, w]
-        hidden = torch.cat([noisy, condition], dim=2)  # [B, F', 2C, h, w]
+    noisy, first = noised(scheduler, latents, noise, timesteps, tic_ft, pad)
+    hidden = noisy if image is None else image_input(noisy, image, *augment)
     if reference is not None:
         reference = cogvideox.pad_frames(reference, shape.temporal_patch)
         hidden = torch.cat([reference, hidden], dim=1)  # [B, 2F', C, h, w]
-    extra = {"ofs": latents.new_full((1,), 2.0)} if shape.ofs else {}
-    v = transformer(hidden_states=hidden, encoder_hidden_states=prompt_embeds, timestep=timesteps,
-                    image_rotary_emb=rotary, return_dict=False, **extra)[0]  # fmt: skip
+    v = _predict(transformer, hidden, prompt_embeds, timesteps, rotary, shape.ofs, autocast)
     v = v[:, hidden.shape[1] - latents.shape[1] :]  # the target's outputs ([B, F', C, h, w])
     pred = scheduler.get_velocity(v, noisy, timesteps)  # v-prediction -> clean latents
     alphas_cumprod = scheduler.alphas_cumprod.to(device)[timesteps]  # [B]
     weights = (1 / (1 - alphas_cumprod)).view(b, 1, 1, 1, 1)
     error = (pred.float() - latents.float()) ** 2
     return (weights * error[:, first:]).reshape(b, -1).mean(1).mean()
+
+
+def _predict(transformer, hidden, prompt_embeds, timesteps, rotary, ofs: bool, autocast):
+    """The transformer's output for `hidden` (fp32 under `autocast`, as a mixed-precision
+    forward hands it back); a model with an `ofs` embedding gets ofs = 2.0."""
+    extra = {"ofs": hidden.new_full((1,), 2.0)} if ofs else {}
+    with _autocast(hidden.device, autocast):
+        v = transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=prompt_embeds,
+            timestep=timesteps,
+            image_rotary_emb=rotary,
+            return_dict=False,
+            **extra,
+        )[0]
+    return v.float() if autocast is not None else v
+
+
+def noised(scheduler, latents, noise, timesteps, tic_ft: TicFtConfig | None, pad: int):
+    """(noised latents [B, F', C, h, w], the first latent frame the loss covers): every
+    frame at `timesteps`, or with `tic_ft` its sequence (`tic_ft_sequence`, `pad` padding
+    copies counted as condition frames) and the target frames only."""
+    if tic_ft is None:
+        return scheduler.add_noise(latents, noise, timesteps), 0
+    layout = tic_ft.model_copy(update={"condition_frames": tic_ft.condition_frames + pad})
+    noisy = tic_ft_sequence(scheduler, latents, noise, timesteps, layout)
+    return noisy, layout.condition_frames + layout.buffer_frames
+
+
+def image_input(noisy, image, sigma, image_noise):
+    """An image-to-video model's input [B, F', 2C, h, w]: the noised latents, then along
+    channels the first frames' latents [B, 1, C, h, w] in frame 0 and zeros after.
+
+    The image latents get the reference trainers' noise augmentation, noise * sigma with
+    sigma = exp(N(-3, 0.5)) per micro-batch, drawn from the step's generator (`draws`: a
+    resumed run draws the same); the reference adds it to the pixels before an in-loop
+    VAE encode, cogpipe precomputes, so it is added to the latents.
+    """
+    import torch
+
+    from cogpipe.models import cogvideox
+
+    sigma, image_noise = (x.to(noisy.device, image.dtype) for x in (sigma, image_noise))
+    image = image + image_noise * sigma  # [B, 1, C, h, w]
+    condition = cogvideox.image_condition(image, noisy.shape[1])  # [B, F', C, h, w]
+    return torch.cat([noisy, condition], dim=2)
+
+
+def _autocast(device, dtype):
+    """torch.autocast to `dtype` on `device`'s type; None: no autocast."""
+    import torch
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def make_optimizer(params: list, t: TrainConfig, cuda: bool):
@@ -622,24 +673,27 @@ class Queued(NamedTuple):
 class Trainer:
     """The model, optimizer and schedules of a run, and its optimizer step.
 
-    `step` queues the GPU work and returns the loss and gradient norm as device tensors
+    `step` queues the device work and returns the loss and gradient norm as device tensors
     without reading them, so Python runs ahead of the GPU; the caller reads them later.
+    Mixed precision is torch AMP: the forward under autocast to `autocast`, the loss
+    scaled by `scaler` (fp16 on a GPU).
     """
 
-    accelerator: Any
-    transformer: Any
+    transformer: Any  # what the forward runs: the model, in DDP or sharded
+    model: Any  # the transformer itself: its config, weights and checkpoints
     noise_scheduler: Any
     optimizer: Any
     lr_scheduler: Any
     params: list
     config: TrainConfig
     seed: int
-    dtype: Any
+    dtype: Any  # of the inputs
+    device: Any  # torch.device
+    autocast: Any = None  # the forward's autocast dtype (None: none)
+    scaler: Any = None  # torch.amp.GradScaler (None: no loss scaling)
+    rank: int = 0
+    processes: int = 1
     rotary: dict = field(default_factory=dict)  # (height, width, latent frames) -> (cos, sin)
-
-    @property
-    def device(self):
-        return self.accelerator.device
 
     def _to_device(self, x):
         if self.device.type == "cuda":
@@ -661,46 +715,87 @@ class Trainer:
             (mean loss over every process's micro-batches, gradient norm before clipping,
             learning rate used): two 0-d device tensors and a float.
         """
-        import contextlib
-
         import torch
 
-        from cogpipe.models import cogvideox, speed
+        from cogpipe.models import cogvideox
 
-        t, tconfig = self.config, self.accelerator.unwrap_model(self.transformer).config
-        shape = cogvideox.model_shape(tconfig)
+        shape = cogvideox.model_shape(self.model.config)
         g = generator("step", self.seed, step)  # every random draw of this step
         skip_draws(g, skipped, shape, self.noise_scheduler.config.num_train_timesteps)
-        total = torch.zeros((), device=self.device)
-        tic_ft = t.tic_ft if t.mode == "tic-ft" else None
-        for k, (latents, prompt_embeds, bucket, *extra) in enumerate(micro_batches):
-            extra = self._to_device(extra[0]) if extra else None
-            reference, image = (None, extra) if shape.image_to_video else (extra, None)
-            frames = bucket[2] + -bucket[2] % shape.temporal_patch  # latent frames fed, padded
-            fed = (*bucket[:2], frames * (2 if reference is not None else 1))
-            if fed not in self.rotary:
-                self.rotary[fed] = cogvideox.rotary_embeddings(tconfig, *fed, self.device)
-            # DDP averages gradients over processes at each one's last micro-batch only.
-            last = k == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.transformer)
-            # Backward runs under the same kernel choice: a checkpointed block recomputes
-            # its forward there and must get the same attention outputs.
-            with sync, speed.attention_kernel(t.attention_backend):
-                loss = diffusion_loss(self.transformer, self.noise_scheduler,
-                                      self._to_device(latents), self._to_device(prompt_embeds),
-                                      self.rotary[fed], g, reference, tic_ft, image,
-                                      shape)  # fmt: skip
-                self.accelerator.backward(loss / len(micro_batches))
-            total += loss.detach() / len(micro_batches)
-        if self.accelerator.num_processes > 1:
+        total, n = torch.zeros((), device=self.device), len(micro_batches)
+        for k, batch in enumerate(micro_batches):
+            total += self._micro_step(batch, g, shape, last=k == n - 1, count=n) / n
+        if self.processes > 1:
             torch.distributed.all_reduce(total)  # the mean of the processes' means
-            total /= self.accelerator.num_processes
-        grad_norm = self.accelerator.clip_grad_norm_(self.params, t.max_grad_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, replicated
-            grad_norm = grad_norm.full_tensor()
+            total /= self.processes
+        grad_norm = self._clip_gradients()
         lr = self.lr_scheduler.get_last_lr()[0]
+        self._update(step)
+        return total, grad_norm, lr
+
+    def _micro_step(self, batch: tuple, g, shape, last: bool, count: int):
+        """Forward and backward of one of a step's `count` micro-batches; its loss, detached.
+        DDP averages the gradients over the processes at the `last` one only."""
+        from cogpipe.models import cogvideox, speed
+
+        t = self.config
+        latents, prompt_embeds, bucket, *extra = batch
+        extra = self._to_device(extra[0]) if extra else None
+        reference, image = (None, extra) if shape.image_to_video else (extra, None)
+        frames = bucket[2] + -bucket[2] % shape.temporal_patch  # latent frames fed, padded
+        fed = (*bucket[:2], frames * (2 if reference is not None else 1))
+        if fed not in self.rotary:
+            self.rotary[fed] = cogvideox.rotary_embeddings(self.model.config, *fed, self.device)
+        no_sync = getattr(self.transformer, "no_sync", None)  # DDP's
+        sync = no_sync() if no_sync is not None and not last else contextlib.nullcontext()
+        # Backward runs under the same kernel choice: a checkpointed block recomputes
+        # its forward there and must get the same attention outputs.
+        with sync, speed.attention_kernel(t.attention_backend):
+            loss = diffusion_loss(
+                self.transformer,
+                self.noise_scheduler,
+                self._to_device(latents),
+                self._to_device(prompt_embeds),
+                self.rotary[fed],
+                g,
+                reference=reference,
+                tic_ft=t.tic_ft if t.mode == "tic-ft" else None,
+                image=image,
+                shape=shape,
+                autocast=self.autocast,
+            )
+            scaled = loss / count
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach()
+
+    def _clip_gradients(self):
+        """Clip the gradients (unscaled first) to `max_grad_norm`; their norm before, a
+        plain tensor (of a sharded model's too: gathered)."""
+        import torch
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, 2.0)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor of partial norms
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.config.max_grad_norm, norm)
+        return norm
+
+    def _update(self, step: int) -> None:
+        """The optimizer's update (the grad scaler skips it after an fp16 overflow), then
+        the LR schedule's step and the gradients cleared.
+
+        Raises:
+            TrainingDiverged: the learning rate overflows the update.
+        """
+        t = self.config
         try:
-            self.optimizer.step()  # the grad scaler skips it after an fp16 overflow
+            if self.scaler is None:
+                self.optimizer.step()
+            else:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         except RuntimeError as e:  # "value cannot be converted to type float without overflow"
             if "overflow" not in str(e):
                 raise
@@ -710,7 +805,6 @@ class Trainer:
             ) from e
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm, lr
 
 
 def trainable(transformer, t: TrainConfig, seed: int) -> list:
@@ -726,9 +820,16 @@ def trainable(transformer, t: TrainConfig, seed: int) -> list:
     return [p.requires_grad_(True) for p in transformer.parameters()]
 
 
-def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, device,
-                  strategy: str = "single", weights: Path | None = None,
-                  init: InitSource | None = None) -> Trainer:  # fmt: skip
+def build_trainer(
+    transformer,
+    noise_scheduler,
+    t: TrainConfig,
+    seed: int,
+    device,
+    strategy: str = "single",
+    weights: Path | None = None,
+    init: InitSource | None = None,
+) -> Trainer:
     """Give a loaded transformer its LoRA (or trainable weights), recomputation, compiled
     blocks and optimizer, and spread it over the processes of the run.
 
@@ -739,77 +840,85 @@ def build_trainer(transformer, noise_scheduler, t: TrainConfig, seed: int, devic
         t: the train section.
         seed: seeds the LoRA's initial A matrices (and, in `step`, each step's draws).
         device: "cpu", "cuda" or this rank's "cuda:N".
-        strategy: single, or (in a process `distributed.launch` started) ddp or fsdp.
+        strategy: single, or (in a process `distributed.launch` started: its process
+            group is joined here) ddp or fsdp.
         weights: a checkpoint whose LoRA (mode full: transformer) to start from; loaded
             before the model is wrapped or sharded.
         init: without `weights`, a new run's starting weights (`train.init_from`).
     """
-    from datetime import timedelta
-
     import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import InitProcessGroupKwargs
     from diffusers.optimization import get_scheduler
 
     from cogpipe import distributed
-    from cogpipe.models import cogvideox, speed
+    from cogpipe.models import speed
 
+    if strategy == "single":
+        device, (rank, processes) = torch.device(device), (0, 1)
+    else:
+        device, (rank, processes) = distributed.init_group(device), distributed.world()
     dtype = next(transformer.parameters()).dtype  # of the inputs; fp32 on the CPU
     if t.mode == "full" and t.master_weights == "bf16":
         dtype = torch.bfloat16  # bf16 weights: bf16 inputs and autocast
-    # Accelerate's state is a process-wide singleton that refuses a second precision; a
-    # worker process runs many trainings, so each one starts from a clean state.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    mixed = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-    options = {}
-    if strategy != "single":  # the process group (NCCL or gloo) comes from the environment
-        timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=distributed.TIMEOUT_S))
-        # split batches: the LR schedule steps once per optimizer step, not once per process
-        split = DataLoaderConfiguration(split_batches=True)
-        options = dict(kwargs_handlers=[timeout], dataloader_config=split)
-    accelerator = Accelerator(mixed_precision=mixed, cpu=str(device) == "cpu", **options)
-    cuda = accelerator.device.type == "cuda"
     params = trainable(transformer, t, seed)
+    _load_start(transformer, t, weights, init)
+    speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
+    if t.compile and device.type == "cuda":
+        speed.compile_blocks(transformer)
+    wrapped = transformer
+    if strategy == "fsdp":
+        distributed.shard(transformer, speed.blocks(transformer))
+        params = [p for p in transformer.parameters() if p.requires_grad]  # now sharded
+    elif processes > 1:
+        wrapped = distributed.wrap_ddp(transformer, device)
+    optimizer = make_optimizer(params, t, device.type == "cuda")
+    lr_scheduler = get_scheduler(
+        t.lr_scheduler,
+        optimizer,
+        num_warmup_steps=t.lr_warmup_steps,
+        num_training_steps=t.max_steps,
+        num_cycles=t.lr_num_cycles,
+    )
+    wrapped.train()
+    autocast, scaler = mixed_precision(dtype, device)
+    parts = dict(transformer=wrapped, model=transformer, noise_scheduler=noise_scheduler)
+    return Trainer(
+        **parts,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        params=params,
+        config=t,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        autocast=autocast,
+        scaler=scaler,
+        rank=rank,
+        processes=processes,
+    )
+
+
+def _load_start(transformer, t: TrainConfig, weights: Path | None, init: InitSource | None):
+    """Load the weights a run continues from: its checkpoint's, else `init`'s, else none."""
+    from cogpipe.models import cogvideox
+
     if weights is not None:
         load = cogvideox.load_full if t.mode == "full" else cogvideox.load_lora
         load(transformer, weights)
     elif init is not None:
         load_init(transformer, init)
-    speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
-    if t.compile and cuda:
-        speed.compile_blocks(transformer)
-    if strategy == "fsdp":
-        distributed.shard(transformer, speed.blocks(transformer))
-        params = [p for p in transformer.parameters() if p.requires_grad]  # now sharded
-    optimizer = make_optimizer(params, t, cuda)
-    lr_scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps,
-                                 num_training_steps=t.max_steps, num_cycles=t.lr_num_cycles)  # fmt: skip
-    if strategy == "fsdp":  # accelerate would wrap it in DDP: autocast is all it needs from there
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-        if mixed != "no":
-            _autocast_forward(transformer, accelerator)
-    else:
-        transformer, optimizer, lr_scheduler = accelerator.prepare(
-            transformer, optimizer, lr_scheduler
-        )
-    transformer.train()
-    return Trainer(accelerator, transformer, noise_scheduler, optimizer, lr_scheduler, params, t,
-                   seed, dtype)  # fmt: skip
 
 
-def _autocast_forward(model, accelerator) -> None:
-    """What `accelerator.prepare` does to a model's forward under mixed precision: run it
-    under autocast and hand back fp32 outputs."""
-    from accelerate.utils import convert_outputs_to_fp32
+def mixed_precision(dtype, device) -> tuple[Any, Any]:
+    """(autocast dtype, grad scaler) for inputs of `dtype` on `device`: fp16 and bf16 run
+    the forward under autocast, fp16 on a GPU scales the loss too; fp32, and fp16 on the
+    CPU (no autocast there), run as the weights are."""
+    import torch
 
-    forward = model.forward
-
-    def autocast_forward(*args, **kwargs):
-        with accelerator.autocast():
-            return forward(*args, **kwargs)
-
-    model.forward = convert_outputs_to_fp32(autocast_forward)
+    if dtype == torch.bfloat16:
+        return torch.bfloat16, None
+    if dtype == torch.float16 and device.type == "cuda":
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return None, None
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -817,37 +926,46 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit())
 
 
-def save_checkpoint(
-    folder: Path, accelerator, transformer, optimizer, lr_scheduler, cfg, state: dict
-) -> None:
+def save_checkpoint(folder: Path, trainer: Trainer, cfg: PipelineConfig, state: dict) -> None:
     """Commit `checkpoint-{step:06d}/`: LoRA weights (mode full: `transformer/`), training
     state, state.json. Every rank calls it (a sharded model's weights and optimizer states
     are gathered on rank 0, each rank's RNG too); rank 0 writes."""
     import torch
 
     from cogpipe import distributed
-    from cogpipe.models import cogvideox
 
-    t = cfg.train
-    model = accelerator.unwrap_model(transformer)
-    sharded = accelerator.num_processes > 1 and distributed.is_sharded(model)
+    model, optimizer = trainer.model, trainer.optimizer
+    sharded = trainer.processes > 1 and distributed.is_sharded(model)
     weights = distributed.full_weights(model) if sharded else None
-    if t.mode == "full":  # keyed by parameter name: loads whatever the strategy or processes
-        optimizer_state = distributed.full_optimizer_state(
-            model, getattr(optimizer, "optimizer", optimizer)
-        )
+    if cfg.train.mode == "full":  # keyed by parameter name: loads whatever the processes
+        optimizer_state = distributed.full_optimizer_state(model, optimizer)
     else:
         optimizer_state = optimizer.state_dict()
-    rng, ranks = rng_state(accelerator), None
-    if accelerator.num_processes > 1:
-        ranks = [None] * accelerator.num_processes if accelerator.is_main_process else None
+    rng, ranks = rng_state(trainer), None
+    if trainer.processes > 1:
+        ranks = [None] * trainer.processes if trainer.rank == 0 else None
         torch.distributed.gather_object(rng, ranks, dst=0)
-    if not accelerator.is_main_process:
+    if trainer.rank != 0:
         return
-    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    training_state = {"step": state["step"], "micro_batch": state["micro_batch"],
-                      "optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
-                      "scaler": scaler, "rng": rng, "rng_ranks": ranks}  # fmt: skip
+    scaler = trainer.scaler.state_dict() if trainer.scaler is not None else None
+    training_state = {
+        "step": state["step"],
+        "micro_batch": state["micro_batch"],
+        "optimizer": optimizer_state,
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "scaler": scaler,
+        "rng": rng,
+        "rng_ranks": ranks,
+    }
+    _write_checkpoint(folder, model, cfg.train, weights, training_state, state)
+
+
+def _write_checkpoint(folder: Path, model, t: TrainConfig, weights, training: dict, state: dict):
+    """Write a checkpoint's files into a temporary folder, then commit it as `folder`."""
+    import torch
+
+    from cogpipe.models import cogvideox
+
     weights_name = cogvideox.FULL_FOLDER if t.mode == "full" else cogvideox.LORA_FILE
     with atomic_path(folder) as tmp:  # a failed write leaves no temporary behind
         tmp.mkdir()
@@ -857,7 +975,7 @@ def save_checkpoint(
             else:
                 cogvideox.save_lora(tmp, model, t.rank, t.alpha)
         with writing(folder / STATE_FILE):
-            torch.save(training_state, tmp / STATE_FILE)
+            torch.save(training, tmp / STATE_FILE)
         with writing(folder / "state.json"):
             write_json(tmp / "state.json", state)
 
@@ -872,36 +990,36 @@ def prune_states(out: Path, keep: int) -> None:
         (old / STATE_FILE).unlink(missing_ok=True)
 
 
-def rng_state(accelerator) -> dict:
+def rng_state(trainer: Trainer) -> dict:
     """This process's global RNG states: the CPU's and (one process: every visible GPU's;
     a rank: its own GPU's). Training draws nothing from them (see `generator`)."""
     import torch
 
     rng = {"torch": torch.get_rng_state()}
-    if accelerator.num_processes == 1 and torch.cuda.is_available():
+    if trainer.processes == 1 and torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    elif accelerator.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(accelerator.device)
+    elif trainer.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(trainer.device)
     return rng
 
 
-def restore_rng(saved: dict, accelerator) -> None:
+def restore_rng(saved: dict, trainer: Trainer) -> None:
     """Set this rank's RNG states from a training state: its own when the checkpoint was
     written by as many processes, else the CPU state of rank 0 (or the single process)."""
     import torch
 
-    ranks, n = saved.get("rng_ranks"), accelerator.num_processes
-    rng = ranks[accelerator.process_index] if ranks and len(ranks) == n else saved.get("rng", {})
+    ranks, n = saved.get("rng_ranks"), trainer.processes
+    rng = ranks[trainer.rank] if ranks and len(ranks) == n else saved.get("rng", {})
     if "torch" in rng:
         torch.set_rng_state(rng["torch"])
     cuda = rng.get("cuda")
-    if cuda is None or accelerator.device.type != "cuda":
+    if cuda is None or trainer.device.type != "cuda":
         return
     if isinstance(cuda, list):
         if n == 1:
             torch.cuda.set_rng_state_all(cuda)
     else:
-        torch.cuda.set_rng_state(cuda, accelerator.device)
+        torch.cuda.set_rng_state(cuda, trainer.device)
 
 
 def _interned(state):
@@ -1011,7 +1129,7 @@ def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
     shape = cogvideox.shape_of(cfg.model)
     cogvideox.check_fits(cfg, shape)  # a mode the model cannot take, as precompute refuses it
     check_samples(pre, samples, t, shape.image_to_video)
-    strategy, processes = distributed.plan(t, device)
+    strategy, processes = distributed.parallelism(t, device)
     run = {
         "key": key,
         "inputs": {"precompute": upstream["precompute"].key},
@@ -1019,11 +1137,12 @@ def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
     } | _starting_weights(cfg, out)
     with writing(out / "run.json"):
         write_json(out / "run.json", run)
-    args = (ws.root, cfg, upstream, key, out, device, strategy)
+    job = RankJob(cfg, pre, key, out, device, strategy)
     if processes == 1:
-        stats = _train_rank(0, progress, *args)
+        stats = _train_rank(0, progress, job)
     else:
-        stats = distributed.launch(_train_rank, args, processes, progress)[0]
+        raises = (TrainingDiverged, RunFolderTaken, ValueError)  # as a single process raises
+        stats = distributed.launch(_train_rank, (job,), processes, progress, raises)[0]
 
     counts = {"steps": t.max_steps, "checkpoints": len(checkpoints(out)), "samples": len(samples)}
     if t.validation_every:
@@ -1048,195 +1167,345 @@ def _starting_weights(cfg: PipelineConfig, out: Path) -> dict:
                           "kind": source.kind, "chosen": source.chosen}}  # fmt: skip
 
 
-def _train_rank(rank: int, progress: Progress, root: Path, cfg: PipelineConfig,
-                upstream: dict[str, StageResult], key: str, out: Path, device: str,
-                strategy: str) -> dict:  # fmt: skip
-    """The training loop of one process (rank 0 of 1 in-process); returns the run's stats.
+@dataclass(frozen=True)
+class RankJob:
+    """What each process of a run trains: the arguments of `_train_rank`, picklable, as
+    `distributed.launch` hands them to spawned ranks."""
 
-    Every rank loads its own micro-batches, steps and reads the numbers; rank 0 alone
-    writes losses, logs, checkpoints and validation videos and calls `progress`.
-    """
-    import torch
-    from torch.utils.tensorboard import SummaryWriter
+    cfg: PipelineConfig
+    precompute: Path  # the precompute output the samples come from
+    key: str
+    out: Path  # the run folder
+    device: str  # "cpu" or "cuda"
+    strategy: str  # single, ddp or fsdp (`distributed.parallelism`)
 
-    from cogpipe import distributed
-    from cogpipe import validation as validate
-    from cogpipe.models import cogvideox
 
-    t = cfg.train
-    main = rank == 0
-    pre = Path(upstream["precompute"].path)
-    if device == "cuda" and strategy != "single":
-        device = f"cuda:{rank}"  # this rank's GPU among the launching process's
-        torch.cuda.set_device(device)
-    # Model: frozen base in weight_dtype, LoRA in fp32, autocast and grad scaling by accelerate.
-    dtype = cogvideox.weight_dtype(
-        t.mixed_precision, cogvideox.transformer_config(cfg.model), device
-    )
-    # Data: the usable samples, each with its bucket (height and width in pixels, latent frames).
-    samples = load_samples(pre)
-    buckets = list(zip(samples.height, samples.width, samples.latent_frames, strict=True))
-    accum = t.gradient_accumulation_steps
-    with_reference = t.mode == "ic-lora"
-    with_image = cogvideox.shape_of(cfg.model).image_to_video  # image latents in every batch
+@dataclass
+class Data:
+    """A run's usable samples and how a step's micro-batches are read from them."""
 
-    conditions = None  # ic-lora, tic-ft: prompt i of the validation is conditioned on sample i
-    validating_run = bool(t.validation_every) and main  # ddp: rank 0 validates, the rest wait
-    if validating_run and t.mode in ("ic-lora", "tic-ft"):
-        part = 2 if with_reference else 0  # ic-lora: its reference; tic-ft: its own latents
-        conditions = [load_batch(pre, samples, [i % len(samples)], with_reference)[part][0]
-                      for i in range(len(t.validation_settings(cfg.evaluate).prompts))]  # fmt: skip
-    validation = validate.prepare(cfg, device, dtype, conditions) if validating_run else None
+    precompute: Path
+    samples: pd.DataFrame
+    buckets: list[tuple]  # per sample: height and width in pixels, latent frames
+    cfg: PipelineConfig
+    channels: int  # the latents' channels
+    image: bool  # an image-to-video model: image latents in every batch
 
-    # Resume from the newest checkpoint that still has its training state.
-    resumable = [c for c in checkpoints(out) if (c / STATE_FILE).is_file()]
-    resume = resumable[-1] if resumable else None
-    init = init_source(t.init_from, t.mode) if t.init_from and resume is None else None
-    trainer = build_trainer(cogvideox.load_transformer(cfg.model, device, dtype),
-                            cogvideox.load_scheduler(cfg.model), t, cfg.seed, device, strategy,
-                            weights=resume, init=init)  # fmt: skip
-    accelerator, cuda = trainer.accelerator, trainer.device.type == "cuda"
-    processes = accelerator.num_processes
-    mine = distributed.share(accum, rank, processes)  # this rank's micro-batches of each step
-    channels = accelerator.unwrap_model(trainer.transformer).config.out_channels  # latent
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    def rows(self, micro: int, count: int) -> list[list[int]]:
+        """Sample positions of micro-batches micro .. micro + count - 1 of the run."""
+        t = self.cfg.train
+        return [
+            micro_batch(self.buckets, t.batch_size, self.cfg.seed, micro + m) for m in range(count)
+        ]
 
-    start, micro, losses = 0, 0, []
-    if resume is not None:
-        # mmap: a rank reads only what it uses (not rank 0's gathered optimizer states)
-        saved = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-        saved = _interned(saved)
-        model = accelerator.unwrap_model(trainer.transformer)
-        if t.mode == "full":
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            distributed.load_optimizer_state(model, trainer.optimizer.optimizer,
-                                             saved["optimizer"], names)  # fmt: skip
-        else:
-            trainer.optimizer.load_state_dict(saved["optimizer"])
-        trainer.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        if accelerator.scaler is not None and saved["scaler"] is not None:
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        restore_rng(saved, accelerator)
-        start = saved["step"]
-        micro = saved.get("micro_batch", start * accum)  # data position
-        losses = json.loads((resume / "state.json").read_text())["losses"]
-        if main:
-            progress(start, t.max_steps, f"resuming from {resume.name}")
-    else:  # the global RNG states a checkpoint saves: the same whatever the process did before
-        torch.manual_seed(int(sha256_json(("global", cfg.seed, rank))[:15], 16))
-    if main:
-        _truncate_losses(out / "losses.jsonl", start)
-        writer = SummaryWriter(str(out / "logs"), purge_step=start + 1)
-        losses_file = open(out / "losses.jsonl", "a")
-    step_seconds: list[float] = []
-    last_read = time.perf_counter()
+    def shapes(self, rows: list[list[int]]) -> list[tuple]:
+        """Latent shapes [B, F', C, h, w] of micro-batches (lower ranks': for their draws)."""
+        from cogpipe.models.cogvideox import VAE_SCALE_SPATIAL as scale
 
-    def read(q: Queued) -> None:
-        """Read a queued step's numbers (waits for its GPU work) and log them (rank 0).
+        first = [self.buckets[r[0]] for r in rows]
+        return [
+            (len(r), f, self.channels, h // scale, w // scale)
+            for r, (h, w, f) in zip(rows, first, strict=True)
+        ]
+
+    def load(self, rows: list[list[int]]) -> list[tuple]:
+        """Micro-batches as `Trainer.step` takes them: latents [B, F', C, h, w], embeddings
+        [B, L, D], the bucket, and the reference or image latents where the run has them."""
+        reference = self.cfg.train.mode == "ic-lora"
+        batches = []
+        for r in rows:
+            loaded = load_batch(self.precompute, self.samples, r, reference, self.image)
+            batches.append((*loaded[:2], self.buckets[r[0]], *loaded[2:]))
+        return batches
+
+
+class StepLog:
+    """Each step's numbers once its device work is done: a diverged run stopped naming the
+    step, the step timed, the loss kept (checkpoints record them); rank 0 writes
+    losses.jsonl and TensorBoard scalars."""
+
+    def __init__(self, out: Path, start: int, losses: list[float], trainer: Trainer, clips):
+        self.out, self.losses, self.clips = out, losses, clips
+        self.learning_rate = trainer.config.learning_rate
+        self.scaled, self.cuda = trainer.scaler is not None, trainer.device.type == "cuda"
+        self.seconds: list[float] = []
+        self.writer = self.file = None
+        if trainer.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            _truncate_losses(out / "losses.jsonl", start)
+            self.writer = SummaryWriter(str(out / "logs"), purge_step=start + 1)
+            self.file = open(out / "losses.jsonl", "a")
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """The next step's time starts now (not before a validation, say)."""
+        self.last_read = time.perf_counter()
+
+    def read(self, q: Queued) -> float:
+        """Read a queued step's numbers (waits for its device work), log them; its loss.
 
         Raises:
             TrainingDiverged: a non-finite loss, or gradient norm without a grad scaler.
         """
-        nonlocal last_read
         loss, grad_norm = q.loss.item(), q.grad_norm.item()
-        last = checkpoints(out)[-1].name if checkpoints(out) else "none yet"
+        self._check(q, loss, grad_norm)
+        now = time.perf_counter()
+        seconds, self.last_read = now - self.last_read, now  # the GPU's time, once warm
+        self.seconds.append(seconds)
+        self.losses.append(loss)
+        if self.file is not None:
+            record = {
+                "step": q.step,
+                "loss": loss,
+                "lr": q.lr,
+                "grad_norm": grad_norm,
+                "seconds": round(seconds, 4),
+            }
+            self._write(record)
+        return loss
+
+    def _check(self, q: Queued, loss: float, grad_norm: float) -> None:
+        last = checkpoints(self.out)[-1].name if checkpoints(self.out) else "none yet"
         if not math.isfinite(loss):
-            clips = list(samples.clip_id.iloc[[i for rows in q.rows for i in rows]])
+            clips = list(self.clips[[i for rows in q.rows for i in rows]])
             raise TrainingDiverged(
                 f"loss is {loss} at step {q.step} (clips {clips}); last checkpoint: {last}. "
-                f"Lower train.learning_rate (now {t.learning_rate:g}) or look for non-finite"
+                f"Lower train.learning_rate (now {self.learning_rate:g}) or look for non-finite"
                 f" values in the precompute shards"
             )
-        if not math.isfinite(grad_norm) and accelerator.scaler is None:
+        if not math.isfinite(grad_norm) and not self.scaled:  # a scaler skips the step
             raise TrainingDiverged(
                 f"gradient norm is {grad_norm} at step {q.step}; last checkpoint: {last}. "
-                f"Lower train.learning_rate (now {t.learning_rate:g})"
+                f"Lower train.learning_rate (now {self.learning_rate:g})"
             )
-        now = time.perf_counter()
-        seconds, last_read = now - last_read, now  # the GPU's time for this step, once warm
-        step_seconds.append(seconds)
-        losses.append(loss)
-        if not main:
-            return
-        record = {"step": q.step, "loss": loss, "lr": q.lr, "grad_norm": grad_norm,
-                  "seconds": round(seconds, 4)}  # fmt: skip
-        with writing(out / "losses.jsonl"):
-            losses_file.write(json.dumps(record) + "\n")
-            losses_file.flush()
+
+    def _write(self, record: dict) -> None:
+        import torch
+
+        with writing(self.out / "losses.jsonl"):
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         for name in ("loss", "lr", "grad_norm", "seconds"):
-            writer.add_scalar(f"train/{name}", record[name], q.step)
-        if cuda:
-            writer.add_scalar(
-                "train/peak_memory_gb", torch.cuda.max_memory_allocated() / 2**30, q.step
-            )
+            self.scalar(f"train/{name}", record[name], record["step"])
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            self.scalar("train/peak_memory_gb", peak, record["step"])
 
-    queued: list[Queued] = []  # steps whose numbers are still on the GPU
-    try:
-        for step in range(start + 1, t.max_steps + 1):
-            rows = [micro_batch(buckets, t.batch_size, cfg.seed, micro + m) for m in range(accum)]
-            micro += accum
-            # Lower ranks' micro-batches: only their latent shapes, for their draws.
-            skipped = [(len(rows[m]), buckets[rows[m][0]][2], channels,
-                        buckets[rows[m][0]][0] // cogvideox.VAE_SCALE_SPATIAL,
-                        buckets[rows[m][0]][1] // cogvideox.VAE_SCALE_SPATIAL)
-                       for m in range(mine.start)]  # fmt: skip
-            # [B, F', C, h, w] and [B, L, D], all of one bucket
-            batches = []
-            for m in mine:
-                loaded = load_batch(pre, samples, rows[m], with_reference, with_image)
-                batches.append((*loaded[:2], buckets[rows[m][0]], *loaded[2:]))
-            queued.append(Queued(step, *trainer.step(step, batches, skipped), rows))
-            # A step's numbers are read once the next step is queued, so the GPU never waits
-            # for Python; a checkpoint or a validation reads its own step first.
-            for q in queued[:-1]:
-                read(q)
-                progress(q.step, t.max_steps, f"loss {losses[-1]:.4f}")
-            queued = queued[-1:]
-            checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
-            validating = validation is not None and step % t.validation_every == 0
-            if not (checkpoint or validating):
-                continue
-            read(queued.pop())
-            # Validation first: a run killed before its checkpoint redoes this step and so its
-            # validation; killed after, it has both.
-            if validating:
-                report = validate.run(
-                    validation, accelerator.unwrap_model(trainer.transformer), out, step
-                )
-                writer.add_scalar("validation/seconds", report["seconds"], step)
-                last_read = time.perf_counter()  # the next step's time is its own
-            if checkpoint:
-                state = {"key": key, "step": step, "micro_batch": micro, "losses": losses}
-                save_checkpoint(out / f"checkpoint-{step:06d}", accelerator, trainer.transformer,
-                                trainer.optimizer, trainer.lr_scheduler, cfg, state)  # fmt: skip
-                if main:
-                    prune_states(out, t.keep_states)
-            progress(step, t.max_steps, f"loss {losses[-1]:.4f}")
-    finally:
-        if main:
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.file is not None:
             with contextlib.suppress(OSError):  # a failed flush: its error is on its way
-                losses_file.close()
-            writer.close()
-        accelerator.free_memory()  # a worker process goes on to other runs
+                self.file.close()
+            self.writer.close()
 
-    peaks = [torch.cuda.max_memory_allocated() / 2**30 if cuda else None]
-    if processes > 1:
-        peaks = [None] * processes
-        torch.distributed.all_gather_object(
-            peaks, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+@dataclass
+class Run:
+    """One process's training run, set up (`set_up`) for `train_loop`: what the loop calls
+    besides the trainer's step."""
+
+    job: RankJob
+    trainer: Trainer
+    data: Data
+    log: StepLog
+    validation: Any  # rank 0 of a validating run: `validation.prepare`'s; else None
+    start: int  # the step resumed from (0: a new run)
+    micro: int  # micro-batches taken before step start + 1
+    mine: range  # this rank's positions among a step's micro-batches
+    weight_dtype: Any
+
+    def validate(self, step: int) -> None:
+        from cogpipe import validation
+
+        report = validation.run(self.validation, self.trainer.model, self.job.out, step)
+        self.log.scalar("validation/seconds", report["seconds"], step)
+        self.log.restart_clock()  # the next step's time is its own
+
+    def checkpoint(self, step: int, micro: int) -> None:
+        job = self.job
+        state = {"key": job.key, "step": step, "micro_batch": micro, "losses": self.log.losses}
+        save_checkpoint(job.out / f"checkpoint-{step:06d}", self.trainer, job.cfg, state)
+        if self.trainer.rank == 0:
+            prune_states(job.out, job.cfg.train.keep_states)
+
+    def stats(self) -> dict:
+        """The run's stats (peak memory: every process's, gathered; a collective)."""
+        import torch
+
+        t, trainer, losses, seconds = (
+            self.job.cfg.train,
+            self.trainer,
+            self.log.losses,
+            self.log.seconds,
         )
-    return {
-        "final_loss": losses[-1],
-        "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
-        "resumed_from_step": start,
-        "seconds_per_step": sum(step_seconds) / len(step_seconds) if step_seconds else None,
-        "peak_memory_gb": max(peaks) if cuda else None,
-        "peak_memory_gb_per_process": peaks if cuda and processes > 1 else None,
-        "trainable_params": sum(p.numel() for p in trainer.params),
-        "lora_scale": t.alpha / t.rank if t.mode in LORA_MODES else None,
-        "mode": t.mode,
-        "weight_dtype": str(dtype).removeprefix("torch."),
-        "strategy": strategy,
-        "processes": processes,
-    }
+        cuda, processes = trainer.device.type == "cuda", trainer.processes
+        peaks = [torch.cuda.max_memory_allocated() / 2**30 if cuda else None]
+        if processes > 1:
+            peaks = [None] * processes
+            torch.distributed.all_gather_object(
+                peaks, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            )
+        return {
+            "final_loss": losses[-1],
+            "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]),
+            "resumed_from_step": self.start,
+            "seconds_per_step": sum(seconds) / len(seconds) if seconds else None,
+            "peak_memory_gb": max(peaks) if cuda else None,
+            "peak_memory_gb_per_process": peaks if cuda and processes > 1 else None,
+            "trainable_params": sum(p.numel() for p in trainer.params),
+            "lora_scale": t.alpha / t.rank if t.mode in LORA_MODES else None,
+            "mode": t.mode,
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+            "strategy": self.job.strategy,
+            "processes": processes,
+        }
+
+
+def _train_rank(rank: int, progress: Progress, job: RankJob) -> dict:
+    """The training run of one process (rank 0 of 1 in-process); returns the run's stats.
+
+    Every rank loads its own micro-batches, steps and reads the numbers; rank 0 alone
+    writes losses, logs, checkpoints and validation videos and calls `progress`.
+    """
+    try:
+        run = set_up(rank, job, progress)
+        try:
+            train_loop(run, progress)
+        finally:
+            run.log.close()
+        return run.stats()
+    finally:
+        _release_memory(job.device)  # a worker process goes on to other runs
+
+
+def train_loop(run: Run, progress: Progress) -> None:
+    """Steps start + 1 .. max_steps: each queues its micro-batches' device work, reads the
+    step before meanwhile, then validates and checkpoints where due."""
+    t, trainer, data, log = run.job.cfg.train, run.trainer, run.data, run.log
+    accum, micro = t.gradient_accumulation_steps, run.micro
+    queued: list[Queued] = []  # steps whose numbers are still on the device
+    for step in range(run.start + 1, t.max_steps + 1):
+        rows = data.rows(micro, accum)
+        micro += accum
+        skipped = data.shapes(rows[: run.mine.start])  # lower ranks': only for their draws
+        batches = data.load([rows[m] for m in run.mine])  # [B, F', C, h, w], one bucket each
+        queued.append(Queued(step, *trainer.step(step, batches, skipped), rows))
+        # A step's numbers are read once the next step is queued, so the GPU never waits
+        # for Python; a checkpoint or a validation reads its own step first.
+        for q in queued[:-1]:
+            progress(q.step, t.max_steps, f"loss {log.read(q):.4f}")
+        queued = queued[-1:]
+        checkpoint = step % t.checkpoint_every == 0 or step == t.max_steps
+        validating = run.validation is not None and step % t.validation_every == 0
+        if not (checkpoint or validating):
+            continue
+        loss = log.read(queued.pop())
+        # Validation first: a run killed before its checkpoint redoes this step and so its
+        # validation; killed after, it has both.
+        if validating:
+            run.validate(step)
+        if checkpoint:
+            run.checkpoint(step, micro)
+        progress(step, t.max_steps, f"loss {loss:.4f}")
+
+
+def set_up(rank: int, job: RankJob, progress: Progress) -> Run:
+    """Everything the loop needs, in the order memory asks for: samples, validation (its
+    text encoder comes and goes before the transformer loads), the model and trainer from
+    the newest resumable checkpoint or `init_from`, the training state, the log."""
+    import torch
+
+    from cogpipe import distributed
+    from cogpipe.models import cogvideox
+
+    cfg, t, device = job.cfg, job.cfg.train, job.device
+    if device == "cuda" and job.strategy != "single":
+        device = f"cuda:{rank}"  # this rank's GPU among the launching process's
+        torch.cuda.set_device(device)
+    # frozen base weights in this dtype; a LoRA in fp32
+    dtype = cogvideox.weight_dtype(
+        t.mixed_precision, cogvideox.transformer_config(cfg.model), device
+    )
+    samples = load_samples(job.precompute)
+    validation = _validation(job, samples, device, dtype) if rank == 0 else None
+    resumable = [c for c in checkpoints(job.out) if (c / STATE_FILE).is_file()]
+    resume = resumable[-1] if resumable else None
+    init = init_source(t.init_from, t.mode) if t.init_from and resume is None else None
+    transformer = cogvideox.load_transformer(cfg.model, device, dtype)
+    scheduler = cogvideox.load_scheduler(cfg.model)
+    trainer = build_trainer(transformer, scheduler, t, cfg.seed, device, job.strategy, resume, init)
+    if trainer.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start, micro, losses = resume_state(trainer, resume)
+    if rank == 0 and resume is not None:
+        progress(start, t.max_steps, f"resuming from {resume.name}")
+    buckets = list(zip(samples.height, samples.width, samples.latent_frames, strict=True))
+    image = cogvideox.shape_of(cfg.model).image_to_video
+    data = Data(job.precompute, samples, buckets, cfg, trainer.model.config.out_channels, image)
+    log = StepLog(job.out, start, losses, trainer, samples.clip_id)
+    mine = distributed.share(t.gradient_accumulation_steps, rank, trainer.processes)
+    return Run(job, trainer, data, log, validation, start, micro, mine, dtype)
+
+
+def _validation(job: RankJob, samples: pd.DataFrame, device: str, dtype):
+    """What a validating run's rank 0 samples with (`validation.prepare`); None without
+    validation. ic-lora and tic-ft condition prompt i on sample i: ic-lora on its
+    reference, tic-ft on its own latents."""
+    t = job.cfg.train
+    if not t.validation_every:
+        return None
+    from cogpipe import validation
+
+    conditions = None
+    if t.mode in ("ic-lora", "tic-ft"):
+        reference = t.mode == "ic-lora"
+        prompts = t.validation_settings(job.cfg.evaluate).prompts
+        rows = [[i % len(samples)] for i in range(len(prompts))]
+        part = 2 if reference else 0
+        conditions = [load_batch(job.precompute, samples, r, reference)[part][0] for r in rows]
+    return validation.prepare(job.cfg, device, dtype, conditions)
+
+
+def resume_state(trainer: Trainer, checkpoint: Path | None) -> tuple[int, int, list[float]]:
+    """Load `checkpoint`'s training state into `trainer`: (its step, the micro-batches taken,
+    the losses so far). None: a new run, (0, 0, []), with the global RNG states seeded as a
+    checkpoint saves them: the same whatever the process did before."""
+    import torch
+
+    from cogpipe import distributed
+
+    if checkpoint is None:
+        torch.manual_seed(int(sha256_json(("global", trainer.seed, trainer.rank))[:15], 16))
+        return 0, 0, []
+    # mmap: a rank reads only what it uses (not rank 0's gathered optimizer states)
+    saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    saved = _interned(saved)
+    if trainer.config.mode == "full":
+        names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+        distributed.load_optimizer_state(
+            trainer.model, trainer.optimizer, saved["optimizer"], names
+        )
+    else:
+        trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if trainer.scaler is not None and saved["scaler"] is not None:
+        trainer.scaler.load_state_dict(saved["scaler"])
+    restore_rng(saved, trainer)
+    micro = saved.get("micro_batch", saved["step"] * trainer.config.gradient_accumulation_steps)
+    losses = json.loads((checkpoint / "state.json").read_text())["losses"]
+    return saved["step"], micro, losses
+
+
+def _release_memory(device: str) -> None:
+    """Collect the finished run's objects and hand their GPU memory back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()

@@ -21,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from cogpipe.errors import first_line
+
 
 class VideoError(RuntimeError):
     """A file that cannot be used as video; the message is the manifest's reason."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = (getattr(e, "strerror", None) or str(e)).strip()  # FFmpeg: no errno, no path
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _rotation_steps(degrees: float) -> int:
@@ -60,7 +57,7 @@ class VideoReader:
         try:
             self.container = av.open(self.path, metadata_errors="ignore")
         except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
-            raise VideoError(f"cannot open as video: {_first_line(e)}") from e
+            raise VideoError(f"cannot open as video: {first_line(e, strerror=True)}") from e
         if not self.container.streams.video:
             kinds = sorted({s.type for s in self.container.streams})
             self.container.close()
@@ -248,7 +245,7 @@ class VideoReader:
                     self._last = self._next() or self._last
                     out.append(self._array(self._last[1]))
         except av.FFmpegError as e:
-            raise VideoError(f"decode failed near {t:.2f}s: {_first_line(e)}") from e
+            raise VideoError(f"decode failed near {t:.2f}s: {first_line(e, strerror=True)}") from e
         finally:
             self._horizon = None
         return out_t, np.stack(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
@@ -268,7 +265,7 @@ class VideoReader:
                 frames.append(self._array(frame))
         except av.FFmpegError as e:
             if not frames:
-                raise VideoError(f"no keyframe decodes: {_first_line(e)}") from e
+                raise VideoError(f"no keyframe decodes: {first_line(e, strerror=True)}") from e
         finally:
             cc.skip_frame = "DEFAULT"
             self._packets, self._last, self._peeked = None, None, None
@@ -292,7 +289,67 @@ class VideoReader:
             if item is not None:
                 self._peeked = item
         except av.FFmpegError as e:
-            raise VideoError(f"decode failed after {start:.2f}s: {_first_line(e)}") from e
+            raise VideoError(
+                f"decode failed after {start:.2f}s: {first_line(e, strerror=True)}"
+            ) from e
+
+
+def _packets(r: VideoReader) -> tuple[list[float], list[float], int]:
+    """Every packet's time and the keyframes' (seconds from the first), and their bytes:
+    demuxing only, no decoding.
+
+    Raises:
+        VideoError: no packet reads, the stream breaks off, or it holds no frame.
+    """
+    import av
+
+    pts, keys, nbytes = [], [], 0
+    try:
+        for packet in r.container.demux(r.stream):
+            if packet.size == 0 or packet.pts is None:
+                continue
+            t = packet.pts * r.time_base - r.t0
+            pts.append(t)
+            nbytes += packet.size
+            if packet.is_keyframe:
+                keys.append(t)
+    except av.FFmpegError as e:
+        why = first_line(e, strerror=True)
+        if not pts:
+            raise VideoError(f"no readable packets: {why}") from None
+        raise VideoError(f"corrupt or truncated after {len(pts)} frames: {why}") from None
+    if not pts:
+        raise VideoError("no video frames")
+    return pts, keys, nbytes
+
+
+def _frame_rate(pts: list[float], stream) -> tuple[float, float, np.ndarray]:
+    """(fps, the median step, the steps between frames): the median step's rate, or the
+    stream's declared one for a single frame.
+
+    Raises:
+        VideoError: the rate is not a positive number.
+    """
+    steps = np.diff(np.sort(np.asarray(pts)))
+    step = float(np.median(steps)) if len(steps) else 0.0
+    fps = 1.0 / step if step > 0 else float(stream.average_rate or stream.guessed_rate or 0)
+    if not math.isfinite(fps) or fps <= 0:
+        raise VideoError(f"invalid frame rate {fps}")
+    return fps, step, steps
+
+
+def _first_frame(r: VideoReader) -> np.ndarray:
+    """The first frame, decoded: the codec works, and the frame carries the rotation.
+
+    Raises:
+        VideoError: no frame decodes.
+    """
+    r._seek(0.0)
+    r._horizon = (0.0, 0)  # drain once the first packet is in: decode one frame
+    decoded = r._next()
+    if decoded is None:
+        raise VideoError("no frame decodes")
+    return r._array(decoded[1])
 
 
 def probe_video(path: str | Path) -> tuple[dict, str]:
@@ -310,47 +367,21 @@ def probe_video(path: str | Path) -> tuple[dict, str]:
     try:
         with VideoReader(path) as r:
             s = r.stream
-            pts, keys, nbytes = [], [], 0
-            try:
-                for packet in r.container.demux(s):
-                    if packet.size == 0 or packet.pts is None:
-                        continue
-                    t = packet.pts * r.time_base - r.t0
-                    pts.append(t)
-                    nbytes += packet.size
-                    if packet.is_keyframe:
-                        keys.append(t)
-            except av.FFmpegError as e:
-                if not pts:
-                    return {}, f"no readable packets: {_first_line(e)}"
-                return {}, f"corrupt or truncated after {len(pts)} frames: {_first_line(e)}"
-            if not pts:
-                return {}, "no video frames"
+            pts, keys, nbytes = _packets(r)
             declared = s.frames or 0
             if declared > 1 and len(pts) < 0.98 * declared:
                 return {}, f"truncated: {len(pts)} of {declared} declared frames present"
-            times = np.sort(np.asarray(pts))
-            steps = np.diff(times)
-            step = float(np.median(steps)) if len(steps) else 0.0
-            fps = 1.0 / step if step > 0 else float(s.average_rate or s.guessed_rate or 0)
-            if not math.isfinite(fps) or fps <= 0:
-                return {}, f"invalid frame rate {fps}"
-            duration = float(times[-1] - times[0]) + 1.0 / fps
-            # A frame decodes: the codec works, and the frame carries the rotation.
-            r._seek(0.0)
-            r._horizon = (0.0, 0)  # drain once the first packet is in: decode one frame
-            decoded = r._next()
-            if decoded is None:
-                return {}, "no frame decodes"
-            first = r._array(decoded[1])
+            fps, step, steps = _frame_rate(pts, s)
+            first = _first_frame(r)
             fmt = s.codec_context.format
     except VideoError as e:
         return {}, str(e)
     except av.FFmpegError as e:
-        return {}, f"cannot decode video: {_first_line(e)}"
+        return {}, f"cannot decode video: {first_line(e, strerror=True)}"
+    duration = float(max(pts) - min(pts)) + 1.0 / fps
     height, width = first.shape[:2]
     vfr = bool(len(steps) > 1 and (steps.max() - steps.min()) > 0.25 * step)
-    info = {
+    return {
         "width": int(width),
         "height": int(height),
         "fps": float(fps),
@@ -363,8 +394,21 @@ def probe_video(path: str | Path) -> tuple[dict, str]:
         "pix_fmt": fmt.name if fmt is not None else "",
         "bit_depth": int(fmt.components[0].bits) if fmt is not None else 8,
         "bitrate": int(nbytes * 8 / duration),
-    }
-    return info, ""
+    }, ""
+
+
+def to_uint8(video: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+    """[F, H, W, 3] float pixels in [0, 1] (a pipeline's output) -> uint8; `prompt` and
+    `seed` name the video in the error.
+
+    Raises:
+        FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
+    """
+    if not np.isfinite(video).all():  # would be written as black frames and scored
+        raise FloatingPointError(
+            f"non-finite pixels for prompt {prompt[:40]!r}, seed {seed}: precision overflow?"
+        )
+    return (video * 255).round().clip(0, 255).astype(np.uint8)
 
 
 def even_indices(start: int, end: int, count: int) -> list[int]:

@@ -24,8 +24,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from cogpipe.compat import NumpyFrames
 from cogpipe.models import quiet_local_load
 
 VIDEO_MODEL_TYPES = {"llava_next_video", "llava_onevision"}  # take frames as one video
@@ -175,66 +174,6 @@ def video_processor_class(name: str, model_type: str) -> type:
         f"transformers.models.{model_type}.video_processing_{model_type}"
     )
     return getattr(module, name)
-
-
-class NumpyFrames:
-    """Mixin over a transformers video processor: its preprocessing on numpy frames, via PIL."""
-
-    def _prepare_input_videos(
-        self, videos, do_convert_rgb=None, input_data_format=None, device=None
-    ):
-        out = []
-        for video in videos:  # [F, H, W, C] or [F, C, H, W], numpy or torch
-            v = np.asarray(video)
-            if v.shape[-1] in (1, 3, 4) and v.shape[1] not in (1, 3, 4):
-                v = v.transpose(0, 3, 1, 2)  # channels first, as the torchvision path keeps them
-            if v.shape[1] == 1:
-                v = np.repeat(v, 3, axis=1)
-            out.append(np.ascontiguousarray(v[:, :3]))
-        return out
-
-    def _preprocess(
-        self,
-        videos,
-        do_resize,
-        size,
-        resample,
-        do_center_crop,
-        crop_size,
-        do_rescale,
-        rescale_factor,
-        do_normalize,
-        image_mean,
-        image_std,
-        return_tensors=None,
-        **kwargs,
-    ):
-        from transformers.feature_extraction_utils import BatchFeature
-        from transformers.image_processing_backends import PilBackend
-
-        out = []
-        for video in videos:
-            frames = []
-            for frame in video:  # [C, H, W] uint8
-                if do_resize:
-                    frame = PilBackend.resize(self, frame, size=size, resample=resample)
-                if do_center_crop:
-                    frame = PilBackend.center_crop(self, frame, crop_size)
-                frames.append(frame)
-            v = np.stack(frames).astype(np.float32)  # [F, C, H, W]
-            if do_rescale:
-                v = v * rescale_factor
-            if do_normalize:
-                mean = np.asarray(image_mean, np.float32).reshape(1, -1, 1, 1)
-                std = np.asarray(image_std, np.float32).reshape(1, -1, 1, 1)
-                v = (v - mean) / std
-            out.append(v)
-        return BatchFeature(data={"pixel_values_videos": out}, tensor_type=return_tensors)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict()
-        out["video_processor_type"] = type(self).__name__  # the real class's name
-        return out
 
 
 def chat_text(cap: Captioner, num_frames: int, prompt: str) -> str:

@@ -65,9 +65,35 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Every `stage_key` call made while `recording_keys()` is active: what went into a key
+# (`cogpipe.stages.StageSpec.key_inputs`).
+_key_calls: ContextVar[list[dict[str, Any]] | None] = ContextVar("key_calls", default=None)
+
+# What went into the key of the stage `pipeline.run_stage` runs ({"stage", "key",
+# "inputs"}): `finish` records it in the done marker, for `cogpipe explain-key`.
+stage_key_inputs: ContextVar[dict[str, Any] | None] = ContextVar("stage_key_inputs", default=None)
+
+
 def stage_key(stage: str, version: int, config: Any, inputs: dict[str, str]) -> str:
     """Short hash of (stage config, input keys, stage version): the output folder's name."""
-    return sha256_json({"stage": stage, "v": version, "config": config, "inputs": inputs})[:KEY_LEN]
+    key = sha256_json({"stage": stage, "v": version, "config": config, "inputs": inputs})[:KEY_LEN]
+    calls = _key_calls.get()
+    if calls is not None:
+        call = {"stage": stage, "version": version, "config": config, "inputs": dict(inputs)}
+        calls.append(call | {"key": key})
+    return key
+
+
+@contextmanager
+def recording_keys() -> Iterator[list[dict[str, Any]]]:
+    """Collect the `stage_key` calls made inside the block ({"stage", "version", "config",
+    "inputs", "key"} each, in call order)."""
+    calls: list[dict[str, Any]] = []
+    token = _key_calls.set(calls)
+    try:
+        yield calls
+    finally:
+        _key_calls.reset(token)
 
 
 FINGERPRINT_BYTES = 1 << 20  # read from each end of a weight file for its fingerprint
@@ -179,7 +205,8 @@ class Workspace:
         return res
 
     def finish(self, result: StageResult, started: float) -> StageResult:
-        """Write the done marker (stats, counts, timings, versions) atomically."""
+        """Write the done marker (stats, counts, timings, versions and, when the runner
+        knows them, the key's inputs) atomically."""
         result.seconds = round(time.time() - started, 3)
         record = result.to_dict() | {
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -190,6 +217,9 @@ class Workspace:
         timing = clock(result) if clock is not None else None
         if timing is not None:
             record["timing"] = timing
+        known = stage_key_inputs.get() or {}
+        if (known.get("stage"), known.get("key")) == (result.stage, result.key):
+            record["key_inputs"] = known["inputs"]
         write_json(Path(result.path) / SUCCESS, record)
         return result
 
@@ -383,35 +413,37 @@ class Busy(RuntimeError):
 def hold_lock(
     path: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None
 ) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (flock: the system frees it when its holder dies,
-    SIGKILL included), writing who holds it into the file.
+    """Hold an exclusive lock on `path` (filelock's flock: the system frees it when its
+    holder dies, SIGKILL included), writing who holds it into the file.
 
     Busy and `wait`: calls `on_wait(holder)` once, then waits. Busy and not `wait`: raises
     Busy naming the holder.
     """
-    import fcntl
+    from filelock import FileLock, Timeout
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    lock = FileLock(path, on_acquired=_write_holder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(path)
-            if not wait:
-                raise Busy(holder) from None
-            if on_wait is not None:
-                on_wait(holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{me}: {' '.join(sys.argv)[:200]}\n".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)  # nobody holds it now; the next holder writes itself
+        lock.acquire(blocking=False)
+    except Timeout:
+        holder = _holder(path)
+        if not wait:
+            raise Busy(holder) from None
+        if on_wait is not None:
+            on_wait(holder)
+        lock.acquire()
+    try:
+        yield
     finally:
-        os.close(fd)  # releases the lock
+        os.truncate(path, 0)  # nobody holds it now; the next holder writes itself
+        lock.release()
+
+
+def _write_holder(fd: int) -> None:
+    """Who holds the lock (pid, host, since when, command), into the lock file just taken."""
+    me = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{me}: {' '.join(sys.argv)[:200]}\n".encode(), 0)
 
 
 def _holder(path: Path, patience_s: float = 1.0) -> str:

@@ -30,7 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from cogpipe import evaluate as evaluation
 from cogpipe.config import PipelineConfig, load_config
 from cogpipe.evaluate import BASE
-from cogpipe.pipeline import UPSTREAM, finished, plan, stage_path
+from cogpipe.pipeline import UPSTREAM, finished, stage_keys, stage_path
 from cogpipe.workspace import StageNotReady, StageResult, Workspace
 from cogpipe_flows.submit import run_config as config_of
 from cogpipe_tasks.evaluate import evaluate
@@ -78,7 +78,7 @@ def data_stages(ws: Workspace, config: PipelineConfig) -> dict[str, StageResult]
     Raises:
         StageNotReady: check (or, for prompts: heldout, filter) is not finished.
     """
-    keys = plan(config, "filter")
+    keys = stage_keys(config, "filter")
     out = {}
     for stage in ("check", "filter"):
         inputs = {up: keys[up] for up in UPSTREAM[stage]}
@@ -101,7 +101,7 @@ def evaluate_run(ws: Workspace, config: PipelineConfig, run: str, record: dict,
     ekey = evaluation.eval_key(cfg, {"filter": data["filter"].key})
     before = evaluated(ws, ekey, run)
     evaluate.with_options(task_run_name=f"evaluate-{run}", retries=0)(
-        cfg, train.to_dict(), data["check"].to_dict(), data["filter"].to_dict()
+        cfg, {"train": train.to_dict()} | {s: data[s].to_dict() for s in ("check", "filter")}
     )
     return evaluated(ws, ekey, run) - before
 

@@ -32,7 +32,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cogpipe_flows.serve import ServeError, free_port
+from cogpipe.net import free_port
+from cogpipe_flows.serve import ServeError
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCH_S = 1.0  # how often the watchdog looks for its parent

@@ -29,21 +29,20 @@ from prefect.artifacts import create_markdown_artifact
 
 from cogpipe.config import STAGES, PipelineConfig, Stage
 from cogpipe.disk import in_use
+from cogpipe.stages import STAGE_SPECS
 from cogpipe.summary import pipeline_markdown
 from cogpipe.workspace import StageResult, Workspace
 from cogpipe_flows.submit import COMMON, run_config
 from cogpipe_tasks.caption import caption, caption_shard
 from cogpipe_tasks.check import check
 from cogpipe_tasks.evaluate import evaluate
-from cogpipe_tasks.filter import filter
+from cogpipe_tasks.filter import filter_task
 from cogpipe_tasks.ingest import ingest
 from cogpipe_tasks.precompute import precompute
 from cogpipe_tasks.recaption import recaption, recaption_shard
 from cogpipe_tasks.remote import remote_stage
 from cogpipe_tasks.secrets import use_hub_token
 from cogpipe_tasks.train import train
-
-GPU_STAGES = ("caption", "recaption", "precompute", "train", "evaluate")
 
 
 @flow(name="cogpipe-pipeline", log_prints=True)
@@ -84,41 +83,38 @@ def pipeline(
     with in_use(Workspace(config.workspace)):  # `cogpipe gc` waits for the whole run
         done = run_stages(config, STAGES.index(until), gpu_pool)
     results = [StageResult.from_dict(r) for r in done.values()]
-    where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and s in GPU_STAGES}
+    where = {s: f"pool `{gpu_pool}`" for s in done if gpu_pool and STAGE_SPECS[s].gpu}
     create_markdown_artifact(pipeline_markdown(results, where), key="pipeline-summary")
     return done
+
+
+# The task of each stage: each takes (config, upstream records by stage name).
+STAGE_TASKS = {
+    "ingest": ingest,
+    "check": check,
+    "caption": caption,
+    "recaption": recaption,
+    "filter": filter_task,
+    "precompute": precompute,
+    "train": train,
+    "evaluate": evaluate,
+}
+SHARD_TASKS = {"caption": caption_shard, "recaption": recaption_shard}
 
 
 def run_stages(config: PipelineConfig, last: int, gpu_pool: str | None) -> dict[str, dict]:
     """The stage tasks up to STAGES[last], each given its upstream records by name; GPU
     stages on `gpu_pool`'s workers when one is named."""
     done: dict[str, dict] = {}
-
-    def gpu(stage: str, local, *upstream: str) -> dict:
-        records = {up: done[up] for up in upstream}
-        if gpu_pool:
-            return remote_stage(config, stage, gpu_pool, records)
-        return local(config, *records.values())
-
-    done["ingest"] = ingest(config)
-    if last >= 1:
-        done["check"] = check(config, done["ingest"])
-    if last >= 2:
-        if config.caption.shards > 1 and not gpu_pool:
-            run_shards(caption_shard, config, done["check"])
-        done["caption"] = gpu("caption", caption, "check")
-    if last >= 3:
-        if config.caption.shards > 1 and not gpu_pool:
-            run_shards(recaption_shard, config, done["caption"], done["check"])
-        done["recaption"] = gpu("recaption", recaption, "caption", "check")
-    if last >= 4:
-        done["filter"] = filter(config, done["recaption"], done["check"])
-    if last >= 5:
-        done["precompute"] = gpu("precompute", precompute, "filter", "check")
-    if last >= 6:
-        done["train"] = gpu("train", train, "precompute")
-    if last >= 7:
-        done["evaluate"] = gpu("evaluate", evaluate, "train", "check", "filter")
+    for stage in STAGES[: last + 1]:
+        spec = STAGE_SPECS[stage]
+        records = {up: done[up] for up in spec.upstream}
+        if gpu_pool and spec.gpu:
+            done[stage] = remote_stage(config, stage, gpu_pool, records)
+            continue
+        if stage in SHARD_TASKS and config.caption.shards > 1:
+            run_shards(SHARD_TASKS[stage], config, records)
+        done[stage] = STAGE_TASKS[stage](config, records)
     return done
 
 
@@ -137,7 +133,7 @@ def publish_estimate(config: PipelineConfig, until: str) -> None:
     create_markdown_artifact(est.markdown(), key="pipeline-estimate")
 
 
-def run_shards(shard_task, config: PipelineConfig, *upstream: dict) -> None:
+def run_shards(shard_task, config: PipelineConfig, upstream: dict[str, dict]) -> None:
     """Run a stage's caption shards (`caption_shard`, `recaption_shard`) as separate task
     runs, as many at once as this host has GPUs (shard k runs on GPU k mod count); the
     stage's own task then merges them."""
@@ -146,7 +142,7 @@ def run_shards(shard_task, config: PipelineConfig, *upstream: dict) -> None:
     lanes = max(torch.cuda.device_count(), 1)
     shards = list(range(config.caption.shards))
     for wave in (shards[i : i + lanes] for i in range(0, len(shards), lanes)):
-        for future in [shard_task.submit(config, *upstream, k) for k in wave]:
+        for future in [shard_task.submit(config, upstream, k) for k in wave]:
             future.result()  # waits; a shard that failed after its retries fails the flow
 
 

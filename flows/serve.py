@@ -52,7 +52,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cogpipe.errors import UserError
 from cogpipe.gpus import SLOTS_ENV, gpu_devices, slot_names
+from cogpipe.interrupt import descendants
+from cogpipe.net import free_port as free_port  # tests and benches import it from here
 
 CPU_POOL, GPU_POOL = "cpu", "gpu"
 HEARTBEAT_S = 30  # Prefect's minimum
@@ -63,7 +66,7 @@ ROOT = (
 )  # the checkout: deployments/, flows/ (editable install)
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
     """The server, a deployment or a worker could not be started."""
 
 
@@ -368,22 +371,6 @@ def _drop_scheduled_runs(client, deployment_ids: list) -> int:
     return len(runs)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid` (Linux /proc), children first."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found.extend(sorted(frontier))
-    return found
-
-
 def signal_tree(pid: int, sig: int) -> None:
     """`sig` to `pid` and everything below it."""
     _signal([pid, *descendants(pid)], sig)
@@ -439,12 +426,6 @@ def start_server(
             time.sleep(0.5)
     signal_tree(proc.pid, signal.SIGKILL)
     raise ServeError(f"prefect server did not answer on {url} within {timeout:.0f}s")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve(

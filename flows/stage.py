@@ -16,6 +16,7 @@ from prefect.runtime import flow_run
 
 from cogpipe.config import PipelineConfig, Stage
 from cogpipe.pipeline import run_stage, upstream_results
+from cogpipe.stages import STAGE_SPECS
 from cogpipe_tasks.common import ProgressArtifact, run
 from cogpipe_tasks.gpu import gpu_slots
 from cogpipe_tasks.remote import logging_loads
@@ -50,8 +51,8 @@ def stage(
     with gpu_slots():
         if shard is None:
             upstream = upstream_results(config, stage)
-            return run(stage, config, **{up: r.to_dict() for up, r in upstream.items()})
-        option = {"caption": "shard", "recaption": "shard", "precompute": "part"}.get(stage)
+            return run(stage, config, {up: r.to_dict() for up, r in upstream.items()})
+        option = STAGE_SPECS[stage].shard_option
         if option is None:
             raise ValueError(
                 f"{stage} is not split into shards (caption, recaption and precompute are)"

@@ -19,6 +19,7 @@ from typing import Any
 from uuid import UUID
 
 from cogpipe.config import ConfigError, PipelineConfig, load_config, with_fields
+from cogpipe.errors import UserError
 
 DEPLOYMENT = "cogpipe-pipeline/pipeline"
 # The run form's short fields -> the config field each sets.
@@ -73,7 +74,7 @@ def run_config(
     return with_fields(cfg, chosen, base)
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError, RuntimeError):
     """No server, no deployment, or a run that did not complete."""
 
 

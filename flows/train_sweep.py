@@ -76,8 +76,11 @@ def train_sweep(
             future.result()
     else:
         for name, cell in cells:
-            trained = train.with_options(task_run_name=f"{name}-train")(cell, precompute)
-            evaluate.with_options(task_run_name=f"{name}-evaluate")(cell, trained, check, filtered)
+            trained = train.with_options(task_run_name=f"{name}-train")(
+                cell, {"precompute": precompute}
+            )
+            upstream = {"train": trained, "check": check, "filter": filtered}
+            evaluate.with_options(task_run_name=f"{name}-evaluate")(cell, upstream)
 
     ws = Workspace(config.workspace)
     table = sweeps.results(ws, config, grid, metric)

@@ -7,9 +7,7 @@ captions whatever shard is still missing, merges the parts and marks the stage d
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import run_stage
-from cogpipe.workspace import StageResult
-from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
+from cogpipe_tasks.common import cache_key, retry_unless, run, run_shard
 
 
 @task(
@@ -22,9 +20,9 @@ from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def caption(config: PipelineConfig, check: dict) -> dict:
+def caption(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
     """Caption every kept clip; committed parts survive a crash and are skipped on retry."""
-    return run("caption", config, check=check)
+    return run("caption", config, upstream)
 
 
 @task(
@@ -35,8 +33,6 @@ def caption(config: PipelineConfig, check: dict) -> dict:
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def caption_shard(config: PipelineConfig, check: dict, shard: int) -> int:
+def caption_shard(config: PipelineConfig, upstream: dict[str, dict], shard: int) -> int:
     """Commit every part of one shard (no merge); returns the shard."""
-    upstream = {"check": StageResult.from_dict(check)}
-    run_stage(config, "caption", upstream, ProgressArtifact(f"caption-shard-{shard}"), shard=shard)
-    return shard
+    return run_shard("caption", config, upstream, shard)

@@ -7,6 +7,6 @@ from cogpipe_tasks.common import cache_key, run
 
 
 @task(name="check", cache_key_fn=cache_key("check"), persist_result=True, result_serializer="json")
-def check(config: PipelineConfig, ingest: dict) -> dict:
+def check(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
     """Black, frozen, too-short and duplicate checks; a train / held-out split."""
-    return run("check", config, ingest=ingest)
+    return run("check", config, upstream)

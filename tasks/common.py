@@ -26,8 +26,9 @@ from prefect.context import TaskRunContext
 from cogpipe import progress
 from cogpipe.config import PipelineConfig
 from cogpipe.errors import is_permanent, writing
-from cogpipe.pipeline import UPSTREAM, finished, module, run_stage
+from cogpipe.pipeline import finished, run_stage
 from cogpipe.progress import Rate
+from cogpipe.stages import STAGE_SPECS
 from cogpipe.summary import stage_markdown, stage_rows
 from cogpipe.workspace import StageResult, Workspace
 
@@ -49,7 +50,9 @@ def retry_unless(*errors: type[BaseException]):
 
 
 def stage_inputs(stage: str, params: dict[str, Any]) -> dict[str, str]:
-    return {up: params[up]["key"] for up in UPSTREAM[stage]}
+    """The upstream keys of a stage task's run, from its `upstream` records by stage."""
+    upstream = params.get("upstream") or {}
+    return {up: upstream[up]["key"] for up in STAGE_SPECS[stage].upstream}
 
 
 def cache_key(stage: str):
@@ -58,7 +61,7 @@ def cache_key(stage: str):
     def fn(context: TaskRunContext, params: dict[str, Any]) -> str | None:
         cfg: PipelineConfig = params["config"]
         inputs = stage_inputs(stage, params)
-        key = module(stage).key_of(cfg, inputs)
+        key = STAGE_SPECS[stage].key(cfg, inputs)
         if finished(Workspace(cfg.workspace), cfg, stage, key, inputs) is None:
             return None
         ws_hash = hashlib.sha256(str(cfg.workspace).encode()).hexdigest()[:8]
@@ -110,12 +113,23 @@ def inline_images(report: Path) -> str:
     return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", inline, report.read_text())
 
 
-def run(stage: str, config: PipelineConfig, **upstream: dict) -> dict:
-    """Run one stage through the library and publish its summary; returns a small record."""
-    ups = {name: StageResult.from_dict(record) for name, record in upstream.items()}
+def run(stage: str, config: PipelineConfig, upstream: dict[str, dict] | None = None) -> dict:
+    """Run one stage through the library and publish its summary; returns a small record.
+
+    `upstream`: the result records of the stages it reads, by stage name."""
+    ups = {name: StageResult.from_dict(record) for name, record in (upstream or {}).items()}
     with writing(config.workspace):  # a full disk says so, not `unexpected pos 32448 vs 32336`
         result = run_stage(config, stage, ups, progress=ProgressArtifact(stage))
     return publish(stage, result)
+
+
+def run_shard(stage: str, config: PipelineConfig, upstream: dict[str, dict], shard: int) -> int:
+    """Commit every part of one shard of a sharded stage (caption, recaption), without the
+    merge; returns the shard."""
+    ups = {name: StageResult.from_dict(record) for name, record in upstream.items()}
+    progress = ProgressArtifact(f"{stage}-shard-{shard}")
+    run_stage(config, stage, ups, progress, **{STAGE_SPECS[stage].shard_option: shard})
+    return shard
 
 
 def publish(stage: str, result: StageResult) -> dict:

@@ -17,6 +17,8 @@ from cogpipe_tasks.common import cache_key, retry_unless, run
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def evaluate(config: PipelineConfig, train: dict, check: dict, filter: dict) -> dict:
-    """Videos, contact sheets and metrics with intervals per checkpoint (and the base model)."""
-    return run("evaluate", config, train=train, check=check, filter=filter)
+def evaluate(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
+    """Videos, contact sheets and metrics with intervals per checkpoint (and the base model).
+
+    `upstream`: the train, check and filter records, by stage."""
+    return run("evaluate", config, upstream)

@@ -34,6 +34,8 @@ from prefect.settings import get_current_settings
 from prefect.utilities.asyncutils import run_coro_as_sync
 from sqlalchemy.engine import make_url
 
+from cogpipe.compat import lease_expiration_index
+
 LEASE_DIR_ENV = "COGPIPE_LEASE_DIR"
 LEASE_STORAGE = __name__  # the server's setting: this module
 MEMORY_LEASES = "prefect.server.concurrency.lease_storage.memory"  # Prefect's default
@@ -50,7 +52,7 @@ class ConcurrencyLeaseStorage(filesystem.ConcurrencyLeaseStorage):
     async def lease_ids(self) -> list[UUID]:
         """Every lease the server knows, expired ones included (one read of the index its
         repossessor scans: a lease missing from it is never revoked, so it holds nothing)."""
-        return [UUID(key) for key in await self._load_expiration_index()]
+        return [UUID(key) for key in await lease_expiration_index(self)]
 
 
 def leased_slots(folder: Path) -> dict[UUID, int]:

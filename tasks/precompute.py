@@ -17,6 +17,6 @@ from cogpipe_tasks.common import cache_key, retry_unless, run
     retry_condition_fn=retry_unless(SpotCheckError),
     tags=["gpu"],
 )
-def precompute(config: PipelineConfig, filter: dict, check: dict) -> dict:
+def precompute(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
     """Encode the selected clips and captions; committed shards are skipped on retry."""
-    return run("precompute", config, filter=filter, check=check)
+    return run("precompute", config, upstream)

@@ -8,9 +8,7 @@ With nothing rejected (or `filter.retries: 0`) neither loads a model.
 from prefect import task
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import run_stage
-from cogpipe.workspace import StageResult
-from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
+from cogpipe_tasks.common import cache_key, retry_unless, run, run_shard
 
 
 @task(
@@ -23,9 +21,9 @@ from cogpipe_tasks.common import ProgressArtifact, cache_key, retry_unless, run
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def recaption(config: PipelineConfig, caption: dict, check: dict) -> dict:
+def recaption(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
     """Caption rejected clips again with the stricter prompt; a retry resumes committed parts."""
-    return run("recaption", config, caption=caption, check=check)
+    return run("recaption", config, upstream)
 
 
 @task(
@@ -36,9 +34,6 @@ def recaption(config: PipelineConfig, caption: dict, check: dict) -> dict:
     retry_condition_fn=retry_unless(),
     tags=["gpu"],
 )
-def recaption_shard(config: PipelineConfig, caption: dict, check: dict, shard: int) -> int:
+def recaption_shard(config: PipelineConfig, upstream: dict[str, dict], shard: int) -> int:
     """Commit every round's parts of one shard (no merge); returns the shard."""
-    upstream = {"caption": StageResult.from_dict(caption), "check": StageResult.from_dict(check)}
-    progress = ProgressArtifact(f"recaption-shard-{shard}")
-    run_stage(config, "recaption", upstream, progress, shard=shard)
-    return shard
+    return run_shard("recaption", config, upstream, shard)

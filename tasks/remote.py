@@ -23,7 +23,8 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import finished, module, run_stage
+from cogpipe.pipeline import finished, run_stage
+from cogpipe.stages import STAGE_SPECS
 from cogpipe.workspace import Progress, ShardsIncomplete, Workspace, no_progress
 from cogpipe_tasks.common import cache_key, publish, retry_unless
 
@@ -60,7 +61,7 @@ def remote_stage(config: PipelineConfig, stage: str, pool: str, upstream: dict[s
     workspace holds it."""
     logger = get_run_logger()
     ws, inputs = Workspace(config.workspace), {up: r["key"] for up, r in upstream.items()}
-    key = module(stage).key_of(config, inputs)
+    key = STAGE_SPECS[stage].key(config, inputs)
     if (done := finished(ws, config, stage, key, inputs)) is not None:
         logger.info("%s %s: done on disk, no %s run", stage, key, pool)
         return done.to_dict()

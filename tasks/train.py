@@ -17,6 +17,6 @@ from cogpipe_tasks.common import cache_key, retry_unless, run
     retry_condition_fn=retry_unless(TrainingDiverged, RunFolderTaken),
     tags=["gpu"],
 )
-def train(config: PipelineConfig, precompute: dict) -> dict:
+def train(config: PipelineConfig, upstream: dict[str, dict]) -> dict:
     """Train the LoRA; a retry continues from the latest full checkpoint."""
-    return run("train", config, precompute=precompute)
+    return run("train", config, upstream)

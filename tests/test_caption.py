@@ -23,7 +23,7 @@ import torch
 
 from cogpipe import caption, vlm
 from cogpipe.config import CaptionConfig
-from cogpipe.pipeline import plan, run_stage
+from cogpipe.pipeline import run_stage, stage_keys
 from cogpipe.samples import write_tiny_captioner
 from cogpipe.workspace import SUCCESS, ShardsIncomplete, read_parts, read_table
 
@@ -106,7 +106,7 @@ def test_every_kept_clip_gets_one_caption(checked):
 
     n_parts = math.ceil(len(ids) / 2)
     assert part_names(res.path) == [f"part-000-{i:05d}.parquet" for i in range(n_parts)]
-    clips = read_table(cfg.workspace / "check" / plan(cfg, "check")["check"] / "clips.parquet")
+    clips = read_table(cfg.workspace / "check" / stage_keys(cfg, "check")["check"] / "clips.parquet")
     batches = [list(b.clip_id) for b in caption.make_batches(clips[clips.keep], 2)]
     assert [list(read_table(Path(res.path) / n).clip_id) for n in part_names(res.path)] == batches
     assert res.counts == {
@@ -169,7 +169,7 @@ def test_killed_run_resumes_with_identical_captions(checked, tmp_path):
     n = len(kept_ids(cfg))
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(cfg.model_dump_json())
-    out = cfg.workspace / "caption" / plan(cfg, "caption")["caption"]
+    out = cfg.workspace / "caption" / stage_keys(cfg, "caption")["caption"]
 
     # The child sleeps 60 s after each committed part, so the kill lands between parts.
     _run_until(lambda: part_names(out), cfg_json, tmp_path / "caption.log", PAUSE_AFTER_PART="60")
@@ -267,7 +267,7 @@ def test_sharded_run_killed_mid_batch_captions_every_clip_once(checked, tmp_path
     assert len(by_shard[shard]) >= 2 and all(by_shard.values())
     cfg_json = tmp_path / "config.json"
     cfg_json.write_text(cfg.model_dump_json())
-    out = cfg.workspace / "caption" / plan(cfg, "caption")["caption"]
+    out = cfg.workspace / "caption" / stage_keys(cfg, "caption")["caption"]
 
     # The child commits its shard's first part, then hangs inside generate of the second.
     marker = tmp_path / "in-generate"
@@ -390,7 +390,7 @@ def test_two_runs_at_once_share_the_parts_and_equal_one(checked, tmp_path):
     assert sorted(written[0] + written[1]) == sorted([*parts, "captions.parquet", SUCCESS])
     assert all(set(w) & set(parts) for w in written)  # both captioned some
 
-    out = cfg.workspace / "caption" / plan(cfg, "caption")["caption"]
+    out = cfg.workspace / "caption" / stage_keys(cfg, "caption")["caption"]
     assert not list(out.glob(".tmp-*"))
     together = read_table(out / "captions.parquet")
     threads = torch.get_num_threads()

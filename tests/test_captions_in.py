@@ -138,15 +138,15 @@ def test_an_import_row_that_matches_nothing_names_the_file_and_line(demo_config,
 
 
 def test_an_import_file_enters_the_key_by_content(demo_config, tmp_path):
-    from cogpipe.pipeline import plan
+    from cogpipe.pipeline import stage_keys
 
     a, b = tmp_path / "a" / "c.csv", tmp_path / "b" / "c.csv"
     for p in (a, b):
         p.parent.mkdir()
         p.write_text("clip_id,caption\nx,y\n")
     keys = [
-        plan(demo_config(caption={"import_file": str(p)}), "caption")["caption"] for p in (a, b)
+        stage_keys(demo_config(caption={"import_file": str(p)}), "caption")["caption"] for p in (a, b)
     ]
     assert keys[0] == keys[1]  # where the file lives does not matter
     b.write_text("clip_id,caption\nx,z\n")
-    assert plan(demo_config(caption={"import_file": str(b)}), "caption")["caption"] != keys[0]
+    assert stage_keys(demo_config(caption={"import_file": str(b)}), "caption")["caption"] != keys[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cogpipe import cli, generate_config
+from cogpipe import cli, cli_generate, generate_config
 from cogpipe.cli import build_parser, main
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.models.cogvideox import FULL_FOLDER, LORA_FILE
@@ -147,7 +147,7 @@ def config_file(tmp_path: Path, cfg) -> Path:
 
 
 def options_of(*argv: str) -> GenerateOptions:
-    return cli._generate_options(build_parser().parse_args(list(argv)))
+    return cli_generate.generate_options(build_parser().parse_args(list(argv)))
 
 
 def add_checkpoint(run: Path, step: int, full: bool = False) -> Path:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from cogpipe.config import PipelineConfig
 from cogpipe.demo import DEMO_CONFIG
-from cogpipe.pipeline import plan, run_all
+from cogpipe.pipeline import run_all, stage_keys
 from cogpipe.workspace import read_table
 
 pytestmark = pytest.mark.prefect
@@ -54,7 +54,7 @@ def losses(run: Path) -> list[dict]:
 
 def outputs(cfg: PipelineConfig) -> dict:
     """What a run leaves: shards, latents, captions, losses, LoRA tensors, evaluate index."""
-    root, keys = Path(cfg.workspace), plan(cfg)
+    root, keys = Path(cfg.workspace), stage_keys(cfg)
     pre, run = root / "precompute" / keys["precompute"], root / "train" / keys["train"]
     loras = sorted(run.glob("checkpoint-*/*.safetensors"))
     return {

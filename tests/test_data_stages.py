@@ -10,7 +10,7 @@ import pytest
 from cogpipe.check import near_pairs, phash
 from cogpipe.config import FilterConfig, PipelineConfig
 from cogpipe.filter import category_of, curate, judge, motion_groups, repetition
-from cogpipe.pipeline import plan, run_stage
+from cogpipe.pipeline import run_stage, stage_keys
 from cogpipe.workspace import read_table
 
 
@@ -89,8 +89,8 @@ def test_second_ingest_probes_nothing_and_new_file_gives_new_key(
 
 
 def test_config_change_downstream_keeps_upstream_keys(demo_config):
-    a = plan(demo_config())
-    b = plan(demo_config(caption={"prompt": "Describe the slap."}))
+    a = stage_keys(demo_config())
+    b = stage_keys(demo_config(caption={"prompt": "Describe the slap."}))
     assert a["ingest"] == b["ingest"] and a["check"] == b["check"]
     for stage in ("caption", "recaption", "filter", "precompute", "train", "evaluate"):
         assert a[stage] != b[stage], stage

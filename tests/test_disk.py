@@ -95,9 +95,9 @@ def test_gc_frees_exactly_the_stale_configs_outputs(demo_config, tmp_path, capsy
 
 
 def plan_key(cfg: PipelineConfig, stage: str) -> str:
-    from cogpipe.pipeline import plan
+    from cogpipe.pipeline import stage_keys
 
-    return plan(cfg)[stage]
+    return stage_keys(cfg)[stage]
 
 
 def _size(n: int) -> str:
@@ -188,12 +188,12 @@ def test_gc_removes_links_never_what_they_point_to(demo_config, tmp_path, capsys
 def test_an_eval_keys_real_features_stay_while_a_config_evaluates_there(
     demo_config, tmp_path, capsys
 ):
-    from cogpipe.pipeline import UPSTREAM, plan, stage_path
+    from cogpipe.pipeline import UPSTREAM, stage_keys, stage_path
 
     cfg = demo_config()
     path = write(cfg, tmp_path / "demo.yaml")
     ws = Workspace(cfg.workspace)
-    keys = plan(cfg)
+    keys = stage_keys(cfg)
     inputs = {up: keys[up] for up in UPSTREAM["evaluate"]}
     used = stage_path(ws, cfg, "evaluate", keys["evaluate"], inputs).parent  # evaluate/<ekey>
     stale = ws.root / "evaluate" / "0123456789ab"

@@ -44,7 +44,7 @@ from forker import Forker
 from cogpipe import base_suite, evaluate
 from cogpipe.config import PipelineConfig
 from cogpipe.demo import DEMO_CONFIG
-from cogpipe.pipeline import plan, run_stage, stage_path
+from cogpipe.pipeline import run_stage, stage_keys, stage_path
 from cogpipe.ratings import BEGIN, END, refresh_report, report_lock
 from cogpipe.workspace import SUCCESS, Workspace, read_table, sweep_temporaries
 
@@ -78,7 +78,7 @@ def start(tmp_path_factory, sample_videos, tiny_models) -> Path:
     raw["evaluate"] |= {"prompts": PROMPTS, "clip_model": str(tiny_models["clip"]),
                         "device": "cpu", "bootstrap": 100}  # fmt: skip
     cfg = PipelineConfig.model_validate(raw)
-    for stage in plan(cfg, "train"):
+    for stage in stage_keys(cfg, "train"):
         run_stage(cfg, stage)
     write_config(cfg, folder)
     return folder
@@ -215,7 +215,7 @@ def test_a_kill_at_every_commit_point_ends_as_an_uninterrupted_run(
 
 
 def committed(folder: Path, names: list[str]) -> bool:
-    cfg, keys = load(folder), plan(load(folder))
+    cfg, keys = load(folder), stage_keys(load(folder))
     out = stage_path(Workspace(cfg.workspace), cfg, "evaluate", keys["evaluate"],
                      {k: keys[k] for k in ("train", "check", "filter")})  # fmt: skip
     return all((out / n / "summary.json").is_file() for n in names)
@@ -230,7 +230,7 @@ def test_two_evaluations_at_once_share_the_units_and_equal_one(forker, start, re
     without committing it (as a killed holder would)."""
     ref, _ = reference
     folder = copy_of(start, tmp_path / "both")
-    cfg, keys = load(folder), plan(load(folder))
+    cfg, keys = load(folder), stage_keys(load(folder))
     ws, ekey = Workspace(cfg.workspace), evaluate.eval_key(cfg, keys)
     logs = [folder / "a.log", folder / "b.log"]
     held = ExitStack()

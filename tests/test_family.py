@@ -103,7 +103,7 @@ def test_image_to_video_shards_hold_the_first_frames_latents(trained, variant):
     assert stored[row.latents_key].shape == (21, 4, 8, 8)
     assert stored[row.image_key].shape == (1, 4, 8, 8)
     # The window's first frame, encoded alone with the clip's own image seed.
-    plan = precompute._plan(cfg, upstream_results(cfg, "precompute"), precompute._model(cfg))
+    plan = precompute.sample_table(cfg, upstream_results(cfg, "precompute"))
     clip = next(r for r in plan.itertuples() if r.clip_id == row.clip_id)
     frames, _, reason = precompute._decode(clip)
     assert not reason

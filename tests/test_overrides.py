@@ -10,7 +10,7 @@ import yaml
 
 from cogpipe.cli import main
 from cogpipe.config import ConfigError, dump_config
-from cogpipe.pipeline import plan, run_all
+from cogpipe.pipeline import run_all, stage_keys
 from cogpipe.workspace import read_table
 
 UPTO = ("ingest", "check", "caption", "recaption", "filter")
@@ -119,5 +119,5 @@ def test_the_overrides_enter_the_filter_key_by_content(filtered):
     for p in (a, b):
         p.parent.mkdir(exist_ok=True)
         p.write_text("x: caption\n")
-    keys = [plan(load_config(config(p)), "filter") for p in (a, b)]
+    keys = [stage_keys(load_config(config(p)), "filter") for p in (a, b)]
     assert keys[0] == keys[1]

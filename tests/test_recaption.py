@@ -23,7 +23,7 @@ import pytest
 from cogpipe import caption, recaption
 from cogpipe import filter as filter_module
 from cogpipe.filter import judge_captions, token_counter
-from cogpipe.pipeline import plan, run_stage
+from cogpipe.pipeline import run_stage, stage_keys
 from cogpipe.workspace import SUCCESS, ShardsIncomplete, Workspace, read_table
 
 CAPTION = {"num_frames": 4, "max_new_tokens": 24, "batch_size": 2}
@@ -44,7 +44,7 @@ def captioned(demo_config, tmp_path):
 
 def captions_of(cfg) -> pd.DataFrame:
     return read_table(
-        cfg.workspace / "caption" / plan(cfg, "caption")["caption"] / "captions.parquet"
+        cfg.workspace / "caption" / stage_keys(cfg, "caption")["caption"] / "captions.parquet"
     )
 
 
@@ -122,8 +122,8 @@ def test_recaption_captions_exactly_the_rejected_clips_again(captioned, generate
     assert read_table(Path(again.path) / "captions.parquet").equals(table.reset_index())
     # Curation is not part of the recaption key.
     other = cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"select_top": 2})})
-    assert plan(other, "recaption") == plan(cfg, "recaption")
-    assert plan(other, "filter")["filter"] != plan(cfg, "filter")["filter"]
+    assert stage_keys(other, "recaption") == stage_keys(cfg, "recaption")
+    assert stage_keys(other, "filter")["filter"] != stage_keys(cfg, "filter")["filter"]
 
 
 def test_shards_run_every_round_alone_and_merge_without_a_model(captioned, generated, monkeypatch):
@@ -191,7 +191,7 @@ def test_moving_the_model_folders_keeps_every_key(demo_config, tiny_models, tmp_
     other = other.model_copy(
         update={"evaluate": other.evaluate.model_copy(update={"clip_model": str(moved / "clip")})}
     )
-    assert plan(other) == plan(cfg)
+    assert stage_keys(other) == stage_keys(cfg)
     assert recaption.key_of(cfg, {"caption": "a", "check": "b"}) != recaption.key_of(
         cfg.model_copy(update={"filter": cfg.filter.model_copy(update={"retries": 2})}),
         {"caption": "a", "check": "b"},

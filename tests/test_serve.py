@@ -18,7 +18,7 @@ import pytest
 from conftest import ZOMBIE_WITHIN_S
 
 from cogpipe.config import STAGES
-from cogpipe.pipeline import plan, status
+from cogpipe.pipeline import stage_keys, status
 from cogpipe.workspace import read_table
 from cogpipe_flows.serve import descendants
 from cogpipe_tasks.secrets import SECRET_BLOCK
@@ -120,7 +120,7 @@ def test_gpu_worker_killed_while_captioning_resumes_and_captions_every_clip_once
     run = api.create_flow_run_from_deployment(
         deployment.id, parameters={"config": config.model_dump(mode="json"), "until": "caption"}
     )
-    out = config.workspace / "caption" / plan(config, "caption")["caption"]
+    out = config.workspace / "caption" / stage_keys(config, "caption")["caption"]
 
     deadline = time.time() + 600
     while not list(out.glob("part-*.parquet")):  # the first committed part
@@ -213,7 +213,7 @@ def test_rejected_captions_are_recaptioned_on_gpu_workers_not_in_the_pipeline(
 
 
 def plan_path(config, stage: str) -> Path:
-    return config.workspace / stage / plan(config, stage)[stage]
+    return config.workspace / stage / stage_keys(config, stage)[stage]
 
 
 def test_gpu_slots_are_strict_and_held_while_a_stage_runs(served, api, monkeypatch):

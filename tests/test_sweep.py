@@ -42,7 +42,7 @@ def mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_cells_are_sorted_typed_and_named_canonically(opts):
-    cells = sweep.plan_cells(opts, {"steps": ["10", "25"], "guidance": ["1", "6.5"]})
+    cells = sweep.grid_cells(opts, {"steps": ["10", "25"], "guidance": ["1", "6.5"]})
     assert [c.name for c in cells] == [
         "guidance=1,steps=10", "guidance=1,steps=25", "guidance=6.5,steps=10", "guidance=6.5,steps=25",
     ]  # fmt: skip
@@ -63,7 +63,7 @@ def test_cells_are_sorted_typed_and_named_canonically(opts):
         ({"guidance": ["1", "1.0"]}, "cell guidance=1 appears twice"),
     ]:
         with pytest.raises(GenerateError, match=re.escape(message)):
-            sweep.plan_cells(opts, grid)
+            sweep.grid_cells(opts, grid)
     for specs, message in [(["steps"], "expected NAME=V1,V2"), (["steps=1", "steps=2"], "twice")]:
         with pytest.raises(GenerateError, match=message):
             sweep.parse_grid(specs)

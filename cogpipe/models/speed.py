@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Literal
 
+from cogpipe.compat import dynamo_config
+
 if TYPE_CHECKING:
     import torch
 
@@ -139,9 +141,7 @@ def set_checkpointing(transformer, mode: Checkpointing, fraction: float = 1.0) -
 
 def compile_static(module) -> None:
     """`torch.compile` a module with static shapes: one graph per input shape it meets."""
-    import torch
-
-    config = torch._dynamo.config
+    config = dynamo_config()
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     module.compile(dynamic=False)
 
