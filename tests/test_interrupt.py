@@ -88,16 +88,22 @@ def resumable(run: Path) -> str | None:
     return found[-1] if found else None
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, run: Path, after: str | None) -> str:
-    """Wait until the run commits a checkpoint with a training state newer than `after`."""
+def start_paused(path: Path, checkpoint: str, cwd: Path, home: Path) -> subprocess.Popen:
+    """`cogpipe run PATH --until train`, held still (COGPIPE_PAUSE) where it is about to
+    commit `checkpoint`, the one before committed: a tiny training run takes 0.05 s a
+    step, so a signal sent once a checkpoint shows up on disk can land after the last."""
+    paused = cwd / "paused"
+    paused.unlink(missing_ok=True)
+    env = {"PREFECT_HOME": str(home), "COGPIPE_PAUSE": f"1:/{checkpoint}",
+           "COGPIPE_PAUSE_FILE": str(paused)}  # fmt: skip
+    proc = start("run", str(path), "--until", "train", cwd=cwd, env=env)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        newest = resumable(run)
-        if newest is not None and (after is None or newest > after):
-            return newest
-        assert proc.poll() is None, f"cogpipe exited with {proc.returncode} before a checkpoint"
+    while not paused.exists():
+        assert proc.poll() is None, f"cogpipe exited with {proc.returncode} before {checkpoint}"
+        assert time.monotonic() < deadline, f"no {checkpoint} within 120 s"
         time.sleep(0.1)
-    raise AssertionError(f"no checkpoint after {after} in {run} within 120 s")
+    assert checkpoint in paused.read_text()
+    return proc
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -144,8 +150,7 @@ def test_kill_9_then_ctrl_c_of_a_run_resume_to_the_uninterrupted_result(upstream
     home = tmp_path / "prefect"  # this test's Prefect database: its flow runs only
 
     # kill -9 of `cogpipe run` once training committed a checkpoint: its server goes too.
-    proc = start("run", str(path), "--until", "train", cwd=cwd, env={"PREFECT_HOME": str(home)})
-    wait_for_checkpoint(proc, run, after=None)
+    proc = start_paused(path, "checkpoint-000006", cwd=cwd, home=home)
     tree = process_tree(proc.pid)
     assert any("local_server" in " ".join(p.cmdline()) for p in tree), "no Prefect server child"
     proc.kill()
@@ -154,8 +159,8 @@ def test_kill_9_then_ctrl_c_of_a_run_resume_to_the_uninterrupted_result(upstream
 
     # Ctrl-C of the process group: one line, exit 130 within 10 s, nothing left running.
     resumed = resumable(run)
-    proc = start("run", str(path), "--until", "train", cwd=cwd, env={"PREFECT_HOME": str(home)})
-    wait_for_checkpoint(proc, run, after=resumed)
+    assert resumed == "checkpoint-000004"
+    proc = start_paused(path, "checkpoint-000010", cwd=cwd, home=home)
     tree = process_tree(proc.pid)
     signalled = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
@@ -166,6 +171,7 @@ def test_kill_9_then_ctrl_c_of_a_run_resume_to_the_uninterrupted_result(upstream
     assert f"resuming train from {resumed} (step {int(resumed[11:])} of {STEPS})" in stdout
     assert "of a killed `cogpipe run` marked Crashed" in stdout  # the first run's flow run
     last = resumable(run)
+    assert last == "checkpoint-000008"
     line = f"interrupted; train at step {int(last[11:])} ({last}); run again to resume"
     assert stderr.rstrip().splitlines()[-1] == line, stderr
     assert stderr.count("interrupted;") == 1 and "Traceback" not in stderr, stderr
