@@ -84,32 +84,73 @@ CHAT_TEMPLATE = (
     "{% for item in message['content'] if item['type'] == 'text' %}{{ item['text'] + ' ' }}"
     "{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>", "bos_token": "<s>",
-            "image_token": "<image>", "video_token": "<video>"}  # fmt: skip
+SPECIALS = {
+    "pad_token": "<pad>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "bos_token": "<s>",
+    "image_token": "<image>",
+    "video_token": "<video>",
+}
 
 # openai/clip-vit-large-patch14-336, as in both hub configs (vision_feature_layer -2).
-CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                    num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768,
-                    hidden_act="quick_gelu")  # fmt: skip
+CLIP_L14_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
 # lmsys/vicuna-7b-v1.5 as in llava-hf/LLaVA-NeXT-Video-7B-hf (Llama defaults + vocab 32064).
 # The hub config's linear RoPE scaling (factor 2) changes no shape or cost: left out.
-VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                 max_position_embeddings=4096, rms_norm_eps=1e-5)  # fmt: skip
+VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32064,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
 # NousResearch/Nous-Hermes-2-Yi-34B as in llava-hf/LLaVA-NeXT-Video-34B-hf.
-YI_34B = dict(hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
-              num_attention_heads=56, num_key_value_heads=8, vocab_size=64064,
-              max_position_embeddings=4096, rms_norm_eps=1e-5,
-              rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0})  # fmt: skip
-TINY_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                   num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16,
-                   hidden_act="quick_gelu")  # fmt: skip  # 4x4 patches, pooled to 2x2
-TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=4096)  # fmt: skip
+YI_34B = dict(
+    hidden_size=7168,
+    intermediate_size=20480,
+    num_hidden_layers=60,
+    num_attention_heads=56,
+    num_key_value_heads=8,
+    vocab_size=64064,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
+)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    projection_dim=16,
+    hidden_act="quick_gelu",
+)  # 4x4 patches, pooled to 2x2
+TINY_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=4096,
+)
 
 # key -> (name, text config, tiny kv heads, default batch sizes)
-CASES = {"7b": ("llava-next-video-7b", VICUNA_7B, 4, (8, 32, 64)),
-         "34b": ("llava-next-video-34b", YI_34B, 2, (8, 32))}  # fmt: skip
+CASES = {
+    "7b": ("llava-next-video-7b", VICUNA_7B, 4, (8, 32, 64)),
+    "34b": ("llava-next-video-34b", YI_34B, 2, (8, 32)),
+}
 
 
 # --------------------------------------------------------------------------- builders
@@ -127,14 +168,20 @@ def build_config(key: str, tok, tiny: bool):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig
 
     _, text, tiny_kv, _ = CASES[key]
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id)  # fmt: skip
+    ids = dict(
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     if tiny:
         text = dict(TINY_TEXT, num_key_value_heads=tiny_kv, vocab_size=len(tok))
     vision = TINY_VISION if tiny else CLIP_L14_336
     side = vision["image_size"]
-    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side],
-                 [3 * side, side], [side, 3 * side]]  # fmt: skip  # hub: 336 x 1..3
+    pinpoints = [
+        [side, 2 * side],
+        [2 * side, side],
+        [2 * side, 2 * side],
+        [3 * side, side],
+        [side, 3 * side],
+    ]  # hub: 336 x 1..3
     return LlavaNextVideoConfig(
         vision_config=CLIPVisionConfig(**vision),
         text_config=LlamaConfig(**text, **ids),
@@ -207,9 +254,11 @@ class StandInProcessor:
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=CHAT_TEMPLATE, tokenize=False,
+            messages,
+            chat_template=CHAT_TEMPLATE,
+            tokenize=False,
             add_generation_prompt=add_generation_prompt,
-        )  # fmt: skip
+        )
 
     def _pixels(self, frames: list) -> torch.Tensor:
         """PIL frames -> [F, 3, side, side] float, normalised."""
@@ -250,8 +299,9 @@ def model_inputs(tok, config, batch: int, device: str) -> dict:
     vc = config.vision_config
     per_frame = (vc.image_size // vc.patch_size) ** 2 // config.spatial_pool_stride**2
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": PROMPT}]}]
-    text = tok.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, tokenize=False,
-                                   add_generation_prompt=True)  # fmt: skip
+    text = tok.apply_chat_template(
+        messages, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
     text = text.replace("<video>", "<video>" * (FRAMES * per_frame))
     ids = tok([text] * batch, return_tensors="pt").input_ids.to(device)  # [B, L]
     shape = (batch, FRAMES, 3, vc.image_size, vc.image_size)  # [B, F, C, H, W]
@@ -264,8 +314,9 @@ def timed_generate(model, inputs: dict, new_tokens: int) -> float:
     sync()
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False)  # fmt: skip
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
     sync()
     took = time.perf_counter() - started
     assert out.shape[1] == inputs["input_ids"].shape[1] + new_tokens, out.shape
@@ -282,8 +333,13 @@ def measure(model, tok, batch: int, calls: int, device: str) -> dict:
     seconds = sum(timed_generate(model, inputs, NEW_TOKENS) for _ in range(calls)) / calls
     prefill = timed_generate(model, inputs, 1)
     peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
-    return {"seconds": seconds, "prefill_s": prefill, "prompt_tokens": inputs["input_ids"].shape[1],
-            "step_s": (seconds - prefill) / (NEW_TOKENS - 1), "peak_mem_gb": peak}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "prefill_s": prefill,
+        "prompt_tokens": inputs["input_ids"].shape[1],
+        "step_s": (seconds - prefill) / (NEW_TOKENS - 1),
+        "peak_mem_gb": peak,
+    }
 
 
 def hbm_fraction(model, batch: int, m: dict, device: str) -> float | None:
@@ -313,8 +369,9 @@ def make_clip(path: Path, seed: int, size: tuple[int, int], seconds: int, gop_s:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w]
     f = rng.uniform(0.005, 0.03, size=(3, 2))
-    scene = (110 + 50 * np.stack([np.sin(xx * f[c, 0]) + np.cos(yy * f[c, 1]) for c in range(3)],
-                                 -1)).astype(np.int16)  # fmt: skip
+    scene = (
+        110 + 50 * np.stack([np.sin(xx * f[c, 0]) + np.cos(yy * f[c, 1]) for c in range(3)], -1)
+    ).astype(np.int16)
     with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=FPS)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
@@ -331,17 +388,25 @@ def make_clip(path: Path, seed: int, size: tuple[int, int], seconds: int, gop_s:
 
 def make_clips(folder: Path, unique: int, size: tuple[int, int], seconds: int) -> list[Path]:
     """`unique` clips, made in parallel on the host's CPUs."""
-    jobs = [(folder / f"clip{i:02d}.mp4", i, size, seconds, GOPS_S[i % len(GOPS_S)])
-            for i in range(unique)]  # fmt: skip
+    jobs = [
+        (folder / f"clip{i:02d}.mp4", i, size, seconds, GOPS_S[i % len(GOPS_S)])
+        for i in range(unique)
+    ]
     with ProcessPoolExecutor(max_workers=min(unique, os.cpu_count() or 1)) as pool:
         return list(pool.map(make_clip, *zip(*jobs, strict=True)))
 
 
 def clips_table(paths: list[Path], n: int, seconds: int) -> pd.DataFrame:
     """n clips.parquet-style rows cycling over `paths` (each row decodes its file again)."""
-    return pd.DataFrame({"clip_id": [f"c{i:05d}" for i in range(n)],
-                         "path": [str(paths[i % len(paths)]) for i in range(n)],
-                         "start": 0.0, "end": float(seconds), "fps": float(FPS)})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "clip_id": [f"c{i:05d}" for i in range(n)],
+            "path": [str(paths[i % len(paths)]) for i in range(n)],
+            "start": 0.0,
+            "end": float(seconds),
+            "fps": float(FPS),
+        }
+    )
 
 
 def caption_loop(cap, clips: pd.DataFrame, batch_size: int, ahead: bool) -> dict:
@@ -355,15 +420,24 @@ def caption_loop(cap, clips: pd.DataFrame, batch_size: int, ahead: bool) -> dict
     from cogpipe.caption import decode_batch, generate, prefetch
     from cogpipe.config import CaptionConfig
 
-    cc = CaptionConfig(model="random-weights", prompt=PROMPT, num_frames=FRAMES,
-                       max_new_tokens=NEW_TOKENS, batch_size=batch_size)  # fmt: skip
+    cc = CaptionConfig(
+        model="random-weights",
+        prompt=PROMPT,
+        num_frames=FRAMES,
+        max_new_tokens=NEW_TOKENS,
+        batch_size=batch_size,
+    )
     # cogpipe's generate passes no min_new_tokens; the model's generation config supplies
     # it, so random weights cannot stop a caption at a random EOS before 120 tokens.
     cap.model.generation_config.min_new_tokens = NEW_TOKENS
-    batches = [(i, clips.iloc[s : s + batch_size])
-               for i, s in enumerate(range(0, len(clips), batch_size))]  # fmt: skip
-    source = prefetch(batches, FRAMES) if ahead else \
-        ((i, b, decode_batch(b, FRAMES)) for i, b in batches)  # fmt: skip
+    batches = [
+        (i, clips.iloc[s : s + batch_size]) for i, s in enumerate(range(0, len(clips), batch_size))
+    ]
+    source = (
+        prefetch(batches, FRAMES)
+        if ahead
+        else ((i, b, decode_batch(b, FRAMES)) for i, b in batches)
+    )
     gen = wait = 0.0
     tokens = []
     started = time.perf_counter()
@@ -377,8 +451,12 @@ def caption_loop(cap, clips: pd.DataFrame, batch_size: int, ahead: bool) -> dict
         gen += time.perf_counter() - t
         mark = time.perf_counter()
     cap.model.generation_config.min_new_tokens = None
-    return {"seconds": time.perf_counter() - started, "generate_s": gen, "wait_s": wait,
-            "tokens": float(np.mean(tokens))}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - started,
+        "generate_s": gen,
+        "wait_s": wait,
+        "tokens": float(np.mean(tokens)),
+    }
 
 
 def decode_seconds(clips: pd.DataFrame) -> float:
@@ -404,18 +482,34 @@ class Bench:
 
     def emit(self, case: str, metric: str, value, reference, **extra) -> None:
         ratio = value / reference if value is not None and reference else None
-        line = {"bench": "caption", "case": case, "metric": metric, "value": _round(value),
-                "reference": _round(reference), "ratio": _round(ratio, 2),
-                **{k: _round(v) for k, v in extra.items()},
-                "device": self.device, "date": self.date, "commit": self.commit}  # fmt: skip
+        line = {
+            "bench": "caption",
+            "case": case,
+            "metric": metric,
+            "value": _round(value),
+            "reference": _round(reference),
+            "ratio": _round(ratio, 2),
+            **{k: _round(v) for k, v in extra.items()},
+            "device": self.device,
+            "date": self.date,
+            "commit": self.commit,
+        }
         print(json.dumps(line), flush=True)
         self.lines.append(line)
 
     def error(self, case: str, what: str, e: BaseException) -> None:
         traceback.print_exception(e, file=sys.stderr)
-        line = {"bench": "caption", "case": case, "metric": "error", "value": None,
-                "stage": what, "error": f"{type(e).__name__}: {str(e)[:300]}",
-                "device": self.device, "date": self.date, "commit": self.commit}  # fmt: skip
+        line = {
+            "bench": "caption",
+            "case": case,
+            "metric": "error",
+            "value": None,
+            "stage": what,
+            "error": f"{type(e).__name__}: {str(e)[:300]}",
+            "device": self.device,
+            "date": self.date,
+            "commit": self.commit,
+        }
         print(json.dumps(line), flush=True)
         self.errors.append(line)
 
@@ -436,11 +530,21 @@ def model_only(model, tok, label: str, sizes, calls: tuple[int, int], bench: Ben
 
     def line(bs: int, m: dict, reference: float) -> float:
         value = 3600 * bs / m["seconds"]
-        bench.emit(f"{label} bs{bs}", "model_clips_per_hour", value, reference, batch_size=bs,
-                   frames=FRAMES, new_tokens=NEW_TOKENS, prompt_tokens=m["prompt_tokens"],
-                   prefill_s=m["prefill_s"], decode_step_ms=1000 * m["step_s"],
-                   tokens_per_s=bs * NEW_TOKENS / m["seconds"], peak_mem_gb=m["peak_mem_gb"],
-                   hbm_fraction=hbm_fraction(model, bs, m, bench.device))  # fmt: skip
+        bench.emit(
+            f"{label} bs{bs}",
+            "model_clips_per_hour",
+            value,
+            reference,
+            batch_size=bs,
+            frames=FRAMES,
+            new_tokens=NEW_TOKENS,
+            prompt_tokens=m["prompt_tokens"],
+            prefill_s=m["prefill_s"],
+            decode_step_ms=1000 * m["step_s"],
+            tokens_per_s=bs * NEW_TOKENS / m["seconds"],
+            peak_mem_gb=m["peak_mem_gb"],
+            hbm_fraction=hbm_fraction(model, bs, m, bench.device),
+        )
         return value
 
     m = measure(model, tok, 1, calls[0], device)
@@ -470,14 +574,25 @@ def end_to_end(cap, clips: dict, name: str, best: tuple, n: int, ref_clips: int,
     r = caption_loop(cap, one.iloc[1:], 1, ahead=False)
     e = caption_loop(cap, clips_table(clips["paths"], n, clips["seconds"]), bs, ahead=True)
     (w, h), s = clips["size"], clips["seconds"]
-    bench.emit(f"{name} e2e {n} clips {w}x{h} {s}s h264 bs{bs}", "e2e_clips_per_hour",
-               3600 * n / e["seconds"], 3600 * ref_clips / r["seconds"], batch_size=bs,
-               clips=n, frames=FRAMES, new_tokens=NEW_TOKENS, tokens_per_caption=e["tokens"],
-               generate_s=e["generate_s"], wait_decode_s=e["wait_s"],
-               generate_fraction=e["generate_s"] / e["seconds"],
-               model_only_clips_per_hour=model_only_rate, decode_s_per_clip=clips["decode_s"],
-               cpu_count=os.cpu_count(), processor=type(cap.processor).__name__,
-               note="reference: the same code, one clip at a time")  # fmt: skip
+    bench.emit(
+        f"{name} e2e {n} clips {w}x{h} {s}s h264 bs{bs}",
+        "e2e_clips_per_hour",
+        3600 * n / e["seconds"],
+        3600 * ref_clips / r["seconds"],
+        batch_size=bs,
+        clips=n,
+        frames=FRAMES,
+        new_tokens=NEW_TOKENS,
+        tokens_per_caption=e["tokens"],
+        generate_s=e["generate_s"],
+        wait_decode_s=e["wait_s"],
+        generate_fraction=e["generate_s"] / e["seconds"],
+        model_only_clips_per_hour=model_only_rate,
+        decode_s_per_clip=clips["decode_s"],
+        cpu_count=os.cpu_count(),
+        processor=type(cap.processor).__name__,
+        note="reference: the same code, one clip at a time",
+    )
 
 
 def run_case(key: str, args, tok, bench: Bench, clips: dict | None) -> None:
@@ -498,8 +613,9 @@ def run_case(key: str, args, tok, bench: Bench, clips: dict | None) -> None:
     n = args.e2e_clips if args.e2e_clips is not None else 2 * best[0]
     if clips and n > 0:
         try:
-            cap = Captioner(build_processor(tok, config), model, device, video=True,
-                            eos_ids={tok.eos_token_id})  # fmt: skip
+            cap = Captioner(
+                build_processor(tok, config), model, device, video=True, eos_ids={tok.eos_token_id}
+            )
             end_to_end(cap, clips, name, best, n, calls[2], bench)
         except Exception as e:
             bench.error(f"{name} e2e", "end to end", e)
@@ -539,8 +655,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also append the lines here")
     parser.add_argument("--commit", default=None, help="commit to report (no .git on the host)")
     args = parser.parse_args()
-    args.batch_sizes = tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes \
-        else None  # fmt: skip
+    args.batch_sizes = (
+        tuple(int(b) for b in args.batch_sizes.split(",")) if args.batch_sizes else None
+    )
     keys = [k.strip() for k in args.models.split(",")]
     if unknown := [k for k in keys if k not in CASES]:
         parser.error(f"unknown model {unknown[0]!r}; choose from {', '.join(CASES)}")
@@ -560,8 +677,11 @@ def main() -> None:
             ).stdout.strip()
             or "unknown"
         )
-        device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-            f"cpu-{platform.machine()}"  # fmt: skip
+        device = (
+            torch.cuda.get_device_name()
+            if torch.cuda.is_available()
+            else f"cpu-{platform.machine()}"
+        )
         bench = Bench(device, commit)
         if clips_error is not None:
             bench.error("e2e clips", "making clips", clips_error)
@@ -579,12 +699,17 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         with args.out.open("a") as f:
             f.writelines(json.dumps(line) + "\n" for line in bench.lines)
-    print(f"\n{'case':<68} {'metric':<20} {'value':>9} {'ratio':>6} {'GB':>6} {'hbm':>5}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"\n{'case':<68} {'metric':<20} {'value':>9} {'ratio':>6} {'GB':>6} {'hbm':>5}",
+        file=sys.stderr,
+    )
     for ln in bench.lines + bench.errors:
-        print(f"{ln['case'][:68]:<68} {ln['metric']:<20} {_cell(ln['value'], '9.0f')} "
-              f"{_cell(ln['ratio'], '6.2f')} {_cell(ln.get('peak_mem_gb'), '6.1f')} "
-              f"{_cell(ln.get('hbm_fraction'), '5.2f')}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{ln['case'][:68]:<68} {ln['metric']:<20} {_cell(ln['value'], '9.0f')} "
+            f"{_cell(ln['ratio'], '6.2f')} {_cell(ln.get('peak_mem_gb'), '6.1f')} "
+            f"{_cell(ln.get('hbm_fraction'), '5.2f')}",
+            file=sys.stderr,
+        )
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 

@@ -84,15 +84,27 @@ def write_clips(folder: Path, n: int, dry: bool) -> Path:
 def pipeline_config(ws: Path, videos: Path, model: Path, shards: int, args):
     from cogpipe.config import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "workspace": str(ws),
-        "ingest": {"source": str(videos)},
-        # phash_bits 0: only identical frame hashes are duplicates (the synthetic clips are
-        # alike enough that the default 4 bits drops about 40% of 512 of them).
-        "check": {"min_duration": 1.0, "min_size": 32, "heldout_fraction": 0.0, "phash_bits": 0},
-        "caption": {"model": str(model), "shards": shards, "batch_size": args.batch_size,
-                    "max_new_tokens": args.new_tokens, "num_frames": 4 if args.dry else 8},
-    })  # fmt: skip
+    return PipelineConfig.model_validate(
+        {
+            "workspace": str(ws),
+            "ingest": {"source": str(videos)},
+            # phash_bits 0: only identical frame hashes are duplicates (the synthetic clips are
+            # alike enough that the default 4 bits drops about 40% of 512 of them).
+            "check": {
+                "min_duration": 1.0,
+                "min_size": 32,
+                "heldout_fraction": 0.0,
+                "phash_bits": 0,
+            },
+            "caption": {
+                "model": str(model),
+                "shards": shards,
+                "batch_size": args.batch_size,
+                "max_new_tokens": args.new_tokens,
+                "num_frames": 4 if args.dry else 8,
+            },
+        }
+    )
 
 
 def caption_span(client, parent, out: Path) -> tuple[float, dict[str, list]]:
@@ -135,9 +147,12 @@ def run_case(workers: int, shards: int, videos: Path, model: Path, tmp: Path, ar
 
     logs = tmp / f"serve-{workers}"
     server = serve(
-        port=free_port(), logs=logs, gpus=[str(i) for i in range(workers)],
-        database=logs / "prefect.db", worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2"},
-    )  # fmt: skip
+        port=free_port(),
+        logs=logs,
+        gpus=[str(i) for i in range(workers)],
+        database=logs / "prefect.db",
+        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2"},
+    )
     try:
         cfg = pipeline_config(tmp / f"ws-{workers}", videos, model, shards, args)
         params = {"config": cfg.model_dump(mode="json"), "until": "caption", "gpu_pool": "gpu"}
@@ -194,13 +209,27 @@ def main() -> None:
             r = run_case(workers, args.gpus, videos, model, tmp, args)
             value = r["clips"] / r["seconds"] * 3600
             ref = ref or value
-            line = {"bench": "caption_workers", "case": f"{workers}-workers", "metric": "clips_per_hour",
-                    "value": round(value, 1), "reference": round(ref, 1), "ratio": round(value / ref, 3),
-                    "device": device, "date": date, "commit": commit,
-                    "extra": {"seconds": round(r["seconds"], 2), "clips": r["clips"], "shards": args.gpus,
-                              "batch_size": args.batch_size, "new_tokens": args.new_tokens,
-                              "runs": r["spans"], "dry": args.dry,
-                              "omp_threads": os.environ.get("OMP_NUM_THREADS", cpu_threads(workers))}}  # fmt: skip
+            line = {
+                "bench": "caption_workers",
+                "case": f"{workers}-workers",
+                "metric": "clips_per_hour",
+                "value": round(value, 1),
+                "reference": round(ref, 1),
+                "ratio": round(value / ref, 3),
+                "device": device,
+                "date": date,
+                "commit": commit,
+                "extra": {
+                    "seconds": round(r["seconds"], 2),
+                    "clips": r["clips"],
+                    "shards": args.gpus,
+                    "batch_size": args.batch_size,
+                    "new_tokens": args.new_tokens,
+                    "runs": r["spans"],
+                    "dry": args.dry,
+                    "omp_threads": os.environ.get("OMP_NUM_THREADS", cpu_threads(workers)),
+                },
+            }
             print(json.dumps(line), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

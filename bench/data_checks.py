@@ -109,8 +109,9 @@ def probe_and_check(path: Path, c: CheckConfig) -> int:
 def run_stages(src: Path, workspace: Path) -> tuple[dict, dict]:
     """Ingest + check as the pipeline runs them, one worker process, in a new workspace."""
     shutil.rmtree(workspace, ignore_errors=True)
-    cfg = PipelineConfig(workspace=workspace, ingest={"source": src, "workers": 1},
-                         check={"workers": 1})  # fmt: skip
+    cfg = PipelineConfig(
+        workspace=workspace, ingest={"source": src, "workers": 1}, check={"workers": 1}
+    )
     return run_stage(cfg, "ingest").counts, run_stage(cfg, "check").counts
 
 
@@ -132,26 +133,43 @@ def main() -> None:
     args = parser.parse_args()
 
     date = datetime.date.today().isoformat()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     device = f"{platform.processor() or platform.machine()} (1 core)"
     gops = "/".join(map(str, GOPS_S))
-    case = (f"{args.clips} clips 10s 1280x720 h264 veryfast gop {gops}s, 1 in 5 with a cut, "
-            f"best of {args.repeats}")  # fmt: skip
+    case = (
+        f"{args.clips} clips 10s 1280x720 h264 veryfast gop {gops}s, 1 in 5 with a cut, "
+        f"best of {args.repeats}"
+    )
     lines = []
 
     def emit(metric: str, value: float, reference: float, ratio: float, **extra) -> None:
-        line = {"bench": "data_checks", "case": case, "metric": metric, "value": round(value, 4),
-                "reference": round(reference, 4), "ratio": round(ratio, 2), **extra,
-                "device": device, "date": date, "commit": commit}  # fmt: skip
+        line = {
+            "bench": "data_checks",
+            "case": case,
+            "metric": metric,
+            "value": round(value, 4),
+            "reference": round(reference, 4),
+            "ratio": round(ratio, 2),
+            **extra,
+            "device": device,
+            "date": date,
+            "commit": commit,
+        }
         print(json.dumps(line), flush=True)
         lines.append(line)
 
     with tempfile.TemporaryDirectory(prefix="cogpipe-bench-") as tmp:
         src = Path(tmp) / "videos"
         src.mkdir()
-        jobs = [(src / f"clip{i}.mp4", i, GOPS_S[i % len(GOPS_S)], i % 5 == 2)
-                for i in range(args.clips)]  # fmt: skip
+        jobs = [
+            (src / f"clip{i}.mp4", i, GOPS_S[i % len(GOPS_S)], i % 5 == 2)
+            for i in range(args.clips)
+        ]
         with ProcessPoolExecutor() as pool:  # generating is slow (x264 on noise)
             paths = list(pool.map(make_clip, *zip(*jobs, strict=True)))
 
@@ -168,18 +186,31 @@ def main() -> None:
             decoded, took = {}, {}
             for p in paths:
                 took[p], decoded[p] = best(args.repeats, probe_and_check, p, c)
-            metric = "sampled_decode_s_per_clip" if scenes == "auto" else \
-                "sampled_decode_scenes_always_s_per_clip"  # fmt: skip
-            groups = {"all": paths, "single_shot": [p for p in paths if not cut[p]],
-                      "with_cut": [p for p in paths if cut[p]]}  # fmt: skip
+            metric = (
+                "sampled_decode_s_per_clip"
+                if scenes == "auto"
+                else "sampled_decode_scenes_always_s_per_clip"
+            )
+            groups = {
+                "all": paths,
+                "single_shot": [p for p in paths if not cut[p]],
+                "with_cut": [p for p in paths if cut[p]],
+            }
             for clips, group in groups.items():
                 if not group:
                     continue
                 t, t_full = sum(took[p] for p in group), sum(ref[p][0] for p in group)
-                emit(metric, t / len(group), t_full / len(group), t_full / t, clips=clips,
-                     worst_clip_ratio=round(min(ref[p][0] / took[p] for p in group), 2),
-                     packets_decoded_fraction=round(sum(decoded[p] for p in group)
-                                                    / sum(ref[p][1] for p in group), 4))  # fmt: skip
+                emit(
+                    metric,
+                    t / len(group),
+                    t_full / len(group),
+                    t_full / t,
+                    clips=clips,
+                    worst_clip_ratio=round(min(ref[p][0] / took[p] for p in group), 2),
+                    packets_decoded_fraction=round(
+                        sum(decoded[p] for p in group) / sum(ref[p][1] for p in group), 4
+                    ),
+                )
 
         # The stages as the pipeline runs them, with one worker process (one core); and
         # on one clip alone, for the fixed start-up. An untimed one-clip run first pays
@@ -191,15 +222,31 @@ def main() -> None:
         t_one, _ = best(args.repeats, run_stages, one, Path(tmp) / "ws-one")
         t_all, (ingest, check) = best(args.repeats, run_stages, src, Path(tmp) / "ws")
         n, ref_rate = len(paths), len(paths) / t_ref
-        emit("ingest_check_clips_per_s_per_core", n / t_all, ref_rate, t_ref / t_all,
-             stages_s=round(t_all, 2), clips_kept=check["kept"], clips=check["clips"],
-             probed=ingest["probed"])  # fmt: skip
+        emit(
+            "ingest_check_clips_per_s_per_core",
+            n / t_all,
+            ref_rate,
+            t_ref / t_all,
+            stages_s=round(t_all, 2),
+            clips_kept=check["kept"],
+            clips=check["clips"],
+            probed=ingest["probed"],
+        )
         marginal = (t_all - t_one) / (n - 1)
         startup = t_one - marginal
-        emit("ingest_check_startup_s", startup, ref[paths[0]][0], ref[paths[0]][0] / startup,
-             note="reference: a full decode of one clip")  # fmt: skip
-        emit("ingest_check_marginal_clips_per_s_per_core", 1 / marginal, ref_rate,
-             1 / marginal / ref_rate)  # fmt: skip
+        emit(
+            "ingest_check_startup_s",
+            startup,
+            ref[paths[0]][0],
+            ref[paths[0]][0] / startup,
+            note="reference: a full decode of one clip",
+        )
+        emit(
+            "ingest_check_marginal_clips_per_s_per_core",
+            1 / marginal,
+            ref_rate,
+            1 / marginal / ref_rate,
+        )
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,12 +49,18 @@ def build_pipeline(model: str, dry: bool):
     device = "cpu" if dry else "cuda"
     dtype = cogvideox.weight_dtype("auto", transformer_config(model, dry), device)
     transformer, _ = build(model, dry, dtype)
-    vae, tokenizer, t5 = build_models(VAE_TINY if dry else VAE_2B, T5_TINY if dry else T5_XXL,
-                                      [PROMPT], device, dtype)  # fmt: skip
-    scheduler = CogVideoXDDIMScheduler(beta_end=0.012, beta_schedule="scaled_linear",
-                                       prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                       snr_shift_scale=3.0 if model == "2b" else 1.0,
-                                       timestep_spacing="trailing", clip_sample=False)  # fmt: skip
+    vae, tokenizer, t5 = build_models(
+        VAE_TINY if dry else VAE_2B, T5_TINY if dry else T5_XXL, [PROMPT], device, dtype
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0 if model == "2b" else 1.0,
+        timestep_spacing="trailing",
+        clip_sample=False,
+    )
     pipe = CogVideoXPipeline(tokenizer, t5, vae, transformer.eval(), scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()
@@ -97,24 +103,36 @@ def model_lines(model: str, args) -> Iterator[dict]:
     from cogpipe.models import speed
 
     pipe, dev = build_pipeline(model, args.dry)
-    options = GenerateOptions(model=model, steps=args.steps, device=dev.type,
-                              **video_size(model, args.dry))  # fmt: skip
+    options = GenerateOptions(
+        model=model, steps=args.steps, device=dev.type, **video_size(model, args.dry)
+    )
     case = (
         f"cogvideox-{model} {options.steps} steps {options.frames}x{options.height}x{options.width}"
     )
     plain = None
     if "plain" in args.variants:
         plain = seconds_per_video(pipe, options, args.repeats)
-        yield {"bench": "generate", "case": f"{case} plain", "metric": "s_per_video",
-               "value": round(plain, 2), "reference": round(plain, 2), "ratio": 1.0}  # fmt: skip
+        yield {
+            "bench": "generate",
+            "case": f"{case} plain",
+            "metric": "s_per_video",
+            "value": round(plain, 2),
+            "reference": round(plain, 2),
+            "ratio": 1.0,
+        }
     if "compile" in args.variants and not args.dry:  # compile needs a GPU
         speed.compile_blocks(pipe.transformer)
         # Compiles: the shapes do not depend on the step count, so 2 steps compile it all.
         seconds_per_video(pipe, options.model_copy(update={"steps": 2}), 1)
         fast = seconds_per_video(pipe, options, args.repeats)
-        yield {"bench": "generate", "case": f"{case} compile", "metric": "s_per_video",
-               "value": round(fast, 2), "reference": plain and round(plain, 2),
-               "ratio": plain and round(plain / fast, 3)}  # fmt: skip
+        yield {
+            "bench": "generate",
+            "case": f"{case} compile",
+            "metric": "s_per_video",
+            "value": round(fast, 2),
+            "reference": plain and round(plain, 2),
+            "ratio": plain and round(plain / fast, 3),
+        }
     del pipe
     if not args.dry:
         torch.cuda.empty_cache()

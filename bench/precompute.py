@@ -74,24 +74,48 @@ from cogpipe.workspace import StageResult, Workspace, write_table  # noqa: E402
 
 MAX_LEN = 226  # CogVideoX's max_text_seq_length
 # THUDM/CogVideoX-2b vae/config.json (also diffusers' defaults for this class).
-VAE_2B = dict(in_channels=3, out_channels=3, latent_channels=16,
-              down_block_types=["CogVideoXDownBlock3D"] * 4,
-              up_block_types=["CogVideoXUpBlock3D"] * 4,
-              block_out_channels=[128, 256, 256, 512], layers_per_block=3, act_fn="silu",
-              norm_eps=1e-6, norm_num_groups=32, temporal_compression_ratio=4,
-              sample_height=480, sample_width=720, scaling_factor=1.15258426,
-              force_upcast=True, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+VAE_2B = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=["CogVideoXDownBlock3D"] * 4,
+    up_block_types=["CogVideoXUpBlock3D"] * 4,
+    block_out_channels=[128, 256, 256, 512],
+    layers_per_block=3,
+    act_fn="silu",
+    norm_eps=1e-6,
+    norm_num_groups=32,
+    temporal_compression_ratio=4,
+    sample_height=480,
+    sample_width=720,
+    scaling_factor=1.15258426,
+    force_upcast=True,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
 # google/t5-v1_1-xxl, the text encoder of every CogVideoX.
-T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-              feed_forward_proj="gated-gelu", vocab_size=32128, relative_attention_num_buckets=32,
-              layer_norm_epsilon=1e-6, tie_word_embeddings=False)  # fmt: skip
+T5_XXL = dict(
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    vocab_size=32128,
+    relative_attention_num_buckets=32,
+    layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
 # The tiny CogVideoX of cogpipe.samples (DESIGN.md's sizes) for --dry.
-VAE_TINY = VAE_2B | dict(block_out_channels=[8, 8, 8, 8], latent_channels=4, layers_per_block=1,
-                         norm_num_groups=2)  # fmt: skip
+VAE_TINY = VAE_2B | dict(
+    block_out_channels=[8, 8, 8, 8], latent_channels=4, layers_per_block=1, norm_num_groups=2
+)
 T5_TINY = T5_XXL | dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
 SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
-WORDS = ("a fighter slaps his opponent across the cheek while the referee watches and the "
-         "crowd cheers under bright arena lights in slow motion close up wide shot").split()  # fmt: skip
+WORDS = (
+    "a fighter slaps his opponent across the cheek while the referee watches and the "
+    "crowd cheers under bright arena lights in slow motion close up wide shot"
+).split()
 
 # name -> clip files (width, height, fps, seconds) and samples (frames, height, width)
 SIZES = {
@@ -139,11 +163,22 @@ def clips_table(paths: list[Path], source: tuple, tag: str) -> pd.DataFrame:
     width, height, fps, seconds = source
     rng = np.random.default_rng(0)  # the tag keeps captions of different tables apart
     captions = [f"{tag} {i}: " + " ".join(rng.choice(WORDS, 60)) for i in range(len(paths))]
-    return pd.DataFrame({"clip_id": [f"{tag}{i:04d}" for i in range(len(paths))],
-                         "video_id": [f"{tag}-video{i:04d}" for i in range(len(paths))],
-                         "path": [str(p) for p in paths], "start": 0.0, "end": seconds,
-                         "fps": float(fps), "width": width, "height": height, "split": "train",
-                         "keep": True, "caption": captions, "selected": True})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "clip_id": [f"{tag}{i:04d}" for i in range(len(paths))],
+            "video_id": [f"{tag}-video{i:04d}" for i in range(len(paths))],
+            "path": [str(p) for p in paths],
+            "start": 0.0,
+            "end": seconds,
+            "fps": float(fps),
+            "width": width,
+            "height": height,
+            "split": "train",
+            "keep": True,
+            "caption": captions,
+            "selected": True,
+        }
+    )
 
 
 def write_upstream(root: Path, clips: pd.DataFrame, tag: str) -> dict[str, StageResult]:
@@ -151,8 +186,10 @@ def write_upstream(root: Path, clips: pd.DataFrame, tag: str) -> dict[str, Stage
     check, filt = root / "check" / tag, root / "filter" / tag
     write_table(check / "clips.parquet", clips.drop(columns=["caption", "selected"]))
     write_table(filt / "curated.parquet", clips[["clip_id", "caption", "selected"]])
-    return {"check": StageResult("check", tag, str(check)),
-            "filter": StageResult("filter", tag, str(filt))}  # fmt: skip
+    return {
+        "check": StageResult("check", tag, str(check)),
+        "filter": StageResult("filter", tag, str(filt)),
+    }
 
 
 # --------------------------------------------------------------------------- models
@@ -161,8 +198,10 @@ def write_upstream(root: Path, clips: pd.DataFrame, tag: str) -> dict[str, Stage
 def write_model_folder(folder: Path, vae_config: dict) -> Path:
     """A diffusers-layout folder with the configs precompute reads (no weights)."""
     transformer = {"_class_name": "CogVideoXTransformer3DModel", "max_text_seq_length": MAX_LEN}
-    for name, config in [("transformer", transformer),
-                         ("vae", {"_class_name": "AutoencoderKLCogVideoX"} | vae_config)]:  # fmt: skip
+    for name, config in [
+        ("transformer", transformer),
+        ("vae", {"_class_name": "AutoencoderKLCogVideoX"} | vae_config),
+    ]:
         (folder / name).mkdir(parents=True, exist_ok=True)
         (folder / name / "config.json").write_text(json.dumps(config))
     return folder
@@ -214,8 +253,9 @@ def reference(vae, tokenizer, t5, clips: pd.DataFrame, sample: tuple) -> dict[st
 def cogpipe_run(root: Path, model: Path, clips: pd.DataFrame, tag: str, sample, bs, device):
     """run_precompute over `clips` on workspace `root`; returns (result, wall seconds)."""
     frames, height, width = sample
-    p = PrecomputeConfig(frames=frames, fps=8, height=height, width=width, batch_size=bs,
-                         min_psnr=0, device=device)  # fmt: skip
+    p = PrecomputeConfig(
+        frames=frames, fps=8, height=height, width=width, batch_size=bs, min_psnr=0, device=device
+    )
     cfg = PipelineConfig(workspace=root, model=str(model), precompute=p)
     upstream = write_upstream(root, clips, tag)
     started = time.perf_counter()
@@ -260,9 +300,17 @@ class Bench:
     def emit(self, case: str, metric: str, value, reference, ratio=None) -> None:
         if ratio is None and value is not None and reference:
             ratio = value / reference
-        line = {"bench": "precompute", "case": case, "metric": metric, "value": _round(value),
-                "reference": _round(reference), "ratio": _round(ratio, 2),
-                "device": self.device, "date": self.date, "commit": self.commit}  # fmt: skip
+        line = {
+            "bench": "precompute",
+            "case": case,
+            "metric": metric,
+            "value": _round(value),
+            "reference": _round(reference),
+            "ratio": _round(ratio, 2),
+            "device": self.device,
+            "date": self.date,
+            "commit": self.commit,
+        }
         print(json.dumps(line), flush=True)
         self.lines.append(line)
 
@@ -277,8 +325,9 @@ def _inverse_ratio(value, reference):
 
 
 def commit_of(args) -> str:
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=ROOT).stdout.strip()  # fmt: skip
+    git = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
     return args.commit or os.environ.get("COMMIT") or git or "unknown"
 
 
@@ -298,8 +347,10 @@ def main() -> None:
     frames, height, width = sample
     name = "tiny vae+t5 (dry)" if args.dry else "cogvideox-2b vae+t5"
     label = f"{name} {frames}x{height}x{width}"
-    bench = Bench(torch.cuda.get_device_name() if device == "cuda" else
-                  f"cpu-{platform.machine()}", commit_of(args))  # fmt: skip
+    bench = Bench(
+        torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}",
+        commit_of(args),
+    )
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cogpipe-bench-precompute-") as tmp:
@@ -312,8 +363,9 @@ def main() -> None:
         vae_config = VAE_TINY if args.dry else VAE_2B
         model = write_model_folder(tmp / "model", vae_config)
         captions = list(clips.caption) + list(warm.caption)
-        vae, tokenizer, t5 = build_models(vae_config, T5_TINY if args.dry else T5_XXL, captions,
-                                          device, dtype)  # fmt: skip
+        vae, tokenizer, t5 = build_models(
+            vae_config, T5_TINY if args.dry else T5_XXL, captions, device, dtype
+        )
 
         torch.backends.cudnn.benchmark = False  # the example's setting (PyTorch's default)
         reference(vae, tokenizer, t5, clips.iloc[:1], sample)  # warm-up
@@ -326,11 +378,13 @@ def main() -> None:
             res = None
             with models_handed_over(vae, tokenizer, t5):
                 try:
-                    cogpipe_run(tmp / f"ws-bs{bs}", model, warm.iloc[:bs], "warm", sample, bs,
-                                device)  # fmt: skip
+                    cogpipe_run(
+                        tmp / f"ws-bs{bs}", model, warm.iloc[:bs], "warm", sample, bs, device
+                    )
                     reset_peak(device)
-                    res, seconds = cogpipe_run(tmp / f"ws-bs{bs}", model, clips, "clip", sample,
-                                               bs, device)  # fmt: skip
+                    res, seconds = cogpipe_run(
+                        tmp / f"ws-bs{bs}", model, clips, "clip", sample, bs, device
+                    )
                 except torch.cuda.OutOfMemoryError:
                     pass  # freed below, once the traceback (and its tensors) is gone
             if res is None:
@@ -342,14 +396,17 @@ def main() -> None:
             peak = peak_gb(device)
             bench.emit(case, "peak_mem_gb", peak, ref_peak, _inverse_ratio(peak, ref_peak))
             parts = res.stats["seconds"]
-            for metric, ours, theirs in [("decode_s_per_clip", "decode_wait", "decode"),
-                                         ("vae_s_per_clip", "vae_encode", "vae"),
-                                         ("t5_s_per_clip", "text_encode", "t5"),
-                                         ("spot_check_s_per_clip", "spot_check", None)]:  # fmt: skip
+            for metric, ours, theirs in [
+                ("decode_s_per_clip", "decode_wait", "decode"),
+                ("vae_s_per_clip", "vae_encode", "vae"),
+                ("t5_s_per_clip", "text_encode", "t5"),
+                ("spot_check_s_per_clip", "spot_check", None),
+            ]:
                 value = parts.get(ours, 0.0) / len(clips)
                 reference_value = ref[theirs] / len(clips) if theirs else None
-                bench.emit(case, metric, value, reference_value,
-                           _inverse_ratio(value, reference_value))  # fmt: skip
+                bench.emit(
+                    case, metric, value, reference_value, _inverse_ratio(value, reference_value)
+                )
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

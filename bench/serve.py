@@ -114,9 +114,17 @@ def requests(n: int, options) -> list[dict]:
     out = []
     for i in range(n):
         scene = SCENES[i % len(SCENES)]
-        body = {"template": scene, "slots": SLOTS, "lora": cycle[i % len(cycle)],
-                "seed": 42 + i, "steps": options.steps, "guidance": options.guidance,
-                "frames": options.frames, "height": options.height, "width": options.width}  # fmt: skip
+        body = {
+            "template": scene,
+            "slots": SLOTS,
+            "lora": cycle[i % len(cycle)],
+            "seed": 42 + i,
+            "steps": options.steps,
+            "guidance": options.guidance,
+            "frames": options.frames,
+            "height": options.height,
+            "width": options.width,
+        }
         out.append(body | {"prompt_text": render(templates, scene, SLOTS)})
     return out
 
@@ -164,8 +172,9 @@ def switch_times(model_dir: Path, loras: dict[str, Path], options, compile: bool
         file = lora_file(str(path))
         resident.append(Lora(name, file, sha256_file(file)))
         adapters.add(resident[-1])
-    short = options.model_copy(update={"steps": 2, "frames": SWITCH_FRAMES if not args.dry
-                                       else options.frames})  # fmt: skip
+    short = options.model_copy(
+        update={"steps": 2, "frames": SWITCH_FRAMES if not args.dry else options.frames}
+    )
     times: dict[str, list[float]] = {"switch": [], "after": [], "again": [], "reload": []}
     graphs = 0
     for round_ in range(args.switch_rounds + 1):  # round 0 warms up (compiles) every variant
@@ -200,8 +209,11 @@ def switch_times(model_dir: Path, loras: dict[str, Path], options, compile: bool
 def cogpipe_command() -> list[str]:
     """The `cogpipe` console script of this interpreter's environment (how a user runs it)."""
     script = shutil.which("cogpipe", path=str(Path(sys.executable).parent))
-    return [script] if script else [sys.executable, "-c", "import sys; from cogpipe.cli import "
-                                    "main; sys.exit(main())"]  # fmt: skip
+    return (
+        [script]
+        if script
+        else [sys.executable, "-c", "import sys; from cogpipe.cli import main; sys.exit(main())"]
+    )
 
 
 def wait_ready(client, process, timeout: float) -> None:
@@ -225,8 +237,9 @@ def wait_ready(client, process, timeout: float) -> None:
     raise RuntimeError(f"cogpipe serve-api did not answer within {timeout:.0f} s")
 
 
-def service_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, mode: str,
-                args) -> dict:  # fmt: skip
+def service_run(
+    model_dir: Path, loras: dict, bodies: list[dict], work: Path, mode: str, args
+) -> dict:
     """Start the service, post every request, wait for all: finish times from the start,
     and the mp4 of each request.
 
@@ -236,13 +249,24 @@ def service_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, mo
     import httpx
 
     port = free_port()
-    command = [*cogpipe_command(), "serve-api", "--model", str(model_dir), "--port", str(port),
-               "--folder", str(work / "api")]  # fmt: skip
+    command = [
+        *cogpipe_command(),
+        "serve-api",
+        "--model",
+        str(model_dir),
+        "--port",
+        str(port),
+        "--folder",
+        str(work / "api"),
+    ]
     command += [f"--lora={name}={path}" for name, path in loras.items()]
     command += ["--device", args.device] + (["--compile"] if mode == "compile" else [])
     work.mkdir(parents=True, exist_ok=True)
-    headers = {"Authorization": f"Bearer {os.environ['COGPIPE_API_KEY']}"} if os.environ.get(
-        "COGPIPE_API_KEY") else {}  # fmt: skip
+    headers = (
+        {"Authorization": f"Bearer {os.environ['COGPIPE_API_KEY']}"}
+        if os.environ.get("COGPIPE_API_KEY")
+        else {}
+    )
     log = open(work / "service.log", "w")  # noqa: SIM115 (closed in finally)
     started = time.time()  # the service's job times are time.time() too
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -251,8 +275,10 @@ def service_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, mo
             wait_ready(c, process, args.start_timeout)
             ids = []
             for body in bodies:
-                posted = c.post("/v1/videos", json={k: v for k, v in body.items()
-                                                    if k != "prompt_text" and v is not None})  # fmt: skip
+                posted = c.post(
+                    "/v1/videos",
+                    json={k: v for k, v in body.items() if k != "prompt_text" and v is not None},
+                )
                 if posted.status_code not in (200, 202):  # 200: a stored result
                     raise RuntimeError(f"POST /v1/videos: {posted.status_code} {posted.text}")
                 ids.append(posted.json()["id"])
@@ -302,8 +328,16 @@ def cli_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, args) 
     seconds, videos = [], []
     for k, body in enumerate(bodies):
         out = work / "cli" / f"{k:03d}.mp4"
-        command = [*cogpipe_command(), "generate", "--model", str(model_dir),
-                   "--prompt", body["prompt_text"], "--output", str(out)]  # fmt: skip
+        command = [
+            *cogpipe_command(),
+            "generate",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            body["prompt_text"],
+            "--output",
+            str(out),
+        ]
         for flag in ("seed", "steps", "guidance", "frames", "height", "width"):
             command += [f"--{flag}", str(body[flag])]
         command += ["--lora", str(loras[body["lora"]])] if body["lora"] else []
@@ -323,8 +357,14 @@ def cli_run(model_dir: Path, loras: dict, bodies: list[dict], work: Path, args) 
 def line(case: str, metric: str, value: float, reference: float, lower_is_better=True) -> dict:
     """One result line; `ratio` > 1 when the value beats the reference."""
     ratio = reference / value if lower_is_better else value / reference
-    return {"bench": "serve", "case": case, "metric": metric, "value": round(value, 4),
-            "reference": round(reference, 4), "ratio": round(ratio, 3)}  # fmt: skip
+    return {
+        "bench": "serve",
+        "case": case,
+        "metric": metric,
+        "value": round(value, 4),
+        "reference": round(reference, 4),
+        "ratio": round(ratio, 3),
+    }
 
 
 def psnr(a: bytes, b: bytes) -> float:
@@ -346,19 +386,31 @@ def agreement(served: list[bytes], cli: list[bytes]) -> dict:
     """How the service's videos compare with the CLI's: equal count, and the lowest PSNR."""
     equal = sum(a == b for a, b in zip(served, cli, strict=True))
     low = min(psnr(a, b) for a, b in zip(served, cli, strict=True))
-    return {"outputs_equal": f"{equal}/{len(cli)}",
-            "min_psnr_db": None if low == float("inf") else round(low, 2)}  # None: all equal
+    return {
+        "outputs_equal": f"{equal}/{len(cli)}",
+        "min_psnr_db": None if low == float("inf") else round(low, 2),
+    }  # None: all equal
 
 
 def switch_lines(case: str, switch: dict) -> list[dict]:
     """The switch against loading per request; a short video after a switch against again."""
     graphs = {"graphs_compiled_after_warmup": switch["graphs"]}
     return [
-        line(f"{case} switch vs load per request", "lora_switch_s", switch["switch"],
-             switch["reload"]) | graphs,
-        line(f"{case} {SWITCH_FRAMES}-frame 2-step video after a switch vs again",
-             "s_per_video_after_switch", switch["after"], switch["again"]) | graphs,
-    ]  # fmt: skip
+        line(
+            f"{case} switch vs load per request",
+            "lora_switch_s",
+            switch["switch"],
+            switch["reload"],
+        )
+        | graphs,
+        line(
+            f"{case} {SWITCH_FRAMES}-frame 2-step video after a switch vs again",
+            "s_per_video_after_switch",
+            switch["after"],
+            switch["again"],
+        )
+        | graphs,
+    ]
 
 
 def stream_lines(case: str, done: list[float], cli_seconds: list[float]) -> list[dict]:
@@ -369,10 +421,15 @@ def stream_lines(case: str, done: list[float], cli_seconds: list[float]) -> list
     return [
         line(case, "first_video_s", done[0], cli_seconds[0]),
         line(case, "p50_s_per_video", p50, cli_p50),
-        line(case, "videos_per_hour", 3600 * n / done[-1], 3600 * n / sum(cli_seconds),
-             lower_is_better=False),
+        line(
+            case,
+            "videos_per_hour",
+            3600 * n / done[-1],
+            3600 * n / sum(cli_seconds),
+            lower_is_better=False,
+        ),
         line(case, "videos_per_hour_warm", 3600 / p50, 3600 / cli_p50, lower_is_better=False),
-    ]  # fmt: skip
+    ]
 
 
 def model_lines(model: str, args):
@@ -397,8 +454,7 @@ def model_lines(model: str, args):
             streams[mode] = service_run(model_dir, loras, bodies, work / mode, mode, args)
             if mode == args.modes[0]:
                 cli = cli_run(model_dir, loras, bodies, work, args)
-            for x in stream_lines(f"{case} {mode} {stream}", streams[mode]["done"],
-                                  cli["seconds"]):  # fmt: skip
+            for x in stream_lines(f"{case} {mode} {stream}", streams[mode]["done"], cli["seconds"]):
                 yield x | agreement(streams[mode]["videos"], cli["videos"])
 
 
@@ -410,8 +466,11 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8, help="requests in the stream")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--switch-rounds", type=int, default=3, help="after a warm-up round")
-    parser.add_argument("--modes", default="eager,compile",
-                        help="the service's modes: eager (resident adapters), compile (hot-swap)")  # fmt: skip
+    parser.add_argument(
+        "--modes",
+        default="eager,compile",
+        help="the service's modes: eager (resident adapters), compile (hot-swap)",
+    )
     parser.add_argument("--start-timeout", type=float, default=900.0, help="service start, s")
     parser.add_argument("--workdir", help="where model folders go (default: the temp folder)")
     parser.add_argument("--dry", action="store_true", help="tiny 2B on the CPU, 4 videos")

@@ -41,8 +41,9 @@ CASES = {
 }
 
 
-def measure(rank: int, progress, case: str, processes: int, dry: bool, accum: int, warmup: int,
-            steps: int) -> dict:  # fmt: skip
+def measure(
+    rank: int, progress, case: str, processes: int, dry: bool, accum: int, warmup: int, steps: int
+) -> dict:
     """One rank of a measurement: `warmup` untimed steps (compilation), then `steps` timed."""
     import torch
     from train_step import build, inputs, shapes, transformer_config
@@ -55,7 +56,9 @@ def measure(rank: int, progress, case: str, processes: int, dry: bool, accum: in
     model, overrides = CASES[case]
     device = "cpu" if dry else f"cuda:{rank}"
     if dry:
-        torch.set_num_threads(1)  # as cogpipe.distributed.init_group sets CPU ranks: the 1-process run too
+        torch.set_num_threads(
+            1
+        )  # as cogpipe.distributed.init_group sets CPU ranks: the 1-process run too
     else:
         torch.cuda.set_device(device)
     config = transformer_config(model, dry)
@@ -63,9 +66,19 @@ def measure(rank: int, progress, case: str, processes: int, dry: bool, accum: in
     torch.manual_seed(0)  # the same random weights in every process (FSDP shards each rank's own)
     transformer, scheduler = build(model, dry, dtype)
     strategy = "single" if processes == 1 else ("fsdp" if case == "fsdp-full" else "ddp")
-    t = TrainConfig(**({"max_steps": warmup + steps, "lr_warmup_steps": 0, "device": "cpu" if dry
-                        else "cuda", "gradient_accumulation_steps": accum, "num_processes": processes,
-                        "compile": not dry} | overrides))  # fmt: skip
+    t = TrainConfig(
+        **(
+            {
+                "max_steps": warmup + steps,
+                "lr_warmup_steps": 0,
+                "device": "cpu" if dry else "cuda",
+                "gradient_accumulation_steps": accum,
+                "num_processes": processes,
+                "compile": not dry,
+            }
+            | overrides
+        )
+    )
     trainer = build_trainer(transformer, scheduler, t, seed=0, device=device, strategy=strategy)
     s = shapes(config, dry)
     latents, embeds = inputs(transformer_config(model, dry), s)
@@ -90,8 +103,11 @@ def measure(rank: int, progress, case: str, processes: int, dry: bool, accum: in
     tic = time.perf_counter()
     loss = run(warmup + 1, steps)
     seconds = (time.perf_counter() - tic) / steps
-    return {"s_per_step": seconds, "loss": loss,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}  # fmt: skip
+    return {
+        "s_per_step": seconds,
+        "loss": loss,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
 
 
 def run_case(case: str, processes: int, args) -> dict:
@@ -124,9 +140,18 @@ def _round(x: float | None) -> float | None:
 
 def line(common: dict, case: str, metric: str, value, reference, ratio, **extra) -> str:
     """A result line: `ratio` > 1 is better than the reference."""
-    return json.dumps({"bench": "train_ddp", "case": case, "metric": metric,
-                       "value": _round(value), "reference": _round(reference),
-                       "ratio": _round(ratio)} | extra | common)  # fmt: skip
+    return json.dumps(
+        {
+            "bench": "train_ddp",
+            "case": case,
+            "metric": metric,
+            "value": _round(value),
+            "reference": _round(reference),
+            "ratio": _round(ratio),
+        }
+        | extra
+        | common
+    )
 
 
 def main() -> None:
@@ -152,19 +177,42 @@ def main() -> None:
         for got in (one, many):
             if "error" in got:
                 n = 1 if got is one else args.gpus
-                print(json.dumps({"bench": "train_ddp", "case": f"{what} ({n} process)",
-                                  "metric": "s_per_step", "value": None, "error": got["error"]}
-                                 | common), flush=True)  # fmt: skip
+                print(
+                    json.dumps(
+                        {
+                            "bench": "train_ddp",
+                            "case": f"{what} ({n} process)",
+                            "metric": "s_per_step",
+                            "value": None,
+                            "error": got["error"],
+                        }
+                        | common
+                    ),
+                    flush=True,
+                )
         if "error" in many:
             continue
         ref = None if "error" in one else one
         extra = {"loss": many["loss"], "reference_loss": ref and ref["loss"]}
         rate, ref_rate = 1 / many["s_per_step"], ref and 1 / ref["s_per_step"]
-        print(line(common, what, "steps_per_s", rate, ref_rate, ref_rate and rate / ref_rate,
-                   **extra), flush=True)  # fmt: skip
+        print(
+            line(
+                common, what, "steps_per_s", rate, ref_rate, ref_rate and rate / ref_rate, **extra
+            ),
+            flush=True,
+        )
         peak, ref_peak = many["peak_mem_gb"], ref and ref["peak_mem_gb"]
-        print(line(common, what, "peak_mem_gb_per_gpu", peak, ref_peak,
-                   ref_peak and peak and ref_peak / peak), flush=True)  # fmt: skip
+        print(
+            line(
+                common,
+                what,
+                "peak_mem_gb_per_gpu",
+                peak,
+                ref_peak,
+                ref_peak and peak and ref_peak / peak,
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

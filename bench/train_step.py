@@ -50,8 +50,13 @@ FITS_GIB = 75.0  # what fits an 80 GB H100, with room for the CUDA context and f
 # The transformer configs of the hub models (transformer/config.json) where they differ
 # from diffusers' defaults, which are CogVideoX-2b's.
 _5B = {"num_attention_heads": 48, "num_layers": 42, "use_rotary_positional_embeddings": True}
-_1_5 = _5B | {"patch_size_t": 2, "patch_bias": False, "sample_height": 300, "sample_width": 300,
-              "sample_frames": 81}  # fmt: skip
+_1_5 = _5B | {
+    "patch_size_t": 2,
+    "patch_bias": False,
+    "sample_height": 300,
+    "sample_width": 300,
+    "sample_frames": 81,
+}
 MODELS = {
     "2b": {"num_attention_heads": 30, "num_layers": 30, "use_rotary_positional_embeddings": False},
     "5b": _5B,
@@ -61,9 +66,19 @@ MODELS = {
 }
 # Tiny sizes for a dry run, each model's generation kept (`transformer_config`): image-to-video
 # doubles the latent channels, 1.5-I2V's ofs embedding is as wide as the time embedding.
-TINY = {"num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2, "in_channels": 4,
-        "out_channels": 4, "time_embed_dim": 8, "text_embed_dim": 32, "max_text_seq_length": 16,
-        "sample_width": 8, "sample_height": 8, "sample_frames": 9}  # fmt: skip
+TINY = {
+    "num_attention_heads": 2,
+    "attention_head_dim": 16,
+    "num_layers": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "time_embed_dim": 8,
+    "text_embed_dim": 32,
+    "max_text_seq_length": 16,
+    "sample_width": 8,
+    "sample_height": 8,
+    "sample_frames": 9,
+}
 
 # Variants: (kind, train-section overrides). "naive*" are the reference implementation.
 VARIANTS = {
@@ -135,11 +150,25 @@ def shapes(config: dict, dry: bool) -> dict:
     wide = config.get("patch_size_t") == 2
     if dry:
         frames = 81 if wide else 9
-        return {"frames": (frames - 1) // 4 + 1, "h": 8, "w": 8, "pixel_frames": frames,
-                "height": 64, "width": 64, "text": 16}  # fmt: skip
+        return {
+            "frames": (frames - 1) // 4 + 1,
+            "h": 8,
+            "w": 8,
+            "pixel_frames": frames,
+            "height": 64,
+            "width": 64,
+            "text": 16,
+        }
     frames, height, width = (81, 768, 1360) if wide else (49, 480, 720)
-    return {"frames": (frames - 1) // 4 + 1, "h": height // 8, "w": width // 8,
-            "pixel_frames": frames, "height": height, "width": width, "text": 226}  # fmt: skip
+    return {
+        "frames": (frames - 1) // 4 + 1,
+        "h": height // 8,
+        "w": width // 8,
+        "pixel_frames": frames,
+        "height": height,
+        "width": width,
+        "text": 226,
+    }
 
 
 def model_tflops(config: dict, s: dict) -> float:
@@ -166,9 +195,14 @@ def build(model: str, dry: bool, dtype):
     with torch.device(device):
         transformer = CogVideoXTransformer3DModel(**transformer_config(model, dry))
     transformer = transformer.to(dtype).requires_grad_(False)
-    scheduler = CogVideoXDPMScheduler(beta_end=0.012, beta_schedule="scaled_linear",
-                                      prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                      snr_shift_scale=3.0, timestep_spacing="trailing")  # fmt: skip
+    scheduler = CogVideoXDPMScheduler(
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
     return transformer, scheduler
 
 
@@ -206,8 +240,14 @@ def naive_steps(model: str, overrides: dict, dry: bool, steps: int):
     dtype = torch.float32 if dry else torch.bfloat16
     transformer, scheduler = build(model, dry, dtype)
     config, s = transformer.config, shapes(transformer_config(model, dry), dry)
-    transformer.add_adapter(LoraConfig(r=128, lora_alpha=64, init_lora_weights=True,
-                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+    transformer.add_adapter(
+        LoraConfig(
+            r=128,
+            lora_alpha=64,
+            init_lora_weights=True,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -223,8 +263,9 @@ def naive_steps(model: str, overrides: dict, dry: bool, steps: int):
     yield transformer
     for step in range(steps):
         with torch.autocast(device.type, dtype=dtype, enabled=not dry):
-            loss = diffusion_loss(transformer, scheduler, latents, embeds, rotary, generator(step),
-                                  **extra)  # fmt: skip
+            loss = diffusion_loss(
+                transformer, scheduler, latents, embeds, rotary, generator(step), **extra
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -313,8 +354,17 @@ def measure(
 
 def run_variant(model: str, variant: str, args) -> dict:
     """`measure` in a child process; {"error": ...} when it fails (out of memory, say)."""
-    cmd = [sys.executable, __file__, "--one", model, variant, "--warmup", str(args.warmup),
-           "--steps", str(args.steps)] + (["--dry"] if args.dry else [])  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        model,
+        variant,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+    ] + (["--dry"] if args.dry else [])
     if args.profile and variant in args.profile_variants.split(","):
         cmd += ["--profile", args.profile]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -345,19 +395,31 @@ def model_lines(model: str, variants: list[str], args) -> Iterator[dict]:
         got = run_variant(model, variant, args)
         case = f"cogvideox-{model} lora r128 {size} bs1 {variant}"
         if "error" in got:
-            yield {"bench": "train_step", "case": case, "metric": "s_per_step", "value": None,
-                   "error": got["error"]}  # fmt: skip
+            yield {
+                "bench": "train_step",
+                "case": case,
+                "metric": "s_per_step",
+                "value": None,
+                "error": got["error"],
+            }
             continue
         seconds, peak = got["s_per_step"], got["peak_mem_gb"]
         reference = reference or seconds  # the reference runs first
-        yield {"bench": "train_step", "case": case, "metric": "s_per_step",
-               "value": round(seconds, 4), "reference": round(reference, 4),
-               "ratio": round(reference / seconds, 3),
-               "mfu": round(tflops / seconds / PEAK_TFLOPS, 4),
-               "peak_mem_gb": peak and round(peak, 2),
-               "fits_80gb": None if peak is None else peak <= FITS_GIB,
-               "model_tflop": round(tflops, 1), "dtype": got["dtype"],
-               "warmup_s": round(got["warmup_s"], 1), "loss": got["loss"]}  # fmt: skip
+        yield {
+            "bench": "train_step",
+            "case": case,
+            "metric": "s_per_step",
+            "value": round(seconds, 4),
+            "reference": round(reference, 4),
+            "ratio": round(reference / seconds, 3),
+            "mfu": round(tflops / seconds / PEAK_TFLOPS, 4),
+            "peak_mem_gb": peak and round(peak, 2),
+            "fits_80gb": None if peak is None else peak <= FITS_GIB,
+            "model_tflop": round(tflops, 1),
+            "dtype": got["dtype"],
+            "warmup_s": round(got["warmup_s"], 1),
+            "loss": got["loss"],
+        }
 
 
 def main() -> None:

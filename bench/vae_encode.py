@@ -53,8 +53,11 @@ def measure(variant: str, batch: int, repeats: int) -> dict:
             out = vae.encode(x).latent_dist.mean
         out.float().sum().item()
     seconds = (time.perf_counter() - tic) / repeats / batch
-    return {"s_per_clip": seconds, "warmup_s": warm,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9}  # fmt: skip
+    return {
+        "s_per_clip": seconds,
+        "warmup_s": warm,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
 
 
 def main() -> None:
@@ -70,26 +73,59 @@ def main() -> None:
 
     import torch
 
-    common = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-              "commit": os.environ.get("COMMIT", "unknown")}  # fmt: skip
+    common = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "commit": os.environ.get("COMMIT", "unknown"),
+    }
     reference = None
     for variant in ["default"] + [v for v in args.variants.split(",") if v != "default"]:
-        cmd = [sys.executable, __file__, "--one", variant, "--batch", str(args.batch),
-               "--repeats", str(args.repeats)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            variant,
+            "--batch",
+            str(args.batch),
+            "--repeats",
+            str(args.repeats),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         case = f"cogvideox-2b vae encode fp16 49x480x720 bs{args.batch} {variant}"
         if proc.returncode:
             error = " | ".join(proc.stderr.strip().splitlines()[-2:])[-300:]
-            print(json.dumps({"bench": "vae_encode", "case": case, "metric": "s_per_clip",
-                              "value": None, "error": error} | common), flush=True)  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "bench": "vae_encode",
+                        "case": case,
+                        "metric": "s_per_clip",
+                        "value": None,
+                        "error": error,
+                    }
+                    | common
+                ),
+                flush=True,
+            )
             continue
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         reference = reference or got["s_per_clip"]
-        print(json.dumps({"bench": "vae_encode", "case": case, "metric": "s_per_clip",
-                          "value": round(got["s_per_clip"], 4), "reference": round(reference, 4),
-                          "ratio": round(reference / got["s_per_clip"], 3),
-                          "peak_mem_gb": round(got["peak_mem_gb"], 2),
-                          "warmup_s": round(got["warmup_s"], 1)} | common), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "bench": "vae_encode",
+                    "case": case,
+                    "metric": "s_per_clip",
+                    "value": round(got["s_per_clip"], 4),
+                    "reference": round(reference, 4),
+                    "ratio": round(reference / got["s_per_clip"], 3),
+                    "peak_mem_gb": round(got["peak_mem_gb"], 2),
+                    "warmup_s": round(got["warmup_s"], 1),
+                }
+                | common
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

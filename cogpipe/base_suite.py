@@ -43,10 +43,12 @@ def base_key(cfg: PipelineConfig, request) -> str:
     Text-to-video keys are as before."""
     ec = cfg.evaluate
     key = {
-        "v": BASE_VERSION, "model_fp": model_fingerprint(cfg.model),
+        "v": BASE_VERSION,
+        "model_fp": model_fingerprint(cfg.model),
         "settings": {f: getattr(ec, f) for f in VIDEO_FIELDS},
-        "prompt": request.prompt, "seed": request.seed,
-    }  # fmt: skip
+        "prompt": request.prompt,
+        "seed": request.seed,
+    }
     image = getattr(request, "image", None)
     if image is not None:
         key["image"] = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()[:16]
@@ -60,8 +62,9 @@ def write_video(path: Path, frames: np.ndarray, fps: int) -> None:
         write_mp4(tmp, frames, fps)
 
 
-def base_video(ws: Workspace, cfg: PipelineConfig, request,
-               make: Callable[[], np.ndarray]) -> tuple[Path, float]:  # fmt: skip
+def base_video(
+    ws: Workspace, cfg: PipelineConfig, request, make: Callable[[], np.ndarray]
+) -> tuple[Path, float]:
     """The store's base-model video of a request and the seconds it took to generate,
     generated now (once, under its lock: a parallel evaluation waits for it) if missing.
 
@@ -78,11 +81,18 @@ def base_video(ws: Workspace, cfg: PipelineConfig, request,
             started = time.time()
             frames = make()  # [F, H, W, 3] uint8
             seconds = round(time.time() - started, 3)
-            write_json(record, {
-                "key": key, "prompt": request.prompt, "seed": request.seed, "model": cfg.model,
-                "model_fp": model_fingerprint(cfg.model), "seconds": seconds,
-                "settings": {f: getattr(cfg.evaluate, f) for f in VIDEO_FIELDS},
-            })  # fmt: skip
+            write_json(
+                record,
+                {
+                    "key": key,
+                    "prompt": request.prompt,
+                    "seed": request.seed,
+                    "model": cfg.model,
+                    "model_fp": model_fingerprint(cfg.model),
+                    "seconds": seconds,
+                    "settings": {f: getattr(cfg.evaluate, f) for f in VIDEO_FIELDS},
+                },
+            )
             write_video(path, frames, cfg.evaluate.fps)  # the commit: a video is there or not
     seconds = read_json(record).get("seconds", 0.0) if record.is_file() else 0.0
     return path, seconds

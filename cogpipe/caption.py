@@ -66,12 +66,25 @@ from cogpipe.workspace import (
 )
 
 VERSION = 3  # 3: batches dealt to shards in turn (was: clips by a hash of clip_id)
-EXISTING_COLUMNS = {"error": None, "model": None, "prompt_hash": None, "tokens": 0,
-                    "truncated": False, "seconds": 0.0}  # fmt: skip
+EXISTING_COLUMNS = {
+    "error": None,
+    "model": None,
+    "prompt_hash": None,
+    "tokens": 0,
+    "truncated": False,
+    "seconds": 0.0,
+}
 COLUMNS = [
-    "clip_id", "caption", "error", "model", "prompt_hash", "tokens", "truncated", "seconds",
+    "clip_id",
+    "caption",
+    "error",
+    "model",
+    "prompt_hash",
+    "tokens",
+    "truncated",
+    "seconds",
     "source",
-]  # fmt: skip
+]
 DECODE_AHEAD = 3  # batches decoded ahead of the one generating
 
 
@@ -251,11 +264,21 @@ def caption_batch(
         if i in generated:
             text, tokens, truncated = generated[i]
             error = None if text else "empty caption"
-            row |= {"caption": text or None, "error": error, "tokens": tokens,
-                    "truncated": truncated, "seconds": per_clip}  # fmt: skip
+            row |= {
+                "caption": text or None,
+                "error": error,
+                "tokens": tokens,
+                "truncated": truncated,
+                "seconds": per_clip,
+            }
         else:
-            row |= {"caption": None, "error": decoded[i][1], "tokens": 0,
-                    "truncated": False, "seconds": 0.0}  # fmt: skip
+            row |= {
+                "caption": None,
+                "error": decoded[i][1],
+                "tokens": 0,
+                "truncated": False,
+                "seconds": 0.0,
+            }
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -323,8 +346,17 @@ Part = tuple[int, int, pd.DataFrame]  # (shard, index in the shard, batch)
 class _Parts:
     """Commits caption parts, each held (`ws.hold`) by this process while it writes it."""
 
-    def __init__(self, ws: Workspace, out: Path, cc: CaptionConfig, shards: list[int],
-                 prompt: str | None, progress: Progress, done: int, total: int):  # fmt: skip
+    def __init__(
+        self,
+        ws: Workspace,
+        out: Path,
+        cc: CaptionConfig,
+        shards: list[int],
+        prompt: str | None,
+        progress: Progress,
+        done: int,
+        total: int,
+    ):
         self.ws, self.out, self.cc, self.shards, self.prompt = ws, out, cc, shards, prompt
         self.progress, self.done, self.total = progress, done, total
         self.cap: Captioner | None = None

@@ -71,10 +71,29 @@ MIN_SPREAD = 4  # evenly spread samples every video gets, whatever the decoding 
 CUT_STRIDE = 8  # frames decoded between two compared while looking for a cut in a gap
 SCORE_COLUMNS = ["luma_mean", "black_ratio", "frozen_ratio", "motion", "samples"]
 COLUMNS = [
-    "clip_id", "video_id", "path", "start", "end", "duration", "fps", "width", "height",
-    "rotation", "bitrate", "source_caption", *SCORE_COLUMNS, "hashes", "trimmed", "shot",
-    "window", "keep", "reasons", "dup_group", "dup_of", "split",
-]  # fmt: skip
+    "clip_id",
+    "video_id",
+    "path",
+    "start",
+    "end",
+    "duration",
+    "fps",
+    "width",
+    "height",
+    "rotation",
+    "bitrate",
+    "source_caption",
+    *SCORE_COLUMNS,
+    "hashes",
+    "trimmed",
+    "shot",
+    "window",
+    "keep",
+    "reasons",
+    "dup_group",
+    "dup_of",
+    "split",
+]
 
 
 @dataclass(frozen=True)
@@ -274,8 +293,9 @@ def phash(frame: np.ndarray) -> str:
     return str(imagehash.phash(Image.fromarray(frame).convert("L"), hash_size=8))
 
 
-def _score(samples: list[tuple[float, np.ndarray, np.ndarray]], start: float, end: float,
-           c: CheckConfig) -> dict:  # fmt: skip
+def _score(
+    samples: list[tuple[float, np.ndarray, np.ndarray]], start: float, end: float, c: CheckConfig
+) -> dict:
     """Scores of a clip from its (time, frame, next frame) samples."""
     frames = np.stack([s[1] for s in samples])
     nexts = np.stack([s[2] for s in samples])
@@ -360,8 +380,9 @@ def _spans(a: float, b: float, c: CheckConfig, windows: Windows | None) -> list[
     return spans
 
 
-def _score_span(reader: VideoReader, samples: list, s0: float, s1: float, fps: float,
-                c: CheckConfig) -> dict:  # fmt: skip
+def _score_span(
+    reader: VideoReader, samples: list, s0: float, s1: float, fps: float, c: CheckConfig
+) -> dict:
     """The span [s0, s1) scored from its own samples; where it has fewer than two, from
     three more decoded inside it."""
     mine = [s for s in samples if s0 <= s[0] < s1]
@@ -479,16 +500,23 @@ def _dedup(clips: pd.DataFrame, c: CheckConfig) -> pd.DataFrame:
     for members in groups.values():
         if len(members) == 1:
             continue
-        best = max(members, key=lambda i: (clips.at[i, "width"] * clips.at[i, "height"],
-                                           clips.at[i, "bitrate"], clips.at[i, "duration"],
-                                           -i))  # fmt: skip
+        best = max(
+            members,
+            key=lambda i: (
+                clips.at[i, "width"] * clips.at[i, "height"],
+                clips.at[i, "bitrate"],
+                clips.at[i, "duration"],
+                -i,
+            ),
+        )
         for i in members:
             clips.at[i, "dup_group"] = clips.at[best, "clip_id"]
             if i != best:
                 clips.at[i, "dup_of"] = clips.at[best, "clip_id"]
                 kind = "exact" if _span_key(clips, i) == _span_key(clips, best) else "near"
-                clips.at[i, "reasons"] = [f"{kind} duplicate of {clips.at[best, 'clip_id']} "
-                                          f"({clips.at[best, 'path']})"]  # fmt: skip
+                clips.at[i, "reasons"] = [
+                    f"{kind} duplicate of {clips.at[best, 'clip_id']} ({clips.at[best, 'path']})"
+                ]
     return clips
 
 
@@ -532,8 +560,16 @@ def _reasons(clip: dict, c: CheckConfig, windows: Windows) -> list[str]:
 
 def _whole(duration: float, reason: str) -> list[dict]:
     """The clips of a video rejected as a whole: one, its full length, with the reason."""
-    return [{"start": 0.0, "end": float(duration), "trimmed": False, "shot": 0, "samples": 0,
-             "reasons": [reason]}]  # fmt: skip
+    return [
+        {
+            "start": 0.0,
+            "end": float(duration),
+            "trimmed": False,
+            "shot": 0,
+            "samples": 0,
+            "reasons": [reason],
+        }
+    ]
 
 
 def _videos_to_check(videos: pd.DataFrame, c: CheckConfig) -> tuple[list, list[int]]:
@@ -549,8 +585,14 @@ def _videos_to_check(videos: pd.DataFrame, c: CheckConfig) -> tuple[list, list[i
     return per_video, [i for i, clips in enumerate(per_video) if clips is None]
 
 
-def _inspect_all(videos: pd.DataFrame, per_video: list, todo: list[int], c: CheckConfig,
-                 windows: Windows, progress: Progress) -> tuple[int, int]:  # fmt: skip
+def _inspect_all(
+    videos: pd.DataFrame,
+    per_video: list,
+    todo: list[int],
+    c: CheckConfig,
+    windows: Windows,
+    progress: Progress,
+) -> tuple[int, int]:
     """`inspect_video` on the videos at `todo` in worker processes, filling `per_video`
     (a video that fails or times out: one rejected clip with the reason).
 
@@ -559,8 +601,12 @@ def _inspect_all(videos: pd.DataFrame, per_video: list, todo: list[int], c: Chec
     """
     jobs = []
     for v in videos.iloc[todo].itertuples(index=False):
-        info = {"fps": v.fps, "duration": v.duration, "frames": v.frames,
-                "keyframes": list(v.keyframes)}  # fmt: skip
+        info = {
+            "fps": v.fps,
+            "duration": v.duration,
+            "frames": v.frames,
+            "keyframes": list(v.keyframes),
+        }
         jobs.append((v.path, info, c, windows))
     decoded = total = 0
     done = len(videos) - len(jobs)
@@ -577,19 +623,28 @@ def _inspect_all(videos: pd.DataFrame, per_video: list, todo: list[int], c: Chec
     return decoded, total
 
 
-def _clip_rows(videos: pd.DataFrame, per_video: list, c: CheckConfig,
-               windows: Windows) -> pd.DataFrame:  # fmt: skip
+def _clip_rows(
+    videos: pd.DataFrame, per_video: list, c: CheckConfig, windows: Windows
+) -> pd.DataFrame:
     """clips.parquet: one row per clip with its reasons, duplicate group, split and keep."""
     rows = []
     for i, v in enumerate(videos.itertuples(index=False)):
         for clip in per_video[i]:
             row = {
                 "clip_id": clip_id_of(v.video_id, clip["start"], clip["end"]),
-                "video_id": v.video_id, "path": v.path, "duration": clip["end"] - clip["start"],
-                "fps": v.fps, "width": v.width, "height": v.height, "rotation": v.rotation,
-                "bitrate": v.bitrate, "source_caption": v.source_caption,
-                "hashes": [], "window": None, **clip,
-            }  # fmt: skip
+                "video_id": v.video_id,
+                "path": v.path,
+                "duration": clip["end"] - clip["start"],
+                "fps": v.fps,
+                "width": v.width,
+                "height": v.height,
+                "rotation": v.rotation,
+                "bitrate": v.bitrate,
+                "source_caption": v.source_caption,
+                "hashes": [],
+                "window": None,
+                **clip,
+            }
             row["reasons"] = _reasons(row, c, windows)
             rows.append(row)
     clips = pd.DataFrame(rows, columns=COLUMNS)
@@ -602,8 +657,16 @@ def _clip_rows(videos: pd.DataFrame, per_video: list, c: CheckConfig,
     return clips
 
 
-def _finish(ws: Workspace, key: str, out, videos: pd.DataFrame, clips: pd.DataFrame,
-            decoded: tuple[int, int], windows: Windows, started: float) -> StageResult:  # fmt: skip
+def _finish(
+    ws: Workspace,
+    key: str,
+    out,
+    videos: pd.DataFrame,
+    clips: pd.DataFrame,
+    decoded: tuple[int, int],
+    windows: Windows,
+    started: float,
+) -> StageResult:
     """Counts (clips kept are training samples: each yields one window) and stats."""
     keep = clips.keep.astype(bool)
     kept, reasons = clips[keep] if len(clips) else clips, clips.reasons.astype(str)

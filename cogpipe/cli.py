@@ -189,10 +189,13 @@ def _run_logging(log_file: Path, debug: bool) -> Iterator[None]:
     root = logging.getLogger()
     handler = logging.FileHandler(log_file)
     line = "%(asctime)s | %(levelname)-7s | {} - %(message)s"
-    handler.setFormatter(PrefectFormatter(
-        line.format("%(name)s"), flow_run_fmt=line.format("Flow run %(flow_run_name)r"),
-        task_run_fmt=line.format("Task run %(task_run_name)r"),
-    ))  # fmt: skip
+    handler.setFormatter(
+        PrefectFormatter(
+            line.format("%(name)s"),
+            flow_run_fmt=line.format("Flow run %(flow_run_name)r"),
+            task_run_fmt=line.format("Task run %(task_run_name)r"),
+        )
+    )
     root.addHandler(handler)
     quiet = _QuietConsole()
     consoles = [] if debug else [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
@@ -221,10 +224,13 @@ def _run_flow(
         import cogpipe_flows.pipeline  # noqa: F401 - the imports, while the server starts
 
     return _in_prefect(
-        cfg, lambda: _with_progress(lambda: run_pipeline(cfg, until)), meanwhile, debug,
+        cfg,
+        lambda: _with_progress(lambda: run_pipeline(cfg, until)),
+        meanwhile,
+        debug,
         on_interrupt=lambda: _run_interrupted(cfg, until),
         error_line=lambda e: _error_line(cfg, until, e),
-    )  # fmt: skip
+    )
 
 
 def _in_prefect(cfg: PipelineConfig, call, meanwhile, debug: bool, on_interrupt, error_line):
@@ -494,8 +500,10 @@ def cmd_sweep_train(args: argparse.Namespace) -> int:
     grid = _train_grid(args.grid)
     cells = sweeps.cells(cfg, grid)  # a bad grid fails here, before anything runs
     if args.metric not in metric_names(cfg.evaluate):
-        raise ConfigError(f"--metric {args.metric}: not one of "
-                          f"{', '.join(metric_names(cfg.evaluate))} for this config")  # fmt: skip
+        raise ConfigError(
+            f"--metric {args.metric}: not one of "
+            f"{', '.join(metric_names(cfg.evaluate))} for this config"
+        )
     preflight(cfg, "precompute")
     for stage in ("train", "evaluate"):
         check_stage_models(cfg, stage)
@@ -510,9 +518,13 @@ def cmd_sweep_train(args: argparse.Namespace) -> int:
         import cogpipe_flows.train_sweep  # noqa: F401 - the imports, while the server starts
 
     records = _in_prefect(
-        cfg, lambda: _with_progress(call), meanwhile, _debug(args),
-        on_interrupt=lambda: _sweep_interrupted(cfg, cells), error_line=describe,
-    )  # fmt: skip
+        cfg,
+        lambda: _with_progress(call),
+        meanwhile,
+        _debug(args),
+        on_interrupt=lambda: _sweep_interrupted(cfg, cells),
+        error_line=describe,
+    )
     if records is None:
         return 1
     columns = ["run", *grid, "best checkpoint", args.metric]
@@ -536,8 +548,10 @@ def _nightly_interrupted(cfg: PipelineConfig) -> str:
             done += evaluated(ws, eval_key(run_config(cfg, run, record)), run)
         except Exception:  # noqa: BLE001 - a run that no longer validates counts as not done
             continue
-    return interrupted(f"evaluate-checkpoints: {done} of {total} checkpoints in "
-                       f"{ws.root / 'evaluate' / 'index.parquet'}")  # fmt: skip
+    return interrupted(
+        f"evaluate-checkpoints: {done} of {total} checkpoints in "
+        f"{ws.root / 'evaluate' / 'index.parquet'}"
+    )
 
 
 def cmd_evaluate_checkpoints(args: argparse.Namespace) -> int:
@@ -556,8 +570,14 @@ def cmd_evaluate_checkpoints(args: argparse.Namespace) -> int:
     def meanwhile() -> None:
         import cogpipe_flows.evaluate_checkpoints  # noqa: F401 - the imports, while the server starts
 
-    new = _in_prefect(cfg, lambda: _with_progress(call), meanwhile, _debug(args),
-                      on_interrupt=lambda: _nightly_interrupted(cfg), error_line=describe)  # fmt: skip
+    new = _in_prefect(
+        cfg,
+        lambda: _with_progress(call),
+        meanwhile,
+        _debug(args),
+        on_interrupt=lambda: _nightly_interrupted(cfg),
+        error_line=describe,
+    )
     if new is None:
         return 1
     _print_table(["run", "checkpoints evaluated now"], [[run, str(n)] for run, n in new.items()])
@@ -596,22 +616,35 @@ def _add_stage_commands(sub) -> None:
             f"Runs the {stage} stage alone, in this process and without Prefect. It reads the"
             f" finished stages before it (needs: {before}) and writes {STAGE_WRITES[stage]}"
             " under the workspace. Run again after an interruption and it resumes from what"
-            " was committed.", width=88,
-        )  # fmt: skip
+            " was committed.",
+            width=88,
+        )
         example = f"example:\n  cogpipe {stage} demo/demo.yaml"
         p = command(sub, stage, STAGE_HELP[stage], f"{about}\n\n{example}", cmd_stage)
         p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
         if stage in ("caption", "recaption"):
-            p.add_argument("--shard", type=int, metavar="K",
-                           help=f"{stage} only shard K (0..caption.shards-1) and skip the merge")  # fmt: skip
+            p.add_argument(
+                "--shard",
+                type=int,
+                metavar="K",
+                help=f"{stage} only shard K (0..caption.shards-1) and skip the merge",
+            )
         if stage == "precompute":
-            p.add_argument("--part", type=int, metavar="K",
-                           help="encode only part K (0..precompute.workers-1) and skip the index")  # fmt: skip
+            p.add_argument(
+                "--part",
+                type=int,
+                metavar="K",
+                help="encode only part K (0..precompute.workers-1) and skip the index",
+            )
 
 
 def _add_flow_commands(sub) -> None:
     """The training sweep and the nightly evaluation, in-process as `run` runs the pipeline."""
-    p = command(sub, "sweep-train", "train and evaluate a grid of config values, then rank them", """
+    p = command(
+        sub,
+        "sweep-train",
+        "train and evaluate a grid of config values, then rank them",
+        """
 Runs the train-sweep flow in this process (as `run` runs the pipeline): the stages up to
 precompute once, then per grid cell a training run train/<name>-<field><value>.../ and its
 evaluation, then sweeps/train/<name>/report.md ranking the cells by their best checkpoint
@@ -621,18 +654,30 @@ reused, so adding a value trains only the new cells. Without --grid: train.learn
 
 example:
   cogpipe sweep-train demo/demo.yaml --grid train.learning_rate=1e-3,1e-2 --grid train.max_steps=2
-""", cmd_sweep_train)  # fmt: skip
+""",
+        cmd_sweep_train,
+    )
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument(
-        "--grid", action="append", default=[], metavar="FIELD=V1,V2",
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
         help="a dotted config field and its values, e.g. train.rank=64,128 (repeatable)",
-    )  # fmt: skip
-    p.add_argument("--metric", default="clip_score",
-                   help="what ranks the cells: clip_score (default), temporal_consistency, "
-                   "dynamic_degree, or fd_videomae (with evaluate.video_features; lowest first)")  # fmt: skip
+    )
+    p.add_argument(
+        "--metric",
+        default="clip_score",
+        help="what ranks the cells: clip_score (default), temporal_consistency, "
+        "dynamic_degree, or fd_videomae (with evaluate.video_features; lowest first)",
+    )
     debug_flag(p)
 
-    p = command(sub, "evaluate-checkpoints", "evaluate the new checkpoints of every training run", """
+    p = command(
+        sub,
+        "evaluate-checkpoints",
+        "evaluate the new checkpoints of every training run",
+        """
 The nightly evaluation, run now in this process (no deployment needed): every run under
 the workspace's train/ with checkpoints not yet in evaluate/index.parquet is evaluated with
 its own run.json (base model, mode) and the config's evaluate settings. The check stage
@@ -640,45 +685,70 @@ must be done for the config. One run's failure is reported and the others go on.
 
 example:
   cogpipe evaluate-checkpoints demo/demo.yaml
-""", cmd_evaluate_checkpoints)  # fmt: skip
+""",
+        cmd_evaluate_checkpoints,
+    )
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     debug_flag(p)
 
 
 def _add_serve_commands(sub) -> None:
     """serve, setup and worker: the production Prefect setup."""
-    p = command(sub, "serve", "Prefect server, pools, deployments and workers; Ctrl-C stops", """
+    p = command(
+        sub,
+        "serve",
+        "Prefect server, pools, deployments and workers; Ctrl-C stops",
+        """
 Starts a Prefect server with the UI, the cpu and gpu work pools, the deployments of
 deployments/prefect.yaml and one worker per pool (a gpu worker per GPU group), all in the
 foreground until Ctrl-C. Logs go to --logs.
 
 example:
   cogpipe serve --port 4200
-""", cmd_serve)  # fmt: skip
+""",
+        cmd_serve,
+    )
     p.add_argument("--port", type=int, default=4200, help="UI and API port (default 4200)")
     p.add_argument(
-        "--expose", action="store_true",
+        "--expose",
+        action="store_true",
         help="bind 0.0.0.0 instead of 127.0.0.1 (the API has no authentication: a trusted network only)",
-    )  # fmt: skip
-    p.add_argument("--logs", default=".cogpipe-serve", metavar="DIR",
-                   help="server and worker logs (default .cogpipe-serve/)")  # fmt: skip
+    )
+    p.add_argument(
+        "--logs",
+        default=".cogpipe-serve",
+        metavar="DIR",
+        help="server and worker logs (default .cogpipe-serve/)",
+    )
 
-    p = command(sub, "setup", "pools, stuck-run automation and deployments on a server", """
+    p = command(
+        sub,
+        "setup",
+        "pools, stuck-run automation and deployments on a server",
+        """
 Creates the work pools, the automation that marks stuck runs Crashed, and the deployments
 on a Prefect server that is already running (yours, not `cogpipe serve`'s).
 
 example:
   cogpipe setup --api http://127.0.0.1:4200/api
-""", cmd_setup)  # fmt: skip
+""",
+        cmd_setup,
+    )
     p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
 
-    p = command(sub, "worker", "one Prefect worker for a cogpipe pool", """
+    p = command(
+        sub,
+        "worker",
+        "one Prefect worker for a cogpipe pool",
+        """
 Starts one worker that runs the cpu or gpu pool's flow runs; a gpu worker takes the GPUs
 of CUDA_VISIBLE_DEVICES and runs one GPU job at a time on them.
 
 example:
   CUDA_VISIBLE_DEVICES=0,1 cogpipe worker --pool gpu --api http://127.0.0.1:4200/api
-""", cmd_worker)  # fmt: skip
+""",
+        cmd_worker,
+    )
     p.add_argument("--pool", choices=["cpu", "gpu"], required=True, help="the work pool to serve")
     p.add_argument("--api", metavar="URL", help="the server's API URL (default: PREFECT_API_URL)")
     p.add_argument("--name", help="worker name (default: pool, host and GPUs)")
@@ -690,21 +760,29 @@ def build_parser() -> argparse.ArgumentParser:
     (argparse's own list: a new subparser appears there by itself)."""
     intro, *notes = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
-        prog="cogpipe", description=intro, epilog="\n\n".join(notes).strip(),
+        prog="cogpipe",
+        description=intro,
+        epilog="\n\n".join(notes).strip(),
         formatter_class=HelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     _add_run_commands(sub)
     _add_stage_commands(sub)
-    p = command(sub, "status", "per stage: key, output path, done or not, counts", """
+    p = command(
+        sub,
+        "status",
+        "per stage: key, output path, done or not, counts",
+        """
 Reads the workspace without running anything: each stage's key, folder, whether it is
 done for this config, its counts, and what an unfinished stage has committed.
 
 example:
   cogpipe status demo/demo.yaml --json
-""", cmd_status)  # fmt: skip
+""",
+        cmd_status,
+    )
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     p.add_argument("--json", action="store_true", help="one JSON object keyed by stage")
     _add_explain_key(sub)
@@ -720,19 +798,33 @@ example:
 
 def _add_run_commands(sub) -> None:
     """demo and run: the whole pipeline as a Prefect flow, in this process."""
-    p = command(sub, "demo", "sample videos + tiny models, then the whole pipeline", """
+    p = command(
+        sub,
+        "demo",
+        "sample videos + tiny models, then the whole pipeline",
+        """
 Writes sample videos, tiny random models (in the real diffusers / transformers layouts)
 and demo.yaml under --workspace, then runs every stage on them as `cogpipe run` does. About
 two minutes on a CPU the first time; a second run reuses every stage.
 
 example:
   cogpipe demo --workspace demo
-""", cmd_demo)  # fmt: skip
-    p.add_argument("--workspace", default="demo", metavar="DIR",
-                   help="folder for videos, models, config and workspace (default: demo/)")  # fmt: skip
+""",
+        cmd_demo,
+    )
+    p.add_argument(
+        "--workspace",
+        default="demo",
+        metavar="DIR",
+        help="folder for videos, models, config and workspace (default: demo/)",
+    )
     debug_flag(p)
 
-    p = command(sub, "run", "the full pipeline as a Prefect flow, in this process", """
+    p = command(
+        sub,
+        "run",
+        "the full pipeline as a Prefect flow, in this process",
+        """
 Runs the stages up to --until as one Prefect flow on a temporary server of its own (or on
 PREFECT_API_URL's). Every stage caches its result by content: a second run reuses what
 is done and resumes what was interrupted. Logs go to <workspace>/logs/run-<time>.log.
@@ -740,22 +832,26 @@ is done and resumes what was interrupted. Logs go to <workspace>/logs/run-<time>
 example:
   cogpipe run demo/demo.yaml --until filter
   cogpipe run demo/demo.yaml --set train.max_steps=12 --set train.learning_rate=5e-4
-""", cmd_run)  # fmt: skip
+""",
+        cmd_run,
+    )
     p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
     set_flag(p)
-    p.add_argument("--until", choices=STAGES, default="evaluate",
-                   help="last stage to run (default: evaluate)")  # fmt: skip
+    p.add_argument(
+        "--until", choices=STAGES, default="evaluate", help="last stage to run (default: evaluate)"
+    )
     debug_flag(p)
 
 
 def _add_submit(sub) -> None:
     """submit: a run of the deployed pipeline, on the server `cogpipe serve` started."""
     p = sub.add_parser(
-        "submit", help="start a run of the deployed pipeline (cogpipe serve) on a config file",
+        "submit",
+        help="start a run of the deployed pipeline (cogpipe serve) on a config file",
         description="Start a run of the deployed cogpipe-pipeline/pipeline on CONFIG, by its "
         "absolute path (the workers share this filesystem), and print the run's UI link. The "
         "config and every --set are checked here first.",
-    )  # fmt: skip
+    )
     p.add_argument("config", help="the YAML config (a path the workers can read)")
     set_flag(p)
     p.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
@@ -807,8 +903,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_config(str(Path(args.config).expanduser().resolve()), overrides=sets)  # before a server
     api = args.api or os.environ.get("PREFECT_API_URL")
     if not api:
-        print("cogpipe: error: no server given: export the PREFECT_API_URL that `cogpipe serve` "
-              "prints, or pass --api URL", file=sys.stderr)  # fmt: skip
+        print(
+            "cogpipe: error: no server given: export the PREFECT_API_URL that `cogpipe serve` "
+            "prints, or pass --api URL",
+            file=sys.stderr,
+        )
         return 2
     run_id, link = submit(Path(args.config), sets, args.until, api)
     print(f"submitted: {link}", flush=True)

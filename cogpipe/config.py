@@ -32,8 +32,15 @@ from pydantic import (
 )
 
 STAGES = (
-    "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate",
-)  # fmt: skip
+    "ingest",
+    "check",
+    "caption",
+    "recaption",
+    "filter",
+    "precompute",
+    "train",
+    "evaluate",
+)
 Stage = Literal[
     "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate"
 ]
@@ -252,21 +259,48 @@ class FilterConfig(Section):
         (50, 100), description="Word counts that score highest (CogVideoX's 50-100 words)."
     )
     refusal_phrases: list[str] = Field(
-        ["i'm sorry", "i am sorry", "as an ai", "as a language model", "i cannot", "i can't",
-         "unable to", "i apologize", "i'm not able"],
+        [
+            "i'm sorry",
+            "i am sorry",
+            "as an ai",
+            "as a language model",
+            "i cannot",
+            "i can't",
+            "unable to",
+            "i apologize",
+            "i'm not able",
+        ],
         description="Case-insensitive phrases that mark a refusal.",
-    )  # fmt: skip
+    )
     assistant_phrases: list[str] = Field(
-        ["certainly!", "sure, here", "sure! here", "here is a description", "here's a description",
-         "i hope this helps", "let me know if", "feel free to"],
+        [
+            "certainly!",
+            "sure, here",
+            "sure! here",
+            "here is a description",
+            "here's a description",
+            "i hope this helps",
+            "let me know if",
+            "feel free to",
+        ],
         description="Case-insensitive phrases of a chat assistant, not a description.",
-    )  # fmt: skip
+    )
     still_image_phrases: list[str] = Field(
-        ["the image shows", "the image depicts", "in this image", "in the image", "this image",
-         "in this picture", "the picture shows", "in this photo", "the photo shows",
-         "this photograph", "the still"],
+        [
+            "the image shows",
+            "the image depicts",
+            "in this image",
+            "in the image",
+            "this image",
+            "in this picture",
+            "the picture shows",
+            "in this photo",
+            "the photo shows",
+            "this photograph",
+            "the still",
+        ],
         description="Case-insensitive phrases describing a still image instead of motion.",
-    )  # fmt: skip
+    )
     reject_truncated: bool = Field(
         True, description="Reject captions that hit the token limit or end mid-sentence."
     )
@@ -278,11 +312,37 @@ class FilterConfig(Section):
         "(or under 90% of letters are ASCII); 0 turns the check off.",
     )
     domain_terms: list[str] = Field(
-        ["slap", "strike", "hit", "hand", "palm", "arm", "swing", "wind", "face", "cheek",
-         "head", "jaw", "opponent", "fighter", "stance", "impact", "react", "stagger", "fall",
-         "knock", "block", "flinch", "referee", "camera", "crowd", "stage", "table"],
+        [
+            "slap",
+            "strike",
+            "hit",
+            "hand",
+            "palm",
+            "arm",
+            "swing",
+            "wind",
+            "face",
+            "cheek",
+            "head",
+            "jaw",
+            "opponent",
+            "fighter",
+            "stance",
+            "impact",
+            "react",
+            "stagger",
+            "fall",
+            "knock",
+            "block",
+            "flinch",
+            "referee",
+            "camera",
+            "crowd",
+            "stage",
+            "table",
+        ],
         description="The domain's vocabulary; a term matches words that start with it.",
-    )  # fmt: skip
+    )
     min_domain_terms: int = Field(
         2, ge=0, description="Reject when fewer distinct domain terms appear; 0 turns it off."
     )
@@ -310,20 +370,67 @@ class FilterConfig(Section):
         "(held-out clips count too); 0 selects every accepted caption.",
     )
     categories: dict[str, list[str]] = Field(
-        {"knockout": ["knock", "fall", "fell", "collaps", "stagger", "stumbl", "drop", "unconscious",
-                      "crumpl", "slump", "faint", "wobbl", "buckl", "floor"],
-         "block": ["block", "flinch", "brace", "bracing", "duck", "dodg", "guard", "shield"],
-         "strike": ["slap", "strike", "struck", "hit", "swing", "swung", "palm", "smack", "blow",
-                    "impact"],
-         "reaction": ["react", "recoil", "snap", "jerk", "wince", "grimac", "shake", "shook",
-                      "shaking", "rub"],
-         "referee": ["referee", "official", "judge", "umpire", "announc", "commentat", "host"],
-         "scene": ["crowd", "audience", "spectator", "fans", "cheer", "applau", "arena", "camera",
-                   "replay", "close-up", "zoom"]},
+        {
+            "knockout": [
+                "knock",
+                "fall",
+                "fell",
+                "collaps",
+                "stagger",
+                "stumbl",
+                "drop",
+                "unconscious",
+                "crumpl",
+                "slump",
+                "faint",
+                "wobbl",
+                "buckl",
+                "floor",
+            ],
+            "block": ["block", "flinch", "brace", "bracing", "duck", "dodg", "guard", "shield"],
+            "strike": [
+                "slap",
+                "strike",
+                "struck",
+                "hit",
+                "swing",
+                "swung",
+                "palm",
+                "smack",
+                "blow",
+                "impact",
+            ],
+            "reaction": [
+                "react",
+                "recoil",
+                "snap",
+                "jerk",
+                "wince",
+                "grimac",
+                "shake",
+                "shook",
+                "shaking",
+                "rub",
+            ],
+            "referee": ["referee", "official", "judge", "umpire", "announc", "commentat", "host"],
+            "scene": [
+                "crowd",
+                "audience",
+                "spectator",
+                "fans",
+                "cheer",
+                "applau",
+                "arena",
+                "camera",
+                "replay",
+                "close-up",
+                "zoom",
+            ],
+        },
         description="Domain-keyword categories for curation; a term matches words that start "
         "with it. A caption's category is the one with the most matching terms (ties: the "
         "earlier one, so specific events come first), 'other' when none matches.",
-    )  # fmt: skip
+    )
     motion_groups: int = Field(
         3,
         ge=1,
@@ -366,10 +473,21 @@ class FilterConfig(Section):
         return data
 
     GATE_FIELDS: ClassVar[tuple[str, ...]] = (
-        "min_words", "max_words", "max_repetition", "ideal_words", "refusal_phrases",
-        "assistant_phrases", "still_image_phrases", "reject_truncated", "min_english",
-        "domain_terms", "min_domain_terms", "max_tokens", "retries", "retry_prompt",
-    )  # fmt: skip
+        "min_words",
+        "max_words",
+        "max_repetition",
+        "ideal_words",
+        "refusal_phrases",
+        "assistant_phrases",
+        "still_image_phrases",
+        "reject_truncated",
+        "min_english",
+        "domain_terms",
+        "min_domain_terms",
+        "max_tokens",
+        "retries",
+        "retry_prompt",
+    )
 
     def gate_fields(self) -> dict[str, Any]:
         """The fields that decide whether a caption passes and how rejected ones are

@@ -90,9 +90,16 @@ LIST_FILES = {
 # Files that tell a reader (cogpipe ingest, finetrainers, diffusers) which layout a folder
 # has; with --force the ones of other layouts are removed so only this export is read.
 LAYOUT_FILES = (
-    "metadata.csv", "metadata.jsonl", "metadata.json", "videos.txt", "video.txt",
-    "prompts.txt", "prompt.txt", "captions.txt", "caption.txt",
-)  # fmt: skip
+    "metadata.csv",
+    "metadata.jsonl",
+    "metadata.json",
+    "videos.txt",
+    "video.txt",
+    "prompts.txt",
+    "prompt.txt",
+    "captions.txt",
+    "caption.txt",
+)
 PROVENANCE = ("source_clip_id", "source_path", "start", "end", "category", "score")
 
 
@@ -225,8 +232,14 @@ def encode_clip(
 
 def clip_spec(row: Any) -> dict[str, Any]:
     """What decides a clip file's content: the source bytes, the span, the recipe."""
-    return {"v": VERSION, "video_id": row.video_id, "start": float(row.start),
-            "end": float(row.end), "fps": float(row.fps), "crf": CRF}  # fmt: skip
+    return {
+        "v": VERSION,
+        "video_id": row.video_id,
+        "start": float(row.start),
+        "end": float(row.end),
+        "fps": float(row.fps),
+        "crf": CRF,
+    }
 
 
 def _record_path(out: Path, clip_id: str) -> Path:
@@ -261,8 +274,14 @@ def _export_clip(out: Path, row: Any, threads: int) -> bool:
             row.path, float(row.start), float(row.end), float(row.fps), tmp, threads
         )
     st = (out / rel).stat()
-    record = {"file": rel, "spec": clip_spec(row), "frames": frames, "size": st.st_size,
-              "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(out / rel)}  # fmt: skip
+    record = {
+        "file": rel,
+        "spec": clip_spec(row),
+        "frames": frames,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": sha256_file(out / rel),
+    }
     write_json(_record_path(out, row.clip_id), record)
     return True
 
@@ -297,11 +316,18 @@ def prepare_out(out: Path, fmt: str, force: bool = False) -> None:
 def _rows(clips: pd.DataFrame) -> list[dict[str, Any]]:
     """One metadata record per clip: file_name and caption first, then provenance."""
     return [
-        {"file_name": f"videos/{r.clip_id}.mp4", "caption": r.caption,
-         "source_clip_id": r.clip_id, "source_path": str(r.path), "start": float(r.start),
-         "end": float(r.end), "category": r.category, "score": float(r.score)}
+        {
+            "file_name": f"videos/{r.clip_id}.mp4",
+            "caption": r.caption,
+            "source_clip_id": r.clip_id,
+            "source_path": str(r.path),
+            "start": float(r.start),
+            "end": float(r.end),
+            "category": r.category,
+            "score": float(r.score),
+        }
         for r in clips.itertuples(index=False)
-    ]  # fmt: skip
+    ]
 
 
 def _jsonl(record: dict[str, Any]) -> str:
@@ -405,10 +431,20 @@ def export_dataset(
         with atomic_path(out / name) as tmp:
             tmp.write_text(text, encoding="utf-8")
     removed = _prune(out, set(clips.clip_id))
-    result = ExportedDataset(fmt, str(out), len(clips), written, len(clips) - written, removed,
-                             round(time.time() - started, 3))  # fmt: skip
-    record = asdict(result) | {"tool": "cogpipe export-dataset", "complete": True,
-                               "filter": clips.attrs["filter"],
-                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    result = ExportedDataset(
+        fmt,
+        str(out),
+        len(clips),
+        written,
+        len(clips) - written,
+        removed,
+        round(time.time() - started, 3),
+    )
+    record = asdict(result) | {
+        "tool": "cogpipe export-dataset",
+        "complete": True,
+        "filter": clips.attrs["filter"],
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     write_json(out / STATE / "export.json", record)
     return result

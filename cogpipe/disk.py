@@ -576,8 +576,15 @@ def rows(usage: Usage) -> list[tuple[str, str, int, int, str]]:
         note = {"kept": " (kept)", "temporary": " (stale temporary)"}.get(it.kind, "")
         out.append((it.group, _label(usage.root, it) + note, it.files, it.bytes, users))
     for (group, used), (n, files, nbytes) in sorted(entries.items()):
-        out.append((group, f"{n} entries {'used' if used else 'unused'}", files, nbytes,
-                    "yes" if used else "-"))  # fmt: skip
+        out.append(
+            (
+                group,
+                f"{n} entries {'used' if used else 'unused'}",
+                files,
+                nbytes,
+                "yes" if used else "-",
+            )
+        )
     order = [*KEYED, "train", "evaluate"]
     return sorted(
         out, key=lambda r: order.index(r[0]) if r[0] in order else len(order) + (r[0] == "other")
@@ -606,12 +613,24 @@ def _union(items: list[Item]) -> dict[tuple[int, int], list[int]]:
 
 def usage_json(usage: Usage) -> dict:
     """What `cogpipe du --json` prints."""
-    items = [{"group": it.group, "path": _label(usage.root, it), "kind": it.kind,
-              "files": it.files, "bytes": it.bytes, "used_by": it.used_by}
-             for it in usage.items]  # fmt: skip
-    return {"workspace": str(usage.root), "configs": usage.keys, "items": items,
-            "gc_bytes": freed_bytes(usage.removals(False)),
-            "gc_checkpoints_bytes": freed_bytes(usage.removals(True))}  # fmt: skip
+    items = [
+        {
+            "group": it.group,
+            "path": _label(usage.root, it),
+            "kind": it.kind,
+            "files": it.files,
+            "bytes": it.bytes,
+            "used_by": it.used_by,
+        }
+        for it in usage.items
+    ]
+    return {
+        "workspace": str(usage.root),
+        "configs": usage.keys,
+        "items": items,
+        "gc_bytes": freed_bytes(usage.removals(False)),
+        "gc_checkpoints_bytes": freed_bytes(usage.removals(True)),
+    }
 
 
 def format_freed(freed: Freed) -> str:

@@ -52,8 +52,12 @@ GRACE_S = 10.0  # after a rank fails, how long the others get to report before t
 TIMEOUT_S = 2 * 3600  # collective timeout: rank 0 may validate or write a 5B checkpoint meanwhile
 # Errors a rank raises because another one went away: the cause is elsewhere.
 PEER_ERRORS = ("DistBackendError", "DistNetworkError", "DistStoreError", "DistError")
-PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                 "stopped by the launching process")  # fmt: skip
+PEER_MESSAGES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "stopped by the launching process",
+)
 
 
 class RankFailed(RuntimeError):
@@ -229,9 +233,12 @@ def load_optimizer_state(model, optimizer, state: dict, names: list[str]) -> Non
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if state and all(isinstance(k, int) for k in state["state"]):  # by position -> by name
-        state = {"state": {names[i]: v for i, v in state["state"].items()},
-                 "param_groups": [g | {"params": [names[i] for i in g["params"]]}
-                                  for g in state["param_groups"]]}  # fmt: skip
+        state = {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [
+                g | {"params": [names[i] for i in g["params"]]} for g in state["param_groups"]
+            ],
+        }
     sharded = is_sharded(model)
     if sharded and dist.get_rank() != 0:
         state = {}
@@ -424,9 +431,14 @@ def _rank_main(target, rank: int, processes: int, port: int, parent: int, conn, 
     """A spawned rank: the distributed environment (none for a lone process), then
     `target`; reports to `conn`."""
     if processes > 1:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
-                          LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))  # fmt: skip
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(processes),
+            LOCAL_WORLD_SIZE=str(processes),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     _exit_with_parent(parent)
     progress = _ParentProgress(conn) if rank == 0 else no_progress
     try:

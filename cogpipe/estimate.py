@@ -52,8 +52,16 @@ from cogpipe.workspace import (
 log = logging.getLogger(__name__)
 
 GPU_STAGES = ("caption", "recaption", "precompute", "train", "evaluate")
-UNITS = {"ingest": "files", "check": "videos", "caption": "clips", "recaption": "clips",
-         "filter": "captions", "precompute": "samples", "train": "steps", "evaluate": "videos"}  # fmt: skip
+UNITS = {
+    "ingest": "files",
+    "check": "videos",
+    "caption": "clips",
+    "recaption": "clips",
+    "filter": "captions",
+    "precompute": "samples",
+    "train": "steps",
+    "evaluate": "videos",
+}
 ESTIMATES = ".estimates"  # <workspace>/.estimates/<stage>-<key>.json: what `run` predicted
 STATS_FROM = "stats-from.json"  # <workspace>/.estimates/: other workspaces measured in
 BENCH_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
@@ -93,17 +101,31 @@ def shape(cfg: PipelineConfig, stage: str) -> str:
     m = lambda name, revision=None: model_fingerprint(str(name), revision)  # noqa: E731
     c, p, t, e = cfg.caption, cfg.precompute, cfg.train, cfg.evaluate
     fields: dict[str, Any] = {
-        "caption": {"model": m(c.model, c.revision), "frames": c.num_frames, "tokens": c.max_new_tokens,
-                    "batch": c.batch_size},
+        "caption": {
+            "model": m(c.model, c.revision),
+            "frames": c.num_frames,
+            "tokens": c.max_new_tokens,
+            "batch": c.batch_size,
+        },
         "recaption": {"model": m(c.model, c.revision), "tokens": c.max_new_tokens},
         "precompute": {"model": m(cfg.model), "size": [p.frames, p.height, p.width]},
-        "train": {"model": m(cfg.model), "mode": t.mode, "rank": t.rank,
-                  "batch": [t.batch_size, t.gradient_accumulation_steps],
-                  "size": [p.frames, p.height, p.width], "ckpt": t.gradient_checkpointing,
-                  "precision": t.mixed_precision, "compile": t.compile},
-        "evaluate": {"model": m(cfg.model), "steps": e.steps, "size": [e.frames, e.height, e.width],
-                     "clip": m(e.clip_model)},
-    }.get(stage, {})  # fmt: skip
+        "train": {
+            "model": m(cfg.model),
+            "mode": t.mode,
+            "rank": t.rank,
+            "batch": [t.batch_size, t.gradient_accumulation_steps],
+            "size": [p.frames, p.height, p.width],
+            "ckpt": t.gradient_checkpointing,
+            "precision": t.mixed_precision,
+            "compile": t.compile,
+        },
+        "evaluate": {
+            "model": m(cfg.model),
+            "steps": e.steps,
+            "size": [e.frames, e.height, e.width],
+            "clip": m(e.clip_model),
+        },
+    }.get(stage, {})
     return sha256_json({"stage": stage, **fields})[:12]
 
 
@@ -133,8 +155,12 @@ def processed(stage: str, record: dict) -> int:
         return int(counts.get("encoded_videos", counts.get("samples", 0)))
     if stage == "train":
         return int(counts.get("steps", 0)) - int(stats.get("resumed_from_step") or 0)
-    key = {"check": "videos", "recaption": "recaptioned", "filter": "captions",
-           "evaluate": "videos"}[stage]  # fmt: skip
+    key = {
+        "check": "videos",
+        "recaption": "recaptioned",
+        "filter": "captions",
+        "evaluate": "videos",
+    }[stage]
     return int(counts.get(key, 0))
 
 
@@ -195,13 +221,17 @@ class StageClock:
             per_item = took / items if items else 0.0
         n = result.stats.get("processes") or lanes(self.cfg, self.stage, local_gpus())
         timing = {
-            "device": this_device(), "shape": shape(self.cfg, self.stage), "lanes": n,
-            "device_s": round(took, 3), "wall_s": round(time.time() - self.wall0, 3),
+            "device": this_device(),
+            "shape": shape(self.cfg, self.stage),
+            "lanes": n,
+            "device_s": round(took, 3),
+            "wall_s": round(time.time() - self.wall0, 3),
             "cpu_s": round(_cpu_seconds() - self.cpu0, 3),
-            "items": items, "per_item_s": round(per_item, 6),
+            "items": items,
+            "per_item_s": round(per_item, 6),
             "setup_s": round(max(took - per_item * items, 0.0), 3),
             "bytes": folder_bytes(Path(result.path)),
-        }  # fmt: skip
+        }
         return timing | self._predicted(result)
 
     def _slope(self) -> float | None:
@@ -287,7 +317,7 @@ def measured(
                 bytes_per_item=t["bytes"] / items if items and t.get("bytes") is not None else None,
                 source=f"measured: {where}, run of {when}",
                 record=r,
-            )  # fmt: skip
+            )
     return None
 
 
@@ -295,10 +325,12 @@ def measured(
 
 
 BENCH_MODELS = {  # transformer config -> the bench name; (num_layers, heads, patch_t, in_ch)
-    (30, 30, None, 16): "cogvideox-2b", (42, 48, None, 16): "cogvideox-5b",
-    (42, 48, None, 32): "cogvideox-5b-i2v", (42, 48, 2, 16): "cogvideox-1.5-5b",
+    (30, 30, None, 16): "cogvideox-2b",
+    (42, 48, None, 16): "cogvideox-5b",
+    (42, 48, None, 32): "cogvideox-5b-i2v",
+    (42, 48, 2, 16): "cogvideox-1.5-5b",
     (42, 48, 2, 32): "cogvideox-1.5-5b-i2v",
-}  # fmt: skip
+}
 LORA_SHAPES = {"cogvideox-2b": (30, 1920), "cogvideox-5b": (42, 3072)}  # layers, hidden
 
 
@@ -333,8 +365,11 @@ def bench_lines(kind: str, device: str) -> list[tuple[str, dict]]:
 def _pick(
     lines: list[tuple[str, dict]], prefix: str, metric: str, prefer: str = ""
 ) -> tuple[str, dict] | None:
-    hits = [(f, r) for f, r in lines if r["case"].startswith(prefix) and r["metric"] == metric
-            and r.get("value")]  # fmt: skip
+    hits = [
+        (f, r)
+        for f, r in lines
+        if r["case"].startswith(prefix) and r["metric"] == metric and r.get("value")
+    ]
     best = [h for h in hits if prefer and h[1]["case"].endswith(prefer)]
     return (best or hits or [None])[0]
 
@@ -342,8 +377,12 @@ def _pick(
 def bench_rate(cfg: PipelineConfig, stage: str, device: str) -> Rate | None:
     """A Rate from the committed bench results of this model on this GPU, scaled to the
     config's size (pixels x frames, sampler steps, new tokens); None when there is none."""
-    fn = {"caption": _bench_caption, "precompute": _bench_precompute, "train": _bench_train,
-          "evaluate": _bench_evaluate}.get(stage)  # fmt: skip
+    fn = {
+        "caption": _bench_caption,
+        "precompute": _bench_precompute,
+        "train": _bench_train,
+        "evaluate": _bench_evaluate,
+    }.get(stage)
     return fn(cfg, device) if fn else None
 
 
@@ -358,8 +397,12 @@ def _bench_caption(cfg: PipelineConfig, device: str) -> Rate | None:
     size = next((s for s in ("34b", "7b") if s in name), None)
     if size is None:
         return None
-    found = _pick(bench_lines("caption", device), f"llava-next-video-{size} 8f", "model_clips_per_hour",
-                  prefer=f"bs{cfg.caption.batch_size}")  # fmt: skip
+    found = _pick(
+        bench_lines("caption", device),
+        f"llava-next-video-{size} 8f",
+        "model_clips_per_hour",
+        prefer=f"bs{cfg.caption.batch_size}",
+    )
     if found is None:
         return None
     f, r = found
@@ -499,8 +542,16 @@ def _generated(c: Counts) -> tuple[int, str]:
     return (1 + checkpoints) * prompts * len(e.seeds), ""
 
 
-WORK = {"ingest": _files, "check": _videos, "caption": _clips, "recaption": _recaptioned,
-        "filter": _clips, "precompute": _samples, "train": _steps, "evaluate": _generated}  # fmt: skip
+WORK = {
+    "ingest": _files,
+    "check": _videos,
+    "caption": _clips,
+    "recaption": _recaptioned,
+    "filter": _clips,
+    "precompute": _samples,
+    "train": _steps,
+    "evaluate": _generated,
+}
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -550,11 +601,26 @@ class Estimate:
             "disk",
             "from",
         ]
-        rows = [[r.stage, _work(r), _duration(r.seconds), _hours(r), _size(r.disk_bytes),
-                 r.source + (f"; {r.last}" if r.last else "")] for r in self.rows]  # fmt: skip
+        rows = [
+            [
+                r.stage,
+                _work(r),
+                _duration(r.seconds),
+                _hours(r),
+                _size(r.disk_bytes),
+                r.source + (f"; {r.last}" if r.last else ""),
+            ]
+            for r in self.rows
+        ]
         known = ">= " if any(r.seconds is None for r in self.rows) else ""  # a lower bound
-        total = ["total", "", known + _duration(self.total("seconds")),
-                 f"{known}{self.total('gpu_hours'):.2f}", known + _size(self.total("disk_bytes")), ""]  # fmt: skip
+        total = [
+            "total",
+            "",
+            known + _duration(self.total("seconds")),
+            f"{known}{self.total('gpu_hours'):.2f}",
+            known + _size(self.total("disk_bytes")),
+            "",
+        ]
         return cols, [*rows, total]
 
     def text(self) -> str:
@@ -569,8 +635,12 @@ class Estimate:
 
     def markdown(self) -> str:
         cols, rows = self.table()
-        out = [f"# Estimate: {self.gpus} x {self.device}", "", "| " + " | ".join(cols) + " |",
-               "|" + " --- |" * len(cols)]  # fmt: skip
+        out = [
+            f"# Estimate: {self.gpus} x {self.device}",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + " --- |" * len(cols),
+        ]
         out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
         return "\n".join(out)
 

@@ -81,8 +81,9 @@ def sampler_args(ec: EvaluateConfig, seed: int, device) -> dict[str, Any]:
     )
 
 
-def generate(pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str,
-             image: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+def generate(
+    pipe, ec: EvaluateConfig, prompt: str, seed: int, device: str, image: np.ndarray | None = None
+) -> np.ndarray:
     """One video for (prompt, seed) with whatever adapter is loaded (an image-to-video
     pipeline: from `image`, uint8 [H, W, 3] at the video's size). Returns [F, H, W, 3] uint8.
 

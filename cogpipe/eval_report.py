@@ -60,8 +60,9 @@ def higher_is_better(metric: str) -> bool:
     return not metric.startswith("fd_") and metric != "fvd"
 
 
-def summarise(metrics: pd.DataFrame, feats: np.ndarray | None, real: np.ndarray | None,
-              ec: EvaluateConfig) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    metrics: pd.DataFrame, feats: np.ndarray | None, real: np.ndarray | None, ec: EvaluateConfig
+) -> dict[str, Any]:
     """A unit's numbers: the mean of each per-video metric, the Fréchet distance, each with
     its bootstrap interval, and why the distance is missing (fd_note)."""
     out: dict[str, Any] = {}
@@ -128,9 +129,16 @@ def _cell(value: float, low: float, high: float, digits: int) -> str:
     return f"{value:.{digits}f}{bounds}"
 
 
-def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd.DataFrame,
-                 prompts: list[str], paired: list[str] | None = None,
-                 reference: int = 0) -> None:  # fmt: skip
+def write_report(
+    out: Path,
+    cfg: PipelineConfig,
+    ekey: str,
+    run: str,
+    scores: pd.DataFrame,
+    prompts: list[str],
+    paired: list[str] | None = None,
+    reference: int = 0,
+) -> None:
     """`report.md`: every metric with its 95% interval per checkpoint, each checkpoint
     against the base model, the winner per metric, the human A/B win rates so far (the
     rating page rewrites that section as ratings come in), and `metrics_vs_step.png`.
@@ -146,22 +154,27 @@ def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd
         f"captions of {len(prompts)} held-out clips" if ec.heldout else f"{len(prompts)} prompts"
     )
     lines = [
-        f"# Evaluation of run `{run}`", "",
+        f"# Evaluation of run `{run}`",
+        "",
         f"Eval key `{ekey}`, model `{cfg.model}`, CLIP `{ec.clip_model}`: {suite} x "
         f"{len(ec.seeds)} seeds, {ec.frames} frames {ec.height}x{ec.width}, {ec.steps} steps, "
         f"guidance {ec.guidance}. Intervals: 95% bootstrap over videos ({ec.bootstrap} "
-        f"resamples). {fd}: {'; '.join(map(str, notes)) or 'to the held-out clips'}.", "",
+        f"resamples). {fd}: {'; '.join(map(str, notes)) or 'to the held-out clips'}.",
+        "",
         *conditioning(cfg, paired, reference),
-        "![metrics against step](metrics_vs_step.png)", "",
+        "![metrics against step](metrics_vs_step.png)",
+        "",
         *_table(out, scores, names),
-    ]  # fmt: skip
+    ]
     lines += against_base(out, scores, names, ec.bootstrap)
     lines += ["", "## Winner per metric", ""]
     lines += [f"- {m.replace('_', ' ')}: {winner(out, scores, m, ec.bootstrap)}" for m in names]
     lines += ["", ratings_section(Workspace(cfg.workspace), ekey, run)]  # cogpipe rate refreshes it
     on = paired or [None] * len(prompts)
-    lines += ["Prompts:", ""] + [f"{i}. {p}" + (f" (conditioned on held-out clip `{c}`)" if c else "")
-                                 for i, (p, c) in enumerate(zip(prompts, on, strict=True))]  # fmt: skip
+    lines += ["Prompts:", ""] + [
+        f"{i}. {p}" + (f" (conditioned on held-out clip `{c}`)" if c else "")
+        for i, (p, c) in enumerate(zip(prompts, on, strict=True))
+    ]
     plot_metrics(scores, names, out / "metrics_vs_step.png")
     with atomic_path(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
@@ -170,20 +183,25 @@ def write_report(out: Path, cfg: PipelineConfig, ekey: str, run: str, scores: pd
 def _table(out: Path, scores: pd.DataFrame, names: list[str]) -> list[str]:
     """The report's first table: each unit's metrics with intervals and its pictures."""
     lines = [
-        "| checkpoint | step | " + " | ".join(n.replace("_", " ") for n in names)
+        "| checkpoint | step | "
+        + " | ".join(n.replace("_", " ") for n in names)
         + " | videos | contact sheet | A/B |",
         "| --- | ---: |" + " ---: |" * len(names) + " ---: | --- | --- |",
-    ]  # fmt: skip
+    ]
     for _, r in scores.iterrows():
         ab = (
             f"[png]({r.checkpoint}/ab_grid.png)"
             if (out / r.checkpoint / "ab_grid.png").is_file()
             else ""
         )
-        cells = [_cell(r[m], r[f"{m}_low"], r[f"{m}_high"], 4 if m != "clip_score" else 2)
-                 for m in names]  # fmt: skip
-        lines.append(f"| {r.checkpoint} | {r.step} | " + " | ".join(cells)
-                     + f" | {r.videos} | [png]({r.checkpoint}/contact_sheet.png) | {ab} |")  # fmt: skip
+        cells = [
+            _cell(r[m], r[f"{m}_low"], r[f"{m}_high"], 4 if m != "clip_score" else 2) for m in names
+        ]
+        lines.append(
+            f"| {r.checkpoint} | {r.step} | "
+            + " | ".join(cells)
+            + f" | {r.videos} | [png]({r.checkpoint}/contact_sheet.png) | {ab} |"
+        )
     return lines
 
 
@@ -196,25 +214,32 @@ def conditioning(cfg: PipelineConfig, paired: list[str] | None, reference: int) 
     if cfg.evaluate.heldout:
         pairing = "each prompt is conditioned on the held-out clip its caption belongs to"
     else:
-        pairing = (f"prompt i is conditioned on held-out clip i mod {reference} of the "
-                   f"{reference} reference clips (the first held-out clips by clip_id)")  # fmt: skip
+        pairing = (
+            f"prompt i is conditioned on held-out clip i mod {reference} of the "
+            f"{reference} reference clips (the first held-out clips by clip_id)"
+        )
     if mode == "tic-ft":
         t = cfg.train.tic_ft
-        what = (f"its first {4 * (t.condition_frames - 1) + 1} frames are the condition of a "
-                f"{t.video_frames}-frame sequence ({t.condition_frames} condition + "
-                f"{t.buffer_frames} buffer + {t.target_frames} target latent frames); the "
-                f"{4 * t.target_frames} target frames are the video scored")  # fmt: skip
+        what = (
+            f"its first {4 * (t.condition_frames - 1) + 1} frames are the condition of a "
+            f"{t.video_frames}-frame sequence ({t.condition_frames} condition + "
+            f"{t.buffer_frames} buffer + {t.target_frames} target latent frames); the "
+            f"{4 * t.target_frames} target frames are the video scored"
+        )
     else:
-        what = (f"its {cfg.evaluate.frames} frames through the run's condition function "
-                f"`{cfg.precompute.reference}` are the reference video")  # fmt: skip
+        what = (
+            f"its {cfg.evaluate.frames} frames through the run's condition function "
+            f"`{cfg.precompute.reference}` are the reference video"
+        )
     return [
         f"**Conditioned evaluation** (train.mode {mode}): every checkpoint video is sampled on a "
         f"held-out clip's condition; {pairing}, and {what}. `pNN-sS.mp4` is the result alone "
         "(what is scored), `pNN-sS-side.mp4` the condition beside it, and the contact sheets "
         "show condition | result. The base model has no conditioned mode: it is sampled "
         "text-to-video, so the A/B and every comparison with the base set the conditioned "
-        "checkpoint against the unconditioned base.", "",
-    ]  # fmt: skip
+        "checkpoint against the unconditioned base.",
+        "",
+    ]
 
 
 def against_base(out: Path, scores: pd.DataFrame, names: list[str], resamples: int) -> list[str]:
@@ -222,13 +247,18 @@ def against_base(out: Path, scores: pd.DataFrame, names: list[str], resamples: i
     base = scores[scores.checkpoint == BASE]
     if not len(base) or len(scores) < 2:
         return []
-    lines = ["", "## Against the base model", "",
-             "Checkpoint minus base, 95% interval, verdict. Per-video metrics: paired bootstrap of "
-             "the difference over the same (prompt, seed) videos; a Fréchet distance: the two "
-             "intervals must not overlap. A checkpoint beats the base only when the interval "
-             "excludes 0.", "",
-             "| checkpoint | " + " | ".join(n.replace("_", " ") for n in names) + " |",
-             "| --- |" + " --- |" * len(names)]  # fmt: skip
+    lines = [
+        "",
+        "## Against the base model",
+        "",
+        "Checkpoint minus base, 95% interval, verdict. Per-video metrics: paired bootstrap of "
+        "the difference over the same (prompt, seed) videos; a Fréchet distance: the two "
+        "intervals must not overlap. A checkpoint beats the base only when the interval "
+        "excludes 0.",
+        "",
+        "| checkpoint | " + " | ".join(n.replace("_", " ") for n in names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
     for _, r in scores[scores.checkpoint != BASE].iterrows():
         cells = []
         for m in names:
@@ -242,8 +272,11 @@ def against_base(out: Path, scores: pd.DataFrame, names: list[str], resamples: i
 
 
 # What each per-video metric can take (`cogpipe.metrics`); a Fréchet distance is >= 0.
-METRIC_RANGE = {"clip_score": (0.0, 100.0), "temporal_consistency": (-1.0, 1.0),
-                "dynamic_degree": (0.0, 1.0)}  # fmt: skip
+METRIC_RANGE = {
+    "clip_score": (0.0, 100.0),
+    "temporal_consistency": (-1.0, 1.0),
+    "dynamic_degree": (0.0, 1.0),
+}
 MIN_SPAN = 0.05  # the least y-span: of the metric's range, or of a Fréchet distance's size
 PAD = 0.08  # of the span, above and below
 

@@ -146,10 +146,15 @@ from cogpipe.workspace import (
 VERSION = 3  # 3: shared base store, held-out suites, intervals, fd_<features>, mp4 scored; 2: A/B
 CHECKPOINT = re.compile(r"^checkpoint-(\d{6})$")
 INDEX_COLUMNS = [
-    "ekey", "run", "checkpoint", "step",
+    "ekey",
+    "run",
+    "checkpoint",
+    "step",
     *[c for m in METRICS for c in (m, f"{m}_low", f"{m}_high")],
-    "fd_note", "videos", "evaluated_at",
-]  # fmt: skip
+    "fd_note",
+    "videos",
+    "evaluated_at",
+]
 INDEX_KEY = ["ekey", "run", "checkpoint"]  # one row each
 
 
@@ -196,8 +201,11 @@ def list_checkpoints(run_dir: Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return {}
-    found = [p for p in run_dir.iterdir()
-             if CHECKPOINT.match(p.name) and ((p / LORA_FILE).is_file() or is_full(p))]  # fmt: skip
+    found = [
+        p
+        for p in run_dir.iterdir()
+        if CHECKPOINT.match(p.name) and ((p / LORA_FILE).is_file() or is_full(p))
+    ]
     return {p.name: p for p in sorted(found)}  # zero-padded: name order is step order
 
 
@@ -263,11 +271,13 @@ def sample(pipe, request: Request) -> np.ndarray:
     """
     c = request.condition
     if c is None:
-        return generate(pipe, request.settings, request.prompt, request.seed, request.device,
-                        request.image)  # fmt: skip
+        return generate(
+            pipe, request.settings, request.prompt, request.seed, request.device, request.image
+        )
     fields = {"frames": c.layout.video_frames} if c.mode == "tic-ft" else {}
-    sampled = sampling.request_for(request.settings, request.prompt, request.seed,
-                                   condition=c, **fields)  # fmt: skip
+    sampled = sampling.request_for(
+        request.settings, request.prompt, request.seed, condition=c, **fields
+    )
     return sampling.sample(pipe, sampled, request.device)
 
 
@@ -288,17 +298,24 @@ class Suite(NamedTuple):
         return None if self.paired is None or self.image_to_video else list(self.paired.clip_id)
 
 
-def suite_requests(ec: EvaluateConfig, prompts: list[str], device: str,
-                   paired: pd.DataFrame | None = None,
-                   given: list[sampling.Condition] | None = None,
-                   images: list[np.ndarray] | None = None) -> list[Request]:  # fmt: skip
+def suite_requests(
+    ec: EvaluateConfig,
+    prompts: list[str],
+    device: str,
+    paired: pd.DataFrame | None = None,
+    given: list[sampling.Condition] | None = None,
+    images: list[np.ndarray] | None = None,
+) -> list[Request]:
     """Every (prompt, seed) of the suite, with its prompt's condition or image, and clip,
     where `given` or `images`."""
     ids = [None] * len(prompts) if paired is None else list(paired.clip_id)
     given = given or [None] * len(prompts)
     images = images or [None] * len(prompts)
-    return [Request(p, prompt, seed, ec, device, given[p], ids[p], images[p])
-            for p, prompt in enumerate(prompts) for seed in ec.seeds]  # fmt: skip
+    return [
+        Request(p, prompt, seed, ec, device, given[p], ids[p], images[p])
+        for p, prompt in enumerate(prompts)
+        for seed in ec.seeds
+    ]
 
 
 # --------------------------------------------------------------------------- units
@@ -377,9 +394,17 @@ def score(ev: Evaluation, name: str, folder: Path, seconds: dict[str, float]):
     rows, feats = [], []
     for r in ev.requests:
         frames = read_video(folder / r.video, ev.cfg.evaluate)
-        rows.append({"checkpoint": name, "prompt_index": r.index, "prompt": r.prompt,
-                     "seed": r.seed, "video": r.video, **scores(ev.clip, frames, r.prompt),
-                     "seconds": seconds.get(r.video, 0.0)})  # fmt: skip
+        rows.append(
+            {
+                "checkpoint": name,
+                "prompt_index": r.index,
+                "prompt": r.prompt,
+                "seed": r.seed,
+                "video": r.video,
+                **scores(ev.clip, frames, r.prompt),
+                "seconds": seconds.get(r.video, 0.0),
+            }
+        )
         if name != BASE and r.clip_id is not None:
             rows[-1]["condition_clip"] = r.clip_id
         if ev.features is not None:
@@ -441,8 +466,11 @@ def scores(clip: Clip, frames: np.ndarray, prompt: str) -> dict[str, float]:
     motion metrics of a one-frame video)."""
     if len(frames) < 2:
         nan = float("nan")
-        return {"clip_score": clip_score(clip, frames, prompt), "temporal_consistency": nan,
-                "dynamic_degree": nan}  # fmt: skip
+        return {
+            "clip_score": clip_score(clip, frames, prompt),
+            "temporal_consistency": nan,
+            "dynamic_degree": nan,
+        }
     return video_metrics(clip, frames, prompt)
 
 
@@ -469,20 +497,30 @@ def _evaluated(ws: Workspace, ekey: str, run: str) -> pd.DataFrame:
     return index[(index.ekey == ekey) & (index.run == run)]
 
 
-def upsert_index(ws: Workspace, ekey: str, run: str, name: str, summary: dict,
-                  replace: bool = True) -> None:  # fmt: skip
+def upsert_index(
+    ws: Workspace, ekey: str, run: str, name: str, summary: dict, replace: bool = True
+) -> None:
     """Put a unit's row into the shared index under its lock (read, modify, rename): the row
     of the same (ekey, run, checkpoint) is replaced, never doubled. `replace=False` keeps a
     row already there (a unit found committed: its row is as good as ours)."""
-    row = {"ekey": ekey, "run": run, "checkpoint": name, "step": step_of(name), **summary,
-           "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    row = {
+        "ekey": ekey,
+        "run": run,
+        "checkpoint": name,
+        "step": step_of(name),
+        **summary,
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     with ws.hold("evaluate-index"):  # every run and process of the workspace writes it
         index = read_index(ws)
         listed = (index.ekey == ekey) & (index.run == run) & (index.checkpoint == name)
         if listed.any() and not replace:
             return
-        index = pd.concat([index, pd.DataFrame([row])], ignore_index=True) if len(index) else (
-            pd.DataFrame([row]))  # fmt: skip
+        index = (
+            pd.concat([index, pd.DataFrame([row])], ignore_index=True)
+            if len(index)
+            else (pd.DataFrame([row]))
+        )
         write_table(index_path(ws), ordered(index).reindex(columns=read_columns(index)))
 
 
@@ -510,8 +548,13 @@ def read_columns(index: pd.DataFrame) -> list[str]:
     return [*INDEX_COLUMNS, *(c for c in index.columns if c not in INDEX_COLUMNS)]
 
 
-def prepare(ws: Workspace, cfg: PipelineConfig, ekey: str, upstream: dict[str, StageResult],
-            tick: Callable[[str], None]) -> Evaluation:  # fmt: skip
+def prepare(
+    ws: Workspace,
+    cfg: PipelineConfig,
+    ekey: str,
+    upstream: dict[str, StageResult],
+    tick: Callable[[str], None],
+) -> Evaluation:
     """The suite (with an ic-lora or tic-ft run's conditions), CLIP and (with
     `video_features`) the reference clips' features; `tick(note)` after every video."""
     ec, device = cfg.evaluate, resolve_device(cfg.evaluate.device)
@@ -566,8 +609,10 @@ def fit_model(cfg: PipelineConfig) -> bool:
         field = "evaluate.frames" if wrong[0] == "frames" else "evaluate.height/width"
         raise ValueError(f"{field} {wrong[1]} (model {cfg.model})")
     if traits.shape.image_to_video and cfg.train.mode in CONDITIONED:
-        raise ValueError(f"train.mode {cfg.train.mode}: its evaluation is text-to-video only, "
-                         f"and model {cfg.model} is image-to-video")  # fmt: skip
+        raise ValueError(
+            f"train.mode {cfg.train.mode}: its evaluation is text-to-video only, "
+            f"and model {cfg.model} is image-to-video"
+        )
     return traits.shape.image_to_video
 
 
@@ -710,9 +755,16 @@ class Claims:
         return True
 
 
-def _evaluate_pending(ws: Workspace, cfg: PipelineConfig, ekey: str, out: Path,
-                      pending: dict[str, Path | None], upstream: dict[str, StageResult],
-                      progress: Progress, per_unit: int) -> list[str]:  # fmt: skip
+def _evaluate_pending(
+    ws: Workspace,
+    cfg: PipelineConfig,
+    ekey: str,
+    out: Path,
+    pending: dict[str, Path | None],
+    upstream: dict[str, StageResult],
+    progress: Progress,
+    per_unit: int,
+) -> list[str]:
     """Make every pending unit no other process holds, then wait for the held ones. Returns
     the units this call made (none when nothing is pending)."""
     if not pending:

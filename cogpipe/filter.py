@@ -169,8 +169,11 @@ def judge(
     rep = repetition(words)
     if rep > fc.max_repetition:
         reasons.append(f"repetitive ({rep:.0%} of trigrams repeat)")
-    for kind, phrases in (("refusal", fc.refusal_phrases), ("assistant", fc.assistant_phrases),
-                          ("still-image", fc.still_image_phrases)):  # fmt: skip
+    for kind, phrases in (
+        ("refusal", fc.refusal_phrases),
+        ("assistant", fc.assistant_phrases),
+        ("still-image", fc.still_image_phrases),
+    ):
         found = [p for p in phrases if p in low]
         if found:
             reasons.append(f'{kind} phrase ("{found[0]}")')
@@ -375,8 +378,10 @@ def headline(table: pd.DataFrame, cfg: PipelineConfig) -> list[str]:
         kind, n = counts.index[0], int(counts.iloc[0])
         if not (kind == "truncated" and notes):  # already said
             setting = REASON_SETTINGS.get(kind, "the filter section of the config")
-            notes.append(f"**{n} of {len(kinds)} rejected captions ({n / len(kinds):.0%}) "
-                         f"were rejected as {kind}**; the setting behind it: {setting}.")  # fmt: skip
+            notes.append(
+                f"**{n} of {len(kinds)} rejected captions ({n / len(kinds):.0%}) "
+                f"were rejected as {kind}**; the setting behind it: {setting}."
+            )
     return notes
 
 

@@ -507,8 +507,9 @@ def condition_of(options: GenerateOptions) -> sampling.Condition | None:
     wanted = "ic-lora" if options.reference else "tic-ft" if options.condition else None
     flag = {"ic-lora": "--reference VIDEO", "tic-ft": "--condition VIDEO|IMAGE"}
     if trained is not None and trained[0] in flag and wanted != trained[0]:
-        raise GenerateError(f"{checkpoint} was trained in mode {trained[0]}: give "
-                            f"{flag[trained[0]]}")  # fmt: skip
+        raise GenerateError(
+            f"{checkpoint} was trained in mode {trained[0]}: give {flag[trained[0]]}"
+        )
     if wanted is None:
         return None
     if trained is not None and trained[0] != wanted:
@@ -520,8 +521,10 @@ def condition_of(options: GenerateOptions) -> sampling.Condition | None:
             raise GenerateError(f"--reference {options.reference}: a video, not an image")
         return sampling.Condition("ic-lora", frames=frames)
     if trained is None:
-        raise GenerateError(f"--condition: no run.json beside {checkpoint}, so the tic-ft "
-                            f"layout (condition and buffer frames) is unknown")  # fmt: skip
+        raise GenerateError(
+            f"--condition: no run.json beside {checkpoint}, so the tic-ft "
+            f"layout (condition and buffer frames) is unknown"
+        )
     layout = trained[1]
     count = sampling.TEMPORAL * (layout.condition_frames - 1) + 1
     frames = read_input(options.condition, count, options, "--condition")
@@ -538,9 +541,14 @@ def sampler_settings(options: GenerateOptions) -> EvaluateConfig:
     if None in (options.frames, options.height, options.width, options.fps):
         options = fit_model(options)
     return EvaluateConfig(
-        steps=options.steps, guidance=options.guidance, frames=options.frames,
-        height=options.height, width=options.width, fps=options.fps, device=options.device,
-    )  # fmt: skip
+        steps=options.steps,
+        guidance=options.guidance,
+        frames=options.frames,
+        height=options.height,
+        width=options.width,
+        fps=options.fps,
+        device=options.device,
+    )
 
 
 def image_of(options: GenerateOptions) -> np.ndarray | None:

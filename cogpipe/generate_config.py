@@ -47,10 +47,16 @@ def config_values(cfg: PipelineConfig) -> dict[str, Any]:
     """The GenerateOptions values a config gives: its model and its evaluation's sampling."""
     ev = cfg.evaluate
     return {
-        "model": cfg.model, "steps": ev.steps, "guidance": ev.guidance, "frames": ev.frames,
-        "height": ev.height, "width": ev.width, "fps": ev.fps, "seed": ev.seeds[0],
+        "model": cfg.model,
+        "steps": ev.steps,
+        "guidance": ev.guidance,
+        "frames": ev.frames,
+        "height": ev.height,
+        "width": ev.width,
+        "fps": ev.fps,
+        "seed": ev.seeds[0],
         "device": ev.device,
-    }  # fmt: skip
+    }
 
 
 def run_folder(cfg: PipelineConfig) -> Path:

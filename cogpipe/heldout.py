@@ -61,8 +61,9 @@ def reference_clips(cfg: PipelineConfig, check: StageResult, suite: pd.DataFrame
     return clips.head(cfg.evaluate.real_clips)
 
 
-def paired_clips(cfg: PipelineConfig, check: StageResult, clips: pd.DataFrame | None,
-                 prompts: list[str]) -> tuple[pd.DataFrame, int]:  # fmt: skip
+def paired_clips(
+    cfg: PipelineConfig, check: StageResult, clips: pd.DataFrame | None, prompts: list[str]
+) -> tuple[pd.DataFrame, int]:
     """The held-out clip of each prompt of an ic-lora or tic-ft run or an image-to-video
     model, and how many there were to pair with: prompt i takes clip i mod N of the
     held-out suite's clips (its own) or of the reference clips (`reference_clips`).
@@ -74,10 +75,12 @@ def paired_clips(cfg: PipelineConfig, check: StageResult, clips: pd.DataFrame | 
     if not len(pool):
         table = read_table(Path(check.path) / "clips.parquet")
         held = table.split == "heldout"
-        why = (f"train.mode {cfg.train.mode} is evaluated on held-out clips' conditions"
-               if cfg.train.mode in ("ic-lora", "tic-ft") else
-               f"model {cfg.model} is image-to-video: each prompt's image is a held-out clip's "
-               f"first frame")  # fmt: skip
+        why = (
+            f"train.mode {cfg.train.mode} is evaluated on held-out clips' conditions"
+            if cfg.train.mode in ("ic-lora", "tic-ft")
+            else f"model {cfg.model} is image-to-video: each prompt's image is a held-out clip's "
+            f"first frame"
+        )
         raise ValueError(
             f"{why}, but "
             f"{check.path}/clips.parquet has no kept held-out clip ({len(table)} clips, "
@@ -115,8 +118,9 @@ def first_frames(paired: pd.DataFrame, height: int, width: int) -> list[np.ndarr
     return [made[c] for c in paired.clip_id]
 
 
-def real_features(ws: Workspace, ekey: str, ec: EvaluateConfig, clips: pd.DataFrame,
-                  features) -> np.ndarray:  # fmt: skip
+def real_features(
+    ws: Workspace, ekey: str, ec: EvaluateConfig, clips: pd.DataFrame, features
+) -> np.ndarray:
     """Features [N, D] of real clips, cut like the generated videos: `frames` at `fps` from
     the clip's start (spread over the clip when it is shorter); clips that do not decode are
     left out ([0, 0] when none does). Cached per eval key and clip list, computed by one

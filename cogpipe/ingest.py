@@ -44,21 +44,42 @@ from cogpipe.workspace import (
 
 VERSION = 2
 PROBE_COLUMNS = [
-    "video_id", "width", "height", "fps", "frames", "duration", "keyframes", "rotation", "vfr",
-    "codec", "pix_fmt", "bit_depth", "bitrate", "status", "reason",
-]  # fmt: skip
+    "video_id",
+    "width",
+    "height",
+    "fps",
+    "frames",
+    "duration",
+    "keyframes",
+    "rotation",
+    "vfr",
+    "codec",
+    "pix_fmt",
+    "bit_depth",
+    "bitrate",
+    "status",
+    "reason",
+]
 COLUMNS = ["path", "size", "mtime_ns", "source_caption", *PROBE_COLUMNS]
 TIMED_OUT = re.compile(r"probe failed: timed out after ([0-9.e+-]+)s")
 UNREADABLE = "cannot read file: "  # a read that failed: not cached, the next ingest tries again
 
 # First bytes of the containers FFmpeg reads; a file with none of them is not probed.
 _SIGNATURES = (
-    (4, b"ftyp"), (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"), (4, b"skip"),
+    (4, b"ftyp"),
+    (4, b"moov"),
+    (4, b"mdat"),
+    (4, b"free"),
+    (4, b"wide"),
+    (4, b"skip"),
     (0, b"\x1a\x45\xdf\xa3"),  # Matroska / WebM
     (0, b"RIFF"),  # AVI
-    (0, b"\x00\x00\x01\xba"), (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / MPEG video
-    (0, b"FLV"), (0, b"OggS"), (0, b"\x30\x26\xb2\x75"),  # FLV, Ogg, ASF / WMV
-)  # fmt: skip
+    (0, b"\x00\x00\x01\xba"),
+    (0, b"\x00\x00\x01\xb3"),  # MPEG-PS / MPEG video
+    (0, b"FLV"),
+    (0, b"OggS"),
+    (0, b"\x30\x26\xb2\x75"),  # FLV, Ogg, ASF / WMV
+)
 
 
 def key_of(cfg: PipelineConfig, inputs: dict | None = None, listing: list | None = None) -> str:

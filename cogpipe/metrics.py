@@ -392,15 +392,20 @@ def bootstrap_frechet(
     """
     rng = np.random.default_rng(seed)
     n, m = len(generated), len(real)
-    draws = [frechet_distance(generated[rng.integers(0, n, n)], real[rng.integers(0, m, m)])
-             for _ in range(resamples)]  # fmt: skip
+    draws = [
+        frechet_distance(generated[rng.integers(0, n, n)], real[rng.integers(0, m, m)])
+        for _ in range(resamples)
+    ]
     return percentile_interval(np.array(draws))
 
 
 def paired_difference(
-    a: np.ndarray, b: np.ndarray, resamples: int, seed: int = 0,
+    a: np.ndarray,
+    b: np.ndarray,
+    resamples: int,
+    seed: int = 0,
     stat: Callable[[np.ndarray], float] | None = None,
-) -> tuple[float, float, float]:  # fmt: skip
+) -> tuple[float, float, float]:
     """stat(b) - stat(a) and its 95% paired-bootstrap interval.
 
     Row i of `a` and of `b` come from the same (prompt, seed); each resample draws the

@@ -130,8 +130,10 @@ def apply_overrides(table: pd.DataFrame, overrides: dict[str, Override], rescore
             changed = not row.accepted or row.caption != entry.caption
             if row.caption != entry.caption:
                 table.loc[i, ["caption", "score", "source"]] = [
-                    entry.caption, rescore(entry.caption), "override",
-                ]  # fmt: skip
+                    entry.caption,
+                    rescore(entry.caption),
+                    "override",
+                ]
             table.loc[i, ["accepted", "reasons"]] = [True, ""]
         table.at[i, "override"] = changed
     return table

@@ -136,8 +136,9 @@ def sizes(path: Path, videos: pd.DataFrame, title: str) -> str:
         w, h = (np.array(a, float) for a in zip(*counts.index, strict=True))
         ax.scatter(w, h, s=20 + 80 * counts.to_numpy() / counts.max(), alpha=0.7)
         for x, y, n in zip(w, h, counts.to_numpy(), strict=True):
-            ax.annotate(f"{dims(x, y)} ({n})", (x, y), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{dims(x, y)} ({n})", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+            )
         ax.margins(0.25)  # the labels stay inside
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")

@@ -61,8 +61,15 @@ class _Worker:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         code = "from cogpipe.pool import _child; _child()"
-        argv = [sys.executable, "-c", code, fn.__module__, fn.__qualname__,
-                str(to_child_r), str(from_child_w)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-c",
+            code,
+            fn.__module__,
+            fn.__qualname__,
+            str(to_child_r),
+            str(from_child_w),
+        ]
         self.process = subprocess.Popen(argv, pass_fds=(to_child_r, from_child_w))
         os.close(to_child_r)
         os.close(from_child_w)

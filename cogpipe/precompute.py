@@ -281,11 +281,19 @@ def _cache_keys(samples: pd.DataFrame, p: PrecomputeConfig, m: _Model) -> None:
     """Content keys of each row's latents (video, span, frames, bucket, tiling, VAE), its
     references' and its caption's embeddings."""
     latents_fields = [
-        {"video_id": r.video_id, "start": r.start, "end": r.end, "frames": r.frames,
-         "fps": p.fps, "height": r.height, "width": r.width, "vae_tiling": p.vae_tiling,
-         "vae": m.vae_fp}
+        {
+            "video_id": r.video_id,
+            "start": r.start,
+            "end": r.end,
+            "frames": r.frames,
+            "fps": p.fps,
+            "height": r.height,
+            "width": r.width,
+            "vae_tiling": p.vae_tiling,
+            "vae": m.vae_fp,
+        }
         for r in samples.itertuples()
-    ]  # fmt: skip
+    ]
     samples["latents_cache"] = [sha256_json(f) for f in latents_fields]
     if m.reference_fp is not None:
         samples["reference_cache"] = [
@@ -602,9 +610,11 @@ def _encode_shard(run: _Run, name: str, batches: list[pd.DataFrame], decoded: It
         if not any(good):
             continue
         batch, frames = batch[good], [f for f in frames if f[0] is not None]
-        jobs = [("latents_cache", "need_latents", 0, _seed),
-                ("reference_cache", "need_reference", 1, _reference_seed),
-                ("image_cache", "need_image", 0, _image_seed)]  # fmt: skip
+        jobs = [
+            ("latents_cache", "need_latents", 0, _seed),
+            ("reference_cache", "need_reference", 1, _reference_seed),
+            ("image_cache", "need_image", 0, _image_seed),
+        ]
         for column, need, part, seed in jobs:
             mask = batch[need].to_numpy() if need in batch else np.zeros(len(batch), bool)
             if not mask.any():
@@ -747,10 +757,17 @@ def _backfill(run: _Run, name: str) -> None:
     from safetensors import safe_open
 
     rows = run.samples[run.samples.shard == name]
-    columns = {"latents": "latents_cache", "reference_latents": "reference_cache",
-               "image_latents": "image_cache"}  # fmt: skip
-    wanted = {f"{r.clip_id}.{suffix}": getattr(r, column) for r in rows.itertuples()
-              for suffix, column in columns.items() if column in rows}  # fmt: skip
+    columns = {
+        "latents": "latents_cache",
+        "reference_latents": "reference_cache",
+        "image_latents": "image_cache",
+    }
+    wanted = {
+        f"{r.clip_id}.{suffix}": getattr(r, column)
+        for r in rows.itertuples()
+        for suffix, column in columns.items()
+        if column in rows
+    }
     missing = {t: k for t, k in wanted.items() if not cache_file(run.caches[0], k).is_file()}
     if not missing:
         return
@@ -793,9 +810,11 @@ def _commit_shard(run: _Run, name: str, new: dict, first) -> None:
     tensors, rejected = _shard_tensors(rows, new, run.failed, *run.caches)
     write_shard(run.out / name, tensors, rejected, check)
     _cache_store(run.ws, run.caches[0], new)  # checked and committed: now they serve other keys
-    for count, column in [("encoded_videos", "latents_cache"),
-                          ("encoded_references", "reference_cache"),
-                          ("encoded_images", "image_cache")]:  # fmt: skip
+    for count, column in [
+        ("encoded_videos", "latents_cache"),
+        ("encoded_references", "reference_cache"),
+        ("encoded_images", "image_cache"),
+    ]:
         if column in rows:
             run.counts[count] += len(set(new) & set(rows[column]))
 
@@ -817,8 +836,12 @@ def _encode_all(run: _Run, names: list[str], wait: bool) -> list[str]:
             # The decoder (ahead, claiming) and the encoder walk one sequence of claimed
             # shards; each clip's frames come tagged with its shard and clip.
             ahead, shards = itertools.tee(_claimed(run, names, wait, held, busy))
-            clips = (((name, r.clip_id), r) for name, batches in ahead
-                     for b in batches for r in b.itertuples())  # fmt: skip
+            clips = (
+                ((name, r.clip_id), r)
+                for name, batches in ahead
+                for b in batches
+                for r in b.itertuples()
+            )
             decode = partial(_decode, reference=reference)
             decoded = _prefetch(decode, clips, pool, BATCHES_AHEAD * p.batch_size)
             for name, batches in shards:

@@ -53,8 +53,13 @@ COMPONENTS: dict[str, tuple[str, str | None, str | None, tuple[str, ...]]] = {
     "scheduler": ("scheduler_config.json", None, None, ()),
 }
 # What each stage loads of `model`: component -> whether its weights are read.
-FULL_PIPELINE = {"transformer": True, "vae": True, "text_encoder": True, "tokenizer": False,
-                 "scheduler": False}  # fmt: skip
+FULL_PIPELINE = {
+    "transformer": True,
+    "vae": True,
+    "text_encoder": True,
+    "tokenizer": False,
+    "scheduler": False,
+}
 STAGE_COMPONENTS: dict[str, dict[str, bool]] = {
     "recaption": {"tokenizer": False},  # the gate's token count
     "filter": {"tokenizer": False},
@@ -166,8 +171,13 @@ def stage_keys(cfg: PipelineConfig, until: str, listing: list) -> tuple[dict[str
 def check_stage_models(cfg: PipelineConfig, stage: str) -> None:
     """The models `stage` loads, each named by its field."""
     if stage == "caption" and cfg.caption.existing != "use":
-        check_transformers_model("caption.model", cfg.caption.model, cfg.caption.revision,
-                                 CAPTIONERS, "a supported captioner")  # fmt: skip
+        check_transformers_model(
+            "caption.model",
+            cfg.caption.model,
+            cfg.caption.revision,
+            CAPTIONERS,
+            "a supported captioner",
+        )
     components = dict(STAGE_COMPONENTS.get(stage, {}))
     if stage in ("recaption", "filter") and not cfg.filter.max_tokens:
         components = {}
@@ -176,11 +186,17 @@ def check_stage_models(cfg: PipelineConfig, stage: str) -> None:
     if components:
         check_cogvideox("model", cfg.model, components)
     if stage == "evaluate":
-        check_transformers_model("evaluate.clip_model", cfg.evaluate.clip_model, None,
-                                 ("clip",), "a CLIP model")  # fmt: skip
+        check_transformers_model(
+            "evaluate.clip_model", cfg.evaluate.clip_model, None, ("clip",), "a CLIP model"
+        )
         if cfg.evaluate.video_features is not None:
-            check_transformers_model("evaluate.video_features", cfg.evaluate.video_features,
-                                     None, ("videomae",), "a VideoMAE model")  # fmt: skip
+            check_transformers_model(
+                "evaluate.video_features",
+                cfg.evaluate.video_features,
+                None,
+                ("videomae",),
+                "a VideoMAE model",
+            )
 
 
 def check_cogvideox(
@@ -194,8 +210,12 @@ def check_cogvideox(
     if folder is None:  # not cached, the hub answers: the loader downloads it
         return
     if pipeline:
-        folder.expect("model_index.json", "_class_name", lambda v: str(v).startswith("CogVideoX"),
-                      "a CogVideoX pipeline")  # fmt: skip
+        folder.expect(
+            "model_index.json",
+            "_class_name",
+            lambda v: str(v).startswith("CogVideoX"),
+            "a CogVideoX pipeline",
+        )
     for name, weights in components.items():
         config, key, expected, files = COMPONENTS[name]
         if key is None:
@@ -275,8 +295,13 @@ class Folder:
             raise error
 
     def _shards(self, sub: str, index: Path, what: str) -> None:
-        shards = sorted(set((self.json(str(index.relative_to(self.root)), what) or {}).get(
-            "weight_map", {}).values()))  # fmt: skip
+        shards = sorted(
+            set(
+                (self.json(str(index.relative_to(self.root)), what) or {})
+                .get("weight_map", {})
+                .values()
+            )
+        )
         for shard in shards:
             rel = f"{sub}/{shard}" if sub else shard
             if not (self.root / rel).is_file():

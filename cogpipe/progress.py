@@ -47,10 +47,18 @@ WAITING = "waiting for "  # a note that is a whole line, never skipped
 REDRAW_S = 0.1  # a terminal's bars are redrawn at a report at most this often (else 4/s)
 # What a stage counts, for its rate ("1,840 clips/h"); a shard's stage is named after it.
 UNITS = {
-    "ingest": "videos", "check": "videos", "caption": "clips", "recaption": "clips",
-    "filter": "clips", "precompute": "shards", "train": "steps", "evaluate": "videos",
-    "export-dataset": "clips", "sweep": "videos", "generate": "steps",
-}  # fmt: skip
+    "ingest": "videos",
+    "check": "videos",
+    "caption": "clips",
+    "recaption": "clips",
+    "filter": "clips",
+    "precompute": "shards",
+    "train": "steps",
+    "evaluate": "videos",
+    "export-dataset": "clips",
+    "sweep": "videos",
+    "generate": "steps",
+}
 
 
 def unit_of(stage: str) -> str:
@@ -160,8 +168,12 @@ class PlainDisplay(Display):
     """Whole lines, for logs: a stage's first and last report and one every `every` seconds
     between; a waiting note always. Writes to `stream` (default: stderr when reporting)."""
 
-    def __init__(self, stream: TextIO | None = None, every: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        every: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.stream = stream
         self.every = every_seconds() if every is None else every
         self.clock = clock
@@ -200,12 +212,17 @@ class RichDisplay(Display):
 
         self.console = Console(file=stream or sys.stderr)
         self.bars = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(bar_width=24),
-            MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[note]}"),
-            console=self.console, refresh_per_second=4,
-            redirect_stdout=is_terminal(sys.stdout), redirect_stderr=True,
-        )  # fmt: skip
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("{task.fields[eta]}"),
+            TextColumn("{task.fields[note]}"),
+            console=self.console,
+            refresh_per_second=4,
+            redirect_stdout=is_terminal(sys.stdout),
+            redirect_stderr=True,
+        )
         self.tasks: dict[str, tuple[int, Rate]] = {}
         self.units = {}
         self.lock = threading.Lock()
@@ -224,8 +241,15 @@ class RichDisplay(Display):
             now = time.monotonic()  # a report is drawn now (every committed part shows),
             redraw = now - self.drawn >= REDRAW_S  # but a fast stage does not flood the screen
             self.drawn = now if redraw else self.drawn
-            self.bars.update(task, completed=done, total=total, rate=rate_text, eta=eta,
-                             note=_escape(note[-48:]), refresh=redraw)  # fmt: skip
+            self.bars.update(
+                task,
+                completed=done,
+                total=total,
+                rate=rate_text,
+                eta=eta,
+                note=_escape(note[-48:]),
+                refresh=redraw,
+            )
 
     def start(self) -> None:
         self.bars.start()

@@ -127,14 +127,25 @@ def list_pairs(folder: Path, rng: random.Random) -> list[Pair]:
     pairs = []
     units = [p for p in folder.iterdir() if (p / "metrics.parquet").is_file()]
     for unit in sorted(p for p in units if p.name != BASE and not p.name.startswith(".")):
-        rows = read_table(unit / "metrics.parquet").merge(base, on=["prompt", "seed"],
-                                                          suffixes=("", "_base"))  # fmt: skip
+        rows = read_table(unit / "metrics.parquet").merge(
+            base, on=["prompt", "seed"], suffixes=("", "_base")
+        )
         for r in rows.itertuples(index=False):
             side = rng.choice(SIDES)
             other = SIDES[1 - SIDES.index(side)]
             files = {side: folder / BASE / r.video_base, other: unit / r.video}
-            pairs.append(Pair(uuid.UUID(int=rng.getrandbits(128)).hex[:16], unit.name,
-                              int(r.prompt_index), r.prompt, int(r.seed), r.video, side, files))  # fmt: skip
+            pairs.append(
+                Pair(
+                    uuid.UUID(int=rng.getrandbits(128)).hex[:16],
+                    unit.name,
+                    int(r.prompt_index),
+                    r.prompt,
+                    int(r.seed),
+                    r.video,
+                    side,
+                    files,
+                )
+            )
     if not pairs:
         raise RateError(
             f"{folder} holds the base model's videos but no checkpoint's; "
@@ -168,10 +179,18 @@ class Ratings:
 
     def record(self, pair: Pair, rater: str, choices: dict[str, str]) -> None:
         """Append one judgment (page answers per question) to `evaluate/ratings.parquet/`."""
-        row = {"rater": rater, "ekey": self.ekey, "run": self.run, "checkpoint": pair.checkpoint,
-               "prompt_index": pair.prompt_index, "prompt": pair.prompt, "seed": pair.seed,
-               "video": pair.video, "base_side": pair.base_side,
-               **{q: pair.answer(choices[q]) for q in QUESTIONS}}  # fmt: skip
+        row = {
+            "rater": rater,
+            "ekey": self.ekey,
+            "run": self.run,
+            "checkpoint": pair.checkpoint,
+            "prompt_index": pair.prompt_index,
+            "prompt": pair.prompt,
+            "seed": pair.seed,
+            "video": pair.video,
+            "base_side": pair.base_side,
+            **{q: pair.answer(choices[q]) for q in QUESTIONS},
+        }
         append_rating(self.ws, row)
         with self.lock:
             self.rated.setdefault(rater, Counter())[pair.identity] += 1
@@ -207,8 +226,11 @@ def parse_judgment(body: bytes) -> tuple[str, str, dict[str, str]]:
         raise ValueError("pair: missing")
     if not rater or len(rater) > MAX_RATER or not rater.isprintable():
         raise ValueError(f"rater: give your name (1 to {MAX_RATER} printable characters)")
-    problems = [f"{q}: {form[q]!r} is not left, right or tie" if q in form else f"{q}: missing"
-                for q in QUESTIONS if form.get(q) not in CHOICES]  # fmt: skip
+    problems = [
+        f"{q}: {form[q]!r} is not left, right or tie" if q in form else f"{q}: missing"
+        for q in QUESTIONS
+        if form.get(q) not in CHOICES
+    ]
     if problems:
         raise ValueError("; ".join(problems))
     return pair_id, rater, {q: form[q] for q in QUESTIONS}
@@ -225,9 +247,14 @@ def create_app(state: Ratings):
     @app.get("/api/next")
     def next_pair(rater: str = "") -> dict:
         pair, rater = state.next_pair(rater.strip()), rater.strip()
-        return {"pair": pair.id, "prompt": pair.prompt, "left": f"pair/{pair.id}/left",
-                "right": f"pair/{pair.id}/right", "rated": state.done_by(rater),
-                "pairs": len(state.pairs)}  # fmt: skip
+        return {
+            "pair": pair.id,
+            "prompt": pair.prompt,
+            "left": f"pair/{pair.id}/left",
+            "right": f"pair/{pair.id}/right",
+            "rated": state.done_by(rater),
+            "pairs": len(state.pairs),
+        }
 
     @app.post("/api/rate")
     async def rate(request: Request) -> dict:
@@ -270,12 +297,14 @@ def serve(state: Ratings, host: str, port: int, on_url: Callable[[str], None] = 
         sock.listen()  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         sock.close()
-        raise RateError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
-                        "(0: any free one)") from e  # fmt: skip
+        raise RateError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (0: any free one)"
+        ) from e
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     on_url(f"http://{shown}:{sock.getsockname()[1]}/")
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=3)  # fmt: skip
+    config = uvicorn.Config(
+        create_app(state), log_level="warning", access_log=False, timeout_graceful_shutdown=3
+    )
     with quiet_stop():
         uvicorn.Server(config).run(sockets=[sock])
 
@@ -299,12 +328,15 @@ def quiet_stop():
 def render_summary(state: Ratings, table: pd.DataFrame) -> str:
     """`/summary`: the win-rate table of this run (the same as `ratings_markdown`'s)."""
     head = "".join(f"<th>{h}</th>" for h in HEADER)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r)) + "</tr>"
-                   for r in table.itertuples(index=False))  # fmt: skip
-    body = (f"<table><tr>{head}</tr>{rows}</table>" if len(table) else
-            "<p>No ratings yet.</p>")  # fmt: skip
-    note = ("Win rate: the checkpoint preferred over the base model at the same prompt and seed, "
-            "ties as half. 95% CI: Wilson score interval. W / L / T: wins, losses, ties.")  # fmt: skip
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(r)) + "</tr>"
+        for r in table.itertuples(index=False)
+    )
+    body = f"<table><tr>{head}</tr>{rows}</table>" if len(table) else "<p>No ratings yet.</p>"
+    note = (
+        "Win rate: the checkpoint preferred over the base model at the same prompt and seed, "
+        "ties as half. 95% CI: Wilson score interval. W / L / T: wins, losses, ties."
+    )
     page = SUMMARY.replace("__STYLE__", STYLE).replace("__RUN__", html.escape(state.run))
     return page.replace("__TABLE__", body).replace("__NOTE__", note)
 

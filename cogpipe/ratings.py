@@ -38,10 +38,33 @@ QUESTIONS = {  # column -> what the rater is asked
     "overall": "Overall",
 }
 ANSWERS = ("checkpoint", "base", "tie")  # as stored: which model won the question
-COLUMNS = ["rater", "ekey", "run", "checkpoint", "prompt_index", "prompt", "seed", "video",
-           "base_side", *QUESTIONS, "rated_at"]  # fmt: skip
-TABLE_COLUMNS = ["ekey", "run", "checkpoint", "question", "wins", "losses", "ties", "n",
-                 "win_rate", "ci_low", "ci_high", "raters"]  # fmt: skip
+COLUMNS = [
+    "rater",
+    "ekey",
+    "run",
+    "checkpoint",
+    "prompt_index",
+    "prompt",
+    "seed",
+    "video",
+    "base_side",
+    *QUESTIONS,
+    "rated_at",
+]
+TABLE_COLUMNS = [
+    "ekey",
+    "run",
+    "checkpoint",
+    "question",
+    "wins",
+    "losses",
+    "ties",
+    "n",
+    "win_rate",
+    "ci_low",
+    "ci_high",
+    "raters",
+]
 Z95 = 1.959964  # standard normal quantile of a two-sided 95% interval
 
 
@@ -128,11 +151,22 @@ def win_rates(ratings: pd.DataFrame) -> pd.DataFrame:
             wins, losses, ties = (int(counts.get(a, 0)) for a in ANSWERS)
             n = wins + losses + ties
             low, high = wilson(wins + ties / 2, n)
-            rows.append({"ekey": ekey, "run": run, "checkpoint": checkpoint, "question": question,
-                         "wins": wins, "losses": losses, "ties": ties, "n": n,
-                         "win_rate": (wins + ties / 2) / n if n else math.nan,
-                         "ci_low": low, "ci_high": high,
-                         "raters": group.rater.nunique()})  # fmt: skip
+            rows.append(
+                {
+                    "ekey": ekey,
+                    "run": run,
+                    "checkpoint": checkpoint,
+                    "question": question,
+                    "wins": wins,
+                    "losses": losses,
+                    "ties": ties,
+                    "n": n,
+                    "win_rate": (wins + ties / 2) / n if n else math.nan,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "raters": group.rater.nunique(),
+                }
+            )
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
@@ -169,9 +203,13 @@ def ratings_markdown(table: pd.DataFrame) -> str:
         )
     lines += ["| " + " | ".join(HEADER) + " |", "| --- | --- | ---: | --- | --- | ---: | ---: |"]
     lines += ["| " + " | ".join(table_cells(r)) + " |" for r in table.itertuples(index=False)]
-    lines += ["", "Win rate: the checkpoint preferred over the base model at the same prompt and "
-              "seed, ties as half; W / L / T: wins, losses, ties; 95% CI: Wilson score interval; "
-              "above 0.5 the checkpoint is better.", ""]  # fmt: skip
+    lines += [
+        "",
+        "Win rate: the checkpoint preferred over the base model at the same prompt and "
+        "seed, ties as half; W / L / T: wins, losses, ties; 95% CI: Wilson score interval; "
+        "above 0.5 the checkpoint is better.",
+        "",
+    ]
     return "\n".join(lines)
 
 

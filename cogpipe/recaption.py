@@ -118,9 +118,15 @@ def on_shard_device(cc: CaptionConfig, shard: int) -> CaptionConfig:
 
 
 def later_rounds(
-    ws: Workspace, cfg: PipelineConfig, clips: pd.DataFrame, first: pd.DataFrame,
-    shard: int, count: Counter, progress: Progress, merge_only: bool,
-) -> tuple[list[pd.DataFrame], int, int]:  # fmt: skip
+    ws: Workspace,
+    cfg: PipelineConfig,
+    clips: pd.DataFrame,
+    first: pd.DataFrame,
+    shard: int,
+    count: Counter,
+    progress: Progress,
+    merge_only: bool,
+) -> tuple[list[pd.DataFrame], int, int]:
     """Rounds 2..retries of one shard: each re-captions what the round before left rejected.
 
     Returns:
@@ -146,9 +152,15 @@ def later_rounds(
 
 
 def run_rounds(
-    ws: Workspace, cfg: PipelineConfig, check: StageResult, rejected: list[str],
-    shards: list[int], count: Counter, progress: Progress, merge_only: bool,
-) -> tuple[pd.DataFrame, int, int]:  # fmt: skip
+    ws: Workspace,
+    cfg: PipelineConfig,
+    check: StageResult,
+    rejected: list[str],
+    shards: list[int],
+    count: Counter,
+    progress: Progress,
+    merge_only: bool,
+) -> tuple[pd.DataFrame, int, int]:
     """Every round of the given shards over the `rejected` clips of `check`'s table (round 1
     of them all with one model load); nothing when no clip is rejected.
 
@@ -203,10 +215,14 @@ def recaption_counts(
     re-captioned (`round<r>`) and the re-captions accepted (`round<r>_accepted`)."""
     rejected = sum(bool(r) for _, r in verdicts)
     replaced = int((table.attempt > 0).sum())
-    counts = {"clips": len(table), "rejected_before": rejected,
-              "recaptioned": retried.clip_id.nunique() if len(retried) else 0,
-              "accepted_after": len(table) - rejected + replaced,
-              "parts": parts, "parts_reused": reused}  # fmt: skip
+    counts = {
+        "clips": len(table),
+        "rejected_before": rejected,
+        "recaptioned": retried.clip_id.nunique() if len(retried) else 0,
+        "accepted_after": len(table) - rejected + replaced,
+        "parts": parts,
+        "parts_reused": reused,
+    }
     for r in sorted(set(retried.attempt)) if len(retried) else []:
         counts[f"round{r}"] = int((retried.attempt == r).sum())
         counts[f"round{r}_accepted"] = int((table.attempt == r).sum())

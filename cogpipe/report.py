@@ -60,8 +60,12 @@ def write_check_report(out: Path, manifest: pd.DataFrame, clips: pd.DataFrame) -
     lines += ["## Check rejections", ""]
     lines += _table(check_reasons, "reason")
     ingest_reasons = bad.reason.map(reason_kind).value_counts()
-    both = pd.concat([ingest_reasons.rename(lambda k: f"ingest: {k}"),
-                      check_reasons.rename(lambda k: f"check: {k}")])  # fmt: skip
+    both = pd.concat(
+        [
+            ingest_reasons.rename(lambda k: f"ingest: {k}"),
+            check_reasons.rename(lambda k: f"check: {k}"),
+        ]
+    )
     if len(both):
         lines += [f"![rejections]({hbars(out / 'rejections.png', both, 'Rejections')})", ""]
     if len(clips):
@@ -70,10 +74,13 @@ def write_check_report(out: Path, manifest: pd.DataFrame, clips: pd.DataFrame) -
             "rejected": clips.duration[~keep].to_numpy(),
         }
         lines += ["## Clip durations", ""]
-        lines += [f"![durations]({histogram(out / 'durations.png', durations, 'seconds', 'Clip durations')})", ""]  # fmt: skip
+        lines += [
+            f"![durations]({histogram(out / 'durations.png', durations, 'seconds', 'Clip durations')})",
+            "",
+        ]
     if len(ok):
         lines += ["## Video resolutions", ""]
-        lines += [f"![resolutions]({sizes(out / 'resolutions.png', ok, 'Video resolutions')})", ""]  # fmt: skip
+        lines += [f"![resolutions]({sizes(out / 'resolutions.png', ok, 'Video resolutions')})", ""]
         res = pd.Series(map(dims, ok.width, ok.height)).value_counts().head(10)
         lines += _table(res, "resolution")
     (out / "report.md").write_text("\n".join(lines))

@@ -286,14 +286,27 @@ def _write_atomically(target: Path, marker: str, write) -> Path:
 _ROPE = dict(use_rotary_positional_embeddings=True, num_attention_heads=2, attention_head_dim=16)
 TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "2b": {},
-    "1.5": dict(**_ROPE, patch_size_t=2, patch_bias=False,
-                sample_width=32, sample_height=32, sample_frames=81),
-    "i2v": dict(**_ROPE, use_learned_positional_embeddings=True,
-                in_channels=8),
-    "1.5-i2v": dict(**_ROPE, patch_size_t=2, patch_bias=False,
-                    sample_width=32, sample_height=32, sample_frames=81, in_channels=8,
-                    time_embed_dim=8, ofs_embed_dim=8),  # ofs adds to the time embedding
-}  # fmt: skip
+    "1.5": dict(
+        **_ROPE,
+        patch_size_t=2,
+        patch_bias=False,
+        sample_width=32,
+        sample_height=32,
+        sample_frames=81,
+    ),
+    "i2v": dict(**_ROPE, use_learned_positional_embeddings=True, in_channels=8),
+    "1.5-i2v": dict(
+        **_ROPE,
+        patch_size_t=2,
+        patch_bias=False,
+        sample_width=32,
+        sample_height=32,
+        sample_frames=81,
+        in_channels=8,
+        time_embed_dim=8,
+        ofs_embed_dim=8,
+    ),  # ofs adds to the time embedding
+}
 
 
 # The 2B-shaped tiny transformer: latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1;
@@ -413,15 +426,22 @@ def _captioner_config(arch: str, vision, text, ids: dict[str, int]):
         )
     if arch == "llava_next_video":  # frames pooled 2x2: 4 tokens per 32-px frame
         return LlavaNextVideoConfig(
-            **common, **grid, video_token_index=ids["video_token"],
-            vision_feature_select_strategy="default", vision_feature_layer=-1,
-            spatial_pool_mode="average", spatial_pool_stride=2,
-        )  # fmt: skip
+            **common,
+            **grid,
+            video_token_index=ids["video_token"],
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            spatial_pool_mode="average",
+            spatial_pool_stride=2,
+        )
     return LlavaOnevisionConfig(
-        **common, **grid, video_token_index=ids["video_token"],
-        vision_feature_select_strategy="full", vision_feature_layer=-1,
+        **common,
+        **grid,
+        video_token_index=ids["video_token"],
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
         vision_aspect_ratio="anyres_max_9",
-    )  # fmt: skip
+    )
 
 
 def _captioner_processor(arch: str, tokenizer):
@@ -450,8 +470,9 @@ def _captioner_processor(arch: str, tokenizer):
         LlavaOnevisionVideoProcessor = numpy_video_class(LlavaOnevisionVideoProcessor)  # noqa: N806
         LlavaNextVideoProcessor = without_torchvision(LlavaNextVideoProcessor)  # noqa: N806
         LlavaOnevisionProcessor = without_torchvision(LlavaOnevisionProcessor)  # noqa: N806
-    clip_like = dict(patch_size=8, vision_feature_select_strategy="default",
-                     num_additional_image_tokens=1)  # the CLS token, dropped by "default"  # fmt: skip
+    clip_like = dict(
+        patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1
+    )  # the CLS token, dropped by "default"
     template = dict(chat_template=LLAVA_CHAT_TEMPLATE)
     if arch == "llava":
         image = CLIPImageProcessor(**TINY_IMAGE_PROCESSOR)
@@ -466,16 +487,22 @@ def _captioner_processor(arch: str, tokenizer):
             )
         video = LlavaNextVideoVideoProcessor(**TINY_IMAGE_PROCESSOR)
         return LlavaNextVideoProcessor(
-            video_processor=video, image_processor=image, tokenizer=tokenizer,
-            **clip_like, **template,
-        )  # fmt: skip
+            video_processor=video,
+            image_processor=image,
+            tokenizer=tokenizer,
+            **clip_like,
+            **template,
+        )
     square = {"height": TINY_VISION["image_size"], "width": TINY_VISION["image_size"]}
     image = LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=TINY_GRID_PINPOINTS)
     return LlavaOnevisionProcessor(
-        image_processor=image, tokenizer=tokenizer, video_processor=LlavaOnevisionVideoProcessor(size=square),
+        image_processor=image,
+        tokenizer=tokenizer,
+        video_processor=LlavaOnevisionVideoProcessor(size=square),
         num_image_tokens=(TINY_VISION["image_size"] // TINY_VISION["patch_size"]) ** 2,
-        vision_feature_select_strategy="full", **template,
-    )  # fmt: skip
+        vision_feature_select_strategy="full",
+        **template,
+    )
 
 
 def _write_captioner(folder: Path, arch: str) -> None:

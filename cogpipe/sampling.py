@@ -168,8 +168,10 @@ def check_image(pipe, request: SampleRequest) -> None:
     if not wanted and image is not None:
         raise ValueError("the model is text-to-video: the request takes no image")
     if image is not None and image.shape != (request.height, request.width, 3):
-        raise ValueError(f"image of shape {list(image.shape)}, the request is "
-                         f"{request.height}x{request.width} RGB")  # fmt: skip
+        raise ValueError(
+            f"image of shape {list(image.shape)}, the request is "
+            f"{request.height}x{request.width} RGB"
+        )
 
 
 def decode(pipe, latents, request: SampleRequest) -> np.ndarray:
@@ -197,11 +199,15 @@ def _plain(pipe, request: SampleRequest, device, on_step: Callable[[int, int], N
         on_step(i + 1, request.steps)
         return tensors
 
-    text = {"prompt": request.prompt,
-            "max_sequence_length": pipe.transformer.config.max_text_seq_length}  # fmt: skip
+    text = {
+        "prompt": request.prompt,
+        "max_sequence_length": pipe.transformer.config.max_text_seq_length,
+    }
     if request.embeds is not None:
-        text = {"prompt_embeds": request.embeds[0].to(device),
-                "negative_prompt_embeds": request.embeds[1].to(device)}  # fmt: skip
+        text = {
+            "prompt_embeds": request.embeds[0].to(device),
+            "negative_prompt_embeds": request.embeds[1].to(device),
+        }
     if request.image is not None:  # already at the request's size: the pipeline's resize is a no-op
         from PIL import Image
 
@@ -234,9 +240,11 @@ def prompt_embeds(pipe, request: SampleRequest, device):
         positive, negative = (e.to(device) for e in request.embeds)
     else:
         positive, negative = pipe.encode_prompt(
-            request.prompt, do_classifier_free_guidance=request.guidance > 1,
-            max_sequence_length=pipe.transformer.config.max_text_seq_length, device=device,
-        )  # fmt: skip
+            request.prompt,
+            do_classifier_free_guidance=request.guidance > 1,
+            max_sequence_length=pipe.transformer.config.max_text_seq_length,
+            device=device,
+        )
     return torch.cat([negative, positive]) if request.guidance > 1 else positive
 
 
@@ -306,25 +314,34 @@ def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, i
     frames = (request.frames - 1) // TEMPORAL + 1  # latent frames of the request
     patch = pipe.transformer.config.patch_size_t or 1
     pad = -frames % patch  # frames put in front of the target (ic-lora) or the sequence
-    shape = (1, frames, pipe.transformer.config.in_channels,
-             request.height // pipe.vae_scale_factor_spatial,
-             request.width // pipe.vae_scale_factor_spatial)  # fmt: skip
-    noise = randn_tensor((1, frames + pad, *shape[2:]), generator=g, device=device,
-                         dtype=embeds.dtype)  # fmt: skip
+    shape = (
+        1,
+        frames,
+        pipe.transformer.config.in_channels,
+        request.height // pipe.vae_scale_factor_spatial,
+        request.width // pipe.vae_scale_factor_spatial,
+    )
+    noise = randn_tensor(
+        (1, frames + pad, *shape[2:]), generator=g, device=device, dtype=embeds.dtype
+    )
     if c.mode == "ic-lora":
         prefix, buffer, target = frames + pad, 0, frames + pad
         reference = condition_latents(pipe, request, frames, device, embeds.dtype)
         if reference.shape != shape:
-            raise ValueError(f"ic-lora reference latents {list(reference.shape[1:])} do not fit "
-                             f"the request's {list(shape[1:])} (frames, height, width)")  # fmt: skip
+            raise ValueError(
+                f"ic-lora reference latents {list(reference.shape[1:])} do not fit "
+                f"the request's {list(shape[1:])} (frames, height, width)"
+            )
         reference = pad_frames(reference, patch)
         x = torch.cat([reference, noise * scheduler.init_noise_sigma], dim=1)  # [1, 2F', C, h, w]
     else:
         prefix, buffer = c.layout.condition_frames, c.layout.buffer_frames
         target = frames - prefix - buffer
         if target < 1:
-            raise ValueError(f"tic-ft: {request.frames} frames are {frames} latent frames, no room "
-                             f"for a target after {prefix} condition + {buffer} buffer frames")  # fmt: skip
+            raise ValueError(
+                f"tic-ft: {request.frames} frames are {frames} latent frames, no room "
+                f"for a target after {prefix} condition + {buffer} buffer frames"
+            )
         context = condition_latents(pipe, request, prefix + buffer, device, embeds.dtype)
         clean = torch.cat([context[:, : prefix + buffer], torch.zeros_like(noise[:, :target])], 1)
         clean, prefix = pad_frames(clean, patch), prefix + pad
@@ -348,8 +365,9 @@ def _loop(pipe, x, fixed: int, levels, embeds, request: SampleRequest, generator
     scheduler = pipe.scheduler
     timesteps = scheduler.timesteps
     stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    rotary = rotary_embeddings(pipe.transformer.config, request.height, request.width,
-                               x.shape[1], x.device)  # every fed frame, as in training  # fmt: skip
+    rotary = rotary_embeddings(
+        pipe.transformer.config, request.height, request.width, x.shape[1], x.device
+    )  # every fed frame, as in training
     extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
     x0 = None  # the last step's clean predictions [1, L, C, h, w] (the DPM solver's history)
     for i, t in enumerate(timesteps):
@@ -366,8 +384,13 @@ def velocity(transformer, x, t, embeds, rotary, guidance: float):
 
     guided = guidance > 1
     fed = torch.cat([x, x]) if guided else x  # [2, L, C, h, w]: empty prompt, prompt
-    v = transformer(hidden_states=fed, encoder_hidden_states=embeds, timestep=t.expand(len(fed)),
-                    image_rotary_emb=rotary, return_dict=False)[0].float()  # fmt: skip
+    v = transformer(
+        hidden_states=fed,
+        encoder_hidden_states=embeds,
+        timestep=t.expand(len(fed)),
+        image_rotary_emb=rotary,
+        return_dict=False,
+    )[0].float()
     if not guided:
         return v
     uncond, cond = v.chunk(2)
@@ -390,8 +413,9 @@ def _step(scheduler, x, v, now, after, state: tuple, extra: dict):
     pred = torch.zeros_like(v) if x0 is None else x0.clone()
     if isinstance(scheduler, CogVideoXDPMScheduler):  # multistep: it keeps the last x0
         old = None if back is None else x0[:, moving]
-        out, pred[:, moving] = scheduler.step(v[:, moving], old, t, back, x[:, moving], **extra,
-                                              return_dict=False)  # fmt: skip
+        out, pred[:, moving] = scheduler.step(
+            v[:, moving], old, t, back, x[:, moving], **extra, return_dict=False
+        )
     else:
         out = scheduler.step(v[:, moving], t, x[:, moving], **extra, return_dict=False)[0]
     new[:, moving] = out.to(x.dtype)
@@ -463,15 +487,18 @@ def check_fits(shape: Shape, frames: int, height: int, width: int) -> tuple[str,
     model's own limits."""
     size = f"{height}x{width}"
     if shape.temporal_patch > 1 and (frames - 1) % (TEMPORAL * 4):
-        return "frames", (f"{frames}: CogVideoX 1.5 (temporal patch {shape.temporal_patch}) "
-                          f"takes 16k+1 frames (17, 33, 49, 65, 81)")  # fmt: skip
+        return "frames", (
+            f"{frames}: CogVideoX 1.5 (temporal patch {shape.temporal_patch}) "
+            f"takes 16k+1 frames (17, 33, 49, 65, 81)"
+        )
     short, long = LARGEST_15
     if shape.temporal_patch > 1 and (min(height, width) > short or max(height, width) > long):
         return "size", f"{size}: CogVideoX 1.5 makes videos up to {short}x{long} or {long}x{short}"
     if shape.fixed_size is not None and (height, width) != shape.fixed_size:
         h, w = shape.fixed_size
-        return "size", (f"{size}: the model's learned positional embeddings fix its size "
-                        f"at {h}x{w}")  # fmt: skip
+        return "size", (
+            f"{size}: the model's learned positional embeddings fix its size at {h}x{w}"
+        )
     return None
 
 

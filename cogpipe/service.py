@@ -131,9 +131,16 @@ def job_order(queued: list[dict], current: str | None, streak: int) -> list[dict
 class Service:
     """The pipeline, its LoRAs, the job store and the worker thread of one process."""
 
-    def __init__(self, folder: Path, defaults: GenerateOptions, templates: dict[str, Template],
-                 limits: Limits = Limits(), paused: bool = False,
-                 max_rank: int | None = None, hotswap: bool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        defaults: GenerateOptions,
+        templates: dict[str, Template],
+        limits: Limits = Limits(),
+        paused: bool = False,
+        max_rank: int | None = None,
+        hotswap: bool | None = None,
+    ) -> None:
         """`hotswap` (default: when the pipeline is compiled) keeps one LoRA slot of
         `max_rank` (default: the largest rank of the LoRAs the service starts with, else
         `SLOT_RANK`) instead of one adapter per LoRA (`service_adapters`)."""
@@ -224,8 +231,11 @@ class Service:
             raise RequestError(422, str(e).removeprefix("--lora ")) from None
         mode = generate.trained_mode(file)
         if mode is not None and mode[0] != "lora":
-            raise RequestError(422, f"{path}: trained in mode {mode[0]}, which needs a "
-                               "condition; the service serves plain LoRAs")  # fmt: skip
+            raise RequestError(
+                422,
+                f"{path}: trained in mode {mode[0]}, which needs a "
+                "condition; the service serves plain LoRAs",
+            )
         lora = Lora(name, file.resolve(), sha256_file(file))
         old = self.loras.get(name)
         if old is not None and old.sha256 != lora.sha256 and not replace:
@@ -248,8 +258,11 @@ class Service:
         lora = self._lora(req.lora)
         options = self._options(req)
         key = self._key(prompt, options, lora)
-        spec = {"prompt": prompt, "options": options.model_dump(mode="json"),
-                "lora_sha256": lora.sha256 if lora else None}  # fmt: skip
+        spec = {
+            "prompt": prompt,
+            "options": options.model_dump(mode="json"),
+            "lora_sha256": lora.sha256 if lora else None,
+        }
         name = lora.name if lora else None
         done = self.store.find(key, ("done",))
         if done is not None and (self.folder / done["result"]).is_file():
@@ -295,8 +308,9 @@ class Service:
             options = generate.fit(GenerateOptions(**values), self.traits)
         except ValidationError as e:
             err = e.errors()[0]
-            raise RequestError(422, f"{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}"
-                               ) from None  # fmt: skip
+            raise RequestError(
+                422, f"{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}"
+            ) from None
         except GenerateError as e:
             raise RequestError(422, str(e).replace("--", "")) from None
         self._check_limits(options)
@@ -308,8 +322,10 @@ class Service:
         if options.frames > limits.frames:
             raise RequestError(422, f"frames {options.frames}: at most {limits.frames}")
         if options.height * options.width > limits.pixels:
-            raise RequestError(422, f"size {options.height}x{options.width}: at most "
-                               f"{limits.pixels} pixels a frame")  # fmt: skip
+            raise RequestError(
+                422,
+                f"size {options.height}x{options.width}: at most {limits.pixels} pixels a frame",
+            )
         if options.steps > limits.steps:
             raise RequestError(422, f"steps {options.steps}: at most {limits.steps}")
 
@@ -341,11 +357,13 @@ class Service:
     def _key(self, prompt: str, options: GenerateOptions, lora: Lora | None) -> str:
         """The hash of everything the video depends on (the image by its content-named file)."""
         parts = {
-            "model": self.fingerprint, "lora": lora.sha256 if lora else None,
-            "scale": options.lora_scale if lora else None, "prompt": prompt,
+            "model": self.fingerprint,
+            "lora": lora.sha256 if lora else None,
+            "scale": options.lora_scale if lora else None,
+            "prompt": prompt,
             "settings": {k: getattr(options, k) for k in SAMPLER},
             "image": Path(options.image).stem if options.image else None,
-        }  # fmt: skip
+        }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def view(self, job: dict) -> dict:
@@ -444,8 +462,9 @@ def parse_loras(items: list[str]) -> dict[str, Path]:
     return loras
 
 
-def defaults_for(config: str | None, model: str | None, device: str | None,
-                 compile: bool = False) -> GenerateOptions:  # fmt: skip
+def defaults_for(
+    config: str | None, model: str | None, device: str | None, compile: bool = False
+) -> GenerateOptions:
     """The service's settings for requests that give none: a config's model and evaluation
     sampling (as `generate --config`), else generate's defaults; `model` and `device` win.
 

@@ -126,16 +126,22 @@ class Slot:
         except Exception as e:  # not a safetensors file
             raise _refuse(lora, e) from None
         if rank > self.max_rank:
-            raise RequestError(422, f"{lora.path}: rank {rank} is over this service's "
-                               f"--max-rank {self.max_rank}; restart it with a larger one")  # fmt: skip
+            raise RequestError(
+                422,
+                f"{lora.path}: rank {rank} is over this service's "
+                f"--max-rank {self.max_rank}; restart it with a larger one",
+            )
         if not self.created:
             self._swap(lora, hotswap=False)
             self.created, self.modules = True, modules
             return
         if extra := sorted(modules - self.modules):
-            raise RequestError(422, f"{lora.path}: adapts {extra[0]} (and {len(extra) - 1} "
-                               "more) that the first LoRA does not; a compiled service swaps "
-                               "LoRAs of the same target modules")  # fmt: skip
+            raise RequestError(
+                422,
+                f"{lora.path}: adapts {extra[0]} (and {len(extra) - 1} "
+                "more) that the first LoRA does not; a compiled service swaps "
+                "LoRAs of the same target modules",
+            )
         self._swap(lora, hotswap=True)  # a trial swap: a file that will not swap fails now
 
     def activate(self, lora: Lora | None, scale: float) -> None:
@@ -167,5 +173,8 @@ class Slot:
     def _layers(self) -> list:
         from peft.tuners.lora import LoraLayer
 
-        return [m for m in self.pipe.transformer.modules()
-                if isinstance(m, LoraLayer) and SLOT in m.scaling]  # fmt: skip
+        return [
+            m
+            for m in self.pipe.transformer.modules()
+            if isinstance(m, LoraLayer) and SLOT in m.scaling
+        ]

@@ -146,8 +146,13 @@ def _lora_view(lora: Lora) -> dict:
 # --------------------------------------------------------------------------- serving
 
 
-def serve(service: Service, loras: dict[str, Path], host: str, port: int,
-          on_line: Callable[[str], None] = print) -> None:  # fmt: skip
+def serve(
+    service: Service,
+    loras: dict[str, Path],
+    host: str,
+    port: int,
+    on_line: Callable[[str], None] = print,
+) -> None:
     """Load the pipeline, then serve until SIGINT or SIGTERM; `port` 0 picks a free one.
 
     Raises:
@@ -160,8 +165,9 @@ def serve(service: Service, loras: dict[str, Path], host: str, port: int,
         service.start(loras, on_line)
         shown = f"[{host}]" if ":" in host else host
         on_line(f"serve-api: http://{shown}:{sock.getsockname()[1]}/ (docs at /docs)")
-        config = uvicorn.Config(create_app(service), log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=3)  # fmt: skip
+        config = uvicorn.Config(
+            create_app(service), log_level="warning", access_log=False, timeout_graceful_shutdown=3
+        )
         with quiet_stop():
             uvicorn.Server(config).run(sockets=[sock])
     finally:
@@ -178,6 +184,7 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.listen()
     except OSError as e:
         sock.close()
-        raise ServiceError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port "
-                           "(0: any free one)") from e  # fmt: skip
+        raise ServiceError(
+            f"cannot listen on {host}:{port} ({e.strerror}); pick another --port (0: any free one)"
+        ) from e
     return sock

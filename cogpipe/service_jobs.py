@@ -135,8 +135,9 @@ class JobStore:
 
     def finish(self, job_id: str, result: str, seconds: float) -> None:
         """running -> done, with the mp4 (relative to the service folder)."""
-        self._move(job_id, ("running",), state="done", result=result, seconds=seconds,
-                   finished=time.time())  # fmt: skip
+        self._move(
+            job_id, ("running",), state="done", result=result, seconds=seconds, finished=time.time()
+        )
 
     def fail(self, job_id: str, error: str) -> None:
         """running -> failed, with the reason."""

@@ -39,8 +39,15 @@ from pathlib import Path
 from cogpipe.config import PipelineConfig
 
 PATH_COLUMNS = (
-    "path", "file_name", "video", "video_path", "video_file", "video_file_name", "file_path", "file",
-)  # fmt: skip
+    "path",
+    "file_name",
+    "video",
+    "video_path",
+    "video_file",
+    "video_file_name",
+    "file_path",
+    "file",
+)
 CAPTION_COLUMNS = ("caption", "prompt", "text", "description")
 CAPTION_LISTS = ("prompt.txt", "prompts.txt", "caption.txt", "captions.txt")
 VIDEO_LISTS = ("video.txt", "videos.txt")
@@ -394,8 +401,12 @@ def list_source(cfg: PipelineConfig) -> list[Entry]:
 
 
 def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):  # fmt: skip
+    for test, name in (
+        (stat.S_ISFIFO, "named pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
         if test(mode):
             return name
     return "special file"

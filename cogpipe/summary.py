@@ -29,8 +29,10 @@ def table(results: list[StageResult], width: int | None = None) -> str:
         state = "reused" if r.reused else "computed"
         counts = ", ".join(f"{k}={v}" for k, v in r.counts.items())
         rows.append([r.stage, r.key, state, f"{r.seconds:.1f}", counts])
-        rows += [["", "", "", "", f"rejected {n}: {reason}"]
-                 for reason, n in r.stats.get("rejections", {}).items()]  # fmt: skip
+        rows += [
+            ["", "", "", "", f"rejected {n}: {reason}"]
+            for reason, n in r.stats.get("rejections", {}).items()
+        ]
     return render(
         ["stage", "key", "state", "seconds", "counts"], rows, width, right=frozenset({"seconds"})
     )

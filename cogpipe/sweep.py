@@ -170,12 +170,23 @@ def _missing(value: Any) -> bool:
 
 def _row(cell: Cell, prompt: str, path: Path, **values: Any) -> dict[str, Any]:
     """A table row: cell, the cell's parameters, prompt, file, then `values`."""
-    return {"cell": cell.name, **cell.params, "prompt": prompt, "file": f"{cell.name}/{path.name}",
-            **values}  # fmt: skip
+    return {
+        "cell": cell.name,
+        **cell.params,
+        "prompt": prompt,
+        "file": f"{cell.name}/{path.name}",
+        **values,
+    }
 
 
-def _reused(cell: Cell, name: str, text: str, path: Path, previous: dict[str, Any] | None,
-            metrics: Mapping[str, Metric]) -> dict[str, Any]:  # fmt: skip
+def _reused(
+    cell: Cell,
+    name: str,
+    text: str,
+    path: Path,
+    previous: dict[str, Any] | None,
+    metrics: Mapping[str, Metric],
+) -> dict[str, Any]:
     """The row of a video already on disk: seconds and scores from the run that made it."""
     previous = previous or {}
     scores = {k: v for k, v in previous.items() if k not in COLUMNS and k not in cell.params}
@@ -183,12 +194,27 @@ def _reused(cell: Cell, name: str, text: str, path: Path, previous: dict[str, An
     if missing:
         scores |= _scores(missing, read_video(path), text)
     seconds = previous.get("seconds", float("nan"))
-    return _row(cell, name, path, seconds=seconds, file_bytes=path.stat().st_size,
-                skipped=True, error="", **scores)  # fmt: skip
+    return _row(
+        cell,
+        name,
+        path,
+        seconds=seconds,
+        file_bytes=path.stat().st_size,
+        skipped=True,
+        error="",
+        **scores,
+    )
 
 
-def _generated(pipe, cell: Cell, name: str, text: str, path: Path, metrics: Mapping[str, Metric],
-               on_step: Progress = no_progress) -> dict[str, Any]:  # fmt: skip
+def _generated(
+    pipe,
+    cell: Cell,
+    name: str,
+    text: str,
+    path: Path,
+    metrics: Mapping[str, Metric],
+    on_step: Progress = no_progress,
+) -> dict[str, Any]:
     """Generate, score and write one video; a NaN video is a row with its error, no file.
     `on_step` hears (steps done, steps, "<cell>/<prompt>") as it samples."""
     t0 = time.time()
@@ -199,13 +225,20 @@ def _generated(pipe, cell: Cell, name: str, text: str, path: Path, metrics: Mapp
         )
     except FloatingPointError as e:
         seconds = round(time.time() - t0, 3)
-        return _row(cell, name, path, seconds=seconds, file_bytes=0, skipped=False,
-                    error=str(e))  # fmt: skip
+        return _row(cell, name, path, seconds=seconds, file_bytes=0, skipped=False, error=str(e))
     seconds = round(time.time() - t0, 3)
     scores = _scores(metrics, frames, text)
     generate.write_video(path, frames, cell.options.fps)
-    return _row(cell, name, path, seconds=seconds, file_bytes=path.stat().st_size,
-                skipped=False, error="", **scores)  # fmt: skip
+    return _row(
+        cell,
+        name,
+        path,
+        seconds=seconds,
+        file_bytes=path.stat().st_size,
+        skipped=False,
+        error="",
+        **scores,
+    )
 
 
 def write_results(folder: Path, rows: list[dict[str, Any]]) -> pd.DataFrame:

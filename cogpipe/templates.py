@@ -119,8 +119,9 @@ def _template(name: str, entry, where: str) -> Template:
             f"{where}: template {name!r}: defaults for slot(s) not in its text: "
             f"{', '.join(map(str, unknown))}"
         )
-    return Template(name, " ".join(text.split()), slots, description.strip(),
-                    MappingProxyType(dict(defaults)))  # fmt: skip
+    return Template(
+        name, " ".join(text.split()), slots, description.strip(), MappingProxyType(dict(defaults))
+    )
 
 
 def load_templates(path: Path | None = None) -> dict[str, Template]:

@@ -267,8 +267,11 @@ def check_init(source: InitSource, cfg: PipelineConfig) -> None:
         return
     found = lora_settings(source.weights)
     if "alpha" not in found:
-        log.warning("train.init_from: %s records no alpha (no adapter metadata); taking"
-                    " train.alpha %g", source.weights, t.alpha)  # fmt: skip
+        log.warning(
+            "train.init_from: %s records no alpha (no adapter metadata); taking train.alpha %g",
+            source.weights,
+            t.alpha,
+        )
     wanted = {"rank": t.rank, "alpha": t.alpha, "target_modules": sorted(t.target_modules)}
     for name, value in wanted.items():
         if name in found and found[name] != value:
@@ -298,8 +301,11 @@ def lora_settings(file: Path) -> dict[str, Any]:
     meta = json.loads(header.get("__metadata__", {}).get("lora_adapter_metadata", "{}"))
     meta = {k.removeprefix("transformer."): v for k, v in meta.items()}
     if "r" in meta:
-        return {"rank": meta["r"], "alpha": meta["lora_alpha"],
-                "target_modules": sorted(meta["target_modules"])}  # fmt: skip
+        return {
+            "rank": meta["r"],
+            "alpha": meta["lora_alpha"],
+            "target_modules": sorted(meta["target_modules"]),
+        }
     shapes = [v["shape"] for k, v in header.items() if k.endswith("lora_A.weight")]
     return {"rank": shapes[0][0]} if shapes else {}
 
@@ -466,8 +472,10 @@ def tic_ft_sequence(scheduler, latents, noise, timesteps, layout: TicFtConfig):
 
     c, nb = layout.condition_frames, layout.buffer_frames
     levels = buffer_timesteps(timesteps, nb, scheduler.config.num_train_timesteps)  # [B, nb]
-    buffers = [scheduler.add_noise(latents[:, f : f + 1], noise[:, f : f + 1], levels[:, f - c])
-               for f in range(c, c + nb)]  # fmt: skip
+    buffers = [
+        scheduler.add_noise(latents[:, f : f + 1], noise[:, f : f + 1], levels[:, f - c])
+        for f in range(c, c + nb)
+    ]
     target = scheduler.add_noise(latents[:, c + nb :], noise[:, c + nb :], timesteps)
     return torch.cat([latents[:, :c], *buffers, target], dim=1)
 
@@ -1102,14 +1110,23 @@ def _waiting(out: Path):
     def say(holder: str) -> None:
         log.warning(
             "train: waiting for %s, held by %s; this run goes on when that one ends (it"
-            " resumes from the last checkpoint or finds the run done)", out, holder
-        )  # fmt: skip
+            " resumes from the last checkpoint or finds the run done)",
+            out,
+            holder,
+        )
 
     return say
 
 
-def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
-           progress: Progress, key: str, out: Path, started: float) -> StageResult:  # fmt: skip
+def _train(
+    ws: Workspace,
+    cfg: PipelineConfig,
+    upstream: dict[str, StageResult],
+    progress: Progress,
+    key: str,
+    out: Path,
+    started: float,
+) -> StageResult:
     """run_train's work, with the run folder held by this process."""
     t = cfg.train
     pre = Path(upstream["precompute"].path)
@@ -1123,8 +1140,10 @@ def _train(ws: Workspace, cfg: PipelineConfig, upstream: dict[str, StageResult],
 
     device = resolve_device(t.device)
     if device not in ("cpu", "cuda") or (device == "cuda" and not torch.cuda.is_available()):
-        raise ValueError(f"train.device {device!r}: use auto, cpu or cuda (a visible GPU; "
-                         f"choose which with CUDA_VISIBLE_DEVICES)")  # fmt: skip
+        raise ValueError(
+            f"train.device {device!r}: use auto, cpu or cuda (a visible GPU; "
+            f"choose which with CUDA_VISIBLE_DEVICES)"
+        )
     samples = load_samples(pre)
     shape = cogvideox.shape_of(cfg.model)
     cogvideox.check_fits(cfg, shape)  # a mode the model cannot take, as precompute refuses it
@@ -1158,13 +1177,23 @@ def _starting_weights(cfg: PipelineConfig, out: Path) -> dict:
     source = init_source(cfg.train.init_from, cfg.train.mode)
     check_init(source, cfg)
     if any((c / STATE_FILE).is_file() for c in checkpoints(out)):
-        log.info("train: %s resumes from its own checkpoints; it started from %s", out.name,
-                 source.chosen)  # fmt: skip
+        log.info(
+            "train: %s resumes from its own checkpoints; it started from %s",
+            out.name,
+            source.chosen,
+        )
     else:
-        log.info("train: %s starts from %s, with a new optimizer at step 0", out.name,
-                 source.chosen)  # fmt: skip
-    return {"init_from": {"given": str(cfg.train.init_from), "weights": str(source.weights),
-                          "kind": source.kind, "chosen": source.chosen}}  # fmt: skip
+        log.info(
+            "train: %s starts from %s, with a new optimizer at step 0", out.name, source.chosen
+        )
+    return {
+        "init_from": {
+            "given": str(cfg.train.init_from),
+            "weights": str(source.weights),
+            "kind": source.kind,
+            "chosen": source.chosen,
+        }
+    }
 
 
 @dataclass(frozen=True)

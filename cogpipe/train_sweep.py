@@ -62,9 +62,12 @@ def cells(
 
 
 def results(
-    ws: Workspace, cfg: PipelineConfig, grid: dict[str, list[Any]], metric: str,
+    ws: Workspace,
+    cfg: PipelineConfig,
+    grid: dict[str, list[Any]],
+    metric: str,
     sweep: str | None = None,
-) -> pd.DataFrame:  # fmt: skip
+) -> pd.DataFrame:
     """One row per cell: its values, its best checkpoint by `metric` and that checkpoint's
     metrics with their intervals, then the base model's `metric` and interval (`base_*`),
     best cell first; cells not evaluated yet come last with NaN.
@@ -118,15 +121,17 @@ def verdict(table: pd.DataFrame, metric: str) -> str:
         apart = _apart(best, second, metric, metric)
         lines.append(
             f"**{best.run}** beats every other cell (its 95% interval does not overlap "
-            f"{second.run}'s)" if apart
+            f"{second.run}'s)"
+            if apart
             else f"No winner: the 95% intervals of {best.run} and {second.run} overlap"
-        )  # fmt: skip
+        )
     if not math.isnan(best[f"base_{metric}"]):
         apart = _apart(best, best, metric, f"base_{metric}")
         lines.append(
-            "it beats the base model (intervals apart)" if apart
+            "it beats the base model (intervals apart)"
+            if apart
             else "it does not beat the base model (intervals overlap)"
-        )  # fmt: skip
+        )
     return "; ".join(lines)
 
 

@@ -135,8 +135,10 @@ def heldout_images(cfg: PipelineConfig, ec: EvaluateConfig, check=None) -> list[
     try:
         check = check or upstream_results(cfg, "precompute")["check"]
     except (StageNotReady, OSError) as e:  # not run yet; its source gone
-        raise ValueError(f"validation of image-to-video model {cfg.model} takes its images from "
-                         f"check's held-out clips: {e}") from None  # fmt: skip
+        raise ValueError(
+            f"validation of image-to-video model {cfg.model} takes its images from "
+            f"check's held-out clips: {e}"
+        ) from None
     paired, _ = paired_clips(cfg, check, None, list(ec.prompts))
     return first_frames(paired, ec.height, ec.width)
 
@@ -210,8 +212,10 @@ def prepare(
         raise ValueError(f"mode {mode}: {count} condition latents for {len(ec.prompts)} prompts")
     if cogvideox.model_shape(transformer_config, vae_config).image_to_video:
         if conditioned:
-            raise ValueError(f"train.mode {mode}: validation samples it text-to-video only, and "
-                             f"model {cfg.model} is image-to-video")  # fmt: skip
+            raise ValueError(
+                f"train.mode {mode}: validation samples it text-to-video only, and "
+                f"model {cfg.model} is image-to-video"
+            )
         images = images if images is not None else heldout_images(cfg, ec)
         if len(images) != len(ec.prompts):
             raise ValueError(f"{len(images)} validation images for {len(ec.prompts)} prompts")
@@ -224,9 +228,20 @@ def prepare(
     device = torch.device(device)
     autocast = mode == "full" and device.type == "cuda"
     layout = cfg.train.tic_ft if mode == "tic-ft" else None
-    return Validation(ec, embeds, negative, vae, scheduler, device, dtype,
-                      conditions if conditioned else None, autocast, mode, layout,
-                      images)  # fmt: skip
+    return Validation(
+        ec,
+        embeds,
+        negative,
+        vae,
+        scheduler,
+        device,
+        dtype,
+        conditions if conditioned else None,
+        autocast,
+        mode,
+        layout,
+        images,
+    )
 
 
 @contextmanager
@@ -292,9 +307,12 @@ def with_reference(transformer, reference: torch.Tensor):
                 x = torch.cat([ref, hidden_states], dim=1)  # [B, F'_ref + F', C, h, w]
                 if image_rotary_emb is not None:  # for every frame fed, as in training
                     image_rotary_emb = cogvideox.rotary_embeddings(
-                        self.config, h * cogvideox.VAE_SCALE_SPATIAL,
-                        w * cogvideox.VAE_SCALE_SPATIAL, x.shape[1], x.device,
-                    )  # fmt: skip
+                        self.config,
+                        h * cogvideox.VAE_SCALE_SPATIAL,
+                        w * cogvideox.VAE_SCALE_SPATIAL,
+                        x.shape[1],
+                        x.device,
+                    )
                 out = self.transformer(hidden_states=x, image_rotary_emb=image_rotary_emb, **kwargs)
                 return (out[0][:, -f:],)  # return_dict=False: the target's outputs
 
@@ -324,9 +342,12 @@ def request(v: Validation, index: int, seed: int) -> sampler.SampleRequest:
         latents = v.conditions[index]  # [F', C, h, w]
         f, _, h, w = latents.shape
         spatial = cogvideox.VAE_SCALE_SPATIAL
-        fields |= dict(frames=(f - 1) * sampler.TEMPORAL + 1, height=h * spatial,
-                       width=w * spatial, condition=sampler.Condition(v.mode, latents=latents,
-                                                                      layout=v.layout))  # fmt: skip
+        fields |= dict(
+            frames=(f - 1) * sampler.TEMPORAL + 1,
+            height=h * spatial,
+            width=w * spatial,
+            condition=sampler.Condition(v.mode, latents=latents, layout=v.layout),
+        )
     return sampler.request_for(ec, ec.prompts[index], seed, **fields)
 
 

@@ -93,8 +93,9 @@ def data_stages(ws: Workspace, config: PipelineConfig) -> dict[str, StageResult]
     return out
 
 
-def evaluate_run(ws: Workspace, config: PipelineConfig, run: str, record: dict,
-                 data: dict[str, StageResult]) -> int:  # fmt: skip
+def evaluate_run(
+    ws: Workspace, config: PipelineConfig, run: str, record: dict, data: dict[str, StageResult]
+) -> int:
     """Evaluate one run's new checkpoints; returns how many were evaluated now."""
     cfg = run_config(config, run, record)
     train = StageResult("train", record["key"], str(ws.root / "train" / run))

@@ -62,9 +62,13 @@ class LocalServer:
         cmd = [sys.executable, "-m", "cogpipe_flows.local_server", str(os.getpid()), str(port)]
         try:
             proc = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         finally:
             if log_file:
                 out.close()

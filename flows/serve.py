@@ -330,8 +330,10 @@ def arm_schedules(client) -> list[str]:
             client.update_deployment_schedule(deployment.id, schedule.id, active=not problem)
         if problem:
             _drop_scheduled_runs(client, [deployment.id])
-            lines.append(f"schedule of {deployment.name} paused: {problem}; set its config_file "
-                         "in deployments/prefect.yaml, then serve (or set up) again")  # fmt: skip
+            lines.append(
+                f"schedule of {deployment.name} paused: {problem}; set its config_file "
+                "in deployments/prefect.yaml, then serve (or set up) again"
+            )
         else:
             lines.append(
                 f"schedule of {deployment.name} on: {deployment.parameters.get('config_file')}"
@@ -410,8 +412,11 @@ def start_server(
     out = open(logs / "server.log", "ab") if logs else subprocess.DEVNULL
     proc = subprocess.Popen(
         [_prefect(), "server", "start", "--host", host, "--port", str(port)],
-        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:

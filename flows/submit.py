@@ -23,8 +23,12 @@ from cogpipe.errors import UserError
 
 DEPLOYMENT = "cogpipe-pipeline/pipeline"
 # The run form's short fields -> the config field each sets.
-COMMON = {"workspace": "workspace", "source": "ingest.source", "name": "name",
-          "max_steps": "train.max_steps"}  # fmt: skip
+COMMON = {
+    "workspace": "workspace",
+    "source": "ingest.source",
+    "name": "name",
+    "max_steps": "train.max_steps",
+}
 
 
 def checkout() -> Path:
@@ -43,8 +47,10 @@ def config_path(config_file: str, root: Path | None = None) -> Path:
     path = Path(config_file).expanduser()
     path = path if path.is_absolute() else (root or checkout()) / path
     if not path.is_file():
-        raise ConfigError(f"config_file {config_file}: no such file ({path}); give a YAML path "
-                          "every worker sees, absolute or relative to the checkout")  # fmt: skip
+        raise ConfigError(
+            f"config_file {config_file}: no such file ({path}); give a YAML path "
+            "every worker sees, absolute or relative to the checkout"
+        )
     return path
 
 

@@ -107,10 +107,14 @@ def served(tmp_path_factory):
 
     logs = tmp_path_factory.mktemp("serve-logs")
     server = serve(
-        port=free_port(), logs=logs, gpus=[], zombie_within_s=ZOMBIE_WITHIN_S,
-        database=logs / "prefect.db",  # its own: the ephemeral API of other tests has PREFECT_HOME's
+        port=free_port(),
+        logs=logs,
+        gpus=[],
+        zombie_within_s=ZOMBIE_WITHIN_S,
+        database=logs
+        / "prefect.db",  # its own: the ephemeral API of other tests has PREFECT_HOME's
         worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO"},
-    )  # fmt: skip
+    )
     yield server
     server.stop()
 

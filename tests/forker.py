@@ -64,8 +64,9 @@ class Forker:
     def __init__(self, preload: list[str], parallel: int = 2):
         env = os.environ | {"PYTHONPATH": str(REPO)} | ONE_THREAD
         cmd = [sys.executable, "-c", SCRIPT, str(parallel), *preload]
-        self.proc = subprocess.Popen(cmd, env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         self.ready = False
 
     def run(self, jobs: list[dict]) -> list[int]:

@@ -40,8 +40,9 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     cases = write_corpus(root / "src")
     # Training windows of 9 frames at 8 fps (1 s): the corpus's 2-6 s clips are not too short.
-    cfg = PipelineConfig(workspace=root / "ws", ingest={"source": root / "src"},
-                         precompute={"frames": 9})  # fmt: skip
+    cfg = PipelineConfig(
+        workspace=root / "ws", ingest={"source": root / "src"}, precompute={"frames": 9}
+    )
     from cogpipe.pipeline import run_stage
 
     ingest = run_stage(cfg, "ingest")
@@ -75,9 +76,22 @@ def test_bad_inputs_are_rejected_with_their_reason(corpus, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["ok", "odd_dims", "vfr", "rotated", "ten_bit", "unicode_name", "single_frame",
-             "huge", "symlink_file", "unreadable", "frozen", "multi_shot"],
-)  # fmt: skip
+    "name",
+    [
+        "ok",
+        "odd_dims",
+        "vfr",
+        "rotated",
+        "ten_bit",
+        "unicode_name",
+        "single_frame",
+        "huge",
+        "symlink_file",
+        "unreadable",
+        "frozen",
+        "multi_shot",
+    ],
+)
 def test_readable_oddities_are_accepted_at_ingest(corpus, name):
     cases, videos, _, _ = corpus
     row = _row(videos, cases, name)
@@ -159,11 +173,13 @@ def test_heldout_is_drawn_per_duplicate_group_and_source_video(corpus):
         grouped = clips.dropna(subset=[col]).groupby(col).split.nunique()
         assert (grouped == 1).all(), col
     # Forced to both splits: a held-out clip never has a near duplicate in training.
-    table = pd.DataFrame({
-        "clip_id": [f"c{i}" for i in range(40)],
-        "video_id": [f"v{i // 2}" for i in range(40)],  # two clips per source video
-        "dup_group": [None] * 20 + [f"g{i // 4}" for i in range(20)],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "clip_id": [f"c{i}" for i in range(40)],
+            "video_id": [f"v{i // 2}" for i in range(40)],  # two clips per source video
+            "dup_group": [None] * 20 + [f"g{i // 4}" for i in range(20)],
+        }
+    )
     split = pd.Series(_split(table, 0.5))
     assert set(split) == {"train", "heldout"}
     for col in ("video_id", "dup_group"):
@@ -232,8 +248,9 @@ def test_ingest_time_limit_rejects_with_reason(tmp_path):
     from cogpipe.pipeline import run_stage
 
     src = write_corpus(tmp_path / "src")
-    cfg = PipelineConfig(workspace=tmp_path / "ws",
-                         ingest={"source": tmp_path / "src", "timeout": 1e-4})  # fmt: skip
+    cfg = PipelineConfig(
+        workspace=tmp_path / "ws", ingest={"source": tmp_path / "src", "timeout": 1e-4}
+    )
     with pytest.raises(EmptyStage, match=r"every one rejected \(probe failed \(\d+\), symlink"):
         run_stage(cfg, "ingest")
     manifest = next((tmp_path / "ws" / "ingest").glob("*/videos.parquet"))

@@ -106,14 +106,22 @@ def test_every_kept_clip_gets_one_caption(checked):
 
     n_parts = math.ceil(len(ids) / 2)
     assert part_names(res.path) == [f"part-000-{i:05d}.parquet" for i in range(n_parts)]
-    clips = read_table(cfg.workspace / "check" / stage_keys(cfg, "check")["check"] / "clips.parquet")
+    clips = read_table(
+        cfg.workspace / "check" / stage_keys(cfg, "check")["check"] / "clips.parquet"
+    )
     batches = [list(b.clip_id) for b in caption.make_batches(clips[clips.keep], 2)]
     assert [list(read_table(Path(res.path) / n).clip_id) for n in part_names(res.path)] == batches
     assert res.counts == {
-        "clips": len(ids), "captioned": len(ids), "failed": 0, "parts": n_parts, "parts_reused": 0,
-        "tokens": int(table.tokens.sum()), "truncated": int(table.truncated.sum()),
-        "model": len(ids), "given": 0,
-    }  # fmt: skip
+        "clips": len(ids),
+        "captioned": len(ids),
+        "failed": 0,
+        "parts": n_parts,
+        "parts_reused": 0,
+        "tokens": int(table.tokens.sum()),
+        "truncated": int(table.truncated.sum()),
+        "model": len(ids),
+        "given": 0,
+    }
     assert set(table.source) == {"model"}
     assert (Path(res.path) / SUCCESS).is_file()
 
@@ -149,8 +157,12 @@ def _run_until(
     """Start the caption stage in a child process and SIGKILL it once `ready()` holds."""
     env = os.environ | {"PYTHONPATH": str(REPO)} | env
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", KILLABLE, str(cfg_json), *args], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLABLE, str(cfg_json), *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + timeout
         while not ready():
@@ -211,8 +223,12 @@ def test_new_prompt_new_key_old_output_intact(checked, demo_config, tmp_path):
     table = read_table(Path(second.path) / "captions.parquet")
     assert set(table.prompt_hash) == {caption.prompt_hash("Describe the shapes and colours.")}
     # Unkeyed fields (device, dtype) reuse the finished output.
-    assert run_stage(cfg.model_copy(update={"caption": cfg.caption.model_copy(
-        update={"device": "cpu", "dtype": "float32"})}), "caption").reused  # fmt: skip
+    assert run_stage(
+        cfg.model_copy(
+            update={"caption": cfg.caption.model_copy(update={"device": "cpu", "dtype": "float32"})}
+        ),
+        "caption",
+    ).reused
 
 
 def test_unreadable_clip_is_a_row_with_an_error(demo_config, sample_videos, tmp_path):
@@ -271,8 +287,14 @@ def test_sharded_run_killed_mid_batch_captions_every_clip_once(checked, tmp_path
 
     # The child commits its shard's first part, then hangs inside generate of the second.
     marker = tmp_path / "in-generate"
-    _run_until(marker.exists, cfg_json, tmp_path / "shard.log", str(shard),
-               HANG_IN_BATCH="2", HANG_MARKER=str(marker))  # fmt: skip
+    _run_until(
+        marker.exists,
+        cfg_json,
+        tmp_path / "shard.log",
+        str(shard),
+        HANG_IN_BATCH="2",
+        HANG_MARKER=str(marker),
+    )
     committed = part_names(out)
     assert committed == [f"part-{shard:03d}-00000.parquet"]  # the other shard is another run
     mtime = (out / committed[0]).stat().st_mtime_ns
@@ -372,10 +394,15 @@ def test_two_runs_at_once_share_the_parts_and_equal_one(checked, tmp_path):
     cfg_json, go = tmp_path / "config.json", tmp_path / "go"
     cfg_json.write_text(cfg.model_dump_json())
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    runs = [subprocess.Popen([sys.executable, "-c", TOGETHER, str(cfg_json), str(go)],
-                             env=env | {"COGPIPE_FAULT_LOG": str(tmp_path / f"points-{n}")},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-            for n in (0, 1)]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", TOGETHER, str(cfg_json), str(go)],
+            env=env | {"COGPIPE_FAULT_LOG": str(tmp_path / f"points-{n}")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for n in (0, 1)
+    ]
     assert [run.stdout.readline() for run in runs] == [b"ready\n"] * 2
     go.touch()
     for run in runs:
@@ -383,8 +410,14 @@ def test_two_runs_at_once_share_the_parts_and_equal_one(checked, tmp_path):
         assert run.returncode == 0, output[-3000:]
 
     # Every part, the table and the done marker written once, by one run or the other.
-    written = [[Path(p.split(" ", 1)[1]).name for p in (tmp_path / f"points-{n}").read_text().split("\n") if p]
-               for n in (0, 1)]  # fmt: skip
+    written = [
+        [
+            Path(p.split(" ", 1)[1]).name
+            for p in (tmp_path / f"points-{n}").read_text().split("\n")
+            if p
+        ]
+        for n in (0, 1)
+    ]
     ids = kept_ids(cfg)
     parts = [f"part-000-{i:05d}.parquet" for i in range(len(ids))]
     assert sorted(written[0] + written[1]) == sorted([*parts, "captions.parquet", SUCCESS])

@@ -145,7 +145,8 @@ def test_an_import_file_enters_the_key_by_content(demo_config, tmp_path):
         p.parent.mkdir()
         p.write_text("clip_id,caption\nx,y\n")
     keys = [
-        stage_keys(demo_config(caption={"import_file": str(p)}), "caption")["caption"] for p in (a, b)
+        stage_keys(demo_config(caption={"import_file": str(p)}), "caption")["caption"]
+        for p in (a, b)
     ]
     assert keys[0] == keys[1]  # where the file lives does not matter
     b.write_text("clip_id,caption\nx,z\n")

@@ -162,16 +162,40 @@ def add_checkpoint(run: Path, step: int, full: bool = False) -> Path:
 
 
 def test_generate_config_takes_the_evaluate_settings_and_flags_win(demo_config, tmp_path):
-    cfg = demo_config(evaluate={"steps": 3, "frames": 17, "height": 48, "width": 80,
-                                "guidance": 2.5, "fps": 6, "seeds": [7, 8]})  # fmt: skip
+    cfg = demo_config(
+        evaluate={
+            "steps": 3,
+            "frames": 17,
+            "height": 48,
+            "width": 80,
+            "guidance": 2.5,
+            "fps": 6,
+            "seeds": [7, 8],
+        }
+    )
     path = config_file(tmp_path, cfg)
     options = options_of("generate", "--config", str(path), "--prompt", "a slap")
     assert (options.model, options.steps, options.frames, options.height, options.width) == (
-        cfg.model, 3, 17, 48, 80,
-    )  # fmt: skip
+        cfg.model,
+        3,
+        17,
+        48,
+        80,
+    )
     assert (options.guidance, options.fps, options.seed, options.lora) == (2.5, 6, 7, None)
-    flags = options_of("sweep", "--config", str(path), "--prompt", "x", "--steps", "5",
-                       "--seed", "1", "--model", "2b")  # fmt: skip
+    flags = options_of(
+        "sweep",
+        "--config",
+        str(path),
+        "--prompt",
+        "x",
+        "--steps",
+        "5",
+        "--seed",
+        "1",
+        "--model",
+        "2b",
+    )
     assert (flags.steps, flags.seed, flags.model, flags.frames) == (5, 1, "2b", 17)
 
     run = generate_config.run_folder(cfg)  # train/<train key>/: the run `--latest` reads
@@ -210,11 +234,27 @@ def test_cpu_warning_for_full_size_video_only(demo_config, tmp_path, capsys):
     assert err.count("warning: 49x480x720 at 50 steps on a CPU takes hours") == 1
     path = config_file(tmp_path, demo_config())  # the demo's 9x64x64 at 2 steps
     options_of("generate", "--config", str(path), "--prompt", "x", "--device", "cpu")
-    options_of("sweep", "--config", str(path), "--prompt", "x", "--device", "cpu",
-               "--grid", "steps=1,2")  # fmt: skip
+    options_of(
+        "sweep", "--config", str(path), "--prompt", "x", "--device", "cpu", "--grid", "steps=1,2"
+    )
     assert "warning" not in capsys.readouterr().err
-    options_of("sweep", "--config", str(path), "--prompt", "x", "--device", "cpu",
-               "--grid", "steps=2,50", "--height", "480", "--width", "720", "--frames", "49")  # fmt: skip
+    options_of(
+        "sweep",
+        "--config",
+        str(path),
+        "--prompt",
+        "x",
+        "--device",
+        "cpu",
+        "--grid",
+        "steps=2,50",
+        "--height",
+        "480",
+        "--width",
+        "720",
+        "--frames",
+        "49",
+    )
     assert "49x480x720 at 50 steps" in capsys.readouterr().err
 
 
@@ -243,17 +283,36 @@ def test_sweep_train_runs_the_flow_with_the_typed_grid_and_prints_the_ranking(
     def fake(config, grid, metric):
         calls.append((config, grid, metric))
         return [
-            {"run": "tiny-learning_rate0.01-rank4", "train.learning_rate": 0.01, "train.rank": 4,
-             "checkpoint": "checkpoint-000002", "dynamic_degree": 0.25,
-             "dynamic_degree_low": 0.2, "dynamic_degree_high": 0.3},
-            {"run": "tiny-learning_rate0.001-rank4", "train.learning_rate": 0.001,
-             "train.rank": 4, "checkpoint": None, "dynamic_degree": float("nan")},
-        ]  # fmt: skip
+            {
+                "run": "tiny-learning_rate0.01-rank4",
+                "train.learning_rate": 0.01,
+                "train.rank": 4,
+                "checkpoint": "checkpoint-000002",
+                "dynamic_degree": 0.25,
+                "dynamic_degree_low": 0.2,
+                "dynamic_degree_high": 0.3,
+            },
+            {
+                "run": "tiny-learning_rate0.001-rank4",
+                "train.learning_rate": 0.001,
+                "train.rank": 4,
+                "checkpoint": None,
+                "dynamic_degree": float("nan"),
+            },
+        ]
 
     monkeypatch.setattr(flow, "train_sweep", fake)
     path = config_file(tmp_path, cfg)
-    argv = ["sweep-train", str(path), "--grid", "train.learning_rate=1e-3,0.01",
-            "--grid", "train.rank=4", "--metric", "dynamic_degree"]  # fmt: skip
+    argv = [
+        "sweep-train",
+        str(path),
+        "--grid",
+        "train.learning_rate=1e-3,0.01",
+        "--grid",
+        "train.rank=4",
+        "--metric",
+        "dynamic_degree",
+    ]
     assert main(argv) == 0
     ((config, grid, metric),) = calls
     assert config == cfg

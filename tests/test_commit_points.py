@@ -60,10 +60,26 @@ TRAIN = {"rank": 4, "alpha": 4, "max_steps": 4, "checkpoint_every": 2, "keep_sta
 REJECT_ALL = {"min_words": 50, "max_words": 80, "retries": 2}
 WRITER = re.compile(r"-h[A-Za-z0-9]+p\d+r[0-9a-f]{8}")  # a temporary's writer token
 PARALLEL = 2  # killed runs at once
-PRELOAD = ["torch", "transformers", "diffusers", "accelerate", "peft", "torch.utils.tensorboard",
-           "cogpipe.caption", "cogpipe.recaption", "cogpipe.filter", "cogpipe.train"]  # fmt: skip
-VOLATILE = ("seconds", "finished_at", "counts.parts_reused", "stats.seconds_per_step",
-            "stats.resumed_from_step", "timing")  # fmt: skip
+PRELOAD = [
+    "torch",
+    "transformers",
+    "diffusers",
+    "accelerate",
+    "peft",
+    "torch.utils.tensorboard",
+    "cogpipe.caption",
+    "cogpipe.recaption",
+    "cogpipe.filter",
+    "cogpipe.train",
+]
+VOLATILE = (
+    "seconds",
+    "finished_at",
+    "counts.parts_reused",
+    "stats.seconds_per_step",
+    "stats.resumed_from_step",
+    "timing",
+)
 
 
 @dataclass
@@ -88,8 +104,12 @@ def command(cfg: PipelineConfig, stage: str, folder: Path, **env: str) -> subpro
     config = write_config(cfg, folder)
     env = os.environ | {"PYTHONPATH": str(REPO)} | ONE_THREAD | env
     with open(folder / "stage.log", "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "cogpipe.cli", stage, str(config)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "cogpipe.cli", stage, str(config)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def write_config(cfg: PipelineConfig, folder: Path) -> Path:
@@ -164,8 +184,11 @@ def snapshot(cfg: PipelineConfig, folders: list[str]) -> dict[str, object]:
     """Every file of the stage's `folders` (below the workspace) as `comparable` has it."""
     root = Path(cfg.workspace)
     files = [p for f in folders for p in (root / f).rglob("*") if p.is_file()]
-    return {str(p.relative_to(root)): comparable(p, str(root))
-            for p in sorted(files) if "logs" not in p.relative_to(root).parts}  # fmt: skip
+    return {
+        str(p.relative_to(root)): comparable(p, str(root))
+        for p in sorted(files)
+        if "logs" not in p.relative_to(root).parts
+    }
 
 
 def killed(
@@ -178,8 +201,13 @@ def killed(
         cfg = copy_of(ref.start, folder / f"point-{i}")
         here = cfg.workspace.parent
         env = {"COGPIPE_FAULT": fault(ref.points, i), "COGPIPE_FAULT_LOG": str(here / "points.log")}
-        jobs.append({"argv": [stage, str(write_config(cfg, here))], "env": env,
-                     "log": str(here / "stage.log")})  # fmt: skip
+        jobs.append(
+            {
+                "argv": [stage, str(write_config(cfg, here))],
+                "env": env,
+                "log": str(here / "stage.log"),
+            }
+        )
         runs.append((ref.points[i], cfg))
     for (point, cfg), code in zip(runs, forker.run(jobs), strict=True):
         output = (cfg.workspace.parent / "stage.log").read_text()[-3000:]
@@ -232,9 +260,11 @@ def forker(one_thread):
 def checked(tmp_path_factory, sample_videos, tiny_models, one_thread) -> PipelineConfig:
     """The demo config (caption and train made small) on a workspace with ingest and check done."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_CONFIG.items()}
-    raw |= {"workspace": str(tmp_path_factory.mktemp("checked") / "ws"),
-            "model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(next(iter(sample_videos.values())).parent)}}  # fmt: skip
+    raw |= {
+        "workspace": str(tmp_path_factory.mktemp("checked") / "ws"),
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+    }
     raw["caption"] |= {"model": str(tiny_models["llava"])} | CAPTION
     raw["train"] |= TRAIN
     raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
@@ -250,8 +280,11 @@ def captioned(checked, tmp_path_factory) -> Reference:
 
 
 def test_caption_killed_at_each_commit_point(forker, captioned, tmp_path):
-    assert kinds(captioned) == {"rename part-NNN-NNNNN.parquet", "rename captions.parquet",
-                                "rename _SUCCESS.json"}  # fmt: skip
+    assert kinds(captioned) == {
+        "rename part-NNN-NNNNN.parquet",
+        "rename captions.parquet",
+        "rename _SUCCESS.json",
+    }
     every_point_resumes(forker, captioned, "caption", ["caption"], tmp_path)
 
 
@@ -261,8 +294,11 @@ def test_recaption_killed_at_each_commit_point(forker, captioned, tmp_path):
     ref = reference(start, "recaption", tmp_path / "reference")
     parts = {kind(p) for p in ref.points if "/cache/recaption/" in p}
     assert len(parts) == 2  # the parts of round 1 and of round 2, each in its pass folder
-    assert kinds(ref) == {"rename part-NNN-NNNNN.parquet", "rename captions.parquet",
-                          "rename _SUCCESS.json"}  # fmt: skip
+    assert kinds(ref) == {
+        "rename part-NNN-NNNNN.parquet",
+        "rename captions.parquet",
+        "rename _SUCCESS.json",
+    }
     folders = ["recaption", "cache/recaption"]
     every_point_resumes(forker, ref, "recaption", folders, tmp_path / "killed")
 
@@ -273,9 +309,13 @@ def test_train_killed_at_each_commit_point(forker, captioned, tmp_path):
         run_stage(start, stage)
     ref = reference(start, "train", tmp_path / "reference")
     assert kinds(ref) == {
-        "rename run.json", "rename losses.jsonl", "rename state.json",  # inside the temporary
-        "rename checkpoint-NNNNNN", "prune training_state.pt", "rename _SUCCESS.json",
-    }  # fmt: skip
+        "rename run.json",
+        "rename losses.jsonl",
+        "rename state.json",  # inside the temporary
+        "rename checkpoint-NNNNNN",
+        "prune training_state.pt",
+        "rename _SUCCESS.json",
+    }
     (run,) = (Path(ref.done.workspace) / "train").iterdir()
     assert [p.parent.name for p in run.glob("*/training_state.pt")] == ["checkpoint-000004"]
     every_point_resumes(forker, ref, "train", ["train"], tmp_path / "killed")

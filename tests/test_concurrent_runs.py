@@ -32,8 +32,11 @@ TIMES = ["seconds", "evaluated_at"]  # wall times of the run that wrote them
 
 def config(tmp: Path, sample_videos, tiny_models) -> dict:
     raw = copy.deepcopy(DEMO_CONFIG)
-    raw |= {"workspace": str(tmp / "workspace"), "model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(next(iter(sample_videos.values())).parent)}}  # fmt: skip
+    raw |= {
+        "workspace": str(tmp / "workspace"),
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+    }
     raw["caption"]["model"] = str(tiny_models["llava"])
     raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
     return raw
@@ -59,13 +62,20 @@ def outputs(cfg: PipelineConfig) -> dict:
     loras = sorted(run.glob("checkpoint-*/*.safetensors"))
     return {
         "shards": {p.name: p.read_bytes() for p in sorted(pre.glob("*.safetensors"))},
-        "latents": {p.name: p.read_bytes() for p in sorted((root / "cache" / "latents").rglob("*")) if p.is_file()},
+        "latents": {
+            p.name: p.read_bytes()
+            for p in sorted((root / "cache" / "latents").rglob("*"))
+            if p.is_file()
+        },
         "index": table(pre / "index.parquet", root),
         "captions": table(root / "filter" / keys["filter"] / "curated.parquet", root),
         "losses": losses(run),
-        "lora": {f"{p.parent.name}/{p.name}": {k: t.tolist() for k, t in load_file(p).items()} for p in loras},
+        "lora": {
+            f"{p.parent.name}/{p.name}": {k: t.tolist() for k, t in load_file(p).items()}
+            for p in loras
+        },
         "evaluate": table(root / "evaluate" / "index.parquet", root),
-    }  # fmt: skip
+    }
 
 
 def temporaries(root: Path) -> list[Path]:
@@ -78,9 +88,16 @@ def test_two_runs_at_once_share_the_work_and_equal_one(tmp_path, sample_videos, 
     path = tmp_path / "two" / "config.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))  # categories' order is in the key
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    runs = [subprocess.Popen([sys.executable, "-m", "cogpipe.cli", "run", str(path)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "cogpipe.cli", "run", str(path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     said = [run.communicate(timeout=600)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0], said
 
@@ -89,7 +106,13 @@ def test_two_runs_at_once_share_the_work_and_equal_one(tmp_path, sample_videos, 
     two = PipelineConfig.model_validate(raw)
     assert outputs(two) == outputs(PipelineConfig.model_validate(one))
     for stage in WHOLE:  # computed by one run; the other waited and reused it
-        computed = [any(line.split()[:3] == [stage, line.split()[1], "computed"]
-                        for line in text.splitlines() if line.startswith(stage)) for text in said]  # fmt: skip
+        computed = [
+            any(
+                line.split()[:3] == [stage, line.split()[1], "computed"]
+                for line in text.splitlines()
+                if line.startswith(stage)
+            )
+            for text in said
+        ]
         assert sorted(computed) == [False, True], (stage, said)
     assert temporaries(Path(two.workspace)) == []

@@ -41,13 +41,17 @@ def test_wrong_value_names_file_and_field(tmp_path):
         ("precompute:\n  frame_buckets: [57]\n", "8k+1 frame counts from 9 up to frames"),
         ("precompute:\n  windows: 0\n", "windows must be first, all or a number"),
         ("check:\n  max_duration: 5\n", "longer than check.max_duration"),
-        ("train:\n  mode: tic-ft\nprecompute:\n  frames: 61\n  frame_buckets: [33]\n",
-         "tic-ft needs every sample at its layout's frame count"),
-        ("evaluate:\n  prompts: heldout\ntrain:\n  validation_every: 100\n",
-         "with evaluate.prompts: heldout there is no prompt list"),
+        (
+            "train:\n  mode: tic-ft\nprecompute:\n  frames: 61\n  frame_buckets: [33]\n",
+            "tic-ft needs every sample at its layout's frame count",
+        ),
+        (
+            "evaluate:\n  prompts: heldout\ntrain:\n  validation_every: 100\n",
+            "with evaluate.prompts: heldout there is no prompt list",
+        ),
         ("caption:\n  existing: maybe\n", "caption.existing"),
     ],
-)  # fmt: skip
+)
 def test_data_settings_that_cannot_work_fail_at_load(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -58,16 +62,25 @@ def test_data_settings_that_cannot_work_fail_at_load(tmp_path, text, message):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("train:\n  learning_rate: 1e39\n",
-         "train.learning_rate: Input should be less than or equal to 1 (got 1e39)"),
-        ("train:\n  learning_rate: .inf\n",
-         "train.learning_rate: Input should be a finite number (got inf)"),
+        (
+            "train:\n  learning_rate: 1e39\n",
+            "train.learning_rate: Input should be less than or equal to 1 (got 1e39)",
+        ),
+        (
+            "train:\n  learning_rate: .inf\n",
+            "train.learning_rate: Input should be a finite number (got inf)",
+        ),
         ("train:\n  betas: [0.9, 1.5]\n", "train.betas.1: Input should be less than 1 (got 1.5)"),
-        ("train:\n  weight_decay: 3\n",
-         "train.weight_decay: Input should be less than or equal to 1 (got 3)"),
-        ("evaluate:\n  guidance: .nan\n", "evaluate.guidance: Input should be a finite number (got nan)"),
+        (
+            "train:\n  weight_decay: 3\n",
+            "train.weight_decay: Input should be less than or equal to 1 (got 3)",
+        ),
+        (
+            "evaluate:\n  guidance: .nan\n",
+            "evaluate.guidance: Input should be a finite number (got nan)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_an_absurd_number_fails_at_load_in_one_line_naming_the_field(tmp_path, text, message):
     """1e39 used to pass validation and overflow in the optimizer."""
     path = tmp_path / "bad.yaml"
@@ -141,8 +154,12 @@ def test_deployment_parameters_validate_against_their_flows():
         pools[deployment["name"]] = deployment["work_pool"]["name"]
         for schedule in deployment.get("schedules", []):
             assert schedule["timezone"] and schedule["cron"], deployment["name"]
-    assert pools == {"pipeline": "cpu", "gpu": "gpu", "train-sweep": "cpu",
-                     "evaluate-checkpoints-nightly": "gpu"}  # fmt: skip
+    assert pools == {
+        "pipeline": "cpu",
+        "gpu": "gpu",
+        "train-sweep": "cpu",
+        "evaluate-checkpoints-nightly": "gpu",
+    }
     # The pipeline starts its GPU stages on the deployment named after the gpu pool.
     pipeline = next(d for d in spec["deployments"] if d["name"] == "pipeline")
     assert pipeline["parameters"]["gpu_pool"] in pools

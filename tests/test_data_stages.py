@@ -114,28 +114,44 @@ def test_filter_accepts_a_good_caption_and_scores_it_high():
     ("caption", "truncated", "reason"),
     [
         ("", False, "empty caption"),
-        ("A fighter slaps his opponent on the cheek at the table.", False, "too few words (11 < 40)"),
+        (
+            "A fighter slaps his opponent on the cheek at the table.",
+            False,
+            "too few words (11 < 40)",
+        ),
         (GOOD + " He then" + " slaps again" * 40 + ".", False, "too many words"),
         (GOOD, True, "truncated (hit the token limit)"),
         (GOOD[:-1] + " and then the", False, "truncated (no closing punctuation)"),
         (GOOD + " He slaps him hard and" * 12 + " done.", False, "repetitive"),
-        ("I'm sorry, but I cannot help with that. " + GOOD, False, "refusal phrase (\"i'm sorry\")"),
-        ("As an AI, I watched it: " + GOOD, False, "refusal phrase (\"as an ai\")"),
-        ("Certainly! Here is what happens. " + GOOD, False, "assistant phrase (\"certainly!\")"),
-        (GOOD + " I hope this helps.", False, "assistant phrase (\"i hope this helps\")"),
-        ("The image shows two men at a table. " + GOOD, False, "still-image phrase (\"the image shows\")"),
-        ("In this picture, " + GOOD, False, "still-image phrase (\"in this picture\")"),
-        ("Un luchador alto con pantalones negros se coloca frente a la mesa, levanta el brazo "
-         "derecho y abofetea a su rival en la mejilla; el golpe le gira la cabeza, retrocede dos "
-         "pasos, el juez interviene y el publico se levanta mientras la camara mantiene un plano "
-         "general desde un lado de la sala llena.", False, "not English"),
+        ("I'm sorry, but I cannot help with that. " + GOOD, False, 'refusal phrase ("i\'m sorry")'),
+        ("As an AI, I watched it: " + GOOD, False, 'refusal phrase ("as an ai")'),
+        ("Certainly! Here is what happens. " + GOOD, False, 'assistant phrase ("certainly!")'),
+        (GOOD + " I hope this helps.", False, 'assistant phrase ("i hope this helps")'),
+        (
+            "The image shows two men at a table. " + GOOD,
+            False,
+            'still-image phrase ("the image shows")',
+        ),
+        ("In this picture, " + GOOD, False, 'still-image phrase ("in this picture")'),
+        (
+            "Un luchador alto con pantalones negros se coloca frente a la mesa, levanta el brazo "
+            "derecho y abofetea a su rival en la mejilla; el golpe le gira la cabeza, retrocede dos "
+            "pasos, el juez interviene y el publico se levanta mientras la camara mantiene un plano "
+            "general desde un lado de la sala llena.",
+            False,
+            "not English",
+        ),
         ("\u4e00\u540d\u9ad8\u5927\u7684\u62f3\u624b " * 12 + GOOD, False, "not English"),
-        ("A woman in a red coat walks along a quiet beach at sunset while gulls circle above "
-         "the water and small waves roll in over the sand; she stops, looks out at the horizon, "
-         "smiles, and keeps walking as the sky turns orange and the light slowly fades into a "
-         "soft purple evening over the sea.", False, "off-domain (0 of 2 domain terms)"),
+        (
+            "A woman in a red coat walks along a quiet beach at sunset while gulls circle above "
+            "the water and small waves roll in over the sand; she stops, looks out at the horizon, "
+            "smiles, and keeps walking as the sky turns orange and the light slowly fades into a "
+            "soft purple evening over the sea.",
+            False,
+            "off-domain (0 of 2 domain terms)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_filter_rejects_each_kind_with_its_reason(caption, truncated, reason):
     score, reasons = judge(caption, FilterConfig(max_tokens=0), truncated=truncated)
     assert any(r.startswith(reason) for r in reasons), reasons
@@ -178,8 +194,18 @@ def test_stage_tables_have_the_documented_columns(checked):
     videos = read_table(ws_file(ingest, "videos.parquet"))
     assert {"video_id", "path", "status", "reason"} <= set(videos.columns)
     clips = read_table(ws_file(check, "clips.parquet"))
-    assert {"clip_id", "video_id", "path", "start", "end", "split", "keep", "reasons",
-            "dup_group", "dup_of"} <= set(clips.columns)  # fmt: skip
+    assert {
+        "clip_id",
+        "video_id",
+        "path",
+        "start",
+        "end",
+        "split",
+        "keep",
+        "reasons",
+        "dup_group",
+        "dup_of",
+    } <= set(clips.columns)
     assert isinstance(clips, pd.DataFrame)
 
 
@@ -190,19 +216,30 @@ def test_filter_carries_caption_failures_and_missing_captions(tmp_path):
 
     ws = Workspace(tmp_path)
     cap = tmp_path / "caption" / "k"
-    write_table(cap / "captions.parquet", pd.DataFrame({
-        "clip_id": ["a", "b", "c"],
-        "caption": ["A fighter winds up and slaps his opponent hard.", None, None],
-        "error": [None, "cannot decode frames: truncated", None],
-    }))  # fmt: skip
+    write_table(
+        cap / "captions.parquet",
+        pd.DataFrame(
+            {
+                "clip_id": ["a", "b", "c"],
+                "caption": ["A fighter winds up and slaps his opponent hard.", None, None],
+                "error": [None, "cannot decode frames: truncated", None],
+            }
+        ),
+    )
     cfg = PipelineConfig(workspace=tmp_path, filter={"min_words": 3, "max_tokens": 0})
     result = run_filter(ws, cfg, {"recaption": StageResult("recaption", "k", str(cap))})
     table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
     assert table.selected.tolist() == [True, False, False]
     assert table.loc["b", "reasons"] == "caption failed: cannot decode frames: truncated"
     assert table.loc["c", "reasons"] == "empty caption"
-    assert result.counts == {"captions": 3, "accepted": 1, "selected": 1, "rejected": 2,
-                             "recaptioned": 0, "overrides": 0}  # fmt: skip
+    assert result.counts == {
+        "captions": 3,
+        "accepted": 1,
+        "selected": 1,
+        "rejected": 2,
+        "recaptioned": 0,
+        "overrides": 0,
+    }
 
 
 # Curation: one hand-written caption per category, each accepted by the default gate.
@@ -246,9 +283,17 @@ LONG = GOOD + (
 
 @pytest.mark.parametrize(
     ("caption", "category"),
-    [(GOOD, "strike"), (KNOCKOUT, "knockout"), (BLOCK, "block"), (REACTION, "reaction"),
-     (REFEREE, "referee"), (SCENE, "scene"), ("A quiet beach at sunset.", "other"), (None, "other")],
-)  # fmt: skip
+    [
+        (GOOD, "strike"),
+        (KNOCKOUT, "knockout"),
+        (BLOCK, "block"),
+        (REACTION, "reaction"),
+        (REFEREE, "referee"),
+        (SCENE, "scene"),
+        ("A quiet beach at sunset.", "other"),
+        (None, "other"),
+    ],
+)
 def test_filter_gives_each_caption_its_dominant_category(caption, category):
     assert category_of(caption, FilterConfig()) == category
 
@@ -264,9 +309,14 @@ def test_filter_category_ties_go_to_the_earlier_category_and_terms_match_prefixe
 def test_filter_config_rejects_bad_curation_fields():
     from pydantic import ValidationError
 
-    for bad in ({"select_top": -1}, {"categories": {"other": ["slap"]}},
-                {"categories": {" ": ["slap"]}}, {"categories": {"strike": []}},
-                {"categories": {"strike": ["Slap"]}}, {"categories": {"strike": ["open hand"]}}):  # fmt: skip
+    for bad in (
+        {"select_top": -1},
+        {"categories": {"other": ["slap"]}},
+        {"categories": {" ": ["slap"]}},
+        {"categories": {"strike": []}},
+        {"categories": {"strike": ["Slap"]}},
+        {"categories": {"strike": ["open hand"]}},
+    ):
         with pytest.raises(ValidationError):
             FilterConfig(**bad)
 
@@ -287,8 +337,9 @@ def judged_table(rows: list[tuple[str, float, str, bool]]) -> pd.DataFrame:
 
 
 def test_curate_selects_every_accepted_caption_without_a_limit():
-    table = judged_table([("a", 0.9, "strike", True), ("b", 1.0, "strike", False),
-                          ("c", 0.1, "referee", True)])  # fmt: skip
+    table = judged_table(
+        [("a", 0.9, "strike", True), ("b", 1.0, "strike", False), ("c", 0.1, "referee", True)]
+    )
     for n in (0, 2, 3, 50):
         assert curate(table, n).tolist() == [True, False, True], n
 
@@ -297,10 +348,14 @@ def test_curate_keeps_every_category_and_prefers_higher_scores_inside_one():
     # Strike scores highest everywhere; plain top-4 by score would be four strikes.
     table = judged_table(
         [(f"s{i}", 1.0 - i / 100, "strike", True) for i in range(6)]
-        + [("k1", 0.5, "knockout", True), ("k2", 0.6, "knockout", True),
-           ("r1", 0.3, "referee", True), ("o1", 0.2, "other", True),
-           ("x1", 1.0, "referee", False)]  # rejected: never selected, whatever its score
-    )  # fmt: skip
+        + [
+            ("k1", 0.5, "knockout", True),
+            ("k2", 0.6, "knockout", True),
+            ("r1", 0.3, "referee", True),
+            ("o1", 0.2, "other", True),
+            ("x1", 1.0, "referee", False),
+        ]  # rejected: never selected, whatever its score
+    )
     chosen = set(table.clip_id[curate(table, 4)])
     assert chosen == {"s0", "k2", "r1", "o1"}
     # Fewer slots than categories: the categories whose best scores highest.
@@ -381,23 +436,55 @@ def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
     from cogpipe.workspace import Workspace
 
     refusal = "I'm sorry, but I cannot help with that | " + GOOD
-    upstream = write_captions(tmp_path, {
-        "a-long": LONG, "b1": BLOCK, "k1": KNOCKOUT, "r1": REFEREE, "s1": GOOD,
-        "s2": "In the second round, " + GOOD, "x1": refusal, "x2": None,
-    })  # fmt: skip
+    upstream = write_captions(
+        tmp_path,
+        {
+            "a-long": LONG,
+            "b1": BLOCK,
+            "k1": KNOCKOUT,
+            "r1": REFEREE,
+            "s1": GOOD,
+            "s2": "In the second round, " + GOOD,
+            "x1": refusal,
+            "x2": None,
+        },
+    )
     cfg = PipelineConfig(workspace=tmp_path, filter={"max_tokens": 0, "select_top": 4})
     result = run_filter(Workspace(tmp_path), cfg, upstream)
     table = read_table(ws_file(result, "curated.parquet")).set_index("clip_id")
-    assert list(table.columns) == ["caption", "score", "category", "accepted", "selected",
-                                   "reasons", "attempt", "source", "truncated",
-                                   "override"]  # fmt: skip
-    assert table.category.to_dict() == {"a-long": "strike", "b1": "block", "k1": "knockout",
-        "r1": "referee", "s1": "strike", "s2": "strike", "x1": "strike", "x2": "other"}  # fmt: skip
+    assert list(table.columns) == [
+        "caption",
+        "score",
+        "category",
+        "accepted",
+        "selected",
+        "reasons",
+        "attempt",
+        "source",
+        "truncated",
+        "override",
+    ]
+    assert table.category.to_dict() == {
+        "a-long": "strike",
+        "b1": "block",
+        "k1": "knockout",
+        "r1": "referee",
+        "s1": "strike",
+        "s2": "strike",
+        "x1": "strike",
+        "x2": "other",
+    }
     assert table.accepted.tolist() == [True] * 6 + [False] * 2
     # One per category; the strike with the better score, not the first clip_id.
     assert sorted(table.index[table.selected]) == ["b1", "k1", "r1", "s1"]
-    assert result.counts == {"captions": 8, "accepted": 6, "selected": 4, "rejected": 2,
-                             "recaptioned": 0, "overrides": 0}  # fmt: skip
+    assert result.counts == {
+        "captions": 8,
+        "accepted": 6,
+        "selected": 4,
+        "rejected": 2,
+        "recaptioned": 0,
+        "overrides": 0,
+    }
     assert result.stats["categories"] == {"knockout": 1, "block": 1, "strike": 1, "referee": 1}
     assert result.stats["rejections"] == {"refusal phrase": 1, "empty caption": 1}
 
@@ -425,9 +512,16 @@ def test_filter_stage_curates_by_category_and_reports_rejections(tmp_path):
 def test_caption_report_caps_the_rejection_table(tmp_path):
     from cogpipe.report import write_caption_report
 
-    table = pd.DataFrame({"clip_id": [f"c{i}" for i in range(5)], "caption": ["x"] * 5,
-                          "category": "other", "accepted": False, "selected": False,
-                          "reasons": "empty caption"})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "clip_id": [f"c{i}" for i in range(5)],
+            "caption": ["x"] * 5,
+            "category": "other",
+            "accepted": False,
+            "selected": False,
+            "reasons": "empty caption",
+        }
+    )
     report = write_caption_report(tmp_path, table, max_rows=2).read_text()
     assert "| c1 | empty caption | x |" in report and "| c2 |" not in report
     assert "3 more rejected clips: see curated.parquet." in report

@@ -103,10 +103,16 @@ def test_every_format_writes_its_documented_layout(curated, exports):
     assert head == "file_name,caption,source_clip_id,source_path,start,end,category,score"
     first = json.loads((exports["jsonl"][1] / "metadata.jsonl").read_text().splitlines()[0])
     row = chosen.iloc[0]
-    assert first == {"file_name": f"videos/{row.clip_id}.mp4", "caption": row.caption,
-                     "source_clip_id": row.clip_id, "source_path": row.path,
-                     "start": row.start, "end": row.end, "category": row.category,
-                     "score": row.score}  # fmt: skip
+    assert first == {
+        "file_name": f"videos/{row.clip_id}.mp4",
+        "caption": row.caption,
+        "source_clip_id": row.clip_id,
+        "source_path": row.path,
+        "start": row.start,
+        "end": row.end,
+        "category": row.category,
+        "score": row.score,
+    }
     diffusers = exports["diffusers"][1]
     assert (diffusers / "videos.txt").read_text().splitlines() == [f"videos/{n}" for n in names]
     assert (diffusers / "prompts.txt").read_text().splitlines() == list(
@@ -207,10 +213,22 @@ def test_captions_survive_each_layout(tmp_path):
 
     from cogpipe.sources import list_source
 
-    tricky = ['He says "stop", then, slaps; twice.', "Line one\nline two\r\nthree\u2028four.",
-              "Caf\u00e9 \u2014 \u4e00\u540d fighter \U0001f44a,\tcheers."]  # fmt: skip
-    clips = pd.DataFrame({"clip_id": ["a", "b", "c"], "caption": tricky, "path": "/src.mp4",
-                          "start": 0.0, "end": 1.0, "category": "strike", "score": 0.5})  # fmt: skip
+    tricky = [
+        'He says "stop", then, slaps; twice.',
+        "Line one\nline two\r\nthree\u2028four.",
+        "Caf\u00e9 \u2014 \u4e00\u540d fighter \U0001f44a,\tcheers.",
+    ]
+    clips = pd.DataFrame(
+        {
+            "clip_id": ["a", "b", "c"],
+            "caption": tricky,
+            "path": "/src.mp4",
+            "start": 0.0,
+            "end": 1.0,
+            "category": "strike",
+            "score": 0.5,
+        }
+    )
     for fmt in FORMATS:
         out = tmp_path / fmt
         (out / "videos").mkdir(parents=True)

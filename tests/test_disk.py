@@ -19,8 +19,10 @@ from cogpipe.workspace import Workspace, read_table
 
 # B's and C's gates reject some of the tiny captioner's random words: a recaption pass each.
 KEPT_B = {"filter": {"refusal_phrases": ["vivid"]}, "train": {"learning_rate": 5e-4}}
-STALE_C = {"caption": {"prompt": "Say what happens in the clip."},
-           "filter": {"refusal_phrases": ["quick"]}}  # fmt: skip
+STALE_C = {
+    "caption": {"prompt": "Say what happens in the clip."},
+    "filter": {"refusal_phrases": ["quick"]},
+}
 
 
 def write(cfg: PipelineConfig, path: Path) -> str:

@@ -126,8 +126,17 @@ def test_build_context_leaves_out_environments_data_caches_and_history():
     wanted += ["cogpipe/cli.py", "docker/postgres-entrypoint.sh", "docker/wheels/torch.whl"]
     for path in wanted:
         assert in_context(path, patterns), f"{path} is not in the build context"
-    left_out = [".venv/bin/python", "demo/demo.yaml", "workspace/ingest", ".git/HEAD",
-                ".whl/torch.whl", "build/docker-test/compose.yaml", ".cogpipe-serve/prefect",
-                "cogpipe/__pycache__/cli.cpython-311.pyc", "tests/conftest.py", ".pytest_cache"]  # fmt: skip
+    left_out = [
+        ".venv/bin/python",
+        "demo/demo.yaml",
+        "workspace/ingest",
+        ".git/HEAD",
+        ".whl/torch.whl",
+        "build/docker-test/compose.yaml",
+        ".cogpipe-serve/prefect",
+        "cogpipe/__pycache__/cli.cpython-311.pyc",
+        "tests/conftest.py",
+        ".pytest_cache",
+    ]
     for path in left_out:
         assert not in_context(path, patterns), f"{path} is sent to the build"

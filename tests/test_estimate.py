@@ -38,9 +38,12 @@ def write_config(cfg: PipelineConfig, path: Path) -> Path:
 
 def cogpipe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-m", "cogpipe.cli", *args], env=os.environ | ONE_THREAD,
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        [sys.executable, "-m", "cogpipe.cli", *args],
+        env=os.environ | ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"cogpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -62,9 +65,12 @@ print("pipeline: done")
 def run_pipeline(config: Path) -> str:
     """The whole pipeline in a fresh process (imports paid as a user's run pays them)."""
     proc = subprocess.run(
-        [sys.executable, "-c", RUN, str(config)], env=os.environ | ONE_THREAD,
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, "-c", RUN, str(config)],
+        env=os.environ | ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -110,8 +116,11 @@ def test_plan_from_a_measured_run_predicts_the_next_run_of_that_size(demo_config
         # A stage here is 0.4-3 s of CPU time, and two runs of one stage on a shared 2-core
         # host differ by up to 0.45 s. A stage counts as predicted when one of two runs
         # of the planned size lands within the tolerance; a wrong prediction misses both.
-        _, again = planned_run(demo_config(workspace=tmp_path / "b2", **prompt),
-                               tmp_path / "b2.yaml", stats=tmp_path / "a")  # fmt: skip
+        _, again = planned_run(
+            demo_config(workspace=tmp_path / "b2", **prompt),
+            tmp_path / "b2.yaml",
+            stats=tmp_path / "a",
+        )
         off = {stage: min(off[stage], again[stage], key=abs) for stage in off}
     assert all(abs(x) <= TOLERANCE for x in off.values()), off
 
@@ -135,12 +144,21 @@ def bench_line(kind: str, case: str, metric: str) -> dict:
 def test_without_measurements_the_plan_uses_bench_results_and_says_so(demo_config, tmp_path):
     cfg = demo_config(
         model="THUDM/CogVideoX-2b",  # a hub id: planned without downloading anything
-        caption={"model": "llava-hf/LLaVA-NeXT-Video-7B-hf", "max_new_tokens": 120, "batch_size": 8},
+        caption={
+            "model": "llava-hf/LLaVA-NeXT-Video-7B-hf",
+            "max_new_tokens": 120,
+            "batch_size": 8,
+        },
         precompute={"frames": 49, "height": 480, "width": 720},
-        train={"max_steps": 1000, "checkpoint_every": 500, "gradient_checkpointing": "selective",
-               "compile": True, "gradient_accumulation_steps": 4},
+        train={
+            "max_steps": 1000,
+            "checkpoint_every": 500,
+            "gradient_checkpointing": "selective",
+            "compile": True,
+            "gradient_accumulation_steps": 4,
+        },
         evaluate={"steps": 50, "frames": 49, "height": 480, "width": 720},
-    )  # fmt: skip
+    )
     plan = estimate(cfg, gpus=1, gpu="h200")
     rows = {r.stage: r for r in plan.rows}
     assert plan.device == "nvidia-h200"
@@ -216,9 +234,19 @@ def test_plan_command_prints_a_table_and_rejects_a_missing_stats_workspace(demo_
     assert "estimate on 1 x nvidia-h100" in out
     assert "no measurement: unknown" in out  # tiny models: no bench result is of their kind
     proc = subprocess.run(
-        [sys.executable, "-m", "cogpipe.cli", "plan", str(config), "--stats-from", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "cogpipe.cli",
+            "plan",
+            str(config),
+            "--stats-from",
+            str(tmp_path / "nope"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert (
         proc.stderr.strip()
@@ -245,8 +273,15 @@ def test_a_pipeline_run_publishes_the_estimate_and_records_it_for_its_stages(
     assert lines[0].startswith("# Estimate: 1 x ")
     assert lines[2].startswith("| stage | work | wall (1 GPU) | GPU-h | disk | from |")
     assert [line.split(" | ")[0] for line in lines[4:]] == [
-        "| ingest", "| check", "| caption", "| recaption", "| filter", "| precompute", "| train", "| total"
-    ]  # fmt: skip
+        "| ingest",
+        "| check",
+        "| caption",
+        "| recaption",
+        "| filter",
+        "| precompute",
+        "| train",
+        "| total",
+    ]
     saved = sorted(p.name.split("-")[0] for p in (tmp_path / "ws" / ".estimates").glob("*.json"))
     assert saved == sorted(
         ["ingest", "check", "caption", "recaption", "filter", "precompute", "train"]

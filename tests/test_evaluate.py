@@ -27,17 +27,20 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return write_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-def make_lora(model_dir: Path, out_dir: Path, seed: int, rank: int = 4,
-              targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")) -> Path:  # fmt: skip
+def make_lora(
+    model_dir: Path,
+    out_dir: Path,
+    seed: int,
+    rank: int = 4,
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+) -> Path:
     """A LoRA of `rank` (alpha 4) on the tiny transformer's `targets` with random non-zero
     lora_B, saved like the trainer does."""
     from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(model_dir, subfolder="transformer")
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=4, target_modules=list(targets))
-    )
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=4, target_modules=list(targets)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in transformer.named_parameters():
@@ -58,8 +61,20 @@ def loras(models, tmp_path_factory) -> list[Path]:
 
 
 def make_cfg(ws_root: Path, models: dict[str, Path], **evaluate_fields) -> PipelineConfig:
-    fields = dict(prompts=[PROMPT], seeds=[42], steps=2, frames=9, height=64, width=64, fps=8,
-                  clip_model=str(models["clip"]), device="cpu") | evaluate_fields  # fmt: skip
+    fields = (
+        dict(
+            prompts=[PROMPT],
+            seeds=[42],
+            steps=2,
+            frames=9,
+            height=64,
+            width=64,
+            fps=8,
+            clip_model=str(models["clip"]),
+            device="cpu",
+        )
+        | evaluate_fields
+    )
     return PipelineConfig(
         workspace=ws_root, model=str(models["cogvideox"]), evaluate=EvaluateConfig(**fields)
     )
@@ -145,14 +160,22 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     assert Path(r1.path) == out and not r1.reused
     assert set(r1.stats["clip_score"]) == {"base", "checkpoint-000002", "checkpoint-000004"}
     assert sorted(p.name for p in out.iterdir()) == [
-        "_SUCCESS.json", "base", "checkpoint-000002", "checkpoint-000004", "metrics_vs_step.png",
+        "_SUCCESS.json",
+        "base",
+        "checkpoint-000002",
+        "checkpoint-000004",
+        "metrics_vs_step.png",
         "report.md",
-    ]  # fmt: skip
+    ]
     for name in ("base", "checkpoint-000002", "checkpoint-000004"):
         ab = [] if name == "base" else ["ab_grid.png"]  # base | checkpoint at the same seeds
         assert sorted(p.name for p in (out / name).iterdir()) == [
-            *ab, "contact_sheet.png", "metrics.parquet", "p00-s42.mp4", "summary.json",
-        ]  # fmt: skip
+            *ab,
+            "contact_sheet.png",
+            "metrics.parquet",
+            "p00-s42.mp4",
+            "summary.json",
+        ]
         video = decode(out / name / "p00-s42.mp4")
         assert video.shape == (9, 64, 64, 3)
         assert Image.open(out / name / "contact_sheet.png").size == (
@@ -160,9 +183,17 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
             64,
         )  # 8 frames, 1 video
         metrics = read_table(out / name / "metrics.parquet")
-        assert list(metrics.columns) == ["checkpoint", "prompt_index", "prompt", "seed", "video",
-                                         "clip_score", "temporal_consistency", "dynamic_degree",
-                                         "seconds"]  # fmt: skip
+        assert list(metrics.columns) == [
+            "checkpoint",
+            "prompt_index",
+            "prompt",
+            "seed",
+            "video",
+            "clip_score",
+            "temporal_consistency",
+            "dynamic_degree",
+            "seconds",
+        ]
         assert -1 <= metrics.temporal_consistency[0] <= 1 and 0 <= metrics.dynamic_degree[0] <= 1
         summary = json.loads((out / name / "summary.json").read_text())
         assert np.isnan(summary["fd_videomae"]) and summary["fd_note"].startswith("off")
@@ -204,8 +235,11 @@ def test_evaluate_incremental_runs(tmp_path, models, loras):
     assert r3.counts == {"checkpoints_evaluated": 1, "checkpoints_total": 3, "videos": 1}
     assert not r3.reused and r3.key == r1.key
     assert list(evaluate.read_index(ws).checkpoint) == [
-        "base", "checkpoint-000002", "checkpoint-000004", "checkpoint-000006",
-    ]  # fmt: skip
+        "base",
+        "checkpoint-000002",
+        "checkpoint-000004",
+        "checkpoint-000006",
+    ]
     assert (out / "base" / "p00-s42.mp4").stat().st_mtime_ns == base_mtime
     assert r3.stats["checkpoints"] == [
         "base",
@@ -277,8 +311,16 @@ def _heldout_check(folder: Path, videos: dict[str, Path], n: int) -> StageResult
     for i in range(1, n + 2):
         path = videos[f"shapes_{i:02d}.mp4"]
         info, _ = probe_video(path)
-        rows.append({"clip_id": f"clip{i}", "path": str(path), "start": 0.0,
-                     "end": info["duration"], "split": "heldout", "keep": i <= n})  # fmt: skip
+        rows.append(
+            {
+                "clip_id": f"clip{i}",
+                "path": str(path),
+                "start": 0.0,
+                "end": info["duration"],
+                "split": "heldout",
+                "keep": i <= n,
+            }
+        )
     write_table(folder / "clips.parquet", pd.DataFrame(rows))
     return StageResult("check", f"check-{n}", str(folder))
 
@@ -287,14 +329,17 @@ def test_frechet_distance_to_held_out_clips(tmp_path, models, loras, sample_vide
     from cogpipe.samples import write_tiny_videomae
 
     features = write_tiny_videomae(tmp_path / "videomae")
-    cfg = make_cfg(tmp_path / "ws", models, seeds=[1, 2], video_features=str(features),
-                   fd_min_samples=2)  # fmt: skip
+    cfg = make_cfg(
+        tmp_path / "ws", models, seeds=[1, 2], video_features=str(features), fd_min_samples=2
+    )
     ws = Workspace(cfg.workspace)
     run_dir = ws.root / "train" / "run-f"
     add_checkpoint(run_dir, "checkpoint-000002", loras[0])
 
-    upstream = {"train": StageResult("train", "run-f", str(run_dir)),
-                "check": _heldout_check(tmp_path / "check3", sample_videos, 3)}  # fmt: skip
+    upstream = {
+        "train": StageResult("train", "run-f", str(run_dir)),
+        "check": _heldout_check(tmp_path / "check3", sample_videos, 3),
+    }
     result = evaluate.run_evaluate(ws, cfg, upstream)
     index = evaluate.read_index(ws)
     fd = index.fd_videomae
@@ -321,6 +366,8 @@ def test_index_holds_one_row_per_unit_in_step_order(tmp_path):
     index = evaluate.read_index(ws)
     assert list(index.columns) == evaluate.INDEX_COLUMNS
     assert index[["run", "checkpoint", "step", "clip_score"]].values.tolist() == [
-        ["r", "base", 0, 30.0], ["r", "checkpoint-000002", 2, 31.0],
-        ["r", "checkpoint-000004", 4, 30.0], ["q", "base", 0, 30.0],
-    ]  # fmt: skip
+        ["r", "base", 0, 30.0],
+        ["r", "checkpoint-000002", 2, 31.0],
+        ["r", "checkpoint-000004", 4, 30.0],
+        ["q", "base", 0, 30.0],
+    ]

@@ -52,14 +52,15 @@ PROMPTS = ["a fighter slaps his opponent"]
 WRITER = re.compile(r"-h[A-Za-z0-9]+p\d+r[0-9a-f]{8}")  # a temporary's writer token
 HEX_KEY = re.compile(r"\b[0-9a-f]{12,}\b")  # stage and store keys
 VOLATILE = {"metrics.parquet": ["seconds"], "index.parquet": ["evaluated_at"]}
-VOLATILE_JSON = {SUCCESS: ["finished_at", "seconds", "counts.checkpoints_evaluated",
-                           "counts.videos", "timing"], "*.json": ["seconds"]}  # fmt: skip
+VOLATILE_JSON = {
+    SUCCESS: ["finished_at", "seconds", "counts.checkpoints_evaluated", "counts.videos", "timing"],
+    "*.json": ["seconds"],
+}
 
 
 def job(folder: Path, log: str, stage: str = "evaluate", **env: str) -> dict:
     """`cogpipe <stage> folder/config.yaml` with `env`, its output to folder/<log>."""
-    return {"argv": [stage, str(folder / "config.yaml")], "env": env,
-            "log": str(folder / log)}  # fmt: skip
+    return {"argv": [stage, str(folder / "config.yaml")], "env": env, "log": str(folder / log)}
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +71,20 @@ def start(tmp_path_factory, sample_videos, tiny_models) -> Path:
     (folder / "videos").mkdir()
     for name in ("shapes_00.mp4", "shapes_01.mp4", "shapes_02.mp4"):
         shutil.copy(sample_videos[name], folder / "videos" / name)
-    raw |= {"workspace": str(folder / "ws"), "model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(folder / "videos")}}  # fmt: skip
+    raw |= {
+        "workspace": str(folder / "ws"),
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(folder / "videos")},
+    }
     raw["check"] |= {"heldout_fraction": 0.0}  # every clip trains
     raw["caption"]["model"] = str(tiny_models["llava"])
     raw["train"] |= {"max_steps": 4, "checkpoint_every": 2}
-    raw["evaluate"] |= {"prompts": PROMPTS, "clip_model": str(tiny_models["clip"]),
-                        "device": "cpu", "bootstrap": 100}  # fmt: skip
+    raw["evaluate"] |= {
+        "prompts": PROMPTS,
+        "clip_model": str(tiny_models["clip"]),
+        "device": "cpu",
+        "bootstrap": 100,
+    }
     cfg = PipelineConfig.model_validate(raw)
     for stage in stage_keys(cfg, "train"):
         run_stage(cfg, stage)
@@ -216,8 +224,13 @@ def test_a_kill_at_every_commit_point_ends_as_an_uninterrupted_run(
 
 def committed(folder: Path, names: list[str]) -> bool:
     cfg, keys = load(folder), stage_keys(load(folder))
-    out = stage_path(Workspace(cfg.workspace), cfg, "evaluate", keys["evaluate"],
-                     {k: keys[k] for k in ("train", "check", "filter")})  # fmt: skip
+    out = stage_path(
+        Workspace(cfg.workspace),
+        cfg,
+        "evaluate",
+        keys["evaluate"],
+        {k: keys[k] for k in ("train", "check", "filter")},
+    )
     return all((out / n / "summary.json").is_file() for n in names)
 
 
@@ -268,10 +281,16 @@ def test_two_evaluations_at_once_share_the_units_and_equal_one(forker, start, re
 def test_a_kill_at_a_validation_commit_is_made_again(forker, start, tmp_path):
     folder = tmp_path / "validation"
     top = {".locks", "train", "evaluate"}  # trained again, with validation
-    shutil.copytree(start / "ws", folder / "ws",
-                    ignore=lambda d, names: top & set(names) if Path(d) == start / "ws" else [])  # fmt: skip
+    shutil.copytree(
+        start / "ws",
+        folder / "ws",
+        ignore=lambda d, names: top & set(names) if Path(d) == start / "ws" else [],
+    )
     cfg = load(start).model_copy(update={"workspace": folder / "ws"})
-    write_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"validation_every": 2})}), folder)  # fmt: skip
+    write_config(
+        cfg.model_copy(update={"train": cfg.train.model_copy(update={"validation_every": 2})}),
+        folder,
+    )
     fault = job(folder, "killed.log", "train", COGPIPE_FAULT="1:validation/step-000002")
     assert forker.run([fault]) == [-9], (folder / "killed.log").read_text()[-3000:]
     run = folder / "ws" / "train" / run_name(folder)

@@ -35,13 +35,30 @@ def lora_file(tiny_models, tmp_path_factory) -> Path:
 
 def make_cfg(root: Path, models: dict[str, Path], mode: str, **evaluate_fields):
     train, precompute = MODES[mode]
-    fields = dict(prompts=[PROMPT, PROMPT], seeds=[42], steps=2, frames=9, height=64, width=64,
-                  fps=8, clip_model=str(models["clip"]), device="cpu", bootstrap=100) | evaluate_fields  # fmt: skip
-    return PipelineConfig.model_validate({
-        "workspace": root, "model": str(models["cogvideox"]), "precompute": precompute,
-        "train": {"mode": mode, "validation_every": 0, **train},
-        "evaluate": EvaluateConfig(**fields).model_dump(),
-    })  # fmt: skip
+    fields = (
+        dict(
+            prompts=[PROMPT, PROMPT],
+            seeds=[42],
+            steps=2,
+            frames=9,
+            height=64,
+            width=64,
+            fps=8,
+            clip_model=str(models["clip"]),
+            device="cpu",
+            bootstrap=100,
+        )
+        | evaluate_fields
+    )
+    return PipelineConfig.model_validate(
+        {
+            "workspace": root,
+            "model": str(models["cogvideox"]),
+            "precompute": precompute,
+            "train": {"mode": mode, "validation_every": 0, **train},
+            "evaluate": EvaluateConfig(**fields).model_dump(),
+        }
+    )
 
 
 def upstream(run_dir: Path, check: StageResult, filter: StageResult | None = None) -> dict:
@@ -67,8 +84,11 @@ def test_ic_lora_checkpoints_are_sampled_on_each_prompts_heldout_clip(
     as_lora = cfg.model_copy(update={"train": cfg.train.model_copy(update={"mode": "lora"})})
     assert out.parent.name == evaluate.eval_key(cfg) != evaluate.eval_key(as_lora)  # another way
     assert sorted(p.name for p in unit.glob("*.mp4")) == [
-        "p00-s42-side.mp4", "p00-s42.mp4", "p01-s42-side.mp4", "p01-s42.mp4",
-    ]  # fmt: skip
+        "p00-s42-side.mp4",
+        "p00-s42.mp4",
+        "p01-s42-side.mp4",
+        "p01-s42.mp4",
+    ]
     assert sorted(p.name for p in (out / "base").glob("*.mp4")) == ["p00-s42.mp4", "p01-s42.mp4"]
     first, second = decode(unit / "p00-s42.mp4"), decode(unit / "p01-s42.mp4")
     assert first.shape == second.shape == (9, 64, 64, 3)
@@ -122,8 +142,17 @@ def test_a_conditioned_run_without_heldout_clips_fails_with_the_way_out(tmp_path
     ws = Workspace(cfg.workspace)
     run_dir = ws.root / "train" / "run-none"
     run_dir.mkdir(parents=True)
-    rows = [{"clip_id": f"c{i}", "path": "x.mp4", "start": 0.0, "end": 1.0, "split": "train",
-             "keep": i < 3} for i in range(4)]  # fmt: skip
+    rows = [
+        {
+            "clip_id": f"c{i}",
+            "path": "x.mp4",
+            "start": 0.0,
+            "end": 1.0,
+            "split": "train",
+            "keep": i < 3,
+        }
+        for i in range(4)
+    ]
     write_table(tmp_path / "check" / "clips.parquet", pd.DataFrame(rows))
     check = StageResult("check", "c0", str(tmp_path / "check"))
     with pytest.raises(ValueError, match=r"4 clips, 3 kept, 0 held out.*check\.heldout_fraction"):

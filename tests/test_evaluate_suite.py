@@ -101,17 +101,30 @@ def test_heldout_captions_are_the_suite_and_small_sets_refuse_the_distance(
     from cogpipe.samples import write_tiny_videomae
 
     features = write_tiny_videomae(tmp_path / "videomae")
-    cfg = make_cfg(tmp_path / "ws", models, prompts="heldout", heldout_clips=2, seeds=[7],
-                   video_features=str(features), bootstrap=200)  # fmt: skip
+    cfg = make_cfg(
+        tmp_path / "ws",
+        models,
+        prompts="heldout",
+        heldout_clips=2,
+        seeds=[7],
+        video_features=str(features),
+        bootstrap=200,
+    )
     ws = Workspace(cfg.workspace)
     run_dir = ws.root / "train" / "run-h"
     run_dir.mkdir(parents=True)
     check = _heldout_check(tmp_path / "check", sample_videos, 3)  # clip1..clip3 held out
-    captions = {"clip1": ("a slap in the ring", True), "clip2": ("rejected words", False),
-                "clip3": ("the referee steps in", True)}  # fmt: skip
+    captions = {
+        "clip1": ("a slap in the ring", True),
+        "clip2": ("rejected words", False),
+        "clip3": ("the referee steps in", True),
+    }
     (tmp_path / "filter").mkdir()
-    upstream = {"train": StageResult("train", "run-h", str(run_dir)), "check": check,
-                "filter": _filter_for(tmp_path / "filter", captions)}  # fmt: skip
+    upstream = {
+        "train": StageResult("train", "run-h", str(run_dir)),
+        "check": check,
+        "filter": _filter_for(tmp_path / "filter", captions),
+    }
     result = evaluate.run_evaluate(ws, cfg, upstream)
 
     metrics = read_table(Path(result.path) / "base" / "metrics.parquet")

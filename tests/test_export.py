@@ -42,11 +42,20 @@ def write_transformer(folder: Path, num_layers: int, heads: int, five_b: bool, d
 
     torch.manual_seed(num_layers)
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=heads, attention_head_dim=8, num_layers=num_layers, in_channels=4,
-        out_channels=4, time_embed_dim=2, text_embed_dim=8, sample_width=8, sample_height=8,
-        sample_frames=9, patch_size=2, max_text_seq_length=8,
+        num_attention_heads=heads,
+        attention_head_dim=8,
+        num_layers=num_layers,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=8,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        max_text_seq_length=8,
         use_rotary_positional_embeddings=five_b,
-    )  # fmt: skip
+    )
     model.to(dtype).save_pretrained(folder / "transformer")
     return folder
 
@@ -169,9 +178,14 @@ def test_sat_refuses_a_lora_it_cannot_hold(models, tmp_path):
 
 # ComfyUI's CogVideoX (comfy/ldm/cogvideo/model.py) names of the diffusers Linears.
 COMFY_NAMES = {
-    "attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
-    "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out", "norm1.linear": "norm1.linear",
-}  # fmt: skip
+    "attn1.to_q": "q",
+    "attn1.to_k": "k",
+    "attn1.to_v": "v",
+    "attn1.to_out.0": "attn_out",
+    "ff.net.0.proj": "ff_proj",
+    "ff.net.2": "ff_out",
+    "norm1.linear": "norm1.linear",
+}
 
 
 def test_comfyui_keys_are_comfys_cogvideox_modules_with_alpha_and_read_back(models, tmp_path):
@@ -179,8 +193,11 @@ def test_comfyui_keys_are_comfys_cogvideox_modules_with_alpha_and_read_back(mode
     source = make_lora(models["2b"], tmp_path / "all", targets=targets)
     out, _ = run_export(source, tmp_path / "slap.safetensors", "comfyui")
     keys = load_file(out)
-    comfy = {f"transformer_blocks.{i}.{d}": f"blocks.{i}.{c}"
-             for i in range(30) for d, c in COMFY_NAMES.items()}  # fmt: skip
+    comfy = {
+        f"transformer_blocks.{i}.{d}": f"blocks.{i}.{c}"
+        for i in range(30)
+        for d, c in COMFY_NAMES.items()
+    }
     comfy |= {"proj_out": "proj_out", "time_embedding.linear_1": "time_embedding_linear_1"}
     suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
     expected = {f"diffusion_model.{c}.{s}" for c in comfy.values() for s in suffixes}
@@ -205,8 +222,13 @@ def test_comfyui_keys_are_comfys_cogvideox_modules_with_alpha_and_read_back(mode
 
 def test_comfyui_refuses_a_module_comfy_does_not_have(tmp_path):
     odd = tmp_path / "odd.safetensors"
-    save_file({"transformer.extra.lora_A.weight": torch.ones(4, 8),
-               "transformer.extra.lora_B.weight": torch.ones(8, 4)}, odd)  # fmt: skip
+    save_file(
+        {
+            "transformer.extra.lora_A.weight": torch.ones(4, 8),
+            "transformer.extra.lora_B.weight": torch.ones(8, 4),
+        },
+        odd,
+    )
     with pytest.raises(ExportError, match=r"odd.safetensors: extra has no counterpart in ComfyUI"):
         run_export(odd, tmp_path / "odd-comfy.safetensors", "comfyui")
 
@@ -226,8 +248,11 @@ def test_merged_equals_base_plus_scaled_delta_and_peft_fuse(models, loras, tmp_p
     base = load_file(base_dir / "diffusion_pytorch_model.safetensors")
     merged = load_file(out / "diffusion_pytorch_model.safetensors")
     lora = lora_tensors(loras["2b"])
-    adapted = {k.removeprefix("transformer.").removesuffix(".lora_A.weight") for k in lora
-               if k.endswith(".lora_A.weight")}  # fmt: skip
+    adapted = {
+        k.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        for k in lora
+        if k.endswith(".lora_A.weight")
+    }
     assert len(adapted) == 120
     for key, weight in base.items():
         module = key.removesuffix(".weight")
@@ -315,8 +340,12 @@ def test_cli_bad_input_is_a_clear_error_naming_the_file(models, loras, tmp_path,
 
 WIDE = [*ATTENTION, "norm1.linear", "norm2.linear", "ff.net.0.proj", "proj_out"]
 EXTRA = {"1.5": ["patch_embed.proj"], "1.5-i2v": ["patch_embed.proj", "ofs_embedding.linear_1"]}
-SAT_YAML = {"2b": "cogvideox_2b.yaml", "1.5": "cogvideox1.5_5b.yaml",
-            "i2v": "cogvideox_5b_i2v.yaml", "1.5-i2v": "cogvideox1.5_5b_i2v.yaml"}  # fmt: skip
+SAT_YAML = {
+    "2b": "cogvideox_2b.yaml",
+    "1.5": "cogvideox1.5_5b.yaml",
+    "i2v": "cogvideox_5b_i2v.yaml",
+    "1.5-i2v": "cogvideox1.5_5b_i2v.yaml",
+}
 
 
 def generation(name: str) -> str:
@@ -435,25 +464,30 @@ def sat_layout(config: dict) -> dict[str, tuple[int, ...]]:
     t, p, pt = config["time_embed_dim"], config["patch_size"], config["patch_size_t"]
     cin, cout = config["in_channels"], config["out_channels"]
     linears = {  # module: weight shape; each has a bias [weight's first dim]
-        "time_embed.0": (t, d), "time_embed.2": (t, t),
+        "time_embed.0": (t, d),
+        "time_embed.2": (t, t),
         "mixins.patch_embed.proj": (d, cin * p * p * pt) if pt else (d, cin, p, p),
         "mixins.patch_embed.text_proj": (d, config["text_embed_dim"]),
-        "transformer.final_layernorm": (d,), "mixins.final_layer.norm_final": (d,),
+        "transformer.final_layernorm": (d,),
+        "mixins.final_layer.norm_final": (d,),
         "mixins.final_layer.linear": (p * p * (pt or 1) * cout, d),
         "mixins.final_layer.adaLN_modulation.1": (2 * d, t),
-    }  # fmt: skip
+    }
     if o := config.get("ofs_embed_dim"):
         linears |= {"ofs_embed.0": (o, o), "ofs_embed.2": (o, o)}
     for i in range(config["num_layers"]):
         layer, adaln = f"transformer.layers.{i}", "mixins.adaln_layer"
         linears |= {
-            f"{layer}.input_layernorm": (d,), f"{layer}.post_attention_layernorm": (d,),
-            f"{layer}.attention.query_key_value": (3 * d, d), f"{layer}.attention.dense": (d, d),
-            f"{layer}.mlp.dense_h_to_4h": (4 * d, d), f"{layer}.mlp.dense_4h_to_h": (d, 4 * d),
+            f"{layer}.input_layernorm": (d,),
+            f"{layer}.post_attention_layernorm": (d,),
+            f"{layer}.attention.query_key_value": (3 * d, d),
+            f"{layer}.attention.dense": (d, d),
+            f"{layer}.mlp.dense_h_to_4h": (4 * d, d),
+            f"{layer}.mlp.dense_4h_to_h": (d, 4 * d),
             f"{adaln}.adaLN_modulations.{i}.1": (12 * d, t),
             f"{adaln}.query_layernorm_list.{i}": (head,),
             f"{adaln}.key_layernorm_list.{i}": (head,),
-        }  # fmt: skip
+        }
     shapes = {f"{m}.weight": s for m, s in linears.items()} | {
         f"{m}.bias": s[:1] for m, s in linears.items()
     }
@@ -466,17 +500,26 @@ def sat_layout(config: dict) -> dict[str, tuple[int, ...]]:
 
 # THUDM/CogVideo tools/convert_weight_sat2hf.py: its renames, applied to each key in this order.
 SAT2HF_RENAMES = [
-    ("transformer.final_layernorm", "norm_final"), ("transformer", "transformer_blocks"),
-    ("attention", "attn1"), ("mlp", "ff.net"), ("dense_h_to_4h", "0.proj"),
-    ("dense_4h_to_h", "2"), (".layers", ""), ("dense", "to_out.0"),
-    ("input_layernorm", "norm1.norm"), ("post_attn1_layernorm", "norm2.norm"),
-    ("time_embed.0", "time_embedding.linear_1"), ("time_embed.2", "time_embedding.linear_2"),
-    ("ofs_embed.0", "ofs_embedding.linear_1"), ("ofs_embed.2", "ofs_embedding.linear_2"),
-    ("mixins.patch_embed", "patch_embed"), ("mixins.final_layer.norm_final", "norm_out.norm"),
+    ("transformer.final_layernorm", "norm_final"),
+    ("transformer", "transformer_blocks"),
+    ("attention", "attn1"),
+    ("mlp", "ff.net"),
+    ("dense_h_to_4h", "0.proj"),
+    ("dense_4h_to_h", "2"),
+    (".layers", ""),
+    ("dense", "to_out.0"),
+    ("input_layernorm", "norm1.norm"),
+    ("post_attn1_layernorm", "norm2.norm"),
+    ("time_embed.0", "time_embedding.linear_1"),
+    ("time_embed.2", "time_embedding.linear_2"),
+    ("ofs_embed.0", "ofs_embedding.linear_1"),
+    ("ofs_embed.2", "ofs_embedding.linear_2"),
+    ("mixins.patch_embed", "patch_embed"),
+    ("mixins.final_layer.norm_final", "norm_out.norm"),
     ("mixins.final_layer.linear", "proj_out"),
     ("mixins.final_layer.adaLN_modulation.1", "norm_out.linear"),
     ("mixins.pos_embed.pos_embedding", "patch_embed.pos_embedding"),
-]  # fmt: skip
+]
 
 
 def sat_to_diffusers(module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -543,15 +586,19 @@ def test_sat_merged_of_a_5b_keeps_bf16_and_names_its_yaml(models, loras, tmp_pat
 def test_cli_sat_merged_writes_and_refuses_clearly(family, family_loras, tmp_path, capsys):
     lora, model = family_loras["i2v"]["wide"], str(family["i2v"])
     out = tmp_path / "slap-sat"
-    assert main(["export", str(lora), "--format", "sat-merged", "--model", model,
-                 "--out", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["export", str(lora), "--format", "sat-merged", "--model", model, "--out", str(out)])
+        == 0
+    )
     assert capsys.readouterr().out.startswith(f"{out}: sat-merged export of ")
     assert (out / "1" / "mp_rank_00_model_states.pt").is_file()
 
     assert main(["export", str(lora), "--format", "sat-merged", "--out", str(out)]) == 2
     assert "--format sat-merged needs --model" in capsys.readouterr().err
     file = tmp_path / "slap.safetensors"
-    assert main(["export", str(lora), "--format", "sat-merged", "--model", model,
-                 "--out", str(file)]) == 2  # fmt: skip
+    assert (
+        main(["export", str(lora), "--format", "sat-merged", "--model", model, "--out", str(file)])
+        == 2
+    )
     assert f"--out {file}: SAT loads a checkpoint folder" in capsys.readouterr().err
     assert not file.exists()

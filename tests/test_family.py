@@ -37,8 +37,12 @@ def family_config(tmp_path_factory, sample_videos, tiny_models, tiny_family):
 
     def make(variant: str, name: str, **sections) -> PipelineConfig:
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_CONFIG.items()}
-        raw |= {"workspace": str(workspace), "name": name, "model": str(tiny_family[variant]),
-                "ingest": {"source": str(next(iter(sample_videos.values())).parent)}}  # fmt: skip
+        raw |= {
+            "workspace": str(workspace),
+            "name": name,
+            "model": str(tiny_family[variant]),
+            "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+        }
         raw["caption"]["model"] = str(tiny_models["llava"])
         raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
         raw["filter"] |= {"select_top": 3}  # 3 samples: 2 shards, batches of 1
@@ -129,9 +133,17 @@ def test_trained_lora_loads_in_the_pipeline_and_changes_the_output(trained, vari
     extra = {"image": Image.new("RGB", (64, 64), (200, 40, 40))} if image_to_video else {}
 
     def generate():
-        return pipe(prompt="a red circle", num_frames=17, height=64, width=64,
-                    num_inference_steps=2, max_sequence_length=16, output_type="latent",
-                    generator=torch.Generator().manual_seed(0), **extra).frames  # fmt: skip
+        return pipe(
+            prompt="a red circle",
+            num_frames=17,
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            max_sequence_length=16,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **extra,
+        ).frames
 
     base = generate()
     pipe.load_lora_weights(str(Path(full.path) / "checkpoint-000002"))
@@ -162,8 +174,12 @@ class Recorder(torch.nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        self.config = {"out_channels": 4, "in_channels": 4, "sample_height": 8,
-                       "sample_width": 8} | config  # fmt: skip
+        self.config = {
+            "out_channels": 4,
+            "in_channels": 4,
+            "sample_height": 8,
+            "sample_width": 8,
+        } | config
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.seen: dict = {}
 
@@ -189,16 +205,18 @@ def test_the_transformer_gets_padded_latents_image_channels_and_ofs(
     latents = torch.randn(2, 21, 4, 8, 8, generator=g)
     embeds = torch.randn(2, 16, 32, generator=g)
     image = torch.randn(2, 1, 4, 8, 8, generator=g) if image_to_video else None
-    train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                         torch.Generator().manual_seed(7), image=image)  # fmt: skip
+    train.diffusion_loss(
+        transformer, scheduler, latents, embeds, None, torch.Generator().manual_seed(7), image=image
+    )
     seen = transformer.seen
     frames = 22 if config.get("patch_size_t") else 21
     fed = seen["hidden_states"]
     assert fed.shape == (2, frames, 8 if image_to_video else 4, 8, 8)
     # The draws diffusion_loss makes from its generator, in their order.
     shape = (2, frames, 4, 8, 8)
-    timesteps, noise, *augment = train.draws(torch.Generator().manual_seed(7), shape, 1000,
-                                             image_to_video)  # fmt: skip
+    timesteps, noise, *augment = train.draws(
+        torch.Generator().manual_seed(7), shape, 1000, image_to_video
+    )
     padded = cogvideox.pad_frames(latents, config.get("patch_size_t") or 1)
     assert torch.equal(fed[:, :, :4], scheduler.add_noise(padded, noise, timesteps))
     assert torch.equal(seen["timestep"], timesteps)
@@ -225,8 +243,12 @@ def test_models_refuse_what_they_cannot_take(family_config):
     refused(
         fixed, "precompute.height/width and precompute.buckets must all be 64x64; 64x128 are not"
     )
-    mode = family_config("1.5-i2v", "ic", train={"mode": "ic-lora"},
-                         precompute={"reference": "cogpipe.condition:canny"})  # fmt: skip
+    mode = family_config(
+        "1.5-i2v",
+        "ic",
+        train={"mode": "ic-lora"},
+        precompute={"reference": "cogpipe.condition:canny"},
+    )
     refused(mode, "train.mode ic-lora: .* is image-to-video")
     refused(family_config("1.5", "short", precompute={"frames": 41}), r"must be 16k\+1 .*41")
 
@@ -235,12 +257,29 @@ def test_a_text_to_video_precompute_keeps_its_key_and_cache_keys():
     """Pinned before image-to-video existed: T2V caches and outputs stay valid."""
     cfg = PipelineConfig(model="2b")
     assert precompute.key_of(cfg, {"filter": "f1", "check": "c1"}) == "823f24af7494"
-    m = precompute._Model(max_len=226, image=False, ratio=4,
-                          vae_fp=cogvideox.component_fingerprint(cfg.model, "vae"),
-                          text_fp=cogvideox.component_fingerprint(cfg.model, "tokenizer", "text_encoder"),
-                          reference_fp=None, device="cpu", dtype=None)  # fmt: skip
-    plan = pd.DataFrame([dict(video_id="v1", start=0.0, end=6.0, frames=49, height=480,
-                              width=720, caption="a slap")])  # fmt: skip
+    m = precompute._Model(
+        max_len=226,
+        image=False,
+        ratio=4,
+        vae_fp=cogvideox.component_fingerprint(cfg.model, "vae"),
+        text_fp=cogvideox.component_fingerprint(cfg.model, "tokenizer", "text_encoder"),
+        reference_fp=None,
+        device="cpu",
+        dtype=None,
+    )
+    plan = pd.DataFrame(
+        [
+            dict(
+                video_id="v1",
+                start=0.0,
+                end=6.0,
+                frames=49,
+                height=480,
+                width=720,
+                caption="a slap",
+            )
+        ]
+    )
     precompute._cache_keys(plan, cfg.precompute, m)
     assert list(plan.columns)[-2:] == ["latents_cache", "embeds_cache"]  # no image_cache
     assert plan.latents_cache[0].startswith("b5acca6f0159364067c7")
@@ -254,15 +293,29 @@ def test_conditioned_modes_pad_each_part_for_a_temporal_patch_of_2(tiny_models):
     latents, reference = torch.randn(2, 1, 21, 4, 8, 8, generator=g)
     embeds = torch.randn(1, 16, 32, generator=g)
     # ic-lora: the reference and the target each padded, the reference first.
-    train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                         torch.Generator().manual_seed(1), reference=reference)  # fmt: skip
+    train.diffusion_loss(
+        transformer,
+        scheduler,
+        latents,
+        embeds,
+        None,
+        torch.Generator().manual_seed(1),
+        reference=reference,
+    )
     fed = transformer.seen["hidden_states"]
     assert fed.shape == (1, 44, 4, 8, 8)
     assert torch.equal(fed[:, :22], cogvideox.pad_frames(reference, 2))
     # tic-ft: the copy of the clean condition frame is one more clean condition frame.
     layout = TicFtConfig(condition_frames=1, buffer_frames=4, target_frames=16)
-    train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                         torch.Generator().manual_seed(1), tic_ft=layout)  # fmt: skip
+    train.diffusion_loss(
+        transformer,
+        scheduler,
+        latents,
+        embeds,
+        None,
+        torch.Generator().manual_seed(1),
+        tic_ft=layout,
+    )
     fed = transformer.seen["hidden_states"]
     assert fed.shape == (1, 22, 4, 8, 8)
     assert torch.equal(fed[:, 0], latents[:, 0]) and torch.equal(fed[:, 1], latents[:, 0])

@@ -150,9 +150,29 @@ def test_generate_image_end_to_end(tmp_path, tiny_family, sample_videos, capsys)
 
     out = tmp_path / "i2v.mp4"
     video = next(p for name, p in sample_videos.items() if name.startswith("shapes"))
-    rc = cli.main(["generate", "--model", str(tiny_family["i2v"]), "--image", str(video),
-                   "--prompt", PROMPT, "--steps", "2", "--frames", "9", "--height", "64",
-                   "--width", "64", "--device", "cpu", "--output", str(out)])  # fmt: skip
+    rc = cli.main(
+        [
+            "generate",
+            "--model",
+            str(tiny_family["i2v"]),
+            "--image",
+            str(video),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "2",
+            "--frames",
+            "9",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     info, reason = probe_video(out)
     assert not reason and info["frames"] == 9 and (info["width"], info["height"]) == (64, 64)
@@ -172,12 +192,23 @@ def test_generate_image_end_to_end(tmp_path, tiny_family, sample_videos, capsys)
         ("i2v", ["--image", "IMAGE", "--width", "128"], "64x128: the model's learned positional"),
     ],
 )
-def test_generate_refuses_what_the_model_cannot_take(tmp_path, tiny_family, images, capsys,
-                                                     variant, flags, error):  # fmt: skip
+def test_generate_refuses_what_the_model_cannot_take(
+    tmp_path, tiny_family, images, capsys, variant, flags, error
+):
     model = str(tiny_family[variant])
     flags = [str(images["red"]) if f == "IMAGE" else f for f in flags]
-    argv = ["generate", "--model", model, "--prompt", PROMPT, "--device", "cpu",
-            "--output", str(tmp_path / "x.mp4"), *flags]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        PROMPT,
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path / "x.mp4"),
+        *flags,
+    ]
     if "--height" not in flags:
         argv += ["--height", "64"] + ([] if "--width" in flags else ["--width", "64"])
     assert cli.main(argv) == 2
@@ -203,8 +234,16 @@ def _check(folder: Path, videos: dict[str, Path]) -> StageResult:
     rows = []
     for i in (1, 2):
         path = videos[f"shapes_{i:02d}.mp4"]
-        rows.append({"clip_id": f"clip{i}", "path": str(path), "start": 0.0, "split": "heldout",
-                     "end": probe_video(path)[0]["duration"], "keep": True})  # fmt: skip
+        rows.append(
+            {
+                "clip_id": f"clip{i}",
+                "path": str(path),
+                "start": 0.0,
+                "split": "heldout",
+                "end": probe_video(path)[0]["duration"],
+                "keep": True,
+            }
+        )
     write_table(folder / "clips.parquet", pd.DataFrame(rows))
     return StageResult("check", "check-2", str(folder))
 
@@ -214,15 +253,24 @@ def test_evaluate_image_to_video_model(tmp_path, tiny_family, tiny_models, sampl
     from cogpipe.video import read_frames, resize_center_crop
 
     model = tiny_family["i2v"]
-    ec = EvaluateConfig(prompts=[PROMPT, "A dog runs."], seeds=[42], steps=2, frames=9,
-                        clip_model=str(tiny_models["clip"]), device="cpu", **SIZE)  # fmt: skip
+    ec = EvaluateConfig(
+        prompts=[PROMPT, "A dog runs."],
+        seeds=[42],
+        steps=2,
+        frames=9,
+        clip_model=str(tiny_models["clip"]),
+        device="cpu",
+        **SIZE,
+    )
     cfg = PipelineConfig(workspace=tmp_path / "ws", model=str(model), evaluate=ec)
     run_dir = Workspace(cfg.workspace).root / "train" / "run-i2v"
     transformer = cogvideox.load_transformer(str(model), "cpu", torch.float32)
     cogvideox.add_lora(transformer, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
     cogvideox.save_lora(run_dir / "checkpoint-000002", transformer, 4, 4.0)
-    upstream = {"train": StageResult("train", "run-i2v", str(run_dir)),
-                "check": _check(tmp_path / "check", sample_videos)}  # fmt: skip
+    upstream = {
+        "train": StageResult("train", "run-i2v", str(run_dir)),
+        "check": _check(tmp_path / "check", sample_videos),
+    }
 
     suite = evaluate.load_suite(cfg, upstream)
     assert suite.image_to_video and list(suite.paired.clip_id) == ["clip1", "clip2"]
@@ -256,8 +304,15 @@ def test_validation_samples_an_image_to_video_model(tmp_path, tiny_family, tiny_
     from cogpipe.models import cogvideox
 
     model = tiny_family["i2v"]
-    ec = EvaluateConfig(prompts=[PROMPT], seeds=[42], steps=2, frames=9, device="cpu",
-                        clip_model=str(tiny_models["clip"]), **SIZE)  # fmt: skip
+    ec = EvaluateConfig(
+        prompts=[PROMPT],
+        seeds=[42],
+        steps=2,
+        frames=9,
+        device="cpu",
+        clip_model=str(tiny_models["clip"]),
+        **SIZE,
+    )
     cfg = PipelineConfig(workspace=tmp_path / "ws", model=str(model), evaluate=ec)
     with pytest.raises(ValueError, match="takes its images from check's held-out clips"):
         validation.prepare(cfg, "cpu", torch.float32)  # no check stage has run
@@ -291,8 +346,17 @@ def test_conditioned_sampling_on_cogvideox_15_pads_as_training_does(tiny_family,
     from cogpipe.models.cogvideox import pad_frames
 
     pipe = DiffusionPipeline.from_pretrained(tiny_family["1.5"])
-    settings = EvaluateConfig(prompts=["a slap"], seeds=[1], steps=2, frames=17, height=32,
-                              width=32, fps=8, clip_model="unused", device="cpu")  # fmt: skip
+    settings = EvaluateConfig(
+        prompts=["a slap"],
+        seeds=[1],
+        steps=2,
+        frames=17,
+        height=32,
+        width=32,
+        fps=8,
+        clip_model="unused",
+        device="cpu",
+    )
     video = np.random.default_rng(0).integers(0, 256, (17, 32, 32, 3), dtype=np.uint8)
     layout = TicFtConfig(condition_frames=1, buffer_frames=2, target_frames=2)
     condition = sampling.Condition(mode, frames=video, layout=layout if mode == "tic-ft" else None)

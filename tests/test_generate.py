@@ -21,8 +21,20 @@ PROMPT = "A fighter slaps his opponent and the crowd cheers."
 @pytest.fixture
 def tiny(tiny_models) -> list[str]:
     """Flags for a fast generation on the tiny model (2 steps, 9 frames, 64x64, CPU)."""
-    return ["--model", str(tiny_models["cogvideox"]), "--steps", "2", "--frames", "9",
-            "--height", "64", "--width", "64", "--device", "cpu"]  # fmt: skip
+    return [
+        "--model",
+        str(tiny_models["cogvideox"]),
+        "--steps",
+        "2",
+        "--frames",
+        "9",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +47,9 @@ def lora(tiny_models, tmp_path_factory) -> Path:
 
 def options(tiny_models, **fields) -> GenerateOptions:
     """Tiny-model options on the CPU; `fields` override any of them (the device too)."""
-    defaults = dict(model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=64, width=64,
-                    device="cpu")  # fmt: skip
+    defaults = dict(
+        model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=64, width=64, device="cpu"
+    )
     return GenerateOptions(**(defaults | fields))
 
 
@@ -62,8 +75,9 @@ def test_prompt_file_and_prompts_dir(tmp_path, tiny, monkeypatch, capsys):
     assert generate.read_prompts(prompt_file="slap") == {"slap": "A fighter slaps his opponent."}
     assert generate.read_prompts(prompt_file="prompts/cheer.txt") == {"cheer": "The crowd cheers."}
     assert generate.read_prompts(prompts_dir="prompts") == {
-        "cheer": "The crowd cheers.", "slap": "A fighter slaps his opponent.",
-    }  # fmt: skip
+        "cheer": "The crowd cheers.",
+        "slap": "A fighter slaps his opponent.",
+    }
     assert generate.read_prompts(prompt=PROMPT) == {
         "a-fighter-slaps-his-opponent-and-the-crowd": PROMPT
     }
@@ -143,8 +157,10 @@ def test_lora_changes_the_video_and_scale_zero_is_the_base(tmp_path, tiny_models
     # The CLI, with the .safetensors file itself: the same video as the folder gives.
     out = tmp_path / "tuned.mp4"
     file = lora / generate.LORA_FILE
-    assert main(["generate", "--prompt", PROMPT, "--lora", str(file), "--output", str(out),
-                 *tiny]) == 0  # fmt: skip
+    assert (
+        main(["generate", "--prompt", PROMPT, "--lora", str(file), "--output", str(out), *tiny])
+        == 0
+    )
     generate.write_video(tmp_path / "direct.mp4", tuned, 8)
     np.testing.assert_array_equal(read_video(out), read_video(tmp_path / "direct.mp4"))
 

@@ -26,20 +26,42 @@ from cogpipe.precompute import shard_name, write_shard
 from cogpipe.workspace import StageResult, Workspace, no_progress, write_table
 
 LORA = "pytorch_lora_weights.safetensors"
-TRAIN = dict(rank=4, alpha=8, learning_rate=1e-2, lr_scheduler="constant", lr_warmup_steps=0,
-             max_steps=3, checkpoint_every=1, batch_size=1, mixed_precision="no",
-             gradient_checkpointing="off", device="cpu")  # fmt: skip
+TRAIN = dict(
+    rank=4,
+    alpha=8,
+    learning_rate=1e-2,
+    lr_scheduler="constant",
+    lr_warmup_steps=0,
+    max_steps=3,
+    checkpoint_every=1,
+    batch_size=1,
+    mixed_precision="no",
+    gradient_checkpointing="off",
+    device="cpu",
+)
 
 
 def _one_sample(folder: Path) -> StageResult:
     """A precompute output of one 9 x 64 x 64 sample (latents [3, 4, 8, 8], embeds [16, 32])."""
     g = torch.Generator().manual_seed(0)
-    tensors = {"c.latents": torch.randn(3, 4, 8, 8, generator=g),
-               "c.prompt_embeds": torch.randn(16, 32, generator=g)}  # fmt: skip
+    tensors = {
+        "c.latents": torch.randn(3, 4, 8, 8, generator=g),
+        "c.prompt_embeds": torch.randn(16, 32, generator=g),
+    }
     write_shard(folder / shard_name(0), tensors, {})
-    row = {"clip_id": "c", "caption": "c", "shard": shard_name(0), "latents_key": "c.latents",
-           "embeds_key": "c.prompt_embeds", "status": "ok", "reason": "", "frames": 9,
-           "height": 64, "width": 64, "latent_frames": 3}  # fmt: skip
+    row = {
+        "clip_id": "c",
+        "caption": "c",
+        "shard": shard_name(0),
+        "latents_key": "c.latents",
+        "embeds_key": "c.prompt_embeds",
+        "status": "ok",
+        "reason": "",
+        "frames": 9,
+        "height": 64,
+        "width": 64,
+        "latent_frames": 3,
+    }
     write_table(folder / "index.parquet", pd.DataFrame([row]))
     return StageResult("precompute", "one", str(folder))
 
@@ -50,8 +72,12 @@ def setup(tmp_path, tiny_models):
     upstream = {"precompute": _one_sample(ws.root / "precompute" / "one")}
 
     def make(name: str, **overrides) -> PipelineConfig:
-        return PipelineConfig(workspace=ws.root, name=name, model=str(tiny_models["cogvideox"]),
-                              train=TrainConfig(**TRAIN | overrides))  # fmt: skip
+        return PipelineConfig(
+            workspace=ws.root,
+            name=name,
+            model=str(tiny_models["cogvideox"]),
+            train=TrainConfig(**TRAIN | overrides),
+        )
 
     def run(name: str, progress=no_progress, **overrides):
         return train.run_train(ws, make(name, **overrides), upstream, progress)
@@ -129,11 +155,22 @@ def test_the_sweeps_best_cell_seeds_the_full_run(setup):
         run(name, **cell.train.model_dump(include={"learning_rate", "max_steps"}))
     ek, scores = eval_key(base), {"checkpoint-000001": 0.2, "checkpoint-000002": 0.4}
     index = pd.DataFrame(
-        [{"ekey": ek, "run": name, "checkpoint": c, "step": int(c[-6:]),
-          "clip_score": s + i / 10, "clip_score_low": s + i / 10 - 0.01,
-          "clip_score_high": s + i / 10 + 0.01, "videos": 2, "evaluated_at": ""}
-         for i, (name, _) in enumerate(cells) for c, s in scores.items()]
-    )  # fmt: skip
+        [
+            {
+                "ekey": ek,
+                "run": name,
+                "checkpoint": c,
+                "step": int(c[-6:]),
+                "clip_score": s + i / 10,
+                "clip_score_low": s + i / 10 - 0.01,
+                "clip_score_high": s + i / 10 + 0.01,
+                "videos": 2,
+                "evaluated_at": "",
+            }
+            for i, (name, _) in enumerate(cells)
+            for c, s in scores.items()
+        ]
+    )
     write_table(ws.root / "evaluate" / "index.parquet", index)
     folder = ws.root / "sweeps" / "train" / "s"
     sweeps.write_report(folder, sweeps.results(ws, base, grid, "clip_score"), "clip_score", grid)
@@ -175,8 +212,13 @@ def test_weights_the_config_cannot_take_are_refused_naming_both_values(setup, tm
     file = lora / LORA
     refused(rf"{file} is a LoRA with rank 4, train.rank is 8", "r8", init_from=lora, rank=8)
     refused(r"alpha 8.0, train.alpha is 4", "a4", init_from=lora, alpha=4)
-    refused(r"target_modules \['to_k', 'to_out.0', 'to_q', 'to_v'\], train.target_modules is "
-            r"\['to_q', 'to_v'\]", "t2", init_from=lora, target_modules=["to_q", "to_v"])  # fmt: skip
+    refused(
+        r"target_modules \['to_k', 'to_out.0', 'to_q', 'to_v'\], train.target_modules is "
+        r"\['to_q', 'to_v'\]",
+        "t2",
+        init_from=lora,
+        target_modules=["to_q", "to_v"],
+    )
     refused(r"is a LoRA, but train.mode full", "lf", init_from=lora, mode="full")
     refused(r"holds a whole transformer, but train.mode lora", "fl", init_from=full)
     refused(r"does not exist", "none", init_from=tmp_path / "nothing")
@@ -191,8 +233,12 @@ def test_weights_the_config_cannot_take_are_refused_naming_both_values(setup, tm
     name = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
     tensors[name] = torch.zeros(4, 64)
     save_file(tensors, str(other), metadata=_metadata(file))
-    refused(rf"{other}: {name.removeprefix('transformer.')} is \[4, 64\], the model's adapter"
-            r" needs \[4, 32\]: another architecture", "arch", init_from=other)  # fmt: skip
+    refused(
+        rf"{other}: {name.removeprefix('transformer.')} is \[4, 64\], the model's adapter"
+        r" needs \[4, 32\]: another architecture",
+        "arch",
+        init_from=other,
+    )
     bare = tmp_path / "bare.safetensors"  # no adapter metadata: the rank is read from the shapes
     save_file(load_file(file), str(bare))
     refused(rf"{bare} is a LoRA with rank 4, train.rank is 8", "bare", init_from=bare, rank=8)
@@ -200,8 +246,12 @@ def test_weights_the_config_cannot_take_are_refused_naming_both_values(setup, tm
     shutil.copytree(full, bigger)
     config = bigger / "transformer" / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"num_layers": 4}))
-    refused(rf"{config} has num_layers 4, the model \(.*\) 2: another architecture", "arch-full",
-            init_from=bigger, mode="full")  # fmt: skip
+    refused(
+        rf"{config} has num_layers 4, the model \(.*\) 2: another architecture",
+        "arch-full",
+        init_from=bigger,
+        mode="full",
+    )
     # A config.json of another diffusers release leaves out keys at their defaults: the same.
     config.write_text(
         (full / "transformer" / "config.json").read_text().replace('"patch_bias": true,', "")

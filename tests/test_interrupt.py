@@ -40,8 +40,10 @@ def upstream(tmp_path_factory, sample_videos, tiny_models) -> tuple[dict, Path]:
     """The demo config (STEPS training steps, a checkpoint every 2) and a workspace where
     every stage up to precompute is done."""
     raw = copy.deepcopy(DEMO_CONFIG)
-    raw |= {"model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(next(iter(sample_videos.values())).parent)}}  # fmt: skip
+    raw |= {
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+    }
     raw["caption"]["model"] = str(tiny_models["llava"])
     raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
     raw["train"] |= {"max_steps": STEPS, "checkpoint_every": 2}
@@ -74,8 +76,14 @@ def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
     env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
     out, err = open(cwd / "stdout", "w"), open(cwd / "stderr", "w")  # noqa: SIM115
     with out, err:
-        return subprocess.Popen([sys.executable, "-m", "cogpipe.cli", *args], cwd=cwd, env=env,
-                                stdout=out, stderr=err, start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "cogpipe.cli", *args],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
 
 
 def outputs(cwd: Path) -> tuple[str, str]:
@@ -94,8 +102,11 @@ def start_paused(path: Path, checkpoint: str, cwd: Path, home: Path) -> subproce
     step, so a signal sent once a checkpoint shows up on disk can land after the last."""
     paused = cwd / "paused"
     paused.unlink(missing_ok=True)
-    env = {"PREFECT_HOME": str(home), "COGPIPE_PAUSE": f"1:/{checkpoint}",
-           "COGPIPE_PAUSE_FILE": str(paused)}  # fmt: skip
+    env = {
+        "PREFECT_HOME": str(home),
+        "COGPIPE_PAUSE": f"1:/{checkpoint}",
+        "COGPIPE_PAUSE_FILE": str(paused),
+    }
     proc = start("run", str(path), "--until", "train", cwd=cwd, env=env)
     deadline = time.monotonic() + 120
     while not paused.exists():
@@ -223,8 +234,13 @@ with Guard(lambda: "interrupted; test: 3 of 4 units committed; run again to resu
 def test_ctrl_c_ends_even_code_that_swallows_it_and_children_that_ignore_it(tmp_path):
     """A stage command's guard: the watchdog ends a command that swallows KeyboardInterrupt,
     past a thread that never ends, and kills a child deaf to SIGINT and SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-c", GUARDED], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GUARDED],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     child = psutil.Process(int(proc.stdout.readline()))
     time.sleep(0.5)  # the child ignores the signals by now
     signalled = time.monotonic()
@@ -284,25 +300,41 @@ def test_a_stage_error_under_run_is_one_line_naming_the_log(upstream, tmp_path):
 # Where each GPU stage is held still for the Ctrl-C: after its first unit is committed,
 # before the next one's rename (COGPIPE_PAUSE), and what the interrupted and the next run say.
 PAUSES = {
-    "caption": ("1:/part-000-00001", "caption: 2 of 6 clips committed",
-                "caption: 2 of 6 clips already committed"),
-    "precompute": ("1:/shard-00001", "precompute: 1 of 3 shards committed",
-                   "precompute: 1 of 3 shards already committed"),
-    "recaption": ("2:/cache/recaption/", "recaption: 2 of 6 clips (round 1) committed",
-                  "recaption: 2 of 6 clips (round 1) already committed"),
-    "evaluate": ("2:evaluate/index.parquet", "evaluate: 2 of 3 ",
-                 "evaluate: 2 of 3 "),
-}  # fmt: skip
+    "caption": (
+        "1:/part-000-00001",
+        "caption: 2 of 6 clips committed",
+        "caption: 2 of 6 clips already committed",
+    ),
+    "precompute": (
+        "1:/shard-00001",
+        "precompute: 1 of 3 shards committed",
+        "precompute: 1 of 3 shards already committed",
+    ),
+    "recaption": (
+        "2:/cache/recaption/",
+        "recaption: 2 of 6 clips (round 1) committed",
+        "recaption: 2 of 6 clips (round 1) already committed",
+    ),
+    "evaluate": ("2:evaluate/index.parquet", "evaluate: 2 of 3 ", "evaluate: 2 of 3 "),
+}
 REJECT_ALL = {"min_words": 1000, "max_words": 2000}  # recaption: every caption goes again
 
 
 def stage_outputs(cfg: PipelineConfig, stage: str) -> dict[str, bytes | list]:
     """A stage's committed files, its done marker and evaluate's index without wall times."""
     folder = output(cfg, stage)
-    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.suffix in (".safetensors", ".mp4", ".png")}  # fmt: skip
-    tables = {str(p.relative_to(folder)): read_table(p).drop(columns=["seconds"], errors="ignore")
-              .astype(str).to_dict("records") for p in sorted(folder.rglob("*.parquet"))}  # fmt: skip
+    files = {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in (".safetensors", ".mp4", ".png")
+    }
+    tables = {
+        str(p.relative_to(folder)): read_table(p)
+        .drop(columns=["seconds"], errors="ignore")
+        .astype(str)
+        .to_dict("records")
+        for p in sorted(folder.rglob("*.parquet"))
+    }
     if stage == "evaluate":
         index = read_table(Path(cfg.workspace) / "evaluate" / "index.parquet")
         tables["index"] = index.drop(columns=["evaluated_at"]).astype(str).to_dict("records")

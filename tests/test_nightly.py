@@ -57,13 +57,25 @@ def test_each_nightly_run_evaluates_only_new_checkpoints(tmp_path, sample_videos
     from cogpipe_flows.evaluate_checkpoints import RunsFailed, evaluate_checkpoints
 
     videos = Path(next(iter(sample_videos.values()))).parent
-    evaluate = EvaluateConfig(prompts=["a slap"], seeds=[42], steps=2, frames=9, height=64,
-                              width=64, clip_model=str(tiny_models["clip"]), device="cpu",
-                              bootstrap=100)  # fmt: skip
-    cfg = PipelineConfig(workspace=tmp_path / "ws", model=str(tiny_models["cogvideox"]),
-                         ingest=IngestConfig(source=videos, workers=1),
-                         check=CheckConfig(workers=1), precompute={"frames": 9},
-                         evaluate=evaluate)  # fmt: skip
+    evaluate = EvaluateConfig(
+        prompts=["a slap"],
+        seeds=[42],
+        steps=2,
+        frames=9,
+        height=64,
+        width=64,
+        clip_model=str(tiny_models["clip"]),
+        device="cpu",
+        bootstrap=100,
+    )
+    cfg = PipelineConfig(
+        workspace=tmp_path / "ws",
+        model=str(tiny_models["cogvideox"]),
+        ingest=IngestConfig(source=videos, workers=1),
+        check=CheckConfig(workers=1),
+        precompute={"frames": 9},
+        evaluate=evaluate,
+    )
     with pytest.raises(StageNotReady, match="check stage finished"):
         evaluate_checkpoints(cfg)
     run_stage(cfg, "ingest")
@@ -88,12 +100,13 @@ def test_each_nightly_run_evaluates_only_new_checkpoints(tmp_path, sample_videos
     ekey_a, ekey_c = eval_key(cfg), eval_key(cfg.model_copy(update={"model": str(other)}))
     assert ekey_a != ekey_c
     assert index[["ekey", "run", "checkpoint"]].values.tolist() == [
-        [ekey_a, "run-a", "base"], [ekey_a, "run-a", "checkpoint-000100"],
+        [ekey_a, "run-a", "base"],
+        [ekey_a, "run-a", "checkpoint-000100"],
         [ekey_a, "run-a", "checkpoint-000200"],
         [ekey_a, "run-broken", "base"],  # committed before its checkpoint failed
         [ekey_c, "run-c", "base"],
         [ekey_c, "run-c", "checkpoint-000100"],
-    ]  # fmt: skip
+    ]
     base_a = ws.root / "evaluate" / ekey_a / "run-a" / "base" / "p00-s42.mp4"
     base_c = ws.root / "evaluate" / ekey_c / "run-c" / "base" / "p00-s42.mp4"
     assert base_a.read_bytes() != base_c.read_bytes()  # each run against its own base

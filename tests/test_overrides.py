@@ -24,8 +24,11 @@ def filtered(tmp_path_factory, sample_videos, tiny_models):
 
     root = tmp_path_factory.mktemp("overrides")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_CONFIG.items()}
-    raw |= {"workspace": str(root / "ws"), "model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(next(iter(sample_videos.values())).parent)}}  # fmt: skip
+    raw |= {
+        "workspace": str(root / "ws"),
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+    }
     raw["caption"] |= {"model": str(tiny_models["llava"])}
     raw["evaluate"] |= {"clip_model": str(tiny_models["clip"])}
 

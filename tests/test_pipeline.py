@@ -25,9 +25,13 @@ pytestmark = pytest.mark.prefect
 def cogpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "cogpipe.cli", *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=1500,
-    )  # fmt: skip
+        [sys.executable, "-m", "cogpipe.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, f"cogpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -86,8 +90,15 @@ def test_trained_lora_loads_into_the_pipeline_and_changes_the_output(demo):
     assert [c.name for c in checkpoints] == ["checkpoint-000003", "checkpoint-000006"]
 
     pipe = CogVideoXPipeline.from_pretrained(cfg.model)
-    kwargs = dict(prompt="a fighter slaps", num_frames=9, height=64, width=64,
-                  num_inference_steps=2, max_sequence_length=16, output_type="np")  # fmt: skip
+    kwargs = dict(
+        prompt="a fighter slaps",
+        num_frames=9,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        max_sequence_length=16,
+        output_type="np",
+    )
     base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     pipe.load_lora_weights(checkpoints[-1])
     tuned = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
@@ -107,9 +118,16 @@ def test_changing_the_caption_prompt_recomputes_caption_and_after(demo, tmp_path
     changed.write_text(yaml.safe_dump(raw))
     results, _ = run_pipeline(load_config(changed))
     reused = {r.stage: r.reused for r in results}
-    assert reused == {"ingest": True, "check": True, "caption": False, "recaption": False,
-                      "filter": False, "precompute": False, "train": False,
-                      "evaluate": False}  # fmt: skip
+    assert reused == {
+        "ingest": True,
+        "check": True,
+        "caption": False,
+        "recaption": False,
+        "filter": False,
+        "precompute": False,
+        "train": False,
+        "evaluate": False,
+    }
 
 
 def test_stage_summaries_are_prefect_artifacts(demo):

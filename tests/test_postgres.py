@@ -55,9 +55,12 @@ def postgres():
     log = root / "postgres.log"
     options = ["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
     server = subprocess.Popen(
-        as_postgres([f"{PG_BIN}/postgres", "-D", str(data), "-p", str(port), "-k", str(root), *options]),
-        stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
-    )  # fmt: skip
+        as_postgres(
+            [f"{PG_BIN}/postgres", "-D", str(data), "-p", str(port), "-k", str(root), *options]
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
+    )
     try:
         _create_database(port, root, server, log)
         yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/prefect"
@@ -103,8 +106,10 @@ def test_prefect_yaml_header_recipe_on_a_fresh_postgresql_server_runs_the_demo_p
 
     commands = header_commands()
     assert [c[:2] for c in commands] == [["prefect", "work-pool"]] * 2 + [
-        ["prefect", "--no-prompt"], ["cogpipe", "worker"], ["cogpipe", "worker"]
-    ]  # fmt: skip
+        ["prefect", "--no-prompt"],
+        ["cogpipe", "worker"],
+        ["cogpipe", "worker"],
+    ]
     monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", postgres)  # read by the server
     monkeypatch.delenv("COGPIPE_ROOT", raising=False)  # the recipe must not need it
     server = start_server("127.0.0.1", free_port(), tmp_path)
@@ -116,9 +121,13 @@ def test_prefect_yaml_header_recipe_on_a_fresh_postgresql_server_runs_the_demo_p
             if cmd[1] == "worker":  # runs until stopped
                 out = open(tmp_path / f"worker-{n}.log", "ab")
                 server.workers[str(n)] = subprocess.Popen(
-                    cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
-                )  # fmt: skip
+                )
                 continue
             done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             assert done.returncode == 0, f"{shlex.join(cmd)}:\n{done.stdout}\n{done.stderr}"

@@ -44,16 +44,33 @@ def _upstream(root: Path, videos: dict[str, Path], captions: list[str], name: st
         path = videos[f"shapes_{i:02d}.mp4"]
         info, _ = probe_video(path)
         end = 0.5 if i == 5 else info["duration"]  # a 9-frame window at 8 fps needs 1 s
-        rows.append({"clip_id": f"clip{i}", "video_id": f"video{i}", "path": str(path),
-                     "start": 0.0, "end": end, "fps": info["fps"], "width": info["width"],
-                     "height": info["height"], "split": "train", "keep": True, "reasons": ""})  # fmt: skip
+        rows.append(
+            {
+                "clip_id": f"clip{i}",
+                "video_id": f"video{i}",
+                "path": str(path),
+                "start": 0.0,
+                "end": end,
+                "fps": info["fps"],
+                "width": info["width"],
+                "height": info["height"],
+                "split": "train",
+                "keep": True,
+                "reasons": "",
+            }
+        )
     rows.append(rows[0] | {"clip_id": "clip6", "split": "heldout"})
     check, filt = root / "check" / "c1", root / "filter" / name
     write_table(check / "clips.parquet", pd.DataFrame(rows))
-    curated = pd.DataFrame({"clip_id": [f"clip{i}" for i in range(1, 7)],
-                            "caption": captions + captions[:1], "score": 1.0,
-                            "selected": [True, True, True, False, True, True],
-                            "reasons": ["", "", "", "too few words (3 < 5)", "", ""]})  # fmt: skip
+    curated = pd.DataFrame(
+        {
+            "clip_id": [f"clip{i}" for i in range(1, 7)],
+            "caption": captions + captions[:1],
+            "score": 1.0,
+            "selected": [True, True, True, False, True, True],
+            "reasons": ["", "", "", "too few words (3 < 5)", "", ""],
+        }
+    )
     write_table(filt / "curated.parquet", curated)
     return {
         "check": StageResult("check", "c1", str(check)),
@@ -66,8 +83,11 @@ def setup(tmp_path, sample_videos, tiny_models):
     def make(**overrides) -> PipelineConfig:
         p = dict(frames=9, fps=8, height=64, width=64, shard_size=2, min_psnr=0, device="cpu")
         p |= overrides
-        return PipelineConfig(workspace=tmp_path / "ws", model=str(tiny_models["cogvideox"]),
-                              precompute=PrecomputeConfig(**p))  # fmt: skip
+        return PipelineConfig(
+            workspace=tmp_path / "ws",
+            model=str(tiny_models["cogvideox"]),
+            precompute=PrecomputeConfig(**p),
+        )
 
     ws = Workspace(tmp_path / "ws")
     return ws, make, _upstream(ws.root, sample_videos, CAPTIONS)
@@ -82,19 +102,26 @@ def test_shards_index_and_rejections(setup):
     res = precompute.run_precompute(ws, make(), upstream)
     out = Path(res.path)
     assert sorted(p.name for p in out.iterdir()) == [
-        "_SUCCESS.json", "index.parquet", "shard-00000.safetensors", "shard-00001.safetensors"
-    ]  # fmt: skip
+        "_SUCCESS.json",
+        "index.parquet",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     index = read_table(out / "index.parquet")
     # clip4 is not selected by the filter and clip6 is heldout: neither is a sample.
     assert list(index.clip_id) == ["clip1", "clip2", "clip3", "clip5"]
     assert list(index.status) == ["ok", "ok", "ok", "rejected"]
     assert index.reason[3] == "too short for 9 frames at 8 fps: 0.50 s (needs 1.00 s)"
     assert list(index.shard.fillna("-")) == [precompute.shard_name(0)] * 2 + [
-        precompute.shard_name(1), "-"
-    ]  # fmt: skip
+        precompute.shard_name(1),
+        "-",
+    ]
     assert list(index.latents_key.fillna("-")) == [
-        "clip1.latents", "clip2.latents", "clip3.latents", "-"
-    ]  # fmt: skip
+        "clip1.latents",
+        "clip2.latents",
+        "clip3.latents",
+        "-",
+    ]
     buckets = index[["frames", "height", "width", "latent_frames"]].drop_duplicates()
     assert buckets.values.tolist() == [[9, 64, 64, 3]]
     # One spot check per shard, on its first clip encoded; the tiny random VAE scores low.
@@ -106,15 +133,24 @@ def test_shards_index_and_rejections(setup):
     assert res.stats["buckets"] == {"64x64": 3}
     shard = _shard(res, 0)
     assert sorted(shard) == [
-        "clip1.latents", "clip1.prompt_embeds", "clip2.latents", "clip2.prompt_embeds"
-    ]  # fmt: skip
+        "clip1.latents",
+        "clip1.prompt_embeds",
+        "clip2.latents",
+        "clip2.prompt_embeds",
+    ]
     assert shard["clip1.latents"].shape == (3, 4, 8, 8)  # [F', C, H/8, W/8] for 9 x 64 x 64
     assert shard["clip1.prompt_embeds"].shape == (16, 32)  # [max_text_seq_length, d_model]
     assert shard["clip1.latents"].dtype == torch.float32  # CPU keeps fp32
     assert res.counts == {
-        "samples": 4, "ok": 3, "rejected": 1, "shards": 2, "encoded_videos": 3,
-        "encoded_texts": 3, "latents_cache_hits": 0, "text_cache_hits": 0,
-    }  # fmt: skip
+        "samples": 4,
+        "ok": 3,
+        "rejected": 1,
+        "shards": 2,
+        "encoded_videos": 3,
+        "encoded_texts": 3,
+        "latents_cache_hits": 0,
+        "text_cache_hits": 0,
+    }
     assert res.stats["rejections"] == {"too short for 9 frames at 8 fps": 1}
     # Seeded sample from the latent distribution: a number, not only a shape.
     assert shard["clip1.latents"].double().mean().item() == pytest.approx(0.07352, abs=1e-4)
@@ -223,8 +259,16 @@ def test_train_reads_what_precompute_writes(setup):
 
     ws, make, upstream = setup
     pre = precompute.run_precompute(ws, make(), upstream)
-    train_cfg = TrainConfig(rank=4, alpha=4, max_steps=2, checkpoint_every=2, batch_size=2,
-                            lr_warmup_steps=0, mixed_precision="no", device="cpu")  # fmt: skip
+    train_cfg = TrainConfig(
+        rank=4,
+        alpha=4,
+        max_steps=2,
+        checkpoint_every=2,
+        batch_size=2,
+        lr_warmup_steps=0,
+        mixed_precision="no",
+        device="cpu",
+    )
     res = train.run_train(ws, make().model_copy(update={"train": train_cfg}), {"precompute": pre})
     assert res.counts == {"steps": 2, "checkpoints": 1, "samples": 3}
     assert (Path(res.path) / "checkpoint-000002" / "pytorch_lora_weights.safetensors").is_file()
@@ -252,8 +296,10 @@ def test_portrait_clip_goes_to_a_portrait_bucket(setup, tmp_path):
     res = precompute.run_precompute(ws, cfg, upstream)
     index = read_table(Path(res.path) / "index.parquet").set_index("clip_id")
     assert index.loc[["clip1", "clip2", "clip3"], ["height", "width"]].values.tolist() == [
-        [64, 96], [64, 96], [96, 64]
-    ]  # fmt: skip
+        [64, 96],
+        [64, 96],
+        [96, 64],
+    ]
     shard = _shard(res, 0)  # one shard, two buckets
     assert shard["clip1.latents"].shape == (3, 4, 8, 12)  # [F', C, H/8, W/8]
     assert shard["clip3.latents"].shape == (3, 4, 12, 8)
@@ -272,8 +318,11 @@ def test_batched_encode_equals_one_at_a_time(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cogvideox, "encode_video", counted)
     latents = {}
-    for name, settings in [("b1", {"batch_size": 1}), ("b3", {"batch_size": 3}),
-                           ("b3-sliced", {"batch_size": 3, "vae_slicing": True})]:  # fmt: skip
+    for name, settings in [
+        ("b1", {"batch_size": 1}),
+        ("b3", {"batch_size": 3}),
+        ("b3-sliced", {"batch_size": 3, "vae_slicing": True}),
+    ]:
         calls.clear()
         cfg = make(shard_size=3, **settings)  # one shard: clip1, clip2, clip3
         res = precompute.run_precompute(Workspace(tmp_path / name), cfg, upstream)

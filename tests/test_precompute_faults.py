@@ -57,9 +57,17 @@ POINTS = {
 _runs = itertools.count()  # log file names
 _forkserver = multiprocessing.get_context("forkserver")
 _forkserver.set_forkserver_preload(
-    ["cogpipe.cli", "cogpipe.pipeline", "cogpipe.precompute", "cogpipe.models.cogvideox",
-     "diffusers.models.transformers", "diffusers.models.autoencoders", "transformers", __name__]
-)  # fmt: skip
+    [
+        "cogpipe.cli",
+        "cogpipe.pipeline",
+        "cogpipe.precompute",
+        "cogpipe.models.cogvideox",
+        "diffusers.models.transformers",
+        "diffusers.models.autoencoders",
+        "transformers",
+        __name__,
+    ]
+)
 
 
 def _child(config: str, args: list[str], env: dict[str, str], log: str) -> None:
@@ -145,8 +153,11 @@ def base(tmp_path_factory, sample_videos, tiny_models) -> Path:
     multiprocessing.forkserver.ensure_running()  # it imports while the stages below run
     root = tmp_path_factory.mktemp("precompute-faults")
     raw = copy.deepcopy(DEMO_CONFIG)
-    raw |= {"workspace": str(root / "workspace"), "model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(next(iter(sample_videos.values())).parent)}}  # fmt: skip
+    raw |= {
+        "workspace": str(root / "workspace"),
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(next(iter(sample_videos.values())).parent)},
+    }
     raw["caption"]["model"] = str(tiny_models["llava"])
     raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
     raw["precompute"]["workers"] = 2  # for --part; not in the key

@@ -40,8 +40,13 @@ def test_run_keeps_its_prefect_database_in_the_workspace(demo_config, tmp_path, 
     cfg = demo_config()
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(cfg))
-    proc = subprocess.run(cogpipe("run", str(path), "--until", "ingest"), env=home_env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        cogpipe("run", str(path), "--until", "ingest"),
+        env=home_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (cfg.workspace / ".prefect" / "prefect.db").is_file()
     assert not (Path(home_env["HOME"]) / ".prefect").exists()
@@ -51,9 +56,14 @@ def test_serve_keeps_its_own_home_and_leaves_no_schedule_that_would_fail(tmp_pat
     logs = tmp_path / "serve"
     env = home_env | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
     port = free_port()
-    proc = subprocess.Popen(cogpipe("serve", "--port", str(port), "--logs", str(logs)), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cogpipe("serve", "--port", str(port), "--logs", str(logs)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         said = read_until(proc, "cogpipe submit", timeout=300)
         api = f"http://127.0.0.1:{port}/api"

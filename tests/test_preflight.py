@@ -136,8 +136,9 @@ def test_a_check_that_rejects_every_clip_names_the_top_reasons(sample_videos, tm
     source.mkdir()
     for name in ("black.mp4", "frozen.mp4"):
         shutil.copy(sample_videos[name], source)
-    cfg = PipelineConfig(workspace=tmp_path / "ws", ingest={"source": source},
-                         precompute={"frames": 9})  # fmt: skip
+    cfg = PipelineConfig(
+        workspace=tmp_path / "ws", ingest={"source": source}, precompute={"frames": 9}
+    )
     run_stage(cfg, "ingest")
     with pytest.raises(EmptyStage) as e:
         run_stage(cfg, "check")
@@ -180,8 +181,10 @@ def test_a_sharded_model_needs_every_shard_its_index_lists(demo_config, cogvideo
     weights = load_file(folder / "diffusion_pytorch_model.safetensors")
     (folder / "diffusion_pytorch_model.safetensors").unlink()
     names = sorted(weights)
-    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
-              "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2]}  # fmt: skip
+    shards = {
+        "diffusion_pytorch_model-00001-of-00002.safetensors": names[::2],
+        "diffusion_pytorch_model-00002-of-00002.safetensors": names[1::2],
+    }
     for shard, keys in shards.items():
         save_file({k: weights[k] for k in keys}, folder / shard)
     index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
@@ -290,13 +293,15 @@ def _unshared(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """`script` (sh) in a private mount namespace; skips where mounting is not allowed."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare")
-    probe = subprocess.run(["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", str(tmp_path)],
-                           capture_output=True)  # fmt: skip
+    probe = subprocess.run(
+        ["unshare", "-m", "mount", "-t", "tmpfs", "tmpfs", str(tmp_path)], capture_output=True
+    )
     if probe.returncode:
         pytest.skip(f"cannot mount in a private namespace: {probe.stderr.decode().strip()}")
     env = os.environ | {"PYTHON": sys.executable}
-    return subprocess.run(["unshare", "-m", "sh", "-ec", script], capture_output=True,
-                          text=True, env=env, timeout=120)  # fmt: skip
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-ec", script], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_a_read_only_workspace_fails_before_any_work(demo_config, tmp_path):
@@ -306,8 +311,9 @@ def test_a_read_only_workspace_fails_before_any_work(demo_config, tmp_path):
     path.write_text(yaml.safe_dump(demo_config(workspace=workspace).model_dump(mode="json")))
     proc = _unshared(
         f"mount --bind {workspace} {workspace}; mount -o remount,ro,bind {workspace}\n"
-        f'exec "$PYTHON" -m cogpipe.cli ingest {path}', tmp_path,
-    )  # fmt: skip
+        f'exec "$PYTHON" -m cogpipe.cli ingest {path}',
+        tmp_path,
+    )
     assert proc.returncode == 2, proc.stderr
     assert (
         proc.stderr
@@ -368,9 +374,9 @@ def test_a_full_disk_is_named_with_the_file_and_the_space_left(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     proc = _unshared(
-        f"mount -t tmpfs -o size=256k tmpfs {disk}\n"
-        f'exec "$PYTHON" {tmp_path / "full.py"} {disk}', tmp_path,
-    )  # fmt: skip
+        f'mount -t tmpfs -o size=256k tmpfs {disk}\nexec "$PYTHON" {tmp_path / "full.py"} {disk}',
+        tmp_path,
+    )
     assert proc.stdout.splitlines() == [
         f"disk full writing {disk / 't.parquet'} (0 MiB free) True",
         f"disk full writing {disk / 'w.pt'} (0 MiB free) True",
@@ -403,8 +409,14 @@ def test_no_task_retries_a_permanent_failure():
     import cogpipe_tasks.train
     from cogpipe.sources import SourceError
 
-    modules = [cogpipe_tasks.caption, cogpipe_tasks.evaluate, cogpipe_tasks.precompute,
-               cogpipe_tasks.recaption, cogpipe_tasks.remote, cogpipe_tasks.train]  # fmt: skip
+    modules = [
+        cogpipe_tasks.caption,
+        cogpipe_tasks.evaluate,
+        cogpipe_tasks.precompute,
+        cogpipe_tasks.recaption,
+        cogpipe_tasks.remote,
+        cogpipe_tasks.train,
+    ]
     tasks = [t for m in modules for t in vars(m).values() if isinstance(t, Task) and t.retries]
     assert len(tasks) >= 8
     permanent = [
@@ -431,8 +443,9 @@ def test_a_longer_timeout_probes_again_the_files_that_timed_out(videos, tmp_path
     from cogpipe.pipeline import run_stage, status
 
     def ingest(timeout: float):
-        cfg = PipelineConfig(workspace=tmp_path / "ws",
-                             ingest={"source": videos, "timeout": timeout, "workers": 1})  # fmt: skip
+        cfg = PipelineConfig(
+            workspace=tmp_path / "ws", ingest={"source": videos, "timeout": timeout, "workers": 1}
+        )
         result = run_stage(cfg, "ingest")
         table = read_table(Path(result.path) / "videos.parquet").set_index("path")
         return cfg, result, table
@@ -495,13 +508,19 @@ def test_a_fixed_permission_probes_the_file_again(videos, tmp_path):
             assert (error, fixed) == ("permission denied", "") and before != after
 
         st = locked.stat()  # a failed read in the probe cache, as an older version kept it
-        row = dict.fromkeys(PROBE_COLUMNS) | {"status": "rejected",
-                                              "reason": "cannot read file: Permission denied"}  # fmt: skip
+        row = dict.fromkeys(PROBE_COLUMNS) | {
+            "status": "rejected",
+            "reason": "cannot read file: Permission denied",
+        }
         cache = tmp_path / "ws" / "cache" / "probe" / "probes.parquet"
         import pandas as pd
 
-        write_table(cache, pd.DataFrame([{"path": str(locked), "size": st.st_size,
-                                          "mtime_ns": st.st_mtime_ns, **row}]))  # fmt: skip
+        write_table(
+            cache,
+            pd.DataFrame(
+                [{"path": str(locked), "size": st.st_size, "mtime_ns": st.st_mtime_ns, **row}]
+            ),
+        )
         result = run_stage(cfg, "ingest")
         table = read_table(Path(result.path) / "videos.parquet").set_index("path")
         assert table.loc[str(locked), "status"] == "ok" and result.counts["probed"] == 3

@@ -53,8 +53,12 @@ def test_rate_counts_only_this_runs_work_from_the_first_report():
 
 def test_eta_and_rate_read_as_a_person_reads_them():
     assert [format_eta(s) for s in (0, 45, 200, 7500, 100_000)] == [
-        "0s", "45s", "3m20s", "2h05m", "1d03h",
-    ]  # fmt: skip
+        "0s",
+        "45s",
+        "3m20s",
+        "2h05m",
+        "1d03h",
+    ]
     assert format_eta(None) == format_eta(float("inf")) == "?"
     assert format_rate(0.5, "clips") == "1,800 clips/h"
     assert format_rate(2.5, "steps") == "2.5 steps/s"
@@ -109,8 +113,11 @@ def write_config(folder: Path, sample_videos, tiny_models, steps: int) -> Path:
     from cogpipe.demo import DEMO_CONFIG
 
     raw = yaml.safe_load(yaml.safe_dump(DEMO_CONFIG))  # a deep copy
-    raw |= {"workspace": str(folder / "workspace"), "model": str(tiny_models["cogvideox"]),
-            "ingest": {"source": str(sample_videos["notes.txt"].parent)}}  # fmt: skip
+    raw |= {
+        "workspace": str(folder / "workspace"),
+        "model": str(tiny_models["cogvideox"]),
+        "ingest": {"source": str(sample_videos["notes.txt"].parent)},
+    }
     raw["caption"]["model"] = str(tiny_models["llava"])
     raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
     raw["train"] |= {"max_steps": steps, "checkpoint_every": steps}
@@ -121,9 +128,11 @@ def write_config(folder: Path, sample_videos, tiny_models, steps: int) -> Path:
 
 def environment(folder: Path, **extra: str) -> dict[str, str]:
     return os.environ | {
-        "PREFECT_HOME": str(folder / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PYTHONUNBUFFERED": "1", **extra,
-    }  # fmt: skip
+        "PREFECT_HOME": str(folder / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
 
 
 def run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
@@ -135,8 +144,14 @@ def run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 300) 
 
     leader, follower = os.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 120, 0, 0))
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower,
-                            env=env, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        start_new_session=True,
+    )
     os.close(follower)
     chunks, deadline = [], time.monotonic() + timeout
     try:
@@ -179,8 +194,11 @@ def test_run_on_a_terminal_shows_bars_while_caption_and_train_run(terminal_run):
     table = next(i for i, s in enumerate(screens) if s.startswith("stage ") and "counts" in s)
     bar = r"^{} .*?(\d+)/{}\b"  # a drawn bar: the stage, then done/total
     caption = [i for i, s in enumerate(screens) if re.search(bar.format("caption", 6), s)]
-    train = [(i, int(m.group(1))) for i, s in enumerate(screens)
-             if (m := re.search(bar.format("train", STEPS) + r".*loss \d\.\d{4}", s))]  # fmt: skip
+    train = [
+        (i, int(m.group(1)))
+        for i, s in enumerate(screens)
+        if (m := re.search(bar.format("train", STEPS) + r".*loss \d\.\d{4}", s))
+    ]
     assert caption and train, said[-3000:]
     # While they ran: caption's bar before train's, and train's partway, all before the table.
     assert caption[0] < train[0][0] and train[-1][0] < table
@@ -189,19 +207,28 @@ def test_run_on_a_terminal_shows_bars_while_caption_and_train_run(terminal_run):
     assert any(s.startswith("train ") and "computed" in s for s in screens[table:])
 
 
-def test_run_without_a_terminal_prints_plain_periodic_lines(terminal_run, sample_videos,
-                                                              tiny_models):  # fmt: skip
+def test_run_without_a_terminal_prints_plain_periodic_lines(
+    terminal_run, sample_videos, tiny_models
+):
     folder = terminal_run[0]
     steps = STEPS // 2  # a new training run; the stages before it are reused
     config = write_config(folder, sample_videos, tiny_models, steps)
     env = environment(folder, COGPIPE_PROGRESS_EVERY="0")
-    proc = subprocess.run(cogpipe_args("run", str(config), "--until", "train"), env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        cogpipe_args("run", str(config), "--until", "train"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stdout + proc.stderr and "\x1b" not in proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
-    train = [(int(m.group(1)), m.group(2)) for line in lines
-             if (m := re.match(rf"train: (\d+)/{steps} \(\d+%\), (.*)loss \d\.\d{{4}}$", line))]  # fmt: skip
+    train = [
+        (int(m.group(1)), m.group(2))
+        for line in lines
+        if (m := re.match(rf"train: (\d+)/{steps} \(\d+%\), (.*)loss \d\.\d{{4}}$", line))
+    ]
     assert len(train) >= 3 and [d for d, _ in train] == sorted(d for d, _ in train), lines
     assert train[-1][0] == steps
     assert all(re.fullmatch(r"([\d.,]+ steps/[sh], )?ETA (\?|(\d+[smhd])+), ", r) for _, r in train)
@@ -211,26 +238,47 @@ def test_run_without_a_terminal_prints_plain_periodic_lines(terminal_run, sample
 # --------------------------------------------------------------------------- generate, sweep
 
 
-def test_generate_and_sweep_report_every_denoising_step(tmp_path, tiny_models, monkeypatch,
-                                                        capsys):  # fmt: skip
+def test_generate_and_sweep_report_every_denoising_step(tmp_path, tiny_models, monkeypatch, capsys):
     from cogpipe.generate import GenerateOptions
     from cogpipe.sweep import run_sweep
 
     monkeypatch.setenv("COGPIPE_PROGRESS_EVERY", "0")
-    tiny = ["--model", str(tiny_models["cogvideox"]), "--steps", "3", "--frames", "9",
-            "--height", "32", "--width", "32", "--device", "cpu"]  # fmt: skip
+    tiny = [
+        "--model",
+        str(tiny_models["cogvideox"]),
+        "--steps",
+        "3",
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--device",
+        "cpu",
+    ]
     out = tmp_path / "slap.mp4"
     assert main(["generate", "--prompt", "A slap.", "--output", str(out), *tiny]) == 0
     said = capsys.readouterr()
-    steps = [int(m.group(1)) for line in said.err.splitlines()
-             if (m := re.match(r"a-slap: (\d)/3 \(\d+%\)", line))]  # fmt: skip
+    steps = [
+        int(m.group(1))
+        for line in said.err.splitlines()
+        if (m := re.match(r"a-slap: (\d)/3 \(\d+%\)", line))
+    ]
     assert steps == [0, 1, 2, 3], said.err
     assert re.search(r"a-slap: 3/3 \(100%\), [\d.,]+ steps/[sh], ETA 0s", said.err)
     assert said.out.split()[0] == str(out)  # stdout keeps one line per video
 
     heard = []
-    options = GenerateOptions(model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=32,
-                              width=32, device="cpu")  # fmt: skip
-    run_sweep({"slap": "A slap."}, options, {"seed": [1, 2]}, tmp_path / "sw", "seed",
-              on_step=lambda done, steps, name: heard.append((name, done, steps)))  # fmt: skip
+    options = GenerateOptions(
+        model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=32, width=32, device="cpu"
+    )
+    run_sweep(
+        {"slap": "A slap."},
+        options,
+        {"seed": [1, 2]},
+        tmp_path / "sw",
+        "seed",
+        on_step=lambda done, steps, name: heard.append((name, done, steps)),
+    )
     assert heard == [(f"seed={s}/slap", d, 2) for s in (1, 2) for d in range(3)]

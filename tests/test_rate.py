@@ -44,8 +44,15 @@ PROMPTS = ["A fighter winds up and slaps, the head snaps", "A fighter blocks and
 SEEDS = [42, 7]
 CHECKPOINTS = ["checkpoint-000010", "checkpoint-000020"]
 PAIRS = len(CHECKPOINTS) * len(PROMPTS) * len(SEEDS)  # 8
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--window-size=1400,1000"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 
 
 def moving_square(speed: int, colour: tuple[int, int, int], frames: int = 16) -> np.ndarray:
@@ -62,8 +69,10 @@ def fake_evaluation(root: Path, checkpoints: list[str] = CHECKPOINTS) -> Path:
     """A config and `evaluate/<ekey>/slap-run/{base,checkpoint-...}/` as evaluate writes it."""
     config = root / "rate.yaml"
     prompts = "".join(f"\n    - {p}" for p in PROMPTS)
-    config.write_text(f"workspace: workspace\nname: slap-run\nmodel: THUDM/CogVideoX-2b\n"
-                      f"evaluate:\n  prompts:{prompts}\n  seeds: {SEEDS}\n")  # fmt: skip
+    config.write_text(
+        f"workspace: workspace\nname: slap-run\nmodel: THUDM/CogVideoX-2b\n"
+        f"evaluate:\n  prompts:{prompts}\n  seeds: {SEEDS}\n"
+    )
     cfg = load_config(config)
     run = Path(cfg.workspace) / "evaluate" / eval_key(cfg) / "slap-run"
     for i, name in enumerate([BASE, *checkpoints]):
@@ -72,8 +81,16 @@ def fake_evaluation(root: Path, checkpoints: list[str] = CHECKPOINTS) -> Path:
             for seed in SEEDS:
                 video = f"p{p:02d}-s{seed}.mp4"
                 write_mp4(run / name / video, moving_square(4 + 4 * i, (220, 120 + 60 * i, 40)), 8)
-                rows.append({"checkpoint": name, "prompt_index": p, "prompt": prompt,
-                             "seed": seed, "video": video, "clip_score": 20.0 + i})  # fmt: skip
+                rows.append(
+                    {
+                        "checkpoint": name,
+                        "prompt_index": p,
+                        "prompt": prompt,
+                        "seed": seed,
+                        "video": video,
+                        "clip_score": 20.0 + i,
+                    }
+                )
         write_table(run / name / "metrics.parquet", pd.DataFrame(rows))
     ws = Workspace(cfg.workspace)  # the report evaluate writes, with its ratings section
     (run / "report.md").write_text(
@@ -86,10 +103,22 @@ def fake_evaluation(root: Path, checkpoints: list[str] = CHECKPOINTS) -> Path:
 
 def judgments(answers: list[str]) -> pd.DataFrame:
     """Ratings of one checkpoint where every question got the same answer."""
-    rows = [{"rater": f"r{i % 3}", "ekey": "e", "run": "r", "checkpoint": "checkpoint-000010",
-             "prompt_index": 0, "prompt": "p", "seed": i, "video": "p00-s0.mp4",
-             "base_side": "left", **dict.fromkeys(QUESTIONS, a),
-             "rated_at": pd.Timestamp.now(tz="UTC")} for i, a in enumerate(answers)]  # fmt: skip
+    rows = [
+        {
+            "rater": f"r{i % 3}",
+            "ekey": "e",
+            "run": "r",
+            "checkpoint": "checkpoint-000010",
+            "prompt_index": 0,
+            "prompt": "p",
+            "seed": i,
+            "video": "p00-s0.mp4",
+            "base_side": "left",
+            **dict.fromkeys(QUESTIONS, a),
+            "rated_at": pd.Timestamp.now(tz="UTC"),
+        }
+        for i, a in enumerate(answers)
+    ]
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -164,7 +193,12 @@ def test_a_judgment_is_stored_as_checkpoint_base_or_tie(client):
     left_is = "base" if row.base_side == "left" else "checkpoint"
     right_is = "checkpoint" if left_is == "base" else "base"
     assert (row.rater, row.run, row.motion_accuracy, row.prompt_adherence, row.overall) == (
-        "ann", "slap-run", left_is, "tie", right_is)  # fmt: skip
+        "ann",
+        "slap-run",
+        left_is,
+        "tie",
+        right_is,
+    )
     assert c.get("/api/next", params={"rater": "ann"}).json()["pair"] != nxt["pair"]
     assert c.get("/api/next", params={"rater": "bob"}).json()["pair"] == nxt["pair"]
     summary = c.get("/summary").text
@@ -249,8 +283,10 @@ def rate_server(tmp_path):
     config = fake_evaluation(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cogpipe.cli", "rate", str(config), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     url, seen = None, []

@@ -100,10 +100,15 @@ def test_recaption_captions_exactly_the_rejected_clips_again(captioned, generate
     assert (kept.caption == before.caption[kept.index]).all() and (kept.attempt == 0).all()
     assert set(table.source) == {"model"}
     assert res.counts | {"parts": 0, "parts_reused": 0} == {
-        "clips": len(table), "rejected_before": len(bad), "recaptioned": len(bad),
-        "accepted_after": len(table) - len(bad) + len(retried), "parts": 0, "parts_reused": 0,
-        "round1": len(bad), "round1_accepted": len(retried),
-    }  # fmt: skip
+        "clips": len(table),
+        "rejected_before": len(bad),
+        "recaptioned": len(bad),
+        "accepted_after": len(table) - len(bad) + len(retried),
+        "parts": 0,
+        "parts_reused": 0,
+        "round1": len(bad),
+        "round1_accepted": len(retried),
+    }
 
     # Round 1's parts cover exactly the rejected clips, in a content-keyed folder.
     (folder,) = (cfg.workspace / "cache" / "recaption").iterdir()
@@ -170,8 +175,9 @@ def test_filter_loads_no_captioner_and_imports_nothing_of_captioning(captioned, 
     tree = ast.parse(inspect.getsource(filter_module))
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not any(m.startswith(("cogpipe.caption", "cogpipe.vlm", "cogpipe.recaption"))
-                   for m in imported), imported  # fmt: skip
+    assert not any(
+        m.startswith(("cogpipe.caption", "cogpipe.vlm", "cogpipe.recaption")) for m in imported
+    ), imported
 
     cfg, bad = rejecting(captioned("filter"), retries=1)
     run_stage(cfg, "recaption")

@@ -31,8 +31,11 @@ CANNY = "cogpipe.condition:canny"
 def setup(tmp_path, sample_videos, tiny_models):
     def make(**overrides) -> PipelineConfig:
         p = dict(frames=9, fps=8, height=64, width=64, shard_size=2, min_psnr=0, device="cpu")
-        return PipelineConfig(workspace=tmp_path / "ws", model=str(tiny_models["cogvideox"]),
-                              precompute=PrecomputeConfig(**(p | overrides)))  # fmt: skip
+        return PipelineConfig(
+            workspace=tmp_path / "ws",
+            model=str(tiny_models["cogvideox"]),
+            precompute=PrecomputeConfig(**(p | overrides)),
+        )
 
     ws = Workspace(tmp_path / "ws")
     return ws, make, _upstream(ws.root, sample_videos, CAPTIONS)
@@ -80,14 +83,24 @@ def test_precompute_stores_the_reference_latents_of_each_sample(setup, tiny_mode
     res = precompute.run_precompute(ws, cfg, upstream)
     # The targets come from the plain run's cache; only the references are encoded.
     assert res.counts == {
-        "samples": 4, "ok": 3, "rejected": 1, "shards": 2, "encoded_videos": 0, "encoded_texts": 0,
-        "latents_cache_hits": 3, "text_cache_hits": 3, "encoded_references": 3,
+        "samples": 4,
+        "ok": 3,
+        "rejected": 1,
+        "shards": 2,
+        "encoded_videos": 0,
+        "encoded_texts": 0,
+        "latents_cache_hits": 3,
+        "text_cache_hits": 3,
+        "encoded_references": 3,
         "reference_cache_hits": 0,
-    }  # fmt: skip
+    }
     index = read_table(Path(res.path) / "index.parquet")
     assert list(index.reference_key.fillna("-")) == [
-        "clip1.reference_latents", "clip2.reference_latents", "clip3.reference_latents", "-"
-    ]  # fmt: skip
+        "clip1.reference_latents",
+        "clip2.reference_latents",
+        "clip3.reference_latents",
+        "-",
+    ]
     assert "reference_key" not in read_table(Path(plain.path) / "index.parquet")
     shard, plain_shard = (load_file(Path(r.path) / precompute.shard_name(0)) for r in (res, plain))
     references = ["clip1.reference_latents", "clip2.reference_latents"]
@@ -127,10 +140,12 @@ def test_a_plugged_in_condition_is_keyed_by_its_source(setup, tmp_path, monkeypa
     first = precompute.key_of(cfg, {"filter": "f1", "check": "c1"})
     res = precompute.run_precompute(ws, cfg, upstream)
     assert res.key == first and res.counts["encoded_references"] == 3
-    module.write_text(textwrap.dedent("""\
+    module.write_text(
+        textwrap.dedent("""\
         def invert(frames):
             return (255 - frames) // 2
-    """))  # fmt: skip
+    """)
+    )
     assert precompute.key_of(cfg, {"filter": "f1", "check": "c1"}) != first
 
 
@@ -157,18 +172,39 @@ def test_ic_lora_trains_from_precompute_and_validates_with_the_references(setup,
     ws, make, upstream = setup
     cfg = make(reference=CANNY)
     pre = precompute.run_precompute(ws, cfg, upstream)
-    evaluate = EvaluateConfig(prompts=["a slap", "a block"], seeds=[1], steps=2, frames=9,
-                              height=64, width=64, device="cpu", clip_model="unused")  # fmt: skip
-    t = TrainConfig(mode="ic-lora", rank=4, alpha=8, max_steps=2, checkpoint_every=2, batch_size=2,
-                    lr_warmup_steps=0, mixed_precision="no", validation_every=2, device="cpu")  # fmt: skip
+    evaluate = EvaluateConfig(
+        prompts=["a slap", "a block"],
+        seeds=[1],
+        steps=2,
+        frames=9,
+        height=64,
+        width=64,
+        device="cpu",
+        clip_model="unused",
+    )
+    t = TrainConfig(
+        mode="ic-lora",
+        rank=4,
+        alpha=8,
+        max_steps=2,
+        checkpoint_every=2,
+        batch_size=2,
+        lr_warmup_steps=0,
+        mixed_precision="no",
+        validation_every=2,
+        device="cpu",
+    )
     res = train.run_train(
         ws, cfg.model_copy(update={"train": t, "evaluate": evaluate}), {"precompute": pre}
     )
     assert res.counts == {"steps": 2, "checkpoints": 1, "samples": 3, "validations": 1}
     folder = validation.folder_of(Path(res.path), 2)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "p00-reference.mp4", "p00-s1.mp4", "p01-reference.mp4", "p01-s1.mp4"
-    ]  # fmt: skip
+        "p00-reference.mp4",
+        "p00-s1.mp4",
+        "p01-reference.mp4",
+        "p01-s1.mp4",
+    ]
     videos = {p.name: _decode(p) for p in folder.iterdir()}
     assert all(v.shape == (9, 64, 64, 3) for v in videos.values())
     assert np.abs(videos["p00-reference.mp4"].astype(int) - videos["p01-reference.mp4"]).mean() > 1
@@ -178,8 +214,11 @@ def test_with_reference_feeds_the_reference_and_returns_the_target(tiny_models):
     transformer = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
     g = torch.Generator().manual_seed(0)
     reference, x = torch.randn(1, 3, 4, 8, 8, generator=g), torch.randn(2, 3, 4, 8, 8, generator=g)
-    inputs = dict(encoder_hidden_states=torch.randn(2, 16, 32, generator=g),
-                  timestep=torch.tensor([500, 500]), return_dict=False)  # fmt: skip
+    inputs = dict(
+        encoder_hidden_states=torch.randn(2, 16, 32, generator=g),
+        timestep=torch.tensor([500, 500]),
+        return_dict=False,
+    )
     wrapped = validation.with_reference(transformer, reference)
     assert wrapped.config is transformer.config and wrapped.device == transformer.device
     with torch.no_grad():

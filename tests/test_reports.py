@@ -38,16 +38,25 @@ def ticks_are_whole(axis) -> bool:
 
 def check_tables(width=(128.0, 128.0, 160.0, np.nan), status=("ok", "ok", "ok", "bad")):
     """A manifest with float sizes (a rejected file has none) and 4 clips, one rejected."""
-    manifest = pd.DataFrame({
-        "path": [f"v{i}.mp4" for i in range(len(width))], "status": list(status),
-        "reason": ["" if s == "ok" else "not a video file (extension '.txt')" for s in status],
-        "width": list(width), "height": [96.0, 96.0, 120.0, np.nan][: len(width)],
-    })  # fmt: skip
-    clips = pd.DataFrame({
-        "clip_id": ["a", "b", "c", "d"], "keep": [True, True, True, False],
-        "split": ["train", "train", "heldout", "train"], "duration": [3.0, 3.0, 2.5, 3.0],
-        "trimmed": False, "reasons": ["", "", "", "frozen"],
-    })  # fmt: skip
+    manifest = pd.DataFrame(
+        {
+            "path": [f"v{i}.mp4" for i in range(len(width))],
+            "status": list(status),
+            "reason": ["" if s == "ok" else "not a video file (extension '.txt')" for s in status],
+            "width": list(width),
+            "height": [96.0, 96.0, 120.0, np.nan][: len(width)],
+        }
+    )
+    clips = pd.DataFrame(
+        {
+            "clip_id": ["a", "b", "c", "d"],
+            "keep": [True, True, True, False],
+            "split": ["train", "train", "heldout", "train"],
+            "duration": [3.0, 3.0, 2.5, 3.0],
+            "trimmed": False,
+            "reasons": ["", "", "", "frozen"],
+        }
+    )
     return manifest, clips
 
 
@@ -96,11 +105,16 @@ def test_resolutions_read_as_whole_pixels(tmp_path, figures):
 def test_caption_length_histogram_counts_on_integers(tmp_path, figures):
     from cogpipe.report import write_caption_report
 
-    table = pd.DataFrame({
-        "clip_id": list("abc"), "caption": ["one two three four", "one two", "x y z"],
-        "category": "other", "accepted": [True, True, False], "selected": [True, False, False],
-        "reasons": ["", "", "too few words (3 < 5)"],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "clip_id": list("abc"),
+            "caption": ["one two three four", "one two", "x y z"],
+            "category": "other",
+            "accepted": [True, True, False],
+            "selected": [True, False, False],
+            "reasons": ["", "", "too few words (3 < 5)"],
+        }
+    )
     write_caption_report(tmp_path, table)
     ax = figures["caption_words.png"].axes[0]
     figures["caption_words.png"].canvas.draw()
@@ -110,11 +124,18 @@ def test_caption_length_histogram_counts_on_integers(tmp_path, figures):
 
 def judged(truncated: list[bool], reasons: list[str]) -> pd.DataFrame:
     n = len(truncated)
-    return pd.DataFrame({
-        "clip_id": [f"c{i}" for i in range(n)], "caption": ["a fighter throws a punch"] * n,
-        "category": "other", "accepted": [not r for r in reasons], "selected": False,
-        "reasons": reasons, "truncated": truncated, "override": False,
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "clip_id": [f"c{i}" for i in range(n)],
+            "caption": ["a fighter throws a punch"] * n,
+            "category": "other",
+            "accepted": [not r for r in reasons],
+            "selected": False,
+            "reasons": reasons,
+            "truncated": truncated,
+            "override": False,
+        }
+    )
 
 
 def test_filter_report_says_when_most_captions_were_truncated(tmp_path):
@@ -139,8 +160,16 @@ def test_filter_report_names_a_dominant_rejection_and_its_setting():
 
     cfg = PipelineConfig()
     many = "too many words (90 > 80)"
-    table = judged([False] * 5, [many, many, f"{many}; off-domain (0 of 1 domain terms)",
-                                 "not English (10% common English words)", ""])  # fmt: skip
+    table = judged(
+        [False] * 5,
+        [
+            many,
+            many,
+            f"{many}; off-domain (0 of 1 domain terms)",
+            "not English (10% common English words)",
+            "",
+        ],
+    )
     assert headline(table, cfg) == [
         "**3 of 4 rejected captions (75%) were rejected as too many words**; "
         "the setting behind it: filter.max_words."
@@ -154,9 +183,13 @@ def test_filter_report_names_a_dominant_rejection_and_its_setting():
 
 def metric_scores(values, spread, metric="temporal_consistency") -> pd.DataFrame:
     names = ["base", "checkpoint-000003", "checkpoint-000006"]
-    rows = {"checkpoint": names, "step": [0, 3, 6], metric: values,
-            f"{metric}_low": [v - spread for v in values],
-            f"{metric}_high": [v + spread for v in values]}  # fmt: skip
+    rows = {
+        "checkpoint": names,
+        "step": [0, 3, 6],
+        metric: values,
+        f"{metric}_low": [v - spread for v in values],
+        f"{metric}_high": [v + spread for v in values],
+    }
     return pd.DataFrame(rows)
 
 

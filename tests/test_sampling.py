@@ -20,8 +20,17 @@ from cogpipe.video import write_mp4
 
 PROMPT = "A fighter slaps his opponent and the crowd cheers."
 LAYOUT = TicFtConfig(condition_frames=1, buffer_frames=2, target_frames=2)  # 17 frames
-SETTINGS = EvaluateConfig(prompts=[PROMPT], seeds=[42], steps=2, frames=9, height=64, width=64,
-                          fps=8, clip_model="unused", device="cpu")  # fmt: skip
+SETTINGS = EvaluateConfig(
+    prompts=[PROMPT],
+    seeds=[42],
+    steps=2,
+    frames=9,
+    height=64,
+    width=64,
+    fps=8,
+    clip_model="unused",
+    device="cpu",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +69,12 @@ def test_ic_lora_feeds_the_clean_reference_and_follows_it(pipe):
         handle.remove()
     assert first.shape == (9, 64, 64, 3)
     latents = sampling.condition_latents(
-        pipe, sampling.request_for(SETTINGS, PROMPT, 42, condition=reference), 3, "cpu",
+        pipe,
+        sampling.request_for(SETTINGS, PROMPT, 42, condition=reference),
+        3,
+        "cpu",
         torch.float32,
-    )  # fmt: skip
+    )
     assert len(seen) == 2 and all(x.shape == (2, 6, 4, 8, 8) for x in seen)  # guidance: 2 rows
     assert all(torch.equal(x[:, :3], latents.expand(2, -1, -1, -1, -1)) for x in seen)  # clean
     other = sampling.Condition("ic-lora", frames=white)
@@ -71,8 +83,9 @@ def test_ic_lora_feeds_the_clean_reference_and_follows_it(pipe):
     plain = evaluate.generate(pipe, SETTINGS, PROMPT, 42, "cpu")
     assert diff(first, plain) > 1.0
     with pytest.raises(ValueError, match="3 latent frames, needs 5"):
-        sampling.sample(pipe, sampling.request_for(SETTINGS, PROMPT, 42, frames=17,
-                                                   condition=reference))  # fmt: skip
+        sampling.sample(
+            pipe, sampling.request_for(SETTINGS, PROMPT, 42, frames=17, condition=reference)
+        )
 
 
 def _tic_ft(condition: np.ndarray, seed: int = 42) -> sampling.SampleRequest:
@@ -156,10 +169,11 @@ def test_side_by_side_holds_the_condition_beside_the_result():
 
 def test_tic_ft_validation_writes_videos(tmp_path, tiny_models):
     cfg = PipelineConfig(
-        model=str(tiny_models["cogvideox"]), evaluate=SETTINGS.model_copy(update={"seeds": [1, 2]}),
+        model=str(tiny_models["cogvideox"]),
+        evaluate=SETTINGS.model_copy(update={"seeds": [1, 2]}),
         train=TrainConfig(mode="tic-ft", tic_ft=LAYOUT, validation_every=1),
         precompute={"frames": 17},
-    )  # fmt: skip
+    )
     sample = torch.randn(
         5, 4, 8, 8, generator=torch.Generator().manual_seed(0)
     )  # a sample's latents
@@ -168,8 +182,11 @@ def test_tic_ft_validation_writes_videos(tmp_path, tiny_models):
     stats = validation.run(v, transformer, tmp_path, step=1)
     folder = validation.folder_of(tmp_path, 1)
     assert stats["videos"] == 2
-    assert sorted(p.name for p in folder.iterdir()) == ["p00-condition.mp4", "p00-s1.mp4",
-                                                        "p00-s2.mp4"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "p00-condition.mp4",
+        "p00-s1.mp4",
+        "p00-s2.mp4",
+    ]
     assert read_mp4(folder / "p00-s1.mp4").shape == (8, 64, 64, 3)
     assert read_mp4(folder / "p00-condition.mp4").shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="mode tic-ft: no condition latents for 1 prompts"):
@@ -187,8 +204,20 @@ def _run(tmp_path: Path, model: Path, mode: str) -> Path:
 
 def test_generate_with_reference_and_condition_through_the_cli(tmp_path, tiny_models, capsys):
     model = tiny_models["cogvideox"]
-    tiny = ["--model", str(model), "--steps", "2", "--height", "64", "--width", "64",
-            "--device", "cpu", "--prompt", PROMPT]  # fmt: skip
+    tiny = [
+        "--model",
+        str(model),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--device",
+        "cpu",
+        "--prompt",
+        PROMPT,
+    ]
     edges = tmp_path / "edges.mp4"
     write_mp4(edges, frames_of(5, 12), 8)
     ic = _run(tmp_path, model, "ic-lora")

@@ -308,10 +308,22 @@ def test_cogpipe_serve_prints_the_ui_address_and_stops_on_ctrl_c(tmp_path):
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cogpipe.cli", "serve", "--port", str(port), "--logs", str(tmp_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "cogpipe.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--logs",
+            str(tmp_path),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         line = proc.stdout.readline()
         assert f"Prefect UI at http://127.0.0.1:{port}" in line, line

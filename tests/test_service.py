@@ -50,11 +50,30 @@ def service(tmp_path: Path, model: Path, *flags: str, env: dict | None = None):
     """`cogpipe serve-api` on a free port until the block ends (SIGTERM); yields (url, proc)."""
     templates = tmp_path / "templates.yaml"
     templates.write_text(TEMPLATES)
-    cmd = [sys.executable, "-m", "cogpipe.cli", "serve-api", "--model", str(model),
-           "--device", "cpu", "--port", "0", "--folder", str(tmp_path / "api"),
-           "--templates", str(templates), *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cogpipe.cli",
+        "serve-api",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+        "--folder",
+        str(tmp_path / "api"),
+        "--templates",
+        str(templates),
+        *flags,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     try:
@@ -97,8 +116,9 @@ def frames_of(client: httpx.Client, job_id: str, path: Path) -> np.ndarray:
 
 def generated(tiny_models, tmp_path: Path, lora: Path | None, seed: int) -> np.ndarray:
     """The video `cogpipe generate` writes for these settings (its run_generate, in-process)."""
-    options = generate.GenerateOptions(model=str(tiny_models["cogvideox"]), device="cpu",
-                                       lora=lora, seed=seed, **SETTINGS)  # fmt: skip
+    options = generate.GenerateOptions(
+        model=str(tiny_models["cogvideox"]), device="cpu", lora=lora, seed=seed, **SETTINGS
+    )
     out = tmp_path / f"generate-{lora.parent.name if lora else 'base'}-{seed}.mp4"
     generate.run_generate({"x": PROMPT}, options, out)
     return read_video(out)
@@ -113,8 +133,9 @@ def test_loras_interleaved_equal_generate_added_lora_stored_results_bad_input(
         asked = [("a", 1), (None, 1), ("b", 1), ("a", 2)]
         ids = []
         for lora, seed in asked:
-            reply = client.post("/v1/videos", json={"prompt": PROMPT, "lora": lora, "seed": seed,
-                                                    **SETTINGS})  # fmt: skip
+            reply = client.post(
+                "/v1/videos", json={"prompt": PROMPT, "lora": lora, "seed": seed, **SETTINGS}
+            )
             assert reply.status_code == 202, reply.text
             ids.append(reply.json()["id"])
         same = client.post(
@@ -143,8 +164,9 @@ def test_loras_interleaved_equal_generate_added_lora_stored_results_bad_input(
         added = client.post("/v1/loras", json={"name": "c", "path": str(loras["c"])})
         assert added.status_code == 201, added.text
         assert [x["name"] for x in client.get("/v1/loras").json()] == ["a", "b", "c"]
-        reply = client.post("/v1/videos", json={"prompt": PROMPT, "lora": "c", "seed": 1,
-                                                **SETTINGS})  # fmt: skip
+        reply = client.post(
+            "/v1/videos", json={"prompt": PROMPT, "lora": "c", "seed": 1, **SETTINGS}
+        )
         job_c = reply.json()["id"]
         assert wait_done(client, [job_c])[job_c]["state"] == "done"
         np.testing.assert_array_equal(
@@ -153,8 +175,9 @@ def test_loras_interleaved_equal_generate_added_lora_stored_results_bad_input(
         )
 
         # The same request again is the stored video, at once: nothing is generated.
-        again = client.post("/v1/videos", json={"prompt": PROMPT, "lora": "a", "seed": 1,
-                                                **SETTINGS})  # fmt: skip
+        again = client.post(
+            "/v1/videos", json={"prompt": PROMPT, "lora": "a", "seed": 1, **SETTINGS}
+        )
         assert again.status_code == 200, again.text
         view = again.json()
         assert (view["state"], view["cached"], view["seconds"]) == ("done", True, 0)
@@ -193,7 +216,7 @@ def assert_refused(client: httpx.Client, tmp_path: Path) -> None:
             "prompt": PROMPT,
             "height": 2048,
             "width": 2048,
-        },  # fmt: skip
+        },
         "steps 500: at most 100": {"prompt": PROMPT, "steps": 500},
         "give prompt, or template": {"prompt": PROMPT, "template": "strike"},
         "image: model": {"prompt": PROMPT, **SETTINGS, "image": _png()},
@@ -228,8 +251,10 @@ def test_restart_keeps_queue_results_and_loras_and_api_key_guards(tmp_path, tiny
             assert wait_done(client, [first])[first]["state"] == "done"
             before = client.get(f"/v1/videos/{first}/content").content
             client.post("/v1/queue", json={"paused": True})
-            waiting = [client.post("/v1/videos", json=body | {"lora": "a", "seed": 6}).json()["id"],
-                       client.post("/v1/videos", json=body | {"seed": 7}).json()["id"]]  # fmt: skip
+            waiting = [
+                client.post("/v1/videos", json=body | {"lora": "a", "seed": 6}).json()["id"],
+                client.post("/v1/videos", json=body | {"seed": 7}).json()["id"],
+            ]
             assert [client.get(f"/v1/videos/{i}").json()["state"] for i in waiting] == [
                 "queued"
             ] * 2
@@ -278,8 +303,7 @@ def test_store_requeues_a_running_job_on_open_and_cancels_only_queued(tmp_path):
     reopened.finish(running["id"], "videos/k1.mp4", 1.5)
     cached = reopened.add("k1", "a", {"x": 1}, done_as=reopened.find("k1", ("done",)))
     assert (cached["state"], cached["cached"], cached["result"]) == ("done", True, "videos/k1.mp4")
-    assert reopened.counts() == {"queued": 0, "running": 0, "done": 2, "failed": 0,
-                                 "cancelled": 1}  # fmt: skip
+    assert reopened.counts() == {"queued": 0, "running": 0, "done": 2, "failed": 0, "cancelled": 1}
 
 
 def test_serve_api_bad_flags_are_one_line_errors(tiny_models, tmp_path, capsys):
@@ -321,8 +345,9 @@ def test_image_to_video_job_equals_generate_and_15_takes_16k_plus_1(tmp_path, ti
     finally:
         svc.shutdown()
     out = tmp_path / "generate.mp4"
-    generate.run_generate({"x": PROMPT}, options.model_copy(update={"image": image, "seed": 3}),
-                          out)  # fmt: skip
+    generate.run_generate(
+        {"x": PROMPT}, options.model_copy(update={"image": image, "seed": 3}), out
+    )
     np.testing.assert_array_equal(got, read_video(out))
     assert got.shape == (9, 64, 64, 3)
 
@@ -401,8 +426,9 @@ def test_hot_swap_slot_videos_equal_generate_and_misfits_are_refused(tmp_path, t
             lora = svc.loras[name] if name else None
             svc.adapters.activate(lora, scale)
             got = generate.generate_one(svc.pipe, PROMPT, options)
-            ref = options.model_copy(update={"lora": lora.path if lora else None,
-                                             "lora_scale": scale})  # fmt: skip
+            ref = options.model_copy(
+                update={"lora": lora.path if lora else None, "lora_scale": scale}
+            )
             want = generate.generate_one(generate.load(ref), PROMPT, ref)
             if name != "small":
                 np.testing.assert_array_equal(got, want, err_msg=f"{name} at {scale}")

@@ -64,8 +64,10 @@ def test_csv_list_with_captions_and_a_missing_entry(clips, tmp_path):
 
 def test_jsonl_list_with_absolute_paths(clips, tmp_path):
     listing = tmp_path / "list.jsonl"
-    lines = [json.dumps({"video": str(clips / "videos" / f"clip{i}.mp4"), "text": c})
-             for i, c in enumerate(CAPTIONS)]  # fmt: skip
+    lines = [
+        json.dumps({"video": str(clips / "videos" / f"clip{i}.mp4"), "text": c})
+        for i, c in enumerate(CAPTIONS)
+    ]
     listing.write_text("\n".join(lines) + "\n")
     videos = _manifest(_cfg(tmp_path, listing))
     assert sorted(videos.source_caption) == sorted(CAPTIONS)
@@ -94,26 +96,41 @@ def test_blank_caption_line_keeps_its_place_in_the_alignment(clips, tmp_path):
     (clips / "video.txt").write_text(VIDEOS_TXT.replace("\n", "\r\n"))
     (clips / "captions.txt").write_text(f"{CAPTIONS[0]}\r\n\r\n{CAPTIONS[2]}")  # no final newline
     captions = _captions(_cfg(tmp_path, clips))
-    assert captions == {_clip(clips, 0): CAPTIONS[0], _clip(clips, 1): None,
-                        _clip(clips, 2): CAPTIONS[2]}  # fmt: skip
+    assert captions == {
+        _clip(clips, 0): CAPTIONS[0],
+        _clip(clips, 1): None,
+        _clip(clips, 2): CAPTIONS[2],
+    }
 
 
 @pytest.mark.parametrize(
     ("videos", "prompts", "match"),
     [
-        ("videos/clip0.mp4\nvideos/clip1.mp4\n", "only one prompt\n",
-         r"prompts\.txt has 1 lines but .*videos\.txt has 2: line 2 of .*videos\.txt has no"
-         r" caption line"),
-        ("videos/clip0.mp4\n", "one\ntwo\n",
-         r"prompts\.txt has 2 lines but .*videos\.txt has 1: line 2 of .*prompts\.txt captions"
-         r" no video"),
-        ("videos/clip0.mp4\n\nvideos/clip2.mp4\n", "".join(f"{c}\n" for c in CAPTIONS),
-         r"videos\.txt: line 2 is blank"),
-        ("videos/clip0.mp4\nvideos/clip1.mp4\n\n", "one\ntwo\n",
-         r"prompts\.txt has 2 lines but .*videos\.txt has 3"),  # a blank line is a line
+        (
+            "videos/clip0.mp4\nvideos/clip1.mp4\n",
+            "only one prompt\n",
+            r"prompts\.txt has 1 lines but .*videos\.txt has 2: line 2 of .*videos\.txt has no"
+            r" caption line",
+        ),
+        (
+            "videos/clip0.mp4\n",
+            "one\ntwo\n",
+            r"prompts\.txt has 2 lines but .*videos\.txt has 1: line 2 of .*prompts\.txt captions"
+            r" no video",
+        ),
+        (
+            "videos/clip0.mp4\n\nvideos/clip2.mp4\n",
+            "".join(f"{c}\n" for c in CAPTIONS),
+            r"videos\.txt: line 2 is blank",
+        ),
+        (
+            "videos/clip0.mp4\nvideos/clip1.mp4\n\n",
+            "one\ntwo\n",
+            r"prompts\.txt has 2 lines but .*videos\.txt has 3",
+        ),  # a blank line is a line
     ],
     ids=["fewer-captions", "caption-without-video", "blank-video-line", "extra-blank-line"],
-)  # fmt: skip
+)
 def test_two_file_layout_that_cannot_be_aligned_names_the_file_and_line(
     clips, tmp_path, videos, prompts, match
 ):
@@ -166,16 +183,20 @@ def test_a_video_listed_twice_with_two_captions_names_the_file_and_both_lines(
         (clips / kind).write_text("path,caption\n" + "".join(f"{p},{c}\n" for p, c in rows))
         source, named, lines = clips / kind, kind, (2, 4)
     with pytest.raises(
-        SourceError, match=rf"{named}: \./videos/clip0\.mp4 is listed on line {lines[0]} and line"
-        rf" {lines[1]} with different captions \('first' and 'other'\)"
-    ):  # fmt: skip
+        SourceError,
+        match=rf"{named}: \./videos/clip0\.mp4 is listed on line {lines[0]} and line"
+        rf" {lines[1]} with different captions \('first' and 'other'\)",
+    ):
         list_source(_cfg(tmp_path, source))
 
 
 def test_a_video_listed_twice_with_one_caption_is_one_entry(clips, tmp_path):
     listing = clips / "list.jsonl"
-    rows = [{"video": "videos/clip0.mp4"}, {"video": "videos/clip0.mp4", "caption": "kept"},
-            {"video": "videos/./clip0.mp4", "caption": "kept"}]  # fmt: skip
+    rows = [
+        {"video": "videos/clip0.mp4"},
+        {"video": "videos/clip0.mp4", "caption": "kept"},
+        {"video": "videos/./clip0.mp4", "caption": "kept"},
+    ]
     listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _captions(_cfg(tmp_path, listing)) == {_clip(clips, 0): "kept"}
 
@@ -187,8 +208,11 @@ def test_caption_file_pairs_in_a_folder(clips, tmp_path):
     (videos / "notes.txt").write_text("no video beside me")
     table = _manifest(_cfg(tmp_path, videos))
     assert sorted(Path(p).name for p in table.index) == [
-        "clip0.mp4", "clip1.mp4", "clip2.mp4", "notes.txt",
-    ]  # fmt: skip
+        "clip0.mp4",
+        "clip1.mp4",
+        "clip2.mp4",
+        "notes.txt",
+    ]
     assert table.loc[_clip(clips, 0), "source_caption"] == CAPTIONS[0]
     assert table.loc[[_clip(clips, 1), _clip(clips, 2)], "source_caption"].isna().all()
     assert (table.loc[[_clip(clips, i) for i in range(3)], "status"] == "ok").all()

@@ -113,8 +113,19 @@ def test_no_deployment_default_names_a_path_of_its_own():
 
 
 def test_submit_checks_the_config_and_the_server_before_sending(config_file, capsys):
-    assert main(["submit", str(config_file), "--set", "train.rank=zero", "--api",
-                 "http://127.0.0.1:9/api"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "submit",
+                str(config_file),
+                "--set",
+                "train.rank=zero",
+                "--api",
+                "http://127.0.0.1:9/api",
+            ]
+        )
+        == 2
+    )
     assert "train.rank: Input should be a valid integer" in capsys.readouterr().err
     assert main(["submit", str(config_file), "--api", "http://127.0.0.1:9/api"]) == 2
     err = capsys.readouterr().err
@@ -144,8 +155,17 @@ def test_run_with_a_set_runs_the_overridden_config(demo_config, tmp_path):
     path.write_text(dump_config(demo_config()))
     other = tmp_path / "elsewhere"
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    cmd = [sys.executable, "-m", "cogpipe.cli", "run", str(path), "--until", "ingest",
-           "--set", f"workspace={other}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cogpipe.cli",
+        "run",
+        str(path),
+        "--until",
+        "ingest",
+        "--set",
+        f"workspace={other}",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert list((other / "ingest").glob("*/_SUCCESS.json"))

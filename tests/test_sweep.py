@@ -25,8 +25,9 @@ class Interrupted(Exception):
 
 @pytest.fixture
 def opts(tiny_models) -> GenerateOptions:
-    return GenerateOptions(model=str(tiny_models["cogvideox"]), frames=9, height=32, width=32,
-                           device="cpu")  # fmt: skip
+    return GenerateOptions(
+        model=str(tiny_models["cogvideox"]), frames=9, height=32, width=32, device="cpu"
+    )
 
 
 def mean_pixel(frames: np.ndarray, prompt: str) -> float:
@@ -44,8 +45,11 @@ def mtimes(folder: Path) -> dict[str, int]:
 def test_cells_are_sorted_typed_and_named_canonically(opts):
     cells = sweep.grid_cells(opts, {"steps": ["10", "25"], "guidance": ["1", "6.5"]})
     assert [c.name for c in cells] == [
-        "guidance=1,steps=10", "guidance=1,steps=25", "guidance=6.5,steps=10", "guidance=6.5,steps=25",
-    ]  # fmt: skip
+        "guidance=1,steps=10",
+        "guidance=1,steps=25",
+        "guidance=6.5,steps=10",
+        "guidance=6.5,steps=25",
+    ]
     assert cells[0].params == {"guidance": 1.0, "steps": 10}
     assert (cells[3].options.guidance, cells[3].options.steps, cells[3].options.frames) == (
         6.5,
@@ -53,8 +57,9 @@ def test_cells_are_sorted_typed_and_named_canonically(opts):
         9,
     )
     assert sweep.parse_grid(["guidance=1,6,12", "lora-scale=0,1"]) == {
-        "guidance": ["1", "6", "12"], "lora_scale": ["0", "1"],
-    }  # fmt: skip
+        "guidance": ["1", "6", "12"],
+        "lora_scale": ["0", "1"],
+    }
     for grid, message in [
         ({}, "at least one --grid"),
         ({"model": ["2b"]}, "--grid model: not a per-video option"),
@@ -79,8 +84,9 @@ def test_interrupted_sweep_resumes_and_skips_finished_cells(tmp_path, opts, monk
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        sweep.run_sweep(PROMPTS, opts, GRID, tmp_path / "sweeps", "cfg", METRICS,
-                        stop_after_first_cell)  # fmt: skip
+        sweep.run_sweep(
+            PROMPTS, opts, GRID, tmp_path / "sweeps", "cfg", METRICS, stop_after_first_cell
+        )
     first = mtimes(folder)
     assert sorted(first) == ["guidance=1,steps=1/cheer.mp4", "guidance=1,steps=1/slap.mp4"]
     table = read_table(folder / "results.parquet")
@@ -91,14 +97,31 @@ def test_interrupted_sweep_resumes_and_skips_finished_cells(tmp_path, opts, monk
     (folder / CELLS[1] / ".tmp-slap.mp4-0badf00d").write_bytes(b"half a video")
 
     notes.clear()
-    table = sweep.run_sweep(PROMPTS, opts, GRID, tmp_path / "sweeps", "cfg", METRICS,
-                            lambda done, total, note: notes.append(note))  # fmt: skip
+    table = sweep.run_sweep(
+        PROMPTS,
+        opts,
+        GRID,
+        tmp_path / "sweeps",
+        "cfg",
+        METRICS,
+        lambda done, total, note: notes.append(note),
+    )
     assert [n.endswith("skipped") for n in notes] == [True, True] + [False] * 6
     assert {k: v for k, v in mtimes(folder).items() if k in first} == first  # not rewritten
     assert sorted(mtimes(folder)) == [f"{c}/{p}.mp4" for c in CELLS for p in PROMPTS]
     assert not list(folder.glob("*/.tmp-*"))
-    assert list(table.columns) == ["cell", "guidance", "steps", "prompt", "file", "seconds",
-                                   "file_bytes", "skipped", "error", "mean_pixel"]  # fmt: skip
+    assert list(table.columns) == [
+        "cell",
+        "guidance",
+        "steps",
+        "prompt",
+        "file",
+        "seconds",
+        "file_bytes",
+        "skipped",
+        "error",
+        "mean_pixel",
+    ]
     assert list(table.cell) == [c for c in CELLS for _ in PROMPTS]
     assert list(table.prompt) == list(PROMPTS) * 4
     assert list(table.skipped) == [True, True] + [False] * 6
@@ -154,8 +177,20 @@ def test_sweep_cli(tmp_path, tiny_models, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "slap.txt").write_text(PROMPTS["slap"])
-    fixed = ["--model", str(tiny_models["cogvideox"]), "--steps", "1", "--frames", "9",
-             "--height", "32", "--width", "32", "--device", "cpu"]  # fmt: skip
+    fixed = [
+        "--model",
+        str(tiny_models["cogvideox"]),
+        "--steps",
+        "1",
+        "--frames",
+        "9",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--device",
+        "cpu",
+    ]
     args = ["sweep", "--grid", "seed=1,2", "--prompts-dir", "prompts", "--out", "sw", *fixed]
     assert main([*args, "--clip-model", str(tiny_models["clip"])]) == 0
     out = capsys.readouterr().out.splitlines()

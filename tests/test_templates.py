@@ -82,14 +82,20 @@ def test_the_token_estimate_is_not_below_a_word_count():
     [
         ("uppercut", {}, "unknown template 'uppercut'; known: defensive_absorb, "),
         ("strike", {"striker": "a bald man"}, "template 'strike': missing slot(s) receiver"),
-        ("strike", {"striker": "a", "receiver": "b", "crowd": "c", "angel": "d"},
-         "template 'strike': unknown slot(s) angel, crowd; its slots: striker, receiver, hand"),
+        (
+            "strike",
+            {"striker": "a", "receiver": "b", "crowd": "c", "angel": "d"},
+            "template 'strike': unknown slot(s) angel, crowd; its slots: striker, receiver, hand",
+        ),
         ("strike", {"striker": 3, "receiver": "b"}, "slot 'striker': expected a string, got int"),
         ("strike", {"striker": " \n", "receiver": "b"}, "slot 'striker': empty value"),
-        ("strike", {"striker": "x" * (MAX_SLOT_CHARS + 1), "receiver": "b"},
-         f"slot 'striker': {MAX_SLOT_CHARS + 1} characters, at most {MAX_SLOT_CHARS}"),
+        (
+            "strike",
+            {"striker": "x" * (MAX_SLOT_CHARS + 1), "receiver": "b"},
+            f"slot 'striker': {MAX_SLOT_CHARS + 1} characters, at most {MAX_SLOT_CHARS}",
+        ),
     ],
-)  # fmt: skip
+)
 def test_render_errors_name_what_is_wrong(name, slots, message):
     with pytest.raises(TemplateError) as err:
         render(load_templates(), name, slots)
@@ -109,12 +115,16 @@ def test_render_errors_name_what_is_wrong(name, slots, message):
         ("a: {text: 'hi {0}'}\n", "template 'a': slot {0} is not a plain {name} field"),
         ("a: {text: 'hi {who.name}'}\n", "slot {who.name} is not a plain {name} field"),
         ("a: {text: 'hi {who'}\n", "template 'a': unbalanced braces (expected '}' before end"),
-        ("a: {text: 'hi {who}', defaults: {whom: x}}\n",
-         "template 'a': defaults for slot(s) not in its text: whom"),
-        ("a: {text: 'hi {who}', defaults: {who: [x]}}\n",
-         "template 'a': 'defaults' must map slots to strings"),
+        (
+            "a: {text: 'hi {who}', defaults: {whom: x}}\n",
+            "template 'a': defaults for slot(s) not in its text: whom",
+        ),
+        (
+            "a: {text: 'hi {who}', defaults: {who: [x]}}\n",
+            "template 'a': 'defaults' must map slots to strings",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_files_fail_naming_the_file_and_reason(tmp_path, content, message):
     path = tmp_path / "mine.yaml"
     path.write_text(content)

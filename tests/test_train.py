@@ -32,8 +32,18 @@ from cogpipe.workspace import StageResult, Workspace, write_table
 
 LORA = "pytorch_lora_weights.safetensors"
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = dict(rank=4, alpha=8, learning_rate=1e-3, lr_warmup_steps=0, max_steps=6, checkpoint_every=3,
-             batch_size=2, mixed_precision="no", gradient_checkpointing="off", device="cpu")  # fmt: skip
+TRAIN = dict(
+    rank=4,
+    alpha=8,
+    learning_rate=1e-3,
+    lr_warmup_steps=0,
+    max_steps=6,
+    checkpoint_every=3,
+    batch_size=2,
+    mixed_precision="no",
+    gradient_checkpointing="off",
+    device="cpu",
+)
 
 
 def _fake_precompute(folder: Path, n: int = 5, shard_size: int = 2) -> StageResult:
@@ -45,12 +55,29 @@ def _fake_precompute(folder: Path, n: int = 5, shard_size: int = 2) -> StageResu
         for j in range(i, min(i + shard_size, n)):
             tensors[f"clip{j}.latents"] = torch.randn(3, 4, 8, 8, generator=g)
             tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
-            rows.append({"clip_id": f"clip{j}", "caption": f"caption {j}", "shard": shard_name(i // shard_size),
-                         "latents_key": f"clip{j}.latents", "embeds_key": f"clip{j}.prompt_embeds",
-                         "status": "ok", "reason": ""})  # fmt: skip
+            rows.append(
+                {
+                    "clip_id": f"clip{j}",
+                    "caption": f"caption {j}",
+                    "shard": shard_name(i // shard_size),
+                    "latents_key": f"clip{j}.latents",
+                    "embeds_key": f"clip{j}.prompt_embeds",
+                    "status": "ok",
+                    "reason": "",
+                }
+            )
         write_shard(folder / shard_name(i // shard_size), tensors, {})
-    rows.append({"clip_id": "short", "caption": "c", "shard": None, "latents_key": None, "embeds_key": None,
-                 "status": "rejected", "reason": "too short"})  # fmt: skip
+    rows.append(
+        {
+            "clip_id": "short",
+            "caption": "c",
+            "shard": None,
+            "latents_key": None,
+            "embeds_key": None,
+            "status": "rejected",
+            "reason": "too short",
+        }
+    )
     index = pd.DataFrame(rows).assign(frames=9, height=64, width=64, latent_frames=3)
     write_table(folder / "index.parquet", index)
     return StageResult("precompute", "p1", str(folder))
@@ -62,8 +89,12 @@ def setup(tmp_path, tiny_models):
     upstream = {"precompute": _fake_precompute(tmp_path / "ws" / "precompute" / "p1")}
 
     def make(name: str | None = None, **overrides) -> PipelineConfig:
-        return PipelineConfig(workspace=ws.root, name=name, model=str(tiny_models["cogvideox"]),
-                              train=TrainConfig(**TRAIN | overrides))  # fmt: skip
+        return PipelineConfig(
+            workspace=ws.root,
+            name=name,
+            model=str(tiny_models["cogvideox"]),
+            train=TrainConfig(**TRAIN | overrides),
+        )
 
     return ws, make, upstream
 
@@ -85,11 +116,18 @@ def test_resumed_run_matches_an_uninterrupted_one(setup):
     full = train.run_train(ws, make("full"), upstream)
     run = Path(full.path)
     assert sorted(p.name for p in run.iterdir()) == [
-        "_SUCCESS.json", "checkpoint-000003", "checkpoint-000006", "logs", "losses.jsonl", "run.json"
-    ]  # fmt: skip
+        "_SUCCESS.json",
+        "checkpoint-000003",
+        "checkpoint-000006",
+        "logs",
+        "losses.jsonl",
+        "run.json",
+    ]
     assert sorted(p.name for p in (run / "checkpoint-000006").iterdir()) == [
-        "pytorch_lora_weights.safetensors", "state.json", "training_state.pt"
-    ]  # fmt: skip
+        "pytorch_lora_weights.safetensors",
+        "state.json",
+        "training_state.pt",
+    ]
     assert full.counts == {"steps": 6, "checkpoints": 2, "samples": 5}
     expected = _losses(run)
     assert [e["step"] for e in expected] == [1, 2, 3, 4, 5, 6]
@@ -175,8 +213,12 @@ def test_what_each_checkpointing_mode_runs_again(tiny_models):
 
     transformer = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
     cogvideox.add_lora(transformer, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 8), encoder_hidden_states=torch.randn(1, 16, 32),
-                  timestep=torch.tensor([10]), return_dict=False)  # fmt: skip
+    inputs = dict(
+        hidden_states=torch.randn(1, 3, 4, 8, 8),
+        encoder_hidden_states=torch.randn(1, 16, 32),
+        timestep=torch.tensor([10]),
+        return_dict=False,
+    )
     counts = {}
     for mode in ("off", "selective", "attention", "full"):
         speed.set_checkpointing(transformer, mode)
@@ -194,8 +236,9 @@ def test_validation_videos_leave_the_losses_as_they_were(setup, tiny_models):
 
     ws, make, upstream = setup
     plain = _losses(Path(train.run_train(ws, make("plain"), upstream).path))
-    evaluate = EvaluateConfig(prompts=["a slap"], seeds=[1, 2], steps=2, frames=9, height=64,
-                              width=64, device="cpu")  # fmt: skip
+    evaluate = EvaluateConfig(
+        prompts=["a slap"], seeds=[1, 2], steps=2, frames=9, height=64, width=64, device="cpu"
+    )
     cfg = make("validated", validation_every=2).model_copy(update={"evaluate": evaluate})
     result = train.run_train(ws, cfg, upstream)
     assert [g["loss"] for g in _losses(Path(result.path))] == [e["loss"] for e in plain]
@@ -238,8 +281,14 @@ def test_rotary_embeddings_match_the_pipeline():
     from cogpipe.models import cogvideox
 
     # A 5B-type config at a small size (the tiny model is 2B-type: no rotary embeddings).
-    config = SimpleNamespace(use_rotary_positional_embeddings=True, patch_size=2, patch_size_t=None,
-                             attention_head_dim=16, sample_width=12, sample_height=8)  # fmt: skip
+    config = SimpleNamespace(
+        use_rotary_positional_embeddings=True,
+        patch_size=2,
+        patch_size_t=None,
+        attention_head_dim=16,
+        sample_width=12,
+        sample_height=8,
+    )
     pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=SimpleNamespace(config=config))
     expected = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, 64, 96, 3, "cpu")
     got = cogvideox.rotary_embeddings(config, 64, 96, 3, "cpu")
@@ -280,9 +329,12 @@ def test_exported_lora_loads_in_the_pipeline_at_the_right_scale(setup, tiny_mode
     res = train.run_train(ws, make(), upstream)
     ckpt = Path(res.path) / "checkpoint-000006"
     g = torch.Generator().manual_seed(1)
-    inputs = dict(hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g),
-                  encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
-                  timestep=torch.tensor([500]), return_dict=False)  # fmt: skip
+    inputs = dict(
+        hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 16, 32, generator=g),
+        timestep=torch.tensor([500]),
+        return_dict=False,
+    )
 
     # The adapted transformer as training sees it: rank 4, alpha 8 (scale 2) from the config.
     trained = cogvideox.load_transformer(str(tiny_models["cogvideox"]), "cpu", torch.float32)
@@ -354,8 +406,13 @@ def test_compiled_selective_training_on_gpu_matches_eager(setup):
     ws, make, upstream = setup
     fp32 = dict(device="cuda", mixed_precision="no")
     eager = make("gpu-eager", **fp32, compile=False, gradient_checkpointing="off")
-    fast = make("gpu-fast", **fp32, compile=True, gradient_checkpointing="selective",
-                checkpointed_blocks=0.5)  # fmt: skip
+    fast = make(
+        "gpu-fast",
+        **fp32,
+        compile=True,
+        gradient_checkpointing="selective",
+        checkpointed_blocks=0.5,
+    )
     expected = _losses(Path(train.run_train(ws, eager, upstream).path))
     got = _losses(Path(train.run_train(ws, fast, upstream).path))
     assert [g["loss"] for g in got] == pytest.approx([e["loss"] for e in expected], rel=1e-4)
@@ -406,9 +463,17 @@ def test_a_second_run_waits_for_the_first_then_resumes_where_it_died(setup, tmp_
     (tmp_path / "config.json").write_text(cfg.model_dump_json())
     with open(tmp_path / "first.log", "wb") as log:
         first = subprocess.Popen(
-            [sys.executable, "-c", SLOW_RUN, str(tmp_path / "config.json"), upstream["precompute"].path],
-            env=os.environ | {"PYTHONPATH": str(REPO)}, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                SLOW_RUN,
+                str(tmp_path / "config.json"),
+                upstream["precompute"].path,
+            ],
+            env=os.environ | {"PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     lock = ws.lock_path("train-shared")
 
     def holds() -> bool:
@@ -484,8 +549,10 @@ LAUNCHER = textwrap.dedent(
 def test_no_rank_outlives_its_launcher(signum):
     import psutil
 
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(REPO / "tests")],
-                                env=os.environ | {"PYTHONPATH": str(REPO)})  # fmt: skip
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(REPO / "tests")],
+        env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
     parent = psutil.Process(launcher.pid)
 
     def ranks() -> list:

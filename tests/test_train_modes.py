@@ -26,9 +26,19 @@ from cogpipe.workspace import StageResult, Workspace, write_table
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = TrainConfig().target_modules
 TINY_TIC_FT = TicFtConfig(condition_frames=1, buffer_frames=2, target_frames=2)  # 5 latent frames
-TRAIN = dict(rank=4, alpha=8, learning_rate=1e-2, lr_warmup_steps=0, lr_scheduler="constant",
-             max_steps=10, checkpoint_every=5, batch_size=2, mixed_precision="no",
-             gradient_checkpointing="off", device="cpu")  # fmt: skip
+TRAIN = dict(
+    rank=4,
+    alpha=8,
+    learning_rate=1e-2,
+    lr_warmup_steps=0,
+    lr_scheduler="constant",
+    max_steps=10,
+    checkpoint_every=5,
+    batch_size=2,
+    mixed_precision="no",
+    gradient_checkpointing="off",
+    device="cpu",
+)
 MODES = {  # mode -> (train overrides, precompute overrides, latent frames, with references)
     "full": (dict(learning_rate=1e-3), {}, 3, False),
     "ic-lora": ({}, dict(reference="cogpipe.condition:canny"), 3, True),
@@ -43,16 +53,23 @@ def _fake_precompute(folder: Path, latent_frames: int, references: bool) -> Stag
     for j in range(2):
         tensors[f"clip{j}.latents"] = torch.randn(latent_frames, 4, 8, 8, generator=g)
         tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
-        row = {"clip_id": f"clip{j}", "caption": f"caption {j}", "shard": shard_name(0),
-               "latents_key": f"clip{j}.latents", "embeds_key": f"clip{j}.prompt_embeds",
-               "status": "ok", "reason": ""}  # fmt: skip
+        row = {
+            "clip_id": f"clip{j}",
+            "caption": f"caption {j}",
+            "shard": shard_name(0),
+            "latents_key": f"clip{j}.latents",
+            "embeds_key": f"clip{j}.prompt_embeds",
+            "status": "ok",
+            "reason": "",
+        }
         if references:
             tensors[f"clip{j}.reference_latents"] = torch.randn(latent_frames, 4, 8, 8, generator=g)
             row["reference_key"] = f"clip{j}.reference_latents"
         rows.append(row)
     write_shard(folder / shard_name(0), tensors, {})
-    index = pd.DataFrame(rows).assign(frames=4 * (latent_frames - 1) + 1, height=64, width=64,
-                                      latent_frames=latent_frames)  # fmt: skip
+    index = pd.DataFrame(rows).assign(
+        frames=4 * (latent_frames - 1) + 1, height=64, width=64, latent_frames=latent_frames
+    )
     write_table(folder / "index.parquet", index)
     return StageResult("precompute", "p1", str(folder))
 
@@ -72,7 +89,7 @@ def setup(tmp_path, tiny_models):
                 "model": str(tiny_models["cogvideox"]),
                 "train": t.model_dump(),
                 "precompute": pre_fields,
-            }  # fmt: skip
+            }
         )
 
     def upstream(mode: str) -> dict:
@@ -106,9 +123,19 @@ def _fixed_loss(transformer, model: str, cfg: PipelineConfig, pre: Path, draws: 
     reference = batch[2] if t.mode == "ic-lora" else None
     tic_ft = t.tic_ft if t.mode == "tic-ft" else None
     with torch.no_grad():
-        losses = [train.diffusion_loss(transformer, scheduler, batch[0], batch[1], None,
-                                       torch.Generator().manual_seed(d), reference, tic_ft).item()
-                  for d in range(draws)]  # fmt: skip
+        losses = [
+            train.diffusion_loss(
+                transformer,
+                scheduler,
+                batch[0],
+                batch[1],
+                None,
+                torch.Generator().manual_seed(d),
+                reference,
+                tic_ft,
+            ).item()
+            for d in range(draws)
+        ]
     return sum(losses) / draws
 
 
@@ -185,8 +212,9 @@ def test_full_checkpoints_hold_the_transformer_and_evaluate_and_generate_load_it
         "transformer",
     ]
     assert sorted(p.name for p in (ckpt / "transformer").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors"
-    ]  # fmt: skip
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     assert res.stats["lora_scale"] is None
     assert res.stats["trainable_params"] == sum(
         p.numel() for p in cogvideox.load_transformer(model, "cpu", torch.float32).parameters()
@@ -217,8 +245,9 @@ def test_full_checkpoints_hold_the_transformer_and_evaluate_and_generate_load_it
 
 def test_full_fine_tune_with_bf16_weights(setup):
     ws, make, upstream = setup
-    res = train.run_train(ws, make("full", max_steps=2, checkpoint_every=2, master_weights="bf16"),
-                          upstream("full"))  # fmt: skip
+    res = train.run_train(
+        ws, make("full", max_steps=2, checkpoint_every=2, master_weights="bf16"), upstream("full")
+    )
     assert all(
         v.dtype == torch.bfloat16 for v in _weights(Path(res.path) / "checkpoint-000002").values()
     )
@@ -244,8 +273,15 @@ def test_ic_lora_loss_has_no_gradient_at_the_reference_positions(tiny_models):
         seen["output"] = output[0]
 
     handle = transformer.register_forward_hook(hook, with_kwargs=True)
-    loss = train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                                torch.Generator().manual_seed(1), reference=reference)  # fmt: skip
+    loss = train.diffusion_loss(
+        transformer,
+        scheduler,
+        latents,
+        embeds,
+        None,
+        torch.Generator().manual_seed(1),
+        reference=reference,
+    )
     loss.backward()
     handle.remove()
     fed, grad = seen["input"], seen["output"].grad
@@ -259,8 +295,12 @@ def test_ic_lora_loss_has_no_gradient_at_the_reference_positions(tiny_models):
 def test_buffer_timesteps_rise_from_clean_to_the_target():
     t = torch.tensor([999, 600, 250, 100, 0])
     assert train.buffer_timesteps(t, 3, 1000).tolist() == [
-        [250, 500, 750], [250, 500, 600], [250, 250, 250], [100, 100, 100], [0, 0, 0]
-    ]  # fmt: skip
+        [250, 500, 750],
+        [250, 500, 600],
+        [250, 250, 250],
+        [100, 100, 100],
+        [0, 0, 0],
+    ]
     assert train.buffer_timesteps(t[:1], 1, 1000).tolist() == [[500]]
     assert train.buffer_timesteps(t, 0, 1000).shape == (5, 0)
     levels = train.buffer_timesteps(torch.arange(1000), 4, 1000)
@@ -287,8 +327,15 @@ def test_tic_ft_feeds_buffer_frames_at_their_scheduled_noise_levels(tiny_models)
         lambda m, a, kw: seen.update(kw), with_kwargs=True
     )
     with torch.no_grad():
-        train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                             torch.Generator().manual_seed(seed), tic_ft=layout)  # fmt: skip
+        train.diffusion_loss(
+            transformer,
+            scheduler,
+            latents,
+            embeds,
+            None,
+            torch.Generator().manual_seed(seed),
+            tic_ft=layout,
+        )
     handle.remove()
     fed = seen["hidden_states"]
     assert torch.equal(seen["timestep"], timesteps)  # the model is told the target's timestep
@@ -321,8 +368,15 @@ def test_tic_ft_loss_covers_the_target_frames_only(tiny_models):
         seen["output"] = output[0]
 
     transformer.register_forward_hook(hook, with_kwargs=True)
-    train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                         torch.Generator().manual_seed(2), tic_ft=TINY_TIC_FT).backward()  # fmt: skip
+    train.diffusion_loss(
+        transformer,
+        scheduler,
+        latents,
+        embeds,
+        None,
+        torch.Generator().manual_seed(2),
+        tic_ft=TINY_TIC_FT,
+    ).backward()
     grad = seen["output"].grad  # [1, 5, 4, 8, 8]: condition, 2 buffers, 2 targets
     assert torch.count_nonzero(grad[:, :3]) == 0
     assert torch.count_nonzero(grad[:, 3:]) == grad[:, 3:].numel()
@@ -335,8 +389,16 @@ def test_tic_ft_run_writes_validation_videos_of_its_target_frames(setup, tiny_mo
     from cogpipe.config import EvaluateConfig
 
     ws, make, upstream = setup
-    evaluate_cfg = EvaluateConfig(prompts=["a slap"], seeds=[1], steps=2, frames=9, height=64,
-                                  width=64, device="cpu", clip_model="unused")  # fmt: skip
+    evaluate_cfg = EvaluateConfig(
+        prompts=["a slap"],
+        seeds=[1],
+        steps=2,
+        frames=9,
+        height=64,
+        width=64,
+        device="cpu",
+        clip_model="unused",
+    )
     cfg = make("tic-ft", max_steps=2, checkpoint_every=2, validation_every=2)
     res = train.run_train(ws, cfg.model_copy(update={"evaluate": evaluate_cfg}), upstream("tic-ft"))
     assert res.counts["validations"] == 1
@@ -376,8 +438,11 @@ def test_each_mode_keys_only_its_own_fields():
     assert "rank" not in full.key_fields() and full.key_fields()["master_weights"] == "fp32"
     assert TrainConfig(mode="full", rank=8).key_fields() == full.key_fields()
     tic = TrainConfig(mode="tic-ft").key_fields()
-    assert tic["mode"] == "tic-ft" and tic["tic_ft"] == {"condition_frames": 1, "buffer_frames": 3,
-                                                          "target_frames": 12}  # fmt: skip
+    assert tic["mode"] == "tic-ft" and tic["tic_ft"] == {
+        "condition_frames": 1,
+        "buffer_frames": 3,
+        "target_frames": 12,
+    }
     assert "tic_ft" not in TrainConfig(mode="ic-lora").key_fields()
 
 
@@ -386,13 +451,16 @@ def test_each_mode_keys_only_its_own_fields():
     [
         ("train:\n  mode: ic-lora\n", r"train.mode ic-lora needs precompute.reference"),
         ("train:\n  mode: tic-ft\n", r"needs precompute.frames 61, got 49"),
-        ("train:\n  mode: tic-ft\n  tic_ft:\n    buffer_frames: 1\n    target_frames: 4\n"
-         "precompute:\n  frames: 61\n", r"1 condition \+ 1 buffer \+ 4 target .*frames 21, got 61"),
+        (
+            "train:\n  mode: tic-ft\n  tic_ft:\n    buffer_frames: 1\n    target_frames: 4\n"
+            "precompute:\n  frames: 61\n",
+            r"1 condition \+ 1 buffer \+ 4 target .*frames 21, got 61",
+        ),
         ("train:\n  mode: qlora\n", r"train.mode"),
         ("precompute:\n  reference: not a path\n", r"precompute.reference"),
         ("precompute:\n  reference_options: {low: 5}\n", r"reference_options given without"),
     ],
-)  # fmt: skip
+)
 def test_mode_settings_fail_at_load_with_the_reason(tmp_path, yaml_text, error):
     path = tmp_path / "c.yaml"
     path.write_text(yaml_text)

@@ -29,9 +29,20 @@ from cogpipe.workspace import StageResult, Workspace, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TRAIN = dict(rank=4, alpha=8, learning_rate=1e-2, lr_warmup_steps=0, lr_scheduler="constant",
-             max_steps=6, checkpoint_every=3, batch_size=1, gradient_accumulation_steps=2,
-             mixed_precision="no", gradient_checkpointing="off", device="cpu")  # fmt: skip
+TRAIN = dict(
+    rank=4,
+    alpha=8,
+    learning_rate=1e-2,
+    lr_warmup_steps=0,
+    lr_scheduler="constant",
+    max_steps=6,
+    checkpoint_every=3,
+    batch_size=1,
+    gradient_accumulation_steps=2,
+    mixed_precision="no",
+    gradient_checkpointing="off",
+    device="cpu",
+)
 
 
 def _fake_precompute(folder: Path, n: int = 2) -> StageResult:
@@ -41,12 +52,22 @@ def _fake_precompute(folder: Path, n: int = 2) -> StageResult:
     for j in range(n):
         tensors[f"clip{j}.latents"] = torch.randn(3, 4, 8, 8, generator=g)
         tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
-        rows.append({"clip_id": f"clip{j}", "caption": f"caption {j}", "shard": shard_name(0),
-                     "latents_key": f"clip{j}.latents", "embeds_key": f"clip{j}.prompt_embeds",
-                     "status": "ok", "reason": ""})  # fmt: skip
+        rows.append(
+            {
+                "clip_id": f"clip{j}",
+                "caption": f"caption {j}",
+                "shard": shard_name(0),
+                "latents_key": f"clip{j}.latents",
+                "embeds_key": f"clip{j}.prompt_embeds",
+                "status": "ok",
+                "reason": "",
+            }
+        )
     write_shard(folder / shard_name(0), tensors, {})
-    write_table(folder / "index.parquet", pd.DataFrame(rows).assign(frames=9, height=64, width=64,
-                                                                   latent_frames=3))  # fmt: skip
+    write_table(
+        folder / "index.parquet",
+        pd.DataFrame(rows).assign(frames=9, height=64, width=64, latent_frames=3),
+    )
     return StageResult("precompute", "p1", str(folder))
 
 
@@ -56,8 +77,12 @@ def setup(tmp_path, tiny_models):
     upstream = {"precompute": _fake_precompute(tmp_path / "ws" / "precompute" / "p1")}
 
     def make(name: str, **overrides) -> PipelineConfig:
-        return PipelineConfig(workspace=ws.root, name=name, model=str(tiny_models["cogvideox"]),
-                              train=TrainConfig(**TRAIN | overrides))  # fmt: skip
+        return PipelineConfig(
+            workspace=ws.root,
+            name=name,
+            model=str(tiny_models["cogvideox"]),
+            train=TrainConfig(**TRAIN | overrides),
+        )
 
     return ws, make, upstream
 
@@ -88,8 +113,11 @@ def _kill_rank(rank: int, at_step: int):
 
     def progress(step, total, note):
         if step == at_step:
-            (proc,) = [p for p in multiprocessing.active_children()
-                       if p.name == f"cogpipe-train-rank{rank}"]  # fmt: skip
+            (proc,) = [
+                p
+                for p in multiprocessing.active_children()
+                if p.name == f"cogpipe-train-rank{rank}"
+            ]
             os.kill(proc.pid, signal.SIGKILL)
 
     return progress
@@ -104,8 +132,9 @@ def test_ddp_lora_is_the_single_process_run(setup):
     assert train.key_of(one, {"precompute": "p1"}) == train.key_of(two, {"precompute": "p1"})
     single = train.run_train(ws, one, upstream)
     # Rank 0 makes validation videos at step 3 while rank 1 waits in the next step.
-    evaluate = EvaluateConfig(prompts=["a slap"], steps=2, frames=9, height=64, width=64,
-                              device="cpu")  # fmt: skip
+    evaluate = EvaluateConfig(
+        prompts=["a slap"], steps=2, frames=9, height=64, width=64, device="cpu"
+    )
     two = make("two", num_processes=2, validation_every=3).model_copy(update={"evaluate": evaluate})
     ddp = train.run_train(ws, two, upstream)
     videos = sorted(p.relative_to(ddp.path).as_posix() for p in Path(ddp.path).rglob("*.mp4"))
@@ -120,10 +149,13 @@ def test_ddp_lora_is_the_single_process_run(setup):
         [p.name for p in Path(single.path).iterdir()] + ["validation"]
     )
     assert sorted(p.name for p in (run / "checkpoint-000006").iterdir()) == [
-        "pytorch_lora_weights.safetensors", "state.json", "training_state.pt"
-    ]  # fmt: skip
-    _assert_close(_weights(run / "checkpoint-000006"),
-                  _weights(Path(single.path) / "checkpoint-000006"))  # fmt: skip
+        "pytorch_lora_weights.safetensors",
+        "state.json",
+        "training_state.pt",
+    ]
+    _assert_close(
+        _weights(run / "checkpoint-000006"), _weights(Path(single.path) / "checkpoint-000006")
+    )
     state = torch.load(run / "checkpoint-000006" / train.STATE_FILE, weights_only=True)
     assert len(state["rng_ranks"]) == 2 and state["micro_batch"] == 12  # 6 steps x 2
 
@@ -149,8 +181,9 @@ def test_fsdp_full_fine_tune_resumes_after_a_rank_is_killed(setup):
     assert _losses(run) == pytest.approx(_losses(Path(single.path)), rel=1e-5)
     ckpt = run / "checkpoint-000006"
     assert sorted(p.name for p in (ckpt / "transformer").iterdir()) == [
-        "config.json", "diffusion_pytorch_model.safetensors"
-    ]  # fmt: skip
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
     _assert_close(_weights(ckpt), _weights(Path(single.path) / "checkpoint-000006"))
     # Optimizer states by parameter name, whole: a single process resumes from them too.
     state = torch.load(ckpt / train.STATE_FILE, weights_only=True)
@@ -168,8 +201,14 @@ def test_two_gpus_give_the_one_gpu_run(setup, mode, strategy):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     ws, make, upstream = setup
-    gpu = dict(mode=mode, device="cuda", mixed_precision="auto", compile=True,
-               gradient_checkpointing="selective", learning_rate=1e-3)  # fmt: skip
+    gpu = dict(
+        mode=mode,
+        device="cuda",
+        mixed_precision="auto",
+        compile=True,
+        gradient_checkpointing="selective",
+        learning_rate=1e-3,
+    )
     one = train.run_train(ws, make(f"{mode}-one", **gpu), upstream)
     two = train.run_train(ws, make(f"{mode}-two", **gpu, num_processes=2), upstream)
     assert (two.stats["strategy"], two.stats["processes"]) == (strategy, 2)
@@ -181,7 +220,9 @@ def test_two_gpus_give_the_one_gpu_run(setup, mode, strategy):
 def test_process_count_and_strategy(monkeypatch):
     def plan(env: str | None, **fields):
         t = TrainConfig(**fields)
-        return distributed.parallelism(t, "cuda", {} if env is None else {"CUDA_VISIBLE_DEVICES": env})
+        return distributed.parallelism(
+            t, "cuda", {} if env is None else {"CUDA_VISIBLE_DEVICES": env}
+        )
 
     assert plan("0,1", gradient_accumulation_steps=4) == ("ddp", 2)
     assert plan("0,1", gradient_accumulation_steps=4, mode="full") == ("fsdp", 2)
@@ -213,13 +254,15 @@ def test_process_count_and_strategy(monkeypatch):
     ("fields", "error"),
     [
         (dict(num_processes=3, gradient_accumulation_steps=4), r"num_processes 3 must divide"),
-        (dict(strategy="single", num_processes=2, gradient_accumulation_steps=2),
-         r"strategy single runs one process"),
+        (
+            dict(strategy="single", num_processes=2, gradient_accumulation_steps=2),
+            r"strategy single runs one process",
+        ),
         (dict(strategy="fsdp"), r"strategy fsdp shards a full fine-tune; mode lora"),
         (dict(strategy="fsdp", mode="full", validation_every=10), r"fsdp makes no validation"),
         (dict(strategy="fsdp", mode="full", optimizer="adamw8bit"), r"adamw8bit does not take"),
     ],
-)  # fmt: skip
+)
 def test_process_settings_fail_at_load(fields, error):
     with pytest.raises(ValueError, match=error):
         TrainConfig(**fields)
@@ -280,9 +323,11 @@ def test_bench_dry_run():
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [json.loads(line) for line in run.stdout.splitlines()]
     assert [(line["case"].split()[1], line["metric"]) for line in lines] == [
-        ("ddp-lora", "steps_per_s"), ("ddp-lora", "peak_mem_gb_per_gpu"),
-        ("fsdp-full", "steps_per_s"), ("fsdp-full", "peak_mem_gb_per_gpu"),
-    ]  # fmt: skip
+        ("ddp-lora", "steps_per_s"),
+        ("ddp-lora", "peak_mem_gb_per_gpu"),
+        ("fsdp-full", "steps_per_s"),
+        ("fsdp-full", "peak_mem_gb_per_gpu"),
+    ]
     fields = {"bench", "case", "metric", "value", "reference", "ratio", "device", "date", "commit"}
     assert all(fields <= line.keys() and line["bench"] == "train_ddp" for line in lines)
     for line in lines[::2]:  # 2 processes split the step 1 process makes: the same loss
@@ -296,19 +341,27 @@ def test_sharded_step_under_autocast_is_the_plain_one(tiny_models):
     import torch.distributed as dist
 
     model = str(tiny_models["cogvideox"])
-    t = TrainConfig(mode="full", learning_rate=1e-3, lr_warmup_steps=0, max_steps=2,
-                    gradient_checkpointing="off", device="cpu")  # fmt: skip
+    t = TrainConfig(
+        mode="full",
+        learning_rate=1e-3,
+        lr_warmup_steps=0,
+        max_steps=2,
+        gradient_checkpointing="off",
+        device="cpu",
+    )
     g = torch.Generator().manual_seed(0)
-    batch = [(torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g),
-              (64, 64, 3))]  # fmt: skip
+    batch = [
+        (torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 16, 32, generator=g), (64, 64, 3))
+    ]
     got = {}
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         for strategy in ("single", "fsdp"):
             # bf16 weights in, fp32 master weights trained under bf16 autocast
             transformer = cogvideox.load_transformer(model, "cpu", torch.bfloat16)
-            trainer = train.build_trainer(transformer, cogvideox.load_scheduler(model), t, 0, "cpu",
-                                          strategy)  # fmt: skip
+            trainer = train.build_trainer(
+                transformer, cogvideox.load_scheduler(model), t, 0, "cpu", strategy
+            )
             assert trainer.autocast == torch.bfloat16 and trainer.scaler is None
             got[strategy] = [trainer.step(s, batch)[0].item() for s in (1, 2)]
     finally:

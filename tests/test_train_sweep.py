@@ -40,17 +40,33 @@ def test_results_pick_each_cells_best_checkpoint_and_rank_the_cells(tmp_path):
     grid = {"train.rank": [4, 8, 16]}
     ek = eval_key(base)
     rows = [  # rank 16 was never evaluated; an old row (no interval columns) reads as NaN
-        ("s-rank4", "checkpoint-000100", 0.20, 300.0), ("s-rank4", "checkpoint-000200", 0.25, 200.0),
-        ("s-rank8", "checkpoint-000100", 0.30, 250.0), ("s-rank8", "base", 0.10, 10.0),
+        ("s-rank4", "checkpoint-000100", 0.20, 300.0),
+        ("s-rank4", "checkpoint-000200", 0.25, 200.0),
+        ("s-rank8", "checkpoint-000100", 0.30, 250.0),
+        ("s-rank8", "base", 0.10, 10.0),
         ("other-rank4", "checkpoint-000100", 0.99, 1.0),
-    ]  # fmt: skip
+    ]
     index = pd.DataFrame(
-        [{"ekey": ek, "run": r, "checkpoint": c, "step": 0 if c == "base" else int(c[-6:]),
-          "clip_score": s, "clip_score_low": s - 0.01, "clip_score_high": s + 0.01,
-          "temporal_consistency": 0.5, "dynamic_degree": 0.1, "fd_videomae": f,
-          "fd_videomae_low": f - 5, "fd_videomae_high": f + 5, "videos": 2, "evaluated_at": ""}
-         for r, c, s, f in rows],
-    )  # fmt: skip
+        [
+            {
+                "ekey": ek,
+                "run": r,
+                "checkpoint": c,
+                "step": 0 if c == "base" else int(c[-6:]),
+                "clip_score": s,
+                "clip_score_low": s - 0.01,
+                "clip_score_high": s + 0.01,
+                "temporal_consistency": 0.5,
+                "dynamic_degree": 0.1,
+                "fd_videomae": f,
+                "fd_videomae_low": f - 5,
+                "fd_videomae_high": f + 5,
+                "videos": 2,
+                "evaluated_at": "",
+            }
+            for r, c, s, f in rows
+        ],
+    )
     write_table(tmp_path / "evaluate" / "index.parquet", index)
     ws = Workspace(tmp_path)
 

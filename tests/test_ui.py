@@ -136,22 +136,38 @@ def test_run_form_with_only_config_file_runs_the_demo_and_shows_its_artifacts(
     shoot(browser, tmp_path, "pipeline-run.png")
 
     body = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
-    tabs = wait.until(lambda b: [t for t in b.find_elements(By.CSS_SELECTOR, "li.p-tab")
-                                 if t.text.strip() == "Artifacts"])  # fmt: skip
+    tabs = wait.until(
+        lambda b: [
+            t for t in b.find_elements(By.CSS_SELECTOR, "li.p-tab") if t.text.strip() == "Artifacts"
+        ]
+    )
     browser.execute_script("arguments[0].click();", tabs[0])
     wait.until(lambda b: "pipeline-summary" in body(b))
     time.sleep(1)
     shoot(browser, tmp_path, "pipeline-artifacts.png")
 
-    link = wait.until(lambda b: [a.get_attribute("href") for a in b.find_elements(By.TAG_NAME, "a")
-                                 if "pipeline-summary" in a.text])  # fmt: skip
+    link = wait.until(
+        lambda b: [
+            a.get_attribute("href")
+            for a in b.find_elements(By.TAG_NAME, "a")
+            if "pipeline-summary" in a.text
+        ]
+    )
     browser.get(link[0])  # the artifact's page renders its markdown table
     wait.until(lambda b: "precompute" in body(b) and "evaluate" in body(b))
     time.sleep(1)
     shoot(browser, tmp_path, "pipeline-summary.png")
     text = body(browser)
-    for stage in ("ingest", "check", "caption", "recaption", "filter", "precompute", "train",
-                  "evaluate"):  # fmt: skip
+    for stage in (
+        "ingest",
+        "check",
+        "caption",
+        "recaption",
+        "filter",
+        "precompute",
+        "train",
+        "evaluate",
+    ):
         assert stage in text, stage
     assert "pool gpu" in text  # the GPU stages ran on the gpu pool
 
@@ -162,8 +178,16 @@ def test_submit_sends_the_demo_config_to_the_deployed_pipeline_and_waits(
     """`cogpipe submit demo.yaml --set ... --wait` against the served server: the run's UI
     link, then its final state; the override reaches the run."""
     env = os.environ | {"PREFECT_API_URL": served.api_url}
-    cmd = [sys.executable, "-m", "cogpipe.cli", "submit", str(served_demo_file), "--wait",
-           "--set", f"train.max_steps={served_demo.train.max_steps}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cogpipe.cli",
+        "submit",
+        str(served_demo_file),
+        "--wait",
+        "--set",
+        f"train.max_steps={served_demo.train.max_steps}",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

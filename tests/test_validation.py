@@ -28,8 +28,20 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def make_cfg(models: dict[str, Path], **evaluate_fields) -> PipelineConfig:
-    fields = dict(prompts=PROMPTS[:1], seeds=[42], steps=2, frames=9, height=64, width=64, fps=8,
-                  clip_model=str(models["clip"]), device="cpu") | evaluate_fields  # fmt: skip
+    fields = (
+        dict(
+            prompts=PROMPTS[:1],
+            seeds=[42],
+            steps=2,
+            frames=9,
+            height=64,
+            width=64,
+            fps=8,
+            clip_model=str(models["clip"]),
+            device="cpu",
+        )
+        | evaluate_fields
+    )
     return PipelineConfig(model=str(models["cogvideox"]), evaluate=EvaluateConfig(**fields))
 
 
@@ -67,8 +79,13 @@ def test_run_writes_every_prompt_and_seed_and_leaves_training_as_it_was(tmp_path
     folder = tmp_path / "run" / "validation" / "step-000012"
     assert validation.folder_of(tmp_path / "run", 12) == folder
     assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == [  # no temporary folder left
-        "p00-s42.mp4", "p00-s7.mp4", "p01-s42.mp4", "p01-s7.mp4", "step-000012", "validation",
-    ]  # fmt: skip
+        "p00-s42.mp4",
+        "p00-s7.mp4",
+        "p01-s42.mp4",
+        "p01-s7.mp4",
+        "step-000012",
+        "validation",
+    ]
     videos = {p.name: decode(p) for p in folder.iterdir()}
     assert all(video.shape == (9, 64, 64, 3) for video in videos.values())
     assert np.abs(videos["p00-s42.mp4"].astype(int) - videos["p00-s7.mp4"]).mean() > 1.0
@@ -166,8 +183,9 @@ def _two_steps(model: Path, v: validation.Validation | None, out: Path) -> list[
         # After validation the training graphs are used as they are.
         stance = torch.compiler.set_stance("fail_on_recompile") if step == 2 else nullcontext()
         with stance:
-            loss = train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                                        train.generator("step", 0, step))  # fmt: skip
+            loss = train.diffusion_loss(
+                transformer, scheduler, latents, embeds, None, train.generator("step", 0, step)
+            )
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -200,8 +218,9 @@ def test_validation_on_gpu_releases_memory_and_keeps_compiled_training(tmp_path,
     embeds = torch.randn(2, 16, 32, generator=g).to("cuda", torch.float16)
 
     def step(n: int) -> float:  # a training step (forward and backward)
-        loss = train.diffusion_loss(transformer, scheduler, latents, embeds, None,
-                                    train.generator("step", 0, n))  # fmt: skip
+        loss = train.diffusion_loss(
+            transformer, scheduler, latents, embeds, None, train.generator("step", 0, n)
+        )
         loss.backward()
         transformer.zero_grad(set_to_none=True)
         return loss.item()

@@ -114,8 +114,9 @@ def test_variable_frame_rate_reads_match_a_plain_decode(tmp_path):
     ticks = np.cumsum((0,) + VFR_TICKS * 6)  # in 1/30 s
     frames = list(_moving(len(ticks), seed=1))
     options = {"preset": "veryfast", "g": "15", "bf": "2"}
-    path = _encode(tmp_path / "vfr.mp4", frames, fps=30, pts=[int(k) for k in ticks],
-                   options=options)  # fmt: skip
+    path = _encode(
+        tmp_path / "vfr.mp4", frames, fps=30, pts=[int(k) for k in ticks], options=options
+    )
     assert probe_video(path)[0]["vfr"]
     all_t, all_f = _all_frames(path)
     times = [0.0, 0.4, 1.0, 1.37, 2.5, 2.9, 3.5]

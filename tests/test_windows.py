@@ -37,14 +37,24 @@ def corpus(tmp_path_factory, tiny_models):
 
     def make(filter: dict | None = None, **precompute) -> PipelineConfig:
         raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEMO_CONFIG.items()}
-        raw |= {"workspace": str(root / "ws"), "model": str(tiny_models["cogvideox"]),
-                "ingest": {"source": str(root / "src")}}  # fmt: skip
+        raw |= {
+            "workspace": str(root / "ws"),
+            "model": str(tiny_models["cogvideox"]),
+            "ingest": {"source": str(root / "src")},
+        }
         raw["check"] |= {"heldout_fraction": 0.0}  # every kept clip trains
         raw["caption"]["model"] = str(tiny_models["llava"])
         raw["evaluate"]["clip_model"] = str(tiny_models["clip"])
         raw["filter"] |= filter or {}
-        raw["precompute"] = {"frames": 49, "fps": 8, "height": 64, "width": 64,
-                             "shard_size": 16, "min_psnr": 0, **precompute}  # fmt: skip
+        raw["precompute"] = {
+            "frames": 49,
+            "fps": 8,
+            "height": 64,
+            "width": 64,
+            "shard_size": 16,
+            "min_psnr": 0,
+            **precompute,
+        }
         return PipelineConfig.model_validate(raw)
 
     run_stage(make(), "ingest")
@@ -93,8 +103,15 @@ def test_frame_buckets_give_each_clip_the_longest_window_that_fits(corpus, monke
 
     # Every kept clip selected (the filter stands aside), then precompute.
     folder = Path(cfg.workspace) / "filter" / "all-kept"
-    curated = pd.DataFrame({"clip_id": clips.clip_id, "caption": "A square slides.",
-                            "score": 1.0, "selected": True, "reasons": ""})  # fmt: skip
+    curated = pd.DataFrame(
+        {
+            "clip_id": clips.clip_id,
+            "caption": "A square slides.",
+            "score": 1.0,
+            "selected": True,
+            "reasons": "",
+        }
+    )
     write_table(folder / "curated.parquet", curated)
     upstream = {"check": check, "filter": StageResult("filter", "all-kept", str(folder))}
     encode, shapes = cogvideox.encode_video, []
@@ -109,8 +126,15 @@ def test_frame_buckets_give_each_clip_the_longest_window_that_fits(corpus, monke
     assert (index.status == "ok").all()
     frames = index.groupby("name").frames.agg(set).map(sorted).to_dict()
     # (n - 1) / 8 s <= length: 49 needs 6.0 s, 33 needs 4.0 s, 25 3.0 s, 17 2.0 s.
-    assert frames == {S2: [17], S4: [33], S5_9: [33], S6_1: [49], S13: [49], S40: [49],
-                      "portrait": [49]}  # fmt: skip
+    assert frames == {
+        S2: [17],
+        S4: [33],
+        S5_9: [33],
+        S6_1: [49],
+        S13: [49],
+        S40: [49],
+        "portrait": [49],
+    }
     assert (index.latent_frames == (index.frames - 1) // 4 + 1).all()
     assert sorted(shapes) == [(1, 17, 64, 64, 3), (2, 33, 64, 64, 3), (5, 49, 64, 64, 3)]
     assert result.stats["frames"] == {"17": 1, "33": 2, "49": 5}
@@ -152,8 +176,10 @@ def test_window_spans_and_the_near_duplicates_of_one_video():
     reason = "too short for a training window (5.99 s < 6.00 s: 49 frames at 8 fps)"
     assert w.too_short(5.99) == reason
     assert Windows.of(PrecomputeConfig(windows=3)).spans(0, 60) == [
-        (0.0, 6.0, 0), (24.0, 30.0, 4), (54.0, 60.0, 9)
-    ]  # fmt: skip
+        (0.0, 6.0, 0),
+        (24.0, 30.0, 4),
+        (54.0, 60.0, 9),
+    ]
     assert Windows.of(PrecomputeConfig()).spans(0, 60) == [(0, 60, None)]  # windows: first
     # Spans of one video (group 0) look alike on average (mean 2 bits), not at every point
     # (one point 8 bits off): not duplicates. Two other videos that close are.
@@ -185,8 +211,11 @@ def test_a_temporal_patch_of_2_takes_only_16k_plus_1_frames(tmp_path, tiny_model
 
     config = cogvideox.transformer_config(str(tiny_models["cogvideox"]))
     monkeypatch.setattr(cogvideox, "transformer_config", lambda model: config | {"patch_size_t": 2})
-    cfg = PipelineConfig(workspace=tmp_path, model=str(tiny_models["cogvideox"]),
-                         precompute={"frame_buckets": [33, 25, 17]})  # fmt: skip
+    cfg = PipelineConfig(
+        workspace=tmp_path,
+        model=str(tiny_models["cogvideox"]),
+        precompute={"frame_buckets": [33, 25, 17]},
+    )
     nowhere = {s: StageResult(s, "k", str(tmp_path / s)) for s in ("check", "filter")}
     with pytest.raises(precompute.ConfigError, match=r"must be 16k\+1 .*; 25 of frames 49 and"):
         precompute.run_precompute(Workspace(tmp_path), cfg, nowhere)

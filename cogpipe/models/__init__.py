@@ -18,8 +18,9 @@ def quiet_local_load(model: str) -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    libraries = [lib for lib in (diffusers_logging, transformers_logging)
-                 if lib.is_progress_bar_enabled()]  # fmt: skip
+    libraries = [
+        lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()
+    ]
     for lib in libraries:
         lib.disable_progress_bar()
     try:

@@ -419,14 +419,21 @@ def rotary_embeddings(
     if p_t is None:  # CogVideoX 1.0
         crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
         return get_3d_rotary_pos_embed(
-            embed_dim=get("attention_head_dim"), crops_coords=crops, grid_size=(grid_h, grid_w),
-            temporal_size=frames, device=device,
-        )  # fmt: skip
+            embed_dim=get("attention_head_dim"),
+            crops_coords=crops,
+            grid_size=(grid_h, grid_w),
+            temporal_size=frames,
+            device=device,
+        )
     return get_3d_rotary_pos_embed(  # CogVideoX 1.5
-        embed_dim=get("attention_head_dim"), crops_coords=None, grid_size=(grid_h, grid_w),
-        temporal_size=(frames + p_t - 1) // p_t, grid_type="slice", max_size=(base_h, base_w),
+        embed_dim=get("attention_head_dim"),
+        crops_coords=None,
+        grid_size=(grid_h, grid_w),
+        temporal_size=(frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
         device=device,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -525,8 +532,9 @@ def load_lora_checked(transformer, file: Path) -> None:
 
     ours = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(transformer).items()}
     with safe_open(str(file), "pt") as f:
-        theirs = {k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape())
-                  for k in f.keys()}  # fmt: skip
+        theirs = {
+            k.removeprefix("transformer."): tuple(f.get_slice(k).get_shape()) for k in f.keys()
+        }
     extra, lacking = sorted(theirs.keys() - ours.keys()), sorted(ours.keys() - theirs.keys())
     if extra or lacking:
         where = f"has {extra[0]}, which" if extra else f"lacks {lacking[0]}, which"

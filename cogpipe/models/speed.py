@@ -53,8 +53,12 @@ def attention_kernel(name: AttentionBackend) -> Iterator[None]:
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]  # fmt: skip
+    backend = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
     with sdpa_kernel([backend]):
         yield
 
@@ -64,8 +68,12 @@ def _attention_ops() -> set:
     import torch
 
     aten = torch.ops.aten
-    names = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu")  # fmt: skip
+    names = (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
     return {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
 
@@ -104,8 +112,10 @@ def _checkpointed(cls: type, mode: Checkpointing) -> type:
     from torch.utils.checkpoint import checkpoint
 
     # Full checkpointing passes no context_fn at all: torch.compile cannot trace the default one.
-    policies = {"selective": partial(_selective_context, True),
-                "attention": partial(_selective_context, False)}  # fmt: skip
+    policies = {
+        "selective": partial(_selective_context, True),
+        "attention": partial(_selective_context, False),
+    }
     options = {"context_fn": policies[mode]} if mode in policies else {}
 
     def forward(self, *args, **kwargs):
@@ -114,8 +124,15 @@ def _checkpointed(cls: type, mode: Checkpointing) -> type:
         if not torch.is_grad_enabled():  # validation and inference: nothing to save
             return cls.forward(self, *args, **kwargs)
         # No random op runs in a block (dropout is 0), so no RNG state needs restoring.
-        return checkpoint(cls.forward, self, *args, use_reentrant=False, preserve_rng_state=False,
-                          **options, **kwargs)  # fmt: skip
+        return checkpoint(
+            cls.forward,
+            self,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=False,
+            **options,
+            **kwargs,
+        )
 
     sub = type(f"{mode.title()}Checkpointed{cls.__name__}", (cls,), {"forward": forward})
     _SUBCLASSES[cls, mode] = sub
