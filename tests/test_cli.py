@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from cogpipe.cli import main
+from cogpipe.config import STAGES
 from cogpipe.demo import DEMO_CONFIG
 
 
@@ -20,16 +21,7 @@ def test_status_before_anything_ran(tmp_path, sample_videos, capsys):
     path = write_config(tmp_path, sample_videos)
     assert main(["status", str(path), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert list(status) == [
-        "ingest",
-        "check",
-        "caption",
-        "recaption",
-        "filter",
-        "precompute",
-        "train",
-        "evaluate",
-    ]
+    assert list(status) == list(STAGES)  # every stage, in pipeline order
     assert not any(s["done"] for s in status.values())
     assert status["ingest"]["path"].startswith(str(tmp_path / "workspace" / "ingest"))
 

@@ -9,11 +9,11 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_support import cogpipe_command, run_cogpipe
 
 from cogpipe.config import dump_config
 from cogpipe_flows.serve import free_port
@@ -32,22 +32,11 @@ def home_env(tmp_path) -> dict[str, str]:
     return env
 
 
-def cogpipe(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cogpipe.cli", *args]
-
-
 def test_run_keeps_its_prefect_database_in_the_workspace(demo_config, tmp_path, home_env):
     cfg = demo_config()
     path = tmp_path / "run.yaml"
     path.write_text(dump_config(cfg))
-    proc = subprocess.run(
-        cogpipe("run", str(path), "--until", "ingest"),
-        env=home_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_cogpipe("run", str(path), "--until", "ingest", env=home_env, timeout=600)
     assert (cfg.workspace / ".prefect" / "prefect.db").is_file()
     assert not (Path(home_env["HOME"]) / ".prefect").exists()
 
@@ -57,7 +46,7 @@ def test_serve_keeps_its_own_home_and_leaves_no_schedule_that_would_fail(tmp_pat
     env = home_env | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1"}
     port = free_port()
     proc = subprocess.Popen(
-        cogpipe("serve", "--port", str(port), "--logs", str(logs)),
+        cogpipe_command("serve", "--port", str(port), "--logs", str(logs)),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

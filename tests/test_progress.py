@@ -8,12 +8,12 @@ import os
 import re
 import select
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_support import cogpipe_command, run_cogpipe, tiny_video_args
 
 from cogpipe.cli import main
 from cogpipe.config import ConfigError
@@ -174,10 +174,6 @@ def run_in_terminal(args: list[str], env: dict[str, str], timeout: float = 300) 
     return b"".join(chunks).decode(errors="replace")
 
 
-def cogpipe_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cogpipe.cli", *args]
-
-
 @pytest.fixture(scope="module")
 def terminal_run(tmp_path_factory, sample_videos, tiny_models) -> tuple[Path, str]:
     """`cogpipe run --until train` on a fresh workspace, on a pseudo-terminal: (folder, what
@@ -185,7 +181,7 @@ def terminal_run(tmp_path_factory, sample_videos, tiny_models) -> tuple[Path, st
     folder = tmp_path_factory.mktemp("progress")
     config = write_config(folder, sample_videos, tiny_models, STEPS)
     env = environment(folder, TERM="xterm-256color", COLUMNS="120")
-    return folder, run_in_terminal(cogpipe_args("run", str(config), "--until", "train"), env)
+    return folder, run_in_terminal(cogpipe_command("run", str(config), "--until", "train"), env)
 
 
 def test_run_on_a_terminal_shows_bars_while_caption_and_train_run(terminal_run):
@@ -214,14 +210,7 @@ def test_run_without_a_terminal_prints_plain_periodic_lines(
     steps = STEPS // 2  # a new training run; the stages before it are reused
     config = write_config(folder, sample_videos, tiny_models, steps)
     env = environment(folder, COGPIPE_PROGRESS_EVERY="0")
-    proc = subprocess.run(
-        cogpipe_args("run", str(config), "--until", "train"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cogpipe("run", str(config), "--until", "train", env=env, timeout=300)
     assert "\r" not in proc.stdout + proc.stderr and "\x1b" not in proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
     train = [
@@ -243,20 +232,7 @@ def test_generate_and_sweep_report_every_denoising_step(tmp_path, tiny_models, m
     from cogpipe.sweep import run_sweep
 
     monkeypatch.setenv("COGPIPE_PROGRESS_EVERY", "0")
-    tiny = [
-        "--model",
-        str(tiny_models["cogvideox"]),
-        "--steps",
-        "3",
-        "--frames",
-        "9",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--device",
-        "cpu",
-    ]
+    tiny = tiny_video_args(tiny_models["cogvideox"], steps=3)
     out = tmp_path / "slap.mp4"
     assert main(["generate", "--prompt", "A slap.", "--output", str(out), *tiny]) == 0
     said = capsys.readouterr()

@@ -9,12 +9,10 @@ the page's screenshot is also written there (the README shows it).
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_support import cogpipe_command, find_chromium, open_chromium, save_screenshot
 
 from cogpipe.cli import main
 from cogpipe.config import load_config
@@ -44,15 +43,6 @@ PROMPTS = ["A fighter winds up and slaps, the head snaps", "A fighter blocks and
 SEEDS = [42, 7]
 CHECKPOINTS = ["checkpoint-000010", "checkpoint-000020"]
 PAIRS = len(CHECKPOINTS) * len(PROMPTS) * len(SEEDS)  # 8
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-]
 
 
 def moving_square(speed: int, colour: tuple[int, int, int], frames: int = 16) -> np.ndarray:
@@ -252,24 +242,11 @@ def test_rate_refuses_without_an_evaluation(tmp_path, capsys):
 @pytest.fixture
 def browsers():
     """A factory of headless Chromium sessions, each with its own profile; all quit after."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip(
-            "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
+    found = find_chromium()
     opened = []
 
     def open_one():
-        options = webdriver.ChromeOptions()
-        options.binary_location = chromium
-        for flag in CHROMIUM_FLAGS:
-            options.add_argument(flag)
-        opened.append(webdriver.Chrome(options=options, service=Service(driver)))
-        opened[-1].set_page_load_timeout(30)
+        opened.append(open_chromium(found, page_load_timeout=30))
         return opened[-1]
 
     yield open_one
@@ -282,7 +259,7 @@ def rate_server(tmp_path):
     """`cogpipe rate` as a real process on a free port; (url, config). SIGINT stops it."""
     config = fake_evaluation(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cogpipe.cli", "rate", str(config), "--port", "0"],
+        cogpipe_command("rate", str(config), "--port", "0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -340,10 +317,7 @@ def screenshot(driver, path: Path) -> None:
     ready = "return [...document.querySelectorAll('video')].every(v => v.readyState >= 2)"
     WebDriverWait(driver, 10).until(lambda d: d.execute_script(ready))
     ActionChains(driver).send_keys("as").perform()
-    assert driver.save_screenshot(str(path))
-    if keep := os.environ.get("COGPIPE_SCREENSHOTS"):
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(keep) / path.name)
+    save_screenshot(driver, path)
 
 
 def test_two_raters_rate_by_keyboard_at_once_and_the_summary_shows_win_rates(

@@ -6,6 +6,8 @@ once warm, and each LoRA's video is the same after other LoRAs were swapped in."
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +41,19 @@ def served(svc: Service, lora: str | None) -> np.ndarray:
     return read_video(svc.folder / job["result"])
 
 
+@contextmanager
+def started_service(tmp_path, model: Path, loras: dict[str, Path], **changes):
+    """A Service on the GPU for the tiny model at SETTINGS (with `changes`), `loras` loaded:
+    (service, its GenerateOptions); shut down after the block."""
+    options = generate.GenerateOptions(model=str(model), device="cuda", **SETTINGS, **changes)
+    svc = Service(tmp_path / "api", options, templates={})
+    svc.start(loras, on_line=print)
+    try:
+        yield svc, options
+    finally:
+        svc.shutdown()
+
+
 def served_and_generated(tmp_path, svc: Service, options, name, path) -> tuple:
     out = tmp_path / f"{name}.mp4"
     generate.run_generate({"x": PROMPT}, options.model_copy(update={"lora": path}), out)
@@ -46,17 +61,10 @@ def served_and_generated(tmp_path, svc: Service, options, name, path) -> tuple:
 
 
 def test_served_lora_videos_equal_generate_on_the_gpu(tmp_path, tiny_models, loras):
-    options = generate.GenerateOptions(
-        model=str(tiny_models["cogvideox"]), device="cuda", **SETTINGS
-    )
-    svc = Service(tmp_path / "api", options, templates={})
-    svc.start(loras, on_line=print)
-    try:
+    with started_service(tmp_path, tiny_models["cogvideox"], loras) as (svc, options):
         for name in ["a", "b"]:
             got, want = served_and_generated(tmp_path, svc, options, name, loras[name])
             np.testing.assert_array_equal(got, want, err_msg=name)
-    finally:
-        svc.shutdown()
 
 
 @pytest.mark.xfail(
@@ -66,17 +74,10 @@ def test_served_lora_videos_equal_generate_on_the_gpu(tmp_path, tiny_models, lor
     "equal in the same steps run as a script (2 runs)",
 )
 def test_served_base_video_equals_generate_on_the_gpu(tmp_path, tiny_models, loras):
-    options = generate.GenerateOptions(
-        model=str(tiny_models["cogvideox"]), device="cuda", **SETTINGS
-    )
-    svc = Service(tmp_path / "api", options, templates={})
-    svc.start(loras, on_line=print)
-    try:
+    with started_service(tmp_path, tiny_models["cogvideox"], loras) as (svc, options):
         served_and_generated(tmp_path, svc, options, "a", loras["a"])  # adapters then off
         got, want = served_and_generated(tmp_path, svc, options, None, None)
         np.testing.assert_array_equal(got, want)
-    finally:
-        svc.shutdown()
 
 
 def test_compiled_hot_swap_recompiles_nothing_once_warm(tmp_path, tiny_models, loras):
@@ -84,17 +85,13 @@ def test_compiled_hot_swap_recompiles_nothing_once_warm(tmp_path, tiny_models, l
     video after other LoRAs were swapped in is the one it made first."""
     from torch._dynamo.utils import counters
 
-    options = generate.GenerateOptions(
-        model=str(tiny_models["cogvideox"]), device="cuda", compile=True, **SETTINGS
-    )
-    svc = Service(tmp_path / "api", options, templates={})
-    svc.start(loras, on_line=print)
+    model = tiny_models["cogvideox"]
+    with started_service(tmp_path, model, loras, compile=True) as (svc, options):
 
-    def video(name: str | None) -> np.ndarray:
-        svc.adapters.activate(svc.loras[name] if name else None, 1.0)
-        return generate.generate_one(svc.pipe, PROMPT, options)
+        def video(name: str | None) -> np.ndarray:
+            svc.adapters.activate(svc.loras[name] if name else None, 1.0)
+            return generate.generate_one(svc.pipe, PROMPT, options)
 
-    try:
         first = {n: video(n) for n in ["a", "b", None]}  # warm: the LoRA and the base graphs
         graphs = counters["stats"]["unique_graphs"]
         for name in [None, "b", "a", None, "a", "b"]:
@@ -102,5 +99,3 @@ def test_compiled_hot_swap_recompiles_nothing_once_warm(tmp_path, tiny_models, l
         assert counters["stats"]["unique_graphs"] == graphs
         assert not np.array_equal(first["a"], first["b"])  # the swap changed the weights
         assert not np.array_equal(first["a"], first[None])
-    finally:
-        svc.shutdown()

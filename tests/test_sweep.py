@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import tiny_video_args
 from PIL import Image
 
 from cogpipe import generate, sweep
@@ -177,20 +178,7 @@ def test_sweep_cli(tmp_path, tiny_models, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts").mkdir()
     (tmp_path / "prompts" / "slap.txt").write_text(PROMPTS["slap"])
-    fixed = [
-        "--model",
-        str(tiny_models["cogvideox"]),
-        "--steps",
-        "1",
-        "--frames",
-        "9",
-        "--height",
-        "32",
-        "--width",
-        "32",
-        "--device",
-        "cpu",
-    ]
+    fixed = tiny_video_args(tiny_models["cogvideox"], steps=1)
     args = ["sweep", "--grid", "seed=1,2", "--prompts-dir", "prompts", "--out", "sw", *fixed]
     assert main([*args, "--clip-model", str(tiny_models["clip"])]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -12,48 +12,22 @@ are also written there (the README shows those). Needs Debian's `chromium` and
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 from uuid import UUID
 
 import pytest
+from cli_support import find_chromium, open_chromium, run_cogpipe, save_screenshot
 from test_serve import wait_final
 
+from cogpipe.config import STAGES
 from cogpipe.pipeline import status
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-]
-
 
 @pytest.fixture
 def browser():
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.skip(
-            "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service(driver))
-    browser.set_page_load_timeout(120)
+    browser = open_chromium(find_chromium(), page_load_timeout=120)
     yield browser
     browser.quit()
 
@@ -69,16 +43,6 @@ def field_values(browser) -> list[str]:
     """What the form's inputs and text areas hold (values are properties, not markup)."""
     script = "return Array.from(document.querySelectorAll('input, textarea')).map(e => e.value)"
     return browser.execute_script(script)
-
-
-def shoot(browser, folder: Path, name: str) -> Path:
-    """A screenshot into `folder`, copied to $COGPIPE_SCREENSHOTS when it is set."""
-    path = folder / name
-    assert browser.save_screenshot(str(path)), name
-    if keep := os.environ.get("COGPIPE_SCREENSHOTS"):
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, Path(keep) / name)
-    return path
 
 
 def form_input(browser, field: str):
@@ -112,7 +76,7 @@ def test_run_form_with_only_config_file_runs_the_demo_and_shows_its_artifacts(
     field.send_keys(str(served_demo_file))
     wait.until(lambda b: str(served_demo_file) in field_values(b))
     time.sleep(1)  # let the form finish laying out before the picture
-    shoot(browser, tmp_path, "run-form.png")
+    save_screenshot(browser, tmp_path / "run-form.png")
 
     before = {r.id for r in runs_of(api, deployment.id)}
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", submit)
@@ -133,7 +97,7 @@ def test_run_form_with_only_config_file_runs_the_demo_and_shows_its_artifacts(
     browser.get(f"{served.url}/runs/flow-run/{run_id}")
     wait.until(lambda b: "Completed" in b.find_element(By.TAG_NAME, "body").text)
     time.sleep(2)  # the run graph draws after the state badge
-    shoot(browser, tmp_path, "pipeline-run.png")
+    save_screenshot(browser, tmp_path / "pipeline-run.png")
 
     body = lambda b: b.find_element(By.TAG_NAME, "body").text  # noqa: E731
     tabs = wait.until(
@@ -144,7 +108,7 @@ def test_run_form_with_only_config_file_runs_the_demo_and_shows_its_artifacts(
     browser.execute_script("arguments[0].click();", tabs[0])
     wait.until(lambda b: "pipeline-summary" in body(b))
     time.sleep(1)
-    shoot(browser, tmp_path, "pipeline-artifacts.png")
+    save_screenshot(browser, tmp_path / "pipeline-artifacts.png")
 
     link = wait.until(
         lambda b: [
@@ -156,18 +120,9 @@ def test_run_form_with_only_config_file_runs_the_demo_and_shows_its_artifacts(
     browser.get(link[0])  # the artifact's page renders its markdown table
     wait.until(lambda b: "precompute" in body(b) and "evaluate" in body(b))
     time.sleep(1)
-    shoot(browser, tmp_path, "pipeline-summary.png")
+    save_screenshot(browser, tmp_path / "pipeline-summary.png")
     text = body(browser)
-    for stage in (
-        "ingest",
-        "check",
-        "caption",
-        "recaption",
-        "filter",
-        "precompute",
-        "train",
-        "evaluate",
-    ):
+    for stage in STAGES:
         assert stage in text, stage
     assert "pool gpu" in text  # the GPU stages ran on the gpu pool
 
@@ -178,18 +133,10 @@ def test_submit_sends_the_demo_config_to_the_deployed_pipeline_and_waits(
     """`cogpipe submit demo.yaml --set ... --wait` against the served server: the run's UI
     link, then its final state; the override reaches the run."""
     env = os.environ | {"PREFECT_API_URL": served.api_url}
-    cmd = [
-        sys.executable,
-        "-m",
-        "cogpipe.cli",
-        "submit",
-        str(served_demo_file),
-        "--wait",
-        "--set",
-        f"train.max_steps={served_demo.train.max_steps}",
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    max_steps = f"train.max_steps={served_demo.train.max_steps}"
+    proc = run_cogpipe(
+        "submit", str(served_demo_file), "--wait", "--set", max_steps, env=env, timeout=1200
+    )
     lines = proc.stdout.splitlines()
     link = f"{served.url}/runs/flow-run/"
     assert lines[0].startswith(f"submitted: {link}") and lines[-1].startswith(f"Completed: {link}")
