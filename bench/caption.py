@@ -45,18 +45,14 @@ run goes on; a short table of all lines goes to stderr at the end.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.util
-import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +60,10 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from common import Bench, commit, device_name, hub_config, in_processes  # noqa: E402
 
 from cogpipe.samples import build_word_tokenizer  # noqa: E402
 
@@ -94,57 +93,17 @@ SPECIALS = {
 }
 
 # openai/clip-vit-large-patch14-336, as in both hub configs (vision_feature_layer -2).
-CLIP_L14_336 = dict(
-    hidden_size=1024,
-    intermediate_size=4096,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    image_size=336,
-    patch_size=14,
-    projection_dim=768,
-    hidden_act="quick_gelu",
-)
+CLIP_L14_336 = hub_config("clip-vit-large-patch14-336")
 # lmsys/vicuna-7b-v1.5 as in llava-hf/LLaVA-NeXT-Video-7B-hf (Llama defaults + vocab 32064).
 # The hub config's linear RoPE scaling (factor 2) changes no shape or cost: left out.
-VICUNA_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32064,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-)
+VICUNA_7B = hub_config("vicuna-7b-v1.5")
 # NousResearch/Nous-Hermes-2-Yi-34B as in llava-hf/LLaVA-NeXT-Video-34B-hf.
-YI_34B = dict(
-    hidden_size=7168,
-    intermediate_size=20480,
-    num_hidden_layers=60,
-    num_attention_heads=56,
-    num_key_value_heads=8,
-    vocab_size=64064,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0},
-)
-TINY_VISION = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    image_size=32,
-    patch_size=8,
-    projection_dim=16,
-    hidden_act="quick_gelu",
-)  # 4x4 patches, pooled to 2x2
-TINY_TEXT = dict(
-    hidden_size=32,
-    intermediate_size=37,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=4096,
-)
+YI_34B = hub_config("nous-hermes-2-yi-34b")
+# --tiny: the vision tower and the Llama share their sizes; the tower sees 4x4 patches,
+# pooled to 2x2.
+TINY = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+TINY_VISION = CLIP_L14_336 | TINY | dict(image_size=32, patch_size=8, projection_dim=16)
+TINY_TEXT = TINY | dict(max_position_embeddings=4096)
 
 # key -> (name, text config, tiny kv heads, default batch sizes)
 CASES = {
@@ -362,28 +321,17 @@ def hbm_fraction(model, batch: int, m: dict, device: str) -> float | None:
 
 def make_clip(path: Path, seed: int, size: tuple[int, int], seconds: int, gop_s: int) -> Path:
     """A noisy H.264 clip (x264 veryfast, keyframe every `gop_s`): a textured still scene
-    and a subject swinging across it, as bench/data_checks.py makes them."""
-    import av
+    with grain and a subject swinging across it."""
+    from common import textured_scene, with_subject, write_h264
 
     w, h = size
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    f = rng.uniform(0.005, 0.03, size=(3, 2))
-    scene = (
-        110 + 50 * np.stack([np.sin(xx * f[c, 0]) + np.cos(yy * f[c, 1]) for c in range(3)], -1)
-    ).astype(np.int16)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23", "g": str(gop_s * FPS)}
-        for i in range(seconds * FPS):
-            img = scene + rng.integers(-12, 12, (h, w, 3), dtype=np.int16)
-            x = int(w * (0.15 + 0.55 * (0.5 + 0.5 * np.sin(i / 9))))  # the swinging subject
-            img[h // 3 : 3 * h // 4, x : x + w // 8] = (220, 170, 140)
-            frame = av.VideoFrame.from_ndarray(img.clip(0, 255).astype(np.uint8), "rgb24")
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
+    scene = textured_scene(rng, w, h).astype(np.int16)
+    frames = (
+        with_subject(scene + rng.integers(-12, 12, (h, w, 3), dtype=np.int16), i)
+        for i in range(seconds * FPS)
+    )
+    return write_h264(path, frames, size, FPS, gop_s * FPS)
 
 
 def make_clips(folder: Path, unique: int, size: tuple[int, int], seconds: int) -> list[Path]:
@@ -392,8 +340,7 @@ def make_clips(folder: Path, unique: int, size: tuple[int, int], seconds: int) -
         (folder / f"clip{i:02d}.mp4", i, size, seconds, GOPS_S[i % len(GOPS_S)])
         for i in range(unique)
     ]
-    with ProcessPoolExecutor(max_workers=min(unique, os.cpu_count() or 1)) as pool:
-        return list(pool.map(make_clip, *zip(*jobs, strict=True)))
+    return in_processes(make_clip, jobs)
 
 
 def clips_table(paths: list[Path], n: int, seconds: int) -> pd.DataFrame:
@@ -471,51 +418,11 @@ def decode_seconds(clips: pd.DataFrame) -> float:
 # --------------------------------------------------------------------------- run
 
 
-class Bench:
-    """Prints and keeps the JSON lines."""
-
-    def __init__(self, device: str, commit: str):
-        self.device, self.commit = device, commit
-        self.date = datetime.date.today().isoformat()
-        self.lines: list[dict] = []  # results, also written to --out
-        self.errors: list[dict] = []  # printed and tabled only
-
-    def emit(self, case: str, metric: str, value, reference, **extra) -> None:
-        ratio = value / reference if value is not None and reference else None
-        line = {
-            "bench": "caption",
-            "case": case,
-            "metric": metric,
-            "value": _round(value),
-            "reference": _round(reference),
-            "ratio": _round(ratio, 2),
-            **{k: _round(v) for k, v in extra.items()},
-            "device": self.device,
-            "date": self.date,
-            "commit": self.commit,
-        }
-        print(json.dumps(line), flush=True)
-        self.lines.append(line)
-
-    def error(self, case: str, what: str, e: BaseException) -> None:
-        traceback.print_exception(e, file=sys.stderr)
-        line = {
-            "bench": "caption",
-            "case": case,
-            "metric": "error",
-            "value": None,
-            "stage": what,
-            "error": f"{type(e).__name__}: {str(e)[:300]}",
-            "device": self.device,
-            "date": self.date,
-            "commit": self.commit,
-        }
-        print(json.dumps(line), flush=True)
-        self.errors.append(line)
-
-
-def _round(v, digits: int = 4):
-    return round(v, digits) if isinstance(v, float) else v
+def report_error(bench: Bench, case: str, what: str, e: BaseException) -> None:
+    """A failed measurement: its traceback to stderr, a line with metric `error` (the
+    stage that failed and why) to stdout; the run goes on."""
+    traceback.print_exception(e, file=sys.stderr)
+    bench.failed(case, "error", f"{type(e).__name__}: {str(e)[:300]}", stage=what)
 
 
 def free() -> None:
@@ -530,7 +437,7 @@ def model_only(model, tok, label: str, sizes, calls: tuple[int, int], bench: Ben
 
     def line(bs: int, m: dict, reference: float) -> float:
         value = 3600 * bs / m["seconds"]
-        bench.emit(
+        bench.result(
             f"{label} bs{bs}",
             "model_clips_per_hour",
             value,
@@ -557,10 +464,10 @@ def model_only(model, tok, label: str, sizes, calls: tuple[int, int], bench: Ben
         except torch.cuda.OutOfMemoryError:
             oom = True  # freed below, once the traceback (and its tensors) is gone
         except Exception as e:
-            bench.error(f"{label} bs{bs}", "model-only", e)
+            report_error(bench, f"{label} bs{bs}", "model-only", e)
         free()
         if oom:
-            bench.emit(f"{label} bs{bs}", "oom", float(bs), None, batch_size=bs)
+            bench.result(f"{label} bs{bs}", "oom", float(bs), None, batch_size=bs)
         elif m is not None:
             best = max(best, (bs, line(bs, m, ref)), key=lambda x: x[1])
     return best
@@ -574,7 +481,7 @@ def end_to_end(cap, clips: dict, name: str, best: tuple, n: int, ref_clips: int,
     r = caption_loop(cap, one.iloc[1:], 1, ahead=False)
     e = caption_loop(cap, clips_table(clips["paths"], n, clips["seconds"]), bs, ahead=True)
     (w, h), s = clips["size"], clips["seconds"]
-    bench.emit(
+    bench.result(
         f"{name} e2e {n} clips {w}x{h} {s}s h264 bs{bs}",
         "e2e_clips_per_hour",
         3600 * n / e["seconds"],
@@ -618,7 +525,7 @@ def run_case(key: str, args, tok, bench: Bench, clips: dict | None) -> None:
             )
             end_to_end(cap, clips, name, best, n, calls[2], bench)
         except Exception as e:
-            bench.error(f"{name} e2e", "end to end", e)
+            report_error(bench, f"{name} e2e", "end to end", e)
         cap = None
     del model
     free()
@@ -670,21 +577,10 @@ def main() -> None:
                 clips = prepare_clips(Path(tmp), args.tiny)
             except Exception as e:
                 clips_error = e
-        commit = (
-            args.commit
-            or subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-            ).stdout.strip()
-            or "unknown"
-        )
-        device = (
-            torch.cuda.get_device_name()
-            if torch.cuda.is_available()
-            else f"cpu-{platform.machine()}"
-        )
-        bench = Bench(device, commit)
+        device = device_name(not torch.cuda.is_available(), f"cpu-{platform.machine()}")
+        bench = Bench("caption", device, commit(args.commit), args.out)
         if clips_error is not None:
-            bench.error("e2e clips", "making clips", clips_error)
+            report_error(bench, "e2e clips", "making clips", clips_error)
         if args.tiny and not torch.cuda.is_available():
             torch.set_num_threads(1)  # a tiny model gains nothing from threads on a busy CPU
         tok = build_tokenizer()
@@ -692,13 +588,9 @@ def main() -> None:
             try:
                 run_case(key, args, tok, bench, clips)
             except Exception as e:
-                bench.error(CASES[key][0], "case", e)
+                report_error(bench, CASES[key][0], "case", e)
             free()
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in bench.lines)
     print(
         f"\n{'case':<68} {'metric':<20} {'value':>9} {'ratio':>6} {'GB':>6} {'hbm':>5}",
         file=sys.stderr,

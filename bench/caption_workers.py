@@ -24,11 +24,9 @@ per run its start, span and parts' commit times in `extra`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from common import Bench, commit  # noqa: E402
 
 
 def device_name() -> str:
@@ -96,6 +96,9 @@ def pipeline_config(ws: Path, videos: Path, model: Path, shards: int, args):
                 "heldout_fraction": 0.0,
                 "phash_bits": 0,
             },
+            # check rejects clips shorter than a training window (49 frames at 8 fps by
+            # default: 6 s); windows of 9 frames keep the 2 s (dry) and 4 s clips.
+            "precompute": {"frames": 9},
             "caption": {
                 "model": str(model),
                 "shards": shards,
@@ -184,18 +187,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=120)
     parser.add_argument("--dry", action="store_true", help="CPU: tiny model, few clips")
     parser.add_argument("--out", help="also append the lines to this file")
-    parser.add_argument("--commit", default=os.environ.get("COMMIT"))
+    parser.add_argument("--commit", default=None, help="default: env COMMIT, else git's HEAD")
     args = parser.parse_args()
     if args.dry:
         args.clips, args.batch_size, args.new_tokens = min(args.clips, 8), 2, 8
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    commit = (
-        args.commit
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    )
-    date, device = datetime.date.today().isoformat(), device_name()
+    bench = Bench("caption_workers", device_name(), commit(args.commit), args.out)
 
     with tempfile.TemporaryDirectory(prefix="caption-workers-") as tmp:
         tmp = Path(tmp)
@@ -216,9 +213,6 @@ def main() -> None:
                 "value": round(value, 1),
                 "reference": round(ref, 1),
                 "ratio": round(value / ref, 3),
-                "device": device,
-                "date": date,
-                "commit": commit,
                 "extra": {
                     "seconds": round(r["seconds"], 2),
                     "clips": r["clips"],
@@ -230,10 +224,7 @@ def main() -> None:
                     "omp_threads": os.environ.get("OMP_NUM_THREADS", cpu_threads(workers)),
                 },
             }
-            print(json.dumps(line), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(line) + "\n")
+            bench.print(line)
 
 
 if __name__ == "__main__":

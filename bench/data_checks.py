@@ -29,20 +29,19 @@ faster).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Bench, commit, in_processes, textured_scene, write_h264  # noqa: E402
 
 from cogpipe.check import PROBE_SIZE, inspect_video  # noqa: E402
 from cogpipe.config import CheckConfig, PipelineConfig  # noqa: E402
@@ -56,31 +55,19 @@ GOPS_S = (2, 3, 5)
 def make_clip(path: Path, seed: int, gop_s: int, cut: bool) -> Path:
     """A noisy 10 s 720p clip: still textured scene, a subject swinging across it; with
     `cut`, the scene changes at a random frame between 3 and 7 s."""
-    import av
-
     rng = np.random.default_rng(seed)
     cut_at = int(rng.integers(3 * FPS, 7 * FPS)) if cut else SECONDS * FPS
-    yy, xx = np.mgrid[0:H, 0:W]
-    scenes = []
-    for s in range(2):
-        f = rng.uniform(0.005, 0.03, size=(3, 2))
-        base = np.stack([np.sin(xx * f[c, 0] + s) + np.cos(yy * f[c, 1]) for c in range(3)], -1)
-        scenes.append((110 + 50 * base).astype(np.int16))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23", "g": str(gop_s * FPS)}
+    scenes = [textured_scene(rng, W, H, phase=s).astype(np.int16) for s in range(2)]
+
+    def frames():
         for i in range(SECONDS * FPS):
             scene = scenes[1 if i >= cut_at else 0]
             img = scene + rng.integers(-12, 12, (H, W, 3), dtype=np.int16)
             x = int(200 + 700 * (0.5 + 0.5 * np.sin(i / 9)))  # the swinging subject
             img[250:520, x : x + 160] = (220, 170, 140)
-            frame = av.VideoFrame.from_ndarray(img.clip(0, 255).astype(np.uint8), "rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
+            yield img
+
+    return write_h264(path, frames(), (W, H), FPS, gop_s * FPS)
 
 
 def full_decode(path: Path) -> int:
@@ -132,36 +119,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also append the lines here")
     args = parser.parse_args()
 
-    date = datetime.date.today().isoformat()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parent,
-    ).stdout.strip()
     device = f"{platform.processor() or platform.machine()} (1 core)"
     gops = "/".join(map(str, GOPS_S))
     case = (
         f"{args.clips} clips 10s 1280x720 h264 veryfast gop {gops}s, 1 in 5 with a cut, "
         f"best of {args.repeats}"
     )
-    lines = []
-
-    def emit(metric: str, value: float, reference: float, ratio: float, **extra) -> None:
-        line = {
-            "bench": "data_checks",
-            "case": case,
-            "metric": metric,
-            "value": round(value, 4),
-            "reference": round(reference, 4),
-            "ratio": round(ratio, 2),
-            **extra,
-            "device": device,
-            "date": date,
-            "commit": commit,
-        }
-        print(json.dumps(line), flush=True)
-        lines.append(line)
+    bench = Bench("data_checks", device, commit(), args.out)
 
     with tempfile.TemporaryDirectory(prefix="cogpipe-bench-") as tmp:
         src = Path(tmp) / "videos"
@@ -170,8 +134,7 @@ def main() -> None:
             (src / f"clip{i}.mp4", i, GOPS_S[i % len(GOPS_S)], i % 5 == 2)
             for i in range(args.clips)
         ]
-        with ProcessPoolExecutor() as pool:  # generating is slow (x264 on noise)
-            paths = list(pool.map(make_clip, *zip(*jobs, strict=True)))
+        paths = in_processes(make_clip, jobs)
 
         ref = {p: best(args.repeats, full_decode, p) for p in paths}  # (seconds, frames)
         t_ref = sum(t for t, _ in ref.values())
@@ -200,7 +163,8 @@ def main() -> None:
                 if not group:
                     continue
                 t, t_full = sum(took[p] for p in group), sum(ref[p][0] for p in group)
-                emit(
+                bench.result(
+                    case,
                     metric,
                     t / len(group),
                     t_full / len(group),
@@ -222,7 +186,8 @@ def main() -> None:
         t_one, _ = best(args.repeats, run_stages, one, Path(tmp) / "ws-one")
         t_all, (ingest, check) = best(args.repeats, run_stages, src, Path(tmp) / "ws")
         n, ref_rate = len(paths), len(paths) / t_ref
-        emit(
+        bench.result(
+            case,
             "ingest_check_clips_per_s_per_core",
             n / t_all,
             ref_rate,
@@ -234,24 +199,21 @@ def main() -> None:
         )
         marginal = (t_all - t_one) / (n - 1)
         startup = t_one - marginal
-        emit(
+        bench.result(
+            case,
             "ingest_check_startup_s",
             startup,
             ref[paths[0]][0],
             ref[paths[0]][0] / startup,
             note="reference: a full decode of one clip",
         )
-        emit(
+        bench.result(
+            case,
             "ingest_check_marginal_clips_per_s_per_core",
             1 / marginal,
             ref_rate,
             1 / marginal / ref_rate,
         )
-
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in lines)
 
 
 if __name__ == "__main__":

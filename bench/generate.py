@@ -24,8 +24,6 @@ model cards. A 1.5-5B video takes minutes: run its variants one per command
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Bench, commit, device_name  # noqa: E402
 
 PROMPT = "A bald fighter in black shorts slaps his opponent as the referee watches."
 
@@ -95,6 +95,18 @@ def seconds_per_video(pipe, options, repeats: int) -> float:
     return (time.perf_counter() - tic) / repeats
 
 
+def result(case: str, seconds: float, plain: float | None) -> dict:
+    """A line of seconds per video against the plain variant's (None: not measured)."""
+    return {
+        "bench": "generate",
+        "case": case,
+        "metric": "s_per_video",
+        "value": round(seconds, 2),
+        "reference": plain and round(plain, 2),
+        "ratio": plain and round(plain / seconds, 3),
+    }
+
+
 def model_lines(model: str, args) -> Iterator[dict]:
     """The result lines of one model: plain, then compiled (its ratio against plain)."""
     import torch
@@ -112,34 +124,20 @@ def model_lines(model: str, args) -> Iterator[dict]:
     plain = None
     if "plain" in args.variants:
         plain = seconds_per_video(pipe, options, args.repeats)
-        yield {
-            "bench": "generate",
-            "case": f"{case} plain",
-            "metric": "s_per_video",
-            "value": round(plain, 2),
-            "reference": round(plain, 2),
-            "ratio": 1.0,
-        }
+        yield result(f"{case} plain", plain, plain)
     if "compile" in args.variants and not args.dry:  # compile needs a GPU
         speed.compile_blocks(pipe.transformer)
         # Compiles: the shapes do not depend on the step count, so 2 steps compile it all.
         seconds_per_video(pipe, options.model_copy(update={"steps": 2}), 1)
         fast = seconds_per_video(pipe, options, args.repeats)
-        yield {
-            "bench": "generate",
-            "case": f"{case} compile",
-            "metric": "s_per_video",
-            "value": round(fast, 2),
-            "reference": plain and round(plain, 2),
-            "ratio": plain and round(plain / fast, 3),
-        }
+        yield result(f"{case} compile", fast, plain)
     del pipe
     if not args.dry:
         torch.cuda.empty_cache()
 
 
 def main() -> None:
-    from train_step import MODELS, commit, image_to_video
+    from train_step import MODELS, image_to_video
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="2b,5b")
@@ -156,13 +154,9 @@ def main() -> None:
     if unknown := [v for v in args.variants if v not in ("plain", "compile")]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; known: plain, compile")
 
-    import torch
-
-    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
-    common = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit()}
+    bench = Bench("generate", device_name(args.dry), commit())
     for model in models:
-        for line in model_lines(model, args):
-            print(json.dumps(line | common), flush=True)
+        bench.print_lines(model_lines(model, args))
 
 
 if __name__ == "__main__":

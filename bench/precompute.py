@@ -45,16 +45,12 @@ weights, and batch 8 ~55 GB (an 80 GB H100 holds both).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,7 +59,10 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
+
+from common import Bench, commit, device_name, hub_config, in_processes  # noqa: E402
 
 from cogpipe import precompute  # noqa: E402
 from cogpipe.config import PipelineConfig, PrecomputeConfig  # noqa: E402
@@ -74,38 +73,9 @@ from cogpipe.workspace import StageResult, Workspace, write_table  # noqa: E402
 
 MAX_LEN = 226  # CogVideoX's max_text_seq_length
 # THUDM/CogVideoX-2b vae/config.json (also diffusers' defaults for this class).
-VAE_2B = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    down_block_types=["CogVideoXDownBlock3D"] * 4,
-    up_block_types=["CogVideoXUpBlock3D"] * 4,
-    block_out_channels=[128, 256, 256, 512],
-    layers_per_block=3,
-    act_fn="silu",
-    norm_eps=1e-6,
-    norm_num_groups=32,
-    temporal_compression_ratio=4,
-    sample_height=480,
-    sample_width=720,
-    scaling_factor=1.15258426,
-    force_upcast=True,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
+VAE_2B = hub_config("cogvideox-2b-vae")
 # google/t5-v1_1-xxl, the text encoder of every CogVideoX.
-T5_XXL = dict(
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    feed_forward_proj="gated-gelu",
-    vocab_size=32128,
-    relative_attention_num_buckets=32,
-    layer_norm_epsilon=1e-6,
-    tie_word_embeddings=False,
-)
+T5_XXL = hub_config("t5-v1_1-xxl")
 # The tiny CogVideoX of cogpipe.samples (DESIGN.md's sizes) for --dry.
 VAE_TINY = VAE_2B | dict(
     block_out_channels=[8, 8, 8, 8], latent_channels=4, layers_per_block=1, norm_num_groups=2
@@ -130,32 +100,22 @@ SIZES = {
 def make_clip(path: Path, seed: int, width: int, height: int, fps: int, seconds: float) -> Path:
     """An H.264 clip (x264 veryfast, a keyframe every 2 s): a textured scene with grain
     and a block swinging across it."""
-    import av
+    from common import textured_scene, with_subject, write_h264
 
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    f = rng.uniform(0.005, 0.03, size=(3, 2))
-    scene = 110 + 50 * np.stack([np.sin(xx * f[c, 0]) + np.cos(yy * f[c, 1]) for c in range(3)], -1)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "23", "g": str(2 * fps)}
-        for i in range(round(seconds * fps)):
-            img = scene + rng.normal(0, 4, (height, width, 3))
-            x = int(width * (0.15 + 0.55 * (0.5 + 0.5 * np.sin(i / 9))))
-            img[height // 3 : 3 * height // 4, x : x + width // 8] = (220, 170, 140)
-            frame = av.VideoFrame.from_ndarray(img.clip(0, 255).astype(np.uint8), "rgb24")
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode())
-    return path
+    scene = textured_scene(rng, width, height)
+    frames = (
+        with_subject(scene + rng.normal(0, 4, (height, width, 3)), i)
+        for i in range(round(seconds * fps))
+    )
+    return write_h264(path, frames, (width, height), fps, 2 * fps)
 
 
 def make_clips(folder: Path, n: int, source: tuple) -> list[Path]:
     """`n` clips, made in parallel processes (before CUDA starts: the pool forks)."""
     width, height, fps, seconds = source
     jobs = [(folder / f"clip{i:03d}.mp4", i, width, height, fps, seconds) for i in range(n)]
-    with ProcessPoolExecutor(max_workers=min(n, os.cpu_count() or 1)) as pool:
-        return list(pool.map(make_clip, *zip(*jobs, strict=True)))
+    return in_processes(make_clip, jobs)
 
 
 def clips_table(paths: list[Path], source: tuple, tag: str) -> pd.DataFrame:
@@ -196,8 +156,15 @@ def write_upstream(root: Path, clips: pd.DataFrame, tag: str) -> dict[str, Stage
 
 
 def write_model_folder(folder: Path, vae_config: dict) -> Path:
-    """A diffusers-layout folder with the configs precompute reads (no weights)."""
-    transformer = {"_class_name": "CogVideoXTransformer3DModel", "max_text_seq_length": MAX_LEN}
+    """A diffusers-layout folder with the configs precompute reads (no weights): a
+    text-to-video transformer, as many latent channels in as out (those of the VAE)."""
+    latent = vae_config["latent_channels"]
+    transformer = {
+        "_class_name": "CogVideoXTransformer3DModel",
+        "max_text_seq_length": MAX_LEN,
+        "in_channels": latent,
+        "out_channels": latent,
+    }
     for name, config in [
         ("transformer", transformer),
         ("vae", {"_class_name": "AutoencoderKLCogVideoX"} | vae_config),
@@ -289,46 +256,9 @@ def reset_peak(device: str) -> None:
 # --------------------------------------------------------------------------- output
 
 
-class Bench:
-    """Prints and keeps the JSON lines."""
-
-    def __init__(self, device: str, commit: str):
-        self.device, self.commit = device, commit
-        self.date = datetime.date.today().isoformat()
-        self.lines: list[dict] = []
-
-    def emit(self, case: str, metric: str, value, reference, ratio=None) -> None:
-        if ratio is None and value is not None and reference:
-            ratio = value / reference
-        line = {
-            "bench": "precompute",
-            "case": case,
-            "metric": metric,
-            "value": _round(value),
-            "reference": _round(reference),
-            "ratio": _round(ratio, 2),
-            "device": self.device,
-            "date": self.date,
-            "commit": self.commit,
-        }
-        print(json.dumps(line), flush=True)
-        self.lines.append(line)
-
-
-def _round(v, digits: int = 4):
-    return round(v, digits) if isinstance(v, float) else v
-
-
 def _inverse_ratio(value, reference):
     """reference / value: the ratio of a lower-is-better metric."""
     return reference / value if value and reference is not None else None
-
-
-def commit_of(args) -> str:
-    git = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    return args.commit or os.environ.get("COMMIT") or git or "unknown"
 
 
 def main() -> None:
@@ -347,10 +277,8 @@ def main() -> None:
     frames, height, width = sample
     name = "tiny vae+t5 (dry)" if args.dry else "cogvideox-2b vae+t5"
     label = f"{name} {frames}x{height}x{width}"
-    bench = Bench(
-        torch.cuda.get_device_name() if device == "cuda" else f"cpu-{platform.machine()}",
-        commit_of(args),
-    )
+    cpu = f"cpu-{platform.machine()}"
+    bench = Bench("precompute", device_name(device == "cpu", cpu), commit(args.commit), args.out)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cogpipe-bench-precompute-") as tmp:
@@ -389,12 +317,12 @@ def main() -> None:
                     pass  # freed below, once the traceback (and its tensors) is gone
             if res is None:
                 reset_peak(device)
-                bench.emit(case, "oom", float(bs), None)
+                bench.result(case, "oom", float(bs), None)
                 continue
             assert res.counts["encoded_videos"] == len(clips), res.counts
-            bench.emit(case, "clips_per_s", len(clips) / seconds, ref_rate)
+            bench.result(case, "clips_per_s", len(clips) / seconds, ref_rate)
             peak = peak_gb(device)
-            bench.emit(case, "peak_mem_gb", peak, ref_peak, _inverse_ratio(peak, ref_peak))
+            bench.result(case, "peak_mem_gb", peak, ref_peak, _inverse_ratio(peak, ref_peak))
             parts = res.stats["seconds"]
             for metric, ours, theirs in [
                 ("decode_s_per_clip", "decode_wait", "decode"),
@@ -404,14 +332,10 @@ def main() -> None:
             ]:
                 value = parts.get(ours, 0.0) / len(clips)
                 reference_value = ref[theirs] / len(clips) if theirs else None
-                bench.emit(
+                bench.result(
                     case, metric, value, reference_value, _inverse_ratio(value, reference_value)
                 )
 
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with args.out.open("a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in bench.lines)
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 

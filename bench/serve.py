@@ -42,8 +42,6 @@ the per-request CLI at 2B.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import shutil
 import statistics
@@ -56,7 +54,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogpipe.net import free_port  # noqa: E402 - after the path above
+from common import Bench, commit, device_name  # noqa: E402 - after the paths above
+
+from cogpipe.net import free_port  # noqa: E402
 
 RANK = 64  # the smallest rank the user's plan allows
 SWITCH_FRAMES = 9  # the switch's short videos: 2 steps of 9 frames at the model's size
@@ -459,8 +459,6 @@ def model_lines(model: str, args):
 
 
 def main() -> None:
-    from train_step import commit
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="2b,5b")
     parser.add_argument("--videos", type=int, default=8, help="requests in the stream")
@@ -484,13 +482,9 @@ def main() -> None:
         models, args.videos, args.steps, args.modes = ["2b"], min(args.videos, 4), 2, ["eager"]
     args.device = "cpu" if args.dry else "cuda"
 
-    import torch
-
-    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
-    common = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit()}
+    bench = Bench("serve", device_name(args.dry), commit())
     for model in models:
-        for result in model_lines(model, args):
-            print(json.dumps(result | common), flush=True)
+        bench.print_lines(model_lines(model, args))
 
 
 if __name__ == "__main__":

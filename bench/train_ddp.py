@@ -25,14 +25,14 @@ One JSON line per measurement on stdout, as DESIGN.md's Benchmarks section says.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Bench, commit, device_name  # noqa: E402
 
 # case -> (model, train-section overrides)
 CASES = {
@@ -124,95 +124,56 @@ def run_case(case: str, processes: int, args) -> dict:
     return ranks[0] | {"peak_mem_gb": None if None in peaks else max(peaks)}
 
 
-def commit() -> str:
-    import os
-    import subprocess
-
-    if os.environ.get("COMMIT"):
-        return os.environ["COMMIT"]
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return git.stdout.strip() or "unknown"
-
-
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def line(common: dict, case: str, metric: str, value, reference, ratio, **extra) -> str:
-    """A result line: `ratio` > 1 is better than the reference."""
-    return json.dumps(
-        {
-            "bench": "train_ddp",
-            "case": case,
-            "metric": metric,
-            "value": _round(value),
-            "reference": _round(reference),
-            "ratio": _round(ratio),
-        }
-        | extra
-        | common
-    )
+def line(case: str, metric: str, value, reference, ratio, **extra) -> dict:
+    """A result line: `ratio` > 1 is better than the reference; the extras (the losses)
+    unrounded, so that the two runs' losses can be compared to 1e-6."""
+    return {
+        "bench": "train_ddp",
+        "case": case,
+        "metric": metric,
+        "value": _round(value),
+        "reference": _round(reference),
+        "ratio": _round(ratio),
+    } | extra
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--gpus", type=int, default=2, help="processes of the multi-GPU runs")
-    parser.add_argument("--accum", type=int, default=2, help="micro-batches per step (global)")
+    parser.add_argument(
+        "--accum", type=int, help="micro-batches per step (global; default: one per GPU)"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--dry", action="store_true", help="tiny models on CPU processes")
     args = parser.parse_args()
+    args.accum = args.accum or args.gpus
     if args.accum % args.gpus:
         parser.error(f"--accum {args.accum} must be a multiple of --gpus {args.gpus}")
 
-    import torch
-
-    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
-    common = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit()}
+    bench = Bench("train_ddp", device_name(args.dry), commit())
     for case in args.cases.split(","):
         model = CASES[case][0]
         what = f"cogvideox-{model} {case} {args.gpus} gpus 49x480x720 bs1 x{args.accum}"
         one, many = run_case(case, 1, args), run_case(case, args.gpus, args)
-        for got in (one, many):
+        for processes, got in ((1, one), (args.gpus, many)):
             if "error" in got:
-                n = 1 if got is one else args.gpus
-                print(
-                    json.dumps(
-                        {
-                            "bench": "train_ddp",
-                            "case": f"{what} ({n} process)",
-                            "metric": "s_per_step",
-                            "value": None,
-                            "error": got["error"],
-                        }
-                        | common
-                    ),
-                    flush=True,
-                )
+                bench.failed(f"{what} ({processes} process)", "s_per_step", got["error"])
         if "error" in many:
             continue
         ref = None if "error" in one else one
         extra = {"loss": many["loss"], "reference_loss": ref and ref["loss"]}
         rate, ref_rate = 1 / many["s_per_step"], ref and 1 / ref["s_per_step"]
-        print(
-            line(
-                common, what, "steps_per_s", rate, ref_rate, ref_rate and rate / ref_rate, **extra
-            ),
-            flush=True,
-        )
+        ratio = ref_rate and rate / ref_rate
+        bench.print(line(what, "steps_per_s", rate, ref_rate, ratio, **extra))
         peak, ref_peak = many["peak_mem_gb"], ref and ref["peak_mem_gb"]
-        print(
-            line(
-                common,
-                what,
-                "peak_mem_gb_per_gpu",
-                peak,
-                ref_peak,
-                ref_peak and peak and ref_peak / peak,
-            ),
-            flush=True,
-        )
+        ratio = ref_peak and peak and ref_peak / peak
+        bench.print(line(what, "peak_mem_gb_per_gpu", peak, ref_peak, ratio))
 
 
 if __name__ == "__main__":

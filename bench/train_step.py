@@ -31,16 +31,16 @@ One JSON line per measurement on stdout, as DESIGN.md's Benchmarks section says.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Bench, commit, device_name, run_fresh  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 REFERENCE = "naive-ckpt"
@@ -80,48 +80,30 @@ TINY = {
     "sample_frames": 9,
 }
 
+
+def cogpipe_variant(checkpointing: str, **train) -> tuple[str, dict]:
+    """A variant of cogpipe's Trainer: its gradient checkpointing and other train settings."""
+    return "cogpipe", {"gradient_checkpointing": checkpointing} | train
+
+
 # Variants: (kind, train-section overrides). "naive*" are the reference implementation.
 VARIANTS = {
     "naive-ckpt": ("naive", {"gradient_checkpointing": "full"}),
     "naive": ("naive", {"gradient_checkpointing": "off"}),
-    "eager-full": ("cogpipe", {"compile": False, "gradient_checkpointing": "full"}),
-    "eager-selective": ("cogpipe", {"compile": False, "gradient_checkpointing": "selective"}),
-    "compile-off": ("cogpipe", {"gradient_checkpointing": "off"}),
-    "compile-full": ("cogpipe", {"gradient_checkpointing": "full"}),
-    "compile-selective": ("cogpipe", {"gradient_checkpointing": "selective"}),
-    "compile-attention": ("cogpipe", {"gradient_checkpointing": "attention"}),
-    "compile-attention-0.9": (
-        "cogpipe",
-        {"gradient_checkpointing": "attention", "checkpointed_blocks": 0.9},
-    ),
-    "compile-attention-0.8": (
-        "cogpipe",
-        {"gradient_checkpointing": "attention", "checkpointed_blocks": 0.8},
-    ),
-    "compile-attention-0.7": (
-        "cogpipe",
-        {"gradient_checkpointing": "attention", "checkpointed_blocks": 0.7},
-    ),
-    "compile-selective-half": (
-        "cogpipe",
-        {"gradient_checkpointing": "selective", "checkpointed_blocks": 0.5},
-    ),
-    "compile-selective-0.6": (
-        "cogpipe",
-        {"gradient_checkpointing": "selective", "checkpointed_blocks": 0.6},
-    ),
-    "compile-selective-flash": (
-        "cogpipe",
-        {"gradient_checkpointing": "selective", "attention_backend": "flash"},
-    ),
-    "compile-selective-efficient": (
-        "cogpipe",
-        {"gradient_checkpointing": "selective", "attention_backend": "efficient"},
-    ),
-    "compile-selective-adamw8bit": (
-        "cogpipe",
-        {"gradient_checkpointing": "selective", "optimizer": "adamw8bit"},
-    ),
+    "eager-full": cogpipe_variant("full", compile=False),
+    "eager-selective": cogpipe_variant("selective", compile=False),
+    "compile-off": cogpipe_variant("off"),
+    "compile-full": cogpipe_variant("full"),
+    "compile-selective": cogpipe_variant("selective"),
+    "compile-attention": cogpipe_variant("attention"),
+    "compile-attention-0.9": cogpipe_variant("attention", checkpointed_blocks=0.9),
+    "compile-attention-0.8": cogpipe_variant("attention", checkpointed_blocks=0.8),
+    "compile-attention-0.7": cogpipe_variant("attention", checkpointed_blocks=0.7),
+    "compile-selective-half": cogpipe_variant("selective", checkpointed_blocks=0.5),
+    "compile-selective-0.6": cogpipe_variant("selective", checkpointed_blocks=0.6),
+    "compile-selective-flash": cogpipe_variant("selective", attention_backend="flash"),
+    "compile-selective-efficient": cogpipe_variant("selective", attention_backend="efficient"),
+    "compile-selective-adamw8bit": cogpipe_variant("selective", optimizer="adamw8bit"),
 }
 
 
@@ -354,36 +336,16 @@ def measure(
 
 def run_variant(model: str, variant: str, args) -> dict:
     """`measure` in a child process; {"error": ...} when it fails (out of memory, say)."""
-    cmd = [
-        sys.executable,
-        __file__,
-        "--one",
-        model,
-        variant,
-        "--warmup",
-        str(args.warmup),
-        "--steps",
-        str(args.steps),
-    ] + (["--dry"] if args.dry else [])
+    one = ["--one", model, variant, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    one += ["--dry"] if args.dry else []
     if args.profile and variant in args.profile_variants.split(","):
-        cmd += ["--profile", args.profile]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": " | ".join(tail)[-400:] or f"exit {proc.returncode}"}
-    return json.loads(lines[-1])
+        one += ["--profile", args.profile]
+    return run_fresh(__file__, one)
 
 
-def commit() -> str:
-    if os.environ.get("COMMIT"):
-        return os.environ["COMMIT"]
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return git.stdout.strip() or "unknown"
-
-
-def model_lines(model: str, variants: list[str], args) -> Iterator[dict]:
-    """The result lines of one model: the reference variant first, each line its ratio."""
+def model_lines(model: str, variants: list[str], args, bench: Bench) -> Iterator[dict]:
+    """The result lines of one model: the reference variant first, each line its ratio (a
+    variant that fails is a line of `bench`'s errors)."""
     config = transformer_config(model, args.dry)
     s = shapes(config, args.dry)
     tflops = model_tflops(config, s)
@@ -395,13 +357,7 @@ def model_lines(model: str, variants: list[str], args) -> Iterator[dict]:
         got = run_variant(model, variant, args)
         case = f"cogvideox-{model} lora r128 {size} bs1 {variant}"
         if "error" in got:
-            yield {
-                "bench": "train_step",
-                "case": case,
-                "metric": "s_per_step",
-                "value": None,
-                "error": got["error"],
-            }
+            bench.failed(case, "s_per_step", got["error"])
             continue
         seconds, peak = got["s_per_step"], got["peak_mem_gb"]
         reference = reference or seconds  # the reference runs first
@@ -442,13 +398,9 @@ def main() -> None:
         if unknown := [x for x in given if x not in known]:
             parser.error(f"--{name}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
-    import torch
-
-    device = "cpu (dry run)" if args.dry else torch.cuda.get_device_name()
-    common = {"device": device, "date": datetime.date.today().isoformat(), "commit": commit()}
+    bench = Bench("train_step", device_name(args.dry), commit())
     for model in models:
-        for line in model_lines(model, variants, args):
-            print(json.dumps(line | common), flush=True)
+        bench.print_lines(model_lines(model, variants, args, bench))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ heuristics) in the same run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Bench, commit, device_name, run_fresh  # noqa: E402
 
 VARIANTS = ("default", "benchmark", "channels_last", "compile")
 
@@ -71,60 +70,27 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.batch, args.repeats)))
         return
 
-    import torch
-
-    common = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-    }
+    bench = Bench("vae_encode", device_name(False), commit())
     reference = None
     for variant in ["default"] + [v for v in args.variants.split(",") if v != "default"]:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            variant,
-            "--batch",
-            str(args.batch),
-            "--repeats",
-            str(args.repeats),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        one = ["--one", variant, "--batch", str(args.batch), "--repeats", str(args.repeats)]
+        got = run_fresh(__file__, one)
         case = f"cogvideox-2b vae encode fp16 49x480x720 bs{args.batch} {variant}"
-        if proc.returncode:
-            error = " | ".join(proc.stderr.strip().splitlines()[-2:])[-300:]
-            print(
-                json.dumps(
-                    {
-                        "bench": "vae_encode",
-                        "case": case,
-                        "metric": "s_per_clip",
-                        "value": None,
-                        "error": error,
-                    }
-                    | common
-                ),
-                flush=True,
-            )
+        if "error" in got:
+            bench.failed(case, "s_per_clip", got["error"])
             continue
-        got = json.loads(proc.stdout.strip().splitlines()[-1])
         reference = reference or got["s_per_clip"]
-        print(
-            json.dumps(
-                {
-                    "bench": "vae_encode",
-                    "case": case,
-                    "metric": "s_per_clip",
-                    "value": round(got["s_per_clip"], 4),
-                    "reference": round(reference, 4),
-                    "ratio": round(reference / got["s_per_clip"], 3),
-                    "peak_mem_gb": round(got["peak_mem_gb"], 2),
-                    "warmup_s": round(got["warmup_s"], 1),
-                }
-                | common
-            ),
-            flush=True,
+        bench.print(
+            {
+                "bench": "vae_encode",
+                "case": case,
+                "metric": "s_per_clip",
+                "value": round(got["s_per_clip"], 4),
+                "reference": round(reference, 4),
+                "ratio": round(reference / got["s_per_clip"], 3),
+                "peak_mem_gb": round(got["peak_mem_gb"], 2),
+                "warmup_s": round(got["warmup_s"], 1),
+            }
         )
 
 
