@@ -1,4 +1,5 @@
-"""Shared fixtures: sample videos and tiny models built once per session, Prefect offline.
+"""Shared fixtures: sample videos and tiny models built once per session, Prefect offline;
+and the tiny settings the tests import (`from conftest import tiny_train`).
 
 Prefect reads its settings at import time, so the environment is set here, before any
 test module imports it: a temporary PREFECT_HOME (its SQLite database and result store),
@@ -42,6 +43,112 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- tiny settings
+# What makes a stage fast on the tiny CogVideoX, shared by the tests that train, sample or
+# evaluate it. A test states on top the values it is about: `tiny_train(max_steps=2)`.
+
+TINY_TRAIN = dict(rank=4, alpha=8, lr_warmup_steps=0)  # a rank-4, alpha-8 LoRA, no warm-up
+TINY_TRAIN |= dict(mixed_precision="no", gradient_checkpointing="off", device="cpu")  # fp32
+TINY_VIDEO = dict(steps=2, frames=9, height=64, width=64, device="cpu")  # 9 x 64 x 64 px
+
+
+def tiny_train(**changes) -> dict:
+    """`TrainConfig` fields of a fast CPU run (`TINY_TRAIN`); `changes` add or replace fields."""
+    return TINY_TRAIN | changes
+
+
+def tiny_run_config(workspace: Path, model: Path, name: str | None, **train_fields):
+    """The `PipelineConfig` of a training run of `model` named `name` (None: its key) in
+    `workspace`, with `TrainConfig(**train_fields)`."""
+    from cogpipe.config import PipelineConfig, TrainConfig
+
+    train = TrainConfig(**train_fields)
+    return PipelineConfig(workspace=workspace, name=name, model=str(model), train=train)
+
+
+def tiny_sampling(**changes) -> dict:
+    """Sampler fields (`EvaluateConfig`, `GenerateOptions`) of a 2-step 9 x 64 x 64 video on
+    the CPU (`TINY_VIDEO`); `changes` add or replace fields."""
+    return TINY_VIDEO | changes
+
+
+def tiny_pipe_call(**changes) -> dict:
+    """A diffusers pipeline's arguments for a fast generation on a tiny model: 2 steps,
+    9 frames of 64 x 64, 16 prompt tokens; `changes` add or replace arguments."""
+    fast = dict(num_frames=9, height=64, width=64, num_inference_steps=2, max_sequence_length=16)
+    return fast | changes
+
+
+def cli_flags(**values) -> list[str]:
+    """Settings as command-line flags: `cli_flags(steps=2, device="cpu")` is
+    `["--steps", "2", "--device", "cpu"]`."""
+    return [arg for name, value in values.items() for arg in (f"--{name}", str(value))]
+
+
+def seeded_loss(transformer, scheduler, latents, embeds, seed: int, **inputs):
+    """`train.diffusion_loss` without rotary embeddings (the tiny models' kind) and with its
+    timestep and noise drawn from a generator seeded `seed`; `inputs`: reference, tic_ft,
+    image."""
+    import torch
+
+    from cogpipe import train
+
+    g = torch.Generator().manual_seed(seed)
+    return train.diffusion_loss(transformer, scheduler, latents, embeds, None, g, **inputs)
+
+
+def fake_precompute(
+    folder: Path,
+    clips: int = 2,
+    latent_frames: int = 3,
+    references: bool = False,
+    shard_size: int | None = None,
+    rejected: bool = False,
+    key: str = "p1",
+):
+    """A precompute output in the real shard and index format, written by the test so that
+    training's numbers do not depend on video decoding.
+
+    Samples clip0, clip1, ... hold seeded random latents [latent_frames, 4, 8, 8] (64 x 64 px),
+    prompt embeddings [16, 32] and, with `references`, reference latents shaped like the
+    latents; `shard_size` of them to a shard (default: all in one). `rejected` adds a row
+    rejected as too short after them.
+
+    Returns:
+        The `StageResult` of precompute `key` at `folder`.
+    """
+    import pandas as pd
+    import torch
+
+    from cogpipe.precompute import shard_name, write_shard
+    from cogpipe.workspace import StageResult, write_table
+
+    g = torch.Generator().manual_seed(0)
+    shard_size = shard_size or clips
+    rows = []
+    for first in range(0, clips, shard_size):
+        shard, tensors = shard_name(first // shard_size), {}
+        for j in range(first, min(first + shard_size, clips)):
+            tensors[f"clip{j}.latents"] = torch.randn(latent_frames, 4, 8, 8, generator=g)
+            tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
+            keys = dict(latents_key=f"clip{j}.latents", embeds_key=f"clip{j}.prompt_embeds")
+            row = dict(clip_id=f"clip{j}", caption=f"caption {j}", shard=shard, **keys)
+            rows.append(row | {"status": "ok", "reason": ""})
+            if references:
+                reference = torch.randn(latent_frames, 4, 8, 8, generator=g)
+                tensors[f"clip{j}.reference_latents"] = reference
+                rows[-1]["reference_key"] = f"clip{j}.reference_latents"
+        write_shard(folder / shard, tensors, {})
+    if rejected:
+        short = dict(clip_id="short", caption="c", shard=None, latents_key=None, embeds_key=None)
+        rows.append(short | {"status": "rejected", "reason": "too short"})
+    index = pd.DataFrame(rows).assign(
+        frames=4 * (latent_frames - 1) + 1, height=64, width=64, latent_frames=latent_frames
+    )
+    write_table(folder / "index.parquet", index)
+    return StageResult("precompute", key, str(folder))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_sampling
 from PIL import Image
 
 from cogpipe import evaluate, pipeline
@@ -61,23 +62,9 @@ def loras(models, tmp_path_factory) -> list[Path]:
 
 
 def make_cfg(ws_root: Path, models: dict[str, Path], **evaluate_fields) -> PipelineConfig:
-    fields = (
-        dict(
-            prompts=[PROMPT],
-            seeds=[42],
-            steps=2,
-            frames=9,
-            height=64,
-            width=64,
-            fps=8,
-            clip_model=str(models["clip"]),
-            device="cpu",
-        )
-        | evaluate_fields
-    )
-    return PipelineConfig(
-        workspace=ws_root, model=str(models["cogvideox"]), evaluate=EvaluateConfig(**fields)
-    )
+    fields = tiny_sampling(prompts=[PROMPT], seeds=[42], fps=8, clip_model=str(models["clip"]))
+    settings = EvaluateConfig(**fields | evaluate_fields)
+    return PipelineConfig(workspace=ws_root, model=str(models["cogvideox"]), evaluate=settings)
 
 
 def add_checkpoint(run_dir: Path, name: str, lora_file: Path) -> None:

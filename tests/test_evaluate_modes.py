@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_sampling
 from test_evaluate import PROMPT, _heldout_check, add_checkpoint, decode, make_lora
 from test_evaluate_suite import _filter_for
 
@@ -35,21 +36,8 @@ def lora_file(tiny_models, tmp_path_factory) -> Path:
 
 def make_cfg(root: Path, models: dict[str, Path], mode: str, **evaluate_fields):
     train, precompute = MODES[mode]
-    fields = (
-        dict(
-            prompts=[PROMPT, PROMPT],
-            seeds=[42],
-            steps=2,
-            frames=9,
-            height=64,
-            width=64,
-            fps=8,
-            clip_model=str(models["clip"]),
-            device="cpu",
-            bootstrap=100,
-        )
-        | evaluate_fields
-    )
+    fields = tiny_sampling(prompts=[PROMPT, PROMPT], seeds=[42], fps=8, bootstrap=100)
+    fields |= {"clip_model": str(models["clip"])} | evaluate_fields
     return PipelineConfig.model_validate(
         {
             "workspace": root,

@@ -34,6 +34,11 @@ SAT_TO_DIFFUSERS = {
     "attention.dense.matrix_A.0": "attn1.to_out.0.lora_A.weight",
     "attention.dense.matrix_B.0": "attn1.to_out.0.lora_B.weight",
 }
+# All but the layer and head counts tiny: 8-dim heads, 4 latent channels, 8 text tokens of
+# 8 dims, a 9-frame sample of 8 x 8 latents (64 x 64 px) in patches of 2.
+TINY_SIZES = dict(attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2)
+TINY_SIZES |= dict(text_embed_dim=8, max_text_seq_length=8, patch_size=2)
+TINY_SIZES |= dict(sample_width=8, sample_height=8, sample_frames=9)
 
 
 def write_transformer(folder: Path, num_layers: int, heads: int, five_b: bool, dtype) -> Path:
@@ -42,19 +47,10 @@ def write_transformer(folder: Path, num_layers: int, heads: int, five_b: bool, d
 
     torch.manual_seed(num_layers)
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=heads,
-        attention_head_dim=8,
         num_layers=num_layers,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=8,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=9,
-        patch_size=2,
-        max_text_seq_length=8,
+        num_attention_heads=heads,
         use_rotary_positional_embeddings=five_b,
+        **TINY_SIZES,
     )
     model.to(dtype).save_pretrained(folder / "transformer")
     return folder

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import seeded_loss, tiny_pipe_call
 from safetensors.torch import load_file
 from test_train import LORA, _losses, _stop_at
 
@@ -133,17 +134,8 @@ def test_trained_lora_loads_in_the_pipeline_and_changes_the_output(trained, vari
     extra = {"image": Image.new("RGB", (64, 64), (200, 40, 40))} if image_to_video else {}
 
     def generate():
-        return pipe(
-            prompt="a red circle",
-            num_frames=17,
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            max_sequence_length=16,
-            output_type="latent",
-            generator=torch.Generator().manual_seed(0),
-            **extra,
-        ).frames
+        call = tiny_pipe_call(prompt="a red circle", num_frames=17, output_type="latent")
+        return pipe(**call, generator=torch.Generator().manual_seed(0), **extra).frames
 
     base = generate()
     pipe.load_lora_weights(str(Path(full.path) / "checkpoint-000002"))
@@ -205,9 +197,7 @@ def test_the_transformer_gets_padded_latents_image_channels_and_ofs(
     latents = torch.randn(2, 21, 4, 8, 8, generator=g)
     embeds = torch.randn(2, 16, 32, generator=g)
     image = torch.randn(2, 1, 4, 8, 8, generator=g) if image_to_video else None
-    train.diffusion_loss(
-        transformer, scheduler, latents, embeds, None, torch.Generator().manual_seed(7), image=image
-    )
+    seeded_loss(transformer, scheduler, latents, embeds, 7, image=image)
     seen = transformer.seen
     frames = 22 if config.get("patch_size_t") else 21
     fed = seen["hidden_states"]
@@ -293,29 +283,13 @@ def test_conditioned_modes_pad_each_part_for_a_temporal_patch_of_2(tiny_models):
     latents, reference = torch.randn(2, 1, 21, 4, 8, 8, generator=g)
     embeds = torch.randn(1, 16, 32, generator=g)
     # ic-lora: the reference and the target each padded, the reference first.
-    train.diffusion_loss(
-        transformer,
-        scheduler,
-        latents,
-        embeds,
-        None,
-        torch.Generator().manual_seed(1),
-        reference=reference,
-    )
+    seeded_loss(transformer, scheduler, latents, embeds, 1, reference=reference)
     fed = transformer.seen["hidden_states"]
     assert fed.shape == (1, 44, 4, 8, 8)
     assert torch.equal(fed[:, :22], cogvideox.pad_frames(reference, 2))
     # tic-ft: the copy of the clean condition frame is one more clean condition frame.
     layout = TicFtConfig(condition_frames=1, buffer_frames=4, target_frames=16)
-    train.diffusion_loss(
-        transformer,
-        scheduler,
-        latents,
-        embeds,
-        None,
-        torch.Generator().manual_seed(1),
-        tic_ft=layout,
-    )
+    seeded_loss(transformer, scheduler, latents, embeds, 1, tic_ft=layout)
     fed = transformer.seen["hidden_states"]
     assert fed.shape == (1, 22, 4, 8, 8)
     assert torch.equal(fed[:, 0], latents[:, 0]) and torch.equal(fed[:, 1], latents[:, 0])

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_VIDEO, cli_flags, tiny_sampling
 from PIL import Image
 
 from cogpipe import cli, evaluate, generate, sampling
@@ -150,29 +151,8 @@ def test_generate_image_end_to_end(tmp_path, tiny_family, sample_videos, capsys)
 
     out = tmp_path / "i2v.mp4"
     video = next(p for name, p in sample_videos.items() if name.startswith("shapes"))
-    rc = cli.main(
-        [
-            "generate",
-            "--model",
-            str(tiny_family["i2v"]),
-            "--image",
-            str(video),
-            "--prompt",
-            PROMPT,
-            "--steps",
-            "2",
-            "--frames",
-            "9",
-            "--height",
-            "64",
-            "--width",
-            "64",
-            "--device",
-            "cpu",
-            "--output",
-            str(out),
-        ]
-    )
+    inputs = cli_flags(model=tiny_family["i2v"], image=video, prompt=PROMPT)
+    rc = cli.main(["generate", *inputs, *cli_flags(**TINY_VIDEO), "--output", str(out)])
     assert rc == 0, capsys.readouterr().err
     info, reason = probe_video(out)
     assert not reason and info["frames"] == 9 and (info["width"], info["height"]) == (64, 64)
@@ -346,17 +326,8 @@ def test_conditioned_sampling_on_cogvideox_15_pads_as_training_does(tiny_family,
     from cogpipe.models.cogvideox import pad_frames
 
     pipe = DiffusionPipeline.from_pretrained(tiny_family["1.5"])
-    settings = EvaluateConfig(
-        prompts=["a slap"],
-        seeds=[1],
-        steps=2,
-        frames=17,
-        height=32,
-        width=32,
-        fps=8,
-        clip_model="unused",
-        device="cpu",
-    )
+    fields = tiny_sampling(prompts=["a slap"], seeds=[1], frames=17, height=32, width=32)
+    settings = EvaluateConfig(**fields, fps=8, clip_model="unused")
     video = np.random.default_rng(0).integers(0, 256, (17, 32, 32, 3), dtype=np.uint8)
     layout = TicFtConfig(condition_frames=1, buffer_frames=2, target_frames=2)
     condition = sampling.Condition(mode, frames=video, layout=layout if mode == "tic-ft" else None)

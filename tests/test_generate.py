@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIDEO, cli_flags, tiny_sampling
 from test_evaluate import make_lora
 
 from cogpipe import evaluate, generate
@@ -21,20 +22,7 @@ PROMPT = "A fighter slaps his opponent and the crowd cheers."
 @pytest.fixture
 def tiny(tiny_models) -> list[str]:
     """Flags for a fast generation on the tiny model (2 steps, 9 frames, 64x64, CPU)."""
-    return [
-        "--model",
-        str(tiny_models["cogvideox"]),
-        "--steps",
-        "2",
-        "--frames",
-        "9",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--device",
-        "cpu",
-    ]
+    return cli_flags(model=tiny_models["cogvideox"], **TINY_VIDEO)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +35,7 @@ def lora(tiny_models, tmp_path_factory) -> Path:
 
 def options(tiny_models, **fields) -> GenerateOptions:
     """Tiny-model options on the CPU; `fields` override any of them (the device too)."""
-    defaults = dict(
-        model=str(tiny_models["cogvideox"]), steps=2, frames=9, height=64, width=64, device="cpu"
-    )
-    return GenerateOptions(**(defaults | fields))
+    return GenerateOptions(**tiny_sampling(model=str(tiny_models["cogvideox"])) | fields)
 
 
 def test_generate_writes_mp4_of_asked_frames_and_size(tmp_path, tiny, capsys):

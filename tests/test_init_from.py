@@ -16,68 +16,29 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import fake_precompute, tiny_run_config, tiny_train
 from safetensors.torch import load_file, save_file
 
 from cogpipe import train
 from cogpipe import train_sweep as sweeps
 from cogpipe.config import ConfigError, PipelineConfig, TrainConfig, load_config
 from cogpipe.evaluate import eval_key
-from cogpipe.precompute import shard_name, write_shard
-from cogpipe.workspace import StageResult, Workspace, no_progress, write_table
+from cogpipe.workspace import Workspace, no_progress, write_table
 
 LORA = "pytorch_lora_weights.safetensors"
-TRAIN = dict(
-    rank=4,
-    alpha=8,
-    learning_rate=1e-2,
-    lr_scheduler="constant",
-    lr_warmup_steps=0,
-    max_steps=3,
-    checkpoint_every=1,
-    batch_size=1,
-    mixed_precision="no",
-    gradient_checkpointing="off",
-    device="cpu",
+TRAIN = tiny_train(
+    learning_rate=1e-2, lr_scheduler="constant", max_steps=3, checkpoint_every=1, batch_size=1
 )
-
-
-def _one_sample(folder: Path) -> StageResult:
-    """A precompute output of one 9 x 64 x 64 sample (latents [3, 4, 8, 8], embeds [16, 32])."""
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        "c.latents": torch.randn(3, 4, 8, 8, generator=g),
-        "c.prompt_embeds": torch.randn(16, 32, generator=g),
-    }
-    write_shard(folder / shard_name(0), tensors, {})
-    row = {
-        "clip_id": "c",
-        "caption": "c",
-        "shard": shard_name(0),
-        "latents_key": "c.latents",
-        "embeds_key": "c.prompt_embeds",
-        "status": "ok",
-        "reason": "",
-        "frames": 9,
-        "height": 64,
-        "width": 64,
-        "latent_frames": 3,
-    }
-    write_table(folder / "index.parquet", pd.DataFrame([row]))
-    return StageResult("precompute", "one", str(folder))
 
 
 @pytest.fixture
 def setup(tmp_path, tiny_models):
     ws = Workspace(tmp_path / "ws")
-    upstream = {"precompute": _one_sample(ws.root / "precompute" / "one")}
+    # one 9 x 64 x 64 sample (latents [3, 4, 8, 8], embeds [16, 32])
+    upstream = {"precompute": fake_precompute(ws.root / "precompute" / "one", 1, key="one")}
 
     def make(name: str, **overrides) -> PipelineConfig:
-        return PipelineConfig(
-            workspace=ws.root,
-            name=name,
-            model=str(tiny_models["cogvideox"]),
-            train=TrainConfig(**TRAIN | overrides),
-        )
+        return tiny_run_config(ws.root, tiny_models["cogvideox"], name, **TRAIN | overrides)
 
     def run(name: str, progress=no_progress, **overrides):
         return train.run_train(ws, make(name, **overrides), upstream, progress)

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_sampling
 from test_evaluate import make_lora
 
 from cogpipe.config import CheckConfig, EvaluateConfig, IngestConfig, PipelineConfig
@@ -57,17 +58,8 @@ def test_each_nightly_run_evaluates_only_new_checkpoints(tmp_path, sample_videos
     from cogpipe_flows.evaluate_checkpoints import RunsFailed, evaluate_checkpoints
 
     videos = Path(next(iter(sample_videos.values()))).parent
-    evaluate = EvaluateConfig(
-        prompts=["a slap"],
-        seeds=[42],
-        steps=2,
-        frames=9,
-        height=64,
-        width=64,
-        clip_model=str(tiny_models["clip"]),
-        device="cpu",
-        bootstrap=100,
-    )
+    settings = tiny_sampling(prompts=["a slap"], seeds=[42], clip_model=str(tiny_models["clip"]))
+    evaluate = EvaluateConfig(**settings, bootstrap=100)
     cfg = PipelineConfig(
         workspace=tmp_path / "ws",
         model=str(tiny_models["cogvideox"]),

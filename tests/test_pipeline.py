@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_pipe_call
 
 from cogpipe.config import STAGES, load_config
 from cogpipe.workspace import read_table
@@ -90,15 +91,7 @@ def test_trained_lora_loads_into_the_pipeline_and_changes_the_output(demo):
     assert [c.name for c in checkpoints] == ["checkpoint-000003", "checkpoint-000006"]
 
     pipe = CogVideoXPipeline.from_pretrained(cfg.model)
-    kwargs = dict(
-        prompt="a fighter slaps",
-        num_frames=9,
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        max_sequence_length=16,
-        output_type="np",
-    )
+    kwargs = tiny_pipe_call(prompt="a fighter slaps", output_type="np")
     base = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
     pipe.load_lora_weights(checkpoints[-1])
     tuned = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames

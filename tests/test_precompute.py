@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_train
 from safetensors.torch import load_file
 
 from cogpipe import precompute
@@ -259,16 +260,8 @@ def test_train_reads_what_precompute_writes(setup):
 
     ws, make, upstream = setup
     pre = precompute.run_precompute(ws, make(), upstream)
-    train_cfg = TrainConfig(
-        rank=4,
-        alpha=4,
-        max_steps=2,
-        checkpoint_every=2,
-        batch_size=2,
-        lr_warmup_steps=0,
-        mixed_precision="no",
-        device="cpu",
-    )
+    steps = dict(max_steps=2, checkpoint_every=2, batch_size=2)
+    train_cfg = TrainConfig(**tiny_train(alpha=4, gradient_checkpointing="selective", **steps))
     res = train.run_train(ws, make().model_copy(update={"train": train_cfg}), {"precompute": pre})
     assert res.counts == {"steps": 2, "checkpoints": 1, "samples": 3}
     assert (Path(res.path) / "checkpoint-000002" / "pytorch_lora_weights.safetensors").is_file()

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_sampling, tiny_train
 from safetensors.torch import load_file
 from test_precompute import CAPTIONS, _upstream
 
@@ -172,28 +173,10 @@ def test_ic_lora_trains_from_precompute_and_validates_with_the_references(setup,
     ws, make, upstream = setup
     cfg = make(reference=CANNY)
     pre = precompute.run_precompute(ws, cfg, upstream)
-    evaluate = EvaluateConfig(
-        prompts=["a slap", "a block"],
-        seeds=[1],
-        steps=2,
-        frames=9,
-        height=64,
-        width=64,
-        device="cpu",
-        clip_model="unused",
-    )
-    t = TrainConfig(
-        mode="ic-lora",
-        rank=4,
-        alpha=8,
-        max_steps=2,
-        checkpoint_every=2,
-        batch_size=2,
-        lr_warmup_steps=0,
-        mixed_precision="no",
-        validation_every=2,
-        device="cpu",
-    )
+    prompts = ["a slap", "a block"]
+    evaluate = EvaluateConfig(**tiny_sampling(prompts=prompts, seeds=[1], clip_model="unused"))
+    steps = dict(max_steps=2, checkpoint_every=2, batch_size=2, validation_every=2)
+    t = TrainConfig(**tiny_train(mode="ic-lora", gradient_checkpointing="selective", **steps))
     res = train.run_train(
         ws, cfg.model_copy(update={"train": t, "evaluate": evaluate}), {"precompute": pre}
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_pipe_call
 from PIL import Image
 
 from cogpipe.samples import write_sample_videos, write_tiny_models
@@ -102,17 +103,9 @@ def test_cogvideox_loads_and_generates(built):
     assert scheduler.config.prediction_type == "v_prediction"
 
     pipe = CogVideoXPipeline.from_pretrained(folder)
-    frames = pipe(
-        prompt="a fighter slaps",
-        num_frames=9,
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        guidance_scale=6,
-        max_sequence_length=16,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).frames
+    g = torch.Generator().manual_seed(0)
+    call = tiny_pipe_call(prompt="a fighter slaps", guidance_scale=6, output_type="np")
+    frames = pipe(**call, generator=g).frames
     assert frames.shape == (1, 9, 64, 64, 3)
     assert np.isfinite(frames).all()
 

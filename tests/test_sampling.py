@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cli_flags, tiny_sampling
 from test_evaluate import make_lora
 from test_validation import decode as read_mp4
 from test_validation import lora_transformer
@@ -20,17 +21,7 @@ from cogpipe.video import write_mp4
 
 PROMPT = "A fighter slaps his opponent and the crowd cheers."
 LAYOUT = TicFtConfig(condition_frames=1, buffer_frames=2, target_frames=2)  # 17 frames
-SETTINGS = EvaluateConfig(
-    prompts=[PROMPT],
-    seeds=[42],
-    steps=2,
-    frames=9,
-    height=64,
-    width=64,
-    fps=8,
-    clip_model="unused",
-    device="cpu",
-)
+SETTINGS = EvaluateConfig(**tiny_sampling(prompts=[PROMPT], seeds=[42], fps=8, clip_model="unused"))
 
 
 @pytest.fixture(scope="module")
@@ -204,20 +195,7 @@ def _run(tmp_path: Path, model: Path, mode: str) -> Path:
 
 def test_generate_with_reference_and_condition_through_the_cli(tmp_path, tiny_models, capsys):
     model = tiny_models["cogvideox"]
-    tiny = [
-        "--model",
-        str(model),
-        "--steps",
-        "2",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--device",
-        "cpu",
-        "--prompt",
-        PROMPT,
-    ]
+    tiny = cli_flags(model=model, steps=2, height=64, width=64, device="cpu", prompt=PROMPT)
     edges = tmp_path / "edges.mp4"
     write_mp4(edges, frames_of(5, 12), 8)
     ic = _run(tmp_path, model, "ic-lora")

@@ -20,81 +20,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from conftest import fake_precompute, tiny_run_config, tiny_train
 from safetensors.torch import load_file, save_file
 
 from cogpipe import errors, train
 from cogpipe.config import PipelineConfig, TrainConfig
-from cogpipe.precompute import shard_name, write_shard
-from cogpipe.workspace import StageResult, Workspace, write_table
+from cogpipe.workspace import Workspace
 
 LORA = "pytorch_lora_weights.safetensors"
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = dict(
-    rank=4,
-    alpha=8,
-    learning_rate=1e-3,
-    lr_warmup_steps=0,
-    max_steps=6,
-    checkpoint_every=3,
-    batch_size=2,
-    mixed_precision="no",
-    gradient_checkpointing="off",
-    device="cpu",
-)
-
-
-def _fake_precompute(folder: Path, n: int = 5, shard_size: int = 2) -> StageResult:
-    """n samples of 9 x 64 x 64 (latent [3, 4, 8, 8]) with [16, 32] embeddings, and one rejected row."""
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(0, n, shard_size):
-        tensors = {}
-        for j in range(i, min(i + shard_size, n)):
-            tensors[f"clip{j}.latents"] = torch.randn(3, 4, 8, 8, generator=g)
-            tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
-            rows.append(
-                {
-                    "clip_id": f"clip{j}",
-                    "caption": f"caption {j}",
-                    "shard": shard_name(i // shard_size),
-                    "latents_key": f"clip{j}.latents",
-                    "embeds_key": f"clip{j}.prompt_embeds",
-                    "status": "ok",
-                    "reason": "",
-                }
-            )
-        write_shard(folder / shard_name(i // shard_size), tensors, {})
-    rows.append(
-        {
-            "clip_id": "short",
-            "caption": "c",
-            "shard": None,
-            "latents_key": None,
-            "embeds_key": None,
-            "status": "rejected",
-            "reason": "too short",
-        }
-    )
-    index = pd.DataFrame(rows).assign(frames=9, height=64, width=64, latent_frames=3)
-    write_table(folder / "index.parquet", index)
-    return StageResult("precompute", "p1", str(folder))
+TRAIN = tiny_train(learning_rate=1e-3, max_steps=6, checkpoint_every=3, batch_size=2)
 
 
 @pytest.fixture
 def setup(tmp_path, tiny_models):
     ws = Workspace(tmp_path / "ws")
-    upstream = {"precompute": _fake_precompute(tmp_path / "ws" / "precompute" / "p1")}
+    # 5 samples, 2 to a shard, and one rejected row
+    pre = fake_precompute(tmp_path / "ws" / "precompute" / "p1", 5, shard_size=2, rejected=True)
+    upstream = {"precompute": pre}
 
     def make(name: str | None = None, **overrides) -> PipelineConfig:
-        return PipelineConfig(
-            workspace=ws.root,
-            name=name,
-            model=str(tiny_models["cogvideox"]),
-            train=TrainConfig(**TRAIN | overrides),
-        )
+        return tiny_run_config(ws.root, tiny_models["cogvideox"], name, **TRAIN | overrides)
 
     return ws, make, upstream
 
@@ -280,14 +228,11 @@ def test_rotary_embeddings_match_the_pipeline():
 
     from cogpipe.models import cogvideox
 
-    # A 5B-type config at a small size (the tiny model is 2B-type: no rotary embeddings).
+    # A 5B-type config at a small size (the tiny model is 2B-type: no rotary embeddings):
+    # 16-dim heads, a sample of 12 x 8 latents (96 x 64 px).
+    sizes = dict(attention_head_dim=16, sample_width=12, sample_height=8)
     config = SimpleNamespace(
-        use_rotary_positional_embeddings=True,
-        patch_size=2,
-        patch_size_t=None,
-        attention_head_dim=16,
-        sample_width=12,
-        sample_height=8,
+        use_rotary_positional_embeddings=True, patch_size=2, patch_size_t=None, **sizes
     )
     pipe = SimpleNamespace(vae_scale_factor_spatial=8, transformer=SimpleNamespace(config=config))
     expected = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, 64, 96, 3, "cpu")

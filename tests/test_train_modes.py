@@ -12,66 +12,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from conftest import fake_precompute, seeded_loss, tiny_sampling, tiny_train
 from safetensors.torch import load_file
 
 from cogpipe import evaluate, generate, precompute, train
 from cogpipe.config import ConfigError, PipelineConfig, TicFtConfig, TrainConfig, load_config
 from cogpipe.models import cogvideox
-from cogpipe.precompute import shard_name, write_shard
-from cogpipe.workspace import StageResult, Workspace, write_table
+from cogpipe.workspace import StageResult, Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = TrainConfig().target_modules
 TINY_TIC_FT = TicFtConfig(condition_frames=1, buffer_frames=2, target_frames=2)  # 5 latent frames
-TRAIN = dict(
-    rank=4,
-    alpha=8,
-    learning_rate=1e-2,
-    lr_warmup_steps=0,
-    lr_scheduler="constant",
-    max_steps=10,
-    checkpoint_every=5,
-    batch_size=2,
-    mixed_precision="no",
-    gradient_checkpointing="off",
-    device="cpu",
+TRAIN = tiny_train(
+    learning_rate=1e-2, lr_scheduler="constant", max_steps=10, checkpoint_every=5, batch_size=2
 )
 MODES = {  # mode -> (train overrides, precompute overrides, latent frames, with references)
     "full": (dict(learning_rate=1e-3), {}, 3, False),
     "ic-lora": ({}, dict(reference="cogpipe.condition:canny"), 3, True),
     "tic-ft": (dict(tic_ft=TINY_TIC_FT.model_dump()), dict(frames=17), 5, False),
 }
-
-
-def _fake_precompute(folder: Path, latent_frames: int, references: bool) -> StageResult:
-    """Two samples of latents [F', 4, 8, 8] (64 x 64 px) with [16, 32] embeddings, in one shard."""
-    g = torch.Generator().manual_seed(0)
-    tensors, rows = {}, []
-    for j in range(2):
-        tensors[f"clip{j}.latents"] = torch.randn(latent_frames, 4, 8, 8, generator=g)
-        tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
-        row = {
-            "clip_id": f"clip{j}",
-            "caption": f"caption {j}",
-            "shard": shard_name(0),
-            "latents_key": f"clip{j}.latents",
-            "embeds_key": f"clip{j}.prompt_embeds",
-            "status": "ok",
-            "reason": "",
-        }
-        if references:
-            tensors[f"clip{j}.reference_latents"] = torch.randn(latent_frames, 4, 8, 8, generator=g)
-            row["reference_key"] = f"clip{j}.reference_latents"
-        rows.append(row)
-    write_shard(folder / shard_name(0), tensors, {})
-    index = pd.DataFrame(rows).assign(
-        frames=4 * (latent_frames - 1) + 1, height=64, width=64, latent_frames=latent_frames
-    )
-    write_table(folder / "index.parquet", index)
-    return StageResult("precompute", "p1", str(folder))
 
 
 @pytest.fixture
@@ -96,7 +57,7 @@ def setup(tmp_path, tiny_models):
         _, _, frames, references = MODES[mode]
         folder = ws.root / "precompute" / mode
         if not (folder / "index.parquet").is_file():
-            _fake_precompute(folder, frames, references)
+            fake_precompute(folder, latent_frames=frames, references=references)
         return {"precompute": StageResult("precompute", "p1", str(folder))}
 
     return ws, make, upstream
@@ -124,15 +85,8 @@ def _fixed_loss(transformer, model: str, cfg: PipelineConfig, pre: Path, draws: 
     tic_ft = t.tic_ft if t.mode == "tic-ft" else None
     with torch.no_grad():
         losses = [
-            train.diffusion_loss(
-                transformer,
-                scheduler,
-                batch[0],
-                batch[1],
-                None,
-                torch.Generator().manual_seed(d),
-                reference,
-                tic_ft,
+            seeded_loss(
+                transformer, scheduler, batch[0], batch[1], d, reference=reference, tic_ft=tic_ft
             ).item()
             for d in range(draws)
         ]
@@ -273,15 +227,7 @@ def test_ic_lora_loss_has_no_gradient_at_the_reference_positions(tiny_models):
         seen["output"] = output[0]
 
     handle = transformer.register_forward_hook(hook, with_kwargs=True)
-    loss = train.diffusion_loss(
-        transformer,
-        scheduler,
-        latents,
-        embeds,
-        None,
-        torch.Generator().manual_seed(1),
-        reference=reference,
-    )
+    loss = seeded_loss(transformer, scheduler, latents, embeds, 1, reference=reference)
     loss.backward()
     handle.remove()
     fed, grad = seen["input"], seen["output"].grad
@@ -327,15 +273,7 @@ def test_tic_ft_feeds_buffer_frames_at_their_scheduled_noise_levels(tiny_models)
         lambda m, a, kw: seen.update(kw), with_kwargs=True
     )
     with torch.no_grad():
-        train.diffusion_loss(
-            transformer,
-            scheduler,
-            latents,
-            embeds,
-            None,
-            torch.Generator().manual_seed(seed),
-            tic_ft=layout,
-        )
+        seeded_loss(transformer, scheduler, latents, embeds, seed, tic_ft=layout)
     handle.remove()
     fed = seen["hidden_states"]
     assert torch.equal(seen["timestep"], timesteps)  # the model is told the target's timestep
@@ -368,15 +306,7 @@ def test_tic_ft_loss_covers_the_target_frames_only(tiny_models):
         seen["output"] = output[0]
 
     transformer.register_forward_hook(hook, with_kwargs=True)
-    train.diffusion_loss(
-        transformer,
-        scheduler,
-        latents,
-        embeds,
-        None,
-        torch.Generator().manual_seed(2),
-        tic_ft=TINY_TIC_FT,
-    ).backward()
+    seeded_loss(transformer, scheduler, latents, embeds, 2, tic_ft=TINY_TIC_FT).backward()
     grad = seen["output"].grad  # [1, 5, 4, 8, 8]: condition, 2 buffers, 2 targets
     assert torch.count_nonzero(grad[:, :3]) == 0
     assert torch.count_nonzero(grad[:, 3:]) == grad[:, 3:].numel()
@@ -390,14 +320,7 @@ def test_tic_ft_run_writes_validation_videos_of_its_target_frames(setup, tiny_mo
 
     ws, make, upstream = setup
     evaluate_cfg = EvaluateConfig(
-        prompts=["a slap"],
-        seeds=[1],
-        steps=2,
-        frames=9,
-        height=64,
-        width=64,
-        device="cpu",
-        clip_model="unused",
+        **tiny_sampling(prompts=["a slap"], seeds=[1], clip_model="unused")
     )
     cfg = make("tic-ft", max_steps=2, checkpoint_every=2, validation_every=2)
     res = train.run_train(ws, cfg.model_copy(update={"evaluate": evaluate_cfg}), upstream("tic-ft"))

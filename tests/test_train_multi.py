@@ -16,73 +16,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from conftest import fake_precompute, tiny_run_config, tiny_sampling, tiny_train
 from safetensors.torch import load_file
 
 from cogpipe import distributed, train
 from cogpipe.config import PipelineConfig, TrainConfig
 from cogpipe.models import cogvideox
-from cogpipe.precompute import shard_name, write_shard
-from cogpipe.workspace import StageResult, Workspace, write_table
+from cogpipe.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TRAIN = dict(
-    rank=4,
-    alpha=8,
-    learning_rate=1e-2,
-    lr_warmup_steps=0,
-    lr_scheduler="constant",
-    max_steps=6,
-    checkpoint_every=3,
-    batch_size=1,
-    gradient_accumulation_steps=2,
-    mixed_precision="no",
-    gradient_checkpointing="off",
-    device="cpu",
-)
-
-
-def _fake_precompute(folder: Path, n: int = 2) -> StageResult:
-    """n samples of latents [3, 4, 8, 8] (9 x 64 x 64 px) with [16, 32] embeddings, one shard."""
-    g = torch.Generator().manual_seed(0)
-    tensors, rows = {}, []
-    for j in range(n):
-        tensors[f"clip{j}.latents"] = torch.randn(3, 4, 8, 8, generator=g)
-        tensors[f"clip{j}.prompt_embeds"] = torch.randn(16, 32, generator=g)
-        rows.append(
-            {
-                "clip_id": f"clip{j}",
-                "caption": f"caption {j}",
-                "shard": shard_name(0),
-                "latents_key": f"clip{j}.latents",
-                "embeds_key": f"clip{j}.prompt_embeds",
-                "status": "ok",
-                "reason": "",
-            }
-        )
-    write_shard(folder / shard_name(0), tensors, {})
-    write_table(
-        folder / "index.parquet",
-        pd.DataFrame(rows).assign(frames=9, height=64, width=64, latent_frames=3),
-    )
-    return StageResult("precompute", "p1", str(folder))
+TRAIN = tiny_train(learning_rate=1e-2, lr_scheduler="constant", max_steps=6, checkpoint_every=3)
+TRAIN |= dict(batch_size=1, gradient_accumulation_steps=2)  # 2 micro-batches: one per process
 
 
 @pytest.fixture
 def setup(tmp_path, tiny_models):
     ws = Workspace(tmp_path / "ws")
-    upstream = {"precompute": _fake_precompute(tmp_path / "ws" / "precompute" / "p1")}
+    upstream = {"precompute": fake_precompute(tmp_path / "ws" / "precompute" / "p1")}
 
     def make(name: str, **overrides) -> PipelineConfig:
-        return PipelineConfig(
-            workspace=ws.root,
-            name=name,
-            model=str(tiny_models["cogvideox"]),
-            train=TrainConfig(**TRAIN | overrides),
-        )
+        return tiny_run_config(ws.root, tiny_models["cogvideox"], name, **TRAIN | overrides)
 
     return ws, make, upstream
 
@@ -132,9 +88,7 @@ def test_ddp_lora_is_the_single_process_run(setup):
     assert train.key_of(one, {"precompute": "p1"}) == train.key_of(two, {"precompute": "p1"})
     single = train.run_train(ws, one, upstream)
     # Rank 0 makes validation videos at step 3 while rank 1 waits in the next step.
-    evaluate = EvaluateConfig(
-        prompts=["a slap"], steps=2, frames=9, height=64, width=64, device="cpu"
-    )
+    evaluate = EvaluateConfig(**tiny_sampling(prompts=["a slap"]))
     two = make("two", num_processes=2, validation_every=3).model_copy(update={"evaluate": evaluate})
     ddp = train.run_train(ws, two, upstream)
     videos = sorted(p.relative_to(ddp.path).as_posix() for p in Path(ddp.path).rglob("*.mp4"))

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_sampling
 
 from cogpipe import evaluate, train, validation
 from cogpipe.config import EvaluateConfig, PipelineConfig
@@ -28,21 +29,9 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def make_cfg(models: dict[str, Path], **evaluate_fields) -> PipelineConfig:
-    fields = (
-        dict(
-            prompts=PROMPTS[:1],
-            seeds=[42],
-            steps=2,
-            frames=9,
-            height=64,
-            width=64,
-            fps=8,
-            clip_model=str(models["clip"]),
-            device="cpu",
-        )
-        | evaluate_fields
-    )
-    return PipelineConfig(model=str(models["cogvideox"]), evaluate=EvaluateConfig(**fields))
+    fields = tiny_sampling(prompts=PROMPTS[:1], seeds=[42], fps=8, clip_model=str(models["clip"]))
+    settings = EvaluateConfig(**fields | evaluate_fields)
+    return PipelineConfig(model=str(models["cogvideox"]), evaluate=settings)
 
 
 def lora_transformer(model: Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
