@@ -51,6 +51,7 @@ from cogpipe.generate import GenerateError
 from cogpipe.interrupt import Guard, interrupted
 from cogpipe.preflight import preflight
 from cogpipe.sources import SourceError
+from cogpipe.stages import STAGE_SPECS
 from cogpipe.workspace import StageNotReady, StageResult
 
 
@@ -608,6 +609,13 @@ STAGE_WRITES = {
 }
 
 
+SHARD_HELP = {  # the stages that run in pieces (their spec's `shard_option`)
+    "caption": "caption only shard K (0..caption.shards-1) and skip the merge",
+    "recaption": "recaption only shard K (0..caption.shards-1) and skip the merge",
+    "precompute": "encode only part K (0..precompute.workers-1) and skip the index",
+}
+
+
 def _add_stage_commands(sub) -> None:
     """One command per pipeline stage (library calls, no Prefect)."""
     for k, stage in enumerate(STAGES):
@@ -622,20 +630,9 @@ def _add_stage_commands(sub) -> None:
         example = f"example:\n  cogpipe {stage} demo/demo.yaml"
         p = command(sub, stage, STAGE_HELP[stage], f"{about}\n\n{example}", cmd_stage)
         p.add_argument("config", metavar="CONFIG", help=CONFIG_HELP)
-        if stage in ("caption", "recaption"):
-            p.add_argument(
-                "--shard",
-                type=int,
-                metavar="K",
-                help=f"{stage} only shard K (0..caption.shards-1) and skip the merge",
-            )
-        if stage == "precompute":
-            p.add_argument(
-                "--part",
-                type=int,
-                metavar="K",
-                help="encode only part K (0..precompute.workers-1) and skip the index",
-            )
+        option = STAGE_SPECS[stage].shard_option  # --shard K, --part K: one piece of the stage
+        if option is not None:
+            p.add_argument(f"--{option}", type=int, metavar="K", help=SHARD_HELP[stage])
 
 
 def _add_flow_commands(sub) -> None:

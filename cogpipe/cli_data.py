@@ -162,10 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from cogpipe.export import run_export
 
     path, lora = run_export(args.lora, args.out, args.format, args.model)
-    print(
-        f"{path}: {args.format} export of {lora.source} ({len(lora.modules)} modules, "
-        f"rank {lora.rank}, alpha {lora.alpha:g})"
-    )
+    shape = f"{len(lora.modules)} modules, rank {lora.rank}, alpha {lora.alpha:g}"
+    print(f"{path}: {args.format} export of {lora.source} ({shape})")
     return 0
 
 
@@ -186,7 +184,7 @@ def cmd_export_dataset(args: argparse.Namespace) -> int:
 
 def cmd_captions(args: argparse.Namespace) -> int:
     from cogpipe.overrides import export_captions
-    from cogpipe.pipeline import stage_keys, upstream_results
+    from cogpipe.stages import stage_keys, upstream_results
 
     cfg = load_config(args.config)
     keys = stage_keys(cfg, "precompute")

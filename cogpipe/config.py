@@ -8,7 +8,10 @@ Fields marked `keyed=False` (see `_unkeyed`) change how a stage runs, never what
 writes, so they are left out of the stage key: raising `precompute.batch_size` of a
 finished run does not recompute it. (`caption.batch_size` is keyed: with left padding a
 caption can depend on the other clips of its batch.) Models enter keys by fingerprint
-(`workspace.model_fingerprint`), never by path, so moving a model folder keeps every key.
+(`workspace.model_fingerprint`, which the stages' `key_of` put in place of the path), never
+by path, so moving a model folder keeps every key.
+
+This module imports nothing of cogpipe: it is the bottom layer every other module reads.
 
     from cogpipe.config import load_config
     cfg = load_config("demo/demo.yaml")
@@ -45,6 +48,20 @@ Stage = Literal[
     "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate"
 ]
 Precision = Literal["auto", "no", "fp16", "bf16"]
+
+# Short names for the hub's CogVideoX models, accepted wherever a model is named.
+MODELS = {
+    "2b": "THUDM/CogVideoX-2b",
+    "5b": "THUDM/CogVideoX-5b",
+    "5b-i2v": "THUDM/CogVideoX-5b-I2V",
+    "1.5-5b": "THUDM/CogVideoX1.5-5B",
+    "1.5-5b-i2v": "THUDM/CogVideoX1.5-5B-I2V",
+}
+
+
+def hub_id(model: str) -> str:
+    """The hub id of a short name (`1.5-5b` -> `THUDM/CogVideoX1.5-5B`); anything else as given."""
+    return MODELS.get(model.lower(), model)
 
 
 def _unkeyed(**kwargs: Any) -> Any:
@@ -859,7 +876,7 @@ class TrainConfig(Section):
     def key_fields(self) -> dict[str, Any]:
         """As Section's, with only the fields of the configured mode: a LoRA config keeps the
         key it had before modes existed, and a full fine-tune ignores the LoRA fields;
-        `init_from` by the content of its weights, and only when given."""
+        `init_from` only when given (`train.key_of` puts its weights' fingerprint there)."""
         data = super().key_fields()
         if self.mode == "lora":
             data.pop("mode")
@@ -872,16 +889,7 @@ class TrainConfig(Section):
             data.pop("tic_ft")
         if self.init_from is None:
             data.pop("init_from")  # a run from the base model keeps its key
-        else:
-            data["init_from"] = self._init_fingerprint()
         return data
-
-    def _init_fingerprint(self) -> str:
-        """`init_from` by the content of the weights it resolves to, never by path: the same
-        weights anywhere give the same key, new weights in the same place another one."""
-        from cogpipe import train  # the run and checkpoint layout lives there
-
-        return train.init_fingerprint(train.init_source(self.init_from, self.mode))
 
 
 class EvaluateConfig(Section):
@@ -956,16 +964,6 @@ class EvaluateConfig(Section):
         """Whether the suite is the held-out clips' captions (prompts: heldout)."""
         return self.prompts == "heldout"
 
-    def key_fields(self) -> dict[str, Any]:
-        """As Section's, with the CLIP and video-feature models by fingerprint, not path."""
-        from cogpipe.workspace import model_fingerprint
-
-        data = super().key_fields()
-        data["clip_model"] = model_fingerprint(self.clip_model)
-        if self.video_features is not None:
-            data["video_features"] = model_fingerprint(self.video_features)
-        return data
-
     @model_validator(mode="after")
     def _shape(self) -> EvaluateConfig:
         if (self.frames - 1) % 8:
@@ -1012,8 +1010,6 @@ class PipelineConfig(BaseModel):
     @classmethod
     def _hub_id(cls, model: str) -> str:
         """A short name is its hub id from here on, so keys and logs name the real model."""
-        from cogpipe.models.cogvideox import hub_id
-
         return hub_id(model)
 
     @model_validator(mode="after")

@@ -64,7 +64,7 @@ import pandas as pd
 
 from cogpipe.config import PipelineConfig
 from cogpipe.errors import UserError
-from cogpipe.pipeline import UPSTREAM, finished, stage_keys
+from cogpipe.stages import UPSTREAM, finished, stage_keys
 from cogpipe.video import VideoReader
 from cogpipe.workspace import (
     Progress,

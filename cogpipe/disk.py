@@ -2,7 +2,7 @@
 
 A workspace only grows: every changed config adds stage keys, cache entries and runs.
 Which of them a config still uses is computed from the config alone, with the pipeline's
-own key functions (`pipeline.stage_keys`, `pipeline.stage_path`), never by running anything:
+own key functions (`stages.stage_keys`, `stages.stage_path`), never by running anything:
 
 - stage outputs: `<stage>/<key>/`, `train/<run>/`, `evaluate/<ekey>/<run>/`;
 - `cache/latents`, `cache/text`: the content keys in the `index.parquet` of a used
@@ -41,6 +41,7 @@ from types import SimpleNamespace
 
 from cogpipe.config import PipelineConfig
 from cogpipe.errors import UserError
+from cogpipe.stages import UPSTREAM, finished, stage_keys, stage_path
 from cogpipe.workspace import (
     TMP_PREFIX,
     Busy,
@@ -185,8 +186,6 @@ class _References:
 
     def add(self, ws: Workspace, label: str, cfg: PipelineConfig) -> dict[str, str]:
         """Record what one config uses; returns its keys."""
-        from cogpipe.pipeline import UPSTREAM, stage_keys, stage_path
-
         try:
             keys = stage_keys(cfg)
         except (OSError, ValueError) as e:  # no source, a bad layout (SourceError)
@@ -232,8 +231,6 @@ def _cache_entries(ws: Workspace, cfg: PipelineConfig, keys: dict[str, str]) -> 
 
 
 def _finished(ws: Workspace, cfg: PipelineConfig, keys: dict[str, str], stage: str):
-    from cogpipe.pipeline import UPSTREAM, finished
-
     return finished(ws, cfg, stage, keys[stage], {u: keys[u] for u in UPSTREAM[stage]})
 
 

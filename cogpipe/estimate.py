@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cogpipe.config import STAGES, PipelineConfig
+from cogpipe.stages import UPSTREAM, finished, stage_keys
 from cogpipe.workspace import (
     SUCCESS,
     Progress,
@@ -476,6 +477,16 @@ class Counts:
         counts = rate.record.get("counts", {}) if rate else {}
         return counts[out] / counts[of] if counts.get(of) and out in counts else None
 
+    def carried(
+        self, upstream: int, stage: str, out: str, of: str, share: str, unmeasured: str
+    ) -> tuple[int, str]:
+        """`upstream` (the count `stage` reads) times `stage`'s measured out / of, and why:
+        "the measured run's share of `share`"; `upstream` and `unmeasured` without a run."""
+        r = self.ratio(stage, out, of)
+        if r is None:
+            return upstream, unmeasured
+        return round(upstream * r), f"the measured run's share of {share}"
+
 
 def _files(c: Counts) -> tuple[int, str]:
     from cogpipe.sources import list_source
@@ -485,24 +496,16 @@ def _files(c: Counts) -> tuple[int, str]:
 
 def _videos(c: Counts) -> tuple[int, str]:
     if "ingest" in c.done:
-        t = c.table("ingest", "videos.parquet")
-        return int((t.status == "ok").sum()), ""
+        return int((c.table("ingest", "videos.parquet").status == "ok").sum()), ""
     files, _ = _files(c)
-    r = c.ratio("ingest", "ok", "files")
-    if r is None:
-        return files, "every file readable"
-    return round(files * r), "the measured run's share of readable files"
+    return c.carried(files, "ingest", "ok", "files", "readable files", "every file readable")
 
 
 def _clips(c: Counts) -> tuple[int, str]:
     if "check" in c.done:
-        t = c.table("check", "clips.parquet")
-        return int(t.keep.astype(bool).sum()), ""
+        return int(c.table("check", "clips.parquet").keep.astype(bool).sum()), ""
     videos, _ = _videos(c)
-    r = c.ratio("check", "kept", "videos")
-    if r is None:
-        return videos, "one clip per video"
-    return round(videos * r), "the measured run's share of kept clips"
+    return c.carried(videos, "check", "kept", "videos", "kept clips", "one clip per video")
 
 
 def _recaptioned(c: Counts) -> tuple[int, str]:
@@ -707,8 +710,6 @@ def estimate(
             this one's (e.g. a pilot run's workspace).
         stages: only these stages (default: all).
     """
-    from cogpipe.pipeline import UPSTREAM, finished, stage_keys
-
     ws = Workspace(cfg.workspace)
     keys = stage_keys(cfg)
     others = [Path(p).resolve() for p in [*(stats_from or []), *remembered_stats_from(ws)]]

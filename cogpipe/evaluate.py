@@ -121,6 +121,7 @@ from cogpipe.heldout import (
 from cogpipe.metrics import clip_score, load_features, video_metrics
 from cogpipe.models.cogvideox import LORA_FILE
 from cogpipe.ratings import report_lock
+from cogpipe.stages import stage_keys
 from cogpipe.video import (
     even_indices,
     probe_video,
@@ -166,8 +167,15 @@ def eval_key(cfg: PipelineConfig, inputs: dict[str, str] | None = None) -> str:
     adds its mode: its checkpoints are sampled on held-out clips' conditions, another way
     of evaluating (a LoRA or full run's key is what it was before conditioned modes).
     """
-    config = cfg.evaluate.key_fields() | {"model_fp": model_fingerprint(cfg.model)}
-    if cfg.evaluate.heldout:
+    ec = cfg.evaluate
+    models = {
+        "clip_model": model_fingerprint(ec.clip_model),
+        "model_fp": model_fingerprint(cfg.model),
+    }
+    if ec.video_features is not None:
+        models["video_features"] = model_fingerprint(ec.video_features)
+    config = ec.key_fields() | models  # the models by fingerprint, not path
+    if ec.heldout:
         config["suite"] = (inputs or {}).get("filter") or _filter_key(cfg)
     if cfg.train.mode in CONDITIONED:
         config["conditioned"] = cfg.train.mode
@@ -175,8 +183,6 @@ def eval_key(cfg: PipelineConfig, inputs: dict[str, str] | None = None) -> str:
 
 
 def _filter_key(cfg: PipelineConfig) -> str:
-    from cogpipe.pipeline import stage_keys
-
     return stage_keys(cfg, "filter")["filter"]
 
 
@@ -218,7 +224,7 @@ def is_current(ws: Workspace, cfg: PipelineConfig, record: dict[str, Any]) -> bo
     """Whether a done marker still covers every checkpoint in its run folder.
 
     The key stays the same while a run adds checkpoints, so "done for this key" needs
-    this too (for `pipeline.finished` and the Prefect cache key).
+    this too (for `stages.finished` and the Prefect cache key).
     """
     stats = record.get("stats", {})
     if "run_dir" not in stats:

@@ -61,7 +61,7 @@ def config_values(cfg: PipelineConfig) -> dict[str, Any]:
 
 def run_folder(cfg: PipelineConfig) -> Path:
     """The config's training run folder, `train/<name or train key>/` (it may not exist)."""
-    from cogpipe.pipeline import UPSTREAM, stage_keys, stage_path
+    from cogpipe.stages import UPSTREAM, stage_keys, stage_path
     from cogpipe.workspace import Workspace
 
     keys = stage_keys(cfg, "train")

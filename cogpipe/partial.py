@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cogpipe.config import PipelineConfig
-from cogpipe.pipeline import UPSTREAM, finished
+from cogpipe.stages import UPSTREAM, finished
 from cogpipe.workspace import StageResult, Workspace, read_table
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Partial:
 
 
 def partial_progress(cfg: PipelineConfig, stage: str, keys: dict[str, str]) -> Partial | None:
-    """What `stage` has committed for this config (`keys`: `pipeline.stage_keys(cfg)`), or None
+    """What `stage` has committed for this config (`keys`: `stages.stage_keys(cfg)`), or None
     when it is finished, has nothing committed, or commits in one go.
 
     Reading never fails the caller: a folder it cannot make sense of (written by another

@@ -1,7 +1,12 @@
-"""The stage graph: which stage reads which, every stage's key, and running one stage.
+"""Running the stage graph: one stage, all of them, their status and what made a key.
 
 The contract of each stage (upstream, key, run, output place, freshness) is its spec in
-`cogpipe.stages.STAGE_SPECS`; this module runs it. Keys are computed front to back
+`cogpipe.stages.STAGE_SPECS`, and the readers of that table (`stage_keys`, `finished`,
+`stage_path`, `upstream_results`, `UPSTREAM`) live there too, so the stage modules can
+read it without importing this runner; they are imported here under their old names.
+This module runs the specs, holding the workspace against `cogpipe gc` (`disk.in_use`),
+timing each stage (`estimate.StageClock`) and reading unfinished work for `status`
+(`partial`). Keys are computed front to back
 without running anything (ingest lists the source folder, the rest hash configs and
 upstream keys), so `status` and the Prefect cache can ask "is this stage done for this
 config?" in milliseconds, and `explain_key` says what went into a key and what changed.
@@ -19,11 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from cogpipe.config import STAGES, PipelineConfig
-from cogpipe.stages import STAGE_SPECS, changed_fields, spec_of
+from cogpipe.disk import in_use
+from cogpipe.estimate import StageClock
+from cogpipe.partial import partial_progress
+from cogpipe.stages import (  # UPSTREAM ... upstream_results: also read from here
+    STAGE_SPECS,
+    UPSTREAM,
+    changed_fields,
+    finished,
+    spec_of,
+    stage_keys,
+    stage_path,
+    upstream_results,
+)
 from cogpipe.workspace import (
     SUCCESS,
     Progress,
-    StageNotReady,
     StageResult,
     Workspace,
     no_progress,
@@ -32,65 +48,7 @@ from cogpipe.workspace import (
     sweep_temporaries,
 )
 
-# The stage graph's edges (from STAGE_SPECS), for readers that need only those.
-UPSTREAM: dict[str, tuple[str, ...]] = {name: s.upstream for name, s in STAGE_SPECS.items()}
-
 log = logging.getLogger(__name__)
-
-
-def stage_keys(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
-    """Every stage's key up to `until`, computed without running anything."""
-    keys: dict[str, str] = {}
-    for stage in STAGES[: STAGES.index(until) + 1]:
-        spec = STAGE_SPECS[stage]
-        keys[stage] = spec.key(cfg, spec.inputs(keys))
-    return keys
-
-
-def stage_path(
-    ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
-) -> Path:
-    """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
-    return spec_of(stage).output(ws, cfg, key, inputs)
-
-
-def finished(
-    ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
-) -> StageResult | None:
-    """The recorded result of a stage done for exactly this key (and still current), else None.
-
-    A stage whose output can go stale under the same key (evaluate, while its run gains
-    checkpoints) says so through its spec's `is_current`.
-    """
-    path = stage_path(ws, cfg, stage, key, inputs)
-    record = ws.read_success(path)
-    if record is None or record.get("key") != key:
-        return None
-    if not spec_of(stage).fresh(ws, cfg, record):
-        return None
-    return ws.result(stage, path)
-
-
-def upstream_results(
-    cfg: PipelineConfig, stage: str, keys: dict[str, str] | None = None
-) -> dict[str, StageResult]:
-    """The finished outputs a stage reads.
-
-    Raises:
-        StageNotReady: an upstream stage has not finished for this config.
-    """
-    ws = Workspace(cfg.workspace)
-    keys = keys or stage_keys(cfg, stage)
-    out = {}
-    for up in spec_of(stage).upstream:
-        res = finished(ws, cfg, up, keys[up], STAGE_SPECS[up].inputs(keys))
-        if res is None:
-            raise StageNotReady(
-                f"stage {stage!r} needs {up!r} to be finished for this config;"
-                f" run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first"
-            )
-        out[up] = res
-    return out
 
 
 def run_stage(
@@ -105,9 +63,6 @@ def run_stage(
     `options` go to the stage's run function (caption, recaption: `shard=K` runs one shard
     only; precompute: `part=K`; `merge_only=True` merges committed shards).
     """
-    from cogpipe.disk import in_use
-    from cogpipe.estimate import StageClock
-
     clock = StageClock(cfg, stage, progress)  # the done marker's timing: setup, per item
     token = stage_clock.set(clock)
     try:
@@ -148,8 +103,6 @@ def run_all(
     cfg: PipelineConfig, until: str = "evaluate", progress: Progress = no_progress
 ) -> list[StageResult]:
     """The whole pipeline in-process, without Prefect (scripts, notebooks, tests)."""
-    from cogpipe.disk import in_use
-
     results: dict[str, StageResult] = {}
     with in_use(Workspace(cfg.workspace)):  # also between stages: gc waits for the run
         for stage in STAGES[: STAGES.index(until) + 1]:
@@ -162,8 +115,6 @@ def status(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """Per stage: key, output path, done, counts, rejections and when it finished; for an
     unfinished stage, what an earlier run committed (`partial`: `Partial.to_dict()`, or
     None), read from its folders (`cogpipe.partial`)."""
-    from cogpipe.partial import partial_progress
-
     ws = Workspace(cfg.workspace)
     try:
         keys = stage_keys(cfg)
@@ -249,12 +200,12 @@ def _last_run(last: tuple[Path, dict] | None, now: dict[str, Any]) -> dict[str, 
 def _ancestors(stage: str) -> list[str]:
     """Every stage `stage` reads, directly or through others, in pipeline order."""
     seen: set[str] = set()
-    todo = list(STAGE_SPECS[stage].upstream)
+    todo = list(UPSTREAM[stage])
     while todo:
         up = todo.pop()
         if up not in seen:
             seen.add(up)
-            todo.extend(STAGE_SPECS[up].upstream)
+            todo.extend(UPSTREAM[up])
     return [s for s in STAGES if s in seen]
 
 

@@ -50,6 +50,7 @@ from cogpipe.ratings import (
     table_cells,
     win_rates,
 )
+from cogpipe.stages import stage_keys
 from cogpipe.workspace import Workspace, read_table
 
 SIDES = ("left", "right")
@@ -107,8 +108,6 @@ def run_folder(cfg: PipelineConfig, run: str | None = None) -> tuple[Workspace, 
 
 
 def _train_key(cfg: PipelineConfig) -> str:
-    from cogpipe.pipeline import stage_keys
-
     try:
         return stage_keys(cfg, "train")["train"]
     except (FileNotFoundError, ValueError) as e:  # no source to list (SourceError)

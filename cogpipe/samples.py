@@ -284,28 +284,20 @@ def _write_atomically(target: Path, marker: str, write) -> Path:
 # (RoPE at a 300x300 base grid, temporal patch 2), 1.5-5B-I2V (and an `ofs` embedding).
 # RoPE splits a head into 1/4 time, 3/8 height, 3/8 width, each even: heads of 16.
 _ROPE = dict(use_rotary_positional_embeddings=True, num_attention_heads=2, attention_head_dim=16)
+_V15 = dict(  # CogVideoX 1.5: temporal patch 2, RoPE at its own base grid
+    **_ROPE,
+    patch_size_t=2,
+    patch_bias=False,
+    sample_width=32,
+    sample_height=32,
+    sample_frames=81,
+)
 TINY_VARIANTS: dict[str, dict[str, Any]] = {
     "2b": {},
-    "1.5": dict(
-        **_ROPE,
-        patch_size_t=2,
-        patch_bias=False,
-        sample_width=32,
-        sample_height=32,
-        sample_frames=81,
-    ),
+    "1.5": _V15,
     "i2v": dict(**_ROPE, use_learned_positional_embeddings=True, in_channels=8),
-    "1.5-i2v": dict(
-        **_ROPE,
-        patch_size_t=2,
-        patch_bias=False,
-        sample_width=32,
-        sample_height=32,
-        sample_frames=81,
-        in_channels=8,
-        time_embed_dim=8,
-        ofs_embed_dim=8,
-    ),  # ofs adds to the time embedding
+    # 1.5-I2V: image latents on the channels, an `ofs` embedding added to the time embedding
+    "1.5-i2v": dict(**_V15, in_channels=8, time_embed_dim=8, ofs_embed_dim=8),
 }
 
 

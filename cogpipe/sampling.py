@@ -23,7 +23,7 @@ classifier-free guidance against the empty prompt:
 - TIC-FT (`Condition("tic-ft", ...)`): one sequence of `condition_frames` clean latent
   frames, `buffer_frames` buffer frames and the target frames (the rest of `frames`: the
   request's `frames` is the whole sequence, as training's `precompute.frames`). With the
-  target at timestep t, buffer frame k (1..B) sits at `train.buffer_timesteps(t)` =
+  target at timestep t, buffer frame k (1..B) sits at `tic_ft.buffer_timesteps(t)` =
   min(k / (B + 1) of the schedule, t), as in training, and the model is told t. The
   buffer starts from its clean estimate (given latents after the condition's, else the
   condition's last frame held) noised to those levels; the target starts from pure noise.
@@ -63,6 +63,7 @@ import numpy as np
 from cogpipe.compat import execution_device
 from cogpipe.config import PipelineConfig, TicFtConfig
 from cogpipe.models.cogvideox import VAE_SCALE_SPATIAL, Shape, model_shape
+from cogpipe.tic_ft import buffer_timesteps, tic_ft_sequence
 
 TEMPORAL = 4  # video frames per latent frame after the first (CogVideoX VAE)
 LARGEST_15 = (768, 1360)  # CogVideoX 1.5's largest trained size (short side, long side)
@@ -252,11 +253,9 @@ def frame_levels(t, prefix: int, buffer: int, target: int, num_train_timesteps: 
     """Each fed latent frame's timestep with the target at `t`: int64 [prefix + buffer + target].
 
     The clean prefix (reference or condition) at 0, buffer frames at
-    `train.buffer_timesteps(t)`, the target at t; a negative t (past the last step) is clean.
+    `tic_ft.buffer_timesteps(t)`, the target at t; a negative t (past the last step) is clean.
     """
     import torch
-
-    from cogpipe.train import buffer_timesteps
 
     t = torch.as_tensor(t, dtype=torch.int64).reshape(1)
     levels = buffer_timesteps(t, buffer, num_train_timesteps)[0]  # [buffer]
@@ -304,7 +303,6 @@ def _conditioned(pipe, request: SampleRequest, device, on_step: Callable[[int, i
     from diffusers.utils.torch_utils import randn_tensor
 
     from cogpipe.models.cogvideox import pad_frames
-    from cogpipe.train import tic_ft_sequence
 
     c, scheduler = request.condition, pipe.scheduler
     embeds = prompt_embeds(pipe, request, device)

@@ -12,7 +12,10 @@ A stage module `cogpipe.<stage>` provides what its spec names:
     output_dir(ws, cfg, key, inputs) -> Path where it writes, when not `<stage>/<key>/`
     is_current(ws, cfg, record) -> bool      when a done marker can go stale under its key
 
-The modules are imported at the first call, so `cogpipe --help` does not load torch.
+The modules are imported at the first call, so `cogpipe --help` does not load torch, and
+by name (`importlib.import_module`, in `_lazy` and `StageSpec.version`, the one place that
+does so): the stage modules read this table (`stage_keys`, `upstream_results`), so a plain
+import of them here would close a circle. The registry sits below the stages it names.
 `key_inputs` says what went into a key (the dotted config fields, fingerprints, upstream
 keys, VERSION): the done marker records it and `cogpipe explain-key` compares it.
 
@@ -20,6 +23,11 @@ keys, VERSION): the done marker records it and `cogpipe explain-key` compares it
     spec = STAGE_SPECS["caption"]
     spec.upstream                     # ("check",)
     spec.key(cfg, {"check": "5d6e7f8a9b0c"})
+
+Read from the table, without running anything: every stage's key (`stage_keys`), where a
+stage writes (`stage_path`), whether it is done for a key (`finished`) and the finished
+outputs a stage reads (`upstream_results`). `cogpipe.pipeline` runs stages and re-exports
+these, as before they moved here.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cogpipe.config import STAGES, PipelineConfig
-from cogpipe.workspace import StageResult, Workspace, recording_keys, sha256_json
+from cogpipe.workspace import StageNotReady, StageResult, Workspace, recording_keys, sha256_json
 
 LONG_VALUE = 80  # a key input longer than this (as JSON) is recorded by its hash
 
@@ -189,3 +197,62 @@ def spec_of(stage: str) -> StageSpec:
     if stage not in STAGE_SPECS:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     return STAGE_SPECS[stage]
+
+
+# The stage graph's edges (from STAGE_SPECS), for readers that need only those.
+UPSTREAM: dict[str, tuple[str, ...]] = {name: s.upstream for name, s in STAGE_SPECS.items()}
+
+
+def stage_keys(cfg: PipelineConfig, until: str = "evaluate") -> dict[str, str]:
+    """Every stage's key up to `until`, computed without running anything."""
+    keys: dict[str, str] = {}
+    for stage in STAGES[: STAGES.index(until) + 1]:
+        spec = STAGE_SPECS[stage]
+        keys[stage] = spec.key(cfg, spec.inputs(keys))
+    return keys
+
+
+def stage_path(
+    ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
+) -> Path:
+    """Where a stage writes: `<stage>/<key>/`, `train/<run>/` or `evaluate/<ekey>/<run>/`."""
+    return spec_of(stage).output(ws, cfg, key, inputs)
+
+
+def finished(
+    ws: Workspace, cfg: PipelineConfig, stage: str, key: str, inputs: dict[str, str]
+) -> StageResult | None:
+    """The recorded result of a stage done for exactly this key (and still current), else None.
+
+    A stage whose output can go stale under the same key (evaluate, while its run gains
+    checkpoints) says so through its spec's `is_current`.
+    """
+    path = stage_path(ws, cfg, stage, key, inputs)
+    record = ws.read_success(path)
+    if record is None or record.get("key") != key:
+        return None
+    if not spec_of(stage).fresh(ws, cfg, record):
+        return None
+    return ws.result(stage, path)
+
+
+def upstream_results(
+    cfg: PipelineConfig, stage: str, keys: dict[str, str] | None = None
+) -> dict[str, StageResult]:
+    """The finished outputs a stage reads.
+
+    Raises:
+        StageNotReady: an upstream stage has not finished for this config.
+    """
+    ws = Workspace(cfg.workspace)
+    keys = keys or stage_keys(cfg, stage)
+    out = {}
+    for up in spec_of(stage).upstream:
+        res = finished(ws, cfg, up, keys[up], STAGE_SPECS[up].inputs(keys))
+        if res is None:
+            raise StageNotReady(
+                f"stage {stage!r} needs {up!r} to be finished for this config;"
+                f" run `cogpipe {up} CONFIG` (or `cogpipe run CONFIG`) first"
+            )
+        out[up] = res
+    return out

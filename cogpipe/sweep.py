@@ -194,16 +194,7 @@ def _reused(
     if missing:
         scores |= _scores(missing, read_video(path), text)
     seconds = previous.get("seconds", float("nan"))
-    return _row(
-        cell,
-        name,
-        path,
-        seconds=seconds,
-        file_bytes=path.stat().st_size,
-        skipped=True,
-        error="",
-        **scores,
-    )
+    return _video_row(cell, name, path, seconds, scores, skipped=True)
 
 
 def _generated(
@@ -229,13 +220,21 @@ def _generated(
     seconds = round(time.time() - t0, 3)
     scores = _scores(metrics, frames, text)
     generate.write_video(path, frames, cell.options.fps)
+    return _video_row(cell, name, path, seconds, scores, skipped=False)
+
+
+def _video_row(
+    cell: Cell, prompt: str, path: Path, seconds: float, scores: dict[str, Any], *, skipped: bool
+) -> dict[str, Any]:
+    """The row of a video on disk at `path` (its size in bytes, no error), whether generated
+    now or reused (`skipped`)."""
     return _row(
         cell,
-        name,
+        prompt,
         path,
         seconds=seconds,
         file_bytes=path.stat().st_size,
-        skipped=False,
+        skipped=skipped,
         error="",
         **scores,
     )

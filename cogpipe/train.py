@@ -86,6 +86,8 @@ import pandas as pd
 
 from cogpipe.config import LORA_MODES, ConfigError, PipelineConfig, TicFtConfig, TrainConfig
 from cogpipe.errors import writing
+from cogpipe.tic_ft import buffer_timesteps as buffer_timesteps  # still read as train.<name>
+from cogpipe.tic_ft import tic_ft_sequence
 from cogpipe.workspace import (
     SUCCESS,
     Progress,
@@ -117,7 +119,13 @@ class RunFolderTaken(RuntimeError):
 
 
 def key_of(cfg: PipelineConfig, inputs: dict[str, str]) -> str:
-    config = cfg.train.key_fields() | {"seed": cfg.seed, "model_fp": model_fingerprint(cfg.model)}
+    """The train key; `init_from` enters it by the content of the weights it resolves to,
+    never by path: the same weights anywhere give the same key, new weights in the same
+    place another one."""
+    t = cfg.train
+    config = t.key_fields() | {"seed": cfg.seed, "model_fp": model_fingerprint(cfg.model)}
+    if t.init_from is not None:
+        config["init_from"] = init_fingerprint(init_source(t.init_from, t.mode))
     return stage_key("train", VERSION, config, inputs)
 
 
@@ -433,51 +441,6 @@ def load_batch(
     if extra:
         return torch.stack(latents), torch.stack(embeds), torch.stack(extras)
     return torch.stack(latents), torch.stack(embeds)
-
-
-def buffer_timesteps(timesteps, buffer_frames: int, num_train_timesteps: int):
-    """TIC-FT buffer noise levels: the k-th of `buffer_frames` buffer frames (k = 1..B) sits
-    at k / (B + 1) of the schedule, never above the target's timestep.
-
-    With 1000 timesteps and 3 buffer frames: 250, 500, 750 under a target at 999; 250,
-    500, 600 under one at 600; the target's own level under one below 250. A sequence
-    thus rises from clean (condition) to the target's noise, as it does at the start of
-    sampling and at every later point where the target has reached `timesteps`.
-
-    Args:
-        timesteps: the targets' timesteps, int64 [B].
-
-    Returns:
-        int64 [B, buffer_frames], non-decreasing along frames.
-    """
-    import torch
-
-    k = torch.arange(1, buffer_frames + 1, device=timesteps.device)
-    levels = k * num_train_timesteps // (buffer_frames + 1)  # [buffer_frames]
-    return torch.minimum(levels[None, :], timesteps[:, None])
-
-
-def tic_ft_sequence(scheduler, latents, noise, timesteps, layout: TicFtConfig):
-    """The TIC-FT model input: condition frames clean, buffer frames at `buffer_timesteps`,
-    target frames at `timesteps`.
-
-    Args:
-        latents, noise: [B, F', C, h, w] with F' = condition + buffer + target frames.
-        timesteps: int64 [B], the targets' timesteps.
-
-    Returns:
-        [B, F', C, h, w] in the latents' dtype.
-    """
-    import torch
-
-    c, nb = layout.condition_frames, layout.buffer_frames
-    levels = buffer_timesteps(timesteps, nb, scheduler.config.num_train_timesteps)  # [B, nb]
-    buffers = [
-        scheduler.add_noise(latents[:, f : f + 1], noise[:, f : f + 1], levels[:, f - c])
-        for f in range(c, c + nb)
-    ]
-    target = scheduler.add_noise(latents[:, c + nb :], noise[:, c + nb :], timesteps)
-    return torch.cat([latents[:, :c], *buffers, target], dim=1)
 
 
 def draws(g, shape: tuple[int, ...], num_train_timesteps: int, image: bool = False):

@@ -32,7 +32,7 @@ sample i % samples for prompt i) and the sample's size and length instead of eva
   every step, exactly as training feeds them; the decoded reference is written beside
   the videos as `p00-reference.mp4`;
 - tic-ft: the sample's condition latents stay clean and its buffer latents start at the
-  training noise levels (`train.buffer_timesteps`) and are denoised with the target; the
+  training noise levels (`tic_ft.buffer_timesteps`) and are denoised with the target; the
   videos hold the target frames, and the decoded condition is written as
   `p00-condition.mp4`.
 
@@ -62,6 +62,7 @@ from cogpipe import evaluate
 from cogpipe import sampling as sampler
 from cogpipe.config import EvaluateConfig, PipelineConfig, TicFtConfig
 from cogpipe.models import cogvideox
+from cogpipe.stages import upstream_results
 from cogpipe.video import write_mp4
 from cogpipe.workspace import atomic_path
 
@@ -129,7 +130,6 @@ def heldout_images(cfg: PipelineConfig, ec: EvaluateConfig, check=None) -> list[
         ValueError: check has not finished for this config, or kept no held-out clip.
     """
     from cogpipe.heldout import first_frames, paired_clips
-    from cogpipe.pipeline import upstream_results
     from cogpipe.workspace import StageNotReady
 
     try:

@@ -29,6 +29,7 @@ from cogpipe.models import quiet_local_load
 
 VIDEO_MODEL_TYPES = {"llava_next_video", "llava_onevision"}  # take frames as one video
 ARCHITECTURES = {"llava", "llava_next", "llava_next_video", "llava_onevision"}
+CAPTIONERS = tuple(sorted(ARCHITECTURES))  # the model types a caption.model may have
 
 
 @dataclass
@@ -77,11 +78,11 @@ def load_captioner(
 
 
 def _load_error(field: str, model_id: str, revision: str | None, error: BaseException):
-    """The ModelLoadError of a failed load: the preflight check's precise one (the missing
-    file, the wrong model type) when it finds one, else the loader's first line."""
+    """The ModelLoadError of a failed load: the model-folder check's precise one (the
+    missing file, the wrong model type) when it finds one, else the loader's first line."""
     from cogpipe.config import ConfigError
     from cogpipe.errors import ModelLoadError, load_failed
-    from cogpipe.preflight import CAPTIONERS, check_transformers_model
+    from cogpipe.model_files import check_transformers_model
 
     try:
         check_transformers_model(field, model_id, revision, CAPTIONERS, "a supported captioner")

@@ -2,14 +2,21 @@
 
 Static (ast), so it runs in well under a second and imports nothing heavy.
 
-Which imports count for cycles: those a module runs when it is imported (module level,
-including inside `try`/`if`) and those under `if TYPE_CHECKING:`. Both say "this module
-depends on that one": a type-only import is still a dependency a reader must follow, and
-`evaluate` <-> `metrics` was such a circle. Imports inside functions do not count: they
-run when the function is called, after every module has loaded, so they can never meet a
-half-initialised module, and they are how the orchestrating layer (`pipeline`, `disk`,
-`partial`, `config`'s validators) reaches the stages and heavy libraries lazily; counting
-them would forbid that layering rather than find a mistake.
+Every import statement counts for cycles: at module level (including inside `try`/`if`),
+under `if TYPE_CHECKING:` and inside functions. Each says "this module depends on that
+one". A type-only import is still a dependency a reader must follow (`evaluate` <->
+`metrics` was such a circle). An import inside a function cannot meet a half-initialised
+module, but a circle through one is a circle all the same: a lower layer (config's
+validators, preflight, the workspace) that imports upward at call time ties every module
+of the circle together, so none can be read, tested or changed on its own, and moving
+the import to the top is one edit away from a real import-time failure. Lazy imports
+stay allowed where they only defer a cost (torch, a stage module the CLI may not need);
+they must point down the layers like any other import.
+
+The one reach upward by name is the stage registry (`cogpipe.stages`): its specs import
+`cogpipe.<stage>` with `importlib.import_module` at the first call, because the stage
+modules read the registry (`stage_keys`, `upstream_results`). That is the documented
+registry, not an import statement, and is not counted.
 """
 
 from __future__ import annotations
@@ -30,16 +37,12 @@ def _module_name(path: Path, package: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(body: list[ast.stmt]):
-    """Import statements run at import time or under TYPE_CHECKING, not inside functions."""
-    for node in body:
+def _imports(tree: ast.Module):
+    """Every import statement of a module: at module level, under TYPE_CHECKING and inside
+    functions and classes."""
+    for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             yield node
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            continue
-        else:
-            for field in ("body", "orelse", "finalbody", "handlers"):
-                yield from _imports(getattr(node, field, None) or [])
 
 
 def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
@@ -61,7 +64,7 @@ def import_graph(package: Path) -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         found = set()
-        for node in _imports(ast.parse(path.read_text(), str(path)).body):
+        for node in _imports(ast.parse(path.read_text(), str(path))):
             for target in _targets(node, name, path.name == "__init__.py"):
                 while target:
                     found.add(target)
@@ -99,7 +102,7 @@ def test_find_cycle_finds_one_and_only_one():
     assert find_cycle({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) is None
 
 
-def test_import_graph_reads_relative_type_only_and_skips_function_imports(tmp_path):
+def test_import_graph_reads_relative_type_only_and_function_imports(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -108,12 +111,15 @@ def test_import_graph_reads_relative_type_only_and_skips_function_imports(tmp_pa
     (pkg / "sub" / "b.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import c\n"
     )
-    (pkg / "c.py").write_text("def f():\n    import pkg.a\n")
+    (pkg / "c.py").write_text("import importlib\nimportlib.import_module('pkg.a')\n")
     graph = import_graph(pkg)
     edges = {name: deps for name, deps in graph.items() if deps}
     assert edges == {"pkg.a": {"pkg.sub", "pkg.sub.b"}, "pkg.sub.b": {"pkg.c"}}
     assert find_cycle(graph) is None
     (pkg / "c.py").write_text("import pkg.a\n")
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
+    (pkg / "c.py").write_text("class C:\n    def f(self):\n        from pkg import a\n")
+    assert import_graph(pkg)["pkg.c"] == {"pkg.a"}  # an import inside a method counts
     assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
 
 
@@ -122,6 +128,35 @@ def test_no_import_cycle_inside_cogpipe():
     assert "cogpipe.pipeline" in graph and graph["cogpipe.evaluate"]  # the walk saw them
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def _named_imports(tree: ast.Module) -> list[int]:
+    """Lines that import a `cogpipe.` module by a written name (`import_module("cogpipe.x")`,
+    `import_module(f"cogpipe.{stage}")`, `__import__`): imports the graph does not see."""
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        first = node.args[0]
+        if isinstance(first, ast.JoinedStr) and first.values:
+            first = first.values[0]
+        written = first.value if isinstance(first, ast.Constant) else None
+        if called in ("import_module", "__import__") and str(written).startswith("cogpipe"):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_stage_registry_imports_cogpipe_modules_by_name():
+    """A name in a string hides an edge from the cycle test; the stage registry is the one
+    place allowed to (its module docstring says why)."""
+    found = {}
+    for path in sorted((ROOT / "cogpipe").rglob("*.py")):
+        lines = _named_imports(ast.parse(path.read_text(), str(path)))
+        if lines:
+            found[str(path.relative_to(ROOT))] = lines
+    assert list(found) == ["cogpipe/stages.py"], found
 
 
 def _third_party(folders: list[Path]) -> dict[str, str]:
@@ -171,3 +206,10 @@ def test_every_third_party_import_is_declared():
         if not candidates & declared:
             missing.append(f"{name} ({where}; distribution {', '.join(sorted(candidates))})")
     assert not missing, "imported but not declared in pyproject.toml: " + "; ".join(missing)
+
+
+def test_config_imports_nothing_of_cogpipe():
+    """The config is the bottom layer: every module reads it, so it reads none of them
+    (short model names, `hub_id`, live in it; fingerprints are put in keys by the stages)."""
+    graph = import_graph(ROOT / "cogpipe")
+    assert graph["cogpipe.config"] == set()

@@ -28,26 +28,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where it is used: computing keys must not pay for it
     import torch
 
+from cogpipe.config import hub_id as hub_id  # re-exported: short model names live in config
 from cogpipe.models import quiet_local_load
 from cogpipe.workspace import model_fingerprint
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 VAE_SCALE_SPATIAL = 8  # every CogVideoX VAE: 8x spatial, 4x temporal compression
-
-
-# Short names for the hub's CogVideoX models, accepted wherever a model is named.
-MODELS = {
-    "2b": "THUDM/CogVideoX-2b",
-    "5b": "THUDM/CogVideoX-5b",
-    "5b-i2v": "THUDM/CogVideoX-5b-I2V",
-    "1.5-5b": "THUDM/CogVideoX1.5-5B",
-    "1.5-5b-i2v": "THUDM/CogVideoX1.5-5B-I2V",
-}
-
-
-def hub_id(model: str) -> str:
-    """The hub id of a short name (`1.5-5b` -> `THUDM/CogVideoX1.5-5B`); anything else as given."""
-    return MODELS.get(model.lower(), model)
 
 
 @dataclass(frozen=True)
@@ -174,16 +160,17 @@ def component_fingerprint(model: str, *subfolders: str) -> dict[str, Any]:
 @contextmanager
 def loading(model: str, components: dict[str, bool], field: str = "model") -> Iterator[None]:
     """Turn a failed load of `components` ({subfolder: weights read}) into a ModelLoadError
-    naming `field` and, where the preflight check finds it, the missing or wrong file
-    (diffusers' own message names `diffusion_pytorch_model.bin` in the model's root for a
-    VAE whose safetensors file is missing). A local folder loads without library bars."""
+    naming `field` and, where the model-folder check (`cogpipe.model_files`) finds it, the
+    missing or wrong file (diffusers' own message names `diffusion_pytorch_model.bin` in
+    the model's root for a VAE whose safetensors file is missing). A local folder loads
+    without library bars."""
     try:
         with quiet_local_load(model):
             yield
     except (OSError, ValueError) as e:
         from cogpipe.config import ConfigError
         from cogpipe.errors import ModelLoadError, load_failed
-        from cogpipe.preflight import check_cogvideox
+        from cogpipe.model_files import check_cogvideox
 
         try:
             check_cogvideox(field, model, components, pipeline=False)
