@@ -470,6 +470,21 @@ def resize_center_crop(frames: np.ndarray, height: int, width: int) -> np.ndarra
     return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
+def _x264_asm() -> str | None:
+    """x264's instruction sets for this CPU where its own choice is not repeatable: on a CPU
+    with AVX-512 (measured on an AMD EPYC), x264 wrote one of three different files for the
+    same nine frames, single-threaded too; capped at AVX2 it writes one. Every AVX-512 CPU
+    has what x264's "AVX2" level uses (AVX2, FMA3, BMI2). None: x264 picks."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    flags = next(
+        (line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), []
+    )
+    return "AVX2" if "avx512f" in flags else None
+
+
 def write_mp4(
     path: str | Path,
     frames: np.ndarray,
@@ -508,6 +523,9 @@ def write_mp4(
             stream.bit_rate = bitrate
         elif codec == "libx264":
             stream.options = {"crf": str(crf)}
+        if codec == "libx264":
+            asm = _x264_asm()  # the same frames make the same file, run after run
+            stream.options = {**stream.options, **({"x264-params": f"asm={asm}"} if asm else {})}
         if options and codec == "libx264":
             stream.options = {**stream.options, **options}
         for frame in frames:
