@@ -1,6 +1,6 @@
 """Each private API of another library that cogpipe.compat uses is still there and still
-does what compat relies on; and no module outside compat (and train.py's documented
-accelerate state) reaches for one. An upgrade that moves one fails here, by name."""
+does what compat relies on; and no module outside compat reaches for one. An upgrade that
+moves one fails here, by name."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from cogpipe import compat
 
 ROOT = Path(__file__).resolve().parents[1]
-ALLOWED = {"cogpipe/compat.py", "cogpipe/train.py"}  # train.py: helper-owned accelerate state
+ALLOWED = {"cogpipe/compat.py"}
 OWN = {"self", "cls", "os"}  # os._exit is documented public API
 
 
