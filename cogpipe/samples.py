@@ -303,20 +303,11 @@ TINY_VARIANTS: dict[str, dict[str, Any]] = {
 
 # The 2B-shaped tiny transformer: latent [B, F', 4, H/8, W/8] with F' = (F - 1) / 4 + 1;
 # sample_* are in latent units. `TINY_VARIANTS` changes it into the other generations.
-TINY_TRANSFORMER: dict[str, Any] = dict(
-    num_attention_heads=4,
-    attention_head_dim=8,
-    num_layers=2,
-    in_channels=4,
-    out_channels=4,
-    time_embed_dim=2,
-    text_embed_dim=32,
-    sample_width=8,
-    sample_height=8,
-    sample_frames=9,
-    patch_size=2,
-    temporal_compression_ratio=4,
-    max_text_seq_length=16,
+TINY_TRANSFORMER: dict[str, Any] = (
+    dict(num_attention_heads=4, attention_head_dim=8, num_layers=2)  # width 32
+    | dict(in_channels=4, out_channels=4, time_embed_dim=2, text_embed_dim=32)
+    | dict(sample_width=8, sample_height=8, sample_frames=9)
+    | dict(patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16)
 )
 SCHEDULER_2B: dict[str, Any] = dict(  # THUDM/CogVideoX-2b scheduler_config.json
     num_train_timesteps=1000,
