@@ -13,20 +13,30 @@ to 22 for the temporal patch of 2 and drops after denoising):
 - compile: the same with the transformer blocks compiled (`GenerateOptions.compile`);
   one untimed 2-step video first (compilation; shapes do not depend on the steps).
 
+With `--step-cache first_block,pab,faster` each model also samples one seed exactly and
+with each step-reuse cache (`cogpipe.step_cache`) through `cogpipe.sampling`, in the same
+run, and prints a line per option: its seconds against the exact video's (ratio above 1:
+faster) and its deviation from it, `rel_l2` of the denoised latents and `psnr_db` of the
+decoded frames (null: identical). The exact video is timed first, after the plain and
+compile variants when they run (which warm the GPU up).
+
 Anchors: about 45 s (2B), 90 s (5B) and 550 s (1.5-5B) per video on an H100 per the
 model cards. A 1.5-5B video takes minutes: run its variants one per command
 (`--variants plain`, then `--variants compile`) to stay within a time limit.
 
     python bench/generate.py [--models 2b,5b,1.5-5b] [--steps 50] [--variants plain,compile]
     python bench/generate.py --models 2b,1.5-5b --dry   # tiny models on the CPU, to try the script
+    python bench/generate.py --variants plain --step-cache first_block,pab,faster [--step-cache-threshold 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,6 +117,34 @@ def result(case: str, seconds: float, plain: float | None) -> dict:
     }
 
 
+def timed_video(pipe, request) -> tuple:
+    """(latents [1, F', C, h, w], frames [F, H, W, 3] uint8, seconds) of one sampled video."""
+    from cogpipe import sampling
+
+    tic = time.perf_counter()
+    latents = sampling.denoise(pipe, request)
+    frames = sampling.decode(pipe, latents, request)  # uint8 on the CPU: waits for the GPU
+    return latents, frames, time.perf_counter() - tic
+
+
+def cache_lines(pipe, options, case: str, args) -> Iterator[dict]:
+    """A line per step-cache option: its seconds against the exact video of the same seed,
+    sampled first in this run, and its deviation from it (rel_l2, psnr_db)."""
+    from cogpipe import sampling, step_cache
+
+    exact = sampling.request_for(options, PROMPT, options.seed)
+    exact_latents, exact_frames, exact_seconds = timed_video(pipe, exact)
+    for option in args.step_cache:
+        request = replace(exact, step_cache=option, step_cache_threshold=args.step_cache_threshold)
+        latents, frames, seconds = timed_video(pipe, request)
+        found = step_cache.deviation(exact_latents, latents, exact_frames, frames)
+        threshold = f" {args.step_cache_threshold}" if option == "first_block" else ""
+        yield result(f"{case} step_cache {option}{threshold}", seconds, exact_seconds) | {
+            "rel_l2": round(found["rel_l2"], 6),
+            "psnr_db": round(found["psnr_db"], 2) if math.isfinite(found["psnr_db"]) else None,
+        }
+
+
 def model_lines(model: str, args) -> Iterator[dict]:
     """The result lines of one model: plain, then compiled (its ratio against plain)."""
     import torch
@@ -131,6 +169,8 @@ def model_lines(model: str, args) -> Iterator[dict]:
         seconds_per_video(pipe, options.model_copy(update={"steps": 2}), 1)
         fast = seconds_per_video(pipe, options, args.repeats)
         yield result(f"{case} compile", fast, plain)
+    if args.step_cache:
+        yield from cache_lines(pipe, options, case, args)
     del pipe
     if not args.dry:
         torch.cuda.empty_cache()
@@ -139,20 +179,34 @@ def model_lines(model: str, args) -> Iterator[dict]:
 def main() -> None:
     from train_step import MODELS, image_to_video
 
+    from cogpipe.step_cache import OPTIONS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="2b,5b")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variants", default="plain,compile", help="plain, compile or both")
     parser.add_argument("--dry", action="store_true", help="tiny models on the CPU")
+    parser.add_argument(
+        "--step-cache",
+        default="",
+        help="step-reuse caches to time against the exact path: first_block, pab, faster",
+    )
+    parser.add_argument(
+        "--step-cache-threshold", type=float, default=0.1, help="first_block's threshold"
+    )
     args = parser.parse_args()
     args.variants = args.variants.split(",")
+    args.step_cache = [o for o in args.step_cache.split(",") if o]
     text_models = [m for m, config in MODELS.items() if not image_to_video(config)]
     models = args.models.split(",")
     if unknown := [m for m in models if m not in text_models]:
         parser.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(text_models)}")
     if unknown := [v for v in args.variants if v not in ("plain", "compile")]:
         parser.error(f"--variants: unknown {', '.join(unknown)}; known: plain, compile")
+    caches = [o for o in OPTIONS if o != "none"]
+    if unknown := [o for o in args.step_cache if o not in caches]:
+        parser.error(f"--step-cache: unknown {', '.join(unknown)}; known: {', '.join(caches)}")
 
     bench = Bench("generate", device_name(args.dry), commit())
     for model in models:

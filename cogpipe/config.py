@@ -48,6 +48,7 @@ Stage = Literal[
     "ingest", "check", "caption", "recaption", "filter", "precompute", "train", "evaluate"
 ]
 Precision = Literal["auto", "no", "fp16", "bf16"]
+StepCache = Literal["none", "first_block", "pab", "faster"]  # cogpipe.step_cache.OPTIONS
 
 # Short names for the hub's CogVideoX models, accepted wherever a model is named.
 MODELS = {
@@ -923,6 +924,24 @@ class EvaluateConfig(Section):
     height: int = Field(480, ge=8, description="Generated height.")
     width: int = Field(720, ge=8, description="Generated width.")
     fps: int = Field(8, ge=1, description="Frame rate of the written mp4.")
+    step_cache: StepCache = Field(
+        "none",
+        description=(
+            "Reuse transformer work across denoising steps for the checkpoints' videos"
+            " (cogpipe.step_cache): first_block, pab (pyramid attention broadcast) or faster"
+            " (FasterCache); none: the exact path. Faster at a deviation from the exact video"
+            " (bench/generate.py --step-cache reports it); the base model's videos stay exact."
+        ),
+    )
+    step_cache_threshold: float = Field(
+        0.1,
+        ge=0,
+        description=(
+            "first_block's threshold: the blocks after the first are skipped while the first"
+            " block's residual changed by less than this (relative); 0 never skips. Unused by"
+            " pab and faster."
+        ),
+    )
     clip_model: str = Field(
         "openai/clip-vit-base-patch32", description="CLIP for frame-text similarity."
     )
@@ -958,6 +977,17 @@ class EvaluateConfig(Section):
         1000, ge=100, description="Bootstrap resamples (over videos) for every 95% interval."
     )
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
+
+    def key_fields(self) -> dict[str, Any]:
+        """As Section's, with the step cache only when one is on (an exact evaluation keeps
+        the key it had before the option existed) and its threshold only where it is read
+        (first_block)."""
+        data = super().key_fields()
+        if self.step_cache == "none":
+            data.pop("step_cache")
+        if self.step_cache != "first_block":
+            data.pop("step_cache_threshold")
+        return data
 
     @property
     def heldout(self) -> bool:

@@ -41,6 +41,9 @@ What is notable:
 - `evaluate.frames`, `height` and `width` must fit the model (`sampling.check_fits`:
   CogVideoX 1.5's 16k+1 frames up to 768x1360, 5B-I2V's fixed 480x720), checked before
   anything loads.
+- `evaluate.step_cache` (first_block, pab, faster: `cogpipe.step_cache`) samples the
+  checkpoints' videos with a step-reuse cache, faster at a deviation from the exact path;
+  it enters the eval key only when on. The base suite, the reference, is always exact.
 - Every metric carries a seeded 95% bootstrap interval; the report and its comparisons
   (`cogpipe.eval_report`) call a difference only when its interval excludes 0. The models
   (CLIP, base pipeline, a checkpoint's LoRA or full transformer) load in
@@ -79,7 +82,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from cogpipe import sampling
+from cogpipe import sampling, step_cache
 from cogpipe.base_suite import (  # noqa: F401  (BASE_STORE re-exported)
     BASE_STORE,
     base_video,
@@ -259,8 +262,11 @@ class Request(NamedTuple):
     @property
     def plain(self) -> Request:
         """The same prompt and seed without a condition (an image-to-video model keeps its
-        image): what the base model is asked."""
-        return self._replace(condition=None, clip_id=None if self.image is None else self.clip_id)
+        image) and without a step cache (the base suite is the exact reference): what the
+        base model is asked."""
+        exact = self.settings.model_copy(update={"step_cache": "none"})
+        clip_id = None if self.image is None else self.clip_id
+        return self._replace(condition=None, clip_id=clip_id, settings=exact)
 
 
 def video_name(prompt_index: int, seed: int) -> str:
@@ -272,18 +278,19 @@ def sample(pipe, request: Request) -> np.ndarray:
     whatever adapter or transformer the pipeline holds now; a request with a condition
     through `sampling.sample` (tic-ft: the target frames of the layout's whole sequence).
 
+    A step cache (`evaluate.step_cache`) is on for the video when the settings name one.
+
     Raises:
         FloatingPointError: the pipeline produced NaN or inf (fp16 overflow, broken LoRA).
     """
-    c = request.condition
+    c, ec = request.condition, request.settings
     if c is None:
-        return generate(
-            pipe, request.settings, request.prompt, request.seed, request.device, request.image
-        )
+        cache = (ec.step_cache, ec.step_cache_threshold, ec.steps, ec.guidance > 1)
+        with step_cache.cached(pipe.transformer, *cache):
+            return generate(pipe, ec, request.prompt, request.seed, request.device, request.image)
     fields = {"frames": c.layout.video_frames} if c.mode == "tic-ft" else {}
-    sampled = sampling.request_for(
-        request.settings, request.prompt, request.seed, condition=c, **fields
-    )
+    fields |= {"step_cache": ec.step_cache, "step_cache_threshold": ec.step_cache_threshold}
+    sampled = sampling.request_for(ec, request.prompt, request.seed, condition=c, **fields)
     return sampling.sample(pipe, sampled, request.device)
 
 

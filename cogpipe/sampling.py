@@ -32,6 +32,10 @@ classifier-free guidance against the empty prompt:
   next one, and from then on steps with the target. Only the target frames are decoded
   out: 4 per target latent frame (49 frames with 1 + 3 latent frames: 36).
 
+Step reuse: a request's `step_cache` (`cogpipe.step_cache`: first_block, pab, faster) puts
+one of diffusers' caches on the transformer for the video and takes it off after; "none",
+the default, is the exact path, untouched.
+
 For evaluation: `condition_for(cfg, clip)` turns a held-out clip into its mode's condition,
 and `side_by_side(condition_frames, frames)` puts condition and result in one video.
 
@@ -63,6 +67,7 @@ import numpy as np
 from cogpipe.compat import execution_device
 from cogpipe.config import PipelineConfig, TicFtConfig
 from cogpipe.models.cogvideox import VAE_SCALE_SPATIAL, Shape, model_shape
+from cogpipe.step_cache import cached, step_context
 from cogpipe.tic_ft import buffer_timesteps, tic_ft_sequence
 
 TEMPORAL = 4  # video frames per latent frame after the first (CogVideoX VAE)
@@ -109,6 +114,8 @@ class SampleRequest:
     condition: Condition | None = None
     embeds: tuple | None = None  # (prompt [1, L, D], empty prompt [1, L, D]); None: T5 here
     image: np.ndarray | None = None  # image-to-video: uint8 [height, width, 3], the first frame
+    step_cache: str = "none"  # reuse work across steps (`step_cache.OPTIONS`); none: exact
+    step_cache_threshold: float = 0.1  # first_block's residual threshold (`step_cache`)
 
 
 def request_for(settings, prompt: str, seed: int, **fields) -> SampleRequest:
@@ -141,7 +148,8 @@ def denoise(pipe, request: SampleRequest, device=None, on_step: StepCallback = N
     device = torch.device(device or execution_device(pipe))
     on_step = on_step or (lambda done, steps: None)
     on_step(0, request.steps)
-    with torch.no_grad():
+    cache = (request.step_cache, request.step_cache_threshold, request.steps, request.guidance > 1)
+    with torch.no_grad(), cached(pipe.transformer, *cache):
         if request.condition is None:
             return _plain(pipe, request, device, on_step)
         return _conditioned(pipe, request, device, on_step)
@@ -382,13 +390,14 @@ def velocity(transformer, x, t, embeds, rotary, guidance: float):
 
     guided = guidance > 1
     fed = torch.cat([x, x]) if guided else x  # [2, L, C, h, w]: empty prompt, prompt
-    v = transformer(
-        hidden_states=fed,
-        encoder_hidden_states=embeds,
-        timestep=t.expand(len(fed)),
-        image_rotary_emb=rotary,
-        return_dict=False,
-    )[0].float()
+    with step_context(transformer):  # a step cache's state, when one is on (`step_cache`)
+        v = transformer(
+            hidden_states=fed,
+            encoder_hidden_states=embeds,
+            timestep=t.expand(len(fed)),
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0].float()
     if not guided:
         return v
     uncond, cond = v.chunk(2)
