@@ -415,7 +415,9 @@ def test_a_run_waiting_for_a_taken_gpu_slot_logs_which_and_why(
     assert "still waiting after" in caplog.text  # said again while it waits
 
     api.release_concurrency_slots_with_lease(held)
-    waiting.join(timeout=60)
+    # Prefect's client asks again when the server's Retry-After says: up to 30 s x 1.3 by
+    # default, the more denials the longer; on a loaded CI host 60 s was once not enough.
+    waiting.join(timeout=150)
     assert got.is_set(), "the freed slot was not taken"
     assert f"got GPU slot {test_slot} after" in caplog.text
     assert api.read_global_concurrency_limit_by_name(test_slot).active_slots == 0
