@@ -4,21 +4,24 @@ and CogVideoX1.5-5B (50 steps, 81x768x1360).
 The pipeline is `CogVideoXPipeline` built from full-size random-weight components made
 on the GPU (speed does not depend on weight values): the transformer configs of
 bench/train_step.py, the VAE and T5-XXL of bench/precompute.py, a local word-level
-tokenizer, and the DDIM scheduler the models ship with. Both variants sample through
-`cogpipe.generate.generate_one`, the code `cogpipe generate` runs, at the size
+tokenizer, and the DDIM scheduler the models ship with. Every variant samples through
+`cogpipe.sampling` (denoise, then decode), the code `cogpipe generate` runs, at the size
 bench/train_step.py trains the model at (1.5: 21 latent frames, which the pipeline pads
 to 22 for the temporal patch of 2 and drops after denoising):
 
-- plain: the weights at the model's precision (fp16 2B, bf16 5B and 1.5-5B), VAE tiling;
+- plain: the weights at the model's precision (fp16 2B, bf16 5B and 1.5-5B), VAE tiling,
+  eager: the exact path, and the reference of every deviation;
 - compile: the same with the transformer blocks compiled (`GenerateOptions.compile`);
-  one untimed 2-step video first (compilation; shapes do not depend on the steps).
+  one untimed 2-step video first (compilation; shapes do not depend on the steps);
+- fp8: then the blocks' linears in FP8 (`cogpipe.models.speed.fp8_linears`, torchao float8
+  with per-row scales) and compiled again (needs an H100-class GPU and torchao).
 
-With `--step-cache first_block,pab,faster` each model also samples one seed exactly and
-with each step-reuse cache (`cogpipe.step_cache`) through `cogpipe.sampling`, in the same
-run, and prints a line per option: its seconds against the exact video's (ratio above 1:
-faster) and its deviation from it, `rel_l2` of the denoised latents and `psnr_db` of the
-decoded frames (null: identical). The exact video is timed first, after the plain and
-compile variants when they run (which warm the GPU up).
+Variants run in the order given, each on the pipeline the last one left. With
+`--step-cache first_block,pab,faster`, each option then samples the same seed after every
+variant named in `--cache-after` (default plain). Every line after the first exact one
+reports its deviation from it: `rel_l2` of the denoised latents and `psnr_db` of the
+decoded frames (null: identical); ratios are against the first variant (ratio above 1:
+faster). PAB re-traces compiled blocks at every other step: it runs only after plain.
 
 Anchors: about 45 s (2B), 90 s (5B) and 550 s (1.5-5B) per video on an H100 per the
 model cards. A 1.5-5B video takes minutes: run its variants one per command
@@ -27,6 +30,7 @@ model cards. A 1.5-5B video takes minutes: run its variants one per command
     python bench/generate.py [--models 2b,5b,1.5-5b] [--steps 50] [--variants plain,compile]
     python bench/generate.py --models 2b,1.5-5b --dry   # tiny models on the CPU, to try the script
     python bench/generate.py --variants plain --step-cache first_block,pab,faster [--step-cache-threshold 0.1]
+    python bench/generate.py --models 5b --variants compile,fp8 --step-cache first_block --cache-after compile,fp8
 """
 
 from __future__ import annotations
@@ -85,70 +89,89 @@ def video_size(model: str, dry: bool) -> dict:
     return {"frames": s["pixel_frames"], "height": s["height"], "width": s["width"]}
 
 
-def seconds_per_video(pipe, options, repeats: int) -> float:
-    """Mean seconds of `repeats` videos; each must have the frames and size asked for (a
-    1.5 video whose padding frame was not dropped would not).
-
-    Raises:
-        RuntimeError: a video of another shape.
-    """
-    from cogpipe.generate import generate_one
-
-    want = (options.frames, options.height, options.width, 3)
-    tic = time.perf_counter()
-    for _ in range(repeats):
-        video = generate_one(pipe, PROMPT, options)  # uint8 on the CPU: waits for the GPU
-        if video.shape != want:
-            raise RuntimeError(
-                f"generated a video of shape {list(video.shape)}, asked {list(want)}"
-            )
-    return (time.perf_counter() - tic) / repeats
-
-
-def result(case: str, seconds: float, plain: float | None) -> dict:
-    """A line of seconds per video against the plain variant's (None: not measured)."""
+def result(case: str, seconds: float, reference: float | None) -> dict:
+    """A line of seconds per video against a reference variant's (None: not measured)."""
     return {
         "bench": "generate",
         "case": case,
         "metric": "s_per_video",
         "value": round(seconds, 2),
-        "reference": plain and round(plain, 2),
-        "ratio": plain and round(plain / seconds, 3),
+        "reference": reference and round(reference, 2),
+        "ratio": reference and round(reference / seconds, 3),
     }
 
 
 def timed_video(pipe, request) -> tuple:
-    """(latents [1, F', C, h, w], frames [F, H, W, 3] uint8, seconds) of one sampled video."""
+    """(latents [1, F', C, h, w], frames [F, H, W, 3] uint8, seconds) of one sampled video,
+    through `cogpipe.sampling` (the path `cogpipe generate` and evaluation take); the
+    frames must have the shape asked for (a 1.5 video whose padding frame was not dropped
+    would not).
+
+    Raises:
+        RuntimeError: a video of another shape.
+    """
     from cogpipe import sampling
 
     tic = time.perf_counter()
     latents = sampling.denoise(pipe, request)
     frames = sampling.decode(pipe, latents, request)  # uint8 on the CPU: waits for the GPU
-    return latents, frames, time.perf_counter() - tic
+    seconds = time.perf_counter() - tic
+    want = (request.frames, request.height, request.width, 3)
+    if frames.shape != want:
+        raise RuntimeError(f"generated a video of shape {list(frames.shape)}, asked {list(want)}")
+    return latents, frames, seconds
 
 
-def cache_lines(pipe, options, case: str, args) -> Iterator[dict]:
-    """A line per step-cache option: its seconds against the exact video of the same seed,
-    sampled first in this run, and its deviation from it (rel_l2, psnr_db)."""
-    from cogpipe import sampling, step_cache
+class Exact:
+    """The first exact video of the run (latents, frames): what every other variant's
+    deviation is measured from."""
 
-    exact = sampling.request_for(options, PROMPT, options.seed)
-    exact_latents, exact_frames, exact_seconds = timed_video(pipe, exact)
-    for option in args.step_cache:
-        request = replace(exact, step_cache=option, step_cache_threshold=args.step_cache_threshold)
-        latents, frames, seconds = timed_video(pipe, request)
-        found = step_cache.deviation(exact_latents, latents, exact_frames, frames)
-        threshold = f" {args.step_cache_threshold}" if option == "first_block" else ""
-        yield result(f"{case} step_cache {option}{threshold}", seconds, exact_seconds) | {
+    def __init__(self):
+        self.latents = self.frames = None
+
+    def deviation(self, latents, frames) -> dict:
+        """{"rel_l2", "psnr_db"} of a video against the exact one ({} for the exact one
+        itself, which becomes the reference)."""
+        from cogpipe import step_cache
+
+        if self.latents is None:
+            self.latents, self.frames = latents, frames
+            return {}
+        found = step_cache.deviation(self.latents, latents, self.frames, frames)
+        psnr = found["psnr_db"]
+        return {
             "rel_l2": round(found["rel_l2"], 6),
-            "psnr_db": round(found["psnr_db"], 2) if math.isfinite(found["psnr_db"]) else None,
+            "psnr_db": round(psnr, 2) if math.isfinite(psnr) else None,  # null: identical
         }
 
 
+def measured(pipe, request, case: str, reference: float | None, exact: Exact, repeats: int):
+    """(result line with its deviation from the exact video, mean seconds) of `repeats`
+    videos of one request."""
+    runs = [timed_video(pipe, request) for _ in range(repeats)]
+    seconds = sum(r[2] for r in runs) / repeats
+    line = result(case, seconds, reference or seconds) | exact.deviation(*runs[0][:2])
+    return line, seconds
+
+
+def warm_up(pipe, request) -> float:
+    """Seconds of one untimed 2-step video: compiles the blocks for this size (the shapes
+    do not depend on the step count)."""
+    tic = time.perf_counter()
+    timed_video(pipe, replace(request, steps=2))
+    return time.perf_counter() - tic
+
+
 def model_lines(model: str, args) -> Iterator[dict]:
-    """The result lines of one model: plain, then compiled (its ratio against plain)."""
+    """The result lines of one model, on one seed, in this order (each variant changes the
+    pipeline for those after it): plain (eager, the exact reference), compile (blocks
+    compiled), fp8 (the blocks' linears in FP8, then compiled again). After each variant
+    named in --cache-after, one line per --step-cache option on that pipeline. Ratios are
+    against the first exact variant measured (plain, else compile); deviations against the
+    first exact video."""
     import torch
 
+    from cogpipe import sampling
     from cogpipe.generate import GenerateOptions
     from cogpipe.models import speed
 
@@ -156,24 +179,48 @@ def model_lines(model: str, args) -> Iterator[dict]:
     options = GenerateOptions(
         model=model, steps=args.steps, device=dev.type, **video_size(model, args.dry)
     )
-    case = (
-        f"cogvideox-{model} {options.steps} steps {options.frames}x{options.height}x{options.width}"
-    )
-    plain = None
-    if "plain" in args.variants:
-        plain = seconds_per_video(pipe, options, args.repeats)
-        yield result(f"{case} plain", plain, plain)
-    if "compile" in args.variants and not args.dry:  # compile needs a GPU
-        speed.compile_blocks(pipe.transformer)
-        # Compiles: the shapes do not depend on the step count, so 2 steps compile it all.
-        seconds_per_video(pipe, options.model_copy(update={"steps": 2}), 1)
-        fast = seconds_per_video(pipe, options, args.repeats)
-        yield result(f"{case} compile", fast, plain)
-    if args.step_cache:
-        yield from cache_lines(pipe, options, case, args)
+    size = f"{options.frames}x{options.height}x{options.width}"
+    case = f"cogvideox-{model} {options.steps} steps {size}"
+    request = sampling.request_for(options, PROMPT, options.seed)
+    exact, reference = Exact(), None
+    for variant in args.variants:
+        if variant != "plain" and args.dry:
+            print(f"{case} {variant}: skipped, needs a CUDA GPU", file=sys.stderr)
+            continue
+        warm = None
+        if variant == "fp8":
+            speed.fp8_linears(pipe.transformer)
+        if variant in ("compile", "fp8"):
+            speed.compile_blocks(pipe.transformer)  # again after fp8: new weights, new graphs
+            warm = warm_up(pipe, request)
+        line, seconds = measured(pipe, request, f"{case} {variant}", reference, exact, args.repeats)
+        reference = reference or seconds
+        yield line | ({"warmup_s": round(warm, 1)} if warm is not None else {})
+        if variant in args.cache_after:
+            compiled = variant != "plain"
+            name = f"{case} {variant}"
+            yield from cache_lines(pipe, request, name, compiled, exact, args, reference)
     del pipe
     if not args.dry:
         torch.cuda.empty_cache()
+
+
+def cache_lines(
+    pipe, request, case: str, compiled: bool, exact: Exact, args, reference: float
+) -> Iterator[dict]:
+    """A line per step-cache option on the pipeline as it is now: its seconds against the
+    reference's and its deviation from the exact video. A cache on compiled blocks is
+    warmed up first (its hooks are traced into new graphs)."""
+    for option in args.step_cache:
+        if compiled and option == "pab":  # config.py refuses it too (evaluate)
+            print(f"{case} step_cache pab: skipped, re-traces compiled blocks", file=sys.stderr)
+            continue
+        cached = replace(request, step_cache=option, step_cache_threshold=args.step_cache_threshold)
+        warm = warm_up(pipe, cached) if compiled and not args.dry else None
+        threshold = f" {args.step_cache_threshold}" if option == "first_block" else ""
+        name = f"{case} step_cache {option}{threshold}"
+        line, _ = measured(pipe, cached, name, reference, exact, args.repeats)
+        yield line | ({"warmup_s": round(warm, 1)} if warm is not None else {})
 
 
 def main() -> None:
@@ -185,7 +232,9 @@ def main() -> None:
     parser.add_argument("--models", default="2b,5b")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--variants", default="plain,compile", help="plain, compile or both")
+    parser.add_argument(
+        "--variants", default="plain,compile", help="in order: plain, compile, fp8 (needs cuda)"
+    )
     parser.add_argument("--dry", action="store_true", help="tiny models on the CPU")
     parser.add_argument(
         "--step-cache",
@@ -195,15 +244,23 @@ def main() -> None:
     parser.add_argument(
         "--step-cache-threshold", type=float, default=0.1, help="first_block's threshold"
     )
+    parser.add_argument(
+        "--cache-after",
+        default="plain",
+        help="the variants after which each --step-cache option runs (pab recompiles"
+        " compiled blocks at every other step: run it after plain)",
+    )
     args = parser.parse_args()
     args.variants = args.variants.split(",")
+    args.cache_after = args.cache_after.split(",")
     args.step_cache = [o for o in args.step_cache.split(",") if o]
     text_models = [m for m, config in MODELS.items() if not image_to_video(config)]
     models = args.models.split(",")
     if unknown := [m for m in models if m not in text_models]:
         parser.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(text_models)}")
-    if unknown := [v for v in args.variants if v not in ("plain", "compile")]:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; known: plain, compile")
+    known = ("plain", "compile", "fp8")
+    if unknown := [v for v in args.variants + args.cache_after if v not in known]:
+        parser.error(f"--variants/--cache-after: unknown {', '.join(unknown)}; known: {known}")
     caches = [o for o in OPTIONS if o != "none"]
     if unknown := [o for o in args.step_cache if o not in caches]:
         parser.error(f"--step-cache: unknown {', '.join(unknown)}; known: {', '.join(caches)}")

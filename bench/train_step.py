@@ -8,7 +8,12 @@ loss read every step. The cogpipe variants run `cogpipe.train.build_trainer` and
 Every variant runs in its own process (a clean peak-memory count, no compiled code
 shared in memory) on the same random weights and inputs (speed does not depend on their
 values; the cogpipe variants' losses agree up to rounding); image-to-video models get
-random first-frame image latents too.
+random first-frame image latents too. `--reference` runs another variant first instead.
+
+The -fp8 variants run the blocks' frozen base linears in FP8 under the LoRA
+(`train.fp8_base`, torchao float8 training linears); their lines add `bf16_loss_mean`, the
+mean loss of their bf16 twin (the name without -fp8) over the same timed steps on the same
+batch, next to their own `loss_mean`: run 50 steps to compare the curves.
 
 MFU counts the model FLOPs of a step: the linears forward plus their input gradients
 (frozen weights need no weight gradients) and attention forward plus backward (2x), over
@@ -24,6 +29,8 @@ the budget the shipped configs keep.
     python bench/train_step.py --models 2b --variants naive-ckpt,compile-selective
     python bench/train_step.py --models 1.5-5b --variants compile-attention --warmup 2 --steps 3
     python bench/train_step.py --models 1.5-5b,5b-i2v --dry   # tiny models on the CPU
+    python bench/train_step.py --models 5b --reference compile-selective \
+        --variants compile-selective-fp8 --warmup 3 --steps 50   # FP8 base: speed and loss
 
 One JSON line per measurement on stdout, as DESIGN.md's Benchmarks section says.
 """
@@ -104,6 +111,12 @@ VARIANTS = {
     "compile-selective-flash": cogpipe_variant("selective", attention_backend="flash"),
     "compile-selective-efficient": cogpipe_variant("selective", attention_backend="efficient"),
     "compile-selective-adamw8bit": cogpipe_variant("selective", optimizer="adamw8bit"),
+    # The frozen base linears in FP8 under the LoRA (`train.fp8_base`), at the shipped configs'
+    # checkpointing: 5B (all blocks selective) and 2B (60% of the blocks).
+    "compile-selective-fp8": cogpipe_variant("selective", fp8_base=True),
+    "compile-selective-0.6-fp8": cogpipe_variant(
+        "selective", checkpointed_blocks=0.6, fp8_base=True
+    ),
 }
 
 
@@ -319,9 +332,8 @@ def measure(
     loss.item()
     warm = time.perf_counter() - tic
     tic = time.perf_counter()
-    for _ in range(steps):
-        loss = next(run)
-    final = loss.item()  # waits for the GPU
+    losses = [next(run) for _ in range(steps)]
+    final = losses[-1].item()  # waits for the GPU
     seconds = (time.perf_counter() - tic) / steps
     if profile and cuda:
         write_profile(run, Path(profile) / f"{model}-{variant}.txt")
@@ -330,6 +342,7 @@ def measure(
         "warmup_s": warm,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "loss": final,
+        "loss_mean": float(torch.stack([torch.as_tensor(x).float() for x in losses]).mean()),
         "dtype": str(next(transformer.parameters()).dtype).removeprefix("torch."),
     }
 
@@ -343,6 +356,15 @@ def run_variant(model: str, variant: str, args) -> dict:
     return run_fresh(__file__, one)
 
 
+def bf16_loss(variant: str, losses: dict[str, float]) -> dict:
+    """For an FP8 variant whose bf16 twin (the name without -fp8) ran before it: that run's
+    mean loss over the same steps on the same batch, to state the FP8 deviation."""
+    twin = variant.removesuffix("-fp8")
+    if twin == variant or twin not in losses:
+        return {}
+    return {"bf16_loss_mean": round(losses[twin], 6)}
+
+
 def model_lines(model: str, variants: list[str], args, bench: Bench) -> Iterator[dict]:
     """The result lines of one model: the reference variant first, each line its ratio (a
     variant that fails is a line of `bench`'s errors)."""
@@ -350,9 +372,9 @@ def model_lines(model: str, variants: list[str], args, bench: Bench) -> Iterator
     s = shapes(config, args.dry)
     tflops = model_tflops(config, s)
     size = f"{s['pixel_frames']}x{s['height']}x{s['width']}"
-    reference = None
-    for variant in [REFERENCE] + [v for v in variants if v != REFERENCE]:
-        if variant.startswith("naive") and variant != REFERENCE and model != "2b":
+    reference, losses = None, {}
+    for variant in [args.reference] + [v for v in variants if v != args.reference]:
+        if variant.startswith("naive") and variant != args.reference and model != "2b":
             continue  # the unchecked naive step of a 5B-size model needs over 80 GB
         got = run_variant(model, variant, args)
         case = f"cogvideox-{model} lora r128 {size} bs1 {variant}"
@@ -375,13 +397,18 @@ def model_lines(model: str, variants: list[str], args, bench: Bench) -> Iterator
             "dtype": got["dtype"],
             "warmup_s": round(got["warmup_s"], 1),
             "loss": got["loss"],
-        }
+            "loss_mean": round(got["loss_mean"], 6),  # over the timed steps, on one batch
+        } | bf16_loss(variant, losses)
+        losses[variant] = got["loss_mean"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="2b,5b")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--reference", default=REFERENCE, help="the variant run first, every ratio against it"
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (compilation)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--dry", action="store_true", help="tiny model on the CPU")
@@ -394,7 +421,8 @@ def main() -> None:
         return
 
     models, variants = args.models.split(","), args.variants.split(",")
-    for name, given, known in [("models", models, MODELS), ("variants", variants, VARIANTS)]:
+    given_variants = variants + [args.reference]
+    for name, given, known in [("models", models, MODELS), ("variants", given_variants, VARIANTS)]:
         if unknown := [x for x in given if x not in known]:
             parser.error(f"--{name}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 

@@ -32,8 +32,16 @@ from cogpipe.video import write_mp4
 from cogpipe.workspace import Workspace, atomic_path, model_fingerprint, sha256_json, write_json
 
 VIDEO_FIELDS = ("frames", "height", "width", "steps", "guidance", "fps")  # what changes a video
+NUMERICS_FIELDS = ("compile", "fp8_linears")  # change its floats too, keyed only when on
 BASE_STORE = "evaluate-base"  # cache/<this>/<key>.mp4: the base model's videos
 BASE_VERSION = 1  # of the base store's keys
+
+
+def video_settings(ec) -> dict[str, Any]:
+    """The evaluate settings that change a base video: `VIDEO_FIELDS`, and the numerics
+    options (compile, fp8_linears) when on, so keys without them are as before."""
+    settings = {f: getattr(ec, f) for f in VIDEO_FIELDS}
+    return settings | {f: True for f in NUMERICS_FIELDS if getattr(ec, f)}
 
 
 def base_key(cfg: PipelineConfig, request) -> str:
@@ -45,7 +53,7 @@ def base_key(cfg: PipelineConfig, request) -> str:
     key = {
         "v": BASE_VERSION,
         "model_fp": model_fingerprint(cfg.model),
-        "settings": {f: getattr(ec, f) for f in VIDEO_FIELDS},
+        "settings": video_settings(ec),
         "prompt": request.prompt,
         "seed": request.seed,
     }
@@ -90,7 +98,7 @@ def base_video(
                     "model": cfg.model,
                     "model_fp": model_fingerprint(cfg.model),
                     "seconds": seconds,
-                    "settings": {f: getattr(cfg.evaluate, f) for f in VIDEO_FIELDS},
+                    "settings": video_settings(cfg.evaluate),
                 },
             )
             write_video(path, frames, cfg.evaluate.fps)  # the commit: a video is there or not

@@ -778,6 +778,15 @@ class TrainConfig(Section):
         default="auto",
         description="Scaled-dot-product attention kernel; auto picks cuDNN on Hopper.",
     )
+    fp8_base: bool = Field(
+        False,
+        description=(
+            "Run the frozen base linears of the transformer blocks in FP8 under the LoRA"
+            " (torchao float8 training, per-tensor scales; the LoRA and its gradients stay in"
+            " their dtype). Needs an H100/L4-class GPU and torchao, and compile (GPU):"
+            " bench/train_step.py reports its speed and loss against bf16."
+        ),
+    )
     validation_every: int = _unkeyed(
         default=0,
         ge=0,
@@ -860,6 +869,11 @@ class TrainConfig(Section):
                 "strategy fsdp makes no validation videos (no process holds the whole model);"
                 " set validation_every to 0 and evaluate the checkpoints"
             )
+        if self.fp8_base and self.mode == "full":
+            raise ValueError(
+                "fp8_base runs the frozen base linears under a LoRA in FP8; mode full trains"
+                " those weights: use master_weights bf16 for a lighter full fine-tune"
+            )
         if self.strategy == "fsdp" and self.optimizer == "adamw8bit":
             raise ValueError("strategy fsdp: optimizer adamw8bit does not take sharded weights")
         if n > 1 and accum % n:
@@ -890,6 +904,8 @@ class TrainConfig(Section):
             data.pop("tic_ft")
         if self.init_from is None:
             data.pop("init_from")  # a run from the base model keeps its key
+        if not self.fp8_base:
+            data.pop("fp8_base")  # keyed only when on: bf16 runs keep their keys
         return data
 
 
@@ -942,6 +958,23 @@ class EvaluateConfig(Section):
             " pab and faster."
         ),
     )
+    compile: bool = Field(
+        False,
+        description=(
+            "torch.compile the transformer blocks for the videos (GPU): about 1.2-1.3x per"
+            " video at 49x480x720 after a minute of compilation per checkpoint (a LoRA changes"
+            " the blocks). Float rounding differs slightly from eager, so it is keyed when on."
+        ),
+    )
+    fp8_linears: bool = Field(
+        False,
+        description=(
+            "Run the transformer blocks' linears in FP8 (torchao float8, per-row scales;"
+            " needs an H100/L4-class GPU and torchao): faster at a deviation from the bf16"
+            " video (bench/generate.py reports it). Applies to the base model's suite too."
+            " Best with compile: true."
+        ),
+    )
     clip_model: str = Field(
         "openai/clip-vit-base-patch32", description="CLIP for frame-text similarity."
     )
@@ -979,10 +1012,13 @@ class EvaluateConfig(Section):
     device: str = _unkeyed(default="auto", description="auto: cuda when available, else cpu.")
 
     def key_fields(self) -> dict[str, Any]:
-        """As Section's, with the step cache only when one is on (an exact evaluation keeps
-        the key it had before the option existed) and its threshold only where it is read
-        (first_block)."""
+        """As Section's, with the speed options (compile, fp8_linears, the step cache) only
+        when on (an exact evaluation keeps the key it had before they existed) and the
+        cache's threshold only where it is read (first_block)."""
         data = super().key_fields()
+        for name in ("compile", "fp8_linears"):  # speed options: keyed only when on
+            if not data[name]:
+                data.pop(name)
         if self.step_cache == "none":
             data.pop("step_cache")
         if self.step_cache != "first_block":
@@ -1009,6 +1045,11 @@ class EvaluateConfig(Section):
             raise ValueError(
                 f"feature_extractor must be videomae or a module:callable path, got"
                 f" {self.feature_extractor!r}"
+            )
+        if self.compile and self.step_cache == "pab":
+            raise ValueError(
+                "step_cache: pab with compile: true re-traces the compiled blocks at every"
+                " other step (slower than either alone); use first_block or faster with compile"
             )
         return self
 

@@ -49,9 +49,9 @@ def load_clip(name: str, device: str) -> Clip:
     return Clip(model, AutoTokenizer.from_pretrained(name), processor, device)
 
 
-def load_pipeline(model: str, device: str):
+def load_pipeline(model: str, device: str, ec: EvaluateConfig | None = None):
     """The base pipeline of the model's class at its weight dtype (fp16 2B / bf16 5B on
-    GPU, fp32 on CPU)."""
+    GPU, fp32 on CPU), its transformer sped up as `ec` asks (`speed_up`)."""
     from cogpipe.sampling import model_traits, pipeline_class
 
     dtype = weight_dtype("auto", transformer_config(model), device)
@@ -61,7 +61,22 @@ def load_pipeline(model: str, device: str):
         pipe = pipe_class.from_pretrained(model, dtype=dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.enable_tiling()  # 49x480x720 decodes in tiles; a no-op below the tile size
+    if ec is not None:
+        speed_up(pipe.transformer, ec)
     return pipe
+
+
+def speed_up(transformer, ec: EvaluateConfig):
+    """The evaluate speed options that change the transformer itself, in place: FP8 linears
+    (`evaluate.fp8_linears`), then compiled blocks (`evaluate.compile`). A transformer
+    put in later (a full fine-tune's) gets the same, so every video of a run is made alike."""
+    from cogpipe.models import speed
+
+    if ec.fp8_linears:
+        speed.fp8_linears(transformer)
+    if ec.compile:
+        speed.compile_blocks(transformer)  # a LoRA loaded later recompiles once per checkpoint
+    return transformer
 
 
 def sampler_args(ec: EvaluateConfig, seed: int, device) -> dict[str, Any]:
@@ -106,9 +121,10 @@ def generate(
 
 
 @contextmanager
-def full_weights(pipe, checkpoint: Path):
-    """Put a full fine-tune checkpoint's transformer (in the pipeline's dtype) in the
-    pipeline for the block, then the base one back; on a GPU the base waits on the CPU."""
+def full_weights(pipe, checkpoint: Path, ec: EvaluateConfig | None = None):
+    """Put a full fine-tune checkpoint's transformer (in the pipeline's dtype, sped up as
+    `ec` asks) in the pipeline for the block, then the base one back; on a GPU the base
+    waits on the CPU."""
     from diffusers import CogVideoXTransformer3DModel
 
     base = pipe.transformer
@@ -119,6 +135,8 @@ def full_weights(pipe, checkpoint: Path):
     if device.type == "cuda":
         base.to("cpu")  # one transformer on the GPU at a time
     pipe.transformer = loaded.to(device).eval()
+    if ec is not None:
+        speed_up(pipe.transformer, ec)
     try:
         yield pipe
     finally:
@@ -128,11 +146,12 @@ def full_weights(pipe, checkpoint: Path):
 
 
 @contextmanager
-def lora(pipe, checkpoint: Path | None, adapter_name: str):
+def lora(pipe, checkpoint: Path | None, adapter_name: str, ec: EvaluateConfig | None = None):
     """Load a checkpoint's LoRA for the block, then unload it; None is the base model, and
-    a full fine-tune's checkpoint swaps in its transformer (`full_weights`)."""
+    a full fine-tune's checkpoint swaps in its transformer (`full_weights`, sped up as `ec`
+    asks)."""
     if checkpoint is not None and is_full(checkpoint):
-        with full_weights(pipe, checkpoint):
+        with full_weights(pipe, checkpoint, ec):
             yield pipe
         return
     if checkpoint is not None:

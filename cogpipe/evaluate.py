@@ -351,7 +351,7 @@ class Evaluation:
 
     def pipe(self):
         if self._pipe is None:
-            self._pipe = load_pipeline(self.cfg.model, self.device)  # once per call
+            self._pipe = load_pipeline(self.cfg.model, self.device, self.cfg.evaluate)
         return self._pipe
 
 
@@ -378,7 +378,7 @@ def sample_checkpoint(
     """Generate every request with a checkpoint loaded (a conditioned request: the result
     and, beside it, `-side.mp4`, condition | result). Returns seconds per video."""
     seconds, pipe, fps = {}, ev.pipe(), ev.cfg.evaluate.fps
-    with lora(pipe, checkpoint, f"step_{step_of(name):06d}"):
+    with lora(pipe, checkpoint, f"step_{step_of(name):06d}", ev.cfg.evaluate):
         for r in ev.requests:
             started = time.time()
             frames = sample(pipe, r)  # [F, H, W, 3] uint8

@@ -832,6 +832,8 @@ def build_trainer(
         dtype = torch.bfloat16  # bf16 weights: bf16 inputs and autocast
     params = trainable(transformer, t, seed)
     _load_start(transformer, t, weights, init)
+    if t.fp8_base:  # under the LoRA, before compiling: the casts fuse into the blocks
+        speed.fp8_training(transformer)
     speed.set_checkpointing(transformer, t.gradient_checkpointing, t.checkpointed_blocks)
     if t.compile and device.type == "cuda":
         speed.compile_blocks(transformer)

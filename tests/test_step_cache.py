@@ -168,8 +168,8 @@ def test_bench_prints_a_line_per_option():
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [line["case"] for line in lines] == [
         "cogvideox-2b 4 steps 9x64x64 plain",
-        "cogvideox-2b 4 steps 9x64x64 step_cache first_block 0.1",
-        "cogvideox-2b 4 steps 9x64x64 step_cache pab",
+        "cogvideox-2b 4 steps 9x64x64 plain step_cache first_block 0.1",
+        "cogvideox-2b 4 steps 9x64x64 plain step_cache pab",
     ]
     for line in lines[1:]:
         assert line["metric"] == "s_per_video" and line["ratio"] > 0

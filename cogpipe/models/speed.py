@@ -167,3 +167,98 @@ def compile_blocks(transformer) -> None:
     """Compile every block (shapes static: one graph per bucket and batch size)."""
     for block in blocks(transformer):
         compile_static(block)
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
+
+
+def _fp8_linear(module, name: str) -> bool:
+    """Whether a transformer module is a linear worth FP8: a block's (attention projections
+    and feed-forward, where the FLOPs are) with sides the FP8 kernels take (multiples of 16),
+    never a LoRA's own A/B matrices (they stay in the adapter's dtype)."""
+    import torch
+
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith("transformer_blocks.")
+        and "lora_" not in name
+        and module.in_features % 16 == 0
+        and module.out_features % 16 == 0
+    )
+
+
+def _fp8_device(transformer, what: str) -> None:
+    """Refuse FP8 where it cannot run, naming the reason.
+
+    Raises:
+        RuntimeError: the transformer is not on a CUDA GPU of compute capability 8.9 or newer.
+    """
+    import torch
+
+    device = next(transformer.parameters()).device
+    if device.type != "cuda":
+        raise RuntimeError(
+            f"{what} needs a CUDA GPU (H100, L4, RTX 4090 or newer); the model is on {device}"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_CAPABILITY:
+        raise RuntimeError(
+            f"{what} needs FP8 tensor cores (compute capability 8.9+); "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        )
+
+
+def _torchao(what: str):
+    """The torchao package, or a RuntimeError saying how to install it."""
+    try:
+        import torchao
+    except ImportError as e:
+        raise RuntimeError(f"{what} needs torchao: pip install 'cogpipe[gpu]'") from e
+    return torchao
+
+
+def fp8_training(transformer) -> int:
+    """Run the blocks' frozen base linears in FP8 for LoRA training, in place: torchao's
+    float8 training linears (dynamic per-tensor scales, the tensorwise recipe) under the
+    LoRA layers, which keep their own dtype and gradients. Call after the LoRA is added and
+    before the blocks are compiled: compiled, the casts fuse and the unused weight gradient
+    of a frozen linear is dropped from the backward graph. Returns how many linears changed.
+
+    Raises:
+        RuntimeError: not on an FP8-capable CUDA GPU, or torchao is not installed.
+    """
+    _fp8_device(transformer, "train.fp8_base")
+    _torchao("train.fp8_base")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    chosen = {
+        name
+        for name, m in transformer.named_modules()
+        if _fp8_linear(m, name) and not m.weight.requires_grad
+    }
+    convert_to_float8_training(
+        transformer, config=Float8LinearConfig(), module_filter_fn=lambda m, name: name in chosen
+    )
+    return len(chosen)
+
+
+def fp8_linears(transformer) -> int:
+    """Quantise the transformer blocks' linears to FP8 for inference, in place: torchao's
+    float8 dynamic quantisation, weights and activations with one scale per row, the
+    product accumulated in higher precision and returned in the model's dtype. A LoRA
+    loaded afterwards wraps the quantised linears (its own matrices stay in their dtype).
+    Compile the blocks afterwards (`compile_blocks`): eager, the per-call activation
+    quantisation costs more than the FP8 matmul saves. Returns how many linears changed.
+
+    Raises:
+        RuntimeError: the transformer is not on a CUDA GPU of compute capability 8.9 or
+            newer (H100, L4, RTX 4090), or torchao is not installed.
+    """
+    _fp8_device(transformer, "fp8_linears")
+    _torchao("fp8_linears")
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    chosen = {name for name, m in transformer.named_modules() if _fp8_linear(m, name)}
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(transformer, config, filter_fn=lambda m, name: name in chosen)
+    return len(chosen)
