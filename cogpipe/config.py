@@ -969,7 +969,8 @@ class EvaluateConfig(Section):
     fp8_linears: bool = Field(
         False,
         description=(
-            "Run the transformer blocks' linears in FP8 (torchao float8, per-row scales;"
+            "Run the transformer blocks' linears in FP8 (torchao float8, per-row scales, per"
+            " tensor for fp16 models;"
             " needs an H100/L4-class GPU and torchao): faster at a deviation from the bf16"
             " video (bench/generate.py reports it). Applies to the base model's suite too."
             " Best with compile: true."

@@ -244,7 +244,8 @@ def fp8_training(transformer) -> int:
 
 def fp8_linears(transformer) -> int:
     """Quantise the transformer blocks' linears to FP8 for inference, in place: torchao's
-    float8 dynamic quantisation, weights and activations with one scale per row, the
+    float8 dynamic quantisation, weights and activations with one scale per row (bf16
+    models; per tensor for fp16 ones, which torchao's row-wise kernels do not take), the
     product accumulated in higher precision and returned in the model's dtype. A LoRA
     loaded afterwards wraps the quantised linears (its own matrices stay in their dtype).
     Compile the blocks afterwards (`compile_blocks`): eager, the per-call activation
@@ -256,9 +257,19 @@ def fp8_linears(transformer) -> int:
     """
     _fp8_device(transformer, "fp8_linears")
     _torchao("fp8_linears")
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    import torch
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        PerRow,
+        PerTensor,
+        quantize_,
+    )
 
     chosen = {name for name, m in transformer.named_modules() if _fp8_linear(m, name)}
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    # torchao takes per-row scales from bf16 weights only: fp16 models (2B) get one per tensor
+    bf16 = next(transformer.parameters()).dtype == torch.bfloat16
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow() if bf16 else PerTensor()
+    )
     quantize_(transformer, config, filter_fn=lambda m, name: name in chosen)
     return len(chosen)
