@@ -27,9 +27,11 @@ def test_speed_options_are_keyed_only_when_on():
     assert base_suite.video_settings(EvaluateConfig(fp8_linears=True))["fp8_linears"] is True
 
 
-def test_pab_with_compile_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="pab with compile: true re-traces"):
-        EvaluateConfig(compile=True, step_cache="pab")
+@pytest.mark.parametrize("cache", ["pab", "faster"])
+def test_a_retracing_cache_with_compile_is_refused_with_the_reason(cache):
+    with pytest.raises(ValueError, match=f"{cache} with compile: true re-traces"):
+        EvaluateConfig(compile=True, step_cache=cache)
+    EvaluateConfig(step_cache=cache)  # eager: fine
     EvaluateConfig(compile=True, step_cache="first_block")  # traced once, then reused
 
 
