@@ -290,7 +290,6 @@ example:
         help="finetrainers: metadata.csv; diffusers: prompts.txt + videos.txt; "
         "jsonl: metadata.jsonl with provenance",
     )
-    p.add_argument("out", help="the export folder (an earlier export of the format is updated)")
     p.add_argument(
         "--force", action="store_true", help="export into a folder that holds something else"
     )
@@ -301,6 +300,7 @@ example:
         metavar="N",
         help="clips encoded at once (default: one per CPU core, at most 8)",
     )
+    p.add_argument("out", help="the export folder (an earlier export of the format is updated)")
 
 
 def _add_rate(sub) -> None:

@@ -26,15 +26,29 @@ def stages(dockerfile: str) -> dict[str, str]:
 
 def test_cpu_and_gpu_images_install_through_the_setup_script():
     targets = stages((ROOT / "docker" / "Dockerfile").read_text())
-    assert set(targets) == {"source", "cpu", "gpu"}
-    for copied in re.findall(r"^COPY ([^-]\S*(?: \S+)*) \S+$", targets["source"], flags=re.M):
-        for path in copied.split():
+    assert set(targets) == {"source", "deps", "cpu", "gpu"}
+    copied = {}  # {stage: the checkout's paths it copies}
+    for name in ["source", "deps"]:
+        lines = re.findall(r"^COPY ([^-]\S*(?: \S+)*) \S+$", targets[name], flags=re.M)
+        copied[name] = {path for line in lines for path in line.split()}
+        for path in copied[name]:
             assert (ROOT / path).exists(), f"COPY {path} is not in the checkout"
-    assert "COPY scripts" in targets["source"] and "COPY cogpipe" in targets["source"]
+    assert {"scripts", "cogpipe"} <= copied["source"]
+    # The dependency layer reads no source, so a source change reuses it.
+    assert copied["deps"] == {
+        "pyproject.toml",
+        "scripts/setup.sh",
+        "docker/install.sh",
+        "docker/standins.py",
+    }
+    install = (ROOT / "docker" / "install.sh").read_text()
+    assert re.search(r"^PIP_FIND_LINKS=/wheels VENV=/opt/venv scripts/setup\.sh$", install, re.M)
     for name in ["cpu", "gpu"]:
         body = targets[name]
-        assert "COPY --from=source /opt/cogpipe /opt/cogpipe" in body, name
-        assert re.search(r"^RUN .*scripts/setup\.sh", body, flags=re.M | re.S), name
+        deps = body.index("COPY --from=deps /opt/cogpipe ./")
+        run = re.search(r"^RUN (?:.*\\\n)*.*docker/install\.sh$", body, flags=re.M).start()
+        source = body.index("COPY --from=source /opt/cogpipe /opt/cogpipe")
+        assert deps < run < source, name
     assert "--index-url https://download.pytorch.org/whl/cpu" in targets["cpu"]
     assert 'EXTRAS="dev,gpu"' in targets["gpu"]
 

@@ -172,37 +172,46 @@ def test_sat_refuses_a_lora_it_cannot_hold(models, tmp_path):
         run_export(ff, tmp_path / "ff.safetensors", "sat")
 
 
-# ComfyUI's CogVideoX (comfy/ldm/cogvideo/model.py) names of the diffusers Linears.
-COMFY_NAMES = {
-    "attn1.to_q": "q",
-    "attn1.to_k": "k",
-    "attn1.to_v": "v",
-    "attn1.to_out.0": "attn_out",
-    "ff.net.0.proj": "ff_proj",
-    "ff.net.2": "ff_out",
-    "norm1.linear": "norm1.linear",
-}
+# The Linears of diffusers' CogVideoX beside the modules of ComfyUI's (its
+# comfy/ldm/cogvideo/model.py, loaded under `diffusion_model.`), whole names: block 0's
+# (every block alike, by its number) and two outside the blocks.
+COMFY_MODULES = """
+transformer_blocks.0.attn1.to_q       diffusion_model.blocks.0.q
+transformer_blocks.0.attn1.to_k       diffusion_model.blocks.0.k
+transformer_blocks.0.attn1.to_v       diffusion_model.blocks.0.v
+transformer_blocks.0.attn1.to_out.0   diffusion_model.blocks.0.attn_out
+transformer_blocks.0.ff.net.0.proj    diffusion_model.blocks.0.ff_proj
+transformer_blocks.0.ff.net.2         diffusion_model.blocks.0.ff_out
+transformer_blocks.0.norm1.linear     diffusion_model.blocks.0.norm1.linear
+proj_out                              diffusion_model.proj_out
+time_embedding.linear_1               diffusion_model.time_embedding_linear_1
+"""
+
+
+def comfy_modules(blocks: int) -> dict[str, str]:
+    """{diffusers module: ComfyUI module} of COMFY_MODULES in a transformer of `blocks`."""
+    modules = {}
+    for line in COMFY_MODULES.strip().splitlines():
+        diffusers, comfy = line.split()
+        for i in range(blocks) if "blocks.0." in diffusers else [0]:
+            nth = f"blocks.{i}."
+            modules[diffusers.replace("blocks.0.", nth)] = comfy.replace("blocks.0.", nth)
+    return modules
 
 
 def test_comfyui_keys_are_comfys_cogvideox_modules_with_alpha_and_read_back(models, tmp_path):
-    targets = [*COMFY_NAMES, "proj_out", "time_embedding.linear_1"]
+    targets = [name.removeprefix("transformer_blocks.0.") for name in comfy_modules(1)]
     source = make_lora(models["2b"], tmp_path / "all", targets=targets)
     out, _ = run_export(source, tmp_path / "slap.safetensors", "comfyui")
     keys = load_file(out)
-    comfy = {
-        f"transformer_blocks.{i}.{d}": f"blocks.{i}.{c}"
-        for i in range(30)
-        for d, c in COMFY_NAMES.items()
-    }
-    comfy |= {"proj_out": "proj_out", "time_embedding.linear_1": "time_embedding_linear_1"}
+    comfy = comfy_modules(30)
     suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
-    expected = {f"diffusion_model.{c}.{s}" for c in comfy.values() for s in suffixes}
+    expected = {f"{module}.{s}" for module in comfy.values() for s in suffixes}
     assert sorted(keys) == sorted(expected)  # 30 x 7 + 2 modules
 
     # ComfyUI adds (alpha / down.shape[0]) * up @ down to `diffusion_model.<module>.weight`.
     trained = lora_tensors(source)
-    for diffusers_name, comfy_name in comfy.items():
-        key = f"diffusion_model.{comfy_name}"
+    for diffusers_name, key in comfy.items():
         assert keys[f"{key}.alpha"].item() == ALPHA
         assert torch.equal(
             keys[f"{key}.lora_down.weight"], trained[f"transformer.{diffusers_name}.lora_A.weight"]
