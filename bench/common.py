@@ -55,6 +55,19 @@ def _round(value, digits: int = 4):
     return round(value, digits) if isinstance(value, float) else value
 
 
+def timed(bench: str, case: str, metric: str, seconds: float, reference, digits: int = 4):
+    """A line of a lower-is-better time against its reference's (None: not measured): the
+    ratio is reference / seconds, so above 1 means faster."""
+    return {
+        "bench": bench,
+        "case": case,
+        "metric": metric,
+        "value": round(seconds, digits),
+        "reference": reference and round(reference, digits),
+        "ratio": reference and round(reference / seconds, 3),
+    }
+
+
 class Bench:
     """One benchmark run's JSON lines: each printed as soon as it is measured, ending in
     the run's device, date and commit, and appended to `out` when one is given (a line at

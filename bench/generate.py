@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Bench, commit, device_name  # noqa: E402
+from common import Bench, commit, device_name, timed  # noqa: E402
 
 PROMPT = "A bald fighter in black shorts slaps his opponent as the referee watches."
 
@@ -92,14 +92,7 @@ def video_size(model: str, dry: bool) -> dict:
 
 def result(case: str, seconds: float, reference: float | None) -> dict:
     """A line of seconds per video against a reference variant's (None: not measured)."""
-    return {
-        "bench": "generate",
-        "case": case,
-        "metric": "s_per_video",
-        "value": round(seconds, 2),
-        "reference": reference and round(reference, 2),
-        "ratio": reference and round(reference / seconds, 3),
-    }
+    return timed("generate", case, "s_per_video", seconds, reference, digits=2)
 
 
 def timed_video(pipe, request) -> tuple:

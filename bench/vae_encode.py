@@ -69,7 +69,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import Bench, commit, device_name, run_fresh  # noqa: E402
+from common import Bench, commit, device_name, run_fresh, timed  # noqa: E402
 
 FEATURES = (
     "benchmark",
@@ -344,13 +344,8 @@ def run(args, bench: Bench, variants: list[str]) -> None:
                 reference, tflop = seconds, got["tflop"]
             mfu = tflop / seconds / PEAK_TFLOPS if tflop and not args.dry else None
             bench.print(
-                {
-                    "bench": "vae_encode",
-                    "case": case,
-                    "metric": "s_per_clip",
-                    "value": round(seconds, 4),
-                    "reference": reference and round(reference, 4),
-                    "ratio": reference and round(reference / seconds, 3),
+                timed("vae_encode", case, "s_per_clip", seconds, reference)
+                | {
                     **extra,
                     "max_abs": _sig(got["max_abs"]),
                     "rel_l2": _sig(got["rel_l2"]),
