@@ -289,7 +289,6 @@ def sample(pipe, request: Request) -> np.ndarray:
         with step_cache.cached(pipe.transformer, *cache):
             return generate(pipe, ec, request.prompt, request.seed, request.device, request.image)
     fields = {"frames": c.layout.video_frames} if c.mode == "tic-ft" else {}
-    fields |= {"step_cache": ec.step_cache, "step_cache_threshold": ec.step_cache_threshold}
     sampled = sampling.request_for(ec, request.prompt, request.seed, condition=c, **fields)
     return sampling.sample(pipe, sampled, request.device)
 

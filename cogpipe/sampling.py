@@ -119,8 +119,10 @@ class SampleRequest:
 
 
 def request_for(settings, prompt: str, seed: int, **fields) -> SampleRequest:
-    """A request with the sampler settings of an EvaluateConfig or GenerateOptions."""
+    """A request with the sampler settings of an EvaluateConfig or GenerateOptions, its step
+    cache included where the settings have one (evaluate's, so validation caches as it does)."""
     names = ("frames", "height", "width", "steps", "guidance", "fps")
+    names += tuple(n for n in ("step_cache", "step_cache_threshold") if hasattr(settings, n))
     return SampleRequest(prompt, seed, **{n: getattr(settings, n) for n in names} | fields)
 
 

@@ -24,6 +24,10 @@ of `checkpoint-{N:06d}` up to numerics. What keeps training as it was:
     v = validation.prepare(cfg, device, dtype)                 # before the loop
     stats = validation.run(v, transformer, out, step)          # every validation_every steps
 
+Evaluate's step cache (`evaluate.step_cache`) is on for validation videos as for
+evaluation's; its other speed options are not: `fp8_linears` would quantise the weights in
+training, and training compiles its blocks by `train.compile`.
+
 Every video is made by the shared sampler (`cogpipe.sampling`) from the precomputed
 embeddings. Conditioned modes take one training sample per prompt (training passes
 sample i % samples for prompt i) and the sample's size and length instead of evaluate's:

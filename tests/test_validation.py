@@ -94,8 +94,10 @@ def test_run_writes_every_prompt_and_seed_and_leaves_training_as_it_was(tmp_path
     assert all(np.array_equal(decode(folder / name), video) for name, video in videos.items())
 
 
-def test_videos_are_what_evaluate_makes_of_the_saved_lora(tmp_path, tiny_models):
-    cfg = make_cfg(tiny_models)
+@pytest.mark.parametrize("cache", ["none", "first_block"])
+def test_videos_are_what_evaluate_makes_of_the_saved_lora(tmp_path, tiny_models, cache):
+    """With evaluate's step cache too (a threshold that reuses every step after the first)."""
+    cfg = make_cfg(tiny_models, steps=3, step_cache=cache, step_cache_threshold=1e6)
     transformer, _ = lora_transformer(tiny_models["cogvideox"])
     cogvideox.save_lora(tmp_path / "checkpoint-000012", transformer, 4, 8)
     v = validation.prepare(cfg, "cpu", torch.float32)
@@ -104,10 +106,13 @@ def test_videos_are_what_evaluate_makes_of_the_saved_lora(tmp_path, tiny_models)
         got = validation.decode(pipe, validation.denoise(pipe, v, 0, 42), PROMPTS[0], 42)
 
     base = evaluate.load_pipeline(str(tiny_models["cogvideox"]), "cpu")
+    request = evaluate.Request(0, PROMPTS[0], 42, cfg.evaluate, "cpu")
     with evaluate.lora(base, tmp_path / "checkpoint-000012", "step_000012"):
-        expected = evaluate.generate(base, cfg.evaluate, PROMPTS[0], 42, "cpu")
+        expected = evaluate.sample(base, request)
+        exact = evaluate.sample(base, request.plain)  # the base suite's way: never cached
     assert got.shape == (9, 64, 64, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, expected)  # the same numbers, not just close
+    assert np.array_equal(got, exact) == (cache == "none")
 
 
 def test_prepare_keeps_embeddings_and_vae_on_the_cpu_and_drops_t5(tiny_models, monkeypatch):
