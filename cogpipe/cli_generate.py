@@ -46,10 +46,14 @@ def generate_options(args: argparse.Namespace) -> GenerateOptions:
     except ValidationError as e:
         lines = []
         for err in e.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across options: its message names them
+                lines.append(message)
+                continue
             name = str(err["loc"][0])
             flag = "--" + name.replace("_", "-")
             where = flag if name in given else source.get(name, flag)
-            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+            lines.append(f"{where}: {message}")
         raise GenerateError("; ".join(lines)) from None
     warning = generate_config.cpu_warning(options, resolve_device(options.device), _grid(args))
     if warning:

@@ -92,6 +92,20 @@ def file_fingerprint(path: Path, field: str) -> str:
         raise ConfigError(f"{field}: cannot read {path}: {e.strerror}") from e
 
 
+def check_step_cache(step_cache: str, compile: bool) -> None:
+    """Refuse a step cache that re-traces compiled blocks as it skips.
+
+    Raises:
+        ValueError: pab or faster with compile.
+    """
+    if compile and step_cache in ("pab", "faster"):
+        raise ValueError(
+            f"step_cache: {step_cache} with compile re-traces the compiled blocks as it skips"
+            f" (2B on an H200: faster 46 s compiled against 23 s eager); use first_block with"
+            f" compile, or {step_cache} without"
+        )
+
+
 class Section(BaseModel):
     # No inf or NaN in any number: `learning_rate: .inf` fails at load, not in the optimizer.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -1049,12 +1063,7 @@ class EvaluateConfig(Section):
                 f"feature_extractor must be videomae or a module:callable path, got"
                 f" {self.feature_extractor!r}"
             )
-        if self.compile and self.step_cache in ("pab", "faster"):
-            raise ValueError(
-                f"step_cache: {self.step_cache} with compile: true re-traces the compiled blocks"
-                f" as it skips (2B on an H200: faster 46 s compiled against 23 s eager); use"
-                f" first_block with compile, or {self.step_cache} without"
-            )
+        check_step_cache(self.step_cache, self.compile)
         return self
 
 

@@ -64,10 +64,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cogpipe import evaluate, sampling
-from cogpipe.config import EvaluateConfig, TicFtConfig
+from cogpipe.config import EvaluateConfig, StepCache, TicFtConfig, check_step_cache
 from cogpipe.models import quiet_local_load
 from cogpipe.models.cogvideox import (
     FULL_FOLDER,
@@ -84,6 +84,7 @@ ADAPTER = "lora"  # the adapter name of `--lora` on the pipeline
 DEFAULT_OUTPUT = Path("generated")
 # Options read per video (a sweep may vary them); the others decide how the pipeline loads.
 PER_VIDEO = ("steps", "guidance", "frames", "height", "width", "fps", "seed", "lora_scale")
+PER_VIDEO += ("step_cache", "step_cache_threshold")
 
 
 class GenerateError(ValueError):
@@ -172,6 +173,23 @@ class GenerateOptions(BaseModel):
     vae_tiling: bool = Field(True, description="Decode in tiles (less memory at 480x720).")
     vae_slicing: bool = Field(False, description="Decode one video of a batch at a time.")
     compile: bool = Field(False, description="torch.compile the transformer blocks (GPU).")
+    step_cache: StepCache = Field(
+        "none",
+        description=(
+            "Reuse transformer work across steps (cogpipe.step_cache): first_block, pab or"
+            " faster; faster at a deviation from the exact video (none)."
+        ),
+    )
+    step_cache_threshold: float = Field(
+        0.1, ge=0, description="first_block's threshold (0 never skips)."
+    )
+    fp8_linears: bool = Field(
+        False,
+        description=(
+            "The transformer blocks' linears in FP8 (torchao; an H100-class GPU): faster at a"
+            " deviation, after minutes of compilation with --compile."
+        ),
+    )
 
     @field_validator("frames")
     @classmethod
@@ -192,6 +210,11 @@ class GenerateOptions(BaseModel):
         if v is not None and v % 16:
             raise ValueError(f"must be a multiple of 16, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _speed(self) -> GenerateOptions:
+        check_step_cache(self.step_cache, self.compile)
+        return self
 
 
 # --------------------------------------------------------------------------- prompts
@@ -435,6 +458,13 @@ def load(options: GenerateOptions):
     pipe.set_progress_bar_config(disable=True)
     if options.offload == "none":  # placed first: the LoRA loads as the service loads one
         pipe.to(device)  # (onto the placed pipeline): the same adapter weights, bit for bit
+    if options.fp8_linears:  # before the LoRA (it wraps the FP8 linears) and compiling
+        from cogpipe.models.speed import fp8_linears
+
+        try:
+            fp8_linears(pipe.transformer)
+        except RuntimeError as e:
+            raise GenerateError(f"--fp8-linears: {e}") from None
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)
     if options.offload == "model":
@@ -548,6 +578,8 @@ def sampler_settings(options: GenerateOptions) -> EvaluateConfig:
         width=options.width,
         fps=options.fps,
         device=options.device,
+        step_cache=options.step_cache,
+        step_cache_threshold=options.step_cache_threshold,
     )
 
 

@@ -32,6 +32,9 @@ CONFIG_FIELDS = {
     "fps": "evaluate.fps",
     "seed": "evaluate.seeds[0]",
     "device": "evaluate.device",
+    "step_cache": "evaluate.step_cache",
+    "step_cache_threshold": "evaluate.step_cache_threshold",
+    "fp8_linears": "evaluate.fp8_linears",
 }
 
 # Per-video work (frames x height x width x steps) above which a CPU run gets a warning:
@@ -56,6 +59,9 @@ def config_values(cfg: PipelineConfig) -> dict[str, Any]:
         "fps": ev.fps,
         "seed": ev.seeds[0],
         "device": ev.device,
+        "step_cache": ev.step_cache,
+        "step_cache_threshold": ev.step_cache_threshold,
+        "fp8_linears": ev.fp8_linears,
     }
 
 

@@ -52,6 +52,7 @@ from cogpipe.workspace import model_fingerprint, sha256_json
 SLOT_RANK = 128  # a hot-swap slot's rank when no LoRA is given at the start
 STREAK = 8  # at most this many jobs of one LoRA in a row while others wait
 SAMPLER = ("steps", "guidance", "frames", "height", "width", "fps", "seed")
+SPEED = {"step_cache": "none", "step_cache_threshold": 0.1, "fp8_linears": False}  # off
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a LoRA's name in requests and URLs
 MAX_IMAGE = 32 << 20  # bytes of an image-to-video request's first frame
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
@@ -364,6 +365,9 @@ class Service:
             "settings": {k: getattr(options, k) for k in SAMPLER},
             "image": Path(options.image).stem if options.image else None,
         }
+        speed = {k: getattr(options, k) for k in SPEED if getattr(options, k) != SPEED[k]}
+        if speed:  # only when on: exact jobs keep their keys
+            parts["speed"] = speed
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
     def view(self, job: dict) -> dict:

@@ -29,7 +29,7 @@ def test_speed_options_are_keyed_only_when_on():
 
 @pytest.mark.parametrize("cache", ["pab", "faster"])
 def test_a_retracing_cache_with_compile_is_refused_with_the_reason(cache):
-    with pytest.raises(ValueError, match=f"{cache} with compile: true re-traces"):
+    with pytest.raises(ValueError, match=f"{cache} with compile re-traces"):
         EvaluateConfig(compile=True, step_cache=cache)
     EvaluateConfig(step_cache=cache)  # eager: fine
     EvaluateConfig(compile=True, step_cache="first_block")  # traced once, then reused

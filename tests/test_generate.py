@@ -172,3 +172,22 @@ def test_offload_and_compile_on_gpu(tmp_path, tiny_models, lora):
         assert (
             np.abs(base.astype(int) - reference).mean() > 1.0
         )  # the scale reaches compiled blocks
+
+
+def test_a_step_cache_reaches_the_sampler_and_is_removed_after(tiny_models):
+    exact_opts = options(tiny_models, steps=3)
+    pipe = generate.load(exact_opts)
+    exact = generate.generate_one(pipe, PROMPT, exact_opts)
+    # A threshold this high reuses every step after the first.
+    cached_opts = options(tiny_models, steps=3, step_cache="first_block", step_cache_threshold=1e6)
+    assert not np.array_equal(generate.generate_one(pipe, PROMPT, cached_opts), exact)
+    np.testing.assert_array_equal(generate.generate_one(pipe, PROMPT, exact_opts), exact)
+
+
+def test_speed_options_that_cannot_run_are_refused_with_the_reason(tiny, capsys):
+    for flags, message in [
+        (["--fp8-linears"], "--fp8-linears: fp8_linears needs a CUDA GPU"),
+        (["--compile", "--step-cache", "pab"], "pab with compile re-traces the compiled blocks"),
+    ]:
+        assert main(["generate", "--prompt", PROMPT, *tiny, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
