@@ -173,6 +173,13 @@ class GenerateOptions(BaseModel):
     vae_tiling: bool = Field(True, description="Decode in tiles (less memory at 480x720).")
     vae_slicing: bool = Field(False, description="Decode one video of a batch at a time.")
     compile: bool = Field(False, description="torch.compile the transformer blocks (GPU).")
+    fp8_linears: bool = Field(
+        False,
+        description=(
+            "The transformer blocks' linears in FP8 (torchao; an H100-class GPU): faster at a"
+            " deviation, after minutes of compilation with --compile."
+        ),
+    )
     step_cache: StepCache = Field(
         "none",
         description=(
@@ -182,13 +189,6 @@ class GenerateOptions(BaseModel):
     )
     step_cache_threshold: float = Field(
         0.1, ge=0, description="first_block's threshold (0 never skips)."
-    )
-    fp8_linears: bool = Field(
-        False,
-        description=(
-            "The transformer blocks' linears in FP8 (torchao; an H100-class GPU): faster at a"
-            " deviation, after minutes of compilation with --compile."
-        ),
     )
 
     @field_validator("frames")
