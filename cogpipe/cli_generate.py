@@ -245,7 +245,9 @@ Loads the base model once and serves text/image-to-video over HTTP (FastAPI, doc
 /docs) until Ctrl-C: POST /v1/videos queues a job, GET /v1/videos/ID reports it, GET
 /v1/videos/ID/content is the mp4. LoRAs stay resident and switch per request; more are
 added with POST /v1/loras. Jobs and results persist in --folder across restarts. With
-COGPIPE_API_KEY set, every /v1 request needs `Authorization: Bearer <key>`.
+COGPIPE_API_KEY set, every /v1 request needs `Authorization: Bearer <key>`. --step-cache
+and --fp8-linears make videos faster at a deviation from the exact ones (a request may ask
+for another step cache); a stored video is keyed by them.
 
 example:
   cogpipe serve-api demo/demo.yaml --lora slap=demo/workspace/train/<run>/checkpoint-000006
@@ -290,7 +292,23 @@ example:
         "(default: the largest --lora's, else 128)",
     )
     p.add_argument("--paused", action="store_true", help="accept jobs, run none until resumed")
+    _add_speed(p)
     _add_limits(p)
+
+
+def _add_speed(p: argparse.ArgumentParser) -> None:
+    """--step-cache, --step-cache-threshold, --fp8-linears: generate's flags of the same
+    names (`service.SPEED`), over CONFIG's evaluate values; a request may ask for another
+    step cache."""
+    from pydantic import create_model
+
+    from cogpipe.service import SPEED
+
+    fields = GenerateOptions.model_fields
+    speed = create_model(
+        "Speed", **{name: (fields[name].annotation, fields[name]) for name in SPEED}
+    )
+    add_model_options(p, speed)
 
 
 def _add_limits(p: argparse.ArgumentParser) -> None:
@@ -318,7 +336,8 @@ def cmd_serve_api(args: argparse.Namespace) -> int:
 
     templates = load_templates(Path(args.templates) if args.templates else None)
     loras = service.parse_loras(args.lora)
-    defaults = service.defaults_for(args.config, args.model, args.device, args.compile)
+    speed = {k: v for k, v in vars(args).items() if k in service.SPEED}  # flags given
+    defaults = service.defaults_for(args.config, args.model, args.device, args.compile, speed)
     limits = service.Limits(args.max_frames, args.max_pixels, args.max_steps, args.max_queue)
     svc = service.Service(
         Path(args.folder), defaults, templates, limits, args.paused, max_rank=args.max_rank

@@ -32,7 +32,12 @@ seed give the video the evaluation of that checkpoint wrote. What is notable:
   (one layer at a time: slowest, least memory), VAE tiling (on by default; a no-op below
   the tile size) and slicing; speed: the transformer blocks compiled with static shapes
   (`models.speed.compile_blocks`, as training compiles them). Offload and compile need a
-  CUDA GPU and are refused on the CPU.
+  CUDA GPU and are refused on the CPU;
+- faster at a deviation from the exact video (as evaluate's options of the same names):
+  a step cache (`step_cache`: first_block, pab, faster; per video, so a sweep can compare
+  them) and FP8 linears (`fp8_linears`: quantised at load, after the pipeline is placed
+  on the GPU and before the LoRA wraps them and the blocks compile; an FP8 GPU such as an
+  H100 and no offload, refused before anything loads otherwise).
 
 Conditioned LoRAs (`cogpipe.sampling` samples every mode): the mode is read from the
 run's `run.json` beside the checkpoint folder (`train/<run>/run.json`), and a LoRA trained
@@ -184,7 +189,7 @@ class GenerateOptions(BaseModel):
         "none",
         description=(
             "Reuse transformer work across steps (cogpipe.step_cache): first_block, pab or"
-            " faster; faster at a deviation from the exact video (none)."
+            " faster, each at a deviation from the exact video; none is exact."
         ),
     )
     step_cache_threshold: float = Field(
@@ -214,6 +219,11 @@ class GenerateOptions(BaseModel):
     @model_validator(mode="after")
     def _speed(self) -> GenerateOptions:
         check_step_cache(self.step_cache, self.compile)
+        if self.fp8_linears and self.offload != "none":
+            raise ValueError(
+                f"fp8_linears with offload {self.offload}: the linears are quantised on the GPU"
+                f" and stay there; use offload none"
+            )
         return self
 
 
@@ -366,7 +376,8 @@ def check_device(options: GenerateOptions, device: str) -> None:
     """Refuse options the device cannot honour, before anything loads.
 
     Raises:
-        GenerateError: offload or compile without a CUDA GPU, compile with sequential offload.
+        GenerateError: offload, compile or FP8 linears without a CUDA GPU, compile with
+            sequential offload.
     """
     import torch
 
@@ -374,6 +385,7 @@ def check_device(options: GenerateOptions, device: str) -> None:
         raise GenerateError(f"--device {options.device}: no CUDA GPU is available")
     wanted = [f"--offload {options.offload}"] if options.offload != "none" else []
     wanted += ["--compile"] if options.compile else []
+    wanted += ["--fp8-linears"] if options.fp8_linears else []
     if wanted and not device.startswith("cuda"):
         why = "no CUDA GPU found" if options.device == "auto" else f"--device {options.device}"
         raise GenerateError(f"{' and '.join(wanted)} needs a CUDA GPU ({why})")
@@ -463,7 +475,7 @@ def load(options: GenerateOptions):
 
         try:
             fp8_linears(pipe.transformer)
-        except RuntimeError as e:
+        except RuntimeError as e:  # a GPU without FP8 tensor cores, no torchao
             raise GenerateError(f"--fp8-linears: {e}") from None
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=ADAPTER)

@@ -19,6 +19,12 @@ What is notable:
 - every job's key hashes the model (files and dtype), the LoRA file's sha256, the scale,
   the settings, the seed, the prompt and the image: a request whose video is already
   stored is answered at once (`cached: true`), and one already queued returns that job;
+- the speed options (`SPEED`) trade exactness for time, as evaluate's do: a step cache
+  (the service's `--step-cache`, or a request's `step_cache`) and FP8 linears (the
+  service's `--fp8-linears`, for its whole pipeline). They are in a job's key when on, as
+  in evaluate's keys, so an exact video is never the answer to a cached request, nor the
+  reverse; a job re-queued by a restart that turned `--fp8-linears` on or off fails
+  rather than store another pipeline's video under its key;
 - jobs, results (`videos/<key>.mp4`) and LoRAs added through the API live in the service
   folder (`service_jobs.JobStore`); a restart re-queues what was queued or running;
 - `POST /v1/loras` changes the pipeline's modules, so it waits for the video in flight.
@@ -42,6 +48,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cogpipe import generate
+from cogpipe.config import StepCache
 from cogpipe.errors import UserError
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.service_adapters import Lora, RequestError, Resident, Slot, lora_layout
@@ -52,7 +59,8 @@ from cogpipe.workspace import model_fingerprint, sha256_json
 SLOT_RANK = 128  # a hot-swap slot's rank when no LoRA is given at the start
 STREAK = 8  # at most this many jobs of one LoRA in a row while others wait
 SAMPLER = ("steps", "guidance", "frames", "height", "width", "fps", "seed")
-SPEED = {"step_cache": "none", "step_cache_threshold": 0.1, "fp8_linears": False}  # off
+SPEED = ("step_cache", "step_cache_threshold", "fp8_linears")  # the service's speed flags
+REQUESTED = (*SAMPLER, "step_cache", "step_cache_threshold")  # what a request may set
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a LoRA's name in requests and URLs
 MAX_IMAGE = 32 << 20  # bytes of an image-to-video request's first frame
 IMAGE_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
@@ -96,6 +104,12 @@ class VideoRequest(BaseModel):
     width: int | None = None
     fps: int | None = None
     image: str | None = Field(None, description="Image-to-video: the first frame, base64 PNG/JPEG.")
+    step_cache: StepCache | None = Field(
+        None, description="Reuse work across steps (first_block, pab, faster); none: exact."
+    )
+    step_cache_threshold: float | None = Field(
+        None, ge=0, description="first_block's threshold (0 never skips)."
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -301,7 +315,7 @@ class Service:
 
     def _options(self, req: VideoRequest) -> GenerateOptions:
         """The request's settings over the defaults, checked against the model and the limits."""
-        given = {k: getattr(req, k) for k in SAMPLER if getattr(req, k) is not None}
+        given = {k: getattr(req, k) for k in REQUESTED if getattr(req, k) is not None}
         values = self.defaults.model_dump() | given | {"lora_scale": req.lora_scale}
         if req.image is not None:
             values["image"] = self._save_image(req.image)
@@ -309,8 +323,9 @@ class Service:
             options = generate.fit(GenerateOptions(**values), self.traits)
         except ValidationError as e:
             err = e.errors()[0]
-            raise RequestError(
-                422, f"{err['loc'][0]}: {err['msg'].removeprefix('Value error, ')}"
+            message = err["msg"].removeprefix("Value error, ")  # a check across options
+            raise RequestError(  # names them itself (pab with the service's compile)
+                422, f"{err['loc'][0]}: {message}" if err["loc"] else message
             ) from None
         except GenerateError as e:
             raise RequestError(422, str(e).replace("--", "")) from None
@@ -365,7 +380,7 @@ class Service:
             "settings": {k: getattr(options, k) for k in SAMPLER},
             "image": Path(options.image).stem if options.image else None,
         }
-        speed = {k: getattr(options, k) for k in SPEED if getattr(options, k) != SPEED[k]}
+        speed = speed_key(options)
         if speed:  # only when on: exact jobs keep their keys
             parts["speed"] = speed
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
@@ -435,6 +450,12 @@ class Service:
         lora = self.loras.get(job["lora"]) if job["lora"] else None
         if job["lora"] and (lora is None or lora.sha256 != spec["lora_sha256"]):
             raise RequestError(409, f"LoRA {job['lora']!r} is no longer the file it was")
+        if options.fp8_linears != self.defaults.fp8_linears:  # queued before a restart
+            raise RequestError(
+                409,
+                f"queued with fp8_linears {'on' if options.fp8_linears else 'off'}; the service"
+                f" now runs with them {'on' if self.defaults.fp8_linears else 'off'}",
+            )
 
         def on_step(done: int, steps: int) -> None:
             if self.stop.is_set():
@@ -444,6 +465,17 @@ class Service:
         with self.lock:
             self.adapters.activate(lora, options.lora_scale)
             return generate.generate_one(self.pipe, spec["prompt"], options, on_step=on_step)
+
+
+def speed_key(options: GenerateOptions) -> dict:
+    """The speed options a job's key holds: those on, the threshold with first_block only
+    (pab and faster do not read it), as `EvaluateConfig` keys them; {} for the exact path."""
+    speed: dict = {"fp8_linears": True} if options.fp8_linears else {}
+    if options.step_cache != "none":
+        speed["step_cache"] = options.step_cache
+    if options.step_cache == "first_block":
+        speed["step_cache_threshold"] = options.step_cache_threshold
+    return speed
 
 
 # --------------------------------------------------------------------------- serving
@@ -467,19 +499,38 @@ def parse_loras(items: list[str]) -> dict[str, Path]:
 
 
 def defaults_for(
-    config: str | None, model: str | None, device: str | None, compile: bool = False
+    config: str | None,
+    model: str | None,
+    device: str | None,
+    compile: bool = False,
+    speed: dict | None = None,
 ) -> GenerateOptions:
     """The service's settings for requests that give none: a config's model and evaluation
-    sampling (as `generate --config`), else generate's defaults; `model` and `device` win.
+    sampling (as `generate --config`: its speed options too), else generate's defaults;
+    `model`, `device` and `speed` (flags given: {option in `SPEED`: value}) win.
 
     Raises:
-        ServiceError: neither a config nor a model is given.
+        ServiceError: neither a config nor a model is given, or options that do not go
+            together (pab with compile).
+        GenerateError: options the device cannot honour (`generate.check_device`), before
+            anything loads.
     """
     from cogpipe.config import load_config
     from cogpipe.generate_config import config_values
+    from cogpipe.workspace import resolve_device
 
     values = config_values(load_config(config)) if config else {}
     values |= {k: v for k, v in (("model", model), ("device", device)) if v is not None}
+    values |= speed or {}
     if "model" not in values:
         raise ServiceError("serve-api: give a CONFIG or --model (the base model to serve)")
-    return GenerateOptions(**values, compile=compile)
+    try:
+        options = GenerateOptions(**values | {"compile": compile})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = f"--{str(err['loc'][0]).replace('_', '-')}: " if err["loc"] else ""
+        raise ServiceError(
+            f"serve-api: {where}{err['msg'].removeprefix('Value error, ')}"
+        ) from None
+    generate.check_device(options, resolve_device(options.device))
+    return options

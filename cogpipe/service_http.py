@@ -3,10 +3,11 @@ which binds the port, loads the pipeline and runs uvicorn until SIGINT or SIGTER
 
 Routes (under /v1; with COGPIPE_API_KEY set each needs `Authorization: Bearer <key>`):
 `POST /videos` (prompt, or template + slots; lora, lora_scale, seed, steps, guidance,
-frames, height, width, fps; image as base64 for an image-to-video model) -> 202 and a job,
-or 200 and a stored result; `GET /videos/{id}`, `GET /videos/{id}/content` (the mp4),
-`DELETE /videos/{id}` (cancels a queued job); `GET|POST /loras`; `GET /templates`;
-`GET|POST /queue` (pause and resume the worker). `GET /health` and `/docs` need no key.
+frames, height, width, fps, step_cache, step_cache_threshold; image as base64 for an
+image-to-video model) -> 202 and a job, or 200 and a stored result; `GET /videos/{id}`,
+`GET /videos/{id}/content` (the mp4), `DELETE /videos/{id}` (cancels a queued job);
+`GET|POST /loras`; `GET /templates`; `GET|POST /queue` (pause and resume the worker).
+`GET /health` and `/docs` need no key.
 Refusals are `{"detail": reason}` with their 4xx, as FastAPI's own validation errors.
 """
 

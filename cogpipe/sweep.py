@@ -12,11 +12,14 @@ cell is one video, made by `cogpipe.generate` with the fixed options plus the ce
     <out>/<experiment>/timing.png                          seconds per video, per cell
 
 Grid parameters are the options read per video (`generate.PER_VIDEO`: steps, guidance,
-frames, height, width, fps, seed, lora_scale): the pipeline loads once, and only when a
-video is missing. Values are validated before anything loads, against the model too
-(`generate.fit`: CogVideoX 1.5's 16k+1 frames, 5B-I2V's fixed size), and named
-canonically (`guidance=1` and `guidance=1.0` are one cell). An image-to-video model takes
-`--image` for every cell, cropped to each cell's size.
+frames, height, width, fps, seed, lora_scale, step_cache, step_cache_threshold): the
+pipeline loads once, and only when a video is missing. `--grid step-cache=none,pab,faster`
+puts each step cache's videos and seconds beside the exact ones; `--fp8-linears` decides
+how the pipeline loads, so it is fixed for a sweep (compare two sweeps). Values are
+validated before anything loads, against the model too (`generate.fit`: CogVideoX 1.5's
+16k+1 frames, 5B-I2V's fixed size), and named canonically (`guidance=1` and `guidance=1.0`
+are one cell). An image-to-video model takes `--image` for every cell, cropped to each
+cell's size.
 
 Resume: a video is written under a temporary name and renamed, so a file on disk is
 complete, and a rerun skips it. The table is rewritten after every video: a skipped

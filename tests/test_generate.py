@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from conftest import TINY_VIDEO, cli_flags, tiny_sampling
 from test_evaluate import make_lora
 
-from cogpipe import evaluate, generate
+from cogpipe import evaluate, generate, sampling
 from cogpipe.cli import main
 from cogpipe.generate import GenerateError, GenerateOptions
 from cogpipe.sweep import read_video
@@ -184,10 +185,51 @@ def test_a_step_cache_reaches_the_sampler_and_is_removed_after(tiny_models):
     np.testing.assert_array_equal(generate.generate_one(pipe, PROMPT, exact_opts), exact)
 
 
+def test_the_step_cache_flag_writes_the_video_the_sampler_makes_with_that_request(
+    tmp_path, tiny_models, tiny
+):
+    out = tmp_path / "cached.mp4"
+    flags = ["--steps", "3", "--step-cache", "first_block", "--step-cache-threshold", "1e6"]
+    assert main(["generate", "--prompt", PROMPT, "--output", str(out), *tiny, *flags]) == 0
+    assert probe_video(out)[1] == ""
+    opts = options(tiny_models, steps=3, step_cache="first_block", step_cache_threshold=1e6)
+    opts = generate.fit_model(opts)  # the model's fps, as generate_one fits them
+    request = sampling.request_for(opts, PROMPT, opts.seed)
+    assert (request.step_cache, request.step_cache_threshold) == ("first_block", 1e6)
+    pipe = generate.load(opts)
+    for name, req in [("cached", request), ("exact", replace(request, step_cache="none"))]:
+        generate.write_video(tmp_path / f"{name}-sampler.mp4", sampling.sample(pipe, req), opts.fps)
+    got = read_video(out)
+    np.testing.assert_array_equal(got, read_video(tmp_path / "cached-sampler.mp4"))
+    assert not np.array_equal(got, read_video(tmp_path / "exact-sampler.mp4"))
+
+
 def test_speed_options_that_cannot_run_are_refused_with_the_reason(tiny, capsys):
     for flags, message in [
-        (["--fp8-linears"], "--fp8-linears: fp8_linears needs a CUDA GPU"),
+        (["--fp8-linears"], "--fp8-linears needs a CUDA GPU (--device cpu)"),
         (["--compile", "--step-cache", "pab"], "pab with compile re-traces the compiled blocks"),
+        (["--fp8-linears", "--offload", "model"], "fp8_linears with offload model: the linears"),
     ]:
         assert main(["generate", "--prompt", PROMPT, *tiny, *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
+
+
+def test_fp8_linears_are_made_before_the_lora_loads(tiny_models, lora, monkeypatch):
+    """The CPU cannot run FP8: the device check is stubbed so that load reaches it, and
+    `speed.fp8_linears` is seen as it runs (then as it refuses the CPU, with its reason)."""
+    from cogpipe.models import speed
+
+    seen = []
+
+    def record(transformer) -> int:
+        seen.append(hasattr(transformer, "peft_config"))  # a LoRA loaded already?
+        return 0
+
+    monkeypatch.setattr(generate, "check_device", lambda options, device: None)
+    monkeypatch.setattr(speed, "fp8_linears", record)
+    pipe = generate.load(options(tiny_models, lora=lora, fp8_linears=True))
+    assert seen == [False] and generate.ADAPTER in pipe.transformer.peft_config
+    monkeypatch.undo()
+    monkeypatch.setattr(generate, "check_device", lambda options, device: None)
+    with pytest.raises(GenerateError, match="--fp8-linears: fp8_linears needs a CUDA GPU"):
+        generate.load(options(tiny_models, fp8_linears=True))

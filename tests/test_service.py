@@ -316,6 +316,90 @@ def test_serve_api_bad_flags_are_one_line_errors(tiny_models, tmp_path, capsys):
     assert "give a CONFIG or --model" in capsys.readouterr().err
     assert main(["serve-api", "--model", model, "--templates", str(tmp_path / "t.yaml")]) == 2
     assert "t.yaml: cannot read" in capsys.readouterr().err
+    for flags, message in [  # refused before anything loads or listens
+        (["--fp8-linears"], "--fp8-linears needs a CUDA GPU (--device cpu)"),
+        (["--compile", "--step-cache", "pab"], "serve-api: step_cache: pab with compile"),
+        (["--step-cache-threshold", "-1"], "--step-cache-threshold: Input should be greater"),
+    ]:
+        assert main(["serve-api", "--model", model, "--device", "cpu", *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+
+
+def test_speed_flags_are_the_services_defaults_and_keyed_only_when_on(
+    tiny_models, tmp_path, monkeypatch
+):
+    from cogpipe import service_http
+    from cogpipe.cli import main
+    from cogpipe.service import speed_key
+
+    started = []
+    monkeypatch.setattr(service_http, "serve", lambda svc, *a, **k: started.append(svc))
+    flags = ["--folder", str(tmp_path), "--step-cache", "first_block"]
+    flags += ["--step-cache-threshold", "0.2"]
+    assert main(["serve-api", "--model", str(tiny_models["cogvideox"]), *flags]) == 0
+    defaults = started[0].defaults
+    assert (defaults.step_cache, defaults.step_cache_threshold, defaults.fp8_linears) == (
+        "first_block",
+        0.2,
+        False,
+    )
+    exact = generate.GenerateOptions(step_cache_threshold=0.5)  # read by first_block only
+    assert speed_key(exact) == {}
+    assert speed_key(exact.model_copy(update={"step_cache": "pab"})) == {"step_cache": "pab"}
+    assert speed_key(defaults) == {"step_cache": "first_block", "step_cache_threshold": 0.2}
+    assert speed_key(exact.model_copy(update={"fp8_linears": True})) == {"fp8_linears": True}
+
+
+def test_a_cached_video_is_its_own_job_and_equals_generate_with_the_cache(tmp_path, tiny_models):
+    """In-process: a service started with first_block (at a threshold that reuses every step
+    after the first) makes generate's cached video; a request for the exact path is another
+    job and video, and each is then served from the store as itself. A compiled service
+    refuses a request for pab; a job queued under FP8 linears fails on a service without."""
+    from fastapi.testclient import TestClient
+
+    from cogpipe.service import Service
+    from cogpipe.service_adapters import RequestError
+    from cogpipe.service_http import create_app
+
+    settings = SETTINGS | {"steps": 3, "seed": 4}
+    cache = {"step_cache": "first_block", "step_cache_threshold": 1e6}
+    options = generate.GenerateOptions(model=str(tiny_models["cogvideox"]), device="cpu", **cache)
+    svc = Service(tmp_path / "api", options, templates={})
+    svc.start({}, on_line=lambda x: None)
+    try:
+        client = TestClient(create_app(svc))
+        asked = {"cached": {}, "exact": {"step_cache": "none"}}
+        ids = {}
+        for name, extra in asked.items():
+            reply = client.post("/v1/videos", json={"prompt": PROMPT, **settings, **extra})
+            assert reply.status_code == 202, reply.text
+            ids[name] = reply.json()["id"]
+        assert ids["cached"] != ids["exact"]
+        views = wait_done(client, list(ids.values()))
+        assert all(v["state"] == "done" for v in views.values()), views
+        videos = {k: frames_of(client, i, tmp_path / f"{k}.mp4") for k, i in ids.items()}
+        for name, extra in asked.items():
+            again = client.post("/v1/videos", json={"prompt": PROMPT, **settings, **extra})
+            assert (again.status_code, again.json()["cached"]) == (200, True), again.text
+            stored = client.get(f"/v1/videos/{again.json()['id']}/content").content
+            assert stored == client.get(f"/v1/videos/{ids[name]}/content").content, name
+        spec = {"prompt": PROMPT, "lora_sha256": None}
+        fp8 = options.model_copy(update={"fp8_linears": True}).model_dump(mode="json")
+        with pytest.raises(RequestError, match="queued with fp8_linears on; the service now"):
+            svc._generate({"id": "x", "lora": None, "spec": spec | {"options": fp8}})
+    finally:
+        svc.shutdown()
+    assert not np.array_equal(videos["cached"], videos["exact"])
+    for name, extra in asked.items():
+        out = tmp_path / f"generate-{name}.mp4"
+        wanted = options.model_copy(update=settings | extra)
+        generate.run_generate({"x": PROMPT}, wanted, out)
+        np.testing.assert_array_equal(videos[name], read_video(out), err_msg=name)
+
+    compiled = options.model_copy(update={"compile": True, "step_cache": "none"})
+    client = TestClient(create_app(Service(tmp_path / "compiled", compiled, {})))  # not started
+    reply = client.post("/v1/videos", json={"prompt": PROMPT, "step_cache": "pab"})
+    assert reply.status_code == 422 and "pab with compile re-traces" in reply.json()["detail"]
 
 
 def test_image_to_video_job_equals_generate_and_15_takes_16k_plus_1(tmp_path, tiny_family):

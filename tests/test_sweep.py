@@ -67,9 +67,13 @@ def test_cells_are_sorted_typed_and_named_canonically(opts):
         ({"frames": ["9", "13"]}, "--grid frames=13: must be 8k+1"),
         ({"steps": ["x"]}, "--grid steps=x: Input should be a valid integer"),
         ({"guidance": ["1", "1.0"]}, "cell guidance=1 appears twice"),
+        ({"step_cache": ["fast"]}, "--grid step_cache=fast: Input should be 'none',"),
     ]:
         with pytest.raises(GenerateError, match=re.escape(message)):
             sweep.grid_cells(opts, grid)
+    compiled = GenerateOptions(**opts.model_dump() | {"compile": True})
+    with pytest.raises(GenerateError, match="step_cache=pab: step_cache: pab with compile"):
+        sweep.grid_cells(compiled, {"step_cache": ["first_block", "pab"]})
     for specs, message in [(["steps"], "expected NAME=V1,V2"), (["steps=1", "steps=2"], "twice")]:
         with pytest.raises(GenerateError, match=message):
             sweep.parse_grid(specs)
@@ -174,6 +178,23 @@ def test_nan_video_is_a_row_with_its_error_and_is_retried(tmp_path, opts, monkey
     assert list(table.skipped) == [True, False] and (table.error == "").all()
 
 
+def test_a_step_cache_grid_makes_each_cells_video_with_its_cache(tmp_path, opts):
+    """Cells of step_cache (first_block at a threshold that reuses every step after the
+    first) are generate's videos with that option, and differ from the exact cell's."""
+    fixed = GenerateOptions(**opts.model_dump() | {"steps": 3, "step_cache_threshold": 1e6})
+    grid = {"step_cache": ["none", "first_block"]}
+    table = sweep.run_sweep({"slap": PROMPTS["slap"]}, fixed, grid, tmp_path, "cache")
+    assert list(table.cell) == ["step_cache=none", "step_cache=first_block"]
+    assert list(table.step_cache) == ["none", "first_block"] and (table.error == "").all()
+    exact, cached = (sweep.read_video(tmp_path / "cache" / f) for f in table.file)
+    assert not np.array_equal(exact, cached)
+    expected = tmp_path / "expected.mp4"
+    generate.run_generate(
+        {"x": PROMPTS["slap"]}, fixed.model_copy(update={"step_cache": "first_block"}), expected
+    )
+    np.testing.assert_array_equal(cached, sweep.read_video(expected))
+
+
 def test_sweep_cli(tmp_path, tiny_models, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts").mkdir()
@@ -194,6 +215,7 @@ def test_sweep_cli(tmp_path, tiny_models, monkeypatch, capsys):
     for bad, message in [
         (["--grid", "frames=10"], "--grid frames=10: must be 8k+1"),
         (["--grid", "steps=1", "--offload", "model"], "--offload model needs a CUDA GPU"),
+        (["--grid", "step-cache=none,pab", "--fp8-linears"], "--fp8-linears needs a CUDA GPU"),
         (["--grid", "steps=1", "--experiment", "a/b"], "--experiment 'a/b'"),
     ]:
         assert main(["sweep", "--prompts-dir", "prompts", *fixed, *bad]) == 2
