@@ -14,8 +14,11 @@ demo: setup  ## sample videos + tiny models, then the whole pipeline through Pre
 browser:  ## headless Chromium for the browser test, where apt-get can install it
 	@scripts/browser.sh
 
+TEST_WORKERS ?= 2
+
 test: setup browser  ## the CPU test suite (GPU tests are skipped without a GPU)
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -q --durations=10 -m serial
 
 docker-test: setup  ## build docker/'s images here and run the compose stack (PostgreSQL) through the demo
 	@PYTHON=$(BIN)/python scripts/docker_test.sh

@@ -33,10 +33,22 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# `make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`), then the
+# `serial` tests alone. Each worker takes whole modules, so a module's fixtures are built
+# once; the modules that use the `served` server share one worker and so one server. A
+# worker's torch keeps to one thread: two workers on two cores, not four threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run only where CUDA is present (the device machine)."""
+    """A module's tests run on one xdist worker; GPU tests only where CUDA is present."""
     import torch
 
+    served = {item.module.__name__ for item in items if "served" in item.fixturenames}
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group("served" if module in served else module))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")

@@ -105,6 +105,7 @@ def planned_run(cfg: PipelineConfig, path: Path, stats: Path) -> tuple[dict, dic
     return rows, off
 
 
+@pytest.mark.serial  # predicted against measured seconds
 def test_plan_from_a_measured_run_predicts_the_next_run_of_that_size(demo_config, tmp_path):
     # A stage here is 0.4-3 s of CPU time, and on a shared 2-core host one run of a stage can
     # take 40% longer than the next (a neighbour's load slows the measured run as much as

@@ -29,7 +29,7 @@ from cogpipe.demo import DEMO_CONFIG
 from cogpipe.pipeline import UPSTREAM, run_all, run_stage, stage_keys, stage_path
 from cogpipe.workspace import Workspace, read_table
 
-pytestmark = pytest.mark.prefect
+pytestmark = [pytest.mark.prefect, pytest.mark.serial]  # Ctrl-C must end a run within 10 s
 
 STEPS = 12
 STATE = "training_state.pt"

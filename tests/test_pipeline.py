@@ -20,7 +20,7 @@ from conftest import tiny_pipe_call
 from cogpipe.config import STAGES, load_config
 from cogpipe.workspace import read_table
 
-pytestmark = pytest.mark.prefect
+pytestmark = [pytest.mark.prefect, pytest.mark.serial]  # a reused run within half the first
 
 
 def cogpipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:

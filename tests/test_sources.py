@@ -289,6 +289,7 @@ def test_source_captions_reach_the_clips_table(clips, tmp_path):
     assert sorted(table.source_caption) == sorted(CAPTIONS)
 
 
+@pytest.mark.serial  # the 60 s bound
 def test_reingest_of_100k_unchanged_files_probes_nothing(tmp_path, sample_videos):
     """The acceptance bound: an unchanged 100,000-entry tree re-ingests in under 60 s."""
     src = tmp_path / "tree"

@@ -490,6 +490,7 @@ LAUNCHER = textwrap.dedent(
 )
 
 
+@pytest.mark.serial  # ranks gone within 1 s of a SIGKILL
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT])
 def test_no_rank_outlives_its_launcher(signum):
     import psutil
