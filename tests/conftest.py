@@ -42,13 +42,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
-    """A module's tests run on one xdist worker; GPU tests only where CUDA is present."""
+    """A module's tests run on one xdist worker, the longest kinds of module handed out
+    first (`--no-loadscope-reorder` keeps this order); GPU tests only where CUDA is present."""
     import torch
 
     served = {item.module.__name__ for item in items if "served" in item.fixturenames}
     for item in items:
         module = item.module.__name__
         item.add_marker(pytest.mark.xdist_group("served" if module in served else module))
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker; a plain run keeps the file order
+        slow = {item.module.__name__ for item in items if "slow" in item.keywords}
+        prefect = {item.module.__name__ for item in items if "prefect" in item.keywords}
+
+        def weight(item) -> int:  # the shared server's modules, then slow ones, then Prefect's
+            m = item.module.__name__
+            return 0 if m in served else 1 if m in slow else 2 if m in prefect else 3
+
+        items.sort(key=weight)  # stable: each module's tests keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
