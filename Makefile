@@ -17,7 +17,7 @@ browser:  ## headless Chromium for the browser test, where apt-get can install i
 TEST_WORKERS ?= 2
 
 test: setup browser  ## the CPU test suite (GPU tests are skipped without a GPU)
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not serial"
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
 	$(BIN)/python -m pytest -q --durations=10 -m serial
 
 docker-test: setup  ## build docker/'s images here and run the compose stack (PostgreSQL) through the demo

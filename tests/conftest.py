@@ -35,30 +35,26 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 # `make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`), then the
 # `serial` tests alone. Each worker takes whole modules, so a module's fixtures are built
-# once; the modules that use the `served` server share one worker and so one server. A
-# worker's torch keeps to one thread: two workers on two cores, not four threads.
+# once. The slow Prefect modules (the `served` server's, and those that start their own
+# server and workers) share one worker: one such stack at a time, so no heartbeat starves
+# beside another. A worker's torch keeps to one thread: two workers on two cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """A module's tests run on one xdist worker, the longest kinds of module handed out
-    first (`--no-loadscope-reorder` keeps this order); GPU tests only where CUDA is present."""
+    """A module's tests run on one xdist worker, the slow Prefect modules all on one; GPU
+    tests only where CUDA is present."""
     import torch
 
-    served = {item.module.__name__ for item in items if "served" in item.fixturenames}
+    def module(item) -> str:
+        return item.module.__name__
+
+    servers = {module(i) for i in items if "served" in i.fixturenames}
+    servers |= {module(i) for i in items if "slow" in i.keywords and "prefect" in i.keywords}
     for item in items:
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group("served" if module in served else module))
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker; a plain run keeps the file order
-        slow = {item.module.__name__ for item in items if "slow" in item.keywords}
-        prefect = {item.module.__name__ for item in items if "prefect" in item.keywords}
-
-        def weight(item) -> int:  # the shared server's modules, then slow ones, then Prefect's
-            m = item.module.__name__
-            return 0 if m in served else 1 if m in slow else 2 if m in prefect else 3
-
-        items.sort(key=weight)  # stable: each module's tests keep their order
+        group = "prefect-servers" if module(item) in servers else module(item)
+        item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; run on the device machine")
